@@ -1,0 +1,126 @@
+//! The one body type that crosses qbproxy in both directions, and bounded
+//! buffering.
+//!
+//! A body is either held whole in memory (cheap to clone, so a request can
+//! be replayed), or streams from a hyper connection, possibly after a
+//! buffered head that was read while deciding whether it fits.
+
+use std::pin::Pin;
+use std::task::{Context, Poll};
+
+use bytes::{Bytes, BytesMut};
+use http_body::{Body as HttpBody, Frame, SizeHint};
+use http_body_util::BodyExt;
+use hyper::body::Incoming;
+
+pub enum Body {
+    /// Whole in memory; `None` once sent.
+    Full(Option<Bytes>),
+    /// Streams from a connection.
+    Stream(Incoming),
+    /// A buffered head, then the rest of the stream.
+    Chain { head: Option<Bytes>, tail: Incoming },
+}
+
+impl Body {
+    pub fn empty() -> Body {
+        Body::Full(None)
+    }
+
+    pub fn full(bytes: impl Into<Bytes>) -> Body {
+        let bytes = bytes.into();
+        Body::Full((!bytes.is_empty()).then_some(bytes))
+    }
+}
+
+impl HttpBody for Body {
+    type Data = Bytes;
+    type Error = hyper::Error;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+        match self.get_mut() {
+            Body::Full(data) => Poll::Ready(data.take().map(|d| Ok(Frame::data(d)))),
+            Body::Stream(inner) => Pin::new(inner).poll_frame(cx),
+            Body::Chain { head, tail } => match head.take() {
+                Some(h) => Poll::Ready(Some(Ok(Frame::data(h)))),
+                None => Pin::new(tail).poll_frame(cx),
+            },
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        match self {
+            Body::Full(data) => data.is_none(),
+            Body::Stream(inner) => inner.is_end_stream(),
+            Body::Chain { head, tail } => head.is_none() && tail.is_end_stream(),
+        }
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match self {
+            Body::Full(data) => SizeHint::with_exact(data.as_ref().map_or(0, |d| d.len() as u64)),
+            Body::Stream(inner) => inner.size_hint(),
+            Body::Chain { head, tail } => {
+                let extra = head.as_ref().map_or(0, |h| h.len() as u64);
+                let tail = tail.size_hint();
+                let mut hint = SizeHint::new();
+                hint.set_lower(tail.lower() + extra);
+                if let Some(upper) = tail.upper() {
+                    hint.set_upper(upper + extra);
+                }
+                hint
+            }
+        }
+    }
+}
+
+/// The outcome of reading a body up to a limit.
+pub enum Buffered {
+    /// The whole body, at most `limit` bytes.
+    Complete(Bytes),
+    /// Larger than the limit: what was read, and the rest still to stream.
+    /// Sent on as a [`Body::Chain`], so nothing is lost.
+    TooLarge { head: Bytes, tail: Incoming },
+}
+
+/// Reads `body` whole if it is at most `limit` bytes. A body whose declared
+/// length is already over the limit is not read at all. Trailers are
+/// dropped: QuickBlox uses none.
+pub async fn buffer(mut body: Incoming, limit: usize) -> Result<Buffered, hyper::Error> {
+    if body.is_end_stream() {
+        return Ok(Buffered::Complete(Bytes::new()));
+    }
+    if body.size_hint().lower() > limit as u64 {
+        return Ok(Buffered::TooLarge {
+            head: Bytes::new(),
+            tail: body,
+        });
+    }
+    // The common case is one frame: keep it without copying.
+    let mut first: Option<Bytes> = None;
+    let mut rest = BytesMut::new();
+    let mut len = 0usize;
+    while let Some(frame) = body.frame().await {
+        let Ok(data) = frame?.into_data() else {
+            continue;
+        };
+        len += data.len();
+        match first.take() {
+            None if rest.is_empty() => first = Some(data),
+            prev => {
+                if let Some(p) = prev {
+                    rest.extend_from_slice(&p);
+                }
+                rest.extend_from_slice(&data);
+            }
+        }
+        if len > limit {
+            let head = first.take().unwrap_or_else(|| rest.split().freeze());
+            return Ok(Buffered::TooLarge { head, tail: body });
+        }
+    }
+    Ok(Buffered::Complete(first.unwrap_or_else(|| rest.freeze())))
+}

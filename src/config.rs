@@ -1,0 +1,757 @@
+//! Configuration: the TOML file as written (`Raw*`, serde, unknown keys
+//! refused) and the validated [`Config`] the rest of the program uses, with
+//! real types (`SocketAddr`, `Duration`, `Uri`, resolved secrets). Nothing
+//! downstream parses a string from the file.
+//!
+//! Every error names the key and the problem in one line, so `qbproxy check`
+//! can print it and exit 64 before anything binds.
+
+use std::fmt;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use http::uri::{Authority, PathAndQuery, Scheme};
+use http::{HeaderValue, Uri};
+use serde::Deserialize;
+
+/// What went wrong while loading the configuration. Each message is one line.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("{path}: cannot read: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("{path}: {key}: {problem}")]
+    Invalid {
+        path: PathBuf,
+        key: String,
+        problem: String,
+    },
+}
+
+/// A credential read from the config, the environment or a file. Its `Debug`
+/// and `Display` never show the value.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Secret(String);
+
+impl Secret {
+    pub fn new(value: impl Into<String>) -> Self {
+        Secret(value.into())
+    }
+
+    /// The value itself; call sites are the signer and the session request.
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Debug for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("Secret([redacted])")
+    }
+}
+
+/// The validated configuration.
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub listen: ListenConfig,
+    pub admin: AdminConfig,
+    pub upstream: UpstreamConfig,
+    pub proxy: ProxyConfig,
+    pub quickblox: QuickbloxConfig,
+    /// At least one: without `[[identity]]` in the file, a single application
+    /// identity named `app`. The first is the default.
+    pub identities: Vec<IdentityConfig>,
+}
+
+#[derive(Debug, Clone)]
+pub struct ListenConfig {
+    pub addr: SocketAddr,
+    /// How long in-flight requests may take to finish after SIGTERM/SIGINT.
+    pub shutdown_grace: Duration,
+}
+
+#[derive(Debug, Clone)]
+pub struct AdminConfig {
+    pub addr: SocketAddr,
+}
+
+#[derive(Debug, Clone)]
+pub struct UpstreamConfig {
+    pub scheme: Scheme,
+    pub authority: Authority,
+    /// The `Host` header sent upstream (the authority, precomputed).
+    pub host: HeaderValue,
+    /// A path prefix from the URL (empty for `https://api.quickblox.com`).
+    pub base_path: String,
+    /// Whole-request budget: waiting for a session plus the upstream answer
+    /// (to the response headers). Past it the client gets 504.
+    pub timeout: Duration,
+    pub connect_timeout: Duration,
+    pub pool_idle_timeout: Duration,
+    pub pool_max_idle_per_host: usize,
+}
+
+impl UpstreamConfig {
+    /// The absolute URI for `pq` on the upstream. The client's bytes are
+    /// kept as they are: nothing is decoded or re-encoded.
+    pub fn uri_for(&self, pq: &PathAndQuery) -> Result<Uri, http::Error> {
+        let pq = if self.base_path.is_empty() {
+            pq.clone()
+        } else {
+            PathAndQuery::try_from(format!("{}{}", self.base_path, pq.as_str()))?
+        };
+        Uri::builder()
+            .scheme(self.scheme.clone())
+            .authority(self.authority.clone())
+            .path_and_query(pq)
+            .build()
+    }
+}
+
+/// What to do with a `QB-Token` the client sent itself.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ClientToken {
+    /// Replace it with qbproxy's session token (default).
+    Replace,
+    /// Forward the client's own token untouched; qbproxy neither injects nor
+    /// renews for that request.
+    Keep,
+}
+
+#[derive(Debug, Clone)]
+pub struct ProxyConfig {
+    pub client_token: ClientToken,
+    /// Request bodies up to this many bytes are buffered so that a request
+    /// refused for an expired session can be replayed. Larger ones stream.
+    pub replay_body_limit: usize,
+}
+
+#[derive(Debug, Clone)]
+pub struct QuickbloxConfig {
+    pub application_id: String,
+    pub auth_key: String,
+    pub auth_secret: Secret,
+    /// Budget for one `POST /session.json`.
+    pub session_timeout: Duration,
+    /// Renew in the background when the session has less than this left.
+    pub renew_before: Duration,
+    /// First delay between failed session creations; doubles up to `retry_max`.
+    pub retry_initial: Duration,
+    pub retry_max: Duration,
+}
+
+#[derive(Debug, Clone)]
+pub struct IdentityConfig {
+    pub name: String,
+    pub credentials: Credentials,
+}
+
+/// Who a session is created for.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Credentials {
+    /// An application session: read-only in QuickBlox.
+    Application,
+    Login {
+        login: String,
+        password: Secret,
+    },
+    Email {
+        email: String,
+        password: Secret,
+    },
+}
+
+impl Credentials {
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Credentials::Application => "application",
+            Credentials::Login { .. } => "login",
+            Credentials::Email { .. } => "email",
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------
+// The file as written.
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawConfig {
+    #[serde(default)]
+    listen: RawListen,
+    #[serde(default)]
+    admin: RawAdmin,
+    #[serde(default)]
+    upstream: RawUpstream,
+    #[serde(default)]
+    proxy: RawProxy,
+    quickblox: RawQuickblox,
+    #[serde(default)]
+    identity: Vec<RawIdentity>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+struct RawListen {
+    addr: String,
+    shutdown_grace: String,
+}
+
+impl Default for RawListen {
+    fn default() -> Self {
+        RawListen {
+            addr: "127.0.0.1:8080".into(),
+            shutdown_grace: "10s".into(),
+        }
+    }
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+struct RawAdmin {
+    addr: String,
+}
+
+impl Default for RawAdmin {
+    fn default() -> Self {
+        RawAdmin {
+            addr: "127.0.0.1:9090".into(),
+        }
+    }
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+struct RawUpstream {
+    url: String,
+    timeout: String,
+    connect_timeout: String,
+    pool_idle_timeout: String,
+    pool_max_idle_per_host: usize,
+}
+
+impl Default for RawUpstream {
+    fn default() -> Self {
+        RawUpstream {
+            url: "https://api.quickblox.com".into(),
+            timeout: "30s".into(),
+            connect_timeout: "5s".into(),
+            pool_idle_timeout: "90s".into(),
+            pool_max_idle_per_host: 256,
+        }
+    }
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+struct RawProxy {
+    client_token: ClientToken,
+    replay_body_limit: usize,
+}
+
+impl Default for RawProxy {
+    fn default() -> Self {
+        RawProxy {
+            client_token: ClientToken::Replace,
+            replay_body_limit: 1024 * 1024,
+        }
+    }
+}
+
+/// `application_id = 76730` and `application_id = "76730"` both work.
+#[derive(Debug, Deserialize)]
+#[serde(untagged)]
+enum StringOrInt {
+    String(String),
+    Int(u64),
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawQuickblox {
+    application_id: StringOrInt,
+    auth_key: String,
+    auth_secret: Option<String>,
+    auth_secret_env: Option<String>,
+    auth_secret_file: Option<PathBuf>,
+    #[serde(default = "default_session_timeout")]
+    session_timeout: String,
+    #[serde(default = "default_renew_before")]
+    renew_before: String,
+    #[serde(default = "default_retry_initial")]
+    retry_initial: String,
+    #[serde(default = "default_retry_max")]
+    retry_max: String,
+}
+
+fn default_session_timeout() -> String {
+    "10s".into()
+}
+fn default_renew_before() -> String {
+    "10m".into()
+}
+fn default_retry_initial() -> String {
+    "500ms".into()
+}
+fn default_retry_max() -> String {
+    "30s".into()
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawIdentity {
+    name: String,
+    login: Option<String>,
+    email: Option<String>,
+    password: Option<String>,
+    password_env: Option<String>,
+    password_file: Option<PathBuf>,
+}
+
+// ---------------------------------------------------------------------------
+// Loading and validation.
+
+impl Config {
+    /// Reads and validates the file at `path`, resolving secrets from the
+    /// environment and from files.
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_owned(),
+            source,
+        })?;
+        Config::from_toml(&text, path)
+    }
+
+    /// Parses and validates TOML text; `path` only names the source in errors.
+    pub fn from_toml(text: &str, path: &Path) -> Result<Config, ConfigError> {
+        let v = Validator { path };
+        let raw: RawConfig = serde_path_to_error::deserialize(toml::Deserializer::new(text))
+            .map_err(|e| {
+                let key = e.path().to_string();
+                let inner = e.into_inner();
+                let mut problem = inner.message().trim().replace('\n', " ");
+                if let Some(span) = inner.span() {
+                    let line = text[..span.start.min(text.len())].matches('\n').count() + 1;
+                    problem = format!("{problem} (line {line})");
+                }
+                let key = if key == "." || key.is_empty() {
+                    "(file)".to_owned()
+                } else {
+                    key
+                };
+                v.invalid(&key, problem)
+            })?;
+        v.validate(raw)
+    }
+}
+
+struct Validator<'a> {
+    path: &'a Path,
+}
+
+impl Validator<'_> {
+    fn invalid(&self, key: &str, problem: impl Into<String>) -> ConfigError {
+        ConfigError::Invalid {
+            path: self.path.to_owned(),
+            key: key.to_owned(),
+            problem: problem.into(),
+        }
+    }
+
+    fn validate(&self, raw: RawConfig) -> Result<Config, ConfigError> {
+        let listen = ListenConfig {
+            addr: self.addr("listen.addr", &raw.listen.addr)?,
+            shutdown_grace: self.duration("listen.shutdown_grace", &raw.listen.shutdown_grace)?,
+        };
+        let admin = AdminConfig {
+            addr: self.addr("admin.addr", &raw.admin.addr)?,
+        };
+        if admin.addr == listen.addr {
+            return Err(self.invalid(
+                "admin.addr",
+                format!(
+                    "{} is also listen.addr; the admin endpoints need their own port",
+                    admin.addr
+                ),
+            ));
+        }
+        let upstream = self.upstream(&raw.upstream)?;
+        if raw.proxy.replay_body_limit > 64 * 1024 * 1024 {
+            return Err(self.invalid(
+                "proxy.replay_body_limit",
+                "at most 67108864 (64 MiB): every buffered body is held in memory",
+            ));
+        }
+        let proxy = ProxyConfig {
+            client_token: raw.proxy.client_token,
+            replay_body_limit: raw.proxy.replay_body_limit,
+        };
+        let quickblox = self.quickblox(raw.quickblox)?;
+        let identities = self.identities(raw.identity)?;
+        Ok(Config {
+            listen,
+            admin,
+            upstream,
+            proxy,
+            quickblox,
+            identities,
+        })
+    }
+
+    fn addr(&self, key: &str, value: &str) -> Result<SocketAddr, ConfigError> {
+        value.parse().map_err(|_| {
+            self.invalid(
+                key,
+                format!("{value:?} is not an IP address with a port, e.g. \"127.0.0.1:8080\""),
+            )
+        })
+    }
+
+    fn duration(&self, key: &str, value: &str) -> Result<Duration, ConfigError> {
+        humantime::parse_duration(value).map_err(|e| {
+            self.invalid(
+                key,
+                format!(
+                    "{value:?} is not a duration ({e}); write e.g. \"500ms\", \"30s\", \"10m\""
+                ),
+            )
+        })
+    }
+
+    fn positive(&self, key: &str, value: &str) -> Result<Duration, ConfigError> {
+        let d = self.duration(key, value)?;
+        if d.is_zero() {
+            return Err(self.invalid(key, "must be greater than zero"));
+        }
+        Ok(d)
+    }
+
+    fn upstream(&self, raw: &RawUpstream) -> Result<UpstreamConfig, ConfigError> {
+        let key = "upstream.url";
+        let uri: Uri = raw
+            .url
+            .parse()
+            .map_err(|e| self.invalid(key, format!("{:?} is not a URL: {e}", raw.url)))?;
+        let scheme = match uri.scheme() {
+            Some(s) if *s == Scheme::HTTP || *s == Scheme::HTTPS => s.clone(),
+            _ => {
+                return Err(self.invalid(
+                    key,
+                    format!(
+                        "{:?} must start with https:// (or http:// for a local upstream)",
+                        raw.url
+                    ),
+                ))
+            }
+        };
+        let authority = uri
+            .authority()
+            .cloned()
+            .ok_or_else(|| self.invalid(key, format!("{:?} has no host", raw.url)))?;
+        if uri.query().is_some() {
+            return Err(self.invalid(key, "must not have a query string"));
+        }
+        let host = HeaderValue::from_str(authority.as_str())
+            .map_err(|_| self.invalid(key, "host is not a valid header value"))?;
+        let base_path = uri.path().trim_end_matches('/').to_owned();
+        Ok(UpstreamConfig {
+            scheme,
+            authority,
+            host,
+            base_path,
+            timeout: self.positive("upstream.timeout", &raw.timeout)?,
+            connect_timeout: self.positive("upstream.connect_timeout", &raw.connect_timeout)?,
+            pool_idle_timeout: self
+                .positive("upstream.pool_idle_timeout", &raw.pool_idle_timeout)?,
+            pool_max_idle_per_host: raw.pool_max_idle_per_host,
+        })
+    }
+
+    fn quickblox(&self, raw: RawQuickblox) -> Result<QuickbloxConfig, ConfigError> {
+        let application_id = match raw.application_id {
+            StringOrInt::Int(n) => n.to_string(),
+            StringOrInt::String(s) => s,
+        };
+        if application_id.is_empty() || !application_id.bytes().all(|b| b.is_ascii_digit()) {
+            return Err(self.invalid(
+                "quickblox.application_id",
+                format!("{application_id:?} is not a number"),
+            ));
+        }
+        if raw.auth_key.is_empty() {
+            return Err(self.invalid("quickblox.auth_key", "must not be empty"));
+        }
+        let auth_secret = self
+            .secret(
+                "quickblox.auth_secret",
+                raw.auth_secret,
+                raw.auth_secret_env,
+                raw.auth_secret_file,
+            )?
+            .ok_or_else(|| {
+                self.invalid(
+                    "quickblox.auth_secret",
+                    "missing: set one of auth_secret, auth_secret_env or auth_secret_file",
+                )
+            })?;
+        let retry_initial = self.positive("quickblox.retry_initial", &raw.retry_initial)?;
+        let retry_max = self.positive("quickblox.retry_max", &raw.retry_max)?;
+        if retry_max < retry_initial {
+            return Err(self.invalid(
+                "quickblox.retry_max",
+                "must not be less than quickblox.retry_initial",
+            ));
+        }
+        let renew_before = self.duration("quickblox.renew_before", &raw.renew_before)?;
+        if renew_before >= crate::qb::SESSION_LIFETIME {
+            return Err(self.invalid(
+                "quickblox.renew_before",
+                "must be less than the 2h session lifetime",
+            ));
+        }
+        Ok(QuickbloxConfig {
+            application_id,
+            auth_key: raw.auth_key,
+            auth_secret,
+            session_timeout: self.positive("quickblox.session_timeout", &raw.session_timeout)?,
+            renew_before,
+            retry_initial,
+            retry_max,
+        })
+    }
+
+    fn identities(&self, raw: Vec<RawIdentity>) -> Result<Vec<IdentityConfig>, ConfigError> {
+        if raw.is_empty() {
+            return Ok(vec![IdentityConfig {
+                name: "app".into(),
+                credentials: Credentials::Application,
+            }]);
+        }
+        let mut out: Vec<IdentityConfig> = Vec::with_capacity(raw.len());
+        for (i, r) in raw.into_iter().enumerate() {
+            let at = |field: &str| format!("identity[{i}].{field}");
+            let valid_name = !r.name.is_empty()
+                && r.name
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_' || b == b'.');
+            if !valid_name {
+                return Err(self.invalid(
+                    &at("name"),
+                    format!("{:?}: use letters, digits, '-', '_' or '.'", r.name),
+                ));
+            }
+            if out.iter().any(|o| o.name == r.name) {
+                return Err(self.invalid(&at("name"), format!("{:?} is used twice", r.name)));
+            }
+            let password =
+                self.secret(&at("password"), r.password, r.password_env, r.password_file)?;
+            let credentials = match (r.login, r.email, password) {
+                (None, None, None) => Credentials::Application,
+                (None, None, Some(_)) => {
+                    return Err(self.invalid(
+                        &at("password"),
+                        "a password needs a login or an email; without both, the identity is an application session",
+                    ))
+                }
+                (Some(_), Some(_), _) => {
+                    return Err(self.invalid(&at("login"), "set login or email, not both"))
+                }
+                (Some(_), None, None) | (None, Some(_), None) => {
+                    return Err(self.invalid(
+                        &at("password"),
+                        "missing: set one of password, password_env or password_file",
+                    ))
+                }
+                (Some(login), None, Some(password)) => Credentials::Login { login, password },
+                (None, Some(email), Some(password)) => Credentials::Email { email, password },
+            };
+            out.push(IdentityConfig {
+                name: r.name,
+                credentials,
+            });
+        }
+        Ok(out)
+    }
+
+    /// Resolves a secret given inline, by environment variable or by file:
+    /// at most one of the three. `key` is the inline key's name.
+    fn secret(
+        &self,
+        key: &str,
+        inline: Option<String>,
+        env: Option<String>,
+        file: Option<PathBuf>,
+    ) -> Result<Option<Secret>, ConfigError> {
+        let given = inline.is_some() as u8 + env.is_some() as u8 + file.is_some() as u8;
+        if given > 1 {
+            return Err(self.invalid(key, format!("set only one of {key}, {key}_env, {key}_file")));
+        }
+        if let Some(s) = inline {
+            return Ok(Some(Secret(s)));
+        }
+        if let Some(var) = env {
+            let key = format!("{key}_env");
+            return match std::env::var(&var) {
+                Ok(s) if !s.is_empty() => Ok(Some(Secret(s))),
+                Ok(_) => Err(self.invalid(&key, format!("environment variable {var} is empty"))),
+                Err(_) => Err(self.invalid(&key, format!("environment variable {var} is not set"))),
+            };
+        }
+        if let Some(path) = file {
+            let key = format!("{key}_file");
+            let text = std::fs::read_to_string(&path)
+                .map_err(|e| self.invalid(&key, format!("cannot read {}: {e}", path.display())))?;
+            // Files written by `echo` or editors end in a newline that is not
+            // part of the secret.
+            let s = text.trim_end_matches(['\r', '\n']).to_owned();
+            if s.is_empty() {
+                return Err(self.invalid(&key, format!("{} is empty", path.display())));
+            }
+            return Ok(Some(Secret(s)));
+        }
+        Ok(None)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const MINIMAL: &str = r#"
+[quickblox]
+application_id = "76730"
+auth_key = "key"
+auth_secret = "secret"
+"#;
+
+    fn parse(text: &str) -> Result<Config, ConfigError> {
+        Config::from_toml(text, Path::new("test.toml"))
+    }
+
+    fn problem(text: &str) -> String {
+        parse(text).unwrap_err().to_string()
+    }
+
+    #[test]
+    fn minimal_config_gets_defaults() {
+        let c = parse(MINIMAL).unwrap();
+        assert_eq!(c.listen.addr, "127.0.0.1:8080".parse().unwrap());
+        assert_eq!(c.admin.addr, "127.0.0.1:9090".parse().unwrap());
+        assert_eq!(c.upstream.authority.as_str(), "api.quickblox.com");
+        assert_eq!(c.upstream.scheme, Scheme::HTTPS);
+        assert_eq!(c.upstream.timeout, Duration::from_secs(30));
+        assert_eq!(c.proxy.client_token, ClientToken::Replace);
+        assert_eq!(c.proxy.replay_body_limit, 1 << 20);
+        assert_eq!(c.listen.shutdown_grace, Duration::from_secs(10));
+        assert_eq!(c.identities.len(), 1);
+        assert_eq!(c.identities[0].credentials, Credentials::Application);
+    }
+
+    #[test]
+    fn unknown_key_is_named() {
+        let msg = problem(&format!(
+            "{MINIMAL}\n[upstream]\nurl = \"https://x\"\ntimout = \"1s\"\n"
+        ));
+        assert!(msg.contains("upstream.timout"), "{msg}");
+        assert!(msg.contains("unknown field"), "{msg}");
+        assert!(!msg.contains('\n'), "one line: {msg}");
+    }
+
+    #[test]
+    fn bad_values_name_their_key() {
+        let cases = [
+            ("[listen]\naddr = \"localhost\"\n", "listen.addr"),
+            ("[upstream]\nurl = \"ftp://x\"\n", "upstream.url"),
+            ("[upstream]\ntimeout = \"soon\"\n", "upstream.timeout"),
+            ("[admin]\naddr = \"127.0.0.1:8080\"\n", "admin.addr"),
+            ("[proxy]\nclient_token = \"drop\"\n", "proxy.client_token"),
+        ];
+        for (extra, key) in cases {
+            let msg = problem(&format!("{MINIMAL}{extra}"));
+            assert!(msg.contains(key), "{key}: {msg}");
+            assert!(!msg.contains('\n'), "one line: {msg}");
+        }
+    }
+
+    #[test]
+    fn secret_sources_are_exclusive_and_resolved() {
+        let msg = problem(
+            "[quickblox]\napplication_id = 1\nauth_key = \"k\"\nauth_secret = \"a\"\nauth_secret_env = \"B\"\n",
+        );
+        assert!(msg.contains("quickblox.auth_secret"), "{msg}");
+        let msg = problem(
+            "[quickblox]\napplication_id = 1\nauth_key = \"k\"\nauth_secret_env = \"QBPROXY_TEST_SURELY_UNSET\"\n",
+        );
+        assert!(msg.contains("quickblox.auth_secret_env"), "{msg}");
+        assert!(
+            msg.contains("QBPROXY_TEST_SURELY_UNSET is not set"),
+            "{msg}"
+        );
+        let msg = problem("[quickblox]\napplication_id = 1\nauth_key = \"k\"\n");
+        assert!(msg.contains("quickblox.auth_secret: missing"), "{msg}");
+    }
+
+    #[test]
+    fn secret_file_is_read_without_trailing_newline() {
+        let dir = std::env::temp_dir().join(format!("qbproxy-cfg-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let file = dir.join("secret");
+        std::fs::write(&file, "from-file\n").unwrap();
+        let text = format!(
+            "[quickblox]\napplication_id = 1\nauth_key = \"k\"\nauth_secret_file = {:?}\n",
+            file.display().to_string()
+        );
+        let c = parse(&text).unwrap();
+        assert_eq!(c.quickblox.auth_secret.expose(), "from-file");
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn identities_are_checked() {
+        let ok = format!(
+            "{MINIMAL}[[identity]]\nname = \"bot\"\nlogin = \"bot\"\npassword = \"pw\"\n\
+             [[identity]]\nname = \"mail\"\nemail = \"a@b.c\"\npassword = \"pw\"\n\
+             [[identity]]\nname = \"reader\"\n"
+        );
+        let c = parse(&ok).unwrap();
+        assert_eq!(c.identities[0].credentials.kind(), "login");
+        assert_eq!(c.identities[1].credentials.kind(), "email");
+        assert_eq!(c.identities[2].credentials, Credentials::Application);
+
+        let msg = problem(&format!(
+            "{MINIMAL}[[identity]]\nname = \"bot\"\nlogin = \"bot\"\n"
+        ));
+        assert!(msg.contains("identity[0].password: missing"), "{msg}");
+        let msg = problem(&format!(
+            "{MINIMAL}[[identity]]\nname = \"a\"\n[[identity]]\nname = \"a\"\n"
+        ));
+        assert!(msg.contains("identity[1].name"), "{msg}");
+    }
+
+    #[test]
+    fn debug_output_hides_secrets() {
+        let c = parse(&format!(
+            "{MINIMAL}[[identity]]\nname = \"bot\"\nlogin = \"bot\"\npassword = \"hunter2\"\n"
+        ))
+        .unwrap();
+        let shown = format!("{c:?}");
+        assert!(!shown.contains("hunter2"));
+        assert!(!shown.contains("\"secret\""));
+        assert!(shown.contains("[redacted]"));
+    }
+
+    #[test]
+    fn upstream_base_path_is_kept_verbatim() {
+        let c = parse(&format!(
+            "{MINIMAL}[upstream]\nurl = \"http://127.0.0.1:9/api/\"\n"
+        ))
+        .unwrap();
+        let pq = PathAndQuery::from_static("/users.json?a=%2C");
+        let uri = c.upstream.uri_for(&pq).unwrap();
+        assert_eq!(uri.to_string(), "http://127.0.0.1:9/api/users.json?a=%2C");
+    }
+}

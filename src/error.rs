@@ -1,0 +1,109 @@
+//! The errors qbproxy answers itself, and the one place that maps them to a
+//! status, a `QBProxy-Error` code and a body in QuickBlox's shape:
+//! `{"errors":["qbproxy: ..."]}`.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use http::{header, HeaderValue, Response, StatusCode};
+
+use crate::body::Body;
+use crate::qb;
+use crate::session::SessionError;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ProxyError {
+    #[error("could not create a QuickBlox session: {0}")]
+    Session(Arc<SessionError>),
+    #[error("no QuickBlox session became available within {0:?}")]
+    SessionTimeout(Duration),
+    #[error("QuickBlox is unreachable: {0}")]
+    UpstreamUnreachable(String),
+    #[error("QuickBlox did not answer within {0:?}")]
+    UpstreamTimeout(Duration),
+    #[error("error talking to QuickBlox: {0}")]
+    Upstream(String),
+    #[error("the session is shared by every client of this proxy; refusing to {0}")]
+    SharedSession(&'static str),
+    #[error("bad request: {0}")]
+    BadRequest(String),
+}
+
+impl ProxyError {
+    pub fn status(&self) -> StatusCode {
+        match self {
+            ProxyError::Session(e) => match **e {
+                SessionError::Unreachable(_) => StatusCode::BAD_GATEWAY,
+                SessionError::Timeout(_) => StatusCode::GATEWAY_TIMEOUT,
+                SessionError::Refused { .. } | SessionError::BadResponse(_) => {
+                    StatusCode::SERVICE_UNAVAILABLE
+                }
+            },
+            ProxyError::SessionTimeout(_) | ProxyError::UpstreamTimeout(_) => {
+                StatusCode::GATEWAY_TIMEOUT
+            }
+            ProxyError::UpstreamUnreachable(_) | ProxyError::Upstream(_) => StatusCode::BAD_GATEWAY,
+            ProxyError::SharedSession(_) => StatusCode::FORBIDDEN,
+            ProxyError::BadRequest(_) => StatusCode::BAD_REQUEST,
+        }
+    }
+
+    /// The `QBProxy-Error` header: a stable code a client can branch on.
+    pub fn code(&self) -> &'static str {
+        match self {
+            ProxyError::Session(_) => "session-unavailable",
+            ProxyError::SessionTimeout(_) => "session-timeout",
+            ProxyError::UpstreamUnreachable(_) => "upstream-unreachable",
+            ProxyError::UpstreamTimeout(_) => "upstream-timeout",
+            ProxyError::Upstream(_) => "upstream-error",
+            ProxyError::SharedSession(_) => "shared-session",
+            ProxyError::BadRequest(_) => "bad-request",
+        }
+    }
+
+    pub fn into_response(self) -> Response<Body> {
+        let body = serde_json::json!({ "errors": [format!("qbproxy: {self}")] }).to_string();
+        let mut resp = Response::new(Body::full(body));
+        *resp.status_mut() = self.status();
+        let headers = resp.headers_mut();
+        headers.insert(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("application/json"),
+        );
+        headers.insert(qb::QBPROXY_ERROR, HeaderValue::from_static(self.code()));
+        resp
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use http_body_util::BodyExt;
+
+    #[tokio::test]
+    async fn session_failures_map_to_status_and_quickblox_shape() {
+        let cases = [
+            (SessionError::Unreachable("refused".into()), 502),
+            (SessionError::Timeout(Duration::from_secs(1)), 504),
+            (
+                SessionError::Refused {
+                    status: 422,
+                    message: "Unexpected signature".into(),
+                },
+                503,
+            ),
+        ];
+        for (e, status) in cases {
+            let resp = ProxyError::Session(Arc::new(e)).into_response();
+            assert_eq!(resp.status().as_u16(), status);
+            assert_eq!(resp.headers()[qb::QBPROXY_ERROR], "session-unavailable");
+            let body = resp.into_body().collect().await.unwrap().to_bytes();
+            let v: serde_json::Value = serde_json::from_slice(&body).unwrap();
+            let msg = v["errors"][0].as_str().unwrap();
+            assert!(
+                msg.starts_with("qbproxy: could not create a QuickBlox session: "),
+                "{msg}"
+            );
+        }
+    }
+}

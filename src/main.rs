@@ -1,0 +1,149 @@
+//! The `qbproxy` binary: parse arguments, set up logging, load the config,
+//! bind, and hand over to `qbproxy::run`. Config errors exit with 64 before
+//! anything binds.
+
+#![forbid(unsafe_code)]
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand, ValueEnum};
+use qbproxy::{Config, Listeners};
+use tokio::net::TcpListener;
+
+/// EX_USAGE from sysexits.h: the configuration is wrong.
+const EXIT_CONFIG: u8 = 64;
+
+#[derive(Parser)]
+#[command(
+    version,
+    about = "A reverse proxy for the QuickBlox REST API that creates, injects and renews session tokens"
+)]
+struct Cli {
+    /// The configuration file.
+    #[arg(long, global = true, default_value = "config.toml")]
+    config: PathBuf,
+    /// Log format. The level is set with RUST_LOG (default: info).
+    #[arg(long, global = true, value_enum, default_value_t = LogFormat::Text)]
+    log_format: LogFormat,
+    #[command(subcommand)]
+    command: Option<Command>,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Validate the configuration and exit: 0 if valid, 64 if not.
+    Check,
+    /// Run qbproxy in front of its built-in QuickBlox simulator.
+    Demo {
+        /// Proxy address.
+        #[arg(long, default_value = "127.0.0.1:8080")]
+        listen: SocketAddr,
+        /// Admin address (/healthz, /readyz, /metrics).
+        #[arg(long, default_value = "127.0.0.1:9090")]
+        admin: SocketAddr,
+    },
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum LogFormat {
+    Text,
+    Json,
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    init_logging(cli.log_format);
+    match cli.command {
+        Some(Command::Check) => check(&cli.config),
+        Some(Command::Demo { listen, admin }) => {
+            let result = runtime().block_on(qbproxy::demo::run(listen, admin, shutdown_signal()));
+            match result {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => {
+                    eprintln!("qbproxy: {e}");
+                    ExitCode::FAILURE
+                }
+            }
+        }
+        None => serve(&cli.config),
+    }
+}
+
+fn check(path: &std::path::Path) -> ExitCode {
+    match Config::load(path) {
+        Ok(c) => {
+            let names: Vec<&str> = c.identities.iter().map(|i| i.name.as_str()).collect();
+            println!(
+                "{}: ok (upstream {}://{}, identities: {})",
+                path.display(),
+                c.upstream.scheme,
+                c.upstream.authority,
+                names.join(", ")
+            );
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("qbproxy: {e}");
+            ExitCode::from(EXIT_CONFIG)
+        }
+    }
+}
+
+fn serve(path: &std::path::Path) -> ExitCode {
+    let config = match Config::load(path) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("qbproxy: {e}");
+            return ExitCode::from(EXIT_CONFIG);
+        }
+    };
+    let result = runtime().block_on(async move {
+        let proxy = TcpListener::bind(config.listen.addr)
+            .await
+            .map_err(|e| format!("cannot listen on {} (listen.addr): {e}", config.listen.addr))?;
+        let admin = TcpListener::bind(config.admin.addr)
+            .await
+            .map_err(|e| format!("cannot listen on {} (admin.addr): {e}", config.admin.addr))?;
+        qbproxy::run(config, Listeners { proxy, admin }, shutdown_signal())
+            .await
+            .map_err(|e| e.to_string())
+    });
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("qbproxy: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .expect("start the tokio runtime")
+}
+
+fn init_logging(format: LogFormat) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    match format {
+        LogFormat::Text => builder.init(),
+        LogFormat::Json => builder.json().flatten_event(true).init(),
+    }
+}
+
+/// Resolves on SIGINT or SIGTERM.
+async fn shutdown_signal() {
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+        .expect("install the SIGTERM handler");
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => tracing::info!("SIGINT received"),
+        _ = term.recv() => tracing::info!("SIGTERM received"),
+    }
+}

@@ -1,0 +1,377 @@
+//! Forwarding: the request handler of the proxy listener.
+//!
+//! For each request: refuse calls that would touch the shared session,
+//! strip hop-by-hop headers, set `Host`, inject the session's `QB-Token`,
+//! and send it upstream with path and query byte for byte. When QuickBlox
+//! answers 401 "Required session does not exist", ask the identity for the
+//! single renewal and replay the request once with the new token.
+//!
+//! This module is the only writer of the `QB-Token` header on forwarded
+//! requests. It reads the session lock-free and never waits for a
+//! proactive renewal.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::request::Parts;
+use http::uri::PathAndQuery;
+use http::{header, HeaderMap, HeaderName, Method, Request, Response, StatusCode, Uri};
+use hyper::body::Incoming;
+use tokio::time::{timeout_at, Instant};
+
+use crate::body::{self, Body, Buffered};
+use crate::config::{ClientToken, Config, UpstreamConfig};
+use crate::error::ProxyError;
+use crate::metrics::Metrics;
+use crate::qb;
+use crate::session::{Identity, Session, Unavailable};
+use crate::upstream::{self, Client};
+
+/// A cheap-to-clone handle on the forwarding state.
+#[derive(Clone)]
+pub struct Proxy {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    client: Client,
+    upstream: UpstreamConfig,
+    /// The identity whose session is injected.
+    identity: Identity,
+    client_token: ClientToken,
+    replay_body_limit: usize,
+    /// Budget of a whole request, session wait and replay included.
+    timeout: Duration,
+    metrics: Metrics,
+}
+
+/// Headers that describe one connection, not the message; never forwarded
+/// in either direction (RFC 9110 §7.6.1), plus `Expect`, which qbproxy
+/// answers itself when it reads the body.
+const HOP_BY_HOP: [HeaderName; 9] = [
+    header::CONNECTION,
+    HeaderName::from_static("keep-alive"),
+    HeaderName::from_static("proxy-connection"),
+    header::PROXY_AUTHENTICATE,
+    header::PROXY_AUTHORIZATION,
+    header::TE,
+    header::TRAILER,
+    header::TRANSFER_ENCODING,
+    header::UPGRADE,
+];
+
+/// A 401 body longer than this is not QuickBlox's expiry message; it is
+/// passed on without being inspected further.
+const MAX_REFUSAL_BODY: usize = 64 * 1024;
+
+impl Proxy {
+    pub fn new(config: &Config, client: Client, identity: Identity, metrics: Metrics) -> Self {
+        Proxy {
+            inner: Arc::new(Inner {
+                client,
+                upstream: config.upstream.clone(),
+                identity,
+                client_token: config.proxy.client_token,
+                replay_body_limit: config.proxy.replay_body_limit,
+                timeout: config.upstream.timeout,
+                metrics,
+            }),
+        }
+    }
+
+    /// Answers one client request. Never fails: qbproxy's own errors become
+    /// JSON responses in QuickBlox's shape.
+    pub async fn handle(&self, req: Request<Incoming>) -> Response<Body> {
+        let (mut parts, body) = req.into_parts();
+        let resp = match self.forward(&mut parts, body).await {
+            Ok(resp) => resp,
+            Err(e) => {
+                tracing::warn!(
+                    method = %parts.method,
+                    path = parts.uri.path(),
+                    status = e.status().as_u16(),
+                    error = %e,
+                    "request answered by qbproxy"
+                );
+                e.into_response()
+            }
+        };
+        self.inner.metrics.request(resp.status());
+        resp
+    }
+
+    async fn forward(
+        &self,
+        parts: &mut Parts,
+        body: Incoming,
+    ) -> Result<Response<Body>, ProxyError> {
+        let inner = &*self.inner;
+        let deadline = Instant::now() + inner.timeout;
+        let own_token =
+            inner.client_token == ClientToken::Keep && parts.headers.contains_key(qb::QB_TOKEN);
+        if !own_token {
+            if let Some(what) = qb::shared_session_call(&parts.method, parts.uri.path()) {
+                return Err(ProxyError::SharedSession(what));
+            }
+        }
+        let pq = parts
+            .uri
+            .path_and_query()
+            .cloned()
+            .unwrap_or_else(|| PathAndQuery::from_static("/"));
+        let uri = inner
+            .upstream
+            .uri_for(&pq)
+            .map_err(|e| ProxyError::BadRequest(format!("cannot forward this path: {e}")))?;
+        let mut headers = std::mem::take(&mut parts.headers);
+        strip_request_headers(&mut headers);
+        headers.insert(header::HOST, inner.upstream.host.clone());
+
+        // The client's own session creation, or its own token: untouched.
+        if own_token || qb::is_session_create(&parts.method, parts.uri.path()) {
+            let req = upstream_request(&parts.method, uri, headers, Body::Stream(body));
+            return Ok(self.send(req, deadline).await?.map(Body::Stream));
+        }
+
+        let session = inner
+            .identity
+            .session(deadline)
+            .await
+            .map_err(|e| unavailable(e, inner.timeout))?;
+        let replayable = match body::buffer(body, inner.replay_body_limit).await {
+            Ok(Buffered::Complete(bytes)) => Some(bytes),
+            Ok(Buffered::TooLarge { head, tail }) => {
+                let req = with_token(
+                    &parts.method,
+                    uri,
+                    headers,
+                    &session,
+                    Body::Chain {
+                        head: Some(head),
+                        tail,
+                    },
+                );
+                return match self.send_checked(req, &session, deadline).await? {
+                    Checked::Answer(resp) => Ok(resp),
+                    Checked::Expired(resp) => {
+                        // The body is gone: the client gets the 401, and the
+                        // next request gets a new session.
+                        tracing::info!(
+                            path = parts.uri.path(),
+                            limit = inner.replay_body_limit,
+                            "session expired under a request too large to replay; passing the 401 on"
+                        );
+                        inner.identity.report_refused(&session);
+                        Ok(resp)
+                    }
+                };
+            }
+            Err(e) => {
+                return Err(ProxyError::BadRequest(format!(
+                    "could not read the request body: {e}"
+                )));
+            }
+        };
+
+        let replay_headers = headers.clone();
+        let req = with_token(
+            &parts.method,
+            uri.clone(),
+            headers,
+            &session,
+            body_of(&replayable),
+        );
+        let refusal = match self.send_checked(req, &session, deadline).await? {
+            Checked::Answer(resp) => return Ok(resp),
+            Checked::Expired(resp) => resp,
+        };
+        let fresh = match inner.identity.replacement(&session, deadline).await {
+            Ok(fresh) => fresh,
+            // Renewal failed: say why, rather than pass on a 401 the client
+            // cannot act on.
+            Err(e) => {
+                drop(refusal);
+                return Err(unavailable(e, inner.timeout));
+            }
+        };
+        inner.metrics.replay();
+        tracing::debug!(
+            method = %parts.method,
+            path = parts.uri.path(),
+            token = %fresh.token_prefix(),
+            "replaying with the renewed session"
+        );
+        let req = with_token(
+            &parts.method,
+            uri,
+            replay_headers,
+            &fresh,
+            body_of(&replayable),
+        );
+        match self.send_checked(req, &fresh, deadline).await? {
+            Checked::Answer(resp) => Ok(resp),
+            Checked::Expired(resp) => {
+                // Refused twice in a row: report it and let the client see it.
+                inner.identity.report_refused(&fresh);
+                Ok(resp)
+            }
+        }
+    }
+
+    /// Sends a request upstream within the deadline.
+    async fn send(
+        &self,
+        req: Request<Body>,
+        deadline: Instant,
+    ) -> Result<Response<Incoming>, ProxyError> {
+        let started = Instant::now();
+        let result = timeout_at(deadline, self.inner.client.request(req)).await;
+        self.inner.metrics.upstream_latency(started.elapsed());
+        match result {
+            Err(_) => Err(ProxyError::UpstreamTimeout(self.inner.timeout)),
+            Ok(Err(e)) if e.is_connect() => {
+                Err(ProxyError::UpstreamUnreachable(upstream::describe(&e)))
+            }
+            Ok(Err(e)) => Err(ProxyError::Upstream(upstream::describe(&e))),
+            Ok(Ok(mut resp)) => {
+                strip_hop_by_hop(resp.headers_mut());
+                Ok(resp)
+            }
+        }
+    }
+
+    /// Sends a request made with `session` and sorts the answer: QuickBlox's
+    /// "Required session does not exist", or anything else (which counts as
+    /// a use of the session).
+    async fn send_checked(
+        &self,
+        req: Request<Body>,
+        session: &Session,
+        deadline: Instant,
+    ) -> Result<Checked, ProxyError> {
+        let resp = self.send(req, deadline).await?;
+        if resp.status() != StatusCode::UNAUTHORIZED {
+            self.inner.identity.record_use(session, resp.headers());
+            return Ok(Checked::Answer(resp.map(Body::Stream)));
+        }
+        let (parts, body) = resp.into_parts();
+        let read = timeout_at(deadline, body::buffer(body, MAX_REFUSAL_BODY))
+            .await
+            .map_err(|_| ProxyError::UpstreamTimeout(self.inner.timeout))?
+            .map_err(|e| ProxyError::Upstream(format!("reading a 401 answer: {e}")))?;
+        Ok(match read {
+            Buffered::Complete(bytes) if qb::is_session_expired(&bytes) => {
+                Checked::Expired(Response::from_parts(parts, Body::full(bytes)))
+            }
+            Buffered::Complete(bytes) => {
+                Checked::Answer(Response::from_parts(parts, Body::full(bytes)))
+            }
+            Buffered::TooLarge { head, tail } => Checked::Answer(Response::from_parts(
+                parts,
+                Body::Chain {
+                    head: Some(head),
+                    tail,
+                },
+            )),
+        })
+    }
+}
+
+enum Checked {
+    Answer(Response<Body>),
+    Expired(Response<Body>),
+}
+
+fn unavailable(e: Unavailable, timeout: Duration) -> ProxyError {
+    match e {
+        Unavailable::Failed(e) => ProxyError::Session(e),
+        Unavailable::TimedOut => ProxyError::SessionTimeout(timeout),
+    }
+}
+
+fn body_of(buffered: &Option<Bytes>) -> Body {
+    buffered.clone().map_or_else(Body::empty, Body::full)
+}
+
+fn upstream_request(method: &Method, uri: Uri, headers: HeaderMap, body: Body) -> Request<Body> {
+    let mut req = Request::new(body);
+    *req.method_mut() = method.clone();
+    *req.uri_mut() = uri;
+    *req.headers_mut() = headers;
+    req
+}
+
+fn with_token(
+    method: &Method,
+    uri: Uri,
+    mut headers: HeaderMap,
+    session: &Session,
+    body: Body,
+) -> Request<Body> {
+    headers.insert(qb::QB_TOKEN, session.token().clone());
+    upstream_request(method, uri, headers, body)
+}
+
+/// Removes the connection-level headers, including any named in
+/// `Connection`.
+fn strip_hop_by_hop(headers: &mut HeaderMap) {
+    if let Some(listed) = headers.get(header::CONNECTION) {
+        let named: Vec<HeaderName> = listed
+            .to_str()
+            .unwrap_or("")
+            .split(',')
+            .filter_map(|n| HeaderName::from_bytes(n.trim().as_bytes()).ok())
+            .collect();
+        for name in named {
+            headers.remove(name);
+        }
+    }
+    for name in &HOP_BY_HOP {
+        headers.remove(name);
+    }
+}
+
+/// Request side: hop-by-hop headers, `Expect`, and headers addressed to
+/// qbproxy itself (`QBProxy-*`).
+fn strip_request_headers(headers: &mut HeaderMap) {
+    strip_hop_by_hop(headers);
+    headers.remove(header::EXPECT);
+    if headers
+        .keys()
+        .any(|k| k.as_str().starts_with(qb::QBPROXY_HEADER_PREFIX))
+    {
+        let ours: Vec<HeaderName> = headers
+            .keys()
+            .filter(|k| k.as_str().starts_with(qb::QBPROXY_HEADER_PREFIX))
+            .cloned()
+            .collect();
+        for name in ours {
+            headers.remove(name);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use http::HeaderValue;
+
+    #[test]
+    fn hop_by_hop_and_connection_listed_headers_are_removed() {
+        let mut h = HeaderMap::new();
+        h.insert(
+            header::CONNECTION,
+            HeaderValue::from_static("keep-alive, X-Hop"),
+        );
+        h.insert("x-hop", HeaderValue::from_static("1"));
+        h.insert("keep-alive", HeaderValue::from_static("timeout=5"));
+        h.insert(header::TE, HeaderValue::from_static("trailers"));
+        h.insert(header::EXPECT, HeaderValue::from_static("100-continue"));
+        h.insert("qbproxy-identity", HeaderValue::from_static("bot"));
+        h.insert("x-keep", HeaderValue::from_static("yes"));
+        strip_request_headers(&mut h);
+        assert_eq!(h.len(), 1, "{h:?}");
+        assert_eq!(h["x-keep"], "yes");
+    }
+}

@@ -1,0 +1,247 @@
+//! QuickBlox protocol facts, as pure functions: header names, how an expired
+//! session is recognised, the date formats, which client calls would touch
+//! the shared session, and how to read QuickBlox's error bodies.
+//!
+//! Nothing here does I/O; `proxy`, `upstream` and `sim` all build on it.
+
+use std::time::{Duration, SystemTime};
+
+use http::{HeaderName, Method};
+
+pub const QB_TOKEN: HeaderName = HeaderName::from_static("qb-token");
+pub const QB_TOKEN_EXPIRATION: HeaderName = HeaderName::from_static("qb-token-expirationdate");
+/// Set on every response that qbproxy itself produced, with a short code.
+pub const QBPROXY_ERROR: HeaderName = HeaderName::from_static("qbproxy-error");
+/// Request headers with this prefix are addressed to qbproxy and never
+/// forwarded.
+pub const QBPROXY_HEADER_PREFIX: &str = "qbproxy-";
+
+/// A session lives this long after the last request that used it.
+pub const SESSION_LIFETIME: Duration = Duration::from_secs(2 * 60 * 60);
+
+/// The part of a 401 body that means the token is dead. Matched without
+/// regard to case, wherever it stands in the body, so both
+/// `{"errors":[...]}` and `{"errors":{"base":[...]}}` are recognised.
+const EXPIRED_MARKER: &[u8] = b"required session does not exist";
+
+/// True when a 401 body says the session does not exist (expired or
+/// destroyed). The caller checks the status.
+pub fn is_session_expired(body: &[u8]) -> bool {
+    body.windows(EXPIRED_MARKER.len())
+        .any(|w| w.eq_ignore_ascii_case(EXPIRED_MARKER))
+}
+
+/// Parses `QB-Token-ExpirationDate: 2018-01-31 12:20:03 UTC`.
+pub fn parse_expiration(value: &[u8]) -> Option<SystemTime> {
+    let fmt =
+        time::macros::format_description!("[year]-[month]-[day] [hour]:[minute]:[second] UTC");
+    let s = std::str::from_utf8(value).ok()?;
+    let t = time::PrimitiveDateTime::parse(s.trim(), &fmt).ok()?;
+    Some(t.assume_utc().into())
+}
+
+/// Formats a time as `QB-Token-ExpirationDate` does.
+pub fn format_expiration(t: SystemTime) -> String {
+    let fmt =
+        time::macros::format_description!("[year]-[month]-[day] [hour]:[minute]:[second] UTC");
+    time::OffsetDateTime::from(t)
+        .format(&fmt)
+        .unwrap_or_else(|_| String::from("1970-01-01 00:00:00 UTC"))
+}
+
+/// Parses an HTTP `Date` header (IMF-fixdate and the obsolete forms).
+pub fn parse_http_date(value: &[u8]) -> Option<SystemTime> {
+    httpdate::parse_http_date(std::str::from_utf8(value).ok()?).ok()
+}
+
+/// How long a session has left according to the upstream's own headers:
+/// `expiration - date` when the upstream sent its `Date`, which makes the
+/// answer immune to a wrong local clock; otherwise against `now`.
+pub fn remaining_lifetime(
+    expiration: Option<&[u8]>,
+    date: Option<&[u8]>,
+    now: SystemTime,
+) -> Option<Duration> {
+    let expires = parse_expiration(expiration?)?;
+    let reference = date.and_then(parse_http_date).unwrap_or(now);
+    Some(expires.duration_since(reference).unwrap_or(Duration::ZERO))
+}
+
+/// Calls that would destroy, upgrade or downgrade the session they carry.
+/// Returns what the call would do, for the 403 message.
+///
+/// The path is compared after percent-decoding, case folding, dropping the
+/// format suffix (`.json`, `.xml`) and trailing or doubled slashes, so that
+/// `DELETE /Session.json/` or `/%73ession.json` cannot slip past.
+pub fn shared_session_call(method: &Method, path: &str) -> Option<&'static str> {
+    let is_delete = method == Method::DELETE;
+    let is_post = method == Method::POST;
+    if !is_delete && !is_post {
+        return None;
+    }
+    let decoded = percent_encoding::percent_decode_str(path).decode_utf8_lossy();
+    let mut normal = String::with_capacity(decoded.len());
+    for segment in decoded.split('/').filter(|s| !s.is_empty()) {
+        normal.push('/');
+        normal.push_str(segment);
+    }
+    let normal = normal.to_ascii_lowercase();
+    let stem = match normal.rsplit_once('.') {
+        Some((stem, ext)) if !ext.contains('/') => stem,
+        _ => normal.as_str(),
+    };
+    match (stem, is_delete) {
+        ("/session", true) => Some("destroy the shared session (DELETE /session.json)"),
+        ("/login", false) => Some("log the shared session in as another user (POST /login.json)"),
+        ("/login", true) => Some("log the shared session out (DELETE /login.json)"),
+        _ => None,
+    }
+}
+
+/// True for the client's own session creation, which passes through
+/// untouched: no token is injected and nothing is renewed.
+pub fn is_session_create(method: &Method, path: &str) -> bool {
+    method == Method::POST && (path == "/session.json" || path == "/session")
+}
+
+/// The human message in a QuickBlox error body:
+/// `{"errors":["X"]}` → `X`; `{"errors":{"base":["X"]}}` → `X`;
+/// `{"errors":{"field":["is bad"]}}` → `field is bad`. Anything else is
+/// returned as text, cut to 200 characters; an empty body gives `None`.
+pub fn error_message(body: &[u8]) -> Option<String> {
+    fn strings(v: &serde_json::Value) -> Vec<String> {
+        match v {
+            serde_json::Value::String(s) => vec![s.clone()],
+            serde_json::Value::Array(a) => a.iter().flat_map(strings).collect(),
+            _ => Vec::new(),
+        }
+    }
+    if let Ok(v) = serde_json::from_slice::<serde_json::Value>(body) {
+        let messages: Vec<String> = match &v["errors"] {
+            serde_json::Value::Object(map) => map
+                .iter()
+                .flat_map(|(field, msgs)| {
+                    strings(msgs).into_iter().map(move |m| {
+                        if field == "base" {
+                            m
+                        } else {
+                            format!("{field} {m}")
+                        }
+                    })
+                })
+                .collect(),
+            other => strings(other),
+        };
+        if !messages.is_empty() {
+            return Some(messages.join("; "));
+        }
+    }
+    let text = String::from_utf8_lossy(body);
+    let text = text.trim();
+    if text.is_empty() {
+        return None;
+    }
+    Some(text.chars().take(200).collect())
+}
+
+/// At most the first six characters of a token, for logs and errors.
+pub fn token_prefix(token: &str) -> String {
+    let prefix: String = token.chars().take(6).collect();
+    format!("{prefix}…")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn expiry_is_detected_in_both_shapes_and_any_case() {
+        assert!(is_session_expired(
+            br#"{"errors":["Required session does not exist"]}"#
+        ));
+        assert!(is_session_expired(
+            br#"{"errors":{"base":["Required session does not exist"]}}"#
+        ));
+        assert!(is_session_expired(b"REQUIRED SESSION DOES NOT EXIST"));
+        assert!(!is_session_expired(br#"{"errors":["Token is required"]}"#));
+        assert!(!is_session_expired(br#"{"errors":["Unauthorized"]}"#));
+        assert!(!is_session_expired(b""));
+    }
+
+    #[test]
+    fn expiration_header_round_trips() {
+        let t = parse_expiration(b"2018-01-31 12:20:03 UTC").unwrap();
+        assert_eq!(
+            t.duration_since(SystemTime::UNIX_EPOCH).unwrap().as_secs(),
+            1517401203
+        );
+        assert_eq!(format_expiration(t), "2018-01-31 12:20:03 UTC");
+        assert_eq!(parse_expiration(b"2018-01-31T12:20:03Z"), None);
+        assert_eq!(parse_expiration(b"\xff"), None);
+    }
+
+    #[test]
+    fn remaining_lifetime_uses_the_upstream_date() {
+        let far_future = SystemTime::UNIX_EPOCH + Duration::from_secs(4_000_000_000);
+        let left = remaining_lifetime(
+            Some(b"2018-01-31 12:20:03 UTC"),
+            Some(b"Wed, 31 Jan 2018 10:20:03 GMT"),
+            far_future,
+        );
+        assert_eq!(left, Some(Duration::from_secs(7200)));
+        // Without Date: against the local clock, never negative.
+        let left = remaining_lifetime(Some(b"2018-01-31 12:20:03 UTC"), None, far_future);
+        assert_eq!(left, Some(Duration::ZERO));
+        assert_eq!(remaining_lifetime(None, None, far_future), None);
+    }
+
+    #[test]
+    fn guard_sees_through_encodings() {
+        let del = Method::DELETE;
+        for path in [
+            "/session.json",
+            "/session",
+            "/Session.JSON/",
+            "//%73ession.json",
+            "/session.xml",
+        ] {
+            assert!(shared_session_call(&del, path).is_some(), "{path}");
+        }
+        assert!(shared_session_call(&Method::POST, "/login.json").is_some());
+        assert!(shared_session_call(&Method::DELETE, "/login.json").is_some());
+        assert!(shared_session_call(&Method::POST, "/session.json").is_none());
+        assert!(shared_session_call(&Method::GET, "/session.json").is_none());
+        assert!(shared_session_call(&Method::DELETE, "/users/1.json").is_none());
+        assert!(shared_session_call(&Method::DELETE, "/sessions.json").is_none());
+    }
+
+    #[test]
+    fn error_messages_are_extracted() {
+        assert_eq!(
+            error_message(br#"{"errors":["Unauthorized"]}"#).unwrap(),
+            "Unauthorized"
+        );
+        assert_eq!(
+            error_message(br#"{"errors":{"base":["Unexpected signature"]}}"#).unwrap(),
+            "Unexpected signature"
+        );
+        assert_eq!(
+            error_message(br#"{"errors":{"login":["is invalid"]}}"#).unwrap(),
+            "login is invalid"
+        );
+        assert_eq!(
+            error_message(b"<html>Bad Gateway</html>").unwrap(),
+            "<html>Bad Gateway</html>"
+        );
+        assert_eq!(error_message(b"  "), None);
+    }
+
+    #[test]
+    fn token_prefix_is_short() {
+        assert_eq!(
+            token_prefix("c56f382b402fb482086db956064592d3cd012bba"),
+            "c56f38…"
+        );
+        assert_eq!(token_prefix("ab"), "ab…");
+    }
+}

@@ -1,0 +1,749 @@
+//! Session store and renewal for one identity.
+//!
+//! Readers (the proxy, once per request) load the current [`Session`] from
+//! an `ArcSwap`: no lock, no waiting. One renewal task per identity is the
+//! only writer. It creates the session at start, renews it ahead of expiry,
+//! renews it when the proxy reports the token refused, and retries failed
+//! creations with capped, jittered exponential backoff.
+//!
+//! Single flight falls out of that shape: however many requests report the
+//! same refused generation, the task sees one report, creates one session,
+//! and everyone waiting on the change notification picks up the result.
+//!
+//! The task only ever talks to a [`Source`], so the scheduling here is
+//! tested with paused time and an in-memory source.
+
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use arc_swap::ArcSwap;
+use http::{HeaderMap, HeaderValue};
+use rand::Rng;
+use tokio::sync::{watch, Notify};
+use tokio::time::{sleep_until, timeout_at, Instant};
+
+use crate::metrics::Metrics;
+use crate::qb;
+
+pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
+
+/// Why session creation failed. Shown to clients after
+/// `qbproxy: could not create a QuickBlox session: `, so it never contains a
+/// secret.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum SessionError {
+    #[error("QuickBlox is unreachable: {0}")]
+    Unreachable(String),
+    #[error("QuickBlox did not answer within {0:?}")]
+    Timeout(Duration),
+    #[error("{message} (HTTP {status})")]
+    Refused { status: u16, message: String },
+    #[error("unexpected answer from QuickBlox: {0}")]
+    BadResponse(String),
+}
+
+/// What a [`Source`] returns: a fresh token and what QuickBlox said of it.
+#[derive(Debug, Clone)]
+pub struct NewSession {
+    pub token: String,
+    pub user_id: u64,
+    /// Time left before the session lapses if unused.
+    pub lifetime: Duration,
+}
+
+/// Creates sessions: the real one signs and posts to QuickBlox
+/// ([`crate::upstream::SessionCreator`]); tests script their own.
+pub trait Source: Send + Sync + 'static {
+    fn create(&self) -> BoxFuture<'_, Result<NewSession, SessionError>>;
+}
+
+/// Why a session was created; the `reason` label of
+/// `qbproxy_session_renewals_total` and of the log line.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Reason {
+    Startup,
+    Expired,
+    Proactive,
+}
+
+impl Reason {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Reason::Startup => "startup",
+            Reason::Expired => "expired",
+            Reason::Proactive => "proactive",
+        }
+    }
+}
+
+/// When to renew and how to back off.
+#[derive(Debug, Clone, Copy)]
+pub struct Policy {
+    /// Renew in the background once less than this is left.
+    pub renew_before: Duration,
+    pub retry_initial: Duration,
+    pub retry_max: Duration,
+}
+
+/// A session token and what is known of it. Immutable but for its expiry,
+/// which every use pushes forward.
+pub struct Session {
+    token: HeaderValue,
+    /// Counts the identity's sessions from 1; a refusal names the generation
+    /// it saw, so a late report about an old token renews nothing.
+    generation: u64,
+    user_id: u64,
+    created_at: SystemTime,
+    /// `created_at` in milliseconds after the identity's epoch.
+    created_ms: u64,
+    /// Milliseconds after the identity's epoch at which the session lapses.
+    /// Only ever moves forward (`fetch_max`): responses may arrive out of order.
+    expires_at_ms: AtomicU64,
+    /// When the expiry was last updated. Expiry dates have one-second
+    /// resolution, so uses within the same second skip the header parsing.
+    touched_ms: AtomicU64,
+}
+
+impl Session {
+    pub fn token(&self) -> &HeaderValue {
+        &self.token
+    }
+
+    pub fn generation(&self) -> u64 {
+        self.generation
+    }
+
+    pub fn user_id(&self) -> u64 {
+        self.user_id
+    }
+
+    pub fn created_at(&self) -> SystemTime {
+        self.created_at
+    }
+
+    /// A short prefix of the token, safe for logs.
+    pub fn token_prefix(&self) -> String {
+        qb::token_prefix(self.token.to_str().unwrap_or(""))
+    }
+}
+
+impl std::fmt::Debug for Session {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Session")
+            .field("token", &self.token_prefix())
+            .field("generation", &self.generation)
+            .field("user_id", &self.user_id)
+            .finish_non_exhaustive()
+    }
+}
+
+/// What readers see: a usable session, the last failure, or both (a
+/// proactive renewal failed while the old session is still good).
+#[derive(Default)]
+struct State {
+    session: Option<Arc<Session>>,
+    failure: Option<Arc<SessionError>>,
+}
+
+/// Why no session could be handed out.
+#[derive(Debug, Clone)]
+pub enum Unavailable {
+    /// The last creation attempt failed; retries continue in the background.
+    Failed(Arc<SessionError>),
+    /// The request's deadline passed while a session was being created.
+    TimedOut,
+}
+
+/// A cheap-to-clone handle on one identity's session.
+#[derive(Clone)]
+pub struct Identity {
+    shared: Arc<Shared>,
+}
+
+struct Shared {
+    name: String,
+    source: Box<dyn Source>,
+    policy: Policy,
+    metrics: Metrics,
+    /// Zero point of the millisecond clocks in [`Session`]; a tokio
+    /// `Instant`, so paused-time tests drive it.
+    epoch: Instant,
+    /// Read on every request, written only by the renewal task: `ArcSwap`
+    /// makes the read lock-free and the swap atomic.
+    state: ArcSwap<State>,
+    /// Bumped after every write to `state`. Only the slow paths (a request
+    /// waiting for a first or replacement session) subscribe.
+    changes: watch::Sender<u64>,
+    /// Highest generation the proxy reported refused as expired.
+    refused: AtomicU64,
+    /// Wakes the renewal task after a report.
+    wake: Notify,
+}
+
+impl Identity {
+    pub fn new(
+        name: impl Into<String>,
+        source: Box<dyn Source>,
+        policy: Policy,
+        metrics: Metrics,
+    ) -> Self {
+        let name = name.into();
+        metrics.session_up(&name, false);
+        Identity {
+            shared: Arc::new(Shared {
+                name,
+                source,
+                policy,
+                metrics,
+                epoch: Instant::now(),
+                state: ArcSwap::from_pointee(State::default()),
+                changes: watch::channel(0).0,
+                refused: AtomicU64::new(0),
+                wake: Notify::new(),
+            }),
+        }
+    }
+
+    pub fn name(&self) -> &str {
+        &self.shared.name
+    }
+
+    /// Starts the renewal task, which creates the first session at once.
+    /// The task runs until aborted.
+    pub fn spawn_renewal(&self) -> tokio::task::JoinHandle<()> {
+        tokio::spawn(renewal_loop(self.shared.clone()))
+    }
+
+    /// The current session, if one is held. Lock-free; never waits.
+    pub fn current(&self) -> Option<Arc<Session>> {
+        self.shared.state.load().session.clone()
+    }
+
+    /// The current session, waiting (until `deadline`) only while the very
+    /// first one is being created. Fails fast while creation is failing.
+    pub async fn session(&self, deadline: Instant) -> Result<Arc<Session>, Unavailable> {
+        if let Some(s) = self.current() {
+            return Ok(s);
+        }
+        self.wait_for(deadline, |state| match (&state.session, &state.failure) {
+            (Some(s), _) => Some(Ok(s.clone())),
+            (None, Some(e)) => Some(Err(Unavailable::Failed(e.clone()))),
+            (None, None) => None,
+        })
+        .await
+    }
+
+    /// A session to replace `refused`, which the upstream answered with
+    /// "Required session does not exist". Reports the refusal (renewing only
+    /// if `refused` is still current) and waits, until `deadline`, for the
+    /// single renewal that follows.
+    pub async fn replacement(
+        &self,
+        refused: &Session,
+        deadline: Instant,
+    ) -> Result<Arc<Session>, Unavailable> {
+        self.wait_for(deadline, |state| match &state.session {
+            Some(s) if s.generation != refused.generation => Some(Ok(s.clone())),
+            Some(_) => {
+                self.report_refused(refused);
+                None
+            }
+            None => state
+                .failure
+                .as_ref()
+                .map(|e| Err(Unavailable::Failed(e.clone()))),
+        })
+        .await
+    }
+
+    /// Tells the renewal task that `refused` is dead, without waiting. A
+    /// report about a generation that is no longer current changes nothing.
+    pub fn report_refused(&self, refused: &Session) {
+        let before = self
+            .shared
+            .refused
+            .fetch_max(refused.generation, Ordering::AcqRel);
+        if before < refused.generation {
+            self.shared.wake.notify_one();
+        }
+    }
+
+    /// Records that the upstream answered a request made with `session`,
+    /// pushing its expiry forward: from `QB-Token-ExpirationDate` (measured
+    /// against the upstream's `Date`), else two hours from now.
+    pub fn record_use(&self, session: &Session, headers: &HeaderMap) {
+        let now = self.now_ms();
+        let touched = session.touched_ms.load(Ordering::Relaxed);
+        if now < touched.saturating_add(1000) {
+            return;
+        }
+        session.touched_ms.store(now, Ordering::Relaxed);
+        let left = qb::remaining_lifetime(
+            headers
+                .get(qb::QB_TOKEN_EXPIRATION)
+                .map(HeaderValue::as_bytes),
+            headers.get(http::header::DATE).map(HeaderValue::as_bytes),
+            SystemTime::now(),
+        )
+        .unwrap_or(qb::SESSION_LIFETIME);
+        session
+            .expires_at_ms
+            .fetch_max(now.saturating_add(millis(left)), Ordering::AcqRel);
+    }
+
+    /// Resolves once a session is held (for tests, the demo and readiness).
+    pub async fn ready(&self) {
+        let mut rx = self.shared.changes.subscribe();
+        while self.current().is_none() {
+            if rx.changed().await.is_err() {
+                return;
+            }
+        }
+    }
+
+    /// The instant at which `session` lapses if not used again.
+    pub fn expires_at(&self, session: &Session) -> Instant {
+        self.shared.epoch + Duration::from_millis(session.expires_at_ms.load(Ordering::Acquire))
+    }
+
+    /// The last creation failure, if the latest attempt failed.
+    pub fn last_failure(&self) -> Option<Arc<SessionError>> {
+        self.shared.state.load().failure.clone()
+    }
+
+    fn now_ms(&self) -> u64 {
+        millis(self.shared.epoch.elapsed())
+    }
+
+    /// Waits for a state that `check` accepts, until `deadline`. The
+    /// subscription comes before the first check, so no change is missed.
+    async fn wait_for<T>(
+        &self,
+        deadline: Instant,
+        mut check: impl FnMut(&State) -> Option<Result<T, Unavailable>>,
+    ) -> Result<T, Unavailable> {
+        let mut rx = self.shared.changes.subscribe();
+        loop {
+            if let Some(done) = check(&self.shared.state.load()) {
+                return done;
+            }
+            match timeout_at(deadline, rx.changed()).await {
+                Ok(Ok(())) => continue,
+                // The sender lives as long as `self`; a closed channel cannot
+                // happen while we hold it, but a timeout is the honest answer.
+                Ok(Err(_)) | Err(_) => return Err(Unavailable::TimedOut),
+            }
+        }
+    }
+}
+
+fn millis(d: Duration) -> u64 {
+    u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
+}
+
+// ---------------------------------------------------------------------------
+// The renewal task: the only writer of `Shared::state`.
+
+async fn renewal_loop(shared: Arc<Shared>) {
+    let mut backoff = Backoff::new(shared.policy);
+    let mut generation = 0;
+    // A failed attempt leaves a retry pending: when, and for which reason.
+    let mut retry = attempt(&shared, Reason::Startup, &mut generation, &mut backoff).await;
+    loop {
+        let current = shared.state.load().session.clone();
+        let due = match (&retry, &current) {
+            (Some((at, _)), _) => *at,
+            (None, Some(s)) => renew_at(&shared, s),
+            // Unreachable in practice: without a session a retry is pending.
+            (None, None) => Instant::now() + shared.policy.retry_max,
+        };
+        let reason = tokio::select! {
+            () = shared.wake.notified() => match &current {
+                Some(s) if shared.refused.load(Ordering::Acquire) >= s.generation => Reason::Expired,
+                _ => continue,
+            },
+            () = sleep_until(due) => match (retry.take(), &current) {
+                (Some((_, reason)), None) => reason,
+                (Some(_), Some(_)) => Reason::Proactive,
+                (None, Some(s)) if renew_at(&shared, s) <= Instant::now() => Reason::Proactive,
+                // Used since we went to sleep: the expiry moved forward.
+                _ => continue,
+            },
+        };
+        retry = attempt(&shared, reason, &mut generation, &mut backoff).await;
+    }
+}
+
+/// When a session should be renewed: `renew_before` ahead of its expiry,
+/// but never sooner than [`MIN_RENEW_INTERVAL`] after it was created, so an
+/// upstream that hands out short-lived sessions is not hammered.
+fn renew_at(shared: &Shared, s: &Session) -> Instant {
+    let expires = shared.epoch + Duration::from_millis(s.expires_at_ms.load(Ordering::Acquire));
+    let floor = shared.epoch + Duration::from_millis(s.created_ms) + MIN_RENEW_INTERVAL;
+    expires
+        .checked_sub(shared.policy.renew_before)
+        .unwrap_or(shared.epoch)
+        .max(floor)
+}
+
+/// The least time between two proactive renewals of one identity.
+const MIN_RENEW_INTERVAL: Duration = Duration::from_secs(30);
+
+/// One creation attempt; publishes its outcome. Returns the retry to
+/// schedule after a failure.
+async fn attempt(
+    shared: &Shared,
+    reason: Reason,
+    generation: &mut u64,
+    backoff: &mut Backoff,
+) -> Option<(Instant, Reason)> {
+    let result = shared.source.create().await;
+    let old = shared.state.load_full();
+    let name = shared.name.as_str();
+    match result {
+        Ok(new) => {
+            *generation += 1;
+            let now_ms = millis(shared.epoch.elapsed());
+            let token = match HeaderValue::from_str(&new.token) {
+                Ok(mut v) => {
+                    v.set_sensitive(true);
+                    v
+                }
+                Err(_) => {
+                    let e =
+                        SessionError::BadResponse("the token is not a valid header value".into());
+                    return fail(shared, reason, e, &old, backoff);
+                }
+            };
+            let session = Arc::new(Session {
+                token,
+                generation: *generation,
+                user_id: new.user_id,
+                created_at: SystemTime::now(),
+                created_ms: now_ms,
+                expires_at_ms: AtomicU64::new(now_ms.saturating_add(millis(new.lifetime))),
+                touched_ms: AtomicU64::new(now_ms),
+            });
+            tracing::info!(
+                identity = name,
+                reason = reason.as_str(),
+                user_id = new.user_id,
+                token = %session.token_prefix(),
+                lifetime_s = new.lifetime.as_secs(),
+                "session created"
+            );
+            shared.metrics.renewal(name, reason.as_str());
+            shared.metrics.session_up(name, true);
+            publish(
+                shared,
+                State {
+                    session: Some(session),
+                    failure: None,
+                },
+            );
+            backoff.reset();
+            None
+        }
+        Err(e) => fail(shared, reason, e, &old, backoff),
+    }
+}
+
+fn fail(
+    shared: &Shared,
+    reason: Reason,
+    error: SessionError,
+    old: &State,
+    backoff: &mut Backoff,
+) -> Option<(Instant, Reason)> {
+    let name = shared.name.as_str();
+    // A failed proactive renewal keeps the old session while it may still be
+    // good; any other failure means there is no usable session.
+    let keep = old.session.as_ref().filter(|s| {
+        reason == Reason::Proactive && shared.refused.load(Ordering::Acquire) < s.generation
+    });
+    let delay = backoff.next();
+    tracing::warn!(
+        identity = name,
+        reason = reason.as_str(),
+        error = %error,
+        retry_in_ms = millis(delay),
+        keeping_old_session = keep.is_some(),
+        "session creation failed"
+    );
+    shared.metrics.session_failure(name);
+    shared.metrics.session_up(name, keep.is_some());
+    publish(
+        shared,
+        State {
+            session: keep.cloned(),
+            failure: Some(Arc::new(error)),
+        },
+    );
+    let reason = if keep.is_some() {
+        Reason::Proactive
+    } else {
+        reason
+    };
+    Some((Instant::now() + delay, reason))
+}
+
+fn publish(shared: &Shared, state: State) {
+    shared.state.store(Arc::new(state));
+    shared.changes.send_modify(|n| *n += 1);
+}
+
+/// Capped exponential backoff with jitter: the n-th delay is drawn from
+/// `[d/2, d]` where `d = min(retry_max, retry_initial * 2^n)`.
+struct Backoff {
+    policy: Policy,
+    failures: u32,
+}
+
+impl Backoff {
+    fn new(policy: Policy) -> Self {
+        Backoff {
+            policy,
+            failures: 0,
+        }
+    }
+
+    fn reset(&mut self) {
+        self.failures = 0;
+    }
+
+    fn next(&mut self) -> Duration {
+        let exp = self
+            .policy
+            .retry_initial
+            .saturating_mul(1u32 << self.failures.min(20));
+        let cap = exp.min(self.policy.retry_max);
+        self.failures = self.failures.saturating_add(1);
+        let half = cap / 2;
+        half + rand::rng().random_range(Duration::ZERO..=half)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::collections::VecDeque;
+    use std::sync::Mutex;
+    use tokio::sync::Semaphore;
+
+    /// A scripted source: each call pops the next outcome (or succeeds), and
+    /// optionally waits for a permit first, so a test can hold a creation.
+    struct Script {
+        calls: AtomicU64,
+        outcomes: Mutex<VecDeque<Result<Duration, SessionError>>>,
+        gate: Option<Arc<Semaphore>>,
+        /// Counts calls that have started (before the gate).
+        entered: watch::Sender<u64>,
+    }
+
+    impl Source for Arc<Script> {
+        fn create(&self) -> BoxFuture<'_, Result<NewSession, SessionError>> {
+            Box::pin(async move {
+                self.entered.send_modify(|n| *n += 1);
+                if let Some(gate) = &self.gate {
+                    gate.acquire().await.expect("gate open").forget();
+                }
+                let n = self.calls.fetch_add(1, Ordering::SeqCst) + 1;
+                let outcome = self
+                    .outcomes
+                    .lock()
+                    .unwrap()
+                    .pop_front()
+                    .unwrap_or(Ok(qb::SESSION_LIFETIME));
+                outcome.map(|lifetime| NewSession {
+                    token: format!("token-{n}"),
+                    user_id: 7,
+                    lifetime,
+                })
+            })
+        }
+    }
+
+    const POLICY: Policy = Policy {
+        renew_before: Duration::from_secs(600),
+        retry_initial: Duration::from_secs(1),
+        retry_max: Duration::from_secs(8),
+    };
+
+    fn identity(
+        outcomes: Vec<Result<Duration, SessionError>>,
+        gate: Option<Arc<Semaphore>>,
+    ) -> (Identity, Arc<Script>) {
+        let script = Arc::new(Script {
+            calls: AtomicU64::new(0),
+            outcomes: Mutex::new(outcomes.into()),
+            gate,
+            entered: watch::channel(0).0,
+        });
+        let id = Identity::new("bot", Box::new(script.clone()), POLICY, Metrics::new());
+        (id, script)
+    }
+
+    fn token(s: &Session) -> &str {
+        s.token().to_str().unwrap()
+    }
+
+    fn far() -> Instant {
+        Instant::now() + Duration::from_secs(3600 * 24)
+    }
+
+    async fn next_change(id: &Identity) {
+        id.shared.changes.subscribe().changed().await.unwrap();
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn proactive_renewal_fires_renew_before_expiry() {
+        let (id, script) = identity(vec![], None);
+        let start = Instant::now();
+        let _task = id.spawn_renewal();
+        id.ready().await;
+        let first = id.current().unwrap();
+        assert_eq!(token(&first), "token-1");
+
+        // Paused time jumps straight to the renewal timer.
+        next_change(&id).await;
+        assert_eq!(start.elapsed(), qb::SESSION_LIFETIME - POLICY.renew_before);
+        assert_eq!(script.calls.load(Ordering::SeqCst), 2);
+        assert_eq!(token(&id.current().unwrap()), "token-2");
+        // The holder of the old session still has its token.
+        assert_eq!(token(&first), "token-1");
+        let text = id.shared.metrics.render();
+        assert!(text.contains("reason=\"proactive\"} 1"), "{text}");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn use_slides_the_proactive_renewal() {
+        let (id, script) = identity(vec![], None);
+        let start = Instant::now();
+        let _task = id.spawn_renewal();
+        id.ready().await;
+        let s = id.current().unwrap();
+
+        // An hour in, a response without an expiration header: "2h from now".
+        tokio::time::advance(Duration::from_secs(3600)).await;
+        id.record_use(&s, &HeaderMap::new());
+        next_change(&id).await;
+        assert_eq!(
+            start.elapsed(),
+            Duration::from_secs(3600) + qb::SESSION_LIFETIME - POLICY.renew_before
+        );
+        assert_eq!(script.calls.load(Ordering::SeqCst), 2);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn no_request_waits_for_a_proactive_renewal() {
+        let gate = Arc::new(Semaphore::new(1));
+        let (id, script) = identity(vec![], Some(gate.clone()));
+        let _task = id.spawn_renewal();
+        id.ready().await;
+        // Paused time runs to the renewal timer; the creation blocks on the gate.
+        let mut entered = script.entered.subscribe();
+        entered.wait_for(|n| *n == 2).await.unwrap();
+        // Requests during the renewal get the old token without waiting:
+        // `session` with an already-passed deadline still succeeds.
+        let s = id.session(Instant::now()).await.unwrap();
+        assert_eq!(token(&s), "token-1");
+        assert_eq!(script.calls.load(Ordering::SeqCst), 1);
+        gate.add_permits(1);
+        next_change(&id).await;
+        assert_eq!(token(&id.current().unwrap()), "token-2");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn concurrent_refusals_create_one_session() {
+        let (id, script) = identity(vec![], None);
+        let _task = id.spawn_renewal();
+        id.ready().await;
+        let refused = id.current().unwrap();
+        let waiters: Vec<_> = (0..100)
+            .map(|_| {
+                let id = id.clone();
+                let refused = refused.clone();
+                tokio::spawn(async move { id.replacement(&refused, far()).await })
+            })
+            .collect();
+        for w in waiters {
+            let s = w.await.unwrap().unwrap();
+            assert_eq!(token(&s), "token-2");
+        }
+        assert_eq!(script.calls.load(Ordering::SeqCst), 2);
+        // A late report about the old generation renews nothing.
+        id.report_refused(&refused);
+        let s = id.replacement(&refused, far()).await.unwrap();
+        assert_eq!(token(&s), "token-2");
+        assert_eq!(script.calls.load(Ordering::SeqCst), 2);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn failures_fail_fast_then_recover_with_backoff() {
+        let refused = SessionError::Refused {
+            status: 503,
+            message: "down".into(),
+        };
+        let (id, script) = identity(vec![Err(refused.clone()), Err(refused.clone())], None);
+        let start = Instant::now();
+        let _task = id.spawn_renewal();
+        // The first attempt fails: a waiting request gets the error.
+        match id.session(far()).await {
+            Err(Unavailable::Failed(e)) => assert_eq!(*e, refused),
+            other => panic!("expected failure, got {other:?}"),
+        }
+        // Two retries later (backoff 0.5-1 s, then 1-2 s) it recovers.
+        id.ready().await;
+        let waited = start.elapsed();
+        assert!(
+            waited >= Duration::from_millis(1500) && waited <= Duration::from_secs(3),
+            "{waited:?}"
+        );
+        assert_eq!(script.calls.load(Ordering::SeqCst), 3);
+        let text = id.shared.metrics.render();
+        assert!(
+            text.contains("qbproxy_session_failures_total{identity=\"bot\"} 2"),
+            "{text}"
+        );
+        assert!(text.contains("reason=\"startup\"} 1"), "{text}");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn failed_proactive_renewal_keeps_the_old_session() {
+        let down = SessionError::Unreachable("connection refused".into());
+        let (id, script) = identity(vec![Ok(qb::SESSION_LIFETIME), Err(down)], None);
+        let _task = id.spawn_renewal();
+        id.ready().await;
+        next_change(&id).await; // the failed proactive attempt
+        assert_eq!(script.calls.load(Ordering::SeqCst), 2);
+        assert_eq!(token(&id.current().unwrap()), "token-1");
+        assert!(id.last_failure().is_some());
+        next_change(&id).await; // the retry succeeds
+        assert_eq!(token(&id.current().unwrap()), "token-3");
+        assert!(id.last_failure().is_none());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn waiting_for_a_first_session_times_out() {
+        let gate = Arc::new(Semaphore::new(0));
+        let (id, _script) = identity(vec![], Some(gate));
+        let _task = id.spawn_renewal();
+        let r = id.session(Instant::now() + Duration::from_secs(5)).await;
+        assert!(matches!(r, Err(Unavailable::TimedOut)), "{r:?}");
+    }
+
+    #[test]
+    fn backoff_is_capped_and_jittered() {
+        let mut b = Backoff::new(POLICY);
+        let delays: Vec<Duration> = (0..8).map(|_| b.next()).collect();
+        for (n, d) in delays.iter().enumerate() {
+            let full = (POLICY.retry_initial * (1 << n)).min(POLICY.retry_max);
+            assert!(*d >= full / 2 && *d <= full, "attempt {n}: {d:?}");
+        }
+        b.reset();
+        assert!(b.next() <= POLICY.retry_initial);
+    }
+}

@@ -1,0 +1,295 @@
+//! The connection to QuickBlox: one pooled, keep-alive HTTP client shared by
+//! forwarding and session creation, and [`SessionCreator`], the real
+//! [`Source`] of sessions (signed `POST /session.json`, with clock-skew
+//! correction).
+
+use std::error::Error as _;
+use std::sync::atomic::{AtomicI64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use bytes::Bytes;
+use http::uri::PathAndQuery;
+use http::{header, HeaderMap, HeaderValue, Method, Request, StatusCode};
+use http_body_util::{BodyExt, Limited};
+use hyper_rustls::HttpsConnector;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::rt::{TokioExecutor, TokioTimer};
+use rand::Rng;
+use tokio::time::{timeout_at, Instant};
+
+use crate::body::Body;
+use crate::config::{Credentials, QuickbloxConfig, UpstreamConfig};
+use crate::qb;
+use crate::session::{BoxFuture, NewSession, SessionError, Source};
+use crate::signer::{self, Params};
+
+pub type Client = hyper_util::client::legacy::Client<HttpsConnector<HttpConnector>, Body>;
+
+/// Builds the upstream client: HTTP/1.1 or HTTP/2 (by ALPN) over rustls
+/// for `https://`, plain HTTP/1.1 for `http://`; pooled and kept alive.
+/// An `https://` upstream needs the system's root certificates.
+pub fn client(cfg: &UpstreamConfig) -> Result<Client, std::io::Error> {
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let mut http = HttpConnector::new();
+    http.enforce_http(false);
+    http.set_nodelay(true);
+    http.set_connect_timeout(Some(cfg.connect_timeout));
+    http.set_keepalive(Some(Duration::from_secs(60)));
+
+    let tls = hyper_rustls::HttpsConnectorBuilder::new();
+    let tls = if cfg.scheme == http::uri::Scheme::HTTPS {
+        tls.with_provider_and_native_roots(provider)?
+    } else {
+        // Plain HTTP upstream (the simulator, a sidecar): no roots needed.
+        let config = rustls::ClientConfig::builder_with_provider(provider)
+            .with_safe_default_protocol_versions()
+            .map_err(std::io::Error::other)?
+            .with_root_certificates(rustls::RootCertStore::empty())
+            .with_no_client_auth();
+        tls.with_tls_config(config)
+    };
+    let connector = tls
+        .https_or_http()
+        .enable_all_versions()
+        .wrap_connector(http);
+    Ok(
+        hyper_util::client::legacy::Client::builder(TokioExecutor::new())
+            .pool_idle_timeout(cfg.pool_idle_timeout)
+            .pool_max_idle_per_host(cfg.pool_max_idle_per_host)
+            .pool_timer(TokioTimer::new())
+            .timer(TokioTimer::new())
+            .build(connector),
+    )
+}
+
+/// A client error as one line: the error and its causes, e.g.
+/// `client error (Connect): tcp connect error: Connection refused`.
+pub fn describe(e: &hyper_util::client::legacy::Error) -> String {
+    let mut msg = e.to_string();
+    let mut source = e.source();
+    while let Some(s) = source {
+        msg.push_str(": ");
+        msg.push_str(&s.to_string());
+        source = s.source();
+    }
+    msg
+}
+
+/// The offset between QuickBlox's clock and ours, in seconds, learnt from a
+/// "Bad timestamp" answer. Shared by every identity: it is a property of
+/// the two clocks, not of a session.
+#[derive(Debug, Default)]
+pub struct ClockOffset(AtomicI64);
+
+impl ClockOffset {
+    pub fn seconds(&self) -> i64 {
+        self.0.load(Ordering::Relaxed)
+    }
+
+    /// Unix time as QuickBlox sees it.
+    fn unix_now(&self) -> i64 {
+        let now = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs() as i64);
+        now + self.seconds()
+    }
+
+    /// Learns the offset from the upstream's `Date` header.
+    fn learn(&self, upstream_date: SystemTime) -> i64 {
+        let theirs = upstream_date
+            .duration_since(UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs() as i64);
+        let ours = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs() as i64);
+        let offset = theirs - ours;
+        self.0.store(offset, Ordering::Relaxed);
+        offset
+    }
+}
+
+/// Creates sessions for one identity by a signed `POST /session.json`.
+pub struct SessionCreator {
+    client: Client,
+    upstream: UpstreamConfig,
+    quickblox: QuickbloxConfig,
+    credentials: Credentials,
+    clock: Arc<ClockOffset>,
+}
+
+/// A session endpoint's answer, body read whole (it is small).
+struct Answer {
+    status: StatusCode,
+    headers: HeaderMap,
+    body: Bytes,
+}
+
+/// Session answers are a few hundred bytes; anything past this is not one.
+const MAX_SESSION_ANSWER: usize = 64 * 1024;
+
+impl SessionCreator {
+    pub fn new(
+        client: Client,
+        upstream: UpstreamConfig,
+        quickblox: QuickbloxConfig,
+        credentials: Credentials,
+        clock: Arc<ClockOffset>,
+    ) -> Self {
+        SessionCreator {
+            client,
+            upstream,
+            quickblox,
+            credentials,
+            clock,
+        }
+    }
+
+    /// The signed parameters for one attempt: a fresh nonce every time.
+    fn params(&self) -> Params {
+        let q = &self.quickblox;
+        let nonce: u32 = rand::rng().random_range(1..=i32::MAX as u32);
+        let params = Params::new()
+            .str("application_id", q.application_id.as_str())
+            .str("auth_key", q.auth_key.as_str())
+            .str("timestamp", self.clock.unix_now().to_string())
+            .str("nonce", nonce.to_string());
+        let params = match &self.credentials {
+            Credentials::Application => params,
+            Credentials::Login { login, password } => params.map(
+                "user",
+                &[("login", login.as_str()), ("password", password.expose())],
+            ),
+            Credentials::Email { email, password } => params.map(
+                "user",
+                &[("email", email.as_str()), ("password", password.expose())],
+            ),
+        };
+        let signature = signer::sign(q.auth_secret.expose(), &params);
+        params.str("signature", signature)
+    }
+
+    async fn post(&self) -> Result<Answer, SessionError> {
+        let body = self.params().to_json().to_string();
+        let uri = self
+            .upstream
+            .uri_for(&PathAndQuery::from_static("/session.json"))
+            .map_err(|e| SessionError::BadResponse(e.to_string()))?;
+        let mut req = Request::new(Body::full(body));
+        *req.method_mut() = Method::POST;
+        *req.uri_mut() = uri;
+        let h = req.headers_mut();
+        h.insert(header::HOST, self.upstream.host.clone());
+        h.insert(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("application/json"),
+        );
+        h.insert(
+            "quickblox-rest-api-version",
+            HeaderValue::from_static("0.1.1"),
+        );
+
+        let resp = self.client.request(req).await.map_err(|e| {
+            if e.is_connect() {
+                SessionError::Unreachable(describe(&e))
+            } else {
+                SessionError::BadResponse(describe(&e))
+            }
+        })?;
+        let (parts, body) = resp.into_parts();
+        let body = Limited::new(body, MAX_SESSION_ANSWER)
+            .collect()
+            .await
+            .map_err(|e| SessionError::BadResponse(format!("reading the answer: {e}")))?
+            .to_bytes();
+        Ok(Answer {
+            status: parts.status,
+            headers: parts.headers,
+            body,
+        })
+    }
+
+    async fn create_session(&self) -> Result<NewSession, SessionError> {
+        let budget = self.quickblox.session_timeout;
+        let deadline = Instant::now() + budget;
+        let mut corrected = false;
+        loop {
+            let answer = timeout_at(deadline, self.post())
+                .await
+                .map_err(|_| SessionError::Timeout(budget))??;
+            if answer.status.is_success() {
+                return parse_session(&answer);
+            }
+            let message = qb::error_message(&answer.body).unwrap_or_else(|| {
+                answer
+                    .status
+                    .canonical_reason()
+                    .unwrap_or("no message")
+                    .to_owned()
+            });
+            let bad_timestamp = answer.status == StatusCode::UNPROCESSABLE_ENTITY
+                && message.to_ascii_lowercase().contains("bad timestamp");
+            let upstream_date = answer
+                .headers
+                .get(header::DATE)
+                .and_then(|d| qb::parse_http_date(d.as_bytes()));
+            match upstream_date {
+                Some(date) if bad_timestamp && !corrected => {
+                    let offset = self.clock.learn(date);
+                    tracing::warn!(
+                        offset_s = offset,
+                        "QuickBlox refused our timestamp (Bad timestamp); using the clock offset from its Date header"
+                    );
+                    corrected = true;
+                }
+                _ => {
+                    return Err(SessionError::Refused {
+                        status: answer.status.as_u16(),
+                        message,
+                    })
+                }
+            }
+        }
+    }
+}
+
+impl Source for SessionCreator {
+    fn create(&self) -> BoxFuture<'_, Result<NewSession, SessionError>> {
+        Box::pin(self.create_session())
+    }
+}
+
+fn parse_session(answer: &Answer) -> Result<NewSession, SessionError> {
+    #[derive(serde::Deserialize)]
+    struct Envelope {
+        session: Fields,
+    }
+    #[derive(serde::Deserialize)]
+    struct Fields {
+        token: String,
+        #[serde(default)]
+        user_id: Option<u64>,
+    }
+    let env: Envelope = serde_json::from_slice(&answer.body).map_err(|e| {
+        SessionError::BadResponse(format!(
+            "session answer is not {{\"session\":{{\"token\":...}}}}: {e}"
+        ))
+    })?;
+    if env.session.token.is_empty() {
+        return Err(SessionError::BadResponse("empty token".into()));
+    }
+    let lifetime = qb::remaining_lifetime(
+        answer
+            .headers
+            .get(qb::QB_TOKEN_EXPIRATION)
+            .map(HeaderValue::as_bytes),
+        answer.headers.get(header::DATE).map(HeaderValue::as_bytes),
+        SystemTime::now(),
+    )
+    .unwrap_or(qb::SESSION_LIFETIME);
+    Ok(NewSession {
+        token: env.session.token,
+        user_id: env.session.user_id.unwrap_or(0),
+        lifetime,
+    })
+}
