@@ -1,0 +1,327 @@
+//! Test harness: the simulator and a real qbproxy on `127.0.0.1:0`, both
+//! in-process, plus small HTTP helpers. Nothing leaves loopback.
+
+#![allow(dead_code)]
+
+use std::collections::BTreeMap;
+use std::future::Future;
+use std::net::SocketAddr;
+use std::path::Path;
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::{HeaderMap, Method, Request, StatusCode};
+use http_body_util::{BodyExt, Full};
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::client::legacy::Client;
+use hyper_util::rt::TokioExecutor;
+use qbproxy::sim::{Sim, SimConfig};
+use qbproxy::{App, Config, Handle, Listeners};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::oneshot;
+use tokio::task::JoinHandle;
+
+/// Every wait in a test is bounded by this, so a broken build fails
+/// instead of hanging. It is not a measure of speed.
+pub const BOUND: Duration = Duration::from_secs(20);
+
+pub async fn bounded<T>(what: &str, f: impl Future<Output = T>) -> T {
+    match tokio::time::timeout(BOUND, f).await {
+        Ok(v) => v,
+        Err(_) => panic!("timed out waiting for {what}"),
+    }
+}
+
+/// Configures a proxy in front of a simulator.
+pub struct Setup {
+    sim: Option<Sim>,
+    upstream_url: Option<String>,
+    /// section -> key -> TOML literal
+    values: BTreeMap<String, BTreeMap<String, String>>,
+    identities: Vec<String>,
+}
+
+pub fn setup() -> Setup {
+    let mut s = Setup {
+        sim: None,
+        upstream_url: None,
+        values: BTreeMap::new(),
+        identities: Vec::new(),
+    };
+    // Short retries keep failure tests quick; timeouts are generous, so a
+    // test that "fails promptly" proves it did not wait for one.
+    s = s
+        .set("upstream", "timeout", "\"60s\"")
+        .set("quickblox", "retry_initial", "\"20ms\"")
+        .set("quickblox", "retry_max", "\"100ms\"")
+        .set("quickblox", "session_timeout", "\"30s\"")
+        .set("listen", "shutdown_grace", "\"10s\"");
+    s
+}
+
+impl Setup {
+    /// Sets `[section] key = literal` (a TOML literal: quote strings).
+    pub fn set(mut self, section: &str, key: &str, literal: &str) -> Self {
+        self.values
+            .entry(section.to_owned())
+            .or_default()
+            .insert(key.to_owned(), literal.to_owned());
+        self
+    }
+
+    /// Uses this simulator instead of a fresh one.
+    pub fn sim(mut self, sim: Sim) -> Self {
+        self.sim = Some(sim);
+        self
+    }
+
+    /// Points the proxy at this URL instead of the simulator.
+    pub fn upstream_url(mut self, url: &str) -> Self {
+        self.upstream_url = Some(url.to_owned());
+        self
+    }
+
+    /// Adds an `[[identity]]` table (its body, TOML lines). Without any,
+    /// the simulator's user "demo" is the identity.
+    pub fn identity(mut self, body: &str) -> Self {
+        self.identities.push(body.to_owned());
+        self
+    }
+
+    pub fn config_text(&self, sim: &Sim) -> String {
+        let app = sim.config();
+        let mut values = self.values.clone();
+        let q = values.entry("quickblox".into()).or_default();
+        q.entry("application_id".into())
+            .or_insert(format!("{:?}", app.application_id));
+        q.entry("auth_key".into())
+            .or_insert(format!("{:?}", app.auth_key));
+        q.entry("auth_secret".into())
+            .or_insert(format!("{:?}", app.auth_secret));
+        let url = self.upstream_url.clone().unwrap_or_else(|| sim.url());
+        values
+            .entry("upstream".into())
+            .or_default()
+            .entry("url".into())
+            .or_insert(format!("{url:?}"));
+        // Placeholders: run() serves on the listeners the test binds.
+        let l = values.entry("listen".into()).or_default();
+        l.entry("addr".into()).or_insert("\"127.0.0.1:1\"".into());
+        values
+            .entry("admin".into())
+            .or_default()
+            .entry("addr".into())
+            .or_insert("\"127.0.0.1:2\"".into());
+
+        let mut text = String::new();
+        for (section, kv) in &values {
+            text.push_str(&format!("[{section}]\n"));
+            for (k, v) in kv {
+                text.push_str(&format!("{k} = {v}\n"));
+            }
+        }
+        let identities = if self.identities.is_empty() {
+            let u = &app.users[0];
+            vec![format!(
+                "name = \"demo\"\nlogin = {:?}\npassword = {:?}\n",
+                u.login, u.password
+            )]
+        } else {
+            self.identities.clone()
+        };
+        for body in identities {
+            text.push_str("[[identity]]\n");
+            text.push_str(&body);
+        }
+        text
+    }
+
+    /// Starts the simulator (unless given) and the proxy. Does not wait for
+    /// the first session.
+    pub async fn start(self) -> Harness {
+        let sim = match &self.sim {
+            Some(s) => s.clone(),
+            None => Sim::start(SimConfig::demo())
+                .await
+                .expect("start simulator"),
+        };
+        let text = self.config_text(&sim);
+        let config = Config::from_toml(&text, Path::new("test.toml"))
+            .unwrap_or_else(|e| panic!("test config: {e}\n{text}"));
+        start_app(sim, config).await
+    }
+}
+
+pub async fn start_app(sim: Sim, config: Config) -> Harness {
+    let proxy_l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let admin_l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let proxy = proxy_l.local_addr().unwrap();
+    let admin = admin_l.local_addr().unwrap();
+    let app = App::new(config).expect("app");
+    let handle = app.handle();
+    let (stop, stopped) = oneshot::channel::<()>();
+    let task = tokio::spawn(app.run(
+        Listeners {
+            proxy: proxy_l,
+            admin: admin_l,
+        },
+        async move {
+            let _ = stopped.await;
+        },
+    ));
+    Harness {
+        sim,
+        proxy,
+        admin,
+        handle,
+        stop: Some(stop),
+        task: Some(task),
+        client: client(),
+    }
+}
+
+pub struct Harness {
+    pub sim: Sim,
+    pub proxy: SocketAddr,
+    pub admin: SocketAddr,
+    pub handle: Handle,
+    stop: Option<oneshot::Sender<()>>,
+    task: Option<JoinHandle<()>>,
+    client: Client<HttpConnector, Full<Bytes>>,
+}
+
+/// A response, body read whole.
+#[derive(Debug)]
+pub struct Answer {
+    pub status: StatusCode,
+    pub headers: HeaderMap,
+    pub body: Bytes,
+}
+
+impl Answer {
+    pub fn json(&self) -> serde_json::Value {
+        serde_json::from_slice(&self.body)
+            .unwrap_or_else(|e| panic!("not JSON ({e}): {:?}", String::from_utf8_lossy(&self.body)))
+    }
+
+    pub fn text(&self) -> String {
+        String::from_utf8_lossy(&self.body).into_owned()
+    }
+
+    /// The first message of a QuickBlox-shaped error body.
+    pub fn error_message(&self) -> String {
+        self.json()["errors"][0]
+            .as_str()
+            .unwrap_or_else(|| panic!("no errors[0] in {}", self.text()))
+            .to_owned()
+    }
+}
+
+pub fn client() -> Client<HttpConnector, Full<Bytes>> {
+    Client::builder(TokioExecutor::new()).build(HttpConnector::new())
+}
+
+impl Harness {
+    pub async fn ready(&self) {
+        bounded("the first session", self.handle.ready()).await;
+    }
+
+    pub async fn get(&self, path: &str) -> Answer {
+        self.send(Method::GET, path, &[], Bytes::new()).await
+    }
+
+    pub async fn send(
+        &self,
+        method: Method,
+        path: &str,
+        headers: &[(&str, &str)],
+        body: impl Into<Bytes>,
+    ) -> Answer {
+        send(&self.client, self.proxy, method, path, headers, body.into()).await
+    }
+
+    pub async fn admin_get(&self, path: &str) -> Answer {
+        send(
+            &self.client,
+            self.admin,
+            Method::GET,
+            path,
+            &[],
+            Bytes::new(),
+        )
+        .await
+    }
+
+    /// Signals shutdown and waits for `run` to return.
+    pub async fn shutdown(&mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        if let Some(task) = self.task.take() {
+            bounded("run() to return", task).await.unwrap();
+        }
+    }
+
+    pub fn trigger_shutdown(&mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+    }
+
+    pub fn take_task(&mut self) -> JoinHandle<()> {
+        self.task.take().expect("running")
+    }
+
+    pub fn metric(&self, line_prefix: &str) -> u64 {
+        metric(&self.handle.metrics_text(), line_prefix)
+    }
+}
+
+/// The value of the metric line starting with `line_prefix` (0 if absent).
+pub fn metric(text: &str, line_prefix: &str) -> u64 {
+    text.lines()
+        .find(|l| l.starts_with(line_prefix))
+        .and_then(|l| l.rsplit(' ').next())
+        .map(|v| v.parse::<f64>().unwrap() as u64)
+        .unwrap_or(0)
+}
+
+pub async fn send(
+    client: &Client<HttpConnector, Full<Bytes>>,
+    addr: SocketAddr,
+    method: Method,
+    path: &str,
+    headers: &[(&str, &str)],
+    body: Bytes,
+) -> Answer {
+    let mut req = Request::builder()
+        .method(method)
+        .uri(format!("http://{addr}{path}"));
+    for (k, v) in headers {
+        req = req.header(*k, *v);
+    }
+    let req = req.body(Full::new(body)).unwrap();
+    let resp = bounded("a response", client.request(req))
+        .await
+        .expect("request");
+    let (parts, body) = resp.into_parts();
+    let body = bounded("a body", body.collect()).await.unwrap().to_bytes();
+    Answer {
+        status: parts.status,
+        headers: parts.headers,
+        body,
+    }
+}
+
+/// Sends raw bytes on a new connection and returns everything read until
+/// the server closes it (send `Connection: close`).
+pub async fn raw(addr: SocketAddr, request: &[u8]) -> String {
+    let mut s = TcpStream::connect(addr).await.unwrap();
+    s.write_all(request).await.unwrap();
+    let mut out = Vec::new();
+    bounded("the raw response", s.read_to_end(&mut out))
+        .await
+        .unwrap();
+    String::from_utf8_lossy(&out).into_owned()
+}
