@@ -1,0 +1,323 @@
+//! Sessions: reactive renewal with replay, single flight, failures, skew.
+
+mod common;
+
+use std::collections::HashSet;
+
+use bytes::Bytes;
+use common::{bounded, setup};
+use http::{Method, StatusCode};
+use qbproxy::sim::Fault;
+
+/// 100 concurrent requests after every session expired, a third of them
+/// POSTs with distinct bodies: one new session, all succeed, every body
+/// reaches QuickBlox byte for byte.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn expiry_under_100_concurrent_requests_renews_once_and_loses_nothing() {
+    let h = setup().start().await;
+    h.ready().await;
+    let old = h.handle.default_identity().current().unwrap();
+    assert_eq!(h.sim.expire_all(), 1);
+
+    let mut tasks = Vec::new();
+    let mut posted = Vec::new();
+    for i in 0..100 {
+        let (method, path, body) = if i % 3 == 0 {
+            let body = format!(
+                "{{\"n\":{i},\"text\":\"note {i} \\u00e9 {}\"}}",
+                "x".repeat(i * 7)
+            );
+            posted.push(body.clone());
+            (Method::POST, "/data/Note.json".to_owned(), body)
+        } else {
+            (Method::GET, format!("/users.json?i={i}"), String::new())
+        };
+        let h_proxy = h.proxy;
+        tasks.push(tokio::spawn(async move {
+            let client = common::client();
+            common::send(
+                &client,
+                h_proxy,
+                method,
+                &path,
+                &[("Content-Type", "application/json")],
+                Bytes::from(body),
+            )
+            .await
+        }));
+    }
+    for t in tasks {
+        let a = t.await.unwrap();
+        assert_eq!(a.status, StatusCode::OK, "{}", a.text());
+    }
+
+    assert_eq!(h.sim.creations(), 2, "exactly one new session");
+    assert!(h.sim.refusals() >= 1, "the expiry was actually hit");
+    let new = h.handle.default_identity().current().unwrap();
+    assert_eq!(new.generation(), old.generation() + 1);
+
+    let reqs = h.sim.requests();
+    assert_eq!(reqs.len(), 100, "each request accepted exactly once");
+    assert!(reqs
+        .iter()
+        .all(|r| r.token == new.token().to_str().unwrap()));
+    let bodies: Vec<&[u8]> = reqs
+        .iter()
+        .filter(|r| r.method == Method::POST)
+        .map(|r| &r.body[..])
+        .collect();
+    assert_eq!(bodies.len(), posted.len());
+    for p in &posted {
+        assert_eq!(
+            bodies.iter().filter(|b| **b == p.as_bytes()).count(),
+            1,
+            "body {p}"
+        );
+    }
+    let replays = h.metric("qbproxy_replays_total");
+    assert!(replays >= 1 && replays <= 100, "{replays}");
+    assert_eq!(
+        h.metric("qbproxy_session_renewals_total{identity=\"demo\",reason=\"expired\"}"),
+        1
+    );
+}
+
+#[tokio::test]
+async fn an_oversized_body_is_not_replayed_but_the_session_is_renewed() {
+    let h = setup()
+        .set("proxy", "replay_body_limit", "1024")
+        .start()
+        .await;
+    h.ready().await;
+    h.sim.expire_all();
+    let big = "y".repeat(4096);
+    let a = h
+        .send(
+            Method::POST,
+            "/data/Note.json",
+            &[("Content-Type", "text/plain")],
+            big.clone(),
+        )
+        .await;
+    assert_eq!(a.status, StatusCode::UNAUTHORIZED);
+    assert!(
+        a.text().contains("Required session does not exist"),
+        "{}",
+        a.text()
+    );
+    // The refusal is reported: a new session arrives without another request.
+    bounded("the renewal", h.sim.wait_until(|s| s.creations() == 2)).await;
+    assert_eq!(h.metric("qbproxy_replays_total"), 0);
+    assert!(
+        h.sim.requests().is_empty(),
+        "the big body never reached QuickBlox under a live session"
+    );
+
+    let a = h
+        .send(
+            Method::POST,
+            "/data/Note.json",
+            &[("Content-Type", "text/plain")],
+            big.clone(),
+        )
+        .await;
+    assert_eq!(a.status, StatusCode::OK);
+    assert_eq!(h.sim.requests()[0].body, big.as_bytes());
+    assert_eq!(h.sim.creations(), 2);
+}
+
+#[tokio::test]
+async fn a_body_at_the_limit_is_replayed() {
+    let h = setup()
+        .set("proxy", "replay_body_limit", "1024")
+        .start()
+        .await;
+    h.ready().await;
+    h.sim.expire_all();
+    let body = "z".repeat(1024);
+    let a = h
+        .send(Method::POST, "/data/Note.json", &[], body.clone())
+        .await;
+    assert_eq!(a.status, StatusCode::OK, "{}", a.text());
+    assert_eq!(h.metric("qbproxy_replays_total"), 1);
+    assert_eq!(h.sim.requests()[0].body, body.as_bytes());
+}
+
+#[tokio::test]
+async fn a_failing_session_endpoint_gives_a_prompt_503_then_recovers() {
+    let sim = qbproxy::sim::Sim::start(qbproxy::sim::SimConfig::demo())
+        .await
+        .unwrap();
+    sim.push_fault(Fault::Status(
+        500,
+        r#"{"errors":["Internal Server Error"]}"#.into(),
+    ));
+    // Upstream timeout 60s: an answer within the 20s bound proves qbproxy
+    // did not wait for it.
+    let h = setup().sim(sim).start().await;
+    let a = h.get("/users.json").await;
+    assert_eq!(a.status, StatusCode::SERVICE_UNAVAILABLE);
+    assert_eq!(a.headers["qbproxy-error"], "session-unavailable");
+    assert_eq!(a.headers["content-type"], "application/json");
+    assert_eq!(
+        a.error_message(),
+        "qbproxy: could not create a QuickBlox session: Internal Server Error (HTTP 500)"
+    );
+    let ready = h.admin_get("/readyz").await;
+    assert_eq!(ready.status, StatusCode::SERVICE_UNAVAILABLE);
+    assert!(
+        ready.text().contains("Internal Server Error"),
+        "{}",
+        ready.text()
+    );
+
+    h.ready().await; // the background retry
+    let a = h.get("/users.json").await;
+    assert_eq!(a.status, StatusCode::OK);
+    assert_eq!(h.admin_get("/readyz").await.status, StatusCode::OK);
+    assert_eq!(h.sim.attempts(), 2);
+    assert_eq!(
+        h.metric("qbproxy_session_failures_total{identity=\"demo\"}"),
+        1
+    );
+}
+
+#[tokio::test]
+async fn renewal_failing_after_expiry_explains_instead_of_passing_the_401_on() {
+    let h = setup().start().await;
+    h.ready().await;
+    h.sim.expire_all();
+    h.sim.push_fault(Fault::Status(429, String::new()));
+    let a = h.get("/users.json").await;
+    assert_eq!(a.status, StatusCode::SERVICE_UNAVAILABLE);
+    assert_eq!(
+        a.error_message(),
+        "qbproxy: could not create a QuickBlox session: Too Many Requests (HTTP 429)"
+    );
+    h.ready().await;
+    assert_eq!(h.get("/users.json").await.status, StatusCode::OK);
+}
+
+#[tokio::test]
+async fn each_kind_of_session_failure_has_its_status() {
+    // Refused credentials: 503 with QuickBlox's message.
+    let h = setup()
+        .identity("name = \"bot\"\nlogin = \"demo\"\npassword = \"wrong\"\n")
+        .start()
+        .await;
+    let a = h.get("/users.json").await;
+    assert_eq!(a.status, StatusCode::SERVICE_UNAVAILABLE);
+    assert!(
+        a.error_message().ends_with("Unauthorized (HTTP 401)"),
+        "{}",
+        a.text()
+    );
+
+    // A wrong auth secret: QuickBlox's "Unexpected signature".
+    let h = setup()
+        .set("quickblox", "auth_secret", "\"not-the-secret\"")
+        .start()
+        .await;
+    let a = h.get("/users.json").await;
+    assert_eq!(a.status, StatusCode::SERVICE_UNAVAILABLE);
+    assert!(
+        a.error_message()
+            .ends_with("Unexpected signature (HTTP 422)"),
+        "{}",
+        a.text()
+    );
+    assert!(!a.text().contains("not-the-secret"));
+
+    // Nothing listening: 502.
+    let closed = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        l.local_addr().unwrap()
+    };
+    let h = setup()
+        .upstream_url(&format!("http://{closed}"))
+        .start()
+        .await;
+    let a = h.get("/users.json").await;
+    assert_eq!(a.status, StatusCode::BAD_GATEWAY);
+    assert!(
+        a.error_message().contains("QuickBlox is unreachable"),
+        "{}",
+        a.text()
+    );
+
+    // The session endpoint hangs past session_timeout: 504.
+    let sim = qbproxy::sim::Sim::start(qbproxy::sim::SimConfig::demo())
+        .await
+        .unwrap();
+    sim.push_fault(Fault::Hang);
+    let h = setup()
+        .sim(sim)
+        .set("quickblox", "session_timeout", "\"300ms\"")
+        .start()
+        .await;
+    let a = h.get("/users.json").await;
+    assert_eq!(a.status, StatusCode::GATEWAY_TIMEOUT);
+    assert!(
+        a.error_message().contains("did not answer within 300ms"),
+        "{}",
+        a.text()
+    );
+    h.ready().await;
+    assert_eq!(h.get("/users.json").await.status, StatusCode::OK);
+}
+
+#[tokio::test]
+async fn a_request_never_waits_past_its_timeout_for_a_session() {
+    let sim = qbproxy::sim::Sim::start(qbproxy::sim::SimConfig::demo())
+        .await
+        .unwrap();
+    sim.push_fault(Fault::Hang);
+    let h = setup()
+        .sim(sim)
+        .set("upstream", "timeout", "\"200ms\"")
+        .start()
+        .await;
+    let a = h.get("/users.json").await;
+    assert_eq!(a.status, StatusCode::GATEWAY_TIMEOUT);
+    assert_eq!(a.headers["qbproxy-error"], "session-timeout");
+}
+
+#[tokio::test]
+async fn bad_timestamp_is_corrected_from_the_upstream_date_and_kept() {
+    let sim = qbproxy::sim::Sim::start(qbproxy::sim::SimConfig::demo())
+        .await
+        .unwrap();
+    sim.set_clock_offset(3 * 3600 + 17);
+    let h = setup().sim(sim).start().await;
+    h.ready().await;
+    assert_eq!(
+        h.sim.attempts(),
+        2,
+        "one refused for Bad timestamp, one corrected"
+    );
+    assert_eq!(h.sim.creations(), 1);
+    assert_eq!(h.get("/users.json").await.status, StatusCode::OK);
+
+    // The offset is kept: the next session needs a single attempt.
+    h.sim.expire_all();
+    assert_eq!(h.get("/users.json").await.status, StatusCode::OK);
+    assert_eq!(h.sim.attempts(), 3);
+    assert_eq!(h.sim.creations(), 2);
+}
+
+#[tokio::test]
+async fn a_stale_refusal_does_not_renew_again() {
+    let h = setup().start().await;
+    h.ready().await;
+    h.sim.expire_all();
+    assert_eq!(h.get("/users.json").await.status, StatusCode::OK);
+    let refused_before = h.sim.refusals();
+    // Sequential requests after the renewal: no further sessions.
+    for _ in 0..5 {
+        assert_eq!(h.get("/users.json").await.status, StatusCode::OK);
+    }
+    assert_eq!(h.sim.creations(), 2);
+    assert_eq!(h.sim.refusals(), refused_before);
+    let tokens: HashSet<String> = h.sim.requests().iter().map(|r| r.token.clone()).collect();
+    assert_eq!(tokens.len(), 1);
+}
