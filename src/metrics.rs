@@ -122,6 +122,16 @@ impl Metrics {
         }
     }
 
+    /// Creates an identity's series at zero, so that dashboards and `rate()`
+    /// see them before the first event.
+    pub fn register_identity(&self, identity: &str, reasons: &[&str]) {
+        for reason in reasons {
+            self.inner.renewals.with_label_values(&[identity, reason]);
+        }
+        self.inner.failures.with_label_values(&[identity]);
+        self.session_up(identity, false);
+    }
+
     pub fn renewal(&self, identity: &str, reason: &str) {
         self.inner
             .renewals

@@ -70,6 +70,8 @@ pub enum Reason {
 }
 
 impl Reason {
+    pub const ALL: [Reason; 3] = [Reason::Startup, Reason::Expired, Reason::Proactive];
+
     pub fn as_str(self) -> &'static str {
         match self {
             Reason::Startup => "startup",
@@ -191,7 +193,7 @@ impl Identity {
         metrics: Metrics,
     ) -> Self {
         let name = name.into();
-        metrics.session_up(&name, false);
+        metrics.register_identity(&name, &Reason::ALL.map(Reason::as_str));
         Identity {
             shared: Arc::new(Shared {
                 name,

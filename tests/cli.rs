@@ -1,0 +1,211 @@
+//! The binary: `check`, config errors before binding, and a real process
+//! that serves and stops on SIGTERM.
+
+use std::path::PathBuf;
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+use qbproxy::sim::{Sim, SimConfig};
+use tokio::io::{AsyncBufReadExt, BufReader};
+
+const BIN: &str = env!("CARGO_BIN_EXE_qbproxy");
+
+struct TempDir(PathBuf);
+
+impl TempDir {
+    fn new(name: &str) -> TempDir {
+        let dir = std::env::temp_dir().join(format!("qbproxy-cli-{name}-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        TempDir(dir)
+    }
+
+    fn file(&self, name: &str, text: &str) -> PathBuf {
+        let p = self.0.join(name);
+        std::fs::write(&p, text).unwrap();
+        p
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+const GOOD: &str = r#"
+[listen]
+addr = "127.0.0.1:8080"
+[admin]
+addr = "127.0.0.1:9090"
+[upstream]
+url = "https://api.quickblox.com"
+[quickblox]
+application_id = "76730"
+auth_key = "7quWEh-k6TqghXe"
+auth_secret_env = "QBPROXY_CLI_TEST_SECRET"
+[[identity]]
+name = "bot"
+login = "bot"
+password_env = "QBPROXY_CLI_TEST_PASSWORD"
+"#;
+
+fn check(config: &PathBuf) -> std::process::Output {
+    Command::new(BIN)
+        .args(["check", "--config"])
+        .arg(config)
+        .env("QBPROXY_CLI_TEST_SECRET", "s3cr3t")
+        .env("QBPROXY_CLI_TEST_PASSWORD", "pw")
+        .output()
+        .unwrap()
+}
+
+#[test]
+fn check_accepts_a_good_config() {
+    let dir = TempDir::new("good");
+    let out = check(&dir.file("config.toml", GOOD));
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{stdout} {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(stdout.contains("ok"), "{stdout}");
+    assert!(!stdout.contains("s3cr3t"));
+}
+
+#[test]
+fn check_names_the_key_and_exits_64() {
+    let dir = TempDir::new("bad");
+    let cases = [
+        (
+            GOOD.replace("[upstream]\n", "[upstream]\ntimout = \"1s\"\n"),
+            "upstream.timout",
+        ),
+        (
+            GOOD.replace("QBPROXY_CLI_TEST_SECRET", "QBPROXY_CLI_TEST_UNSET"),
+            "quickblox.auth_secret_env",
+        ),
+        (
+            GOOD.replace("127.0.0.1:9090", "127.0.0.1:8080"),
+            "admin.addr",
+        ),
+        (
+            GOOD.replace("https://api.quickblox.com", "api.quickblox.com"),
+            "upstream.url",
+        ),
+        (
+            GOOD.replace("login = \"bot\"\n", ""),
+            "identity[0].password",
+        ),
+        ("[quickblox\n".to_owned(), "line 1"),
+    ];
+    for (i, (text, key)) in cases.iter().enumerate() {
+        let out = check(&dir.file(&format!("c{i}.toml"), text));
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(64), "{key}: {stderr}");
+        assert_eq!(stderr.trim_end().lines().count(), 1, "one line: {stderr}");
+        assert!(stderr.contains(key), "{key}: {stderr}");
+    }
+    let out = check(&dir.0.join("missing.toml"));
+    assert_eq!(out.status.code(), Some(64));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("cannot read"));
+}
+
+#[test]
+fn serving_with_a_bad_config_exits_64_before_binding() {
+    let dir = TempDir::new("serve-bad");
+    let cfg = dir.file(
+        "config.toml",
+        &GOOD.replace("[upstream]\n", "[upstream]\nbogus = 1\n"),
+    );
+    let out = Command::new(BIN)
+        .arg("--config")
+        .arg(&cfg)
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(64));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("upstream.bogus"));
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_binary_serves_then_drains_on_sigterm() {
+    let sim = Sim::start(SimConfig::demo()).await.unwrap();
+    let app = sim.config().clone();
+    let (proxy_port, admin_port) = (free_port(), free_port());
+    let dir = TempDir::new("sigterm");
+    let cfg = dir.file(
+        "config.toml",
+        &format!(
+            "[listen]\naddr = \"127.0.0.1:{proxy_port}\"\n[admin]\naddr = \"127.0.0.1:{admin_port}\"\n\
+             [upstream]\nurl = \"{}\"\n[quickblox]\napplication_id = \"{}\"\nauth_key = \"{}\"\n\
+             auth_secret_file = {:?}\n",
+            sim.url(),
+            app.application_id,
+            app.auth_key,
+            dir.file("secret", &format!("{}\n", app.auth_secret)).display().to_string(),
+        ),
+    );
+    let mut child = tokio::process::Command::new(BIN)
+        .arg("--config")
+        .arg(&cfg)
+        .args(["--log-format", "json"])
+        .env("RUST_LOG", "info")
+        .stderr(Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
+    let mut log = Vec::new();
+    let ready = tokio::time::timeout(Duration::from_secs(20), async {
+        while let Some(line) = lines.next_line().await.unwrap() {
+            let created = line.contains("session created");
+            log.push(line);
+            if created {
+                return;
+            }
+        }
+        panic!("qbproxy exited early: {log:?}");
+    });
+    ready.await.expect("qbproxy logs its first session");
+    // JSON logs: every line parses.
+    for line in &log {
+        serde_json::from_str::<serde_json::Value>(line).unwrap_or_else(|e| panic!("{e}: {line}"));
+    }
+
+    let client: hyper_util::client::legacy::Client<_, http_body_util::Empty<bytes::Bytes>> =
+        hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
+            .build(hyper_util::client::legacy::connect::HttpConnector::new());
+    let uri: http::Uri = format!("http://127.0.0.1:{proxy_port}/users.json")
+        .parse()
+        .unwrap();
+    let resp = client.get(uri).await.unwrap();
+    assert_eq!(resp.status(), 200);
+    assert_eq!(sim.requests().len(), 1);
+
+    let pid = child.id().unwrap().to_string();
+    assert!(Command::new("kill")
+        .args(["-TERM", &pid])
+        .status()
+        .unwrap()
+        .success());
+    let status = tokio::time::timeout(Duration::from_secs(20), child.wait())
+        .await
+        .expect("qbproxy exits after SIGTERM")
+        .unwrap();
+    assert!(status.success(), "{status}");
+    while let Some(line) = lines.next_line().await.unwrap() {
+        log.push(line);
+    }
+    let all = log.join("\n");
+    assert!(all.contains("SIGTERM received"), "{all}");
+    assert!(all.contains("all connections drained"), "{all}");
+}

@@ -1,0 +1,186 @@
+//! Start-up, admin endpoints, graceful shutdown, and what logs may show.
+
+mod common;
+
+use std::io::Write;
+use std::sync::{Arc, Mutex};
+
+use common::{bounded, setup};
+use http::{Method, StatusCode};
+use tokio::net::TcpStream;
+
+#[tokio::test]
+async fn admin_endpoints_report_health_readiness_and_metrics() {
+    let h = setup().start().await;
+    assert_eq!(h.admin_get("/healthz").await.status, StatusCode::OK);
+    h.ready().await;
+    assert_eq!(h.admin_get("/readyz").await.status, StatusCode::OK);
+    h.sim.expire_all();
+    assert_eq!(h.get("/users.json").await.status, StatusCode::OK);
+
+    let m = h.admin_get("/metrics").await;
+    assert_eq!(m.status, StatusCode::OK);
+    assert!(m.headers["content-type"]
+        .to_str()
+        .unwrap()
+        .starts_with("text/plain"));
+    let text = m.text();
+    for family in [
+        "qbproxy_requests_total{code=\"200\"} 1",
+        "qbproxy_session_renewals_total{identity=\"demo\",reason=\"startup\"} 1",
+        "qbproxy_session_renewals_total{identity=\"demo\",reason=\"expired\"} 1",
+        "qbproxy_replays_total 1",
+        "qbproxy_upstream_duration_seconds_bucket",
+        "qbproxy_session_up{identity=\"demo\"} 1",
+    ] {
+        assert!(text.contains(family), "missing {family} in\n{text}");
+    }
+    assert!(
+        text.contains("# TYPE qbproxy_session_failures_total counter"),
+        "{text}"
+    );
+    assert_eq!(h.admin_get("/nope").await.status, StatusCode::NOT_FOUND);
+
+    // The proxy port does not serve admin endpoints: /metrics goes upstream.
+    let a = h.get("/metrics").await;
+    assert_eq!(a.json()["echo"]["path"], "/metrics");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shutdown_stops_accepting_and_lets_the_request_in_flight_finish() {
+    let mut h = setup().start().await;
+    h.ready().await;
+    let gate = h.sim.gate("/slow");
+    let proxy = h.proxy;
+    let in_flight = tokio::spawn(async move {
+        let client = common::client();
+        common::send(
+            &client,
+            proxy,
+            Method::GET,
+            "/slow.json",
+            &[],
+            bytes::Bytes::new(),
+        )
+        .await
+    });
+    bounded(
+        "the request to reach QuickBlox",
+        h.sim.wait_until(|s| s.requests_to("/slow") == 1),
+    )
+    .await;
+
+    let run = h.take_task();
+    h.trigger_shutdown();
+    // New connections are refused while the request is still held upstream.
+    bounded("the listener to close", async {
+        while TcpStream::connect(proxy).await.is_ok() {
+            tokio::task::yield_now().await;
+        }
+    })
+    .await;
+    assert!(!run.is_finished(), "run() waits for the request in flight");
+
+    gate.add_permits(1);
+    let a = bounded("the in-flight response", in_flight).await.unwrap();
+    assert_eq!(a.status, StatusCode::OK);
+    assert_eq!(a.json()["echo"]["path"], "/slow.json");
+    bounded("run() to return after the drain", run)
+        .await
+        .unwrap();
+}
+
+/// A `MakeWriter` that keeps everything logged.
+#[derive(Clone, Default)]
+struct Captured(Arc<Mutex<Vec<u8>>>);
+
+impl Write for Captured {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0.lock().unwrap().extend_from_slice(buf);
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+impl<'a> tracing_subscriber::fmt::MakeWriter<'a> for Captured {
+    type Writer = Captured;
+    fn make_writer(&'a self) -> Captured {
+        self.clone()
+    }
+}
+
+/// Logs at TRACE, metrics and error bodies never show a whole token, the
+/// auth secret or a password. (Single-threaded runtime: the thread-local
+/// subscriber sees every task.)
+#[tokio::test]
+async fn no_secret_reaches_logs_metrics_or_errors() {
+    let logs = Captured::default();
+    let subscriber = tracing_subscriber::fmt()
+        .with_max_level(tracing::Level::TRACE)
+        .with_writer(logs.clone())
+        .with_ansi(false)
+        .finish();
+    let _guard = tracing::subscriber::set_default(subscriber);
+
+    let h = setup().start().await;
+    h.ready().await;
+    h.sim.expire_all();
+    assert_eq!(h.get("/users.json").await.status, StatusCode::OK);
+    assert_eq!(
+        h.send(Method::DELETE, "/session.json", &[], "")
+            .await
+            .status,
+        StatusCode::FORBIDDEN
+    );
+    let bad = setup()
+        .identity("name = \"bot\"\nlogin = \"demo\"\npassword = \"wrong-password-123\"\n")
+        .start()
+        .await;
+    let err = bad.get("/users.json").await;
+    assert_eq!(err.status, StatusCode::SERVICE_UNAVAILABLE);
+
+    let text = String::from_utf8(logs.0.lock().unwrap().clone()).unwrap();
+    let mut tokens: Vec<String> = h.sim.requests().iter().map(|r| r.token.clone()).collect();
+    tokens.push(
+        h.handle
+            .default_identity()
+            .current()
+            .unwrap()
+            .token()
+            .to_str()
+            .unwrap()
+            .to_owned(),
+    );
+    let app = h.sim.config().clone();
+    let mut secrets = vec![
+        app.auth_secret.clone(),
+        app.users[0].password.clone(),
+        "wrong-password-123".to_owned(),
+    ];
+    secrets.extend(tokens.iter().cloned());
+    let metrics = h.handle.metrics_text() + &bad.handle.metrics_text();
+    for secret in &secrets {
+        assert!(
+            !text.contains(secret.as_str()),
+            "log shows {secret}:\n{text}"
+        );
+        assert!(!metrics.contains(secret.as_str()), "metrics show {secret}");
+        assert!(
+            !err.text().contains(secret.as_str()),
+            "error shows {secret}"
+        );
+    }
+    // What the logs do say: one line per renewal, with why and a prefix.
+    assert!(
+        text.contains("session created") && text.contains("reason=\"expired\""),
+        "{text}"
+    );
+    let prefix: String = tokens.last().unwrap().chars().take(6).collect();
+    assert!(text.contains(&format!("token={prefix}…")), "{text}");
+    assert!(
+        text.contains("Unauthorized"),
+        "QuickBlox's message is logged:\n{text}"
+    );
+}
