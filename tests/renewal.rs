@@ -75,7 +75,7 @@ async fn expiry_under_100_concurrent_requests_renews_once_and_loses_nothing() {
         );
     }
     let replays = h.metric("qbproxy_replays_total");
-    assert!(replays >= 1 && replays <= 100, "{replays}");
+    assert!((1..=100).contains(&replays), "{replays}");
     assert_eq!(
         h.metric("qbproxy_session_renewals_total{identity=\"demo\",reason=\"expired\"}"),
         1
