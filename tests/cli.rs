@@ -209,3 +209,16 @@ async fn the_binary_serves_then_drains_on_sigterm() {
     assert!(all.contains("SIGTERM received"), "{all}");
     assert!(all.contains("all connections drained"), "{all}");
 }
+
+/// The documented example stays valid as the config grows.
+#[test]
+fn the_example_config_passes_check() {
+    let example = concat!(env!("CARGO_MANIFEST_DIR"), "/config.toml.example");
+    let out = Command::new(BIN)
+        .args(["check", "--config", example])
+        .env("QB_AUTH_SECRET", "s3cr3t")
+        .env("QB_BOT_PASSWORD", "pw")
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(0), "{}", String::from_utf8_lossy(&out.stderr));
+}

@@ -1,0 +1,21 @@
+# Build in the official Rust image, run in a small Debian image as a non-root user.
+FROM rust:1-bookworm AS build
+WORKDIR /src
+COPY Cargo.toml Cargo.lock ./
+COPY src ./src
+RUN cargo build --release --locked && strip target/release/qbproxy
+
+FROM debian:bookworm-slim
+# ca-certificates: the upstream's TLS roots. curl: the HEALTHCHECK.
+RUN apt-get update \
+ && apt-get install -y --no-install-recommends ca-certificates curl \
+ && rm -rf /var/lib/apt/lists/* \
+ && useradd --system --uid 10001 --no-create-home --shell /usr/sbin/nologin qbproxy
+COPY --from=build /src/target/release/qbproxy /usr/local/bin/qbproxy
+USER qbproxy
+# Proxy and admin ports; the mounted config must listen on 0.0.0.0.
+EXPOSE 8080 9090
+HEALTHCHECK --interval=10s --timeout=3s --start-period=5s --retries=3 \
+  CMD curl -fsS http://127.0.0.1:9090/healthz || exit 1
+# Mount the config here; secrets come from the environment or /run/secrets.
+ENTRYPOINT ["/usr/local/bin/qbproxy", "--config", "/etc/qbproxy/config.toml"]
