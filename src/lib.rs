@@ -45,6 +45,8 @@ pub struct Listeners {
 pub enum StartError {
     #[error("cannot set up TLS to the upstream: {0}")]
     Tls(std::io::Error),
+    #[error("no identity configured")]
+    NoIdentity,
 }
 
 /// A configured proxy, not yet serving.
@@ -86,9 +88,9 @@ impl App {
                 Identity::new(id.name.clone(), Box::new(source), policy, metrics.clone())
             })
             .collect();
-        // Config validation guarantees at least one identity; the first is
-        // the default.
-        let default = identities[0].clone();
+        // The first identity is the default. `Config::load` always yields
+        // one; a hand-built `Config` might not.
+        let default = identities.first().cloned().ok_or(StartError::NoIdentity)?;
         let proxy = Proxy::new(&config, client, default, metrics.clone());
         Ok(App {
             config,

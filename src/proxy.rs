@@ -252,7 +252,9 @@ impl Proxy {
     ) -> Result<Checked, ProxyError> {
         let resp = self.send(req, deadline).await?;
         if resp.status() != StatusCode::UNAUTHORIZED {
-            self.inner.identity.record_use(session, resp.headers());
+            self.inner
+                .identity
+                .record_use(session, resp.status(), resp.headers());
             return Ok(Checked::Answer(resp.map(Body::Stream)));
         }
         let (parts, body) = resp.into_parts();

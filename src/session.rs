@@ -20,7 +20,7 @@ use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use arc_swap::ArcSwap;
-use http::{HeaderMap, HeaderValue};
+use http::{HeaderMap, HeaderValue, StatusCode};
 use rand::Rng;
 use tokio::sync::{watch, Notify};
 use tokio::time::{sleep_until, timeout_at, Instant};
@@ -274,23 +274,29 @@ impl Identity {
     }
 
     /// Records that the upstream answered a request made with `session`,
-    /// pushing its expiry forward: from `QB-Token-ExpirationDate` (measured
-    /// against the upstream's `Date`), else two hours from now.
-    pub fn record_use(&self, session: &Session, headers: &HeaderMap) {
+    /// pushing its expiry forward: to `QB-Token-ExpirationDate` (measured
+    /// against the upstream's `Date`) when the answer carries one, else to
+    /// two hours from now if the answer was a success. An error without the
+    /// header (say, a 502 from a load balancer) proves no use.
+    pub fn record_use(&self, session: &Session, status: StatusCode, headers: &HeaderMap) {
         let now = self.now_ms();
         let touched = session.touched_ms.load(Ordering::Relaxed);
         if now < touched.saturating_add(1000) {
             return;
         }
-        session.touched_ms.store(now, Ordering::Relaxed);
         let left = qb::remaining_lifetime(
             headers
                 .get(qb::QB_TOKEN_EXPIRATION)
                 .map(HeaderValue::as_bytes),
             headers.get(http::header::DATE).map(HeaderValue::as_bytes),
             SystemTime::now(),
-        )
-        .unwrap_or(qb::SESSION_LIFETIME);
+        );
+        let left = match left {
+            Some(left) => left,
+            None if status.is_success() => qb::SESSION_LIFETIME,
+            None => return,
+        };
+        session.touched_ms.store(now, Ordering::Relaxed);
         session
             .expires_at_ms
             .fetch_max(now.saturating_add(millis(left)), Ordering::AcqRel);
@@ -630,13 +636,43 @@ mod tests {
 
         // An hour in, a response without an expiration header: "2h from now".
         tokio::time::advance(Duration::from_secs(3600)).await;
-        id.record_use(&s, &HeaderMap::new());
+        id.record_use(&s, StatusCode::OK, &HeaderMap::new());
         next_change(&id).await;
         assert_eq!(
             start.elapsed(),
             Duration::from_secs(3600) + qb::SESSION_LIFETIME - POLICY.renew_before
         );
         assert_eq!(script.calls.load(Ordering::SeqCst), 2);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn an_error_without_expiry_header_does_not_extend_the_session() {
+        let (id, _script) = identity(vec![], None);
+        let start = Instant::now();
+        let _task = id.spawn_renewal();
+        id.ready().await;
+        let s = id.current().unwrap();
+        tokio::time::advance(Duration::from_secs(3600)).await;
+        id.record_use(&s, StatusCode::BAD_GATEWAY, &HeaderMap::new());
+        assert_eq!(id.expires_at(&s), start + qb::SESSION_LIFETIME);
+        // With the header, any status counts: QuickBlox saw the token.
+        let mut h = HeaderMap::new();
+        let in_90_min = SystemTime::now() + Duration::from_secs(5400);
+        h.insert(
+            qb::QB_TOKEN_EXPIRATION,
+            qb::format_expiration(in_90_min).parse().unwrap(),
+        );
+        h.insert(
+            http::header::DATE,
+            httpdate::fmt_http_date(SystemTime::now()).parse().unwrap(),
+        );
+        id.record_use(&s, StatusCode::UNPROCESSABLE_ENTITY, &h);
+        let expected = Instant::now() + Duration::from_secs(5400);
+        let got = id.expires_at(&s);
+        assert!(
+            got + Duration::from_secs(1) >= expected && got <= expected + Duration::from_secs(1),
+            "{got:?} vs {expected:?}"
+        );
     }
 
     #[tokio::test(start_paused = true)]
