@@ -124,6 +124,7 @@ struct State {
     faults: VecDeque<Fault>,
     attempts: u64,
     creations: u64,
+    connections: u64,
     refusals: u64,
     requests: VecDeque<Recorded>,
     gates: Vec<(String, Arc<Semaphore>)>,
@@ -198,6 +199,11 @@ impl Sim {
     /// Sessions created.
     pub fn creations(&self) -> u64 {
         self.state().creations
+    }
+
+    /// TCP connections accepted.
+    pub fn connections(&self) -> u64 {
+        self.state().connections
     }
 
     /// 401 "Required session does not exist" answers given.
@@ -570,6 +576,7 @@ async fn accept_loop(listener: TcpListener, sim: Sim) {
             continue;
         };
         let _ = stream.set_nodelay(true);
+        sim.state().connections += 1;
         let sim = sim.clone();
         let service = service_fn(move |req| {
             let sim = sim.clone();

@@ -227,3 +227,112 @@ fn the_example_config_passes_check() {
         String::from_utf8_lossy(&out.stderr)
     );
 }
+
+/// `qbproxy demo` as a new user runs it: wait for the printed instructions,
+/// do what they say, stop with Ctrl-C (SIGINT).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_demo_works_as_printed() {
+    use tokio::io::AsyncReadExt;
+    let (proxy_port, admin_port) = (free_port(), free_port());
+    let mut child = tokio::process::Command::new(BIN)
+        .args(["demo", "--listen", &format!("127.0.0.1:{proxy_port}")])
+        .args(["--admin", &format!("127.0.0.1:{admin_port}")])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let mut out = BufReader::new(child.stdout.take().unwrap()).lines();
+    let mut printed = String::new();
+    tokio::time::timeout(Duration::from_secs(20), async {
+        while let Some(line) = out.next_line().await.unwrap() {
+            printed.push_str(&line);
+            printed.push('\n');
+            if line.contains("Ctrl-C stops the demo") {
+                return;
+            }
+        }
+        panic!("demo exited early: {printed}");
+    })
+    .await
+    .expect("the demo prints its instructions");
+
+    let proxy = format!("http://127.0.0.1:{proxy_port}");
+    let sim = printed
+        .lines()
+        .find_map(|l| l.trim().strip_prefix("simulator"))
+        .and_then(|rest| rest.split_whitespace().next())
+        .expect("the simulator URL is printed")
+        .to_owned();
+    for url in [&proxy, &sim, &format!("http://127.0.0.1:{admin_port}")] {
+        assert!(printed.contains(url.as_str()), "{url} in\n{printed}");
+    }
+
+    let client: hyper_util::client::legacy::Client<_, http_body_util::Full<bytes::Bytes>> =
+        hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
+            .build(hyper_util::client::legacy::connect::HttpConnector::new());
+    let call = |method: &str, url: String, body: &'static str| {
+        let req = http::Request::builder()
+            .method(method)
+            .uri(url)
+            .header("content-type", "application/json")
+            .body(http_body_util::Full::new(bytes::Bytes::from_static(
+                body.as_bytes(),
+            )))
+            .unwrap();
+        let client = client.clone();
+        async move {
+            let resp = client.request(req).await.unwrap();
+            let status = resp.status().as_u16();
+            let body = http_body_util::BodyExt::collect(resp.into_body())
+                .await
+                .unwrap()
+                .to_bytes();
+            (status, String::from_utf8_lossy(&body).into_owned())
+        }
+    };
+    let (s, b) = call("GET", format!("{proxy}/users.json?page=1&per_page=10"), "").await;
+    assert_eq!(s, 200, "{b}");
+    assert!(b.contains("\"user_id\":1001"), "{b}");
+    let (s, _) = call(
+        "POST",
+        format!("{proxy}/chat/Dialog.json"),
+        r#"{"type":2,"name":"demo"}"#,
+    )
+    .await;
+    assert_eq!(s, 200);
+    let (s, b) = call("POST", format!("{sim}/_sim/expire"), "").await;
+    assert_eq!((s, b.as_str()), (200, r#"{"expired":1}"#));
+    let (s, _) = call("GET", format!("{proxy}/users.json?page=1&per_page=10"), "").await;
+    assert_eq!(s, 200, "renewed and replayed");
+    let (s, _) = call("DELETE", format!("{proxy}/session.json"), "").await;
+    assert_eq!(s, 403);
+    let (s, b) = call("GET", format!("http://127.0.0.1:{admin_port}/metrics"), "").await;
+    assert_eq!(s, 200);
+    assert!(b.contains("qbproxy_replays_total 1"), "{b}");
+
+    let pid = child.id().unwrap().to_string();
+    assert!(Command::new("kill")
+        .args(["-INT", &pid])
+        .status()
+        .unwrap()
+        .success());
+    let status = tokio::time::timeout(Duration::from_secs(20), child.wait())
+        .await
+        .expect("the demo exits on Ctrl-C")
+        .unwrap();
+    assert!(status.success(), "{status}");
+    let mut err = String::new();
+    child
+        .stderr
+        .take()
+        .unwrap()
+        .read_to_string(&mut err)
+        .await
+        .unwrap();
+    assert!(err.contains("SIGINT received"), "{err}");
+    assert!(
+        err.contains("reason=\"expired\""),
+        "one log line for the renewal: {err}"
+    );
+}

@@ -224,7 +224,7 @@ async fn serves_http2_clients() {
 }
 
 #[tokio::test]
-async fn large_bodies_stream_both_ways() {
+async fn bodies_larger_than_the_replay_limit_arrive_intact() {
     let h = setup()
         .set("proxy", "replay_body_limit", "1024")
         .start()
@@ -242,4 +242,16 @@ async fn large_bodies_stream_both_ways() {
     assert_eq!(a.status, StatusCode::OK);
     assert_eq!(a.json()["echo"]["body_bytes"], big.len());
     assert_eq!(h.sim.requests()[0].body, big);
+}
+
+#[tokio::test]
+async fn upstream_connections_are_pooled_and_kept_alive() {
+    let h = setup().start().await;
+    h.ready().await;
+    for i in 0..20 {
+        let a = h.get(&format!("/users.json?i={i}")).await;
+        assert_eq!(a.status, StatusCode::OK);
+    }
+    // The session creation and 20 sequential requests share one connection.
+    assert_eq!(h.sim.connections(), 1);
 }
