@@ -1,20 +1,25 @@
-//! The admin listener: `/healthz`, `/readyz` and `/metrics`, never on the
-//! proxy port. It shows state, never a token or a secret.
+//! The admin listener: `/healthz`, `/readyz`, `/metrics`, `GET /sessions`
+//! and `POST /sessions/{name}/renew`; never on the proxy port. It shows
+//! state and token prefixes, never a whole token or a secret.
+
+use std::time::{Duration, SystemTime};
 
 use http::{header, HeaderValue, Method, Request, Response, StatusCode};
 use hyper::body::Incoming;
 use tokio::sync::watch;
+use tokio::time::Instant;
 
 use crate::body::Body;
-use crate::metrics::Metrics;
-use crate::session::Identity;
+use crate::metrics::REASONS;
+use crate::session::{Status, Unavailable};
+use crate::Handle;
 
 /// What the admin endpoints read.
 #[derive(Clone)]
 pub struct Admin {
-    /// The default identity: the proxy is ready once it holds a session.
-    pub identity: Identity,
-    pub metrics: Metrics,
+    pub handle: Handle,
+    /// A forced renewal waits this long (plus a second) for its outcome.
+    pub renew_timeout: Duration,
     /// True once shutdown began: readiness turns false so that load
     /// balancers stop sending traffic during the drain.
     pub shutting_down: watch::Receiver<bool>,
@@ -22,20 +27,46 @@ pub struct Admin {
 
 impl Admin {
     pub async fn handle(&self, req: Request<Incoming>) -> Response<Body> {
-        if req.method() != Method::GET && req.method() != Method::HEAD {
-            return json(StatusCode::METHOD_NOT_ALLOWED, "use GET");
+        let path = req.uri().path();
+        if req.method() == Method::POST {
+            return match path
+                .strip_prefix("/sessions/")
+                .and_then(|rest| rest.strip_suffix("/renew"))
+            {
+                Some(name) => self.renew(name).await,
+                None => json_error(StatusCode::NOT_FOUND, "POST only to /sessions/{name}/renew"),
+            };
         }
-        match req.uri().path() {
+        if req.method() != Method::GET && req.method() != Method::HEAD {
+            return json_error(
+                StatusCode::METHOD_NOT_ALLOWED,
+                "use GET, or POST /sessions/{name}/renew",
+            );
+        }
+        match path {
             "/healthz" => text(StatusCode::OK, "ok\n", "text/plain; charset=utf-8"),
             "/readyz" => self.readyz(),
             "/metrics" => text(
                 StatusCode::OK,
-                self.metrics.render(),
+                self.handle.metrics_text(),
                 "text/plain; version=0.0.4; charset=utf-8",
             ),
-            _ => json(
+            "/sessions" => {
+                let list: Vec<serde_json::Value> = self
+                    .handle
+                    .identities()
+                    .iter()
+                    .map(|i| status_json(&i.status()))
+                    .collect();
+                text(
+                    StatusCode::OK,
+                    serde_json::json!({ "identities": list }).to_string(),
+                    "application/json",
+                )
+            }
+            _ => json_error(
                 StatusCode::NOT_FOUND,
-                "not found; try /healthz, /readyz or /metrics",
+                "not found; try /healthz, /readyz, /metrics, /sessions",
             ),
         }
     }
@@ -48,19 +79,76 @@ impl Admin {
                 "text/plain; charset=utf-8",
             );
         }
-        if self.identity.current().is_some() {
-            return text(StatusCode::OK, "ready\n", "text/plain; charset=utf-8");
+        match self.handle.is_ready() {
+            Ok(()) => text(StatusCode::OK, "ready\n", "text/plain; charset=utf-8"),
+            Err(why) => text(
+                StatusCode::SERVICE_UNAVAILABLE,
+                format!("{why}\n"),
+                "text/plain; charset=utf-8",
+            ),
         }
-        let why = match self.identity.last_failure() {
-            Some(e) => format!("no session yet: {e}\n"),
-            None => "no session yet: creating one\n".to_owned(),
-        };
-        text(
-            StatusCode::SERVICE_UNAVAILABLE,
-            why,
-            "text/plain; charset=utf-8",
-        )
     }
+
+    /// Forces a renewal and reports its outcome.
+    async fn renew(&self, name: &str) -> Response<Body> {
+        let Some(identity) = self.handle.identity(name) else {
+            return json_error(
+                StatusCode::NOT_FOUND,
+                &format!("no identity named {name:?}"),
+            );
+        };
+        tracing::info!(identity = name, "forced renewal requested on the admin API");
+        let deadline = Instant::now() + self.renew_timeout + Duration::from_secs(1);
+        let status = status_json(&identity.status());
+        match identity.force_renewal(deadline).await {
+            Ok(_) => text(
+                StatusCode::OK,
+                status_json(&identity.status()).to_string(),
+                "application/json",
+            ),
+            Err(Unavailable::Failed(e)) => {
+                let body = serde_json::json!({
+                    "errors": [format!("qbproxy: could not create a QuickBlox session: {e}")],
+                    "identity": status,
+                });
+                text(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    body.to_string(),
+                    "application/json",
+                )
+            }
+            Err(Unavailable::TimedOut) => json_error(
+                StatusCode::GATEWAY_TIMEOUT,
+                "the renewal did not finish in time; see GET /sessions",
+            ),
+        }
+    }
+}
+
+fn rfc3339(t: SystemTime) -> String {
+    time::OffsetDateTime::from(t)
+        .format(&time::format_description::well_known::Rfc3339)
+        .unwrap_or_default()
+}
+
+fn status_json(s: &Status) -> serde_json::Value {
+    let renewals: serde_json::Map<String, serde_json::Value> = REASONS
+        .iter()
+        .zip(s.renewals)
+        .map(|(r, n)| ((*r).to_owned(), n.into()))
+        .collect();
+    serde_json::json!({
+        "name": s.name,
+        "pool": s.pool,
+        "kind": s.kind,
+        "state": s.state,
+        "user_id": s.session.as_ref().map(|x| x.user_id),
+        "token": s.session.as_ref().map(|x| x.token.clone()),
+        "created_at": s.session.as_ref().map(|x| rfc3339(x.created_at)),
+        "expires_at": s.session.as_ref().map(|x| rfc3339(x.expires_at)),
+        "renewals": renewals,
+        "last_error": s.last_error,
+    })
 }
 
 fn text(
@@ -75,7 +163,7 @@ fn text(
     resp
 }
 
-fn json(status: StatusCode, message: &str) -> Response<Body> {
+fn json_error(status: StatusCode, message: &str) -> Response<Body> {
     let body = serde_json::json!({ "errors": [format!("qbproxy admin: {message}")] }).to_string();
     text(status, body, "application/json")
 }

@@ -136,7 +136,7 @@ Paste these into another terminal. None of them carries a token or a signature:
 
   # Readiness and metrics.
   curl -s {a}/readyz
-  curl -s {a}/metrics | grep -E '^qbproxy_(requests|session|replays)'
+  curl -s {a}/metrics | grep -E '^qbproxy_(requests|session_renewals|replays)'
 
 Ctrl-C stops the demo.
 "#

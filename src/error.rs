@@ -27,6 +27,14 @@ pub enum ProxyError {
     SharedSession(&'static str),
     #[error("bad request: {0}")]
     BadRequest(String),
+    #[error("unknown identity {name:?}; valid names: {valid}")]
+    UnknownIdentity { name: String, valid: String },
+    #[error("all {size} members of pool {pool:?} are busy")]
+    PoolBusy { pool: String, size: usize },
+    #[error(
+        "every member of pool {pool:?} ({size}) is set aside: QuickBlox refused their credentials"
+    )]
+    PoolUnavailable { pool: String, size: usize },
 }
 
 impl ProxyError {
@@ -35,16 +43,21 @@ impl ProxyError {
             ProxyError::Session(e) => match **e {
                 SessionError::Unreachable(_) => StatusCode::BAD_GATEWAY,
                 SessionError::Timeout(_) => StatusCode::GATEWAY_TIMEOUT,
-                SessionError::Refused { .. } | SessionError::BadResponse(_) => {
-                    StatusCode::SERVICE_UNAVAILABLE
-                }
+                SessionError::Refused { .. }
+                | SessionError::BadResponse(_)
+                | SessionError::Credentials(_) => StatusCode::SERVICE_UNAVAILABLE,
             },
             ProxyError::SessionTimeout(_) | ProxyError::UpstreamTimeout(_) => {
                 StatusCode::GATEWAY_TIMEOUT
             }
             ProxyError::UpstreamUnreachable(_) | ProxyError::Upstream(_) => StatusCode::BAD_GATEWAY,
             ProxyError::SharedSession(_) => StatusCode::FORBIDDEN,
-            ProxyError::BadRequest(_) => StatusCode::BAD_REQUEST,
+            ProxyError::BadRequest(_) | ProxyError::UnknownIdentity { .. } => {
+                StatusCode::BAD_REQUEST
+            }
+            ProxyError::PoolBusy { .. } | ProxyError::PoolUnavailable { .. } => {
+                StatusCode::SERVICE_UNAVAILABLE
+            }
         }
     }
 
@@ -58,6 +71,9 @@ impl ProxyError {
             ProxyError::Upstream(_) => "upstream-error",
             ProxyError::SharedSession(_) => "shared-session",
             ProxyError::BadRequest(_) => "bad-request",
+            ProxyError::UnknownIdentity { .. } => "unknown-identity",
+            ProxyError::PoolBusy { .. } => "pool-busy",
+            ProxyError::PoolUnavailable { .. } => "pool-unavailable",
         }
     }
 

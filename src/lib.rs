@@ -10,29 +10,35 @@
 pub mod admin;
 pub mod body;
 pub mod config;
+pub mod credentials;
 pub mod demo;
 pub mod error;
 pub mod metrics;
+pub mod pool;
 pub mod proxy;
 pub mod qb;
+pub mod route;
 pub mod server;
 pub mod session;
 pub mod signer;
 pub mod sim;
 pub mod upstream;
 
+use std::collections::HashMap;
 use std::future::Future;
 use std::sync::Arc;
 
 use tokio::net::TcpListener;
-use tokio::sync::watch;
+use tokio::sync::{watch, Semaphore};
 
 pub use config::Config;
 
 use crate::metrics::Metrics;
+use crate::pool::Pool;
 use crate::proxy::Proxy;
-use crate::session::{Identity, Policy};
-use crate::upstream::{ClockOffset, SessionCreator};
+use crate::route::{Router, Target};
+use crate::session::{Identity, Info, Policy, Source};
+use crate::upstream::{ClockOffset, SessionCreator, Throttled};
 
 /// The listeners qbproxy serves on, bound by the caller (port 0 in tests).
 pub struct Listeners {
@@ -53,14 +59,17 @@ pub enum StartError {
 pub struct App {
     config: Config,
     proxy: Proxy,
-    identities: Vec<Identity>,
-    metrics: Metrics,
+    handle: Handle,
 }
 
-/// A cheap-to-clone view of a running [`App`], for tests and the demo.
+/// A cheap-to-clone view of a running [`App`], for tests, the demo and the
+/// admin API.
 #[derive(Clone)]
 pub struct Handle {
-    identities: Vec<Identity>,
+    /// Every identity, pool members included, in config order.
+    identities: Arc<Vec<Identity>>,
+    pools: Arc<Vec<Arc<Pool>>>,
+    default: Target,
     metrics: Metrics,
 }
 
@@ -69,53 +78,130 @@ impl App {
         let metrics = Metrics::new();
         let client = upstream::client(&config.upstream).map_err(StartError::Tls)?;
         let clock = Arc::new(ClockOffset::default());
-        let policy = Policy {
-            renew_before: config.quickblox.renew_before,
-            retry_initial: config.quickblox.retry_initial,
-            retry_max: config.quickblox.retry_max,
-        };
+        // One creation semaphore per pool, shared by its members.
+        let throttles: HashMap<&str, Arc<Semaphore>> = config
+            .pools
+            .iter()
+            .map(|p| {
+                (
+                    p.name.as_str(),
+                    Arc::new(Semaphore::new(p.create_concurrency)),
+                )
+            })
+            .collect();
         let identities: Vec<Identity> = config
             .identities
             .iter()
             .map(|id| {
-                let source = SessionCreator::new(
+                let creator = SessionCreator::new(
                     client.clone(),
                     config.upstream.clone(),
                     config.quickblox.clone(),
                     id.credentials.clone(),
                     clock.clone(),
                 );
-                Identity::new(id.name.clone(), Box::new(source), policy, metrics.clone())
+                let throttle = id.pool.as_deref().and_then(|p| throttles.get(p));
+                let source: Box<dyn Source> = match throttle {
+                    Some(permits) => Box::new(Throttled::new(creator, permits.clone())),
+                    None => Box::new(creator),
+                };
+                let policy = Policy {
+                    renew_before: config.quickblox.renew_before,
+                    retry_initial: config.quickblox.retry_initial,
+                    retry_max: config.quickblox.retry_max,
+                    set_aside_refused: id.pool.is_some(),
+                };
+                let info = Info {
+                    name: id.name.clone(),
+                    pool: id.pool.clone(),
+                    kind: id.credentials.kind(),
+                };
+                Identity::new(info, source, policy, &metrics)
             })
             .collect();
-        // The first identity is the default. `Config::load` always yields
-        // one; a hand-built `Config` might not.
-        let default = identities.first().cloned().ok_or(StartError::NoIdentity)?;
-        let proxy = Proxy::new(&config, client, default, metrics.clone());
+        let by_name: HashMap<&str, &Identity> = identities.iter().map(|i| (i.name(), i)).collect();
+        let pools: Vec<Arc<Pool>> = config
+            .pools
+            .iter()
+            .map(|p| {
+                let members = p
+                    .members
+                    .iter()
+                    .filter_map(|m| by_name.get(m.as_str()).map(|i| (*i).clone()))
+                    .collect();
+                Arc::new(Pool::new(
+                    p.name.clone(),
+                    members,
+                    p.strategy,
+                    p.max_in_flight,
+                    metrics.identity("", Some(&p.name)),
+                ))
+            })
+            .collect();
+
+        let mut named: Vec<(String, Target)> = identities
+            .iter()
+            .map(|i| (i.name().to_owned(), Target::Identity(i.clone())))
+            .collect();
+        named.extend(
+            pools
+                .iter()
+                .map(|p| (p.name().to_owned(), Target::Pool(p.clone()))),
+        );
+        // The 400 message lists what a client would choose: standalone
+        // identities and pools, not every generated member.
+        let listed: Vec<String> = config
+            .identities
+            .iter()
+            .filter(|i| i.pool.is_none())
+            .map(|i| i.name.clone())
+            .chain(config.pools.iter().map(|p| p.name.clone()))
+            .collect();
+        let target = |name: &str| {
+            named
+                .iter()
+                .find(|(n, _)| n == name)
+                .map(|(_, t)| t.clone())
+        };
+        let mut prefixes = Vec::new();
+        for id in &config.identities {
+            if let (Some(prefix), Some(t)) = (&id.path_prefix, target(&id.name)) {
+                prefixes.push((prefix.clone(), t));
+            }
+        }
+        for p in &config.pools {
+            if let (Some(prefix), Some(t)) = (&p.path_prefix, target(&p.name)) {
+                prefixes.push((prefix.clone(), t));
+            }
+        }
+        let default = target(&config.default).ok_or(StartError::NoIdentity)?;
+        let router = Router::new(named, listed, prefixes, default.clone());
+        let proxy = Proxy::new(&config, client, router, metrics.clone());
         Ok(App {
             config,
             proxy,
-            identities,
-            metrics,
+            handle: Handle {
+                identities: Arc::new(identities),
+                pools: Arc::new(pools),
+                default,
+                metrics,
+            },
         })
     }
 
     pub fn handle(&self) -> Handle {
-        Handle {
-            identities: self.identities.clone(),
-            metrics: self.metrics.clone(),
-        }
+        self.handle.clone()
     }
 
-    /// Creates the sessions, serves both listeners until `shutdown`
-    /// resolves, then drains in-flight requests for at most the configured
-    /// grace period.
+    /// Creates the sessions (pool members' on first use), serves both
+    /// listeners until `shutdown` resolves, then drains in-flight requests
+    /// for at most the configured grace period.
     pub async fn run(self, listeners: Listeners, shutdown: impl Future<Output = ()>) {
-        let renewals: Vec<_> = self
-            .identities
-            .iter()
-            .map(Identity::spawn_renewal)
-            .collect();
+        for identity in self.handle.identities.iter() {
+            if identity.info().pool.is_none() {
+                identity.start();
+            }
+        }
         let (stop, stopping) = watch::channel(false);
         let grace = self.config.listen.shutdown_grace;
 
@@ -131,8 +217,8 @@ impl App {
             grace,
         );
         let admin = admin::Admin {
-            identity: self.identities[0].clone(),
-            metrics: self.metrics.clone(),
+            handle: self.handle.clone(),
+            renew_timeout: self.config.quickblox.session_timeout,
             shutting_down: stopping.clone(),
         };
         let admin_server = server::serve(
@@ -151,8 +237,8 @@ impl App {
             let _ = stop.send(true);
         };
         tokio::join!(proxy_server, admin_server, trigger);
-        for task in renewals {
-            task.abort();
+        for identity in self.handle.identities.iter() {
+            identity.stop();
         }
         tracing::info!("stopped");
     }
@@ -169,19 +255,51 @@ pub async fn run(
 }
 
 impl Handle {
-    /// Resolves once the default identity holds a session.
+    /// Resolves once the default target can serve: the default identity
+    /// holds a session (a pool's members start on first use).
     pub async fn ready(&self) {
-        self.identities[0].ready().await;
+        if let Target::Identity(identity) = &self.default {
+            identity.ready().await;
+        }
     }
 
-    /// The identity called `name`.
+    /// Whether the default target can serve now (`/readyz`).
+    pub fn is_ready(&self) -> Result<(), String> {
+        match &self.default {
+            Target::Identity(identity) if identity.current().is_some() => Ok(()),
+            Target::Identity(identity) => Err(match identity.last_failure() {
+                Some(e) => format!("no session yet: {e}"),
+                None => "no session yet: creating one".to_owned(),
+            }),
+            Target::Pool(pool) if pool.serviceable() => Ok(()),
+            Target::Pool(pool) => Err(format!(
+                "every member of pool {:?} is set aside",
+                pool.name()
+            )),
+        }
+    }
+
+    /// The identity called `name` (pool members included).
     pub fn identity(&self, name: &str) -> Option<&Identity> {
         self.identities.iter().find(|i| i.name() == name)
     }
 
-    /// The default identity.
+    /// Every identity, pool members included, in config order.
+    pub fn identities(&self) -> &[Identity] {
+        &self.identities
+    }
+
+    /// The default identity (for a pool default, its first member).
     pub fn default_identity(&self) -> &Identity {
-        &self.identities[0]
+        match &self.default {
+            Target::Identity(identity) => identity,
+            Target::Pool(pool) => pool.members().next().unwrap_or(&self.identities[0]),
+        }
+    }
+
+    /// The pool called `name`.
+    pub fn pool(&self, name: &str) -> Option<&Arc<Pool>> {
+        self.pools.iter().find(|p| p.name() == name)
     }
 
     /// The Prometheus text exposition, as `/metrics` serves it.

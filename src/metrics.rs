@@ -1,10 +1,11 @@
 //! Prometheus metrics. One registry per [`crate::App`], rendered as text by
 //! the admin listener.
 //!
-//! The per-request path touches only pre-resolved atomic counters: the
-//! `code` children are created once per status code and cached in a
-//! `OnceLock` array, so counting a request takes no lock after the first
-//! request with that code. Label values never carry a token or a secret.
+//! Per-identity series are resolved once, into an [`IdentityMetrics`] that
+//! the identity carries, so counting a request takes no lock: the common
+//! status codes have a slot each (a `OnceLock`, filled on first use); rare
+//! ones go through the labelled vector. Label values are identity and pool
+//! names, never a token or a secret.
 
 use std::sync::{Arc, OnceLock};
 use std::time::Duration;
@@ -15,7 +16,7 @@ use prometheus::{
     Registry, TextEncoder,
 };
 
-/// A cheap-to-clone handle on the registry and its metrics.
+/// A cheap-to-clone handle on the registry and its metric families.
 #[derive(Clone)]
 pub struct Metrics {
     inner: Arc<Inner>,
@@ -24,57 +25,68 @@ pub struct Metrics {
 struct Inner {
     registry: Registry,
     requests: IntCounterVec,
-    /// `requests` children by status code, resolved on first use.
-    requests_by_code: Box<[OnceLock<IntCounter>]>,
+    replays: IntCounterVec,
     renewals: IntCounterVec,
     failures: IntCounterVec,
     session_up: IntGaugeVec,
-    replays: IntCounter,
+    set_aside: IntGaugeVec,
     upstream_latency: Histogram,
+    /// Requests answered before an identity was chosen (bad identity name).
+    unrouted: OnceLock<Arc<IdentityMetrics>>,
 }
 
-const CODES: usize = 600;
+/// Status codes that get a lock-free slot.
+const COMMON: [u16; 22] = [
+    200, 201, 202, 204, 206, 301, 302, 304, 400, 401, 403, 404, 405, 409, 413, 422, 429, 431, 500,
+    502, 503, 504,
+];
+
+/// Renewal reasons, in the order of [`IdentityMetrics::renewal`]'s index.
+pub const REASONS: [&str; 4] = ["startup", "expired", "proactive", "forced"];
+
+fn counter_vec(name: &str, help: &str, labels: &[&str]) -> IntCounterVec {
+    IntCounterVec::new(Opts::new(name, help), labels)
+        .unwrap_or_else(|e| unreachable!("static metric definition: {e}"))
+}
+
+fn gauge_vec(name: &str, help: &str, labels: &[&str]) -> IntGaugeVec {
+    IntGaugeVec::new(Opts::new(name, help), labels)
+        .unwrap_or_else(|e| unreachable!("static metric definition: {e}"))
+}
 
 impl Metrics {
     pub fn new() -> Metrics {
-        let registry = Registry::new();
-        let requests = IntCounterVec::new(
-            Opts::new(
-                "qbproxy_requests_total",
-                "Responses sent to clients, by HTTP status.",
-            ),
-            &["code"],
-        )
-        .unwrap_or_else(|e| unreachable!("static metric definition: {e}"));
-        let renewals = IntCounterVec::new(
-            Opts::new(
-                "qbproxy_session_renewals_total",
-                "Sessions created, by identity and reason (startup, expired, proactive).",
-            ),
-            &["identity", "reason"],
-        )
-        .unwrap_or_else(|e| unreachable!("static metric definition: {e}"));
-        let failures = IntCounterVec::new(
-            Opts::new(
-                "qbproxy_session_failures_total",
-                "Failed attempts to create a session, by identity.",
-            ),
-            &["identity"],
-        )
-        .unwrap_or_else(|e| unreachable!("static metric definition: {e}"));
-        let session_up = IntGaugeVec::new(
-            Opts::new(
-                "qbproxy_session_up",
-                "1 while the identity holds a usable session.",
-            ),
-            &["identity"],
-        )
-        .unwrap_or_else(|e| unreachable!("static metric definition: {e}"));
-        let replays = IntCounter::new(
+        let who = ["identity", "pool"];
+        let requests = counter_vec(
+            "qbproxy_requests_total",
+            "Responses sent to clients, by identity, pool and HTTP status.",
+            &["identity", "pool", "code"],
+        );
+        let replays = counter_vec(
             "qbproxy_replays_total",
-            "Requests replayed with a new token after the upstream refused an expired session.",
-        )
-        .unwrap_or_else(|e| unreachable!("static metric definition: {e}"));
+            "Requests replayed with a new token after QuickBlox refused an expired session.",
+            &who,
+        );
+        let renewals = counter_vec(
+            "qbproxy_session_renewals_total",
+            "Sessions created, by identity, pool and reason (startup, expired, proactive, forced).",
+            &["identity", "pool", "reason"],
+        );
+        let failures = counter_vec(
+            "qbproxy_session_failures_total",
+            "Failed attempts to create a session.",
+            &who,
+        );
+        let session_up = gauge_vec(
+            "qbproxy_session_up",
+            "1 while the identity holds a usable session.",
+            &who,
+        );
+        let set_aside = gauge_vec(
+            "qbproxy_session_set_aside",
+            "1 while a pool member is set aside because QuickBlox refused its credentials.",
+            &who,
+        );
         let upstream_latency = Histogram::with_opts(
             HistogramOpts::new(
                 "qbproxy_upstream_duration_seconds",
@@ -87,12 +99,14 @@ impl Metrics {
         )
         .unwrap_or_else(|e| unreachable!("static metric definition: {e}"));
 
+        let registry = Registry::new();
         for c in [
             Box::new(requests.clone()) as Box<dyn prometheus::core::Collector>,
+            Box::new(replays.clone()),
             Box::new(renewals.clone()),
             Box::new(failures.clone()),
             Box::new(session_up.clone()),
-            Box::new(replays.clone()),
+            Box::new(set_aside.clone()),
             Box::new(upstream_latency.clone()),
         ] {
             registry
@@ -103,53 +117,51 @@ impl Metrics {
             inner: Arc::new(Inner {
                 registry,
                 requests,
-                requests_by_code: (0..CODES).map(|_| OnceLock::new()).collect(),
+                replays,
                 renewals,
                 failures,
                 session_up,
-                replays,
+                set_aside,
                 upstream_latency,
+                unrouted: OnceLock::new(),
             }),
         }
     }
 
-    /// Counts a response sent to a client.
-    pub fn request(&self, status: StatusCode) {
-        let code = usize::from(status.as_u16());
-        if let Some(slot) = self.inner.requests_by_code.get(code) {
-            slot.get_or_init(|| self.inner.requests.with_label_values(&[status.as_str()]))
-                .inc();
+    /// The series of one identity. Standalone identities get every series
+    /// at zero at once, so dashboards see them before the first event; pool
+    /// members (there may be thousands) only once something happens.
+    pub fn identity(&self, identity: &str, pool: Option<&str>) -> IdentityMetrics {
+        let i = &self.inner;
+        let pool = pool.unwrap_or("");
+        let labels = [identity, pool];
+        let m = IdentityMetrics {
+            labels: [identity.to_owned(), pool.to_owned()],
+            by_code: std::array::from_fn(|_| OnceLock::new()),
+            requests: i.requests.clone(),
+            replays_vec: i.replays.clone(),
+            replays: OnceLock::new(),
+            renewals: i.renewals.clone(),
+            failures: i.failures.clone(),
+            session_up: i.session_up.clone(),
+            set_aside: i.set_aside.clone(),
+        };
+        if pool.is_empty() && !identity.is_empty() {
+            for reason in REASONS {
+                i.renewals.with_label_values(&[identity, pool, reason]);
+            }
+            i.failures.with_label_values(&labels);
+            i.session_up.with_label_values(&labels).set(0);
+            m.replays();
         }
+        m
     }
 
-    /// Creates an identity's series at zero, so that dashboards and `rate()`
-    /// see them before the first event.
-    pub fn register_identity(&self, identity: &str, reasons: &[&str]) {
-        for reason in reasons {
-            self.inner.renewals.with_label_values(&[identity, reason]);
-        }
-        self.inner.failures.with_label_values(&[identity]);
-        self.session_up(identity, false);
-    }
-
-    pub fn renewal(&self, identity: &str, reason: &str) {
+    /// Series for requests answered before an identity was chosen.
+    pub fn unrouted(&self) -> &IdentityMetrics {
         self.inner
-            .renewals
-            .with_label_values(&[identity, reason])
-            .inc();
-    }
-
-    pub fn session_failure(&self, identity: &str) {
-        self.inner.failures.with_label_values(&[identity]).inc();
-    }
-
-    pub fn session_up(&self, identity: &str, up: bool) {
-        let g: IntGauge = self.inner.session_up.with_label_values(&[identity]);
-        g.set(i64::from(up));
-    }
-
-    pub fn replay(&self) {
-        self.inner.replays.inc();
+            .unrouted
+            .get_or_init(|| Arc::new(self.identity("", None)))
     }
 
     pub fn upstream_latency(&self, d: Duration) {
@@ -171,34 +183,110 @@ impl Default for Metrics {
     }
 }
 
+/// One identity's series, resolved once.
+pub struct IdentityMetrics {
+    labels: [String; 2],
+    by_code: [OnceLock<IntCounter>; COMMON.len()],
+    requests: IntCounterVec,
+    replays_vec: IntCounterVec,
+    replays: OnceLock<IntCounter>,
+    renewals: IntCounterVec,
+    failures: IntCounterVec,
+    session_up: IntGaugeVec,
+    set_aside: IntGaugeVec,
+}
+
+impl IdentityMetrics {
+    fn child<'a>(&'a self, extra: &'a str) -> [&'a str; 3] {
+        [&self.labels[0], &self.labels[1], extra]
+    }
+
+    fn who(&self) -> [&str; 2] {
+        [&self.labels[0], &self.labels[1]]
+    }
+
+    /// Counts a response sent to a client.
+    pub fn request(&self, status: StatusCode) {
+        let code = status.as_u16();
+        match COMMON.iter().position(|c| *c == code) {
+            Some(slot) => self.by_code[slot]
+                .get_or_init(|| {
+                    self.requests
+                        .with_label_values(&self.child(status.as_str()))
+                })
+                .inc(),
+            None => self
+                .requests
+                .with_label_values(&self.child(status.as_str()))
+                .inc(),
+        }
+    }
+
+    fn replays(&self) -> &IntCounter {
+        self.replays
+            .get_or_init(|| self.replays_vec.with_label_values(&self.who()))
+    }
+
+    pub fn replay(&self) {
+        self.replays().inc();
+    }
+
+    /// `reason` is one of [`REASONS`].
+    pub fn renewal(&self, reason: &str) {
+        self.renewals.with_label_values(&self.child(reason)).inc();
+    }
+
+    pub fn session_failure(&self) {
+        self.failures.with_label_values(&self.who()).inc();
+    }
+
+    pub fn session_up(&self, up: bool) {
+        let g: IntGauge = self.session_up.with_label_values(&self.who());
+        g.set(i64::from(up));
+    }
+
+    pub fn set_aside(&self, aside: bool) {
+        self.set_aside
+            .with_label_values(&self.who())
+            .set(i64::from(aside));
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
 
     #[test]
-    fn renders_every_required_family() {
+    fn renders_every_family_with_identity_labels() {
         let m = Metrics::new();
-        m.request(StatusCode::OK);
-        m.request(StatusCode::OK);
-        m.request(StatusCode::SERVICE_UNAVAILABLE);
-        m.renewal("bot", "startup");
-        m.session_failure("bot");
-        m.replay();
+        let bot = m.identity("bot", None);
+        bot.request(StatusCode::OK);
+        bot.request(StatusCode::OK);
+        bot.request(StatusCode::from_u16(418).unwrap());
+        bot.renewal("startup");
+        bot.session_failure();
+        bot.replay();
+        let member = m.identity("load-1", Some("load"));
+        member.request(StatusCode::SERVICE_UNAVAILABLE);
+        member.set_aside(true);
+        m.unrouted().request(StatusCode::BAD_REQUEST);
         m.upstream_latency(Duration::from_millis(3));
         let text = m.render();
-        assert!(
-            text.contains("qbproxy_requests_total{code=\"200\"} 2"),
-            "{text}"
-        );
-        assert!(
-            text.contains("qbproxy_requests_total{code=\"503\"} 1"),
-            "{text}"
-        );
-        assert!(
-            text.contains("qbproxy_session_renewals_total{identity=\"bot\",reason=\"startup\"} 1")
-        );
-        assert!(text.contains("qbproxy_session_failures_total{identity=\"bot\"} 1"));
-        assert!(text.contains("qbproxy_replays_total 1"));
-        assert!(text.contains("qbproxy_upstream_duration_seconds_count 1"));
+        for line in [
+            "qbproxy_requests_total{code=\"200\",identity=\"bot\",pool=\"\"} 2",
+            "qbproxy_requests_total{code=\"418\",identity=\"bot\",pool=\"\"} 1",
+            "qbproxy_requests_total{code=\"503\",identity=\"load-1\",pool=\"load\"} 1",
+            "qbproxy_requests_total{code=\"400\",identity=\"\",pool=\"\"} 1",
+            "qbproxy_session_renewals_total{identity=\"bot\",pool=\"\",reason=\"startup\"} 1",
+            "qbproxy_session_renewals_total{identity=\"bot\",pool=\"\",reason=\"proactive\"} 0",
+            "qbproxy_session_failures_total{identity=\"bot\",pool=\"\"} 1",
+            "qbproxy_replays_total{identity=\"bot\",pool=\"\"} 1",
+            "qbproxy_session_set_aside{identity=\"load-1\",pool=\"load\"} 1",
+            "qbproxy_upstream_duration_seconds_count 1",
+        ] {
+            assert!(text.contains(line), "missing {line} in\n{text}");
+        }
+        // Pool members get no zero series up front.
+        assert!(!text.contains("identity=\"load-1\",pool=\"load\",reason=\"startup\""));
     }
 }

@@ -23,8 +23,9 @@ use tokio::time::{timeout_at, Instant};
 use crate::body::{self, Body, Buffered};
 use crate::config::{ClientToken, Config, UpstreamConfig};
 use crate::error::ProxyError;
-use crate::metrics::Metrics;
+use crate::metrics::{IdentityMetrics, Metrics};
 use crate::qb;
+use crate::route::{self, Router, Target};
 use crate::session::{Identity, Session, Unavailable};
 use crate::upstream::{self, Client};
 
@@ -37,8 +38,8 @@ pub struct Proxy {
 struct Inner {
     client: Client,
     upstream: UpstreamConfig,
-    /// The identity whose session is injected.
-    identity: Identity,
+    /// Chooses the identity (or pool) whose session is injected.
+    router: Router,
     client_token: ClientToken,
     replay_body_limit: usize,
     /// Budget of a whole request, session wait and replay included.
@@ -66,12 +67,12 @@ const HOP_BY_HOP: [HeaderName; 9] = [
 const MAX_REFUSAL_BODY: usize = 64 * 1024;
 
 impl Proxy {
-    pub fn new(config: &Config, client: Client, identity: Identity, metrics: Metrics) -> Self {
+    pub fn new(config: &Config, client: Client, router: Router, metrics: Metrics) -> Self {
         Proxy {
             inner: Arc::new(Inner {
                 client,
                 upstream: config.upstream.clone(),
-                identity,
+                router,
                 client_token: config.proxy.client_token,
                 replay_body_limit: config.proxy.replay_body_limit,
                 timeout: config.upstream.timeout,
@@ -83,43 +84,57 @@ impl Proxy {
     /// Answers one client request. Never fails: qbproxy's own errors become
     /// JSON responses in QuickBlox's shape.
     pub async fn handle(&self, req: Request<Incoming>) -> Response<Body> {
-        let (mut parts, body) = req.into_parts();
-        let resp = match self.forward(&mut parts, body).await {
-            Ok(resp) => resp,
-            Err(e) => {
-                tracing::warn!(
-                    method = %parts.method,
-                    path = parts.uri.path(),
-                    status = e.status().as_u16(),
-                    error = %e,
-                    "request answered by qbproxy"
-                );
-                e.into_response()
-            }
-        };
-        self.inner.metrics.request(resp.status());
-        resp
-    }
-
-    async fn forward(
-        &self,
-        parts: &mut Parts,
-        body: Incoming,
-    ) -> Result<Response<Body>, ProxyError> {
         let inner = &*self.inner;
+        let (mut parts, body) = req.into_parts();
         let deadline = Instant::now() + inner.timeout;
-        let own_token =
-            inner.client_token == ClientToken::Keep && parts.headers.contains_key(qb::QB_TOKEN);
-        if !own_token {
-            if let Some(what) = qb::shared_session_call(&parts.method, parts.uri.path()) {
-                return Err(ProxyError::SharedSession(what));
-            }
-        }
         let pq = parts
             .uri
             .path_and_query()
             .cloned()
             .unwrap_or_else(|| PathAndQuery::from_static("/"));
+        let (target, stripped) = match inner.router.route(&parts.headers, &pq) {
+            Ok(routed) => routed,
+            Err(e) => return finish(&parts, Err(e), inner.metrics.unrouted(), None),
+        };
+        let pq = stripped.unwrap_or(pq);
+        match target {
+            Target::Identity(identity) => {
+                identity.start();
+                let result = self.forward(&mut parts, body, pq, identity, deadline).await;
+                finish(&parts, result, identity.metrics(), Some(identity))
+            }
+            Target::Pool(pool) => {
+                let client = parts.headers.get(route::CLIENT_HEADER).cloned();
+                match pool.acquire(client.as_ref(), deadline).await {
+                    Ok(lease) => {
+                        let identity = lease.identity();
+                        let result = self.forward(&mut parts, body, pq, identity, deadline).await;
+                        finish(&parts, result, identity.metrics(), Some(identity))
+                    }
+                    Err(e) => finish(&parts, Err(e), pool.metrics(), None),
+                }
+            }
+        }
+    }
+
+    /// Forwards a request as `identity`, with `pq` as its (possibly
+    /// prefix-stripped) path and query.
+    async fn forward(
+        &self,
+        parts: &mut Parts,
+        body: Incoming,
+        pq: PathAndQuery,
+        identity: &Identity,
+        deadline: Instant,
+    ) -> Result<Response<Body>, ProxyError> {
+        let inner = &*self.inner;
+        let own_token =
+            inner.client_token == ClientToken::Keep && parts.headers.contains_key(qb::QB_TOKEN);
+        if !own_token {
+            if let Some(what) = qb::shared_session_call(&parts.method, pq.path()) {
+                return Err(ProxyError::SharedSession(what));
+            }
+        }
         let uri = inner
             .upstream
             .uri_for(&pq)
@@ -129,13 +144,12 @@ impl Proxy {
         headers.insert(header::HOST, inner.upstream.host.clone());
 
         // The client's own session creation, or its own token: untouched.
-        if own_token || qb::is_session_create(&parts.method, parts.uri.path()) {
+        if own_token || qb::is_session_create(&parts.method, pq.path()) {
             let req = upstream_request(&parts.method, uri, headers, Body::Stream(body));
             return Ok(self.send(req, deadline).await?.map(Body::Stream));
         }
 
-        let session = inner
-            .identity
+        let session = identity
             .session(deadline)
             .await
             .map_err(|e| unavailable(e, inner.timeout))?;
@@ -152,7 +166,7 @@ impl Proxy {
                         tail,
                     },
                 );
-                return match self.send_checked(req, &session, deadline).await? {
+                return match self.send_checked(req, identity, &session, deadline).await? {
                     Checked::Answer(resp) => Ok(resp),
                     Checked::Expired(resp) => {
                         // The body is gone: the client gets the 401, and the
@@ -162,7 +176,7 @@ impl Proxy {
                             limit = inner.replay_body_limit,
                             "session expired under a request too large to replay; passing the 401 on"
                         );
-                        inner.identity.report_refused(&session);
+                        identity.report_refused(&session);
                         Ok(resp)
                     }
                 };
@@ -182,11 +196,11 @@ impl Proxy {
             &session,
             body_of(&replayable),
         );
-        let refusal = match self.send_checked(req, &session, deadline).await? {
+        let refusal = match self.send_checked(req, identity, &session, deadline).await? {
             Checked::Answer(resp) => return Ok(resp),
             Checked::Expired(resp) => resp,
         };
-        let fresh = match inner.identity.replacement(&session, deadline).await {
+        let fresh = match identity.replacement(&session, deadline).await {
             Ok(fresh) => fresh,
             // Renewal failed: say why, rather than pass on a 401 the client
             // cannot act on.
@@ -195,7 +209,7 @@ impl Proxy {
                 return Err(unavailable(e, inner.timeout));
             }
         };
-        inner.metrics.replay();
+        identity.metrics().replay();
         tracing::debug!(
             method = %parts.method,
             path = parts.uri.path(),
@@ -209,11 +223,11 @@ impl Proxy {
             &fresh,
             body_of(&replayable),
         );
-        match self.send_checked(req, &fresh, deadline).await? {
+        match self.send_checked(req, identity, &fresh, deadline).await? {
             Checked::Answer(resp) => Ok(resp),
             Checked::Expired(resp) => {
                 // Refused twice in a row: report it and let the client see it.
-                inner.identity.report_refused(&fresh);
+                identity.report_refused(&fresh);
                 Ok(resp)
             }
         }
@@ -247,14 +261,13 @@ impl Proxy {
     async fn send_checked(
         &self,
         req: Request<Body>,
+        identity: &Identity,
         session: &Session,
         deadline: Instant,
     ) -> Result<Checked, ProxyError> {
         let resp = self.send(req, deadline).await?;
         if resp.status() != StatusCode::UNAUTHORIZED {
-            self.inner
-                .identity
-                .record_use(session, resp.status(), resp.headers());
+            identity.record_use(session, resp.status(), resp.headers());
             return Ok(Checked::Answer(resp.map(Body::Stream)));
         }
         let (parts, body) = resp.into_parts();
@@ -278,6 +291,49 @@ impl Proxy {
             )),
         })
     }
+}
+
+/// Logs and counts the outcome of a request.
+fn finish(
+    parts: &Parts,
+    result: Result<Response<Body>, ProxyError>,
+    metrics: &IdentityMetrics,
+    identity: Option<&Identity>,
+) -> Response<Body> {
+    let name = identity.map_or("", |i| i.name());
+    let resp = match result {
+        Ok(resp) => resp,
+        Err(e) => {
+            tracing::warn!(
+                identity = name,
+                method = %parts.method,
+                path = parts.uri.path(),
+                status = e.status().as_u16(),
+                error = %e,
+                "request answered by qbproxy"
+            );
+            e.into_response()
+        }
+    };
+    let status = resp.status();
+    if let Some(identity) = identity {
+        // QuickBlox answers writes made with an application session with
+        // 422 "Forbidden. Need user."; say which identity was used.
+        if status == StatusCode::UNPROCESSABLE_ENTITY
+            && identity.info().kind == "application"
+            && !matches!(parts.method, Method::GET | Method::HEAD)
+        {
+            tracing::info!(
+                identity = name,
+                method = %parts.method,
+                path = parts.uri.path(),
+                "write through an application identity; QuickBlox needs a user session for it"
+            );
+        }
+    }
+    tracing::debug!(identity = name, method = %parts.method, path = parts.uri.path(), status = status.as_u16(), "request");
+    metrics.request(status);
+    resp
 }
 
 enum Checked {

@@ -15,17 +15,18 @@
 
 use std::future::Future;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, OnceLock};
 use std::time::{Duration, SystemTime};
 
 use arc_swap::ArcSwap;
 use http::{HeaderMap, HeaderValue, StatusCode};
 use rand::Rng;
 use tokio::sync::{watch, Notify};
+use tokio::task::AbortHandle;
 use tokio::time::{sleep_until, timeout_at, Instant};
 
-use crate::metrics::Metrics;
+use crate::metrics::{IdentityMetrics, Metrics};
 use crate::qb;
 
 pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
@@ -43,6 +44,18 @@ pub enum SessionError {
     Refused { status: u16, message: String },
     #[error("unexpected answer from QuickBlox: {0}")]
     BadResponse(String),
+    /// The identity's own credentials could not be read (a token command
+    /// failed, a token file is missing).
+    #[error("{0}")]
+    Credentials(String),
+}
+
+impl SessionError {
+    /// QuickBlox refused the identity's credentials (401 Unauthorized):
+    /// retrying the same ones will not help.
+    pub fn credentials_refused(&self) -> bool {
+        matches!(self, SessionError::Refused { status: 401, .. })
+    }
 }
 
 /// What a [`Source`] returns: a fresh token and what QuickBlox said of it.
@@ -67,17 +80,23 @@ pub enum Reason {
     Startup,
     Expired,
     Proactive,
+    /// An operator asked for it (`POST /sessions/{name}/renew`).
+    Forced,
 }
 
 impl Reason {
-    pub const ALL: [Reason; 3] = [Reason::Startup, Reason::Expired, Reason::Proactive];
-
     pub fn as_str(self) -> &'static str {
         match self {
             Reason::Startup => "startup",
             Reason::Expired => "expired",
             Reason::Proactive => "proactive",
+            Reason::Forced => "forced",
         }
+    }
+
+    /// Index into per-reason counters, in the order of `metrics::REASONS`.
+    fn index(self) -> usize {
+        self as usize
     }
 }
 
@@ -88,6 +107,18 @@ pub struct Policy {
     pub renew_before: Duration,
     pub retry_initial: Duration,
     pub retry_max: Duration,
+    /// When QuickBlox refuses the credentials (401), stop retrying until a
+    /// forced renewal: for pool members, whose pool serves on without them.
+    pub set_aside_refused: bool,
+}
+
+/// What an identity is, for logs, metrics and the admin API.
+#[derive(Debug, Clone)]
+pub struct Info {
+    pub name: String,
+    pub pool: Option<String>,
+    /// `Credentials::kind`: application, login, email, facebook, firebase_phone.
+    pub kind: &'static str,
 }
 
 /// A session token and what is known of it. Immutable but for its expiry,
@@ -148,6 +179,8 @@ impl std::fmt::Debug for Session {
 struct State {
     session: Option<Arc<Session>>,
     failure: Option<Arc<SessionError>>,
+    /// No retry is scheduled: the credentials were refused.
+    set_aside: bool,
 }
 
 /// Why no session could be handed out.
@@ -166,10 +199,10 @@ pub struct Identity {
 }
 
 struct Shared {
-    name: String,
+    info: Info,
     source: Box<dyn Source>,
     policy: Policy,
-    metrics: Metrics,
+    metrics: IdentityMetrics,
     /// Zero point of the millisecond clocks in [`Session`]; a tokio
     /// `Instant`, so paused-time tests drive it.
     epoch: Instant,
@@ -181,22 +214,22 @@ struct Shared {
     changes: watch::Sender<u64>,
     /// Highest generation the proxy reported refused as expired.
     refused: AtomicU64,
-    /// Wakes the renewal task after a report.
+    /// Set by a forced renewal, read by the renewal task.
+    forced: AtomicBool,
+    /// Wakes the renewal task after a report or a forced renewal.
     wake: Notify,
+    /// The renewal task, once started (pool members start on first use).
+    task: OnceLock<AbortHandle>,
+    /// Sessions created, by reason (for the admin API).
+    renewals: [AtomicU64; 4],
 }
 
 impl Identity {
-    pub fn new(
-        name: impl Into<String>,
-        source: Box<dyn Source>,
-        policy: Policy,
-        metrics: Metrics,
-    ) -> Self {
-        let name = name.into();
-        metrics.register_identity(&name, &Reason::ALL.map(Reason::as_str));
+    pub fn new(info: Info, source: Box<dyn Source>, policy: Policy, metrics: &Metrics) -> Self {
+        let metrics = metrics.identity(&info.name, info.pool.as_deref());
         Identity {
             shared: Arc::new(Shared {
-                name,
+                info,
                 source,
                 policy,
                 metrics,
@@ -204,19 +237,106 @@ impl Identity {
                 state: ArcSwap::from_pointee(State::default()),
                 changes: watch::channel(0).0,
                 refused: AtomicU64::new(0),
+                forced: AtomicBool::new(false),
                 wake: Notify::new(),
+                task: OnceLock::new(),
+                renewals: Default::default(),
             }),
         }
     }
 
     pub fn name(&self) -> &str {
-        &self.shared.name
+        &self.shared.info.name
+    }
+
+    pub fn info(&self) -> &Info {
+        &self.shared.info
+    }
+
+    /// This identity's metric series.
+    pub fn metrics(&self) -> &IdentityMetrics {
+        &self.shared.metrics
     }
 
     /// Starts the renewal task, which creates the first session at once.
-    /// The task runs until aborted.
-    pub fn spawn_renewal(&self) -> tokio::task::JoinHandle<()> {
-        tokio::spawn(renewal_loop(self.shared.clone()))
+    /// Idempotent: pool members call it on every use.
+    pub fn start(&self) {
+        self.shared
+            .task
+            .get_or_init(|| tokio::spawn(renewal_loop(self.shared.clone())).abort_handle());
+    }
+
+    /// Whether the renewal task has been started.
+    pub fn started(&self) -> bool {
+        self.shared.task.get().is_some()
+    }
+
+    /// Stops the renewal task (at shutdown).
+    pub fn stop(&self) {
+        if let Some(task) = self.shared.task.get() {
+            task.abort();
+        }
+    }
+
+    /// True while the identity's credentials stand refused and nothing is
+    /// retried until a forced renewal.
+    pub fn set_aside(&self) -> bool {
+        self.shared.state.load().set_aside
+    }
+
+    /// Renews now, whatever the state, and waits (until `deadline`) for the
+    /// outcome: the operator's "did the new password take?".
+    pub async fn force_renewal(&self, deadline: Instant) -> Result<Arc<Session>, Unavailable> {
+        let mut rx = self.shared.changes.subscribe();
+        rx.borrow_and_update();
+        if self.started() {
+            self.shared.forced.store(true, Ordering::Release);
+            self.shared.wake.notify_one();
+        } else {
+            // The first creation is the renewal asked for.
+            self.start();
+        }
+        match timeout_at(deadline, rx.changed()).await {
+            Ok(Ok(())) => {}
+            Ok(Err(_)) | Err(_) => return Err(Unavailable::TimedOut),
+        }
+        let state = self.shared.state.load();
+        match (&state.session, &state.failure) {
+            (_, Some(e)) => Err(Unavailable::Failed(e.clone())),
+            (Some(s), None) => Ok(s.clone()),
+            (None, None) => Err(Unavailable::TimedOut),
+        }
+    }
+
+    /// A snapshot for the admin API. Shows a token prefix only.
+    pub fn status(&self) -> Status {
+        let state = self.shared.state.load();
+        let now = Instant::now();
+        let wall = SystemTime::now();
+        let session = state.session.as_ref().map(|s| SessionStatus {
+            user_id: s.user_id,
+            token: s.token_prefix(),
+            generation: s.generation,
+            created_at: s.created_at,
+            expires_at: wall + self.expires_at(s).saturating_duration_since(now),
+        });
+        let state_name = match (&state.session, &state.failure, state.set_aside) {
+            _ if !self.started() => "idle",
+            (_, _, true) => "set_aside",
+            (Some(_), None, _) => "ready",
+            (Some(_), Some(_), _) => "ready_renewal_failing",
+            (None, Some(_), _) => "failing",
+            (None, None, _) => "creating",
+        };
+        Status {
+            name: self.shared.info.name.clone(),
+            pool: self.shared.info.pool.clone(),
+            kind: self.shared.info.kind,
+            state: state_name,
+            session,
+            renewals: std::array::from_fn(|i| self.shared.renewals[i].load(Ordering::Relaxed)),
+            last_error: state.failure.as_ref().map(|e| e.to_string()),
+        }
     }
 
     /// The current session, if one is held. Lock-free; never waits.
@@ -348,6 +468,31 @@ impl Identity {
     }
 }
 
+/// What the admin API shows of an identity.
+#[derive(Debug, Clone)]
+pub struct Status {
+    pub name: String,
+    pub pool: Option<String>,
+    pub kind: &'static str,
+    /// idle (a pool member not used yet), creating, ready,
+    /// ready_renewal_failing, failing, set_aside.
+    pub state: &'static str,
+    pub session: Option<SessionStatus>,
+    /// Sessions created, by reason: startup, expired, proactive, forced.
+    pub renewals: [u64; 4],
+    pub last_error: Option<String>,
+}
+
+#[derive(Debug, Clone)]
+pub struct SessionStatus {
+    pub user_id: u64,
+    /// A prefix only.
+    pub token: String,
+    pub generation: u64,
+    pub created_at: SystemTime,
+    pub expires_at: SystemTime,
+}
+
 fn millis(d: Duration) -> u64 {
     u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
 }
@@ -365,11 +510,12 @@ async fn renewal_loop(shared: Arc<Shared>) {
         let due = match (&retry, &current) {
             (Some((at, _)), _) => *at,
             (None, Some(s)) => renew_at(&shared, s),
-            // Unreachable in practice: without a session a retry is pending.
-            (None, None) => Instant::now() + shared.policy.retry_max,
+            // Set aside: nothing until a forced renewal.
+            (None, None) => Instant::now() + Duration::from_secs(365 * 24 * 3600),
         };
         let reason = tokio::select! {
             () = shared.wake.notified() => match &current {
+                _ if shared.forced.swap(false, Ordering::AcqRel) => Reason::Forced,
                 Some(s) if shared.refused.load(Ordering::Acquire) >= s.generation => Reason::Expired,
                 _ => continue,
             },
@@ -410,7 +556,7 @@ async fn attempt(
 ) -> Option<(Instant, Reason)> {
     let result = shared.source.create().await;
     let old = shared.state.load_full();
-    let name = shared.name.as_str();
+    let name = shared.info.name.as_str();
     match result {
         Ok(new) => {
             *generation += 1;
@@ -443,13 +589,18 @@ async fn attempt(
                 lifetime_s = new.lifetime.as_secs(),
                 "session created"
             );
-            shared.metrics.renewal(name, reason.as_str());
-            shared.metrics.session_up(name, true);
+            shared.metrics.renewal(reason.as_str());
+            shared.metrics.session_up(true);
+            if old.set_aside {
+                shared.metrics.set_aside(false);
+            }
+            shared.renewals[reason.index()].fetch_add(1, Ordering::Relaxed);
             publish(
                 shared,
                 State {
                     session: Some(session),
                     failure: None,
+                    set_aside: false,
                 },
             );
             backoff.reset();
@@ -466,7 +617,28 @@ fn fail(
     old: &State,
     backoff: &mut Backoff,
 ) -> Option<(Instant, Reason)> {
-    let name = shared.name.as_str();
+    let name = shared.info.name.as_str();
+    shared.metrics.session_failure();
+    if shared.policy.set_aside_refused && error.credentials_refused() {
+        tracing::warn!(
+            identity = name,
+            pool = shared.info.pool.as_deref().unwrap_or(""),
+            reason = reason.as_str(),
+            error = %error,
+            "credentials refused; identity set aside, no retries until a forced renewal"
+        );
+        shared.metrics.session_up(false);
+        shared.metrics.set_aside(true);
+        publish(
+            shared,
+            State {
+                session: None,
+                failure: Some(Arc::new(error)),
+                set_aside: true,
+            },
+        );
+        return None;
+    }
     // A failed proactive renewal keeps the old session while it may still be
     // good; any other failure means there is no usable session.
     let keep = old.session.as_ref().filter(|s| {
@@ -481,13 +653,13 @@ fn fail(
         keeping_old_session = keep.is_some(),
         "session creation failed"
     );
-    shared.metrics.session_failure(name);
-    shared.metrics.session_up(name, keep.is_some());
+    shared.metrics.session_up(keep.is_some());
     publish(
         shared,
         State {
             session: keep.cloned(),
             failure: Some(Arc::new(error)),
+            set_aside: false,
         },
     );
     let reason = if keep.is_some() {
@@ -578,6 +750,7 @@ mod tests {
         renew_before: Duration::from_secs(600),
         retry_initial: Duration::from_secs(1),
         retry_max: Duration::from_secs(8),
+        set_aside_refused: false,
     };
 
     fn identity(
@@ -590,7 +763,12 @@ mod tests {
             gate,
             entered: watch::channel(0).0,
         });
-        let id = Identity::new("bot", Box::new(script.clone()), POLICY, Metrics::new());
+        let info = Info {
+            name: "bot".into(),
+            pool: None,
+            kind: "login",
+        };
+        let id = Identity::new(info, Box::new(script.clone()), POLICY, &Metrics::new());
         (id, script)
     }
 
@@ -610,7 +788,7 @@ mod tests {
     async fn proactive_renewal_fires_renew_before_expiry() {
         let (id, script) = identity(vec![], None);
         let start = Instant::now();
-        let _task = id.spawn_renewal();
+        id.start();
         id.ready().await;
         let first = id.current().unwrap();
         assert_eq!(token(&first), "token-1");
@@ -622,15 +800,15 @@ mod tests {
         assert_eq!(token(&id.current().unwrap()), "token-2");
         // The holder of the old session still has its token.
         assert_eq!(token(&first), "token-1");
-        let text = id.shared.metrics.render();
-        assert!(text.contains("reason=\"proactive\"} 1"), "{text}");
+        // startup, expired, proactive, forced
+        assert_eq!(id.status().renewals, [1, 0, 1, 0]);
     }
 
     #[tokio::test(start_paused = true)]
     async fn use_slides_the_proactive_renewal() {
         let (id, script) = identity(vec![], None);
         let start = Instant::now();
-        let _task = id.spawn_renewal();
+        id.start();
         id.ready().await;
         let s = id.current().unwrap();
 
@@ -649,7 +827,7 @@ mod tests {
     async fn an_error_without_expiry_header_does_not_extend_the_session() {
         let (id, _script) = identity(vec![], None);
         let start = Instant::now();
-        let _task = id.spawn_renewal();
+        id.start();
         id.ready().await;
         let s = id.current().unwrap();
         tokio::time::advance(Duration::from_secs(3600)).await;
@@ -679,7 +857,7 @@ mod tests {
     async fn no_request_waits_for_a_proactive_renewal() {
         let gate = Arc::new(Semaphore::new(1));
         let (id, script) = identity(vec![], Some(gate.clone()));
-        let _task = id.spawn_renewal();
+        id.start();
         id.ready().await;
         // Paused time runs to the renewal timer; the creation blocks on the gate.
         let mut entered = script.entered.subscribe();
@@ -697,7 +875,7 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn concurrent_refusals_create_one_session() {
         let (id, script) = identity(vec![], None);
-        let _task = id.spawn_renewal();
+        id.start();
         id.ready().await;
         let refused = id.current().unwrap();
         let waiters: Vec<_> = (0..100)
@@ -727,7 +905,7 @@ mod tests {
         };
         let (id, script) = identity(vec![Err(refused.clone()), Err(refused.clone())], None);
         let start = Instant::now();
-        let _task = id.spawn_renewal();
+        id.start();
         // The first attempt fails: a waiting request gets the error.
         match id.session(far()).await {
             Err(Unavailable::Failed(e)) => assert_eq!(*e, refused),
@@ -741,19 +919,15 @@ mod tests {
             "{waited:?}"
         );
         assert_eq!(script.calls.load(Ordering::SeqCst), 3);
-        let text = id.shared.metrics.render();
-        assert!(
-            text.contains("qbproxy_session_failures_total{identity=\"bot\"} 2"),
-            "{text}"
-        );
-        assert!(text.contains("reason=\"startup\"} 1"), "{text}");
+        assert_eq!(id.status().renewals, [1, 0, 0, 0]);
+        assert_eq!(id.status().state, "ready");
     }
 
     #[tokio::test(start_paused = true)]
     async fn failed_proactive_renewal_keeps_the_old_session() {
         let down = SessionError::Unreachable("connection refused".into());
         let (id, script) = identity(vec![Ok(qb::SESSION_LIFETIME), Err(down)], None);
-        let _task = id.spawn_renewal();
+        id.start();
         id.ready().await;
         next_change(&id).await; // the failed proactive attempt
         assert_eq!(script.calls.load(Ordering::SeqCst), 2);
@@ -768,9 +942,67 @@ mod tests {
     async fn waiting_for_a_first_session_times_out() {
         let gate = Arc::new(Semaphore::new(0));
         let (id, _script) = identity(vec![], Some(gate));
-        let _task = id.spawn_renewal();
+        id.start();
         let r = id.session(Instant::now() + Duration::from_secs(5)).await;
         assert!(matches!(r, Err(Unavailable::TimedOut)), "{r:?}");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn refused_credentials_set_a_pool_member_aside_until_forced() {
+        let unauthorized = SessionError::Refused {
+            status: 401,
+            message: "Unauthorized".into(),
+        };
+        let script = Arc::new(Script {
+            calls: AtomicU64::new(0),
+            outcomes: Mutex::new(vec![Err(unauthorized)].into()),
+            gate: None,
+            entered: watch::channel(0).0,
+        });
+        let policy = Policy {
+            set_aside_refused: true,
+            ..POLICY
+        };
+        let info = Info {
+            name: "load-1".into(),
+            pool: Some("load".into()),
+            kind: "login",
+        };
+        let id = Identity::new(info, Box::new(script.clone()), policy, &Metrics::new());
+        assert_eq!(id.status().state, "idle");
+        id.start();
+        next_change(&id).await;
+        assert!(id.set_aside());
+        assert_eq!(id.status().state, "set_aside");
+        // No retry loop: a whole day of paused time brings no new attempt.
+        tokio::time::advance(Duration::from_secs(24 * 3600)).await;
+        assert_eq!(script.calls.load(Ordering::SeqCst), 1);
+        // An operator forces a renewal (the password was fixed).
+        let s = id.force_renewal(far()).await.unwrap();
+        assert_eq!(token(&s), "token-2");
+        assert!(!id.set_aside());
+        assert_eq!(id.status().renewals, [0, 0, 0, 1]);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn forced_renewal_replaces_a_healthy_session_and_reports_failure() {
+        let down = SessionError::Unreachable("refused".into());
+        let (id, _script) = identity(
+            vec![
+                Ok(qb::SESSION_LIFETIME),
+                Ok(qb::SESSION_LIFETIME),
+                Err(down.clone()),
+            ],
+            None,
+        );
+        id.start();
+        id.ready().await;
+        let s = id.force_renewal(far()).await.unwrap();
+        assert_eq!(token(&s), "token-2");
+        match id.force_renewal(far()).await {
+            Err(Unavailable::Failed(e)) => assert_eq!(*e, down),
+            other => panic!("{other:?}"),
+        }
     }
 
     #[test]

@@ -16,10 +16,12 @@ use hyper_rustls::HttpsConnector;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::{TokioExecutor, TokioTimer};
 use rand::Rng;
+use tokio::sync::Semaphore;
 use tokio::time::{timeout_at, Instant};
 
 use crate::body::Body;
-use crate::config::{Credentials, QuickbloxConfig, UpstreamConfig};
+use crate::config::{QuickbloxConfig, UpstreamConfig};
+use crate::credentials::{Credentials, SecretSource};
 use crate::qb;
 use crate::session::{BoxFuture, NewSession, SessionError, Source};
 use crate::signer::{self, Params};
@@ -145,8 +147,9 @@ impl SessionCreator {
         }
     }
 
-    /// The signed parameters for one attempt: a fresh nonce every time.
-    fn params(&self) -> Params {
+    /// The signed parameters for one attempt: a fresh nonce every time, and
+    /// provider tokens read afresh (they expire on their own).
+    async fn params(&self) -> Result<Params, SessionError> {
         let q = &self.quickblox;
         let nonce: u32 = rand::rng().random_range(1..=i32::MAX as u32);
         let params = Params::new()
@@ -164,13 +167,38 @@ impl SessionCreator {
                 "user",
                 &[("email", email.as_str()), ("password", password.expose())],
             ),
+            Credentials::Facebook { token, secret } => {
+                let token = read_token(token).await?;
+                let secret = match secret {
+                    Some(s) => Some(read_token(s).await?),
+                    None => None,
+                };
+                let mut keys = vec![("token", token.expose())];
+                if let Some(secret) = &secret {
+                    keys.push(("secret", secret.expose()));
+                }
+                params.str("provider", "facebook").map("keys", &keys)
+            }
+            Credentials::FirebasePhone {
+                project_id,
+                access_token,
+            } => {
+                let access_token = read_token(access_token).await?;
+                params.str("provider", "firebase_phone").map(
+                    "firebase_phone",
+                    &[
+                        ("project_id", project_id.as_str()),
+                        ("access_token", access_token.expose()),
+                    ],
+                )
+            }
         };
         let signature = signer::sign(q.auth_secret.expose(), &params);
-        params.str("signature", signature)
+        Ok(params.str("signature", signature))
     }
 
     async fn post(&self) -> Result<Answer, SessionError> {
-        let body = self.params().to_json().to_string();
+        let body = self.params().await?.to_json().to_string();
         let uri = self
             .upstream
             .uri_for(&PathAndQuery::from_static("/session.json"))
@@ -259,6 +287,13 @@ impl Source for SessionCreator {
     }
 }
 
+async fn read_token(source: &SecretSource) -> Result<crate::credentials::Secret, SessionError> {
+    source
+        .read()
+        .await
+        .map_err(|e| SessionError::Credentials(format!("cannot read the identity's token: {e}")))
+}
+
 fn parse_session(answer: &Answer) -> Result<NewSession, SessionError> {
     #[derive(serde::Deserialize)]
     struct Envelope {
@@ -292,4 +327,29 @@ fn parse_session(answer: &Answer) -> Result<NewSession, SessionError> {
         user_id: env.session.user_id.unwrap_or(0),
         lifetime,
     })
+}
+
+/// A [`Source`] that waits for a permit before each creation: a pool's
+/// members share one semaphore, so at most `create_concurrency` of their
+/// sessions are created at once (QuickBlox rate-limits session creation).
+pub struct Throttled<S> {
+    inner: S,
+    permits: Arc<Semaphore>,
+}
+
+impl<S: Source> Throttled<S> {
+    pub fn new(inner: S, permits: Arc<Semaphore>) -> Self {
+        Throttled { inner, permits }
+    }
+}
+
+impl<S: Source> Source for Throttled<S> {
+    fn create(&self) -> BoxFuture<'_, Result<NewSession, SessionError>> {
+        Box::pin(async move {
+            // The semaphore is never closed; a closed one would only mean
+            // no limit.
+            let _permit = self.permits.acquire().await.ok();
+            self.inner.create().await
+        })
+    }
 }

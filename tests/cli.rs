@@ -309,7 +309,10 @@ async fn the_demo_works_as_printed() {
     assert_eq!(s, 403);
     let (s, b) = call("GET", format!("http://127.0.0.1:{admin_port}/metrics"), "").await;
     assert_eq!(s, 200);
-    assert!(b.contains("qbproxy_replays_total 1"), "{b}");
+    assert!(
+        b.contains("qbproxy_replays_total{identity=\"demo\",pool=\"\"} 1"),
+        "{b}"
+    );
 
     let pid = child.id().unwrap().to_string();
     assert!(Command::new("kill")

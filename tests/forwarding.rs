@@ -117,7 +117,7 @@ async fn keep_mode_forwards_the_clients_own_token_untouched() {
     assert_eq!(a.status, StatusCode::UNAUTHORIZED);
     assert!(a.text().contains("Required session does not exist"));
     assert_eq!(h.sim.creations(), 1);
-    assert_eq!(h.metric("qbproxy_replays_total"), 0);
+    assert_eq!(h.metric("qbproxy_replays_total{identity=\"demo\""), 0);
     // Without a token of its own, the client gets qbproxy's.
     let a = h.get("/users.json").await;
     assert_eq!(a.status, StatusCode::OK);
@@ -161,7 +161,10 @@ async fn calls_that_would_touch_the_shared_session_get_403() {
     assert_eq!(a.status, StatusCode::OK);
     assert_eq!(a.json()["session"]["user_id"], 1001);
     assert_eq!(h.sim.creations(), 1);
-    assert_eq!(h.metric("qbproxy_requests_total{code=\"403\"}"), 6);
+    assert_eq!(
+        h.metric("qbproxy_requests_total{code=\"403\",identity=\"demo\""),
+        6
+    );
 }
 
 #[tokio::test]

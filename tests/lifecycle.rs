@@ -26,12 +26,12 @@ async fn admin_endpoints_report_health_readiness_and_metrics() {
         .starts_with("text/plain"));
     let text = m.text();
     for family in [
-        "qbproxy_requests_total{code=\"200\"} 1",
-        "qbproxy_session_renewals_total{identity=\"demo\",reason=\"startup\"} 1",
-        "qbproxy_session_renewals_total{identity=\"demo\",reason=\"expired\"} 1",
-        "qbproxy_replays_total 1",
+        "qbproxy_requests_total{code=\"200\",identity=\"demo\",pool=\"\"} 1",
+        "qbproxy_session_renewals_total{identity=\"demo\",pool=\"\",reason=\"startup\"} 1",
+        "qbproxy_session_renewals_total{identity=\"demo\",pool=\"\",reason=\"expired\"} 1",
+        "qbproxy_replays_total{identity=\"demo\",pool=\"\"} 1",
         "qbproxy_upstream_duration_seconds_bucket",
-        "qbproxy_session_up{identity=\"demo\"} 1",
+        "qbproxy_session_up{identity=\"demo\",pool=\"\"} 1",
     ] {
         assert!(text.contains(family), "missing {family} in\n{text}");
     }

@@ -74,10 +74,10 @@ async fn expiry_under_100_concurrent_requests_renews_once_and_loses_nothing() {
             "body {p}"
         );
     }
-    let replays = h.metric("qbproxy_replays_total");
+    let replays = h.metric("qbproxy_replays_total{identity=\"demo\"");
     assert!((1..=100).contains(&replays), "{replays}");
     assert_eq!(
-        h.metric("qbproxy_session_renewals_total{identity=\"demo\",reason=\"expired\"}"),
+        h.metric("qbproxy_session_renewals_total{identity=\"demo\",pool=\"\",reason=\"expired\"}"),
         1
     );
 }
@@ -107,7 +107,7 @@ async fn an_oversized_body_is_not_replayed_but_the_session_is_renewed() {
     );
     // The refusal is reported: a new session arrives without another request.
     bounded("the renewal", h.sim.wait_until(|s| s.creations() == 2)).await;
-    assert_eq!(h.metric("qbproxy_replays_total"), 0);
+    assert_eq!(h.metric("qbproxy_replays_total{identity=\"demo\""), 0);
     assert!(
         h.sim.requests().is_empty(),
         "the big body never reached QuickBlox under a live session"
@@ -139,7 +139,7 @@ async fn a_body_at_the_limit_is_replayed() {
         .send(Method::POST, "/data/Note.json", &[], body.clone())
         .await;
     assert_eq!(a.status, StatusCode::OK, "{}", a.text());
-    assert_eq!(h.metric("qbproxy_replays_total"), 1);
+    assert_eq!(h.metric("qbproxy_replays_total{identity=\"demo\""), 1);
     assert_eq!(h.sim.requests()[0].body, body.as_bytes());
 }
 
@@ -177,7 +177,7 @@ async fn a_failing_session_endpoint_gives_a_prompt_503_then_recovers() {
     assert_eq!(h.admin_get("/readyz").await.status, StatusCode::OK);
     assert_eq!(h.sim.attempts(), 2);
     assert_eq!(
-        h.metric("qbproxy_session_failures_total{identity=\"demo\"}"),
+        h.metric("qbproxy_session_failures_total{identity=\"demo\",pool=\"\"}"),
         1
     );
 }

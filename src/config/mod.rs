@@ -6,7 +6,6 @@
 //! Every error names the key and the problem in one line, so `qbproxy check`
 //! can print it and exit 64 before anything binds.
 
-use std::fmt;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -14,6 +13,11 @@ use std::time::Duration;
 use http::uri::{Authority, PathAndQuery, Scheme};
 use http::{HeaderValue, Uri};
 use serde::Deserialize;
+
+mod identities;
+
+pub use self::identities::{IdentityConfig, PoolConfig, Strategy};
+pub use crate::credentials::{Credentials, Secret, SecretSource};
 
 /// What went wrong while loading the configuration. Each message is one line.
 #[derive(Debug, thiserror::Error)]
@@ -31,28 +35,6 @@ pub enum ConfigError {
     },
 }
 
-/// A credential read from the config, the environment or a file. Its `Debug`
-/// and `Display` never show the value.
-#[derive(Clone, PartialEq, Eq)]
-pub struct Secret(String);
-
-impl Secret {
-    pub fn new(value: impl Into<String>) -> Self {
-        Secret(value.into())
-    }
-
-    /// The value itself; call sites are the signer and the session request.
-    pub fn expose(&self) -> &str {
-        &self.0
-    }
-}
-
-impl fmt::Debug for Secret {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str("Secret([redacted])")
-    }
-}
-
 /// The validated configuration.
 #[derive(Debug, Clone)]
 pub struct Config {
@@ -61,9 +43,13 @@ pub struct Config {
     pub upstream: UpstreamConfig,
     pub proxy: ProxyConfig,
     pub quickblox: QuickbloxConfig,
-    /// At least one: without `[[identity]]` in the file, a single application
-    /// identity named `app`. The first is the default.
+    /// Every identity, pool members included. Without `[[identity]]` or
+    /// `[[pool]]` in the file, a single application identity named `app`.
     pub identities: Vec<IdentityConfig>,
+    pub pools: Vec<PoolConfig>,
+    /// Used when a request names no identity: the first `[[identity]]` not
+    /// in a pool, else the first pool.
+    pub default: String,
 }
 
 #[derive(Debug, Clone)]
@@ -144,37 +130,6 @@ pub struct QuickbloxConfig {
     pub retry_max: Duration,
 }
 
-#[derive(Debug, Clone)]
-pub struct IdentityConfig {
-    pub name: String,
-    pub credentials: Credentials,
-}
-
-/// Who a session is created for.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Credentials {
-    /// An application session: read-only in QuickBlox.
-    Application,
-    Login {
-        login: String,
-        password: Secret,
-    },
-    Email {
-        email: String,
-        password: Secret,
-    },
-}
-
-impl Credentials {
-    pub fn kind(&self) -> &'static str {
-        match self {
-            Credentials::Application => "application",
-            Credentials::Login { .. } => "login",
-            Credentials::Email { .. } => "email",
-        }
-    }
-}
-
 // ---------------------------------------------------------------------------
 // The file as written.
 
@@ -191,7 +146,9 @@ struct RawConfig {
     proxy: RawProxy,
     quickblox: RawQuickblox,
     #[serde(default)]
-    identity: Vec<RawIdentity>,
+    identity: Vec<identities::RawIdentity>,
+    #[serde(default)]
+    pool: Vec<identities::RawPool>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -301,17 +258,6 @@ fn default_retry_max() -> String {
     "30s".into()
 }
 
-#[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
-struct RawIdentity {
-    name: String,
-    login: Option<String>,
-    email: Option<String>,
-    password: Option<String>,
-    password_env: Option<String>,
-    password_file: Option<PathBuf>,
-}
-
 // ---------------------------------------------------------------------------
 // Loading and validation.
 
@@ -391,14 +337,16 @@ impl Validator<'_> {
             replay_body_limit: raw.proxy.replay_body_limit,
         };
         let quickblox = self.quickblox(raw.quickblox)?;
-        let identities = self.identities(raw.identity)?;
+        let resolved = self.identities_and_pools(raw.identity, raw.pool)?;
         Ok(Config {
             listen,
             admin,
             upstream,
             proxy,
             quickblox,
-            identities,
+            identities: resolved.identities,
+            pools: resolved.pools,
+            default: resolved.default,
         })
     }
 
@@ -524,59 +472,6 @@ impl Validator<'_> {
         })
     }
 
-    fn identities(&self, raw: Vec<RawIdentity>) -> Result<Vec<IdentityConfig>, ConfigError> {
-        if raw.is_empty() {
-            return Ok(vec![IdentityConfig {
-                name: "app".into(),
-                credentials: Credentials::Application,
-            }]);
-        }
-        let mut out: Vec<IdentityConfig> = Vec::with_capacity(raw.len());
-        for (i, r) in raw.into_iter().enumerate() {
-            let at = |field: &str| format!("identity[{i}].{field}");
-            let valid_name = !r.name.is_empty()
-                && r.name
-                    .bytes()
-                    .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_' || b == b'.');
-            if !valid_name {
-                return Err(self.invalid(
-                    &at("name"),
-                    format!("{:?}: use letters, digits, '-', '_' or '.'", r.name),
-                ));
-            }
-            if out.iter().any(|o| o.name == r.name) {
-                return Err(self.invalid(&at("name"), format!("{:?} is used twice", r.name)));
-            }
-            let password =
-                self.secret(&at("password"), r.password, r.password_env, r.password_file)?;
-            let credentials = match (r.login, r.email, password) {
-                (None, None, None) => Credentials::Application,
-                (None, None, Some(_)) => {
-                    return Err(self.invalid(
-                        &at("password"),
-                        "a password needs a login or an email; without both, the identity is an application session",
-                    ))
-                }
-                (Some(_), Some(_), _) => {
-                    return Err(self.invalid(&at("login"), "set login or email, not both"))
-                }
-                (Some(_), None, None) | (None, Some(_), None) => {
-                    return Err(self.invalid(
-                        &at("password"),
-                        "missing: set one of password, password_env or password_file",
-                    ))
-                }
-                (Some(login), None, Some(password)) => Credentials::Login { login, password },
-                (None, Some(email), Some(password)) => Credentials::Email { email, password },
-            };
-            out.push(IdentityConfig {
-                name: r.name,
-                credentials,
-            });
-        }
-        Ok(out)
-    }
-
     /// Resolves a secret given inline, by environment variable or by file:
     /// at most one of the three. `key` is the inline key's name.
     fn secret(
@@ -591,12 +486,12 @@ impl Validator<'_> {
             return Err(self.invalid(key, format!("set only one of {key}, {key}_env, {key}_file")));
         }
         if let Some(s) = inline {
-            return Ok(Some(Secret(s)));
+            return Ok(Some(Secret::new(s)));
         }
         if let Some(var) = env {
             let key = format!("{key}_env");
             return match std::env::var(&var) {
-                Ok(s) if !s.is_empty() => Ok(Some(Secret(s))),
+                Ok(s) if !s.is_empty() => Ok(Some(Secret::new(s))),
                 Ok(_) => Err(self.invalid(&key, format!("environment variable {var} is empty"))),
                 Err(_) => Err(self.invalid(&key, format!("environment variable {var} is not set"))),
             };
@@ -611,7 +506,7 @@ impl Validator<'_> {
             if s.is_empty() {
                 return Err(self.invalid(&key, format!("{} is empty", path.display())));
             }
-            return Ok(Some(Secret(s)));
+            return Ok(Some(Secret::new(s)));
         }
         Ok(None)
     }

@@ -1,0 +1,459 @@
+//! `[[identity]]` and `[[pool]]`: who sessions are created for, and how
+//! requests choose among them.
+
+use std::collections::HashSet;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use serde::Deserialize;
+
+use super::{ConfigError, Validator};
+use crate::credentials::{Credentials, Secret, SecretSource};
+
+/// One identity: its own session, renewal, backoff and expiry tracking.
+#[derive(Debug, Clone)]
+pub struct IdentityConfig {
+    pub name: String,
+    pub credentials: Credentials,
+    /// Requests under this path prefix use this identity; the prefix is
+    /// stripped before forwarding.
+    pub path_prefix: Option<String>,
+    /// The pool this identity belongs to, if any. Pool members get their
+    /// session on first use and are set aside when QuickBlox refuses their
+    /// credentials.
+    pub pool: Option<String>,
+}
+
+/// How a pool picks a member for a request.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum Strategy {
+    /// Each request to the next member (default).
+    #[default]
+    RoundRobin,
+    /// The same `QBProxy-Client` header value always maps to the same member.
+    Sticky,
+}
+
+#[derive(Debug, Clone)]
+pub struct PoolConfig {
+    pub name: String,
+    /// Names of identities in `Config::identities`, in order.
+    pub members: Vec<String>,
+    pub strategy: Strategy,
+    /// Most session creations in flight at once for the pool's members.
+    pub create_concurrency: usize,
+    /// Most requests in flight per member; `None` is unlimited.
+    pub max_in_flight: Option<usize>,
+    pub path_prefix: Option<String>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawIdentity {
+    name: String,
+    login: Option<String>,
+    email: Option<String>,
+    password: Option<String>,
+    password_env: Option<String>,
+    password_file: Option<PathBuf>,
+    provider: Option<String>,
+    token: Option<String>,
+    token_env: Option<String>,
+    token_file: Option<PathBuf>,
+    token_command: Option<String>,
+    secret: Option<String>,
+    secret_env: Option<String>,
+    secret_file: Option<PathBuf>,
+    secret_command: Option<String>,
+    project_id: Option<String>,
+    access_token: Option<String>,
+    access_token_env: Option<String>,
+    access_token_file: Option<PathBuf>,
+    access_token_command: Option<String>,
+    command_timeout: Option<String>,
+    path_prefix: Option<String>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawPool {
+    name: String,
+    identities: Option<Vec<String>>,
+    login: Option<String>,
+    email: Option<String>,
+    password: Option<String>,
+    password_env: Option<String>,
+    password_file: Option<PathBuf>,
+    count: Option<usize>,
+    #[serde(default = "one")]
+    start: usize,
+    #[serde(default)]
+    strategy: Strategy,
+    #[serde(default = "default_create_concurrency")]
+    create_concurrency: usize,
+    max_in_flight: Option<usize>,
+    path_prefix: Option<String>,
+}
+
+fn one() -> usize {
+    1
+}
+
+fn default_create_concurrency() -> usize {
+    4
+}
+
+/// Largest generated pool: a typo in `count` should not mean a million logins.
+const MAX_POOL: usize = 100_000;
+
+/// Identities, pools, and the name of the default (an identity or a pool).
+pub(super) struct Resolved {
+    pub identities: Vec<IdentityConfig>,
+    pub pools: Vec<PoolConfig>,
+    pub default: String,
+}
+
+impl Validator<'_> {
+    pub(super) fn identities_and_pools(
+        &self,
+        raw_ids: Vec<RawIdentity>,
+        raw_pools: Vec<RawPool>,
+    ) -> Result<Resolved, ConfigError> {
+        let mut names: HashSet<String> = HashSet::new();
+        let mut prefixes: HashSet<String> = HashSet::new();
+        let mut identities = Vec::with_capacity(raw_ids.len());
+        for (i, r) in raw_ids.into_iter().enumerate() {
+            let at = |field: &str| format!("identity[{i}].{field}");
+            self.name(&at("name"), &r.name, &mut names)?;
+            let path_prefix =
+                self.prefix(&at("path_prefix"), r.path_prefix.as_deref(), &mut prefixes)?;
+            let name = r.name.clone();
+            let credentials = self.credentials(&at, r)?;
+            identities.push(IdentityConfig {
+                name,
+                credentials,
+                path_prefix,
+                pool: None,
+            });
+        }
+        let mut pools = Vec::with_capacity(raw_pools.len());
+        for (i, r) in raw_pools.into_iter().enumerate() {
+            let at = |field: &str| format!("pool[{i}].{field}");
+            self.name(&at("name"), &r.name, &mut names)?;
+            let path_prefix =
+                self.prefix(&at("path_prefix"), r.path_prefix.as_deref(), &mut prefixes)?;
+            if r.create_concurrency == 0 {
+                return Err(self.invalid(&at("create_concurrency"), "must be at least 1"));
+            }
+            if r.max_in_flight == Some(0) {
+                return Err(self.invalid(
+                    &at("max_in_flight"),
+                    "must be at least 1 (leave it out for no limit)",
+                ));
+            }
+            let members = self.pool_members(&at, &r, &mut identities, &mut names)?;
+            pools.push(PoolConfig {
+                name: r.name,
+                members,
+                strategy: r.strategy,
+                create_concurrency: r.create_concurrency,
+                max_in_flight: r.max_in_flight,
+                path_prefix,
+            });
+        }
+        let default = match (identities.iter().find(|i| i.pool.is_none()), pools.first()) {
+            (Some(id), _) => id.name.clone(),
+            (None, Some(pool)) => pool.name.clone(),
+            (None, None) => {
+                identities.push(IdentityConfig {
+                    name: "app".into(),
+                    credentials: Credentials::Application,
+                    path_prefix: None,
+                    pool: None,
+                });
+                "app".into()
+            }
+        };
+        Ok(Resolved {
+            identities,
+            pools,
+            default,
+        })
+    }
+
+    fn name(&self, key: &str, name: &str, names: &mut HashSet<String>) -> Result<(), ConfigError> {
+        let valid = !name.is_empty()
+            && name
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_' || b == b'.');
+        if !valid {
+            return Err(self.invalid(
+                key,
+                format!("{name:?}: use letters, digits, '-', '_' or '.'"),
+            ));
+        }
+        if !names.insert(name.to_owned()) {
+            return Err(self.invalid(
+                key,
+                format!("{name:?} is already the name of an identity or pool"),
+            ));
+        }
+        Ok(())
+    }
+
+    fn prefix(
+        &self,
+        key: &str,
+        prefix: Option<&str>,
+        seen: &mut HashSet<String>,
+    ) -> Result<Option<String>, ConfigError> {
+        let Some(p) = prefix else { return Ok(None) };
+        let valid = p.len() > 1
+            && p.starts_with('/')
+            && !p.ends_with('/')
+            && !p.contains(['?', '#', '%', ' '])
+            && !p.contains("//");
+        if !valid {
+            return Err(self.invalid(
+                key,
+                format!("{p:?}: write it like \"/bot\" (a leading slash, no trailing one)"),
+            ));
+        }
+        if !seen.insert(p.to_owned()) {
+            return Err(self.invalid(key, format!("{p:?} is used twice")));
+        }
+        Ok(Some(p.to_owned()))
+    }
+
+    fn credentials(
+        &self,
+        at: &dyn Fn(&str) -> String,
+        r: RawIdentity,
+    ) -> Result<Credentials, ConfigError> {
+        let timeout = match &r.command_timeout {
+            Some(t) => self.positive(&at("command_timeout"), t)?,
+            None => Duration::from_secs(10),
+        };
+        let provider_fields = [
+            (
+                "token",
+                r.token.is_some()
+                    || r.token_env.is_some()
+                    || r.token_file.is_some()
+                    || r.token_command.is_some(),
+            ),
+            (
+                "secret",
+                r.secret.is_some()
+                    || r.secret_env.is_some()
+                    || r.secret_file.is_some()
+                    || r.secret_command.is_some(),
+            ),
+            ("project_id", r.project_id.is_some()),
+            (
+                "access_token",
+                r.access_token.is_some()
+                    || r.access_token_env.is_some()
+                    || r.access_token_file.is_some()
+                    || r.access_token_command.is_some(),
+            ),
+        ];
+        let user_fields = [
+            ("login", r.login.is_some()),
+            ("email", r.email.is_some()),
+            (
+                "password",
+                r.password.is_some() || r.password_env.is_some() || r.password_file.is_some(),
+            ),
+        ];
+        let refuse = |fields: &[(&str, bool)], why: &str| -> Result<(), ConfigError> {
+            match fields.iter().find(|(_, set)| *set) {
+                Some((field, _)) => Err(self.invalid(&at(field), why.to_owned())),
+                None => Ok(()),
+            }
+        };
+        match r.provider.as_deref() {
+            None => {
+                refuse(&provider_fields, "only for provider = \"facebook\" or \"firebase_phone\"")?;
+                let password = self.secret(&at("password"), r.password, r.password_env, r.password_file)?;
+                self.user_credentials(at, r.login, r.email, password)
+            }
+            Some("facebook") => {
+                refuse(&user_fields, "not used with provider = \"facebook\"")?;
+                refuse(&provider_fields[2..], "not used with provider = \"facebook\"")?;
+                let token = self
+                    .source(&at("token"), r.token, r.token_env, r.token_file, r.token_command, timeout)?
+                    .ok_or_else(|| self.invalid(&at("token"), "missing: set token, token_env, token_file or token_command"))?;
+                let secret = self.source(&at("secret"), r.secret, r.secret_env, r.secret_file, r.secret_command, timeout)?;
+                Ok(Credentials::Facebook { token, secret })
+            }
+            Some("firebase_phone") => {
+                refuse(&user_fields, "not used with provider = \"firebase_phone\"")?;
+                refuse(&provider_fields[..2], "not used with provider = \"firebase_phone\"")?;
+                let project_id = r
+                    .project_id
+                    .filter(|p| !p.is_empty())
+                    .ok_or_else(|| self.invalid(&at("project_id"), "missing: the Firebase project id"))?;
+                let access_token = self
+                    .source(
+                        &at("access_token"),
+                        r.access_token,
+                        r.access_token_env,
+                        r.access_token_file,
+                        r.access_token_command,
+                        timeout,
+                    )?
+                    .ok_or_else(|| {
+                        self.invalid(
+                            &at("access_token"),
+                            "missing: set access_token, access_token_env, access_token_file or access_token_command",
+                        )
+                    })?;
+                Ok(Credentials::FirebasePhone { project_id, access_token })
+            }
+            Some(other) => Err(self.invalid(
+                &at("provider"),
+                format!("{other:?} is not supported; use \"facebook\" or \"firebase_phone\", or login/email with a password"),
+            )),
+        }
+    }
+
+    fn user_credentials(
+        &self,
+        at: &dyn Fn(&str) -> String,
+        login: Option<String>,
+        email: Option<String>,
+        password: Option<Secret>,
+    ) -> Result<Credentials, ConfigError> {
+        match (login, email, password) {
+            (None, None, None) => Ok(Credentials::Application),
+            (None, None, Some(_)) => Err(self.invalid(
+                &at("password"),
+                "a password needs a login or an email; without both, the identity is an application session",
+            )),
+            (Some(_), Some(_), _) => Err(self.invalid(&at("login"), "set login or email, not both")),
+            (Some(_), None, None) | (None, Some(_), None) => Err(self.invalid(
+                &at("password"),
+                "missing: set one of password, password_env or password_file",
+            )),
+            (Some(login), None, Some(password)) => Ok(Credentials::Login { login, password }),
+            (None, Some(email), Some(password)) => Ok(Credentials::Email { email, password }),
+        }
+    }
+
+    /// A token read afresh at each session creation. An environment
+    /// variable must exist already (it cannot appear later); a file or a
+    /// command is only tried when a session is created.
+    fn source(
+        &self,
+        key: &str,
+        inline: Option<String>,
+        env: Option<String>,
+        file: Option<PathBuf>,
+        command: Option<String>,
+        timeout: Duration,
+    ) -> Result<Option<SecretSource>, ConfigError> {
+        let given = [
+            inline.is_some(),
+            env.is_some(),
+            file.is_some(),
+            command.is_some(),
+        ];
+        if given.iter().filter(|g| **g).count() > 1 {
+            return Err(self.invalid(
+                key,
+                format!("set only one of {key}, {key}_env, {key}_file, {key}_command"),
+            ));
+        }
+        Ok(if let Some(s) = inline {
+            Some(SecretSource::Inline(Secret::new(s)))
+        } else if let Some(var) = env {
+            if std::env::var_os(&var).is_none() {
+                return Err(self.invalid(
+                    &format!("{key}_env"),
+                    format!("environment variable {var} is not set"),
+                ));
+            }
+            Some(SecretSource::Env(var))
+        } else if let Some(path) = file {
+            Some(SecretSource::File(path))
+        } else {
+            command.map(|command| SecretSource::Command { command, timeout })
+        })
+    }
+
+    /// A pool's members: named identities, or a generated range appended to
+    /// `identities` as `{pool}-{n}`.
+    fn pool_members(
+        &self,
+        at: &dyn Fn(&str) -> String,
+        r: &RawPool,
+        identities: &mut Vec<IdentityConfig>,
+        names: &mut HashSet<String>,
+    ) -> Result<Vec<String>, ConfigError> {
+        let generated = r.login.is_some() || r.email.is_some() || r.count.is_some();
+        match (&r.identities, generated) {
+            (Some(_), true) => Err(self.invalid(&at("identities"), "list identities or generate members (login/email + count), not both")),
+            (None, false) => Err(self.invalid(
+                &at("identities"),
+                "missing: list identities = [...], or generate members with login = \"name-{n}\" and count",
+            )),
+            (Some(list), false) => {
+                if list.is_empty() {
+                    return Err(self.invalid(&at("identities"), "must not be empty"));
+                }
+                for name in list {
+                    let Some(id) = identities.iter_mut().find(|i| &i.name == name) else {
+                        return Err(self.invalid(&at("identities"), format!("no [[identity]] is named {name:?}")));
+                    };
+                    if let Some(other) = &id.pool {
+                        return Err(self.invalid(&at("identities"), format!("{name:?} is already in pool {other:?}")));
+                    }
+                    id.pool = Some(r.name.clone());
+                }
+                Ok(list.clone())
+            }
+            (None, true) => {
+                let count = r.count.ok_or_else(|| self.invalid(&at("count"), "missing: how many members to generate"))?;
+                if count == 0 || count > MAX_POOL {
+                    return Err(self.invalid(&at("count"), format!("must be between 1 and {MAX_POOL}")));
+                }
+                let (field, pattern) = match (&r.login, &r.email) {
+                    (Some(l), None) => ("login", l),
+                    (None, Some(e)) => ("email", e),
+                    _ => return Err(self.invalid(&at("login"), "set login or email (with {n}), not both")),
+                };
+                if !pattern.contains("{n}") {
+                    return Err(self.invalid(&at(field), format!("{pattern:?} needs {{n}}, replaced by the member number")));
+                }
+                let password = self
+                    .secret(&at("password"), r.password.clone(), r.password_env.clone(), r.password_file.clone())?
+                    .ok_or_else(|| self.invalid(&at("password"), "missing: set password, password_env or password_file"))?;
+                let mut members = Vec::with_capacity(count);
+                for n in r.start..r.start + count {
+                    let name = format!("{}-{n}", r.name);
+                    if !names.insert(name.clone()) {
+                        return Err(self.invalid(&at("name"), format!("generated member {name:?} clashes with another name")));
+                    }
+                    let who = pattern.replace("{n}", &n.to_string());
+                    // `{n}` in the password too, for test users with numbered passwords.
+                    let password = Secret::new(password.expose().replace("{n}", &n.to_string()));
+                    let credentials = if field == "login" {
+                        Credentials::Login { login: who, password }
+                    } else {
+                        Credentials::Email { email: who, password }
+                    };
+                    identities.push(IdentityConfig {
+                        name: name.clone(),
+                        credentials,
+                        path_prefix: None,
+                        pool: Some(r.name.clone()),
+                    });
+                    members.push(name);
+                }
+                Ok(members)
+            }
+        }
+    }
+}

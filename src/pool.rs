@@ -1,0 +1,201 @@
+//! Pools: many identities behind one name, for load tests and gateways.
+//!
+//! A request picks a member round-robin, or by its `QBProxy-Client` header
+//! (sticky). Members start their session on first use; their creations share
+//! a semaphore (`create_concurrency`, see `upstream::Throttled`). Members
+//! whose credentials QuickBlox refused are set aside and skipped. With
+//! `max_in_flight`, a request waits for a free member until its deadline.
+
+use std::hash::{DefaultHasher, Hash, Hasher};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+
+use http::HeaderValue;
+use tokio::sync::Notify;
+use tokio::time::{timeout_at, Instant};
+
+use crate::config::Strategy;
+use crate::error::ProxyError;
+use crate::metrics::IdentityMetrics;
+use crate::session::Identity;
+
+pub struct Pool {
+    name: String,
+    members: Vec<Member>,
+    strategy: Strategy,
+    /// Round-robin cursor.
+    next: AtomicUsize,
+    max_in_flight: Option<usize>,
+    /// Signalled when a member frees a slot (only with `max_in_flight`).
+    released: Notify,
+    /// Requests answered before a member was chosen.
+    metrics: IdentityMetrics,
+}
+
+struct Member {
+    identity: Identity,
+    /// Requests in flight; counted only with `max_in_flight`.
+    in_flight: AtomicUsize,
+}
+
+/// A member held for one request; frees its slot when dropped.
+pub struct Lease {
+    pool: Arc<Pool>,
+    index: usize,
+}
+
+impl Lease {
+    pub fn identity(&self) -> &Identity {
+        &self.pool.members[self.index].identity
+    }
+}
+
+impl Drop for Lease {
+    fn drop(&mut self) {
+        if self.pool.max_in_flight.is_some() {
+            self.pool.members[self.index]
+                .in_flight
+                .fetch_sub(1, Ordering::AcqRel);
+            self.pool.released.notify_waiters();
+        }
+    }
+}
+
+enum Claim {
+    Got(usize),
+    Busy,
+    AllSetAside,
+}
+
+impl Pool {
+    pub fn new(
+        name: String,
+        members: Vec<Identity>,
+        strategy: Strategy,
+        max_in_flight: Option<usize>,
+        metrics: IdentityMetrics,
+    ) -> Pool {
+        Pool {
+            name,
+            members: members
+                .into_iter()
+                .map(|identity| Member {
+                    identity,
+                    in_flight: AtomicUsize::new(0),
+                })
+                .collect(),
+            strategy,
+            next: AtomicUsize::new(0),
+            max_in_flight,
+            released: Notify::new(),
+            metrics,
+        }
+    }
+
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    pub fn metrics(&self) -> &IdentityMetrics {
+        &self.metrics
+    }
+
+    pub fn members(&self) -> impl Iterator<Item = &Identity> {
+        self.members.iter().map(|m| &m.identity)
+    }
+
+    /// True unless every member is set aside.
+    pub fn serviceable(&self) -> bool {
+        self.members.iter().any(|m| !m.identity.set_aside())
+    }
+
+    /// A member for one request, started if it was idle. Waits for a free
+    /// member (with `max_in_flight`) until `deadline`.
+    pub async fn acquire(
+        self: &Arc<Self>,
+        client: Option<&HeaderValue>,
+        deadline: Instant,
+    ) -> Result<Lease, ProxyError> {
+        loop {
+            // Registered before trying, so a release in between is not missed.
+            let released = self.released.notified();
+            tokio::pin!(released);
+            released.as_mut().enable();
+            match self.try_claim(client) {
+                Claim::Got(index) => {
+                    self.members[index].identity.start();
+                    return Ok(Lease {
+                        pool: self.clone(),
+                        index,
+                    });
+                }
+                Claim::AllSetAside => {
+                    return Err(ProxyError::PoolUnavailable {
+                        pool: self.name.clone(),
+                        size: self.members.len(),
+                    })
+                }
+                Claim::Busy => {
+                    if timeout_at(deadline, released).await.is_err() {
+                        return Err(ProxyError::PoolBusy {
+                            pool: self.name.clone(),
+                            size: self.members.len(),
+                        });
+                    }
+                }
+            }
+        }
+    }
+
+    fn try_claim(&self, client: Option<&HeaderValue>) -> Claim {
+        let n = self.members.len();
+        let sticky = match (self.strategy, client) {
+            (Strategy::Sticky, Some(c)) => Some(sticky_index(c, n)),
+            _ => None,
+        };
+        let start = sticky.unwrap_or_else(|| self.next.fetch_add(1, Ordering::Relaxed) % n);
+        let mut any = false;
+        for k in 0..n {
+            let index = (start + k) % n;
+            let member = &self.members[index];
+            // A set-aside member is skipped; a sticky client moves on to the
+            // next member deterministically.
+            if member.identity.set_aside() {
+                continue;
+            }
+            any = true;
+            if self.claim(member) {
+                return Claim::Got(index);
+            }
+            if sticky.is_some() {
+                // Sticky means this member: wait for it.
+                return Claim::Busy;
+            }
+        }
+        if any {
+            Claim::Busy
+        } else {
+            Claim::AllSetAside
+        }
+    }
+
+    fn claim(&self, member: &Member) -> bool {
+        let Some(max) = self.max_in_flight else {
+            return true;
+        };
+        member
+            .in_flight
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
+                (n < max).then_some(n + 1)
+            })
+            .is_ok()
+    }
+}
+
+/// The member a `QBProxy-Client` value maps to: stable for a given pool
+/// size, within and across runs of the same build.
+fn sticky_index(client: &HeaderValue, n: usize) -> usize {
+    let mut h = DefaultHasher::new();
+    client.as_bytes().hash(&mut h);
+    (h.finish() % n as u64) as usize
+}
