@@ -17,7 +17,7 @@ use tokio::time::{timeout_at, Instant};
 use crate::config::Strategy;
 use crate::error::ProxyError;
 use crate::metrics::IdentityMetrics;
-use crate::session::Identity;
+use crate::session::{Identity, Session, Unavailable};
 
 pub struct Pool {
     name: String,
@@ -144,6 +144,24 @@ impl Pool {
                     }
                 }
             }
+        }
+    }
+
+    /// A member holding a session, for one request. A member whose first
+    /// session fails because its credentials are refused is set aside and
+    /// another is tried, so a bad member costs no request.
+    pub async fn acquire_session(
+        self: &Arc<Self>,
+        client: Option<&HeaderValue>,
+        deadline: Instant,
+    ) -> Result<(Lease, Result<Arc<Session>, Unavailable>), ProxyError> {
+        loop {
+            let lease = self.acquire(client, deadline).await?;
+            let session = lease.identity().session(deadline).await;
+            if session.is_err() && lease.identity().set_aside() {
+                continue;
+            }
+            return Ok((lease, session));
         }
     }
 

@@ -100,15 +100,19 @@ impl Proxy {
         match target {
             Target::Identity(identity) => {
                 identity.start();
-                let result = self.forward(&mut parts, body, pq, identity, deadline).await;
+                let result = self
+                    .forward(&mut parts, body, pq, identity, None, deadline)
+                    .await;
                 finish(&parts, result, identity.metrics(), Some(identity))
             }
             Target::Pool(pool) => {
                 let client = parts.headers.get(route::CLIENT_HEADER).cloned();
-                match pool.acquire(client.as_ref(), deadline).await {
-                    Ok(lease) => {
+                match pool.acquire_session(client.as_ref(), deadline).await {
+                    Ok((lease, session)) => {
                         let identity = lease.identity();
-                        let result = self.forward(&mut parts, body, pq, identity, deadline).await;
+                        let result = self
+                            .forward(&mut parts, body, pq, identity, Some(session), deadline)
+                            .await;
                         finish(&parts, result, identity.metrics(), Some(identity))
                     }
                     Err(e) => finish(&parts, Err(e), pool.metrics(), None),
@@ -118,13 +122,15 @@ impl Proxy {
     }
 
     /// Forwards a request as `identity`, with `pq` as its (possibly
-    /// prefix-stripped) path and query.
+    /// prefix-stripped) path and query. `session`: the outcome of asking
+    /// for the identity's session, if the caller already did (pools do).
     async fn forward(
         &self,
         parts: &mut Parts,
         body: Incoming,
         pq: PathAndQuery,
         identity: &Identity,
+        session: Option<Result<Arc<Session>, Unavailable>>,
         deadline: Instant,
     ) -> Result<Response<Body>, ProxyError> {
         let inner = &*self.inner;
@@ -149,10 +155,11 @@ impl Proxy {
             return Ok(self.send(req, deadline).await?.map(Body::Stream));
         }
 
-        let session = identity
-            .session(deadline)
-            .await
-            .map_err(|e| unavailable(e, inner.timeout))?;
+        let session = match session {
+            Some(s) => s,
+            None => identity.session(deadline).await,
+        }
+        .map_err(|e| unavailable(e, inner.timeout))?;
         let replayable = match body::buffer(body, inner.replay_body_limit).await {
             Ok(Buffered::Complete(bytes)) => Some(bytes),
             Ok(Buffered::TooLarge { head, tail }) => {

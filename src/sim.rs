@@ -42,6 +42,20 @@ pub struct SimConfig {
     pub users: Vec<SimUser>,
     /// How long a session lives after its last use.
     pub session_lifetime: Duration,
+    /// Social-provider tokens the simulator accepts (more can be added
+    /// while it runs, as real ones rotate).
+    pub provider_tokens: Vec<ProviderToken>,
+}
+
+/// A Facebook or Firebase token and the user it logs in.
+#[derive(Debug, Clone)]
+pub struct ProviderToken {
+    /// `facebook` or `firebase_phone`.
+    pub provider: String,
+    /// For Firebase: the project id the token belongs to.
+    pub project_id: Option<String>,
+    pub token: String,
+    pub user_id: u64,
 }
 
 #[derive(Debug, Clone)]
@@ -74,8 +88,38 @@ impl SimConfig {
                 },
             ],
             session_lifetime: qb::SESSION_LIFETIME,
+            provider_tokens: Vec::new(),
         }
     }
+
+    /// Adds users `login_pattern` / `password_pattern` with `{n}` replaced
+    /// by each of `numbers`; user ids are `100_000 + n`. Emails are
+    /// `{login}@example.com`.
+    pub fn with_users(
+        mut self,
+        login_pattern: &str,
+        password_pattern: &str,
+        numbers: std::ops::RangeInclusive<u64>,
+    ) -> SimConfig {
+        for n in numbers {
+            let login = login_pattern.replace("{n}", &n.to_string());
+            self.users.push(SimUser {
+                id: 100_000 + n,
+                email: format!("{login}@example.com"),
+                login,
+                password: password_pattern.replace("{n}", &n.to_string()),
+            });
+        }
+        self
+    }
+}
+
+/// A successful session creation, as the simulator saw it.
+#[derive(Debug, Clone)]
+pub struct Creation {
+    pub user_id: u64,
+    /// Every parameter, flattened (`user[login]`, `keys[token]`, ...).
+    pub params: Vec<(String, String)>,
 }
 
 /// What the next session creation attempt does instead of succeeding.
@@ -119,6 +163,13 @@ struct Shared {
 
 #[derive(Default)]
 struct State {
+    provider_tokens: Vec<ProviderToken>,
+    creation_log: Vec<Creation>,
+    /// Session creations being handled right now, and the most at once.
+    creating: u64,
+    max_creating: u64,
+    /// Added to every session creation.
+    creation_delay: Duration,
     sessions: HashMap<String, SimSession>,
     nonces: HashSet<(String, String)>,
     faults: VecDeque<Fault>,
@@ -153,10 +204,14 @@ impl Sim {
     /// runtime stops.
     pub fn start_on(listener: TcpListener, config: SimConfig) -> std::io::Result<Sim> {
         let addr = listener.local_addr()?;
+        let state = State {
+            provider_tokens: config.provider_tokens.clone(),
+            ..State::default()
+        };
         let sim = Sim {
             shared: Arc::new(Shared {
                 config,
-                state: Mutex::new(State::default()),
+                state: Mutex::new(state),
                 clock_offset: AtomicI64::new(0),
                 changes: watch::channel(0).0,
             }),
@@ -199,6 +254,35 @@ impl Sim {
     /// Sessions created.
     pub fn creations(&self) -> u64 {
         self.state().creations
+    }
+
+    /// Every successful session creation, oldest first.
+    pub fn creation_log(&self) -> Vec<Creation> {
+        self.state().creation_log.clone()
+    }
+
+    /// Sessions created for `user_id`.
+    pub fn creations_for(&self, user_id: u64) -> usize {
+        self.state()
+            .creation_log
+            .iter()
+            .filter(|c| c.user_id == user_id)
+            .count()
+    }
+
+    /// The most session creations the simulator handled at once.
+    pub fn max_concurrent_creations(&self) -> u64 {
+        self.state().max_creating
+    }
+
+    /// Makes every session creation take at least this long.
+    pub fn set_creation_delay(&self, delay: Duration) {
+        self.state().creation_delay = delay;
+    }
+
+    /// Accepts another social-provider token from now on.
+    pub fn add_provider_token(&self, token: ProviderToken) {
+        self.state().provider_tokens.push(token);
     }
 
     /// TCP connections accepted.
@@ -292,6 +376,27 @@ impl Sim {
     }
 
     async fn create_session(&self, headers: &HeaderMap, body: &[u8]) -> Response<Body> {
+        let delay = {
+            let mut st = self.state();
+            st.creating += 1;
+            st.max_creating = st.max_creating.max(st.creating);
+            st.creation_delay
+        };
+        // Counted down however the request ends (a client may hang up).
+        struct Creating<'a>(&'a Sim);
+        impl Drop for Creating<'_> {
+            fn drop(&mut self) {
+                self.0.state().creating -= 1;
+            }
+        }
+        let _creating = Creating(self);
+        if !delay.is_zero() {
+            tokio::time::sleep(delay).await;
+        }
+        self.create_session_now(headers, body).await
+    }
+
+    async fn create_session_now(&self, headers: &HeaderMap, body: &[u8]) -> Response<Body> {
         let fault = {
             let mut st = self.state();
             st.attempts += 1;
@@ -348,8 +453,22 @@ impl Sim {
                 )
             }
         }
-        let Some(user_id) = self.user_for(&get) else {
-            return self.error(StatusCode::UNAUTHORIZED, r#"{"errors":["Unauthorized"]}"#);
+        let user_id = match get("provider") {
+            None => match self.user_for(&get) {
+                Some(id) => id,
+                None => {
+                    return self.error(StatusCode::UNAUTHORIZED, r#"{"errors":["Unauthorized"]}"#)
+                }
+            },
+            Some(provider) => match self.provider_user(provider, &get) {
+                Some(id) => id,
+                None => {
+                    return self.error(
+                        StatusCode::UNPROCESSABLE_ENTITY,
+                        r#"{"errors":["Bad Authentication data"]}"#,
+                    )
+                }
+            },
         };
         let nonce = (
             get("timestamp").unwrap_or("").to_owned(),
@@ -367,6 +486,10 @@ impl Sim {
             }
             st.next_id += 1;
             st.creations += 1;
+            st.creation_log.push(Creation {
+                user_id,
+                params: params.clone(),
+            });
             let id = st.next_id;
             let expires_at = now + cfg.session_lifetime;
             st.sessions.insert(
@@ -403,6 +526,29 @@ impl Sim {
                     && password == Some(u.password.as_str())
             })
             .map(|u| u.id)
+    }
+
+    /// The user a social-provider token logs in, if the simulator knows it.
+    fn provider_user<'a>(
+        &self,
+        provider: &str,
+        get: &impl Fn(&str) -> Option<&'a str>,
+    ) -> Option<u64> {
+        let (token, project) = match provider {
+            "facebook" => (get("keys[token]")?, None),
+            "firebase_phone" => (
+                get("firebase_phone[access_token]")?,
+                Some(get("firebase_phone[project_id]")?),
+            ),
+            _ => return None,
+        };
+        self.state()
+            .provider_tokens
+            .iter()
+            .find(|t| {
+                t.provider == provider && t.token == token && t.project_id.as_deref() == project
+            })
+            .map(|t| t.user_id)
     }
 
     async fn authenticated(&self, parts: http::request::Parts, body: Bytes) -> Response<Body> {

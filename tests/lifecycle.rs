@@ -2,9 +2,6 @@
 
 mod common;
 
-use std::io::Write;
-use std::sync::{Arc, Mutex};
-
 use common::{bounded, setup};
 use http::{Method, StatusCode};
 use tokio::net::TcpStream;
@@ -90,39 +87,12 @@ async fn shutdown_stops_accepting_and_lets_the_request_in_flight_finish() {
         .unwrap();
 }
 
-/// A `MakeWriter` that keeps everything logged.
-#[derive(Clone, Default)]
-struct Captured(Arc<Mutex<Vec<u8>>>);
-
-impl Write for Captured {
-    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-        self.0.lock().unwrap().extend_from_slice(buf);
-        Ok(buf.len())
-    }
-    fn flush(&mut self) -> std::io::Result<()> {
-        Ok(())
-    }
-}
-
-impl<'a> tracing_subscriber::fmt::MakeWriter<'a> for Captured {
-    type Writer = Captured;
-    fn make_writer(&'a self) -> Captured {
-        self.clone()
-    }
-}
-
 /// Logs at TRACE, metrics and error bodies never show a whole token, the
 /// auth secret or a password. (Single-threaded runtime: the thread-local
 /// subscriber sees every task.)
 #[tokio::test]
 async fn no_secret_reaches_logs_metrics_or_errors() {
-    let logs = Captured::default();
-    let subscriber = tracing_subscriber::fmt()
-        .with_max_level(tracing::Level::TRACE)
-        .with_writer(logs.clone())
-        .with_ansi(false)
-        .finish();
-    let _guard = tracing::subscriber::set_default(subscriber);
+    let (logs, _guard) = common::capture_logs();
 
     let h = setup().start().await;
     h.ready().await;
@@ -141,7 +111,7 @@ async fn no_secret_reaches_logs_metrics_or_errors() {
     let err = bad.get("/users.json").await;
     assert_eq!(err.status, StatusCode::SERVICE_UNAVAILABLE);
 
-    let text = String::from_utf8(logs.0.lock().unwrap().clone()).unwrap();
+    let text = logs.text();
     let mut tokens: Vec<String> = h.sim.requests().iter().map(|r| r.token.clone()).collect();
     tokens.push(
         h.handle
