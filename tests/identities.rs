@@ -133,7 +133,7 @@ async fn every_identity_kind_creates_a_signed_session() {
 
 #[tokio::test]
 async fn writes_through_an_application_identity_pass_through_and_are_logged() {
-    let (logs, _guard) = common::capture_logs();
+    let logs = common::capture_logs();
     let h = setup()
         .identity(DEMO)
         .identity("name = \"reader\"\n")

@@ -92,7 +92,7 @@ async fn shutdown_stops_accepting_and_lets_the_request_in_flight_finish() {
 /// subscriber sees every task.)
 #[tokio::test]
 async fn no_secret_reaches_logs_metrics_or_errors() {
-    let (logs, _guard) = common::capture_logs();
+    let logs = common::capture_logs();
 
     let h = setup().start().await;
     h.ready().await;

@@ -40,6 +40,7 @@ pub struct Setup {
     /// section -> key -> TOML literal
     values: BTreeMap<String, BTreeMap<String, String>>,
     identities: Vec<String>,
+    pools: Vec<String>,
 }
 
 pub fn setup() -> Setup {
@@ -48,6 +49,7 @@ pub fn setup() -> Setup {
         upstream_url: None,
         values: BTreeMap::new(),
         identities: Vec::new(),
+        pools: Vec::new(),
     };
     // Short retries keep failure tests quick; timeouts are generous, so a
     // test that "fails promptly" proves it did not wait for one.
@@ -86,6 +88,12 @@ impl Setup {
     /// the simulator's user "demo" is the identity.
     pub fn identity(mut self, body: &str) -> Self {
         self.identities.push(body.to_owned());
+        self
+    }
+
+    /// Adds a `[[pool]]` table (its body, TOML lines).
+    pub fn pool_table(mut self, body: &str) -> Self {
+        self.pools.push(body.to_owned());
         self
     }
 
@@ -133,6 +141,10 @@ impl Setup {
         for body in identities {
             text.push_str("[[identity]]\n");
             text.push_str(&body);
+        }
+        for body in &self.pools {
+            text.push_str("[[pool]]\n");
+            text.push_str(body);
         }
         text
     }
@@ -326,14 +338,23 @@ pub async fn raw(addr: SocketAddr, request: &[u8]) -> String {
     String::from_utf8_lossy(&out).into_owned()
 }
 
-/// Everything logged on this thread while the guard lives (use a
-/// single-threaded runtime, so every task logs here).
+/// Everything logged by this test binary. One global subscriber: a
+/// per-thread one would race with tracing's per-callsite interest cache when
+/// another test reaches the same log line first. Tests running in parallel
+/// share it, so assertions look for lines unique to their test.
 #[derive(Clone, Default)]
 pub struct Captured(std::sync::Arc<std::sync::Mutex<Vec<u8>>>);
 
 impl Captured {
     pub fn text(&self) -> String {
         String::from_utf8_lossy(&self.0.lock().unwrap()).into_owned()
+    }
+
+    /// True if one line holds every fragment.
+    pub fn has_line(&self, fragments: &[&str]) -> bool {
+        self.text()
+            .lines()
+            .any(|l| fragments.iter().all(|f| l.contains(f)))
     }
 }
 
@@ -354,12 +375,17 @@ impl<'a> tracing_subscriber::fmt::MakeWriter<'a> for Captured {
     }
 }
 
-pub fn capture_logs() -> (Captured, tracing::subscriber::DefaultGuard) {
-    let logs = Captured::default();
-    let subscriber = tracing_subscriber::fmt()
-        .with_max_level(tracing::Level::TRACE)
-        .with_writer(logs.clone())
-        .with_ansi(false)
-        .finish();
-    (logs, tracing::subscriber::set_default(subscriber))
+/// The binary's log buffer, installing the global subscriber on first use.
+pub fn capture_logs() -> Captured {
+    static LOGS: std::sync::OnceLock<Captured> = std::sync::OnceLock::new();
+    LOGS.get_or_init(|| {
+        let logs = Captured::default();
+        tracing_subscriber::fmt()
+            .with_max_level(tracing::Level::TRACE)
+            .with_writer(logs.clone())
+            .with_ansi(false)
+            .init();
+        logs
+    })
+    .clone()
 }

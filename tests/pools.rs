@@ -1,0 +1,332 @@
+//! Pools: round robin, sticky, lazy throttled creation, set-aside members,
+//! max_in_flight.
+
+mod common;
+
+use std::collections::{HashMap, HashSet};
+use std::time::Duration;
+
+use bytes::Bytes;
+use common::{bounded, setup};
+use http::{Method, StatusCode};
+use qbproxy::sim::{Sim, SimConfig};
+
+const DEMO: &str = "name = \"demo\"\nlogin = \"demo\"\npassword = \"demo-password\"\n";
+
+async fn sim_with_users(n: u64) -> Sim {
+    Sim::start(SimConfig::demo().with_users("loadtest-{n}", "pw-{n}", 1..=n))
+        .await
+        .unwrap()
+}
+
+fn pool(extra: &str) -> String {
+    format!(
+        "name = \"load\"\nlogin = \"loadtest-{{n}}\"\ncount = 50\npassword = \"pw-{{n}}\"\n{extra}"
+    )
+}
+
+/// Users the simulator saw for accepted requests, by count.
+fn users(sim: &Sim) -> HashMap<u64, usize> {
+    let mut seen = HashMap::new();
+    for r in sim.requests() {
+        *seen.entry(r.user_id).or_default() += 1;
+    }
+    seen
+}
+
+#[tokio::test]
+async fn round_robin_spreads_over_every_member_and_creates_lazily() {
+    let sim = sim_with_users(50).await;
+    let h = setup()
+        .sim(sim)
+        .identity(DEMO)
+        .pool_table(&pool(""))
+        .start()
+        .await;
+    h.ready().await;
+    // Only the standalone identity has a session; members are idle.
+    assert_eq!(h.sim.creations(), 1);
+    let sessions = h.admin_get("/sessions").await.json();
+    let idle = sessions["identities"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|i| i["state"] == "idle")
+        .count();
+    assert_eq!(idle, 50);
+
+    for i in 0..100 {
+        let a = h
+            .send(
+                Method::GET,
+                &format!("/users.json?i={i}"),
+                &[("QBProxy-Identity", "load")],
+                Bytes::new(),
+            )
+            .await;
+        assert_eq!(a.status, StatusCode::OK, "{}", a.text());
+    }
+    let seen = users(&h.sim);
+    assert_eq!(seen.len(), 50, "every member served");
+    assert!(seen.values().all(|n| *n == 2), "evenly: {seen:?}");
+    assert!(seen.keys().all(|u| (100_001..=100_050).contains(u)));
+    // One session per member, created on first use.
+    assert_eq!(h.sim.creations(), 51);
+    for n in 1..=50 {
+        assert_eq!(h.sim.creations_for(100_000 + n), 1);
+    }
+    let m = h.handle.metrics_text();
+    assert!(
+        m.contains("qbproxy_requests_total{code=\"200\",identity=\"load-7\",pool=\"load\"} 2"),
+        "{m}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn lazy_creation_never_exceeds_create_concurrency() {
+    let sim = sim_with_users(50).await;
+    let h = setup()
+        .sim(sim)
+        .identity(DEMO)
+        .pool_table(&pool("create_concurrency = 3\n"))
+        .start()
+        .await;
+    h.ready().await;
+    // Slow creations, so that many would overlap without the limit.
+    h.sim.set_creation_delay(Duration::from_millis(30));
+    let mut tasks = Vec::new();
+    for i in 0..50 {
+        let proxy = h.proxy;
+        tasks.push(tokio::spawn(async move {
+            let client = common::client();
+            common::send(
+                &client,
+                proxy,
+                Method::GET,
+                &format!("/x.json?{i}"),
+                &[("QBProxy-Identity", "load")],
+                Bytes::new(),
+            )
+            .await
+        }));
+    }
+    for t in tasks {
+        assert_eq!(t.await.unwrap().status, StatusCode::OK);
+    }
+    assert_eq!(h.sim.creations(), 51);
+    assert_eq!(
+        h.sim.max_concurrent_creations(),
+        3,
+        "the limit was reached and never passed"
+    );
+}
+
+#[tokio::test]
+async fn sticky_clients_keep_their_member() {
+    let sim = sim_with_users(50).await;
+    let h = setup()
+        .sim(sim)
+        .identity(DEMO)
+        .pool_table(&pool("strategy = \"sticky\"\npath_prefix = \"/load\"\n"))
+        .start()
+        .await;
+    h.ready().await;
+    let mut by_client: HashMap<String, HashSet<u64>> = HashMap::new();
+    for round in 0..3 {
+        for vu in 0..20 {
+            let client = format!("vu-{vu}");
+            let a = h
+                .send(
+                    Method::GET,
+                    &format!("/load/users.json?r={round}"),
+                    &[("QBProxy-Client", &client)],
+                    Bytes::new(),
+                )
+                .await;
+            assert_eq!(a.status, StatusCode::OK);
+            by_client
+                .entry(client)
+                .or_default()
+                .insert(a.json()["echo"]["user_id"].as_u64().unwrap());
+        }
+    }
+    assert!(
+        by_client.values().all(|users| users.len() == 1),
+        "{by_client:?}"
+    );
+    let distinct: HashSet<u64> = by_client.values().flatten().copied().collect();
+    assert!(
+        distinct.len() > 5,
+        "clients spread over members: {distinct:?}"
+    );
+    // The prefix was stripped and the client header not forwarded.
+    let r = h.sim.requests();
+    assert!(r
+        .iter()
+        .all(|r| r.path_and_query.starts_with("/users.json?r=")));
+    assert!(r.iter().all(|r| !r.headers.contains_key("qbproxy-client")));
+}
+
+#[tokio::test]
+async fn a_member_with_refused_credentials_is_set_aside_and_the_pool_serves_on() {
+    let logs = common::capture_logs();
+    let sim = sim_with_users(3).await;
+    let h = setup()
+        .sim(sim)
+        .identity(DEMO)
+        .identity("name = \"good1\"\nlogin = \"loadtest-1\"\npassword = \"pw-1\"\n")
+        .identity("name = \"bad\"\nlogin = \"loadtest-2\"\npassword = \"wrong\"\n")
+        .identity("name = \"good2\"\nlogin = \"loadtest-3\"\npassword = \"pw-3\"\n")
+        .pool_table("name = \"load\"\nidentities = [\"good1\", \"bad\", \"good2\"]\n")
+        .start()
+        .await;
+    h.ready().await;
+    for i in 0..30 {
+        let a = h
+            .send(
+                Method::GET,
+                &format!("/users.json?{i}"),
+                &[("QBProxy-Identity", "load")],
+                Bytes::new(),
+            )
+            .await;
+        assert_eq!(a.status, StatusCode::OK, "request {i}: {}", a.text());
+    }
+    let seen = users(&h.sim);
+    assert_eq!(
+        seen.keys().copied().collect::<HashSet<_>>(),
+        HashSet::from([100_001, 100_003])
+    );
+    // One attempt for the bad member, never retried: demo + 3 members.
+    assert_eq!(h.sim.attempts(), 4);
+    assert!(h.handle.identity("bad").unwrap().set_aside());
+    let m = h.handle.metrics_text();
+    assert!(
+        m.contains("qbproxy_session_set_aside{identity=\"bad\",pool=\"load\"} 1"),
+        "{m}"
+    );
+    assert!(
+        logs.has_line(&["identity=\"bad\"", "pool=\"load\"", "identity set aside"]),
+        "{}",
+        logs.text()
+    );
+    let s = h.admin_get("/sessions").await.json();
+    let bad = s["identities"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|i| i["name"] == "bad")
+        .unwrap()
+        .clone();
+    assert_eq!(bad["state"], "set_aside");
+}
+
+#[tokio::test]
+async fn every_member_set_aside_gives_a_clear_503() {
+    let sim = sim_with_users(2).await;
+    let h = setup()
+        .sim(sim)
+        .identity(DEMO)
+        .pool_table("name = \"load\"\nlogin = \"loadtest-{n}\"\ncount = 2\npassword = \"wrong\"\n")
+        .start()
+        .await;
+    h.ready().await;
+    let a = h
+        .send(
+            Method::GET,
+            "/users.json",
+            &[("QBProxy-Identity", "load")],
+            Bytes::new(),
+        )
+        .await;
+    assert_eq!(a.status, StatusCode::SERVICE_UNAVAILABLE);
+    assert_eq!(a.headers["qbproxy-error"], "pool-unavailable");
+    assert!(
+        a.error_message()
+            .contains("every member of pool \"load\" (2) is set aside"),
+        "{}",
+        a.text()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn max_in_flight_spreads_load_and_busy_pools_answer_503() {
+    let sim = sim_with_users(2).await;
+    let h = setup()
+        .sim(sim)
+        .identity(DEMO)
+        .pool_table("name = \"load\"\nlogin = \"loadtest-{n}\"\ncount = 2\npassword = \"pw-{n}\"\nmax_in_flight = 1\n")
+        .set("upstream", "timeout", "\"1s\"")
+        .start()
+        .await;
+    h.ready().await;
+    let spawn = |path: &'static str| {
+        let proxy = h.proxy;
+        tokio::spawn(async move {
+            let client = common::client();
+            common::send(
+                &client,
+                proxy,
+                Method::GET,
+                path,
+                &[("QBProxy-Identity", "load")],
+                Bytes::new(),
+            )
+            .await
+        })
+    };
+
+    // Two requests held upstream at once went to different members, although
+    // round robin would have allowed the same one twice after a skip.
+    let gate = h.sim.gate("/slow");
+    let first = spawn("/slow.json?1");
+    let second = spawn("/slow.json?2");
+    bounded(
+        "both held upstream",
+        h.sim.wait_until(|s| s.requests_to("/slow") == 2),
+    )
+    .await;
+    let held: HashSet<u64> = h.sim.requests().iter().map(|r| r.user_id).collect();
+    assert_eq!(held.len(), 2, "one request per member");
+    gate.add_permits(2);
+    assert_eq!(first.await.unwrap().status, StatusCode::OK);
+    assert_eq!(second.await.unwrap().status, StatusCode::OK);
+
+    // Every member busy (held here through the pool's own API): a request
+    // waits until its deadline, then gets 503.
+    let pool = h.handle.pool("load").unwrap().clone();
+    let far = tokio::time::Instant::now() + Duration::from_secs(5);
+    let a = pool.acquire(None, far).await.unwrap();
+    let b = pool.acquire(None, far).await.unwrap();
+    assert_ne!(a.identity().name(), b.identity().name());
+    let busy = h
+        .send(
+            Method::GET,
+            "/users.json",
+            &[("QBProxy-Identity", "load")],
+            Bytes::new(),
+        )
+        .await;
+    assert_eq!(busy.status, StatusCode::SERVICE_UNAVAILABLE);
+    assert_eq!(busy.headers["qbproxy-error"], "pool-busy");
+    assert_eq!(
+        busy.error_message(),
+        "qbproxy: all 2 members of pool \"load\" are busy"
+    );
+
+    // A waiting request takes the first member freed.
+    let waiting = spawn("/users.json?waiting");
+    let freed = b.identity().name().to_owned();
+    drop(b);
+    let w = waiting.await.unwrap();
+    assert_eq!(w.status, StatusCode::OK);
+    let user = h
+        .handle
+        .identity(&freed)
+        .unwrap()
+        .current()
+        .unwrap()
+        .user_id();
+    assert_eq!(w.json()["echo"]["user_id"], user);
+    drop(a);
+}
