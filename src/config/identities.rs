@@ -457,3 +457,171 @@ impl Validator<'_> {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::path::Path;
+
+    use crate::config::{Config, Credentials, SecretSource, Strategy};
+
+    const APP: &str = "[quickblox]\napplication_id = 1\nauth_key = \"k\"\nauth_secret = \"s\"\n";
+
+    fn parse(extra: &str) -> Result<Config, String> {
+        Config::from_toml(&format!("{APP}{extra}"), Path::new("t.toml")).map_err(|e| e.to_string())
+    }
+
+    fn problem(extra: &str) -> String {
+        let e = parse(extra).unwrap_err();
+        assert!(!e.contains('\n'), "one line: {e}");
+        e
+    }
+
+    #[test]
+    fn provider_identities() {
+        let c = parse(
+            "[[identity]]\nname = \"fb\"\nprovider = \"facebook\"\ntoken_command = \"get-token\"\nsecret = \"x\"\n\
+             [[identity]]\nname = \"ph\"\nprovider = \"firebase_phone\"\nproject_id = \"p\"\naccess_token_file = \"/run/t\"\n",
+        )
+        .unwrap();
+        match &c.identities[0].credentials {
+            Credentials::Facebook {
+                token: SecretSource::Command { command, .. },
+                secret: Some(_),
+            } => {
+                assert_eq!(command, "get-token")
+            }
+            other => panic!("{other:?}"),
+        }
+        assert_eq!(c.identities[1].credentials.kind(), "firebase_phone");
+        for (extra, key) in [
+            (
+                "name = \"x\"\nprovider = \"twitter\"\n",
+                "identity[0].provider",
+            ),
+            (
+                "name = \"x\"\nprovider = \"facebook\"\n",
+                "identity[0].token: missing",
+            ),
+            (
+                "name = \"x\"\nprovider = \"facebook\"\ntoken = \"t\"\nlogin = \"l\"\n",
+                "identity[0].login",
+            ),
+            (
+                "name = \"x\"\nprovider = \"firebase_phone\"\naccess_token = \"t\"\n",
+                "identity[0].project_id",
+            ),
+            (
+                "name = \"x\"\nlogin = \"l\"\npassword = \"p\"\ntoken = \"t\"\n",
+                "identity[0].token",
+            ),
+            (
+                "name = \"x\"\nprovider = \"facebook\"\ntoken = \"t\"\ntoken_command = \"c\"\n",
+                "identity[0].token",
+            ),
+            (
+                "name = \"x\"\nprovider = \"facebook\"\ntoken_env = \"QBPROXY_SURELY_UNSET\"\n",
+                "identity[0].token_env",
+            ),
+            (
+                "name = \"x\"\npath_prefix = \"bot\"\n",
+                "identity[0].path_prefix",
+            ),
+            (
+                "name = \"x\"\npath_prefix = \"/bot/\"\n",
+                "identity[0].path_prefix",
+            ),
+        ] {
+            let e = problem(&format!("[[identity]]\n{extra}"));
+            assert!(e.contains(key), "{key}: {e}");
+        }
+    }
+
+    #[test]
+    fn generated_pool() {
+        let c = parse(
+            "[[identity]]\nname = \"bot\"\nlogin = \"bot\"\npassword = \"p\"\n\
+             [[pool]]\nname = \"load\"\nlogin = \"lt-{n}\"\ncount = 3\nstart = 10\npassword = \"pw-{n}\"\nstrategy = \"sticky\"\n",
+        )
+        .unwrap();
+        assert_eq!(c.default, "bot");
+        let pool = &c.pools[0];
+        assert_eq!(pool.members, ["load-10", "load-11", "load-12"]);
+        assert_eq!(pool.strategy, Strategy::Sticky);
+        assert_eq!(pool.create_concurrency, 4);
+        assert_eq!(pool.max_in_flight, None);
+        let m = c.identities.iter().find(|i| i.name == "load-11").unwrap();
+        assert_eq!(m.pool.as_deref(), Some("load"));
+        match &m.credentials {
+            Credentials::Login { login, password } => {
+                assert_eq!(login, "lt-11");
+                assert_eq!(password.expose(), "pw-11");
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn a_pool_alone_is_the_default() {
+        let c = parse(
+            "[[pool]]\nname = \"load\"\nemail = \"u{n}@x.io\"\ncount = 2\npassword = \"p\"\n",
+        )
+        .unwrap();
+        assert_eq!(c.default, "load");
+        assert_eq!(c.identities.len(), 2);
+    }
+
+    #[test]
+    fn pool_mistakes_name_their_key() {
+        let ids = "[[identity]]\nname = \"a\"\nlogin = \"a\"\npassword = \"p\"\n";
+        for (pool, key) in [
+            ("name = \"p\"\n", "pool[0].identities: missing"),
+            (
+                "name = \"p\"\nidentities = [\"zz\"]\n",
+                "pool[0].identities",
+            ),
+            (
+                "name = \"p\"\nidentities = [\"a\"]\nlogin = \"x-{n}\"\ncount = 1\n",
+                "pool[0].identities",
+            ),
+            (
+                "name = \"p\"\nlogin = \"x\"\ncount = 2\npassword = \"p\"\n",
+                "pool[0].login",
+            ),
+            (
+                "name = \"p\"\nlogin = \"x-{n}\"\ncount = 0\npassword = \"p\"\n",
+                "pool[0].count",
+            ),
+            (
+                "name = \"p\"\nlogin = \"x-{n}\"\ncount = 2\n",
+                "pool[0].password",
+            ),
+            (
+                "name = \"a\"\nlogin = \"x-{n}\"\ncount = 2\npassword = \"p\"\n",
+                "pool[0].name",
+            ),
+            (
+                "name = \"p\"\nidentities = [\"a\"]\ncreate_concurrency = 0\n",
+                "pool[0].create_concurrency",
+            ),
+            (
+                "name = \"p\"\nidentities = [\"a\"]\nmax_in_flight = 0\n",
+                "pool[0].max_in_flight",
+            ),
+            (
+                "name = \"p\"\nidentities = [\"a\"]\nstrategy = \"random\"\n",
+                "pool[0].strategy",
+            ),
+        ] {
+            let e = problem(&format!("{ids}[[pool]]\n{pool}"));
+            assert!(e.contains(key), "{key}: {e}");
+        }
+        let e = problem(&format!(
+            "{ids}[[pool]]\nname = \"p\"\nidentities = [\"a\"]\n[[pool]]\nname = \"q\"\nidentities = [\"a\"]\n"
+        ));
+        assert!(e.contains("already in pool"), "{e}");
+        let e = problem(&format!(
+            "{ids}[[identity]]\nname = \"p-1\"\n[[pool]]\nname = \"p\"\nlogin = \"x-{{n}}\"\ncount = 2\npassword = \"p\"\n"
+        ));
+        assert!(e.contains("clashes"), "{e}");
+    }
+}
