@@ -45,6 +45,16 @@ enum Command {
         #[arg(long, default_value = "127.0.0.1:9090")]
         admin: SocketAddr,
     },
+    /// Run only the QuickBlox simulator (for trying configs and for bench/).
+    /// It prints its application credentials.
+    Sim {
+        /// Simulator address.
+        #[arg(long, default_value = "127.0.0.1:8081")]
+        listen: SocketAddr,
+        /// Extra users loadtest-1..N with passwords pw-1..N.
+        #[arg(long, default_value_t = 0)]
+        users: u64,
+    },
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -68,7 +78,40 @@ fn main() -> ExitCode {
                 }
             }
         }
+        Some(Command::Sim { listen, users }) => sim(listen, users),
         None => serve(&cli.config),
+    }
+}
+
+fn sim(listen: SocketAddr, users: u64) -> ExitCode {
+    let result = runtime().block_on(async move {
+        let listener = TcpListener::bind(listen)
+            .await
+            .map_err(|e| format!("cannot listen on {listen}: {e}"))?;
+        let mut config = qbproxy::sim::SimConfig::demo();
+        if users > 0 {
+            config = config.with_users("loadtest-{n}", "pw-{n}", 1..=users);
+        }
+        let sim = qbproxy::sim::Sim::start_on(listener, config.clone()).map_err(|e| e.to_string())?;
+        println!(
+            "QuickBlox simulator on {}\napplication_id = \"{}\"\nauth_key = \"{}\"\nauth_secret = \"{}\"\n\
+             users: demo/demo-password, other/other-password{}\n\
+             POST /_sim/expire expires every session; GET /_sim/stats counts.",
+            sim.url(),
+            config.application_id,
+            config.auth_key,
+            config.auth_secret,
+            if users > 0 { format!(", loadtest-1..{users}/pw-1..{users}") } else { String::new() },
+        );
+        shutdown_signal().await;
+        Ok::<(), String>(())
+    });
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("qbproxy: {e}");
+            ExitCode::FAILURE
+        }
     }
 }
 

@@ -9,7 +9,9 @@
 //! or hang session creation, hold requests to a path, and read back every
 //! request it accepted.
 //!
-//! `POST /_sim/expire` expires every session (for the demo's curl lines).
+//! Control endpoints (no token needed): `POST /_sim/expire` expires every
+//! session (for the demo's curl lines); `GET /_sim/stats` reports counts as
+//! JSON (for `bench/`).
 
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::convert::Infallible;
@@ -256,6 +258,24 @@ impl Sim {
         self.state().creations
     }
 
+    /// Counts for benchmarks: creations (in all and per user), attempts,
+    /// 401 refusals, peak concurrent creations, live sessions.
+    pub fn stats(&self) -> serde_json::Value {
+        let st = self.state();
+        let mut per_user: HashMap<u64, u64> = HashMap::new();
+        for c in &st.creation_log {
+            *per_user.entry(c.user_id).or_default() += 1;
+        }
+        serde_json::json!({
+            "attempts": st.attempts,
+            "creations": st.creations,
+            "refusals": st.refusals,
+            "max_concurrent_creations": st.max_creating,
+            "live_sessions": st.sessions.len(),
+            "creations_per_user": per_user.iter().map(|(u, n)| (u.to_string(), serde_json::Value::from(*n))).collect::<serde_json::Map<String, serde_json::Value>>(),
+        })
+    }
+
     /// Every successful session creation, oldest first.
     pub fn creation_log(&self) -> Vec<Creation> {
         self.state().creation_log.clone()
@@ -367,6 +387,9 @@ impl Sim {
             (&Method::POST, "/_sim/expire") => {
                 let n = self.expire_all();
                 self.json(StatusCode::OK, format!(r#"{{"expired":{n}}}"#), None)
+            }
+            (&Method::GET, "/_sim/stats") => {
+                self.json(StatusCode::OK, self.stats().to_string(), None)
             }
             (&Method::POST, "/session.json") | (&Method::POST, "/session") => {
                 self.create_session(&parts.headers, &body).await
@@ -486,10 +509,12 @@ impl Sim {
             }
             st.next_id += 1;
             st.creations += 1;
-            st.creation_log.push(Creation {
-                user_id,
-                params: params.clone(),
-            });
+            if st.creation_log.len() < MAX_RECORDED {
+                st.creation_log.push(Creation {
+                    user_id,
+                    params: params.clone(),
+                });
+            }
             let id = st.next_id;
             let expires_at = now + cfg.session_lifetime;
             st.sessions.insert(
