@@ -85,7 +85,8 @@ per_member() {
 import json, sys
 s = json.load(sys.stdin)
 n = [v for k, v in s["creations_per_user"].items() if int(k) > 100000]
-print(f"{len(n)} members with sessions; creations per member: min {min(n)}, max {max(n)}; total creations {s[\"creations\"]}, 401 refusals so far {s[\"refusals\"]}")'
+c, r = s["creations"], s["refusals"]
+print(f"{len(n)} members with sessions; creations per member: min {min(n)}, max {max(n)}; total creations {c}, 401 refusals so far {r}")'
 }
 after_warmup=$(per_member)
 
@@ -99,8 +100,9 @@ after_runs=$(per_member)
 # Expiry mid-run: every session dies halfway; clients must see no error.
 half=$(( ${DURATION%s} / 2 ))
 ( sleep "$half"; curl -fs -X POST "http://$SIM/_sim/expire" > "$OUT/expired.json" ) &
+expirer=$!
 run pool-expiry load "$DURATION"
-wait
+wait "$expirer"
 after_expiry=$(per_member)
 metrics=$(curl -fs "http://$ADMIN/metrics" | grep -E '^qbproxy_session_renewals_total.*pool="load".*reason="expired"' | awk '{s += $2} END {print s+0}')
 replays=$(curl -fs "http://$ADMIN/metrics" | grep -E '^qbproxy_replays_total.*pool="load"' | awk '{s += $2} END {print s+0}')
