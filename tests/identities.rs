@@ -30,23 +30,18 @@ async fn two_identities_used_concurrently_each_get_their_own_token() {
     let mut tasks = Vec::new();
     for i in 0..40 {
         let who = if i % 2 == 0 { "demo" } else { "other" };
-        let proxy = h.proxy;
-        tasks.push(tokio::spawn(async move {
-            let client = common::client();
-            let a = common::send(
-                &client,
-                proxy,
+        tasks.push((
+            who,
+            h.spawn_send(
                 Method::GET,
-                &format!("/users.json?i={i}"),
+                format!("/users.json?i={i}"),
                 &[("QBProxy-Identity", who)],
-                Bytes::new(),
-            )
-            .await;
-            (who, a)
-        }));
+                "",
+            ),
+        ));
     }
-    for t in tasks {
-        let (who, a) = t.await.unwrap();
+    for (who, t) in tasks {
+        let a = t.await.unwrap();
         assert_eq!(a.status, StatusCode::OK, "{}", a.text());
         let expected = if who == "demo" { 1001 } else { 1002 };
         assert_eq!(a.json()["echo"]["user_id"], expected, "{who}");

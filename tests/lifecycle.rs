@@ -49,18 +49,7 @@ async fn shutdown_stops_accepting_and_lets_the_request_in_flight_finish() {
     h.ready().await;
     let gate = h.sim.gate("/slow");
     let proxy = h.proxy;
-    let in_flight = tokio::spawn(async move {
-        let client = common::client();
-        common::send(
-            &client,
-            proxy,
-            Method::GET,
-            "/slow.json",
-            &[],
-            bytes::Bytes::new(),
-        )
-        .await
-    });
+    let in_flight = h.spawn_send(Method::GET, "/slow.json", &[], "");
     bounded(
         "the request to reach QuickBlox",
         h.sim.wait_until(|s| s.requests_to("/slow") == 1),

@@ -96,19 +96,12 @@ async fn lazy_creation_never_exceeds_create_concurrency() {
     h.sim.set_creation_delay(Duration::from_millis(30));
     let mut tasks = Vec::new();
     for i in 0..50 {
-        let proxy = h.proxy;
-        tasks.push(tokio::spawn(async move {
-            let client = common::client();
-            common::send(
-                &client,
-                proxy,
-                Method::GET,
-                &format!("/x.json?{i}"),
-                &[("QBProxy-Identity", "load")],
-                Bytes::new(),
-            )
-            .await
-        }));
+        tasks.push(h.spawn_send(
+            Method::GET,
+            format!("/x.json?{i}"),
+            &[("QBProxy-Identity", "load")],
+            "",
+        ));
     }
     for t in tasks {
         assert_eq!(t.await.unwrap().status, StatusCode::OK);
@@ -260,21 +253,7 @@ async fn max_in_flight_spreads_load_and_busy_pools_answer_503() {
         .start()
         .await;
     h.ready().await;
-    let spawn = |path: &'static str| {
-        let proxy = h.proxy;
-        tokio::spawn(async move {
-            let client = common::client();
-            common::send(
-                &client,
-                proxy,
-                Method::GET,
-                path,
-                &[("QBProxy-Identity", "load")],
-                Bytes::new(),
-            )
-            .await
-        })
-    };
+    let spawn = |path: &str| h.spawn_send(Method::GET, path, &[("QBProxy-Identity", "load")], "");
 
     // Two requests held upstream at once went to different members, although
     // round robin would have allowed the same one twice after a skip.

@@ -4,7 +4,6 @@ mod common;
 
 use std::collections::HashSet;
 
-use bytes::Bytes;
 use common::{bounded, setup};
 use http::{Method, StatusCode};
 use qbproxy::sim::Fault;
@@ -32,19 +31,7 @@ async fn expiry_under_100_concurrent_requests_renews_once_and_loses_nothing() {
         } else {
             (Method::GET, format!("/users.json?i={i}"), String::new())
         };
-        let h_proxy = h.proxy;
-        tasks.push(tokio::spawn(async move {
-            let client = common::client();
-            common::send(
-                &client,
-                h_proxy,
-                method,
-                &path,
-                &[("Content-Type", "application/json")],
-                Bytes::from(body),
-            )
-            .await
-        }));
+        tasks.push(h.spawn_send(method, path, &[("Content-Type", "application/json")], body));
     }
     for t in tasks {
         let a = t.await.unwrap();
@@ -145,9 +132,7 @@ async fn a_body_at_the_limit_is_replayed() {
 
 #[tokio::test]
 async fn a_failing_session_endpoint_gives_a_prompt_503_then_recovers() {
-    let sim = qbproxy::sim::Sim::start(qbproxy::sim::SimConfig::demo())
-        .await
-        .unwrap();
+    let sim = common::demo_sim().await;
     sim.push_fault(Fault::Status(
         500,
         r#"{"errors":["Internal Server Error"]}"#.into(),
@@ -246,9 +231,7 @@ async fn each_kind_of_session_failure_has_its_status() {
     );
 
     // The session endpoint hangs past session_timeout: 504.
-    let sim = qbproxy::sim::Sim::start(qbproxy::sim::SimConfig::demo())
-        .await
-        .unwrap();
+    let sim = common::demo_sim().await;
     sim.push_fault(Fault::Hang);
     let h = setup()
         .sim(sim)
@@ -268,9 +251,7 @@ async fn each_kind_of_session_failure_has_its_status() {
 
 #[tokio::test]
 async fn a_request_never_waits_past_its_timeout_for_a_session() {
-    let sim = qbproxy::sim::Sim::start(qbproxy::sim::SimConfig::demo())
-        .await
-        .unwrap();
+    let sim = common::demo_sim().await;
     sim.push_fault(Fault::Hang);
     let h = setup()
         .sim(sim)
@@ -284,9 +265,7 @@ async fn a_request_never_waits_past_its_timeout_for_a_session() {
 
 #[tokio::test]
 async fn bad_timestamp_is_corrected_from_the_upstream_date_and_kept() {
-    let sim = qbproxy::sim::Sim::start(qbproxy::sim::SimConfig::demo())
-        .await
-        .unwrap();
+    let sim = common::demo_sim().await;
     sim.set_clock_offset(3 * 3600 + 17);
     let h = setup().sim(sim).start().await;
     h.ready().await;

@@ -230,6 +230,13 @@ impl Answer {
     }
 }
 
+/// A simulator with the demo application and users.
+pub async fn demo_sim() -> Sim {
+    Sim::start(SimConfig::demo())
+        .await
+        .expect("start simulator")
+}
+
 pub fn client() -> Client<HttpConnector, Full<Bytes>> {
     Client::builder(TokioExecutor::new()).build(HttpConnector::new())
 }
@@ -251,6 +258,29 @@ impl Harness {
         body: impl Into<Bytes>,
     ) -> Answer {
         send(&self.client, self.proxy, method, path, headers, body.into()).await
+    }
+
+    /// Sends a request on a task of its own, for concurrent requests.
+    pub fn spawn_send(
+        &self,
+        method: Method,
+        path: impl Into<String>,
+        headers: &[(&str, &str)],
+        body: impl Into<Bytes>,
+    ) -> JoinHandle<Answer> {
+        let (client, proxy, path, body) =
+            (self.client.clone(), self.proxy, path.into(), body.into());
+        let headers: Vec<(String, String)> = headers
+            .iter()
+            .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+            .collect();
+        tokio::spawn(async move {
+            let headers: Vec<(&str, &str)> = headers
+                .iter()
+                .map(|(k, v)| (k.as_str(), v.as_str()))
+                .collect();
+            send(&client, proxy, method, &path, &headers, body).await
+        })
     }
 
     pub async fn admin_get(&self, path: &str) -> Answer {
