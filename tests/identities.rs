@@ -376,3 +376,40 @@ async fn sessions_endpoint_shows_state_but_never_a_token() {
     .await;
     assert_eq!(r.status, StatusCode::NOT_FOUND);
 }
+
+/// An identity stuck creating its session does not hold up another's
+/// requests.
+#[tokio::test]
+async fn one_identitys_failure_never_blocks_another() {
+    let h = setup()
+        .identity(DEMO)
+        .identity("name = \"stuck\"\nprovider = \"facebook\"\ntoken_command = \"sleep 60\"\ncommand_timeout = \"50s\"\n")
+        .identity("name = \"refused\"\nlogin = \"demo\"\npassword = \"wrong\"\n")
+        .start()
+        .await;
+    h.ready().await;
+    let stuck = h.spawn_send(
+        Method::GET,
+        "/users.json",
+        &[("QBProxy-Identity", "stuck")],
+        "",
+    );
+    let refused = h
+        .send(
+            Method::GET,
+            "/users.json",
+            &[("QBProxy-Identity", "refused")],
+            Bytes::new(),
+        )
+        .await;
+    assert_eq!(refused.status, StatusCode::SERVICE_UNAVAILABLE);
+    for i in 0..10 {
+        let a = h.get(&format!("/users.json?{i}")).await;
+        assert_eq!(a.status, StatusCode::OK);
+    }
+    assert!(
+        !stuck.is_finished(),
+        "the stuck identity's request is still waiting for its session"
+    );
+    stuck.abort();
+}
