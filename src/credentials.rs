@@ -98,12 +98,15 @@ async fn run(command: &str, timeout: Duration) -> Result<String, String> {
     let child = tokio::process::Command::new("sh")
         .arg("-c")
         .arg(command)
+        // Its own process group, so that everything it starts can be killed.
+        .process_group(0)
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .kill_on_drop(true)
         .spawn()
         .map_err(|e| format!("cannot run command `{}`: {e}", program(command)))?;
+    let _group = child.id().map(ProcessGroup);
     let output = tokio::time::timeout(timeout, child.wait_with_output())
         .await
         .map_err(|_| {
@@ -130,6 +133,24 @@ async fn run(command: &str, timeout: Duration) -> Result<String, String> {
     }
     String::from_utf8(output.stdout)
         .map_err(|_| format!("command `{}` printed non-UTF-8", program(command)))
+}
+
+/// Kills a command's whole process group when dropped: on timeout, when the
+/// session creation is cancelled, and after a normal exit (a token command
+/// has no business leaving processes behind). Killing only the `sh` would
+/// leave what it started running.
+struct ProcessGroup(u32);
+
+impl Drop for ProcessGroup {
+    fn drop(&mut self) {
+        if let Ok(id) = i32::try_from(self.0) {
+            // ESRCH (nothing left in the group) is the usual, fine outcome.
+            let _ = nix::sys::signal::killpg(
+                nix::unistd::Pid::from_raw(id),
+                nix::sys::signal::Signal::SIGKILL,
+            );
+        }
+    }
 }
 
 /// Who a session is created for.
@@ -206,6 +227,23 @@ mod tests {
             .await
             .unwrap_err()
             .contains("did not finish within 100ms"));
+        // Nothing it started is left running: the marker file never appears.
+        let marker = std::env::temp_dir().join(format!("qbproxy-pgkill-{}", std::process::id()));
+        let _ = std::fs::remove_file(&marker);
+        let leaky = SecretSource::Command {
+            command: format!("(sleep 1; touch {}) & sleep 5", marker.display()),
+            timeout: Duration::from_millis(100),
+        };
+        assert!(leaky.read().await.is_err());
+        let sentinel = SecretSource::Command {
+            command: "sleep 1.5; echo done".into(),
+            timeout: Duration::from_secs(5),
+        };
+        assert_eq!(sentinel.read().await.unwrap().expose(), "done");
+        assert!(
+            !marker.exists(),
+            "the timed-out command's background job still ran"
+        );
         let empty = SecretSource::Command {
             command: "true".into(),
             timeout: Duration::from_secs(5),
