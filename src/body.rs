@@ -6,12 +6,16 @@
 //! buffered head that was read while deciding whether it fits.
 
 use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 use std::task::{Context, Poll};
 
 use bytes::{Bytes, BytesMut};
 use http_body::{Body as HttpBody, Frame, SizeHint};
 use http_body_util::BodyExt;
 use hyper::body::Incoming;
+
+pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
 pub enum Body {
     /// Whole in memory; `None` once sent.
@@ -20,6 +24,40 @@ pub enum Body {
     Stream(Incoming),
     /// A buffered head, then the rest of the stream.
     Chain { head: Option<Bytes>, tail: Incoming },
+    /// A client's request body on its way upstream: a buffered head, then
+    /// the rest of the stream, failing once more than `left` bytes follow.
+    Capped(Capped),
+}
+
+pub struct Capped {
+    head: Option<Bytes>,
+    tail: Incoming,
+    left: u64,
+    over: Arc<AtomicBool>,
+}
+
+/// The body limit was passed: the stream was cut off.
+#[derive(Debug, thiserror::Error)]
+#[error("request body over the limit")]
+pub struct OverLimit;
+
+impl Body {
+    /// `head` then `tail`, at most `limit` bytes in all. The flag turns true
+    /// if the client sent more, so the caller can answer 413.
+    pub fn capped(head: Bytes, tail: Incoming, limit: u64) -> (Body, Arc<AtomicBool>) {
+        let over = Arc::new(AtomicBool::new(false));
+        let head_len = head.len() as u64;
+        if head_len > limit {
+            over.store(true, Ordering::Relaxed);
+        }
+        let body = Body::Capped(Capped {
+            head: (!head.is_empty()).then_some(head),
+            tail,
+            left: limit.saturating_sub(head_len),
+            over: over.clone(),
+        });
+        (body, over)
+    }
 }
 
 impl Body {
@@ -35,19 +73,41 @@ impl Body {
 
 impl HttpBody for Body {
     type Data = Bytes;
-    type Error = hyper::Error;
+    type Error = BoxError;
 
     fn poll_frame(
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        let boxed =
+            |r: Option<Result<Frame<Bytes>, hyper::Error>>| r.map(|f| f.map_err(BoxError::from));
         match self.get_mut() {
             Body::Full(data) => Poll::Ready(data.take().map(|d| Ok(Frame::data(d)))),
-            Body::Stream(inner) => Pin::new(inner).poll_frame(cx),
+            Body::Stream(inner) => Pin::new(inner).poll_frame(cx).map(boxed),
             Body::Chain { head, tail } => match head.take() {
                 Some(h) => Poll::Ready(Some(Ok(Frame::data(h)))),
-                None => Pin::new(tail).poll_frame(cx),
+                None => Pin::new(tail).poll_frame(cx).map(boxed),
             },
+            Body::Capped(c) => {
+                if c.over.load(Ordering::Relaxed) {
+                    return Poll::Ready(Some(Err(OverLimit.into())));
+                }
+                if let Some(h) = c.head.take() {
+                    return Poll::Ready(Some(Ok(Frame::data(h))));
+                }
+                match Pin::new(&mut c.tail).poll_frame(cx) {
+                    Poll::Ready(Some(Ok(frame))) => {
+                        let len = frame.data_ref().map_or(0, |d| d.len() as u64);
+                        if len > c.left {
+                            c.over.store(true, Ordering::Relaxed);
+                            return Poll::Ready(Some(Err(OverLimit.into())));
+                        }
+                        c.left -= len;
+                        Poll::Ready(Some(Ok(frame)))
+                    }
+                    other => other.map(boxed),
+                }
+            }
         }
     }
 
@@ -56,6 +116,7 @@ impl HttpBody for Body {
             Body::Full(data) => data.is_none(),
             Body::Stream(inner) => inner.is_end_stream(),
             Body::Chain { head, tail } => head.is_none() && tail.is_end_stream(),
+            Body::Capped(c) => c.head.is_none() && c.tail.is_end_stream(),
         }
     }
 
@@ -63,7 +124,7 @@ impl HttpBody for Body {
         match self {
             Body::Full(data) => SizeHint::with_exact(data.as_ref().map_or(0, |d| d.len() as u64)),
             Body::Stream(inner) => inner.size_hint(),
-            Body::Chain { head, tail } => {
+            Body::Chain { head, tail } | Body::Capped(Capped { head, tail, .. }) => {
                 let extra = head.as_ref().map_or(0, |h| h.len() as u64);
                 let tail = tail.size_hint();
                 let mut hint = SizeHint::new();

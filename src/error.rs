@@ -35,6 +35,16 @@ pub enum ProxyError {
         "every member of pool {pool:?} ({size}) is set aside: QuickBlox refused their credentials"
     )]
     PoolUnavailable { pool: String, size: usize },
+    #[error("{0}")]
+    Forbidden(String),
+    #[error("{0}")]
+    Unauthorized(String),
+    #[error("client {client:?} is over its rate limit; retry in {retry_after}s")]
+    RateLimited { client: String, retry_after: u64 },
+    #[error("request headers are {size} bytes; the limit is {limit}")]
+    HeaderTooLarge { size: usize, limit: usize },
+    #[error("request body is over the limit of {0} bytes")]
+    BodyTooLarge(u64),
 }
 
 impl ProxyError {
@@ -58,6 +68,11 @@ impl ProxyError {
             ProxyError::PoolBusy { .. } | ProxyError::PoolUnavailable { .. } => {
                 StatusCode::SERVICE_UNAVAILABLE
             }
+            ProxyError::Forbidden(_) => StatusCode::FORBIDDEN,
+            ProxyError::Unauthorized(_) => StatusCode::UNAUTHORIZED,
+            ProxyError::RateLimited { .. } => StatusCode::TOO_MANY_REQUESTS,
+            ProxyError::HeaderTooLarge { .. } => StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
+            ProxyError::BodyTooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
         }
     }
 
@@ -74,10 +89,19 @@ impl ProxyError {
             ProxyError::UnknownIdentity { .. } => "unknown-identity",
             ProxyError::PoolBusy { .. } => "pool-busy",
             ProxyError::PoolUnavailable { .. } => "pool-unavailable",
+            ProxyError::Forbidden(_) => "forbidden",
+            ProxyError::Unauthorized(_) => "unauthorized",
+            ProxyError::RateLimited { .. } => "rate-limited",
+            ProxyError::HeaderTooLarge { .. } => "header-too-large",
+            ProxyError::BodyTooLarge(_) => "body-too-large",
         }
     }
 
     pub fn into_response(self) -> Response<Body> {
+        let retry_after = match &self {
+            ProxyError::RateLimited { retry_after, .. } => Some(*retry_after),
+            _ => None,
+        };
         let body = serde_json::json!({ "errors": [format!("qbproxy: {self}")] }).to_string();
         let mut resp = Response::new(Body::full(body));
         *resp.status_mut() = self.status();
@@ -87,6 +111,9 @@ impl ProxyError {
             HeaderValue::from_static("application/json"),
         );
         headers.insert(qb::QBPROXY_ERROR, HeaderValue::from_static(self.code()));
+        if let Some(seconds) = retry_after {
+            headers.insert(header::RETRY_AFTER, HeaderValue::from(seconds));
+        }
         resp
     }
 }

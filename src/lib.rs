@@ -7,6 +7,7 @@
 
 #![forbid(unsafe_code)]
 
+pub mod access;
 pub mod admin;
 pub mod body;
 pub mod config;
@@ -176,7 +177,8 @@ impl App {
         }
         let default = target(&config.default).ok_or(StartError::NoIdentity)?;
         let router = Router::new(named, listed, prefixes, default.clone());
-        let proxy = Proxy::new(&config, client, router, metrics.clone());
+        let gate = access::Gate::new(&config, &metrics);
+        let proxy = Proxy::new(&config, client, router, gate, metrics.clone());
         Ok(App {
             config,
             proxy,
@@ -203,18 +205,29 @@ impl App {
             }
         }
         let (stop, stopping) = watch::channel(false);
-        let grace = self.config.listen.shutdown_grace;
+        let limits = &self.config.limits;
+        let proxy_options = server::Options {
+            max_connections: limits.max_connections,
+            header_read_timeout: limits.header_read_timeout,
+            max_header_bytes: limits.max_header_bytes,
+            shutdown_grace: self.config.listen.shutdown_grace,
+        };
+        // The admin port is for probes and operators: a few connections.
+        let admin_options = server::Options {
+            max_connections: 64,
+            ..proxy_options
+        };
 
         let proxy = self.proxy.clone();
         let proxy_server = server::serve(
             "proxy",
             listeners.proxy,
-            move |req| {
+            move |req, peer| {
                 let proxy = proxy.clone();
-                async move { proxy.handle(req).await }
+                async move { proxy.handle(req, peer).await }
             },
             stopping.clone(),
-            grace,
+            proxy_options,
         );
         let admin = admin::Admin {
             handle: self.handle.clone(),
@@ -224,12 +237,12 @@ impl App {
         let admin_server = server::serve(
             "admin",
             listeners.admin,
-            move |req| {
+            move |req, _peer| {
                 let admin = admin.clone();
                 async move { admin.handle(req).await }
             },
             stopping,
-            grace,
+            admin_options,
         );
         let trigger = async move {
             shutdown.await;

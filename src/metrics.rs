@@ -30,6 +30,7 @@ struct Inner {
     failures: IntCounterVec,
     session_up: IntGaugeVec,
     set_aside: IntGaugeVec,
+    client_requests: IntCounterVec,
     upstream_latency: Histogram,
     /// Requests answered before an identity was chosen (bad identity name).
     unrouted: OnceLock<Arc<IdentityMetrics>>,
@@ -87,6 +88,11 @@ impl Metrics {
             "1 while a pool member is set aside because QuickBlox refused its credentials.",
             &who,
         );
+        let client_requests = counter_vec(
+            "qbproxy_client_requests_total",
+            "Responses sent to API-key clients, by client name and HTTP status.",
+            &["client", "code"],
+        );
         let upstream_latency = Histogram::with_opts(
             HistogramOpts::new(
                 "qbproxy_upstream_duration_seconds",
@@ -107,6 +113,7 @@ impl Metrics {
             Box::new(failures.clone()),
             Box::new(session_up.clone()),
             Box::new(set_aside.clone()),
+            Box::new(client_requests.clone()),
             Box::new(upstream_latency.clone()),
         ] {
             registry
@@ -122,6 +129,7 @@ impl Metrics {
                 failures,
                 session_up,
                 set_aside,
+                client_requests,
                 upstream_latency,
                 unrouted: OnceLock::new(),
             }),
@@ -137,8 +145,7 @@ impl Metrics {
         let labels = [identity, pool];
         let m = IdentityMetrics {
             labels: [identity.to_owned(), pool.to_owned()],
-            by_code: std::array::from_fn(|_| OnceLock::new()),
-            requests: i.requests.clone(),
+            requests: CodeCounter::new(&i.requests, &[identity, pool]),
             replays_vec: i.replays.clone(),
             replays: OnceLock::new(),
             renewals: i.renewals.clone(),
@@ -155,6 +162,11 @@ impl Metrics {
             m.replays();
         }
         m
+    }
+
+    /// A client's `qbproxy_client_requests_total` series.
+    pub fn client(&self, name: &str) -> CodeCounter {
+        CodeCounter::new(&self.inner.client_requests, &[name])
     }
 
     /// Series for requests answered before an identity was chosen.
@@ -183,11 +195,43 @@ impl Default for Metrics {
     }
 }
 
+/// A counter family's children by HTTP status for fixed leading labels
+/// (the status code is the last label). Common codes are resolved once into
+/// lock-free slots; rare ones go through the vector.
+pub struct CodeCounter {
+    labels: Vec<String>,
+    by_code: [OnceLock<IntCounter>; COMMON.len()],
+    family: IntCounterVec,
+}
+
+impl CodeCounter {
+    fn new(family: &IntCounterVec, labels: &[&str]) -> CodeCounter {
+        CodeCounter {
+            labels: labels.iter().map(|l| (*l).to_owned()).collect(),
+            by_code: std::array::from_fn(|_| OnceLock::new()),
+            family: family.clone(),
+        }
+    }
+
+    fn child(&self, status: StatusCode) -> IntCounter {
+        let mut labels: Vec<&str> = self.labels.iter().map(String::as_str).collect();
+        labels.push(status.as_str());
+        self.family.with_label_values(&labels)
+    }
+
+    /// Counts a response.
+    pub fn inc(&self, status: StatusCode) {
+        match COMMON.iter().position(|c| *c == status.as_u16()) {
+            Some(slot) => self.by_code[slot].get_or_init(|| self.child(status)).inc(),
+            None => self.child(status).inc(),
+        }
+    }
+}
+
 /// One identity's series, resolved once.
 pub struct IdentityMetrics {
     labels: [String; 2],
-    by_code: [OnceLock<IntCounter>; COMMON.len()],
-    requests: IntCounterVec,
+    requests: CodeCounter,
     replays_vec: IntCounterVec,
     replays: OnceLock<IntCounter>,
     renewals: IntCounterVec,
@@ -207,19 +251,7 @@ impl IdentityMetrics {
 
     /// Counts a response sent to a client.
     pub fn request(&self, status: StatusCode) {
-        let code = status.as_u16();
-        match COMMON.iter().position(|c| *c == code) {
-            Some(slot) => self.by_code[slot]
-                .get_or_init(|| {
-                    self.requests
-                        .with_label_values(&self.child(status.as_str()))
-                })
-                .inc(),
-            None => self
-                .requests
-                .with_label_values(&self.child(status.as_str()))
-                .inc(),
-        }
+        self.requests.inc(status);
     }
 
     fn replays(&self) -> &IntCounter {

@@ -10,9 +10,12 @@
 //! requests. It reads the session lock-free and never waits for a
 //! proactive renewal.
 
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
+use arc_swap::ArcSwap;
 use bytes::Bytes;
 use http::request::Parts;
 use http::uri::PathAndQuery;
@@ -20,6 +23,7 @@ use http::{header, HeaderMap, HeaderName, Method, Request, Response, StatusCode,
 use hyper::body::Incoming;
 use tokio::time::{timeout_at, Instant};
 
+use crate::access::{Client, Gate};
 use crate::body::{self, Body, Buffered};
 use crate::config::{ClientToken, Config, UpstreamConfig};
 use crate::error::ProxyError;
@@ -27,7 +31,7 @@ use crate::metrics::{IdentityMetrics, Metrics};
 use crate::qb;
 use crate::route::{self, Router, Target};
 use crate::session::{Identity, Session, Unavailable};
-use crate::upstream::{self, Client};
+use crate::upstream;
 
 /// A cheap-to-clone handle on the forwarding state.
 #[derive(Clone)]
@@ -36,10 +40,12 @@ pub struct Proxy {
 }
 
 struct Inner {
-    client: Client,
+    client: upstream::Client,
     upstream: UpstreamConfig,
     /// Chooses the identity (or pool) whose session is injected.
     router: Router,
+    /// Who may send what; swapped whole on reload.
+    gate: ArcSwap<Gate>,
     client_token: ClientToken,
     replay_body_limit: usize,
     /// Budget of a whole request, session wait and replay included.
@@ -67,12 +73,19 @@ const HOP_BY_HOP: [HeaderName; 9] = [
 const MAX_REFUSAL_BODY: usize = 64 * 1024;
 
 impl Proxy {
-    pub fn new(config: &Config, client: Client, router: Router, metrics: Metrics) -> Self {
+    pub fn new(
+        config: &Config,
+        client: upstream::Client,
+        router: Router,
+        gate: Gate,
+        metrics: Metrics,
+    ) -> Self {
         Proxy {
             inner: Arc::new(Inner {
                 client,
                 upstream: config.upstream.clone(),
                 router,
+                gate: ArcSwap::from_pointee(gate),
                 client_token: config.proxy.client_token,
                 replay_body_limit: config.proxy.replay_body_limit,
                 timeout: config.upstream.timeout,
@@ -83,39 +96,66 @@ impl Proxy {
 
     /// Answers one client request. Never fails: qbproxy's own errors become
     /// JSON responses in QuickBlox's shape.
-    pub async fn handle(&self, req: Request<Incoming>) -> Response<Body> {
+    pub async fn handle(&self, req: Request<Incoming>, peer: SocketAddr) -> Response<Body> {
         let inner = &*self.inner;
         let (mut parts, body) = req.into_parts();
         let deadline = Instant::now() + inner.timeout;
+        let gate = inner.gate.load();
+        let unrouted = inner.metrics.unrouted();
+        let client = match gate.admit(peer.ip(), &parts.headers) {
+            Ok(client) => client,
+            Err(e) => return finish(&parts, Err(e), unrouted, None, None),
+        };
+        if content_length(&parts.headers).is_some_and(|n| n > gate.max_body_bytes) {
+            let e = ProxyError::BodyTooLarge(gate.max_body_bytes);
+            return finish(&parts, Err(e), unrouted, None, client);
+        }
         let pq = parts
             .uri
             .path_and_query()
             .cloned()
             .unwrap_or_else(|| PathAndQuery::from_static("/"));
-        let (target, stripped) = match inner.router.route(&parts.headers, &pq) {
+        let (mut target, stripped) = match inner.router.route(&parts.headers, &pq) {
             Ok(routed) => routed,
-            Err(e) => return finish(&parts, Err(e), inner.metrics.unrouted(), None),
+            Err(e) => return finish(&parts, Err(e), unrouted, None, client),
         };
+        // A client limited to some identities acts as its first one unless
+        // the request names another.
+        if let (true, Some(name)) = (
+            stripped.is_none() && !parts.headers.contains_key(route::IDENTITY_HEADER),
+            client.and_then(|c| c.default_target()),
+        ) {
+            target = inner.router.named(name).unwrap_or(target);
+        }
         let pq = stripped.unwrap_or(pq);
+        if let Some(c) = client {
+            if let Err(e) = c.permit(target.name(), &parts.method, pq.path()) {
+                return finish(&parts, Err(e), unrouted, None, client);
+            }
+        }
+        let bounds = Bounds {
+            deadline,
+            max_body: gate.max_body_bytes,
+        };
         match target {
             Target::Identity(identity) => {
                 identity.start();
                 let result = self
-                    .forward(&mut parts, body, pq, identity, None, deadline)
+                    .forward(&mut parts, body, pq, identity, None, bounds)
                     .await;
-                finish(&parts, result, identity.metrics(), Some(identity))
+                finish(&parts, result, identity.metrics(), Some(identity), client)
             }
             Target::Pool(pool) => {
-                let client = parts.headers.get(route::CLIENT_HEADER).cloned();
-                match pool.acquire_session(client.as_ref(), deadline).await {
+                let sticky = parts.headers.get(route::CLIENT_HEADER).cloned();
+                match pool.acquire_session(sticky.as_ref(), deadline).await {
                     Ok((lease, session)) => {
                         let identity = lease.identity();
                         let result = self
-                            .forward(&mut parts, body, pq, identity, Some(session), deadline)
+                            .forward(&mut parts, body, pq, identity, Some(session), bounds)
                             .await;
-                        finish(&parts, result, identity.metrics(), Some(identity))
+                        finish(&parts, result, identity.metrics(), Some(identity), client)
                     }
-                    Err(e) => finish(&parts, Err(e), pool.metrics(), None),
+                    Err(e) => finish(&parts, Err(e), pool.metrics(), None, client),
                 }
             }
         }
@@ -131,8 +171,12 @@ impl Proxy {
         pq: PathAndQuery,
         identity: &Identity,
         session: Option<Result<Arc<Session>, Unavailable>>,
-        deadline: Instant,
+        bounds: Bounds,
     ) -> Result<Response<Body>, ProxyError> {
+        let Bounds {
+            deadline,
+            max_body: body_limit,
+        } = bounds;
         let inner = &*self.inner;
         let own_token =
             inner.client_token == ClientToken::Keep && parts.headers.contains_key(qb::QB_TOKEN);
@@ -151,8 +195,12 @@ impl Proxy {
 
         // The client's own session creation, or its own token: untouched.
         if own_token || qb::is_session_create(&parts.method, pq.path()) {
-            let req = upstream_request(&parts.method, uri, headers, Body::Stream(body));
-            return Ok(self.send(req, deadline).await?.map(Body::Stream));
+            let (body, over) = Body::capped(Bytes::new(), body, body_limit);
+            let req = upstream_request(&parts.method, uri, headers, body);
+            let resp = self.send(req, deadline).await;
+            return Ok(resp
+                .map_err(|e| cut_off(e, &over, body_limit))?
+                .map(Body::Stream));
         }
 
         let session = match session {
@@ -161,19 +209,15 @@ impl Proxy {
         }
         .map_err(|e| unavailable(e, inner.timeout))?;
         let replayable = match body::buffer(body, inner.replay_body_limit).await {
+            Ok(Buffered::Complete(bytes)) if bytes.len() as u64 > body_limit => {
+                return Err(ProxyError::BodyTooLarge(body_limit));
+            }
             Ok(Buffered::Complete(bytes)) => Some(bytes),
             Ok(Buffered::TooLarge { head, tail }) => {
-                let req = with_token(
-                    &parts.method,
-                    uri,
-                    headers,
-                    &session,
-                    Body::Chain {
-                        head: Some(head),
-                        tail,
-                    },
-                );
-                return match self.send_checked(req, identity, &session, deadline).await? {
+                let (body, over) = Body::capped(head, tail, body_limit);
+                let req = with_token(&parts.method, uri, headers, &session, body);
+                let sent = self.send_checked(req, identity, &session, deadline).await;
+                return match sent.map_err(|e| cut_off(e, &over, body_limit))? {
                     Checked::Answer(resp) => Ok(resp),
                     Checked::Expired(resp) => {
                         // The body is gone: the client gets the 401, and the
@@ -300,19 +344,42 @@ impl Proxy {
     }
 }
 
+/// A failed send whose request body was cut off at the limit is the
+/// client's doing: 413, not 502.
+fn cut_off(e: ProxyError, over: &AtomicBool, limit: u64) -> ProxyError {
+    if over.load(Ordering::Relaxed) {
+        ProxyError::BodyTooLarge(limit)
+    } else {
+        e
+    }
+}
+
+/// The declared `Content-Length`, if there is a valid one.
+fn content_length(headers: &HeaderMap) -> Option<u64> {
+    headers
+        .get(header::CONTENT_LENGTH)?
+        .to_str()
+        .ok()?
+        .parse()
+        .ok()
+}
+
 /// Logs and counts the outcome of a request.
 fn finish(
     parts: &Parts,
     result: Result<Response<Body>, ProxyError>,
     metrics: &IdentityMetrics,
     identity: Option<&Identity>,
+    client: Option<&Client>,
 ) -> Response<Body> {
     let name = identity.map_or("", |i| i.name());
+    let client_name = client.map_or("", |c| c.name.as_str());
     let resp = match result {
         Ok(resp) => resp,
         Err(e) => {
             tracing::warn!(
                 identity = name,
+                client = client_name,
                 method = %parts.method,
                 path = parts.uri.path(),
                 status = e.status().as_u16(),
@@ -340,7 +407,17 @@ fn finish(
     }
     tracing::debug!(identity = name, method = %parts.method, path = parts.uri.path(), status = status.as_u16(), "request");
     metrics.request(status);
+    if let Some(c) = client {
+        c.metrics.inc(status);
+    }
     resp
+}
+
+/// What a request may take: time and body bytes.
+#[derive(Clone, Copy)]
+struct Bounds {
+    deadline: Instant,
+    max_body: u64,
 }
 
 enum Checked {

@@ -25,6 +25,15 @@ pub enum Target {
     Pool(Arc<Pool>),
 }
 
+impl Target {
+    pub fn name(&self) -> &str {
+        match self {
+            Target::Identity(i) => i.name(),
+            Target::Pool(p) => p.name(),
+        }
+    }
+}
+
 pub struct Router {
     by_name: HashMap<String, Target>,
     /// Longest first, so `/bot/admin` wins over `/bot`.
@@ -57,6 +66,11 @@ impl Router {
 
     pub fn default_target(&self) -> &Target {
         &self.default
+    }
+
+    /// The identity or pool called `name`.
+    pub fn named(&self, name: &str) -> Option<&Target> {
+        self.by_name.get(name)
     }
 
     /// The target for a request, and its path with a matched prefix removed

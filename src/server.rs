@@ -4,6 +4,8 @@
 
 use std::convert::Infallible;
 use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::Arc;
 use std::time::Duration;
 
 use http::{Request, Response};
@@ -13,29 +15,71 @@ use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
 use hyper_util::server::graceful::GracefulShutdown;
 use tokio::net::TcpListener;
-use tokio::sync::watch;
+use tokio::sync::{watch, Semaphore};
 
 use crate::body::Body;
 
+/// How a listener treats its connections.
+#[derive(Debug, Clone, Copy)]
+pub struct Options {
+    /// Open connections at most; past it, new ones wait in the kernel's
+    /// accept queue rather than being accepted and starved.
+    pub max_connections: usize,
+    /// Time to send a request's headers; also how long an idle HTTP/1
+    /// keep-alive connection is kept. Cuts off slowloris clients.
+    pub header_read_timeout: Duration,
+    /// The header limit the handler enforces (431 in JSON); hyper's own
+    /// buffers are sized above it so the handler gets to answer.
+    pub max_header_bytes: usize,
+    pub shutdown_grace: Duration,
+}
+
 /// Serves `handler` on `listener` until `shutdown` turns true, then drains
-/// for at most `grace`. `name` labels the log lines ("proxy", "admin").
+/// for at most the grace period. `name` labels the log lines.
 pub async fn serve<H, F>(
     name: &'static str,
     listener: TcpListener,
     handler: H,
     mut shutdown: watch::Receiver<bool>,
-    grace: Duration,
+    options: Options,
 ) where
-    H: Fn(Request<Incoming>) -> F + Clone + Send + Sync + 'static,
+    H: Fn(Request<Incoming>, SocketAddr) -> F + Clone + Send + Sync + 'static,
     F: Future<Output = Response<Body>> + Send + 'static,
 {
     let mut builder = auto::Builder::new(TokioExecutor::new());
-    builder.http1().timer(TokioTimer::new());
+    // Request line and headers, with room above the handler's limit.
+    let buffer = (options.max_header_bytes + 16 * 1024).max(8192);
+    builder
+        .http1()
+        .timer(TokioTimer::new())
+        .header_read_timeout(options.header_read_timeout)
+        .max_buf_size(buffer);
+    builder
+        .http2()
+        .timer(TokioTimer::new())
+        .max_header_list_size(u32::try_from(buffer).unwrap_or(u32::MAX))
+        .keep_alive_interval(Some(options.header_read_timeout))
+        .keep_alive_timeout(options.header_read_timeout);
+    let permits = Arc::new(Semaphore::new(options.max_connections));
     let graceful = GracefulShutdown::new();
     if let Ok(addr) = listener.local_addr() {
         tracing::info!(listener = name, %addr, "listening");
     }
     loop {
+        // A connection slot first, then accept: beyond the limit, clients
+        // wait in the kernel's queue.
+        let permit = tokio::select! {
+            permit = permits.clone().acquire_owned() => match permit {
+                Ok(p) => p,
+                Err(_) => break,
+            },
+            changed = shutdown.changed() => {
+                if changed.is_err() || *shutdown.borrow() {
+                    break;
+                }
+                continue;
+            }
+        };
         tokio::select! {
             accepted = listener.accept() => match accepted {
                 Ok((stream, peer)) => {
@@ -43,12 +87,13 @@ pub async fn serve<H, F>(
                     let _ = stream.set_nodelay(true);
                     let handler = handler.clone();
                     let service = service_fn(move |req| {
-                        let response = handler(req);
+                        let response = handler(req, peer);
                         async move { Ok::<_, Infallible>(response.await) }
                     });
                     let conn = builder.serve_connection(TokioIo::new(stream), service).into_owned();
                     let conn = graceful.watch(conn);
                     tokio::spawn(async move {
+                        let _permit = permit;
                         if let Err(e) = conn.await {
                             tracing::debug!(listener = name, %peer, error = %e, "connection closed with an error");
                         }
@@ -69,6 +114,7 @@ pub async fn serve<H, F>(
         }
     }
     drop(listener);
+    let grace = options.shutdown_grace;
     tracing::info!(
         listener = name,
         grace_s = grace.as_secs_f64(),

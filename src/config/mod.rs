@@ -14,8 +14,10 @@ use http::uri::{Authority, PathAndQuery, Scheme};
 use http::{HeaderValue, Uri};
 use serde::Deserialize;
 
+mod gateway;
 mod identities;
 
+pub use self::gateway::{ClientConfig, LimitsConfig, PathRule, TlsConfig};
 pub use self::identities::{IdentityConfig, PoolConfig, Strategy};
 pub use crate::credentials::{Credentials, Secret, SecretSource};
 
@@ -50,6 +52,9 @@ pub struct Config {
     /// Used when a request names no identity: the first `[[identity]]` not
     /// in a pool, else the first pool.
     pub default: String,
+    pub limits: LimitsConfig,
+    /// API-key clients; empty: no key needed.
+    pub clients: Vec<ClientConfig>,
 }
 
 #[derive(Debug, Clone)]
@@ -57,6 +62,10 @@ pub struct ListenConfig {
     pub addr: SocketAddr,
     /// How long in-flight requests may take to finish after SIGTERM/SIGINT.
     pub shutdown_grace: Duration,
+    /// Source addresses allowed to use the proxy; empty: everyone.
+    pub allow: Vec<ipnet::IpNet>,
+    /// Serve HTTPS (and require client certificates with a client CA).
+    pub tls: Option<TlsConfig>,
 }
 
 #[derive(Debug, Clone)]
@@ -78,6 +87,8 @@ pub struct UpstreamConfig {
     pub connect_timeout: Duration,
     pub pool_idle_timeout: Duration,
     pub pool_max_idle_per_host: usize,
+    /// Extra roots for the upstream's certificate, besides the system's.
+    pub ca: Option<Vec<rustls::pki_types::CertificateDer<'static>>>,
 }
 
 impl UpstreamConfig {
@@ -149,6 +160,10 @@ struct RawConfig {
     identity: Vec<identities::RawIdentity>,
     #[serde(default)]
     pool: Vec<identities::RawPool>,
+    #[serde(default)]
+    limits: gateway::RawLimits,
+    #[serde(default)]
+    client: Vec<gateway::RawClient>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -156,6 +171,10 @@ struct RawConfig {
 struct RawListen {
     addr: String,
     shutdown_grace: String,
+    allow: Vec<String>,
+    tls_cert: Option<PathBuf>,
+    tls_key: Option<PathBuf>,
+    client_ca: Option<PathBuf>,
 }
 
 impl Default for RawListen {
@@ -163,6 +182,10 @@ impl Default for RawListen {
         RawListen {
             addr: "127.0.0.1:8080".into(),
             shutdown_grace: "10s".into(),
+            allow: Vec::new(),
+            tls_cert: None,
+            tls_key: None,
+            client_ca: None,
         }
     }
 }
@@ -189,6 +212,7 @@ struct RawUpstream {
     connect_timeout: String,
     pool_idle_timeout: String,
     pool_max_idle_per_host: usize,
+    ca_file: Option<PathBuf>,
 }
 
 impl Default for RawUpstream {
@@ -199,6 +223,7 @@ impl Default for RawUpstream {
             connect_timeout: "5s".into(),
             pool_idle_timeout: "90s".into(),
             pool_max_idle_per_host: 256,
+            ca_file: None,
         }
     }
 }
@@ -312,6 +337,12 @@ impl Validator<'_> {
         let listen = ListenConfig {
             addr: self.addr("listen.addr", &raw.listen.addr)?,
             shutdown_grace: self.duration("listen.shutdown_grace", &raw.listen.shutdown_grace)?,
+            allow: self.allow(&raw.listen.allow)?,
+            tls: self.tls(
+                raw.listen.tls_cert.as_deref(),
+                raw.listen.tls_key.as_deref(),
+                raw.listen.client_ca.as_deref(),
+            )?,
         };
         let admin = AdminConfig {
             addr: self.addr("admin.addr", &raw.admin.addr)?,
@@ -338,7 +369,17 @@ impl Validator<'_> {
         };
         let quickblox = self.quickblox(raw.quickblox)?;
         let resolved = self.identities_and_pools(raw.identity, raw.pool)?;
+        let limits = self.limits(&raw.limits)?;
+        let targets: Vec<&str> = resolved
+            .identities
+            .iter()
+            .map(|i| i.name.as_str())
+            .chain(resolved.pools.iter().map(|p| p.name.as_str()))
+            .collect();
+        let clients = self.clients(raw.client, &targets)?;
         Ok(Config {
+            limits,
+            clients,
             listen,
             admin,
             upstream,
@@ -416,6 +457,11 @@ impl Validator<'_> {
             pool_idle_timeout: self
                 .positive("upstream.pool_idle_timeout", &raw.pool_idle_timeout)?,
             pool_max_idle_per_host: raw.pool_max_idle_per_host,
+            ca: raw
+                .ca_file
+                .as_deref()
+                .map(|p| self.certs("upstream.ca_file", p))
+                .transpose()?,
         })
     }
 

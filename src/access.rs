@@ -1,0 +1,234 @@
+//! Who may use the proxy, checked before anything is forwarded: the source
+//! address allowlist, the header-size limit, client API keys
+//! (`QBProxy-Key`, compared in constant time), per-client rate limits,
+//! and per-client identity and path rules.
+//!
+//! A [`Gate`] is built from the config and swapped whole on reload.
+
+use std::net::IpAddr;
+use std::sync::Mutex;
+use std::time::Instant;
+
+use http::{HeaderMap, HeaderName, Method};
+use ipnet::IpNet;
+use sha1::{Digest, Sha1};
+use subtle::ConstantTimeEq;
+
+use crate::config::{ClientConfig, Config, PathRule};
+use crate::error::ProxyError;
+use crate::metrics::{CodeCounter, Metrics};
+
+/// The client's API key; stripped before forwarding like every `QBProxy-*`.
+pub const KEY_HEADER: HeaderName = HeaderName::from_static("qbproxy-key");
+
+pub struct Gate {
+    allow: Vec<IpNet>,
+    clients: Vec<Client>,
+    max_header_bytes: usize,
+    pub max_body_bytes: u64,
+}
+
+pub struct Client {
+    pub name: String,
+    /// SHA-1 of the key: comparing digests in constant time leaks neither
+    /// the key nor its length.
+    digest: [u8; 20],
+    identities: Option<Vec<String>>,
+    allow_paths: Vec<PathRule>,
+    deny_paths: Vec<PathRule>,
+    bucket: Option<Mutex<Bucket>>,
+    pub metrics: CodeCounter,
+}
+
+impl Gate {
+    pub fn new(config: &Config, metrics: &Metrics) -> Gate {
+        Gate {
+            allow: config.listen.allow.clone(),
+            clients: config
+                .clients
+                .iter()
+                .map(|c| Client::new(c, metrics))
+                .collect(),
+            max_header_bytes: config.limits.max_header_bytes,
+            max_body_bytes: config.limits.max_body_bytes,
+        }
+    }
+
+    /// Checks a request's source, headers and key; returns its client when
+    /// keys are configured.
+    pub fn admit(&self, peer: IpAddr, headers: &HeaderMap) -> Result<Option<&Client>, ProxyError> {
+        let peer = peer.to_canonical();
+        if !self.allow.is_empty() && !self.allow.iter().any(|net| net.contains(&peer)) {
+            return Err(ProxyError::Forbidden(format!(
+                "{peer} is not in listen.allow"
+            )));
+        }
+        let size = header_bytes(headers);
+        if size > self.max_header_bytes {
+            return Err(ProxyError::HeaderTooLarge {
+                size,
+                limit: self.max_header_bytes,
+            });
+        }
+        if self.clients.is_empty() {
+            return Ok(None);
+        }
+        let Some(key) = headers.get(KEY_HEADER) else {
+            return Err(ProxyError::Unauthorized(
+                "this proxy needs a QBProxy-Key header".into(),
+            ));
+        };
+        let digest: [u8; 20] = Sha1::digest(key.as_bytes()).into();
+        // Every client is compared, so the time taken does not say which
+        // (or whether one) matched.
+        let mut found = None;
+        for client in &self.clients {
+            if bool::from(client.digest.ct_eq(&digest)) {
+                found = Some(client);
+            }
+        }
+        let client =
+            found.ok_or_else(|| ProxyError::Unauthorized("the QBProxy-Key is not valid".into()))?;
+        if let Some(bucket) = &client.bucket {
+            let mut bucket = bucket.lock().unwrap_or_else(|p| p.into_inner());
+            if let Err(retry_after) = bucket.take(Instant::now()) {
+                return Err(ProxyError::RateLimited {
+                    client: client.name.clone(),
+                    retry_after,
+                });
+            }
+        }
+        Ok(Some(client))
+    }
+}
+
+impl Client {
+    fn new(c: &ClientConfig, metrics: &Metrics) -> Client {
+        Client {
+            name: c.name.clone(),
+            digest: Sha1::digest(c.key.expose().as_bytes()).into(),
+            identities: c.identities.clone(),
+            allow_paths: c.allow_paths.clone(),
+            deny_paths: c.deny_paths.clone(),
+            bucket: c
+                .rate
+                .map(|(rate, burst)| Mutex::new(Bucket::new(rate, burst))),
+            metrics: metrics.client(&c.name),
+        }
+    }
+
+    /// The identity this client uses when the request names none: its
+    /// first allowed one, if it is restricted.
+    pub fn default_target(&self) -> Option<&str> {
+        self.identities
+            .as_ref()
+            .and_then(|ids| ids.first())
+            .map(String::as_str)
+    }
+
+    /// May this client act as `target` and send `method path`?
+    pub fn permit(&self, target: &str, method: &Method, path: &str) -> Result<(), ProxyError> {
+        if let Some(ids) = &self.identities {
+            if !ids.iter().any(|i| i == target) {
+                return Err(ProxyError::Forbidden(format!(
+                    "client {:?} may not use identity {target:?}; it may use: {}",
+                    self.name,
+                    ids.join(", ")
+                )));
+            }
+        }
+        if let Some(rule) = self.deny_paths.iter().find(|r| r.matches(method, path)) {
+            return Err(ProxyError::Forbidden(format!(
+                "client {:?} may not {method} {path} (deny_paths rule {:?})",
+                self.name, rule.text
+            )));
+        }
+        if !self.allow_paths.is_empty() && !self.allow_paths.iter().any(|r| r.matches(method, path))
+        {
+            return Err(ProxyError::Forbidden(format!(
+                "client {:?} may not {method} {path} (no allow_paths rule matches)",
+                self.name
+            )));
+        }
+        Ok(())
+    }
+}
+
+/// Request header size as `limits.max_header_bytes` counts it: names and
+/// values, plus 4 bytes per header for `: ` and CRLF.
+pub fn header_bytes(headers: &HeaderMap) -> usize {
+    headers
+        .iter()
+        .map(|(name, value)| name.as_str().len() + value.len() + 4)
+        .sum()
+}
+
+/// A token bucket: `rate` tokens a second, at most `burst` saved up.
+struct Bucket {
+    rate: f64,
+    burst: f64,
+    tokens: f64,
+    at: Instant,
+}
+
+impl Bucket {
+    fn new(rate: f64, burst: f64) -> Bucket {
+        Bucket {
+            rate,
+            burst,
+            tokens: burst,
+            at: Instant::now(),
+        }
+    }
+
+    /// Takes a token, or says in how many whole seconds one will be there.
+    fn take(&mut self, now: Instant) -> Result<(), u64> {
+        let elapsed = now.saturating_duration_since(self.at).as_secs_f64();
+        self.tokens = (self.tokens + elapsed * self.rate).min(self.burst);
+        self.at = now;
+        if self.tokens >= 1.0 {
+            self.tokens -= 1.0;
+            Ok(())
+        } else {
+            Err(((1.0 - self.tokens) / self.rate).ceil().max(1.0) as u64)
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Duration;
+
+    #[test]
+    fn bucket_refills_at_its_rate_up_to_its_burst() {
+        let start = Instant::now();
+        let mut b = Bucket::new(2.0, 3.0);
+        b.at = start;
+        for _ in 0..3 {
+            assert!(b.take(start).is_ok());
+        }
+        assert_eq!(b.take(start), Err(1));
+        // Half a second later: one more token.
+        assert!(b.take(start + Duration::from_millis(500)).is_ok());
+        assert!(b.take(start + Duration::from_millis(500)).is_err());
+        // A long pause saves up no more than the burst.
+        let later = start + Duration::from_secs(60);
+        for _ in 0..3 {
+            assert!(b.take(later).is_ok());
+        }
+        assert!(b.take(later).is_err());
+        // Slow rates ask for longer waits.
+        let mut slow = Bucket::new(0.1, 1.0);
+        slow.at = start;
+        assert!(slow.take(start).is_ok());
+        assert_eq!(slow.take(start), Err(10));
+    }
+
+    #[test]
+    fn header_size_counts_names_values_and_separators() {
+        let mut h = HeaderMap::new();
+        h.insert("x-a", "12345".parse().unwrap());
+        assert_eq!(header_bytes(&h), 3 + 5 + 4);
+    }
+}

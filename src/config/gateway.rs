@@ -1,0 +1,352 @@
+//! Gateway keys: who may connect (`[listen] allow`, TLS, `[[client]]`) and
+//! how much they may send (`[limits]`). Certificates and keys are read and
+//! parsed here, so `qbproxy check` catches a bad PEM file.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use http::Method;
+use ipnet::IpNet;
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+use serde::Deserialize;
+
+use super::{ConfigError, Secret, Validator};
+
+/// Inbound TLS: a certificate chain and key, and optionally the CA that
+/// client certificates must chain to (mTLS).
+#[derive(Debug)]
+pub struct TlsConfig {
+    pub cert_chain: Vec<CertificateDer<'static>>,
+    pub key: PrivateKeyDer<'static>,
+    pub client_ca: Option<Vec<CertificateDer<'static>>>,
+}
+
+impl Clone for TlsConfig {
+    fn clone(&self) -> Self {
+        TlsConfig {
+            cert_chain: self.cert_chain.clone(),
+            key: self.key.clone_key(),
+            client_ca: self.client_ca.clone(),
+        }
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct LimitsConfig {
+    /// Request header names and values, plus 4 bytes per header (`: ` and
+    /// CRLF). Over it: 431.
+    pub max_header_bytes: usize,
+    /// Request body. Over it: 413.
+    pub max_body_bytes: u64,
+    /// Open client connections; past it, new ones wait in the kernel's
+    /// accept queue.
+    pub max_connections: usize,
+    /// Time a client has to send a request's headers, and the longest an
+    /// idle keep-alive connection is kept (HTTP/1).
+    pub header_read_timeout: Duration,
+}
+
+/// A path rule: `"DELETE /users/*"`, `"/chat/*"` (any method), `"GET *"`.
+/// `*` matches any run of characters, slashes included.
+#[derive(Debug, Clone)]
+pub struct PathRule {
+    pub text: String,
+    pub method: Option<Method>,
+    pub pattern: String,
+}
+
+impl PathRule {
+    pub fn matches(&self, method: &Method, path: &str) -> bool {
+        self.method.as_ref().is_none_or(|m| m == method) && glob(&self.pattern, path)
+    }
+}
+
+/// `*` matches any run of characters; everything else itself.
+fn glob(pattern: &str, text: &str) -> bool {
+    let mut parts = pattern.split('*');
+    let first = parts.next().unwrap_or("");
+    let Some(mut rest) = text.strip_prefix(first) else {
+        return false;
+    };
+    let parts: Vec<&str> = parts.collect();
+    let Some((last, middle)) = parts.split_last() else {
+        return rest.is_empty();
+    };
+    for part in middle {
+        match rest.find(part) {
+            Some(i) => rest = &rest[i + part.len()..],
+            None => return false,
+        }
+    }
+    rest.len() >= last.len() && rest.ends_with(last)
+}
+
+/// A client of the gateway, known by its API key.
+#[derive(Debug, Clone)]
+pub struct ClientConfig {
+    pub name: String,
+    pub key: Secret,
+    /// Identities and pools it may use; `None`: all.
+    pub identities: Option<Vec<String>>,
+    pub allow_paths: Vec<PathRule>,
+    pub deny_paths: Vec<PathRule>,
+    /// Requests per second, and the burst above it.
+    pub rate: Option<(f64, f64)>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawLimits {
+    #[serde(default = "default_max_header_bytes")]
+    max_header_bytes: usize,
+    #[serde(default = "default_max_body_bytes")]
+    max_body_bytes: u64,
+    #[serde(default = "default_max_connections")]
+    max_connections: usize,
+    #[serde(default = "default_header_read_timeout")]
+    header_read_timeout: String,
+}
+
+impl Default for RawLimits {
+    fn default() -> Self {
+        RawLimits {
+            max_header_bytes: default_max_header_bytes(),
+            max_body_bytes: default_max_body_bytes(),
+            max_connections: default_max_connections(),
+            header_read_timeout: default_header_read_timeout(),
+        }
+    }
+}
+
+fn default_max_header_bytes() -> usize {
+    16 * 1024
+}
+fn default_max_body_bytes() -> u64 {
+    10 * 1024 * 1024
+}
+fn default_max_connections() -> usize {
+    4096
+}
+fn default_header_read_timeout() -> String {
+    "10s".into()
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawClient {
+    name: String,
+    key: Option<String>,
+    key_env: Option<String>,
+    key_file: Option<PathBuf>,
+    identities: Option<Vec<String>>,
+    #[serde(default)]
+    allow_paths: Vec<String>,
+    #[serde(default)]
+    deny_paths: Vec<String>,
+    rate: Option<f64>,
+    burst: Option<f64>,
+}
+
+/// Largest header limit hyper's buffers are sized for.
+const MAX_HEADER_LIMIT: usize = 1024 * 1024;
+
+impl Validator<'_> {
+    pub(super) fn allow(&self, raw: &[String]) -> Result<Vec<IpNet>, ConfigError> {
+        raw.iter()
+            .enumerate()
+            .map(|(i, s)| {
+                s.parse::<IpNet>()
+                    .or_else(|_| s.parse::<std::net::IpAddr>().map(IpNet::from))
+                    .map(|n| n.trunc())
+                    .map_err(|_| {
+                        self.invalid(
+                            &format!("listen.allow[{i}]"),
+                            format!("{s:?} is not an address or a CIDR range like \"10.0.0.0/8\" or \"fd00::/8\""),
+                        )
+                    })
+            })
+            .collect()
+    }
+
+    pub(super) fn tls(
+        &self,
+        cert: Option<&Path>,
+        key: Option<&Path>,
+        client_ca: Option<&Path>,
+    ) -> Result<Option<TlsConfig>, ConfigError> {
+        let (cert, key) = match (cert, key, client_ca) {
+            (None, None, None) => return Ok(None),
+            (Some(c), Some(k), _) => (c, k),
+            (None, _, _) => {
+                return Err(
+                    self.invalid("listen.tls_cert", "missing: TLS needs tls_cert and tls_key")
+                )
+            }
+            (_, None, _) => {
+                return Err(
+                    self.invalid("listen.tls_key", "missing: TLS needs tls_cert and tls_key")
+                )
+            }
+        };
+        let cert_chain = self.certs("listen.tls_cert", cert)?;
+        let key = PrivateKeyDer::from_pem_file(key).map_err(|e| {
+            self.invalid(
+                "listen.tls_key",
+                format!(
+                    "{}: no usable private key (PKCS#8, PKCS#1 or SEC1 PEM): {e}",
+                    key.display()
+                ),
+            )
+        })?;
+        let client_ca = client_ca
+            .map(|p| self.certs("listen.client_ca", p))
+            .transpose()?;
+        Ok(Some(TlsConfig {
+            cert_chain,
+            key,
+            client_ca,
+        }))
+    }
+
+    /// Every certificate in a PEM file; at least one.
+    pub(super) fn certs(
+        &self,
+        key: &str,
+        path: &Path,
+    ) -> Result<Vec<CertificateDer<'static>>, ConfigError> {
+        let certs: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(path)
+            .map_err(|e| self.invalid(key, format!("cannot read {}: {e}", path.display())))?
+            .collect::<Result<_, _>>()
+            .map_err(|e| self.invalid(key, format!("{}: bad PEM: {e}", path.display())))?;
+        if certs.is_empty() {
+            return Err(self.invalid(key, format!("{}: no certificate in it", path.display())));
+        }
+        Ok(certs)
+    }
+
+    pub(super) fn limits(&self, raw: &RawLimits) -> Result<LimitsConfig, ConfigError> {
+        if raw.max_header_bytes < 1024 || raw.max_header_bytes > MAX_HEADER_LIMIT {
+            return Err(self.invalid(
+                "limits.max_header_bytes",
+                format!("must be between 1024 and {MAX_HEADER_LIMIT}"),
+            ));
+        }
+        if raw.max_body_bytes == 0 {
+            return Err(self.invalid("limits.max_body_bytes", "must be greater than zero"));
+        }
+        if raw.max_connections == 0 {
+            return Err(self.invalid("limits.max_connections", "must be greater than zero"));
+        }
+        Ok(LimitsConfig {
+            max_header_bytes: raw.max_header_bytes,
+            max_body_bytes: raw.max_body_bytes,
+            max_connections: raw.max_connections,
+            header_read_timeout: self
+                .positive("limits.header_read_timeout", &raw.header_read_timeout)?,
+        })
+    }
+
+    pub(super) fn clients(
+        &self,
+        raw: Vec<RawClient>,
+        targets: &[&str],
+    ) -> Result<Vec<ClientConfig>, ConfigError> {
+        let mut out: Vec<ClientConfig> = Vec::with_capacity(raw.len());
+        for (i, r) in raw.into_iter().enumerate() {
+            let at = |field: &str| format!("client[{i}].{field}");
+            if r.name.is_empty() || out.iter().any(|c| c.name == r.name) {
+                return Err(self.invalid(&at("name"), format!("{:?}: empty or used twice", r.name)));
+            }
+            let key = self
+                .secret(&at("key"), r.key, r.key_env, r.key_file)?
+                .ok_or_else(|| self.invalid(&at("key"), "missing: set key, key_env or key_file"))?;
+            if key.expose().len() < 16 {
+                return Err(self.invalid(&at("key"), "must be at least 16 characters"));
+            }
+            if out.iter().any(|c| c.key == key) {
+                return Err(self.invalid(&at("key"), "the same key as another client"));
+            }
+            if let Some(ids) = &r.identities {
+                if let Some(unknown) = ids.iter().find(|n| !targets.contains(&n.as_str())) {
+                    return Err(self.invalid(
+                        &at("identities"),
+                        format!("no identity or pool is named {unknown:?}"),
+                    ));
+                }
+            }
+            let rules = |field: &str, list: &[String]| -> Result<Vec<PathRule>, ConfigError> {
+                list.iter()
+                    .map(|text| self.rule(&at(field), text))
+                    .collect()
+            };
+            let rate = match (r.rate, r.burst) {
+                (None, None) => None,
+                (None, Some(_)) => return Err(self.invalid(&at("burst"), "needs rate")),
+                (Some(rate), burst) => {
+                    if !(rate > 0.0 && rate.is_finite()) {
+                        return Err(
+                            self.invalid(&at("rate"), "requests per second, greater than zero")
+                        );
+                    }
+                    let burst = burst.unwrap_or(rate.max(1.0));
+                    if !(burst >= 1.0 && burst.is_finite()) {
+                        return Err(self.invalid(&at("burst"), "at least 1"));
+                    }
+                    Some((rate, burst))
+                }
+            };
+            out.push(ClientConfig {
+                allow_paths: rules("allow_paths", &r.allow_paths)?,
+                deny_paths: rules("deny_paths", &r.deny_paths)?,
+                name: r.name,
+                key,
+                identities: r.identities,
+                rate,
+            });
+        }
+        Ok(out)
+    }
+
+    fn rule(&self, key: &str, text: &str) -> Result<PathRule, ConfigError> {
+        let (method, pattern) = match text.split_once(' ') {
+            Some(("*", p)) => (None, p.trim()),
+            Some((m, p)) => {
+                let method = Method::from_bytes(m.as_bytes())
+                    .map_err(|_| self.invalid(key, format!("{text:?}: {m:?} is not a method")))?;
+                (Some(method), p.trim())
+            }
+            None => (None, text),
+        };
+        if !pattern.starts_with('/') && pattern != "*" {
+            return Err(self.invalid(
+                key,
+                format!("{text:?}: write \"[METHOD] /path/*\", e.g. \"DELETE /users/*\""),
+            ));
+        }
+        Ok(PathRule {
+            text: text.to_owned(),
+            method,
+            pattern: pattern.to_owned(),
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn globs() {
+        assert!(glob("/users/*", "/users/5.json"));
+        assert!(glob("/users/*", "/users/"));
+        assert!(!glob("/users/*", "/users"));
+        assert!(glob("*", "/anything"));
+        assert!(glob("/chat/*/messages*", "/chat/1/messages.json"));
+        assert!(!glob("/chat/*/messages*", "/chat/1/dialogs.json"));
+        assert!(glob("/a*b*c", "/aXbYc"));
+        assert!(!glob("/a*bc", "/abc/x"));
+        assert!(glob("/exact.json", "/exact.json"));
+        assert!(!glob("/exact.json", "/exact.json/x"));
+    }
+}
