@@ -41,6 +41,8 @@ pub struct Setup {
     values: BTreeMap<String, BTreeMap<String, String>>,
     identities: Vec<String>,
     pools: Vec<String>,
+    bind: String,
+    extra: String,
 }
 
 pub fn setup() -> Setup {
@@ -50,6 +52,8 @@ pub fn setup() -> Setup {
         values: BTreeMap::new(),
         identities: Vec::new(),
         pools: Vec::new(),
+        bind: "127.0.0.1:0".into(),
+        extra: String::new(),
     };
     // Short retries keep failure tests quick; timeouts are generous, so a
     // test that "fails promptly" proves it did not wait for one.
@@ -88,6 +92,18 @@ impl Setup {
     /// the simulator's user "demo" is the identity.
     pub fn identity(mut self, body: &str) -> Self {
         self.identities.push(body.to_owned());
+        self
+    }
+
+    /// Binds the proxy listener here instead of `127.0.0.1:0`.
+    pub fn bind(mut self, addr: &str) -> Self {
+        self.bind = addr.to_owned();
+        self
+    }
+
+    /// Appends TOML as it is (e.g. `[[client]]` tables).
+    pub fn raw_table(mut self, toml: &str) -> Self {
+        self.extra.push_str(toml);
         self
     }
 
@@ -146,6 +162,7 @@ impl Setup {
             text.push_str("[[pool]]\n");
             text.push_str(body);
         }
+        text.push_str(&self.extra);
         text
     }
 
@@ -161,12 +178,16 @@ impl Setup {
         let text = self.config_text(&sim);
         let config = Config::from_toml(&text, Path::new("test.toml"))
             .unwrap_or_else(|e| panic!("test config: {e}\n{text}"));
-        start_app(sim, config).await
+        start_app_on(sim, config, &self.bind).await
     }
 }
 
 pub async fn start_app(sim: Sim, config: Config) -> Harness {
-    let proxy_l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    start_app_on(sim, config, "127.0.0.1:0").await
+}
+
+pub async fn start_app_on(sim: Sim, config: Config, bind: &str) -> Harness {
+    let proxy_l = TcpListener::bind(bind).await.unwrap();
     let admin_l = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let proxy = proxy_l.local_addr().unwrap();
     let admin = admin_l.local_addr().unwrap();
