@@ -23,12 +23,14 @@ pub mod server;
 pub mod session;
 pub mod signer;
 pub mod sim;
+pub mod tls;
 pub mod upstream;
 
 use std::collections::HashMap;
 use std::future::Future;
 use std::sync::Arc;
 
+use arc_swap::ArcSwapOption;
 use tokio::net::TcpListener;
 use tokio::sync::{watch, Semaphore};
 
@@ -61,6 +63,8 @@ pub struct App {
     config: Config,
     proxy: Proxy,
     handle: Handle,
+    /// The proxy listener's TLS config, swapped on reload.
+    tls: Arc<ArcSwapOption<rustls::ServerConfig>>,
 }
 
 /// A cheap-to-clone view of a running [`App`], for tests, the demo and the
@@ -179,7 +183,11 @@ impl App {
         let router = Router::new(named, listed, prefixes, default.clone());
         let gate = access::Gate::new(&config, &metrics);
         let proxy = Proxy::new(&config, client, router, gate, metrics.clone());
+        let tls = Arc::new(ArcSwapOption::new(
+            config.listen.tls.as_ref().map(|t| t.server.clone()),
+        ));
         Ok(App {
+            tls,
             config,
             proxy,
             handle: Handle {
@@ -228,6 +236,7 @@ impl App {
             },
             stopping.clone(),
             proxy_options,
+            self.tls.clone(),
         );
         let admin = admin::Admin {
             handle: self.handle.clone(),
@@ -243,6 +252,7 @@ impl App {
             },
             stopping,
             admin_options,
+            Arc::new(ArcSwapOption::empty()),
         );
         let trigger = async move {
             shutdown.await;

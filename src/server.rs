@@ -8,6 +8,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
+use arc_swap::ArcSwapOption;
 use http::{Request, Response};
 use hyper::body::Incoming;
 use hyper::service::service_fn;
@@ -16,6 +17,7 @@ use hyper_util::server::conn::auto;
 use hyper_util::server::graceful::GracefulShutdown;
 use tokio::net::TcpListener;
 use tokio::sync::{watch, Semaphore};
+use tokio_rustls::TlsAcceptor;
 
 use crate::body::Body;
 
@@ -35,13 +37,16 @@ pub struct Options {
 }
 
 /// Serves `handler` on `listener` until `shutdown` turns true, then drains
-/// for at most the grace period. `name` labels the log lines.
+/// for at most the grace period. `name` labels the log lines. With a TLS
+/// config in `tls` (read per connection, so a reload can swap it), every
+/// connection is TLS; the handshake must finish within the header timeout.
 pub async fn serve<H, F>(
     name: &'static str,
     listener: TcpListener,
     handler: H,
     mut shutdown: watch::Receiver<bool>,
     options: Options,
+    tls: Arc<ArcSwapOption<rustls::ServerConfig>>,
 ) where
     H: Fn(Request<Incoming>, SocketAddr) -> F + Clone + Send + Sync + 'static,
     F: Future<Output = Response<Body>> + Send + 'static,
@@ -90,11 +95,35 @@ pub async fn serve<H, F>(
                         let response = handler(req, peer);
                         async move { Ok::<_, Infallible>(response.await) }
                     });
-                    let conn = builder.serve_connection(TokioIo::new(stream), service).into_owned();
-                    let conn = graceful.watch(conn);
+                    let builder = builder.clone();
+                    let watcher = graceful.watcher();
+                    let tls = tls.load_full();
+                    let handshake_timeout = options.header_read_timeout;
                     tokio::spawn(async move {
                         let _permit = permit;
-                        if let Err(e) = conn.await {
+                        let result = match tls {
+                            None => {
+                                let conn = builder.serve_connection(TokioIo::new(stream), service);
+                                watcher.watch(conn.into_owned()).await
+                            }
+                            Some(config) => {
+                                let accept = TlsAcceptor::from(config).accept(stream);
+                                let stream = match tokio::time::timeout(handshake_timeout, accept).await {
+                                    Ok(Ok(stream)) => stream,
+                                    Ok(Err(e)) => {
+                                        tracing::info!(listener = name, %peer, error = %e, "TLS handshake refused");
+                                        return;
+                                    }
+                                    Err(_) => {
+                                        tracing::info!(listener = name, %peer, "TLS handshake timed out");
+                                        return;
+                                    }
+                                };
+                                let conn = builder.serve_connection(TokioIo::new(stream), service);
+                                watcher.watch(conn.into_owned()).await
+                            }
+                        };
+                        if let Err(e) = result {
                             tracing::debug!(listener = name, %peer, error = %e, "connection closed with an error");
                         }
                     });

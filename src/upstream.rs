@@ -32,25 +32,18 @@ pub type Client = hyper_util::client::legacy::Client<HttpsConnector<HttpConnecto
 /// for `https://`, plain HTTP/1.1 for `http://`; pooled and kept alive.
 /// An `https://` upstream needs the system's root certificates.
 pub fn client(cfg: &UpstreamConfig) -> Result<Client, std::io::Error> {
-    let provider = Arc::new(rustls::crypto::ring::default_provider());
     let mut http = HttpConnector::new();
     http.enforce_http(false);
     http.set_nodelay(true);
     http.set_connect_timeout(Some(cfg.connect_timeout));
     http.set_keepalive(Some(Duration::from_secs(60)));
 
-    let tls = hyper_rustls::HttpsConnectorBuilder::new();
-    let tls = if cfg.scheme == http::uri::Scheme::HTTPS {
-        tls.with_provider_and_native_roots(provider)?
-    } else {
-        // Plain HTTP upstream (the simulator, a sidecar): no roots needed.
-        let config = rustls::ClientConfig::builder_with_provider(provider)
-            .with_safe_default_protocol_versions()
-            .map_err(std::io::Error::other)?
-            .with_root_certificates(rustls::RootCertStore::empty())
-            .with_no_client_auth();
-        tls.with_tls_config(config)
-    };
+    // The system's roots for an https:// upstream (a plain-HTTP upstream,
+    // the simulator or a sidecar, needs none), plus upstream.ca_file.
+    let https = cfg.scheme == http::uri::Scheme::HTTPS;
+    let roots = crate::tls::upstream_roots(https, cfg.ca.as_deref().unwrap_or(&[]))?;
+    let tls = hyper_rustls::HttpsConnectorBuilder::new()
+        .with_tls_config(crate::tls::client_config(roots)?);
     let connector = tls
         .https_or_http()
         .enable_all_versions()

@@ -3,6 +3,7 @@
 //! parsed here, so `qbproxy check` catches a bad PEM file.
 
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::Duration;
 
 use http::Method;
@@ -13,22 +14,19 @@ use serde::Deserialize;
 
 use super::{ConfigError, Secret, Validator};
 
-/// Inbound TLS: a certificate chain and key, and optionally the CA that
-/// client certificates must chain to (mTLS).
-#[derive(Debug)]
+/// Inbound TLS, loaded and checked: the certificate chain and key, and the
+/// CA that client certificates must chain to if `client_ca` was set (mTLS).
+#[derive(Clone)]
 pub struct TlsConfig {
-    pub cert_chain: Vec<CertificateDer<'static>>,
-    pub key: PrivateKeyDer<'static>,
-    pub client_ca: Option<Vec<CertificateDer<'static>>>,
+    pub server: Arc<rustls::ServerConfig>,
+    pub mtls: bool,
 }
 
-impl Clone for TlsConfig {
-    fn clone(&self) -> Self {
-        TlsConfig {
-            cert_chain: self.cert_chain.clone(),
-            key: self.key.clone_key(),
-            client_ca: self.client_ca.clone(),
-        }
+impl std::fmt::Debug for TlsConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("TlsConfig")
+            .field("mtls", &self.mtls)
+            .finish_non_exhaustive()
     }
 }
 
@@ -202,10 +200,11 @@ impl Validator<'_> {
         let client_ca = client_ca
             .map(|p| self.certs("listen.client_ca", p))
             .transpose()?;
+        let server = crate::tls::server_config(cert_chain, key, client_ca.as_deref())
+            .map_err(|e| self.invalid("listen.tls_key", e))?;
         Ok(Some(TlsConfig {
-            cert_chain,
-            key,
-            client_ca,
+            server,
+            mtls: client_ca.is_some(),
         }))
     }
 

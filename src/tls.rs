@@ -1,0 +1,78 @@
+//! TLS settings built from the config: the inbound server config (ALPN
+//! h2 and http/1.1, optional client-certificate verification) and the
+//! upstream client's roots. rustls with the `ring` provider throughout.
+
+use std::sync::Arc;
+
+use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+use rustls::server::WebPkiClientVerifier;
+use rustls::{RootCertStore, ServerConfig};
+
+fn provider() -> Arc<rustls::crypto::CryptoProvider> {
+    Arc::new(rustls::crypto::ring::default_provider())
+}
+
+/// The inbound server config. `client_ca`: require client certificates that
+/// chain to one of these (mTLS). Errors are one line, for the config's.
+pub fn server_config(
+    cert_chain: Vec<CertificateDer<'static>>,
+    key: PrivateKeyDer<'static>,
+    client_ca: Option<&[CertificateDer<'static>]>,
+) -> Result<Arc<ServerConfig>, String> {
+    let builder = ServerConfig::builder_with_provider(provider())
+        .with_safe_default_protocol_versions()
+        .map_err(|e| e.to_string())?;
+    let builder = match client_ca {
+        Some(cas) => {
+            let mut roots = RootCertStore::empty();
+            for ca in cas {
+                roots
+                    .add(ca.clone())
+                    .map_err(|e| format!("client CA: {e}"))?;
+            }
+            let verifier = WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider())
+                .build()
+                .map_err(|e| format!("client CA: {e}"))?;
+            builder.with_client_cert_verifier(verifier)
+        }
+        None => builder.with_no_client_auth(),
+    };
+    let mut config = builder.with_single_cert(cert_chain, key).map_err(|e| {
+        format!("the key does not fit the certificate, or is of an unsupported kind: {e}")
+    })?;
+    config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+    Ok(Arc::new(config))
+}
+
+/// Roots for the upstream: the system's (for `https://` upstreams) plus
+/// `extra` (`[upstream] ca_file`).
+pub fn upstream_roots(
+    system: bool,
+    extra: &[CertificateDer<'static>],
+) -> Result<RootCertStore, std::io::Error> {
+    let mut roots = RootCertStore::empty();
+    if system {
+        let found = rustls_native_certs::load_native_certs();
+        for cert in found.certs {
+            // A malformed system certificate is skipped, as browsers do.
+            let _ = roots.add(cert);
+        }
+    }
+    for cert in extra {
+        roots.add(cert.clone()).map_err(std::io::Error::other)?;
+    }
+    if system && roots.is_empty() {
+        return Err(std::io::Error::other(
+            "no root certificates: install the system's CA bundle (ca-certificates) or set upstream.ca_file",
+        ));
+    }
+    Ok(roots)
+}
+
+pub fn client_config(roots: RootCertStore) -> Result<rustls::ClientConfig, std::io::Error> {
+    Ok(rustls::ClientConfig::builder_with_provider(provider())
+        .with_safe_default_protocol_versions()
+        .map_err(std::io::Error::other)?
+        .with_root_certificates(roots)
+        .with_no_client_auth())
+}

@@ -1,0 +1,303 @@
+//! Inbound TLS and mTLS, and the upstream's extra roots. Certificates are
+//! made here at run time (rcgen; RSA keys with the openssl command).
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use bytes::Bytes;
+use common::{bounded, setup};
+use http_body_util::{BodyExt, Full};
+use hyper_rustls::HttpsConnector;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::client::legacy::Client;
+use hyper_util::rt::TokioExecutor;
+use rcgen::{
+    BasicConstraints, CertificateParams, DnType, IsCa, Issuer, KeyPair, SignatureAlgorithm,
+};
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+
+struct Dir(PathBuf);
+
+impl Dir {
+    fn new(name: &str) -> Dir {
+        let d = std::env::temp_dir().join(format!("qbproxy-tls-{name}-{}", std::process::id()));
+        std::fs::create_dir_all(&d).unwrap();
+        Dir(d)
+    }
+    fn write(&self, name: &str, text: &str) -> String {
+        let p = self.0.join(name);
+        std::fs::write(&p, text).unwrap();
+        p.display().to_string()
+    }
+}
+
+impl Drop for Dir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// A certificate authority that signs server and client certificates.
+struct Ca {
+    params: CertificateParams,
+    key: KeyPair,
+    pem: String,
+}
+
+impl Ca {
+    fn new(name: &str) -> Ca {
+        let key = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap();
+        let mut params = CertificateParams::new(Vec::<String>::new()).unwrap();
+        params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        params.distinguished_name.push(DnType::CommonName, name);
+        let pem = params.self_signed(&key).unwrap().pem();
+        Ca { params, key, pem }
+    }
+
+    /// A certificate for `localhost` and 127.0.0.1 with a new key.
+    fn leaf(&self, key: KeyPair) -> (String, String) {
+        let params =
+            CertificateParams::new(vec!["localhost".to_owned(), "127.0.0.1".to_owned()]).unwrap();
+        let issuer = Issuer::from_params(&self.params, &self.key);
+        let cert = params.signed_by(&key, &issuer).unwrap();
+        (cert.pem(), key.serialize_pem())
+    }
+
+    fn der(&self) -> CertificateDer<'static> {
+        CertificateDer::from_pem_slice(self.pem.as_bytes()).unwrap()
+    }
+}
+
+fn key(alg: &'static SignatureAlgorithm) -> KeyPair {
+    KeyPair::generate_for(alg).unwrap()
+}
+
+/// An RSA key from the openssl command (ring cannot generate RSA keys).
+fn rsa_key(dir: &Dir) -> KeyPair {
+    let path = dir.0.join("rsa.key");
+    let ok = std::process::Command::new("openssl")
+        .args([
+            "genpkey",
+            "-algorithm",
+            "RSA",
+            "-pkeyopt",
+            "rsa_keygen_bits:2048",
+            "-out",
+        ])
+        .arg(&path)
+        .stderr(std::process::Stdio::null())
+        .status()
+        .expect("the openssl command (.ci/run installs it)")
+        .success();
+    assert!(ok);
+    KeyPair::from_pem(&std::fs::read_to_string(path).unwrap()).unwrap()
+}
+
+/// An HTTPS client trusting `ca`, presenting `identity` (cert, key PEM) if given.
+fn https_client(
+    ca: &Ca,
+    identity: Option<&(String, String)>,
+) -> Client<HttpsConnector<HttpConnector>, Full<Bytes>> {
+    let mut roots = rustls::RootCertStore::empty();
+    roots.add(ca.der()).unwrap();
+    let builder = rustls::ClientConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .unwrap()
+    .with_root_certificates(roots);
+    let config = match identity {
+        Some((cert, key)) => builder
+            .with_client_auth_cert(
+                vec![CertificateDer::from_pem_slice(cert.as_bytes()).unwrap()],
+                PrivateKeyDer::from_pem_slice(key.as_bytes()).unwrap(),
+            )
+            .unwrap(),
+        None => builder.with_no_client_auth(),
+    };
+    let https = hyper_rustls::HttpsConnectorBuilder::new()
+        .with_tls_config(config)
+        .https_only()
+        .enable_all_versions()
+        .build();
+    Client::builder(TokioExecutor::new()).build(https)
+}
+
+async fn https_get(
+    client: &Client<HttpsConnector<HttpConnector>, Full<Bytes>>,
+    url: String,
+) -> Result<(u16, http::Version, String), String> {
+    let resp = bounded("an HTTPS response", client.get(url.parse().unwrap()))
+        .await
+        .map_err(|e| format!("{e:?}"))?;
+    let (status, version) = (resp.status().as_u16(), resp.version());
+    let body = resp
+        .into_body()
+        .collect()
+        .await
+        .map_err(|e| e.to_string())?
+        .to_bytes();
+    Ok((status, version, String::from_utf8_lossy(&body).into_owned()))
+}
+
+fn tls_setup(dir: &Dir, cert: &(String, String), client_ca: Option<&Ca>) -> common::Setup {
+    let mut s = setup()
+        .set(
+            "listen",
+            "tls_cert",
+            &format!("{:?}", dir.write("server.crt", &cert.0)),
+        )
+        .set(
+            "listen",
+            "tls_key",
+            &format!("{:?}", dir.write("server.key", &cert.1)),
+        );
+    if let Some(ca) = client_ca {
+        s = s.set(
+            "listen",
+            "client_ca",
+            &format!("{:?}", dir.write("client-ca.crt", &ca.pem)),
+        );
+    }
+    s
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn serves_https_with_rsa_ecdsa_and_ed25519_keys_and_alpn() {
+    let dir = Dir::new("kinds");
+    let ca = Ca::new("test CA");
+    let kinds = [
+        ("ecdsa", key(&rcgen::PKCS_ECDSA_P256_SHA256)),
+        ("ed25519", key(&rcgen::PKCS_ED25519)),
+        ("rsa", rsa_key(&dir)),
+    ];
+    for (kind, key) in kinds {
+        let cert = ca.leaf(key);
+        let h = tls_setup(&dir, &cert, None).start().await;
+        h.ready().await;
+        let client = https_client(&ca, None);
+        let (status, version, body) = https_get(
+            &client,
+            format!("https://localhost:{}/users.json", h.proxy.port()),
+        )
+        .await
+        .unwrap_or_else(|e| panic!("{kind}: {e}"));
+        assert_eq!(status, 200, "{kind}: {body}");
+        // ALPN offered h2 and http/1.1; the client asked for both: h2.
+        assert_eq!(version, http::Version::HTTP_2, "{kind}");
+        // Plain HTTP on the TLS port gets nowhere.
+        let plain = common::client()
+            .get(
+                format!("http://127.0.0.1:{}/users.json", h.proxy.port())
+                    .parse()
+                    .unwrap(),
+            )
+            .await;
+        assert!(plain.is_err(), "{kind}: plain HTTP was answered");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mtls_admits_only_certificates_from_the_client_ca() {
+    let dir = Dir::new("mtls");
+    let ca = Ca::new("server and client CA");
+    let other = Ca::new("some other CA");
+    let server = ca.leaf(key(&rcgen::PKCS_ECDSA_P256_SHA256));
+    let h = tls_setup(&dir, &server, Some(&ca)).start().await;
+    h.ready().await;
+    let url = format!("https://localhost:{}/users.json", h.proxy.port());
+
+    let good = ca.leaf(key(&rcgen::PKCS_ECDSA_P256_SHA256));
+    let (status, _, _) = https_get(&https_client(&ca, Some(&good)), url.clone())
+        .await
+        .unwrap();
+    assert_eq!(status, 200);
+
+    let none = https_get(&https_client(&ca, None), url.clone()).await;
+    assert!(none.is_err(), "no client certificate: {none:?}");
+    let wrong = other.leaf(key(&rcgen::PKCS_ECDSA_P256_SHA256));
+    let refused = https_get(&https_client(&ca, Some(&wrong)), url).await;
+    assert!(
+        refused.is_err(),
+        "certificate from the wrong CA: {refused:?}"
+    );
+    assert_eq!(
+        h.sim.requests().len(),
+        1,
+        "only the good client got through"
+    );
+}
+
+#[test]
+fn check_refuses_a_key_that_does_not_fit_the_certificate() {
+    let dir = Dir::new("mismatch");
+    let ca = Ca::new("test CA");
+    let (cert, _) = ca.leaf(key(&rcgen::PKCS_ECDSA_P256_SHA256));
+    let (_, other_key) = ca.leaf(key(&rcgen::PKCS_ECDSA_P256_SHA256));
+    let text = format!(
+        "[listen]\ntls_cert = {:?}\ntls_key = {:?}\n[quickblox]\napplication_id = 1\nauth_key = \"k\"\nauth_secret = \"s\"\n",
+        dir.write("c.crt", &cert),
+        dir.write("k.key", &other_key)
+    );
+    let e = qbproxy::Config::from_toml(&text, Path::new("t.toml"))
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("listen.tls_key") && e.contains("does not fit"),
+        "{e}"
+    );
+    let text = text.replace("k.key", "missing.key");
+    let e = qbproxy::Config::from_toml(&text, Path::new("t.toml"))
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("listen.tls_key"), "{e}");
+}
+
+/// An HTTPS upstream signed by a private CA: trusted with `ca_file`, refused
+/// without. The upstream is a second qbproxy serving TLS in front of the
+/// simulator and passing tokens through (`client_token = "keep"`).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn upstream_ca_file_trusts_a_private_upstream() {
+    let dir = Dir::new("upstream");
+    let ca = Ca::new("private upstream CA");
+    let cert = ca.leaf(key(&rcgen::PKCS_ECDSA_P256_SHA256));
+    let edge = tls_setup(&dir, &cert, None)
+        .set("proxy", "client_token", "\"keep\"")
+        .start()
+        .await;
+    edge.ready().await;
+    let upstream = format!("https://localhost:{}", edge.proxy.port());
+
+    let trusting = setup()
+        .sim(edge.sim.clone())
+        .upstream_url(&upstream)
+        .set(
+            "upstream",
+            "ca_file",
+            &format!("{:?}", dir.write("ca.crt", &ca.pem)),
+        )
+        .start()
+        .await;
+    trusting.ready().await;
+    let a = trusting.get("/users.json").await;
+    assert_eq!(a.status, http::StatusCode::OK, "{}", a.text());
+    assert_eq!(a.json()["echo"]["user_id"], 1001);
+
+    let untrusting = setup()
+        .sim(edge.sim.clone())
+        .upstream_url(&upstream)
+        .start()
+        .await;
+    let a = untrusting.get("/users.json").await;
+    // The TLS handshake to the upstream fails: a gateway error that says why.
+    assert_eq!(a.status, http::StatusCode::BAD_GATEWAY, "{}", a.text());
+    assert!(
+        a.error_message()
+            .contains("invalid peer certificate: UnknownIssuer"),
+        "{}",
+        a.text()
+    );
+}
