@@ -38,7 +38,7 @@ pub use config::Config;
 
 use crate::metrics::Metrics;
 use crate::pool::Pool;
-use crate::proxy::Proxy;
+use crate::proxy::{Live, Proxy};
 use crate::route::{Router, Target};
 use crate::session::{Identity, Info, Policy, Source};
 use crate::upstream::{ClockOffset, SessionCreator, Throttled};
@@ -182,7 +182,7 @@ impl App {
         let default = target(&config.default).ok_or(StartError::NoIdentity)?;
         let router = Router::new(named, listed, prefixes, default.clone());
         let gate = access::Gate::new(&config, &metrics);
-        let proxy = Proxy::new(&config, client, router, gate, metrics.clone());
+        let proxy = Proxy::new(Live::new(&config, client, router, gate), metrics.clone());
         let tls = Arc::new(ArcSwapOption::new(
             config.listen.tls.as_ref().map(|t| t.server.clone()),
         ));

@@ -40,17 +40,38 @@ pub struct Proxy {
 }
 
 struct Inner {
-    client: upstream::Client,
-    upstream: UpstreamConfig,
-    /// Chooses the identity (or pool) whose session is injected.
-    router: Router,
-    /// Who may send what; swapped whole on reload.
-    gate: ArcSwap<Gate>,
-    client_token: ClientToken,
-    replay_body_limit: usize,
-    /// Budget of a whole request, session wait and replay included.
-    timeout: Duration,
+    /// Loaded once per request, swapped whole on reload: a request runs
+    /// start to end with one consistent configuration.
+    live: ArcSwap<Live>,
     metrics: Metrics,
+}
+
+/// What requests are served with.
+pub struct Live {
+    pub client: upstream::Client,
+    pub upstream: UpstreamConfig,
+    /// Chooses the identity (or pool) whose session is injected.
+    pub router: Router,
+    /// Who may send what.
+    pub gate: Gate,
+    pub client_token: ClientToken,
+    pub replay_body_limit: usize,
+    /// Budget of a whole request, session wait and replay included.
+    pub timeout: Duration,
+}
+
+impl Live {
+    pub fn new(config: &Config, client: upstream::Client, router: Router, gate: Gate) -> Live {
+        Live {
+            client,
+            upstream: config.upstream.clone(),
+            router,
+            gate,
+            client_token: config.proxy.client_token,
+            replay_body_limit: config.proxy.replay_body_limit,
+            timeout: config.upstream.timeout,
+        }
+    }
 }
 
 /// Headers that describe one connection, not the message; never forwarded
@@ -73,25 +94,19 @@ const HOP_BY_HOP: [HeaderName; 9] = [
 const MAX_REFUSAL_BODY: usize = 64 * 1024;
 
 impl Proxy {
-    pub fn new(
-        config: &Config,
-        client: upstream::Client,
-        router: Router,
-        gate: Gate,
-        metrics: Metrics,
-    ) -> Self {
+    pub fn new(live: Live, metrics: Metrics) -> Self {
         Proxy {
             inner: Arc::new(Inner {
-                client,
-                upstream: config.upstream.clone(),
-                router,
-                gate: ArcSwap::from_pointee(gate),
-                client_token: config.proxy.client_token,
-                replay_body_limit: config.proxy.replay_body_limit,
-                timeout: config.upstream.timeout,
+                live: ArcSwap::from_pointee(live),
                 metrics,
             }),
         }
+    }
+
+    /// Serves requests from now on with `live`; requests in flight finish
+    /// with what they started with.
+    pub fn replace(&self, live: Live) {
+        self.inner.live.store(Arc::new(live));
     }
 
     /// Answers one client request. Never fails: qbproxy's own errors become
@@ -99,8 +114,9 @@ impl Proxy {
     pub async fn handle(&self, req: Request<Incoming>, peer: SocketAddr) -> Response<Body> {
         let inner = &*self.inner;
         let (mut parts, body) = req.into_parts();
-        let deadline = Instant::now() + inner.timeout;
-        let gate = inner.gate.load();
+        let live = inner.live.load_full();
+        let deadline = Instant::now() + live.timeout;
+        let gate = &live.gate;
         let unrouted = inner.metrics.unrouted();
         let client = match gate.admit(peer.ip(), &parts.headers) {
             Ok(client) => client,
@@ -115,7 +131,7 @@ impl Proxy {
             .path_and_query()
             .cloned()
             .unwrap_or_else(|| PathAndQuery::from_static("/"));
-        let (mut target, stripped) = match inner.router.route(&parts.headers, &pq) {
+        let (mut target, stripped) = match live.router.route(&parts.headers, &pq) {
             Ok(routed) => routed,
             Err(e) => return finish(&parts, Err(e), unrouted, None, client),
         };
@@ -125,7 +141,7 @@ impl Proxy {
             stripped.is_none() && !parts.headers.contains_key(route::IDENTITY_HEADER),
             client.and_then(|c| c.default_target()),
         ) {
-            target = inner.router.named(name).unwrap_or(target);
+            target = live.router.named(name).unwrap_or(target);
         }
         let pq = stripped.unwrap_or(pq);
         if let Some(c) = client {
@@ -133,7 +149,8 @@ impl Proxy {
                 return finish(&parts, Err(e), unrouted, None, client);
             }
         }
-        let bounds = Bounds {
+        let ctx = Ctx {
+            live: &live,
             deadline,
             max_body: gate.max_body_bytes,
         };
@@ -141,7 +158,7 @@ impl Proxy {
             Target::Identity(identity) => {
                 identity.start();
                 let result = self
-                    .forward(&mut parts, body, pq, identity, None, bounds)
+                    .forward(&mut parts, body, pq, identity, None, ctx)
                     .await;
                 finish(&parts, result, identity.metrics(), Some(identity), client)
             }
@@ -151,7 +168,7 @@ impl Proxy {
                     Ok((lease, session)) => {
                         let identity = lease.identity();
                         let result = self
-                            .forward(&mut parts, body, pq, identity, Some(session), bounds)
+                            .forward(&mut parts, body, pq, identity, Some(session), ctx)
                             .await;
                         finish(&parts, result, identity.metrics(), Some(identity), client)
                     }
@@ -171,33 +188,33 @@ impl Proxy {
         pq: PathAndQuery,
         identity: &Identity,
         session: Option<Result<Arc<Session>, Unavailable>>,
-        bounds: Bounds,
+        ctx: Ctx<'_>,
     ) -> Result<Response<Body>, ProxyError> {
-        let Bounds {
+        let Ctx {
+            live,
             deadline,
             max_body: body_limit,
-        } = bounds;
-        let inner = &*self.inner;
+        } = ctx;
         let own_token =
-            inner.client_token == ClientToken::Keep && parts.headers.contains_key(qb::QB_TOKEN);
+            live.client_token == ClientToken::Keep && parts.headers.contains_key(qb::QB_TOKEN);
         if !own_token {
             if let Some(what) = qb::shared_session_call(&parts.method, pq.path()) {
                 return Err(ProxyError::SharedSession(what));
             }
         }
-        let uri = inner
+        let uri = live
             .upstream
             .uri_for(&pq)
             .map_err(|e| ProxyError::BadRequest(format!("cannot forward this path: {e}")))?;
         let mut headers = std::mem::take(&mut parts.headers);
         strip_request_headers(&mut headers);
-        headers.insert(header::HOST, inner.upstream.host.clone());
+        headers.insert(header::HOST, live.upstream.host.clone());
 
         // The client's own session creation, or its own token: untouched.
         if own_token || qb::is_session_create(&parts.method, pq.path()) {
             let (body, over) = Body::capped(Bytes::new(), body, body_limit);
             let req = upstream_request(&parts.method, uri, headers, body);
-            let resp = self.send(req, deadline).await;
+            let resp = self.send(live, req, deadline).await;
             return Ok(resp
                 .map_err(|e| cut_off(e, &over, body_limit))?
                 .map(Body::Stream));
@@ -207,8 +224,8 @@ impl Proxy {
             Some(s) => s,
             None => identity.session(deadline).await,
         }
-        .map_err(|e| unavailable(e, inner.timeout))?;
-        let replayable = match body::buffer(body, inner.replay_body_limit).await {
+        .map_err(|e| unavailable(e, live.timeout))?;
+        let replayable = match body::buffer(body, live.replay_body_limit).await {
             Ok(Buffered::Complete(bytes)) if bytes.len() as u64 > body_limit => {
                 return Err(ProxyError::BodyTooLarge(body_limit));
             }
@@ -216,7 +233,9 @@ impl Proxy {
             Ok(Buffered::TooLarge { head, tail }) => {
                 let (body, over) = Body::capped(head, tail, body_limit);
                 let req = with_token(&parts.method, uri, headers, &session, body);
-                let sent = self.send_checked(req, identity, &session, deadline).await;
+                let sent = self
+                    .send_checked(live, req, identity, &session, deadline)
+                    .await;
                 return match sent.map_err(|e| cut_off(e, &over, body_limit))? {
                     Checked::Answer(resp) => Ok(resp),
                     Checked::Expired(resp) => {
@@ -224,7 +243,7 @@ impl Proxy {
                         // next request gets a new session.
                         tracing::info!(
                             path = parts.uri.path(),
-                            limit = inner.replay_body_limit,
+                            limit = live.replay_body_limit,
                             "session expired under a request too large to replay; passing the 401 on"
                         );
                         identity.report_refused(&session);
@@ -247,7 +266,10 @@ impl Proxy {
             &session,
             body_of(&replayable),
         );
-        let refusal = match self.send_checked(req, identity, &session, deadline).await? {
+        let refusal = match self
+            .send_checked(live, req, identity, &session, deadline)
+            .await?
+        {
             Checked::Answer(resp) => return Ok(resp),
             Checked::Expired(resp) => resp,
         };
@@ -257,7 +279,7 @@ impl Proxy {
             // cannot act on.
             Err(e) => {
                 drop(refusal);
-                return Err(unavailable(e, inner.timeout));
+                return Err(unavailable(e, live.timeout));
             }
         };
         identity.metrics().replay();
@@ -274,7 +296,10 @@ impl Proxy {
             &fresh,
             body_of(&replayable),
         );
-        match self.send_checked(req, identity, &fresh, deadline).await? {
+        match self
+            .send_checked(live, req, identity, &fresh, deadline)
+            .await?
+        {
             Checked::Answer(resp) => Ok(resp),
             Checked::Expired(resp) => {
                 // Refused twice in a row: report it and let the client see it.
@@ -287,14 +312,15 @@ impl Proxy {
     /// Sends a request upstream within the deadline.
     async fn send(
         &self,
+        live: &Live,
         req: Request<Body>,
         deadline: Instant,
     ) -> Result<Response<Incoming>, ProxyError> {
         let started = Instant::now();
-        let result = timeout_at(deadline, self.inner.client.request(req)).await;
+        let result = timeout_at(deadline, live.client.request(req)).await;
         self.inner.metrics.upstream_latency(started.elapsed());
         match result {
-            Err(_) => Err(ProxyError::UpstreamTimeout(self.inner.timeout)),
+            Err(_) => Err(ProxyError::UpstreamTimeout(live.timeout)),
             Ok(Err(e)) if e.is_connect() => {
                 Err(ProxyError::UpstreamUnreachable(upstream::describe(&e)))
             }
@@ -311,12 +337,13 @@ impl Proxy {
     /// a use of the session).
     async fn send_checked(
         &self,
+        live: &Live,
         req: Request<Body>,
         identity: &Identity,
         session: &Session,
         deadline: Instant,
     ) -> Result<Checked, ProxyError> {
-        let resp = self.send(req, deadline).await?;
+        let resp = self.send(live, req, deadline).await?;
         if resp.status() != StatusCode::UNAUTHORIZED {
             identity.record_use(session, resp.status(), resp.headers());
             return Ok(Checked::Answer(resp.map(Body::Stream)));
@@ -324,7 +351,7 @@ impl Proxy {
         let (parts, body) = resp.into_parts();
         let read = timeout_at(deadline, body::buffer(body, MAX_REFUSAL_BODY))
             .await
-            .map_err(|_| ProxyError::UpstreamTimeout(self.inner.timeout))?
+            .map_err(|_| ProxyError::UpstreamTimeout(live.timeout))?
             .map_err(|e| ProxyError::Upstream(format!("reading a 401 answer: {e}")))?;
         Ok(match read {
             Buffered::Complete(bytes) if qb::is_session_expired(&bytes) => {
@@ -413,9 +440,10 @@ fn finish(
     resp
 }
 
-/// What a request may take: time and body bytes.
+/// One request's configuration and bounds: time and body bytes.
 #[derive(Clone, Copy)]
-struct Bounds {
+struct Ctx<'a> {
+    live: &'a Live,
     deadline: Instant,
     max_body: u64,
 }

@@ -200,7 +200,9 @@ pub struct Identity {
 
 struct Shared {
     info: Info,
-    source: Box<dyn Source>,
+    /// Swapped on reload (a rotated password or secret); the renewal task
+    /// loads it at each attempt, so the change takes effect at the next one.
+    source: ArcSwap<Box<dyn Source>>,
     policy: Policy,
     metrics: IdentityMetrics,
     /// Zero point of the millisecond clocks in [`Session`]; a tokio
@@ -230,7 +232,7 @@ impl Identity {
         Identity {
             shared: Arc::new(Shared {
                 info,
-                source,
+                source: ArcSwap::from_pointee(source),
                 policy,
                 metrics,
                 epoch: Instant::now(),
@@ -264,6 +266,12 @@ impl Identity {
         self.shared
             .task
             .get_or_init(|| tokio::spawn(renewal_loop(self.shared.clone())).abort_handle());
+    }
+
+    /// Replaces how sessions are created (config reload): the current
+    /// session stays; the next creation uses the new source.
+    pub fn set_source(&self, source: Box<dyn Source>) {
+        self.shared.source.store(Arc::new(source));
     }
 
     /// Whether the renewal task has been started.
@@ -554,7 +562,8 @@ async fn attempt(
     generation: &mut u64,
     backoff: &mut Backoff,
 ) -> Option<(Instant, Reason)> {
-    let result = shared.source.create().await;
+    let source = shared.source.load_full();
+    let result = source.create().await;
     let old = shared.state.load_full();
     let name = shared.info.name.as_str();
     match result {
