@@ -28,9 +28,9 @@ pub mod upstream;
 
 use std::collections::HashMap;
 use std::future::Future;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
-use arc_swap::ArcSwapOption;
+use arc_swap::{ArcSwap, ArcSwapOption};
 use tokio::net::TcpListener;
 use tokio::sync::{watch, Semaphore};
 
@@ -49,7 +49,8 @@ pub struct Listeners {
     pub admin: TcpListener,
 }
 
-/// Errors that stop qbproxy from starting after the config was accepted.
+/// Errors that stop qbproxy from starting, or a reload from taking effect,
+/// after the config itself was accepted.
 #[derive(Debug, thiserror::Error)]
 pub enum StartError {
     #[error("cannot set up TLS to the upstream: {0}")]
@@ -60,141 +61,204 @@ pub enum StartError {
 
 /// A configured proxy, not yet serving.
 pub struct App {
-    config: Config,
-    proxy: Proxy,
     handle: Handle,
-    /// The proxy listener's TLS config, swapped on reload.
-    tls: Arc<ArcSwapOption<rustls::ServerConfig>>,
 }
 
-/// A cheap-to-clone view of a running [`App`], for tests, the demo and the
-/// admin API.
+/// A cheap-to-clone handle on a (running) [`App`]: readiness, identities,
+/// metrics, and [`Handle::reload`].
 #[derive(Clone)]
 pub struct Handle {
-    /// Every identity, pool members included, in config order.
-    identities: Arc<Vec<Identity>>,
-    pools: Arc<Vec<Arc<Pool>>>,
-    default: Target,
+    shared: Arc<Shared>,
+}
+
+struct Shared {
+    /// Identities, pools and the default, swapped on reload.
+    snapshot: ArcSwap<Snapshot>,
+    proxy: Proxy,
     metrics: Metrics,
+    /// QuickBlox's clock against ours: survives reloads.
+    clock: Arc<ClockOffset>,
+    /// The proxy listener's TLS and connection settings, read per connection.
+    tls: Arc<ArcSwapOption<rustls::ServerConfig>>,
+    listener: Arc<ArcSwap<server::Options>>,
+    /// The configuration in force (reload compares listen addresses with it).
+    config: Mutex<Config>,
+    /// Set once `run` started the identities: a reload starts new ones.
+    running: std::sync::atomic::AtomicBool,
+}
+
+/// Who requests can act as, built from one config.
+struct Snapshot {
+    /// Every identity, pool members included, in config order.
+    identities: Vec<Identity>,
+    pools: Vec<Arc<Pool>>,
+    default: Target,
+}
+
+fn listener_options(config: &Config) -> server::Options {
+    server::Options {
+        max_connections: config.limits.max_connections,
+        header_read_timeout: config.limits.header_read_timeout,
+        max_header_bytes: config.limits.max_header_bytes,
+        shutdown_grace: config.listen.shutdown_grace,
+    }
+}
+
+/// Builds what requests are served with from `config`. Identities in
+/// `previous` with the same name, kind and pool are kept, session and all,
+/// with the new way to create their next session.
+fn build(
+    config: &Config,
+    metrics: &Metrics,
+    clock: &Arc<ClockOffset>,
+    previous: Option<&Snapshot>,
+) -> Result<(Live, Snapshot), StartError> {
+    let client = upstream::client(&config.upstream).map_err(StartError::Tls)?;
+    // One creation semaphore per pool, shared by its members.
+    let throttles: HashMap<&str, Arc<Semaphore>> = config
+        .pools
+        .iter()
+        .map(|p| {
+            (
+                p.name.as_str(),
+                Arc::new(Semaphore::new(p.create_concurrency)),
+            )
+        })
+        .collect();
+    let identities: Vec<Identity> = config
+        .identities
+        .iter()
+        .map(|id| {
+            let creator = SessionCreator::new(
+                client.clone(),
+                config.upstream.clone(),
+                config.quickblox.clone(),
+                id.credentials.clone(),
+                clock.clone(),
+            );
+            let throttle = id.pool.as_deref().and_then(|p| throttles.get(p));
+            let source: Box<dyn Source> = match throttle {
+                Some(permits) => Box::new(Throttled::new(creator, permits.clone())),
+                None => Box::new(creator),
+            };
+            let info = Info {
+                name: id.name.clone(),
+                pool: id.pool.clone(),
+                kind: id.credentials.kind(),
+            };
+            let kept = previous.and_then(|p| {
+                p.identities.iter().find(|i| {
+                    let old = i.info();
+                    old.name == info.name && old.kind == info.kind && old.pool == info.pool
+                })
+            });
+            match kept {
+                Some(identity) => {
+                    identity.set_source(source);
+                    identity.clone()
+                }
+                None => {
+                    let policy = Policy {
+                        renew_before: config.quickblox.renew_before,
+                        retry_initial: config.quickblox.retry_initial,
+                        retry_max: config.quickblox.retry_max,
+                        set_aside_refused: id.pool.is_some(),
+                    };
+                    Identity::new(info, source, policy, metrics)
+                }
+            }
+        })
+        .collect();
+    let by_name: HashMap<&str, &Identity> = identities.iter().map(|i| (i.name(), i)).collect();
+    let pools: Vec<Arc<Pool>> = config
+        .pools
+        .iter()
+        .map(|p| {
+            let members = p
+                .members
+                .iter()
+                .filter_map(|m| by_name.get(m.as_str()).map(|i| (*i).clone()))
+                .collect();
+            Arc::new(Pool::new(
+                p.name.clone(),
+                members,
+                p.strategy,
+                p.max_in_flight,
+                metrics.identity("", Some(&p.name)),
+            ))
+        })
+        .collect();
+
+    let mut named: Vec<(String, Target)> = identities
+        .iter()
+        .map(|i| (i.name().to_owned(), Target::Identity(i.clone())))
+        .collect();
+    named.extend(
+        pools
+            .iter()
+            .map(|p| (p.name().to_owned(), Target::Pool(p.clone()))),
+    );
+    // The 400 message lists what a client would choose: standalone
+    // identities and pools, not every generated member.
+    let listed: Vec<String> = config
+        .identities
+        .iter()
+        .filter(|i| i.pool.is_none())
+        .map(|i| i.name.clone())
+        .chain(config.pools.iter().map(|p| p.name.clone()))
+        .collect();
+    let target = |name: &str| {
+        named
+            .iter()
+            .find(|(n, _)| n == name)
+            .map(|(_, t)| t.clone())
+    };
+    let mut prefixes = Vec::new();
+    let configured = config
+        .identities
+        .iter()
+        .map(|i| (&i.path_prefix, &i.name))
+        .chain(config.pools.iter().map(|p| (&p.path_prefix, &p.name)));
+    for (prefix, name) in configured {
+        if let (Some(prefix), Some(t)) = (prefix, target(name)) {
+            prefixes.push((prefix.clone(), t));
+        }
+    }
+    let default = target(&config.default).ok_or(StartError::NoIdentity)?;
+    let router = Router::new(named, listed, prefixes, default.clone());
+    let gate = access::Gate::new(config, metrics);
+    let live = Live::new(config, client, router, gate);
+    Ok((
+        live,
+        Snapshot {
+            identities,
+            pools,
+            default,
+        },
+    ))
 }
 
 impl App {
     pub fn new(config: Config) -> Result<App, StartError> {
         let metrics = Metrics::new();
-        let client = upstream::client(&config.upstream).map_err(StartError::Tls)?;
         let clock = Arc::new(ClockOffset::default());
-        // One creation semaphore per pool, shared by its members.
-        let throttles: HashMap<&str, Arc<Semaphore>> = config
-            .pools
-            .iter()
-            .map(|p| {
-                (
-                    p.name.as_str(),
-                    Arc::new(Semaphore::new(p.create_concurrency)),
-                )
-            })
-            .collect();
-        let identities: Vec<Identity> = config
-            .identities
-            .iter()
-            .map(|id| {
-                let creator = SessionCreator::new(
-                    client.clone(),
-                    config.upstream.clone(),
-                    config.quickblox.clone(),
-                    id.credentials.clone(),
-                    clock.clone(),
-                );
-                let throttle = id.pool.as_deref().and_then(|p| throttles.get(p));
-                let source: Box<dyn Source> = match throttle {
-                    Some(permits) => Box::new(Throttled::new(creator, permits.clone())),
-                    None => Box::new(creator),
-                };
-                let policy = Policy {
-                    renew_before: config.quickblox.renew_before,
-                    retry_initial: config.quickblox.retry_initial,
-                    retry_max: config.quickblox.retry_max,
-                    set_aside_refused: id.pool.is_some(),
-                };
-                let info = Info {
-                    name: id.name.clone(),
-                    pool: id.pool.clone(),
-                    kind: id.credentials.kind(),
-                };
-                Identity::new(info, source, policy, &metrics)
-            })
-            .collect();
-        let by_name: HashMap<&str, &Identity> = identities.iter().map(|i| (i.name(), i)).collect();
-        let pools: Vec<Arc<Pool>> = config
-            .pools
-            .iter()
-            .map(|p| {
-                let members = p
-                    .members
-                    .iter()
-                    .filter_map(|m| by_name.get(m.as_str()).map(|i| (*i).clone()))
-                    .collect();
-                Arc::new(Pool::new(
-                    p.name.clone(),
-                    members,
-                    p.strategy,
-                    p.max_in_flight,
-                    metrics.identity("", Some(&p.name)),
-                ))
-            })
-            .collect();
-
-        let mut named: Vec<(String, Target)> = identities
-            .iter()
-            .map(|i| (i.name().to_owned(), Target::Identity(i.clone())))
-            .collect();
-        named.extend(
-            pools
-                .iter()
-                .map(|p| (p.name().to_owned(), Target::Pool(p.clone()))),
-        );
-        // The 400 message lists what a client would choose: standalone
-        // identities and pools, not every generated member.
-        let listed: Vec<String> = config
-            .identities
-            .iter()
-            .filter(|i| i.pool.is_none())
-            .map(|i| i.name.clone())
-            .chain(config.pools.iter().map(|p| p.name.clone()))
-            .collect();
-        let target = |name: &str| {
-            named
-                .iter()
-                .find(|(n, _)| n == name)
-                .map(|(_, t)| t.clone())
-        };
-        let mut prefixes = Vec::new();
-        for id in &config.identities {
-            if let (Some(prefix), Some(t)) = (&id.path_prefix, target(&id.name)) {
-                prefixes.push((prefix.clone(), t));
-            }
-        }
-        for p in &config.pools {
-            if let (Some(prefix), Some(t)) = (&p.path_prefix, target(&p.name)) {
-                prefixes.push((prefix.clone(), t));
-            }
-        }
-        let default = target(&config.default).ok_or(StartError::NoIdentity)?;
-        let router = Router::new(named, listed, prefixes, default.clone());
-        let gate = access::Gate::new(&config, &metrics);
-        let proxy = Proxy::new(Live::new(&config, client, router, gate), metrics.clone());
+        let (live, snapshot) = build(&config, &metrics, &clock, None)?;
         let tls = Arc::new(ArcSwapOption::new(
             config.listen.tls.as_ref().map(|t| t.server.clone()),
         ));
+        let listener = Arc::new(ArcSwap::from_pointee(listener_options(&config)));
         Ok(App {
-            tls,
-            config,
-            proxy,
             handle: Handle {
-                identities: Arc::new(identities),
-                pools: Arc::new(pools),
-                default,
-                metrics,
+                shared: Arc::new(Shared {
+                    snapshot: ArcSwap::from_pointee(snapshot),
+                    proxy: Proxy::new(live, metrics.clone()),
+                    metrics,
+                    clock,
+                    tls,
+                    listener,
+                    config: Mutex::new(config),
+                    running: std::sync::atomic::AtomicBool::new(false),
+                }),
             },
         })
     }
@@ -207,26 +271,23 @@ impl App {
     /// listeners until `shutdown` resolves, then drains in-flight requests
     /// for at most the configured grace period.
     pub async fn run(self, listeners: Listeners, shutdown: impl Future<Output = ()>) {
-        for identity in self.handle.identities.iter() {
+        let shared = &self.handle.shared;
+        shared
+            .running
+            .store(true, std::sync::atomic::Ordering::SeqCst);
+        for identity in &shared.snapshot.load().identities {
             if identity.info().pool.is_none() {
                 identity.start();
             }
         }
         let (stop, stopping) = watch::channel(false);
-        let limits = &self.config.limits;
-        let proxy_options = server::Options {
-            max_connections: limits.max_connections,
-            header_read_timeout: limits.header_read_timeout,
-            max_header_bytes: limits.max_header_bytes,
-            shutdown_grace: self.config.listen.shutdown_grace,
-        };
         // The admin port is for probes and operators: a few connections.
         let admin_options = server::Options {
             max_connections: 64,
-            ..proxy_options
+            ..**shared.listener.load()
         };
 
-        let proxy = self.proxy.clone();
+        let proxy = shared.proxy.clone();
         let proxy_server = server::serve(
             "proxy",
             listeners.proxy,
@@ -235,12 +296,12 @@ impl App {
                 async move { proxy.handle(req, peer).await }
             },
             stopping.clone(),
-            proxy_options,
-            self.tls.clone(),
+            shared.listener.clone(),
+            shared.tls.clone(),
         );
         let admin = admin::Admin {
             handle: self.handle.clone(),
-            renew_timeout: self.config.quickblox.session_timeout,
+            renew_timeout: self.handle.config(|c| c.quickblox.session_timeout),
             shutting_down: stopping.clone(),
         };
         let admin_server = server::serve(
@@ -251,7 +312,7 @@ impl App {
                 async move { admin.handle(req).await }
             },
             stopping,
-            admin_options,
+            Arc::new(ArcSwap::from_pointee(admin_options)),
             Arc::new(ArcSwapOption::empty()),
         );
         let trigger = async move {
@@ -260,7 +321,7 @@ impl App {
             let _ = stop.send(true);
         };
         tokio::join!(proxy_server, admin_server, trigger);
-        for identity in self.handle.identities.iter() {
+        for identity in &shared.snapshot.load().identities {
             identity.stop();
         }
         tracing::info!("stopped");
@@ -278,17 +339,74 @@ pub async fn run(
 }
 
 impl Handle {
+    /// Applies a new, already validated configuration (SIGHUP). Requests in
+    /// flight finish with the old one; identities that stay keep their
+    /// sessions and take new credentials at their next renewal; new
+    /// identities start, removed ones stop. The listen addresses cannot
+    /// move without a restart: a change is logged and ignored.
+    pub fn reload(&self, config: Config) -> Result<(), StartError> {
+        let shared = &self.shared;
+        let previous = shared.snapshot.load_full();
+        let (live, snapshot) = build(&config, &shared.metrics, &shared.clock, Some(&previous))?;
+        let mut current = shared.config.lock().unwrap_or_else(|p| p.into_inner());
+        if config.listen.addr != current.listen.addr {
+            tracing::warn!(old = %current.listen.addr, new = %config.listen.addr, "listen.addr changed; restart qbproxy to move the proxy listener");
+        }
+        if config.admin.addr != current.admin.addr {
+            tracing::warn!(old = %current.admin.addr, new = %config.admin.addr, "admin.addr changed; restart qbproxy to move the admin listener");
+        }
+        shared.proxy.replace(live);
+        shared
+            .tls
+            .store(config.listen.tls.as_ref().map(|t| t.server.clone()));
+        shared.listener.store(Arc::new(listener_options(&config)));
+        let running = shared.running.load(std::sync::atomic::Ordering::SeqCst);
+        if running {
+            for identity in snapshot
+                .identities
+                .iter()
+                .filter(|i| i.info().pool.is_none())
+            {
+                identity.start();
+            }
+        }
+        let gone: Vec<&Identity> = previous
+            .identities
+            .iter()
+            .filter(|old| !snapshot.identities.iter().any(|new| new.same(old)))
+            .collect();
+        for identity in &gone {
+            identity.stop();
+        }
+        tracing::info!(
+            identities = snapshot.identities.len(),
+            pools = snapshot.pools.len(),
+            clients = config.clients.len(),
+            removed = gone.len(),
+            "configuration reloaded"
+        );
+        shared.snapshot.store(Arc::new(snapshot));
+        *current = config;
+        Ok(())
+    }
+
+    /// Reads the configuration in force.
+    pub fn config<T>(&self, f: impl FnOnce(&Config) -> T) -> T {
+        f(&self.shared.config.lock().unwrap_or_else(|p| p.into_inner()))
+    }
+
     /// Resolves once the default target can serve: the default identity
     /// holds a session (a pool's members start on first use).
     pub async fn ready(&self) {
-        if let Target::Identity(identity) = &self.default {
+        let default = self.shared.snapshot.load().default.clone();
+        if let Target::Identity(identity) = default {
             identity.ready().await;
         }
     }
 
     /// Whether the default target can serve now (`/readyz`).
     pub fn is_ready(&self) -> Result<(), String> {
-        match &self.default {
+        match &self.shared.snapshot.load().default {
             Target::Identity(identity) if identity.current().is_some() => Ok(()),
             Target::Identity(identity) => Err(match identity.last_failure() {
                 Some(e) => format!("no session yet: {e}"),
@@ -303,30 +421,47 @@ impl Handle {
     }
 
     /// The identity called `name` (pool members included).
-    pub fn identity(&self, name: &str) -> Option<&Identity> {
-        self.identities.iter().find(|i| i.name() == name)
+    pub fn identity(&self, name: &str) -> Option<Identity> {
+        self.shared
+            .snapshot
+            .load()
+            .identities
+            .iter()
+            .find(|i| i.name() == name)
+            .cloned()
     }
 
     /// Every identity, pool members included, in config order.
-    pub fn identities(&self) -> &[Identity] {
-        &self.identities
+    pub fn identities(&self) -> Vec<Identity> {
+        self.shared.snapshot.load().identities.clone()
     }
 
     /// The default identity (for a pool default, its first member).
-    pub fn default_identity(&self) -> &Identity {
-        match &self.default {
-            Target::Identity(identity) => identity,
-            Target::Pool(pool) => pool.members().next().unwrap_or(&self.identities[0]),
+    pub fn default_identity(&self) -> Identity {
+        let snapshot = self.shared.snapshot.load();
+        match &snapshot.default {
+            Target::Identity(identity) => identity.clone(),
+            Target::Pool(pool) => pool
+                .members()
+                .next()
+                .unwrap_or(&snapshot.identities[0])
+                .clone(),
         }
     }
 
     /// The pool called `name`.
-    pub fn pool(&self, name: &str) -> Option<&Arc<Pool>> {
-        self.pools.iter().find(|p| p.name() == name)
+    pub fn pool(&self, name: &str) -> Option<Arc<Pool>> {
+        self.shared
+            .snapshot
+            .load()
+            .pools
+            .iter()
+            .find(|p| p.name() == name)
+            .cloned()
     }
 
     /// The Prometheus text exposition, as `/metrics` serves it.
     pub fn metrics_text(&self) -> String {
-        self.metrics.render()
+        self.shared.metrics.render()
     }
 }

@@ -8,7 +8,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use arc_swap::ArcSwapOption;
+use arc_swap::{ArcSwap, ArcSwapOption};
 use http::{Request, Response};
 use hyper::body::Incoming;
 use hyper::service::service_fn;
@@ -22,7 +22,7 @@ use tokio_rustls::TlsAcceptor;
 use crate::body::Body;
 
 /// How a listener treats its connections.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone, Copy, PartialEq)]
 pub struct Options {
     /// Open connections at most; past it, new ones wait in the kernel's
     /// accept queue rather than being accepted and starved.
@@ -45,32 +45,32 @@ pub async fn serve<H, F>(
     listener: TcpListener,
     handler: H,
     mut shutdown: watch::Receiver<bool>,
-    options: Options,
+    options: Arc<ArcSwap<Options>>,
     tls: Arc<ArcSwapOption<rustls::ServerConfig>>,
 ) where
     H: Fn(Request<Incoming>, SocketAddr) -> F + Clone + Send + Sync + 'static,
     F: Future<Output = Response<Body>> + Send + 'static,
 {
-    let mut builder = auto::Builder::new(TokioExecutor::new());
-    // Request line and headers, with room above the handler's limit.
-    let buffer = (options.max_header_bytes + 16 * 1024).max(8192);
-    builder
-        .http1()
-        .timer(TokioTimer::new())
-        .header_read_timeout(options.header_read_timeout)
-        .max_buf_size(buffer);
-    builder
-        .http2()
-        .timer(TokioTimer::new())
-        .max_header_list_size(u32::try_from(buffer).unwrap_or(u32::MAX))
-        .keep_alive_interval(Some(options.header_read_timeout))
-        .keep_alive_timeout(options.header_read_timeout);
-    let permits = Arc::new(Semaphore::new(options.max_connections));
+    let mut current = **options.load();
+    let mut builder = connection_builder(&current);
+    let permits = Arc::new(Semaphore::new(current.max_connections));
     let graceful = GracefulShutdown::new();
     if let Ok(addr) = listener.local_addr() {
         tracing::info!(listener = name, %addr, "listening");
     }
     loop {
+        // Reloaded settings apply to the connections accepted from now on.
+        let latest = **options.load();
+        if latest != current {
+            builder = connection_builder(&latest);
+            if latest.max_connections > current.max_connections {
+                permits.add_permits(latest.max_connections - current.max_connections);
+            } else {
+                // Only free slots can be taken back; busy ones close in time.
+                permits.forget_permits(current.max_connections - latest.max_connections);
+            }
+            current = latest;
+        }
         // A connection slot first, then accept: beyond the limit, clients
         // wait in the kernel's queue.
         let permit = tokio::select! {
@@ -98,7 +98,7 @@ pub async fn serve<H, F>(
                     let builder = builder.clone();
                     let watcher = graceful.watcher();
                     let tls = tls.load_full();
-                    let handshake_timeout = options.header_read_timeout;
+                    let handshake_timeout = current.header_read_timeout;
                     tokio::spawn(async move {
                         let _permit = permit;
                         let result = match tls {
@@ -143,7 +143,7 @@ pub async fn serve<H, F>(
         }
     }
     drop(listener);
-    let grace = options.shutdown_grace;
+    let grace = options.load().shutdown_grace;
     tracing::info!(
         listener = name,
         grace_s = grace.as_secs_f64(),
@@ -156,4 +156,23 @@ pub async fn serve<H, F>(
             "grace period over with requests still in flight; closing them"
         ),
     }
+}
+
+/// HTTP/1.1 and HTTP/2 settings for new connections.
+fn connection_builder(options: &Options) -> auto::Builder<TokioExecutor> {
+    let mut builder = auto::Builder::new(TokioExecutor::new());
+    // Request line and headers, with room above the handler's limit.
+    let buffer = (options.max_header_bytes + 16 * 1024).max(8192);
+    builder
+        .http1()
+        .timer(TokioTimer::new())
+        .header_read_timeout(options.header_read_timeout)
+        .max_buf_size(buffer);
+    builder
+        .http2()
+        .timer(TokioTimer::new())
+        .max_header_list_size(u32::try_from(buffer).unwrap_or(u32::MAX))
+        .keep_alive_interval(Some(options.header_read_timeout))
+        .keep_alive_timeout(options.header_read_timeout);
+    builder
 }

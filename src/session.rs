@@ -255,6 +255,11 @@ impl Identity {
         &self.shared.info
     }
 
+    /// True if `other` is a handle on this same identity.
+    pub fn same(&self, other: &Identity) -> bool {
+        Arc::ptr_eq(&self.shared, &other.shared)
+    }
+
     /// This identity's metric series.
     pub fn metrics(&self) -> &IdentityMetrics {
         &self.shared.metrics
