@@ -150,9 +150,10 @@ fn serve(path: &std::path::Path) -> ExitCode {
         let admin = TcpListener::bind(config.admin.addr)
             .await
             .map_err(|e| format!("cannot listen on {} (admin.addr): {e}", config.admin.addr))?;
-        qbproxy::run(config, Listeners { proxy, admin }, shutdown_signal())
-            .await
-            .map_err(|e| e.to_string())
+        let app = qbproxy::App::new(config).map_err(|e| e.to_string())?;
+        tokio::spawn(reload_on_sighup(path.to_owned(), app.handle()));
+        app.run(Listeners { proxy, admin }, shutdown_signal()).await;
+        Ok::<(), String>(())
     });
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -180,6 +181,27 @@ fn init_logging(format: LogFormat) {
     match format {
         LogFormat::Text => builder.init(),
         LogFormat::Json => builder.json().flatten_event(true).init(),
+    }
+}
+
+/// On each SIGHUP, reads the config file again and applies it; an invalid
+/// file is refused with a log line and the running configuration stays.
+async fn reload_on_sighup(path: std::path::PathBuf, handle: qbproxy::Handle) {
+    let mut hup = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()) {
+        Ok(s) => s,
+        Err(e) => {
+            tracing::error!(error = %e, "cannot listen for SIGHUP; reloading is off");
+            return;
+        }
+    };
+    while hup.recv().await.is_some() {
+        tracing::info!(config = %path.display(), "SIGHUP received; reloading");
+        let result = Config::load(&path)
+            .map_err(|e| e.to_string())
+            .and_then(|c| handle.reload(c).map_err(|e| e.to_string()));
+        if let Err(e) = result {
+            tracing::error!(error = %e, "reload refused; the running configuration stays");
+        }
     }
 }
 

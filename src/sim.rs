@@ -165,6 +165,8 @@ struct Shared {
 
 #[derive(Default)]
 struct State {
+    /// Passwords changed since start, by login.
+    passwords: HashMap<String, String>,
     provider_tokens: Vec<ProviderToken>,
     creation_log: Vec<Creation>,
     /// Session creations being handled right now, and the most at once.
@@ -298,6 +300,13 @@ impl Sim {
     /// Makes every session creation take at least this long.
     pub fn set_creation_delay(&self, delay: Duration) {
         self.state().creation_delay = delay;
+    }
+
+    /// Changes a user's password from now on (existing sessions stay).
+    pub fn set_password(&self, login: &str, password: &str) {
+        self.state()
+            .passwords
+            .insert(login.to_owned(), password.to_owned());
     }
 
     /// Accepts another social-provider token from now on.
@@ -542,13 +551,15 @@ impl Sim {
             return Some(0);
         }
         let password = get("user[password]");
+        let changed = self.state().passwords.clone();
         self.shared
             .config
             .users
             .iter()
             .find(|u| {
+                let current = changed.get(&u.login).unwrap_or(&u.password);
                 (login == Some(u.login.as_str()) || email == Some(u.email.as_str()))
-                    && password == Some(u.password.as_str())
+                    && password == Some(current.as_str())
             })
             .map(|u| u.id)
     }

@@ -339,3 +339,88 @@ async fn the_demo_works_as_printed() {
         "one log line for the renewal: {err}"
     );
 }
+
+/// SIGHUP on the real binary: a valid new config applies at once (a new
+/// client key works); an invalid one is refused and the old one serves on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sighup_reloads_a_valid_config_and_refuses_an_invalid_one() {
+    let sim = Sim::start(SimConfig::demo()).await.unwrap();
+    let app = sim.config().clone();
+    let (proxy_port, admin_port) = (free_port(), free_port());
+    let dir = TempDir::new("sighup");
+    let base = format!(
+        "[listen]\naddr = \"127.0.0.1:{proxy_port}\"\n[admin]\naddr = \"127.0.0.1:{admin_port}\"\n\
+         [upstream]\nurl = \"{}\"\n[quickblox]\napplication_id = \"{}\"\nauth_key = \"{}\"\nauth_secret = \"{}\"\n",
+        sim.url(),
+        app.application_id,
+        app.auth_key,
+        app.auth_secret,
+    );
+    let key_a = "[[client]]\nname = \"a\"\nkey = \"client-a-key-0123456789\"\n";
+    let key_b = "[[client]]\nname = \"b\"\nkey = \"client-b-key-0123456789\"\n";
+    let cfg = dir.file("config.toml", &format!("{base}{key_a}"));
+    let mut child = tokio::process::Command::new(BIN)
+        .arg("--config")
+        .arg(&cfg)
+        .env("RUST_LOG", "info")
+        .stderr(Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
+    wait_for(&mut lines, "session created").await;
+
+    let client: hyper_util::client::legacy::Client<_, http_body_util::Empty<bytes::Bytes>> =
+        hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
+            .build(hyper_util::client::legacy::connect::HttpConnector::new());
+    let get = |key: &'static str| {
+        let req = http::Request::get(format!("http://127.0.0.1:{proxy_port}/users.json"))
+            .header("QBProxy-Key", key)
+            .body(http_body_util::Empty::new())
+            .unwrap();
+        let client = client.clone();
+        async move { client.request(req).await.unwrap().status().as_u16() }
+    };
+    let hup = |pid: u32| {
+        assert!(Command::new("kill")
+            .args(["-HUP", &pid.to_string()])
+            .status()
+            .unwrap()
+            .success())
+    };
+    let pid = child.id().unwrap();
+    assert_eq!(get("client-b-key-0123456789").await, 401);
+
+    std::fs::write(&cfg, format!("{base}{key_a}{key_b}")).unwrap();
+    hup(pid);
+    wait_for(&mut lines, "configuration reloaded").await;
+    assert_eq!(get("client-b-key-0123456789").await, 200);
+
+    std::fs::write(&cfg, format!("{base}{key_a}[upstream]\nbogus = 1\n")).unwrap();
+    hup(pid);
+    let refused = wait_for(&mut lines, "reload refused").await;
+    assert!(refused.contains("running configuration stays"), "{refused}");
+    assert_eq!(
+        get("client-b-key-0123456789").await,
+        200,
+        "the old configuration serves on"
+    );
+    assert_eq!(get("client-a-key-0123456789").await, 200);
+}
+
+/// The first log line containing `what`, waiting at most 20 s.
+async fn wait_for(
+    lines: &mut tokio::io::Lines<BufReader<tokio::process::ChildStderr>>,
+    what: &str,
+) -> String {
+    tokio::time::timeout(Duration::from_secs(20), async {
+        while let Some(line) = lines.next_line().await.unwrap() {
+            if line.contains(what) {
+                return line;
+            }
+        }
+        panic!("qbproxy exited before logging {what:?}");
+    })
+    .await
+    .unwrap_or_else(|_| panic!("no log line {what:?}"))
+}

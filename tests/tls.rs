@@ -301,3 +301,30 @@ async fn upstream_ca_file_trusts_a_private_upstream() {
         a.text()
     );
 }
+
+/// A reload swaps the certificate for new connections.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reload_rotates_the_certificate() {
+    let dir = Dir::new("rotate");
+    let old_ca = Ca::new("old CA");
+    let new_ca = Ca::new("new CA");
+    let old = old_ca.leaf(key(&rcgen::PKCS_ECDSA_P256_SHA256));
+    let h = tls_setup(&dir, &old, None).start().await;
+    h.ready().await;
+    let url = format!("https://localhost:{}/users.json", h.proxy.port());
+    assert!(https_get(&https_client(&new_ca, None), url.clone())
+        .await
+        .is_err());
+
+    let new_dir = Dir::new("rotate-new");
+    let new = new_ca.leaf(key(&rcgen::PKCS_ED25519));
+    let text = tls_setup(&new_dir, &new, None).config_text(&h.sim);
+    h.handle
+        .reload(qbproxy::Config::from_toml(&text, Path::new("t.toml")).unwrap())
+        .unwrap();
+    let (status, _, _) = https_get(&https_client(&new_ca, None), url.clone())
+        .await
+        .unwrap();
+    assert_eq!(status, 200);
+    assert!(https_get(&https_client(&old_ca, None), url).await.is_err());
+}

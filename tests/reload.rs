@@ -1,0 +1,160 @@
+//! Reloading the configuration in place (what SIGHUP does; the signal
+//! itself is tested on the binary in `cli.rs`).
+
+mod common;
+
+use std::path::Path;
+
+use bytes::Bytes;
+use common::setup;
+use http::{Method, StatusCode};
+use qbproxy::Config;
+
+const KEY_A: &str = "client-a-key-0123456789";
+const KEY_B: &str = "client-b-key-0123456789";
+const DEMO: &str = "name = \"demo\"\nlogin = \"demo\"\npassword = \"demo-password\"\n";
+const OTHER: &str = "name = \"other\"\nlogin = \"other\"\npassword = \"other-password\"\n";
+
+fn client(name: &str, key: &str) -> String {
+    format!("[[client]]\nname = \"{name}\"\nkey = \"{key}\"\n")
+}
+
+/// A config for the harness's simulator built from a setup.
+fn config(h: &common::Harness, s: common::Setup) -> Config {
+    Config::from_toml(&s.config_text(&h.sim), Path::new("reloaded.toml")).unwrap()
+}
+
+#[tokio::test]
+async fn a_rotated_password_takes_effect_at_the_next_renewal_without_disturbing_the_session() {
+    let h = setup().identity(DEMO).start().await;
+    h.ready().await;
+    let token = h
+        .handle
+        .default_identity()
+        .current()
+        .unwrap()
+        .token()
+        .clone();
+    // The password changes in QuickBlox, then in the config.
+    h.sim.set_password("demo", "rotated-password");
+    let rotated =
+        setup().identity("name = \"demo\"\nlogin = \"demo\"\npassword = \"rotated-password\"\n");
+    h.handle.reload(config(&h, rotated)).unwrap();
+    // The healthy session is untouched.
+    assert_eq!(h.get("/users.json").await.status, StatusCode::OK);
+    assert_eq!(
+        h.handle.default_identity().current().unwrap().token(),
+        &token
+    );
+    assert_eq!(h.sim.creations(), 1);
+    // The next renewal uses the new password.
+    h.sim.expire_all();
+    let a = h.get("/users.json").await;
+    assert_eq!(a.status, StatusCode::OK, "{}", a.text());
+    let last = h.sim.creation_log().last().unwrap().params.clone();
+    assert!(last.contains(&("user[password]".to_owned(), "rotated-password".to_owned())));
+}
+
+#[tokio::test]
+async fn client_keys_allowlist_and_limits_change_at_once() {
+    let h = setup().raw_table(&client("a", KEY_A)).start().await;
+    h.ready().await;
+    let with = |key: &'static str| [("QBProxy-Key", key)];
+    assert_eq!(
+        h.send(Method::GET, "/x.json", &with(KEY_A), Bytes::new())
+            .await
+            .status,
+        StatusCode::OK
+    );
+    assert_eq!(
+        h.send(Method::GET, "/x.json", &with(KEY_B), Bytes::new())
+            .await
+            .status,
+        StatusCode::UNAUTHORIZED
+    );
+
+    // Key B added, key A removed, bodies limited.
+    let next = setup()
+        .raw_table(&client("b", KEY_B))
+        .set("limits", "max_body_bytes", "100");
+    h.handle.reload(config(&h, next)).unwrap();
+    assert_eq!(
+        h.send(Method::GET, "/x.json", &with(KEY_B), Bytes::new())
+            .await
+            .status,
+        StatusCode::OK
+    );
+    assert_eq!(
+        h.send(Method::GET, "/x.json", &with(KEY_A), Bytes::new())
+            .await
+            .status,
+        StatusCode::UNAUTHORIZED
+    );
+    let big = h
+        .send(Method::POST, "/x.json", &with(KEY_B), vec![b'x'; 101])
+        .await;
+    assert_eq!(big.status, StatusCode::PAYLOAD_TOO_LARGE);
+
+    // Only other hosts allowed.
+    let closed = setup()
+        .raw_table(&client("b", KEY_B))
+        .set("listen", "allow", "[\"10.0.0.0/8\"]");
+    h.handle.reload(config(&h, closed)).unwrap();
+    assert_eq!(
+        h.send(Method::GET, "/x.json", &with(KEY_B), Bytes::new())
+            .await
+            .status,
+        StatusCode::FORBIDDEN
+    );
+    // The default identity's session survived all of it.
+    assert_eq!(h.sim.creations(), 1);
+}
+
+#[tokio::test]
+async fn identities_come_and_go_and_requests_in_flight_finish() {
+    let h = setup().identity(DEMO).start().await;
+    h.ready().await;
+    let gate = h.sim.gate("/slow");
+    let in_flight = h.spawn_send(Method::GET, "/slow.json", &[], "");
+    common::bounded(
+        "the held request",
+        h.sim.wait_until(|s| s.requests_to("/slow") == 1),
+    )
+    .await;
+
+    // "other" arrives.
+    h.handle
+        .reload(config(&h, setup().identity(DEMO).identity(OTHER)))
+        .unwrap();
+    let a = h
+        .send(
+            Method::GET,
+            "/users.json",
+            &[("QBProxy-Identity", "other")],
+            Bytes::new(),
+        )
+        .await;
+    assert_eq!(a.status, StatusCode::OK, "{}", a.text());
+    assert_eq!(a.json()["echo"]["user_id"], 1002);
+
+    // "other" leaves; its name is unknown again.
+    h.handle.reload(config(&h, setup().identity(DEMO))).unwrap();
+    let a = h
+        .send(
+            Method::GET,
+            "/users.json",
+            &[("QBProxy-Identity", "other")],
+            Bytes::new(),
+        )
+        .await;
+    assert_eq!(a.status, StatusCode::BAD_REQUEST);
+
+    // The request that was in flight through all of it completes.
+    gate.add_permits(1);
+    assert_eq!(in_flight.await.unwrap().status, StatusCode::OK);
+    assert_eq!(
+        h.sim.creations_for(1001),
+        1,
+        "demo's session was never replaced"
+    );
+}
