@@ -438,3 +438,27 @@ async fn slowloris_and_malformed_clients_are_cut_off_without_harming_others() {
     );
     assert_eq!(h.get("/users.json").await.status, StatusCode::OK);
 }
+
+/// An idle keep-alive connection is closed after `header_read_timeout`.
+#[tokio::test]
+async fn idle_keep_alive_connections_are_closed() {
+    let h = setup()
+        .set("limits", "header_read_timeout", "\"300ms\"")
+        .start()
+        .await;
+    h.ready().await;
+    let mut conn = TcpStream::connect(h.proxy).await.unwrap();
+    assert_eq!(
+        status_of(&keep_alive_get(&mut conn, "/users.json").await),
+        200
+    );
+    // Nothing more is sent: the server closes the connection.
+    let mut rest = Vec::new();
+    bounded(
+        "the idle connection to be closed",
+        conn.read_to_end(&mut rest),
+    )
+    .await
+    .unwrap();
+    assert!(rest.is_empty(), "{}", String::from_utf8_lossy(&rest));
+}
