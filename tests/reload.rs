@@ -158,3 +158,21 @@ async fn identities_come_and_go_and_requests_in_flight_finish() {
         "demo's session was never replaced"
     );
 }
+
+/// The listen addresses cannot move without a restart; a reload says so.
+#[tokio::test]
+async fn a_moved_listen_address_is_logged_as_needing_a_restart() {
+    let logs = common::capture_logs();
+    let h = setup().start().await;
+    h.ready().await;
+    h.handle
+        .reload(config(&h, setup().set("listen", "addr", "\"127.0.0.1:3\"")))
+        .unwrap();
+    assert!(
+        logs.has_line(&["listen.addr changed", "restart qbproxy", "127.0.0.1:3"]),
+        "{}",
+        logs.text()
+    );
+    // Still serving where it was.
+    assert_eq!(h.get("/users.json").await.status, StatusCode::OK);
+}

@@ -219,14 +219,19 @@ async fn mtls_admits_only_certificates_from_the_client_ca() {
     let none = https_get(&https_client(&ca, None), url.clone()).await;
     assert!(none.is_err(), "no client certificate: {none:?}");
     let wrong = other.leaf(key(&rcgen::PKCS_ECDSA_P256_SHA256));
-    let refused = https_get(&https_client(&ca, Some(&wrong)), url).await;
+    let refused = https_get(&https_client(&ca, Some(&wrong)), url.clone()).await;
     assert!(
         refused.is_err(),
         "certificate from the wrong CA: {refused:?}"
     );
+    // The refused handshakes cost nobody else anything.
+    let (status, _, _) = https_get(&https_client(&ca, Some(&good)), url)
+        .await
+        .unwrap();
+    assert_eq!(status, 200);
     assert_eq!(
         h.sim.requests().len(),
-        1,
+        2,
         "only the good client got through"
     );
 }
@@ -327,4 +332,35 @@ async fn a_reload_rotates_the_certificate() {
         .unwrap();
     assert_eq!(status, 200);
     assert!(https_get(&https_client(&old_ca, None), url).await.is_err());
+}
+
+/// The upstream client speaks HTTP/2 to an upstream that offers it by ALPN.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_upstream_client_uses_http2_when_offered() {
+    let dir = Dir::new("h2up");
+    let ca = Ca::new("upstream CA");
+    let cert = ca.leaf(key(&rcgen::PKCS_ECDSA_P256_SHA256));
+    let edge = tls_setup(&dir, &cert, None).start().await;
+    edge.ready().await;
+    let text = setup()
+        .upstream_url(&format!("https://localhost:{}", edge.proxy.port()))
+        .set(
+            "upstream",
+            "ca_file",
+            &format!("{:?}", dir.write("ca.crt", &ca.pem)),
+        )
+        .config_text(&edge.sim);
+    let config = qbproxy::Config::from_toml(&text, Path::new("t.toml")).unwrap();
+    let client = qbproxy::upstream::client(&config.upstream).unwrap();
+    let req = http::Request::get(format!(
+        "https://localhost:{}/users.json",
+        edge.proxy.port()
+    ))
+    .body(qbproxy::body::Body::empty())
+    .unwrap();
+    let resp = bounded("the upstream answer", client.request(req))
+        .await
+        .unwrap();
+    assert_eq!(resp.version(), http::Version::HTTP_2);
+    assert_eq!(resp.status(), 200);
 }
