@@ -70,13 +70,7 @@ fn main() -> ExitCode {
         Some(Command::Check) => check(&cli.config),
         Some(Command::Demo { listen, admin }) => {
             let result = runtime().block_on(qbproxy::demo::run(listen, admin, shutdown_signal()));
-            match result {
-                Ok(()) => ExitCode::SUCCESS,
-                Err(e) => {
-                    eprintln!("qbproxy: {e}");
-                    ExitCode::FAILURE
-                }
-            }
+            exit(result)
         }
         Some(Command::Sim { listen, users }) => sim(listen, users),
         None => serve(&cli.config),
@@ -106,13 +100,7 @@ fn sim(listen: SocketAddr, users: u64) -> ExitCode {
         shutdown_signal().await;
         Ok::<(), String>(())
     });
-    match result {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(e) => {
-            eprintln!("qbproxy: {e}");
-            ExitCode::FAILURE
-        }
-    }
+    exit(result)
 }
 
 fn check(path: &std::path::Path) -> ExitCode {
@@ -155,13 +143,7 @@ fn serve(path: &std::path::Path) -> ExitCode {
         app.run(Listeners { proxy, admin }, shutdown_signal()).await;
         Ok::<(), String>(())
     });
-    match result {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(e) => {
-            eprintln!("qbproxy: {e}");
-            ExitCode::FAILURE
-        }
-    }
+    exit(result)
 }
 
 fn runtime() -> tokio::runtime::Runtime {
@@ -212,5 +194,16 @@ async fn shutdown_signal() {
     tokio::select! {
         _ = tokio::signal::ctrl_c() => tracing::info!("SIGINT received"),
         _ = term.recv() => tracing::info!("SIGTERM received"),
+    }
+}
+
+/// 0, or 1 with the error on stderr.
+fn exit<E: std::fmt::Display>(result: Result<(), E>) -> ExitCode {
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("qbproxy: {e}");
+            ExitCode::FAILURE
+        }
     }
 }

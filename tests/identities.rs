@@ -93,14 +93,7 @@ async fn every_identity_kind_creates_a_signed_session() {
         ("phone", 2002),
     ];
     for (name, user_id) in expected {
-        let a = h
-            .send(
-                Method::GET,
-                "/users.json",
-                &[("QBProxy-Identity", name)],
-                Bytes::new(),
-            )
-            .await;
+        let a = h.get_as(name, "/users.json").await;
         assert_eq!(a.status, StatusCode::OK, "{name}: {}", a.text());
         assert_eq!(a.json()["echo"]["user_id"], user_id, "{name}");
     }
@@ -203,14 +196,7 @@ async fn token_commands_are_read_afresh_and_failures_are_clear() {
     assert_eq!(renew.json()["renewals"]["forced"], 1);
 
     // A failing command is reported like any session failure.
-    let a = h
-        .send(
-            Method::GET,
-            "/users.json",
-            &[("QBProxy-Identity", "broken")],
-            Bytes::new(),
-        )
-        .await;
+    let a = h.get_as("broken", "/users.json").await;
     assert_eq!(a.status, StatusCode::SERVICE_UNAVAILABLE);
     let msg = a.error_message();
     assert!(
@@ -256,14 +242,7 @@ async fn identities_are_chosen_by_header_or_path_prefix_and_unknown_names_get_40
         .await;
     assert_eq!(a.status, StatusCode::FORBIDDEN);
     // Unknown name.
-    let a = h
-        .send(
-            Method::GET,
-            "/users.json",
-            &[("QBProxy-Identity", "nobody")],
-            Bytes::new(),
-        )
-        .await;
+    let a = h.get_as("nobody", "/users.json").await;
     assert_eq!(a.status, StatusCode::BAD_REQUEST);
     assert_eq!(a.headers["qbproxy-error"], "unknown-identity");
     assert_eq!(
@@ -394,14 +373,7 @@ async fn one_identitys_failure_never_blocks_another() {
         &[("QBProxy-Identity", "stuck")],
         "",
     );
-    let refused = h
-        .send(
-            Method::GET,
-            "/users.json",
-            &[("QBProxy-Identity", "refused")],
-            Bytes::new(),
-        )
-        .await;
+    let refused = h.get_as("refused", "/users.json").await;
     assert_eq!(refused.status, StatusCode::SERVICE_UNAVAILABLE);
     for i in 0..10 {
         let a = h.get(&format!("/users.json?{i}")).await;

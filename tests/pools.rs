@@ -56,14 +56,7 @@ async fn round_robin_spreads_over_every_member_and_creates_lazily() {
     assert_eq!(idle, 50);
 
     for i in 0..100 {
-        let a = h
-            .send(
-                Method::GET,
-                &format!("/users.json?i={i}"),
-                &[("QBProxy-Identity", "load")],
-                Bytes::new(),
-            )
-            .await;
+        let a = h.get_as("load", &format!("/users.json?i={i}")).await;
         assert_eq!(a.status, StatusCode::OK, "{}", a.text());
     }
     let seen = users(&h.sim);
@@ -175,14 +168,7 @@ async fn a_member_with_refused_credentials_is_set_aside_and_the_pool_serves_on()
         .await;
     h.ready().await;
     for i in 0..30 {
-        let a = h
-            .send(
-                Method::GET,
-                &format!("/users.json?{i}"),
-                &[("QBProxy-Identity", "load")],
-                Bytes::new(),
-            )
-            .await;
+        let a = h.get_as("load", &format!("/users.json?{i}")).await;
         assert_eq!(a.status, StatusCode::OK, "request {i}: {}", a.text());
     }
     let seen = users(&h.sim);
@@ -224,14 +210,7 @@ async fn every_member_set_aside_gives_a_clear_503() {
         .start()
         .await;
     h.ready().await;
-    let a = h
-        .send(
-            Method::GET,
-            "/users.json",
-            &[("QBProxy-Identity", "load")],
-            Bytes::new(),
-        )
-        .await;
+    let a = h.get_as("load", "/users.json").await;
     assert_eq!(a.status, StatusCode::SERVICE_UNAVAILABLE);
     assert_eq!(a.headers["qbproxy-error"], "pool-unavailable");
     assert!(
@@ -278,14 +257,7 @@ async fn max_in_flight_spreads_load_and_busy_pools_answer_503() {
     let a = pool.acquire(None, far).await.unwrap();
     let b = pool.acquire(None, far).await.unwrap();
     assert_ne!(a.identity().name(), b.identity().name());
-    let busy = h
-        .send(
-            Method::GET,
-            "/users.json",
-            &[("QBProxy-Identity", "load")],
-            Bytes::new(),
-        )
-        .await;
+    let busy = h.get_as("load", "/users.json").await;
     assert_eq!(busy.status, StatusCode::SERVICE_UNAVAILABLE);
     assert_eq!(busy.headers["qbproxy-error"], "pool-busy");
     assert_eq!(

@@ -126,27 +126,13 @@ async fn identities_come_and_go_and_requests_in_flight_finish() {
     h.handle
         .reload(config(&h, setup().identity(DEMO).identity(OTHER)))
         .unwrap();
-    let a = h
-        .send(
-            Method::GET,
-            "/users.json",
-            &[("QBProxy-Identity", "other")],
-            Bytes::new(),
-        )
-        .await;
+    let a = h.get_as("other", "/users.json").await;
     assert_eq!(a.status, StatusCode::OK, "{}", a.text());
     assert_eq!(a.json()["echo"]["user_id"], 1002);
 
     // "other" leaves; its name is unknown again.
     h.handle.reload(config(&h, setup().identity(DEMO))).unwrap();
-    let a = h
-        .send(
-            Method::GET,
-            "/users.json",
-            &[("QBProxy-Identity", "other")],
-            Bytes::new(),
-        )
-        .await;
+    let a = h.get_as("other", "/users.json").await;
     assert_eq!(a.status, StatusCode::BAD_REQUEST);
 
     // The request that was in flight through all of it completes.

@@ -304,6 +304,17 @@ impl Harness {
         })
     }
 
+    /// A GET acting as `identity` (an identity or a pool).
+    pub async fn get_as(&self, identity: &str, path: &str) -> Answer {
+        self.send(
+            Method::GET,
+            path,
+            &[("QBProxy-Identity", identity)],
+            Bytes::new(),
+        )
+        .await
+    }
+
     pub async fn admin_get(&self, path: &str) -> Answer {
         send(
             &self.client,
