@@ -1,0 +1,163 @@
+#!/usr/bin/env bash
+# qbproxy against nginx and HAProxy doing the same job (a static QB-Token
+# header in front of QuickBlox), and against no proxy at all.
+#
+#   bench/run.sh                       DURATION=5s ROUNDS=2 by default
+#
+# Each proxy gets core 0 (taskset); wrk and the upstream share core 1. Runs
+# are interleaved (qbproxy, nginx, haproxy, direct; again), because the
+# machine is noisy. Writes bench/RESULTS.md.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+DURATION=${DURATION:-5s}
+ROUNDS=${ROUNDS:-2}
+MILLION_SECONDS=${MILLION_SECONDS:-60}
+OUT=bench/out
+mkdir -p "$OUT"
+rm -f "$OUT"/runs.tsv
+
+need=()
+command -v wrk >/dev/null || need+=(wrk)
+command -v nginx >/dev/null || need+=(nginx-light)
+command -v haproxy >/dev/null || need+=(haproxy)
+if ((${#need[@]})); then
+    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${need[@]}"
+fi
+cargo build --release --quiet --bin qbproxy --example fast-upstream
+BIN=target/release/qbproxy
+UPSTREAM=target/release/examples/fast-upstream
+TOKEN=0123456789abcdef0123456789abcdef01234567
+
+pids=()
+stop_all() { for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done; for p in "${pids[@]}"; do wait "$p" 2>/dev/null || true; done; pids=(); }
+trap stop_all EXIT
+wait_port() { for _ in $(seq 100); do (echo > "/dev/tcp/127.0.0.1/$1") 2>/dev/null && return 0; sleep 0.1; done; echo "port $1 never opened" >&2; exit 1; }
+
+printf 'wrk.method = "POST"\nwrk.body = string.rep("x", 2048)\nwrk.headers["Content-Type"] = "application/json"\n' > "$OUT/post2k.lua"
+
+start_targets() { # mode: http or https
+    local mode=$1 up_url up_port
+    if [[ $mode == https ]]; then up_port=19443; else up_port=19000; fi
+    up_url="$mode://127.0.0.1:$up_port"
+    if [[ $mode == https ]]; then
+        taskset -c 1 "$UPSTREAM" "127.0.0.1:$up_port" "$OUT/upstream-ca.pem" 2>/dev/null & pids+=($!)
+    else
+        taskset -c 1 "$UPSTREAM" "127.0.0.1:$up_port" 2>/dev/null & pids+=($!)
+    fi
+    wait_port "$up_port"
+
+    cat > "$OUT/qbproxy.toml" <<TOML
+[listen]
+addr = "127.0.0.1:19100"
+[admin]
+addr = "127.0.0.1:19190"
+[upstream]
+url = "$up_url"
+$([[ $mode == https ]] && echo "ca_file = \"$PWD/$OUT/upstream-ca.pem\"")
+[limits]
+max_connections = 8192
+[quickblox]
+application_id = "76730"
+auth_key = "bench"
+auth_secret = "bench"
+TOML
+    RUST_LOG=warn taskset -c 0 "$BIN" --config "$OUT/qbproxy.toml" 2> "$OUT/qbproxy-$mode.log" & pids+=($!)
+    QBPROXY_PID=$!
+    wait_port 19100
+
+    local ssl=""; [[ $mode == https ]] && ssl="proxy_ssl_verify off; proxy_ssl_session_reuse on;"
+    cat > "$OUT/nginx.conf" <<NGINX
+worker_processes 1;
+pid $PWD/$OUT/nginx.pid;
+error_log $PWD/$OUT/nginx-error.log warn;
+events { worker_connections 8192; }
+http {
+    access_log off;
+    upstream qb { server 127.0.0.1:$up_port; keepalive 256; }
+    server {
+        listen 127.0.0.1:19200 backlog=4096;
+        location / {
+            proxy_pass $mode://qb;
+            proxy_http_version 1.1;
+            proxy_set_header Connection "";
+            proxy_set_header QB-Token "$TOKEN";
+            proxy_buffering on;
+            $ssl
+        }
+    }
+}
+NGINX
+    taskset -c 0 nginx -p "$PWD/$OUT" -c "$PWD/$OUT/nginx.conf" -g 'daemon off;' 2>/dev/null & pids+=($!)
+    wait_port 19200
+
+    local hssl=""; [[ $mode == https ]] && hssl="ssl verify none alpn http/1.1"
+    cat > "$OUT/haproxy.cfg" <<HAP
+global
+    nbthread 1
+    maxconn 8192
+defaults
+    mode http
+    timeout connect 5s
+    timeout client 60s
+    timeout server 60s
+    http-reuse always
+frontend fe
+    bind 127.0.0.1:19300
+    http-request set-header QB-Token $TOKEN
+    default_backend be
+backend be
+    server up 127.0.0.1:$up_port $hssl
+HAP
+    taskset -c 0 haproxy -f "$OUT/haproxy.cfg" -db 2>/dev/null & pids+=($!)
+    wait_port 19300
+}
+
+port_of() { case $1 in qbproxy) echo 19100;; nginx) echo 19200;; haproxy) echo 19300;; direct) echo "$DIRECT_PORT";; esac; }
+
+run() { # mode scenario conns path extra-args...
+    local mode=$1 scenario=$2 conns=$3 path=$4; shift 4
+    for round in $(seq "$ROUNDS"); do
+        for target in qbproxy nginx haproxy direct; do
+            local port scheme=http hdr=()
+            port=$(port_of "$target")
+            if [[ $target == direct ]]; then scheme=$mode; hdr=(-H "QB-Token: $TOKEN"); fi
+            local log="$OUT/wrk-$mode-${scenario//[^a-zA-Z0-9]/_}-$target-$round.txt"
+            taskset -c 1 wrk -t1 -c"$conns" -d"$DURATION" --latency "${hdr[@]}" "$@" \
+                "$scheme://127.0.0.1:$port$path" > "$log" 2>&1 || true
+            printf '%s\t%s\t%s\t%s\t%s\n' "$mode" "$scenario" "$target" "$round" "$log" >> "$OUT/runs.tsv"
+        done
+    done
+}
+
+rss_kib() { awk '/^VmRSS/ {print $2}' "/proc/$1/status"; }
+hwm_kib() { awk '/^VmHWM/ {print $2}' "/proc/$1/status"; }
+
+for mode in http https; do
+    start_targets "$mode"
+    if [[ $mode == https ]]; then DIRECT_PORT=19443; else DIRECT_PORT=19000; fi
+    if [[ $mode == http ]]; then
+        # Let the session be created, then take the idle footprint.
+        curl -fs -o /dev/null "http://127.0.0.1:19100/users.json"
+        RSS_IDLE=$(rss_kib "$QBPROXY_PID")
+    fi
+    run "$mode" "GET small, 50 conns" 50 /users.json
+    run "$mode" "GET small, 500 conns" 500 /users.json
+    run "$mode" "POST 2 KiB, 50 conns" 50 /data/Note.json -s "$OUT/post2k.lua"
+    run "$mode" "GET 256 KiB, 50 conns" 50 /big
+    if [[ $mode == http ]]; then
+        taskset -c 1 wrk -t1 -c1000 -d5s "http://127.0.0.1:19100/users.json" > "$OUT/wrk-1000conns.txt" 2>&1 || true
+        RSS_1000=$(hwm_kib "$QBPROXY_PID")
+        before=$(rss_kib "$QBPROXY_PID")
+        taskset -c 1 wrk -t1 -c50 -d"${MILLION_SECONDS}s" "http://127.0.0.1:19100/users.json" > "$OUT/wrk-million.txt" 2>&1 || true
+        RSS_AFTER=$(rss_kib "$QBPROXY_PID")
+        MILLION_REQS=$(awk '/requests in/ {print $1}' "$OUT/wrk-million.txt")
+        RSS_BEFORE_MILLION=$before
+    fi
+    stop_all
+done
+
+python3 bench/report.py "$OUT/runs.tsv" \
+    --rss "$RSS_IDLE" "$RSS_1000" "$RSS_BEFORE_MILLION" "$RSS_AFTER" "$MILLION_REQS" \
+    --duration "$DURATION" --rounds "$ROUNDS" > bench/RESULTS.md
+cat bench/RESULTS.md
