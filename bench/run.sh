@@ -141,6 +141,12 @@ for mode in http https; do
         curl -fs -o /dev/null "http://127.0.0.1:19100/users.json"
         RSS_IDLE=$(rss_kib "$QBPROXY_PID")
     fi
+    # Warm every target (pools, TLS sessions) before anything is measured.
+    for target in qbproxy nginx haproxy direct; do
+        hdr=(); scheme=http
+        if [[ $target == direct ]]; then scheme=$mode; hdr=(-H "QB-Token: $TOKEN"); fi
+        taskset -c 1 wrk -t1 -c500 -d2s "${hdr[@]}" "$scheme://127.0.0.1:$(port_of "$target")/users.json" > /dev/null 2>&1 || true
+    done
     run "$mode" "GET small, 50 conns" 50 /users.json
     run "$mode" "GET small, 500 conns" 500 /users.json
     run "$mode" "POST 2 KiB, 50 conns" 50 /data/Note.json -s "$OUT/post2k.lua"
