@@ -26,9 +26,12 @@ const SESSION: &str = r#"{"session":{"application_id":76730,"id":1,"nonce":1,"to
 fn json(status: StatusCode, body: Bytes, expires: &HeaderValue) -> Response<Full<Bytes>> {
     let mut resp = Response::new(Full::new(body));
     *resp.status_mut() = status;
+    resp.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json"),
+    );
     resp.headers_mut()
-        .insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
-    resp.headers_mut().insert("qb-token-expirationdate", expires.clone());
+        .insert("qb-token-expirationdate", expires.clone());
     resp
 }
 
@@ -37,7 +40,11 @@ async fn handle(req: Request<Incoming>, big: Bytes, expires: HeaderValue) -> Res
     // Read any body whole, as QuickBlox would.
     let _ = body.collect().await;
     if parts.method == Method::POST && parts.uri.path() == "/session.json" {
-        return json(StatusCode::CREATED, Bytes::from_static(SESSION.as_bytes()), &expires);
+        return json(
+            StatusCode::CREATED,
+            Bytes::from_static(SESSION.as_bytes()),
+            &expires,
+        );
     }
     if !parts.headers.contains_key("qb-token") {
         let body = Bytes::from_static(br#"{"errors":["Token is required"]}"#);
@@ -46,7 +53,11 @@ async fn handle(req: Request<Incoming>, big: Bytes, expires: HeaderValue) -> Res
     if parts.uri.path().starts_with("/big") {
         return json(StatusCode::OK, big, &expires);
     }
-    json(StatusCode::OK, Bytes::from_static(SMALL.as_bytes()), &expires)
+    json(
+        StatusCode::OK,
+        Bytes::from_static(SMALL.as_bytes()),
+        &expires,
+    )
 }
 
 fn tls(ca_out: &str) -> Arc<rustls::ServerConfig> {
@@ -57,15 +68,20 @@ fn tls(ca_out: &str) -> Arc<rustls::ServerConfig> {
     let ca_pem = ca.self_signed(&ca_key).expect("CA cert").pem();
     std::fs::write(ca_out, ca_pem).expect("write the CA");
     let key = KeyPair::generate().expect("key");
-    let params = CertificateParams::new(vec!["127.0.0.1".to_owned(), "localhost".to_owned()]).expect("params");
-    let cert = params.signed_by(&key, &Issuer::from_params(&ca, &ca_key)).expect("cert");
+    let params = CertificateParams::new(vec!["127.0.0.1".to_owned(), "localhost".to_owned()])
+        .expect("params");
+    let cert = params
+        .signed_by(&key, &Issuer::from_params(&ca, &ca_key))
+        .expect("cert");
     let der_key = rustls::pki_types::PrivateKeyDer::try_from(key.serialize_der()).expect("key der");
-    let mut config = rustls::ServerConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
-        .with_safe_default_protocol_versions()
-        .expect("versions")
-        .with_no_client_auth()
-        .with_single_cert(vec![cert.der().clone()], der_key)
-        .expect("server config");
+    let mut config = rustls::ServerConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .expect("versions")
+    .with_no_client_auth()
+    .with_single_cert(vec![cert.der().clone()], der_key)
+    .expect("server config");
     config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
     Arc::new(config)
 }
@@ -74,13 +90,20 @@ fn tls(ca_out: &str) -> Arc<rustls::ServerConfig> {
 async fn main() {
     let args: Vec<String> = std::env::args().collect();
     let addr = args.get(1).map_or("127.0.0.1:19000", String::as_str);
-    let acceptor = args.get(2).map(|ca| tokio_rustls::TlsAcceptor::from(tls(ca)));
+    let acceptor = args
+        .get(2)
+        .map(|ca| tokio_rustls::TlsAcceptor::from(tls(ca)));
     let listener = TcpListener::bind(addr).await.expect("bind");
     let big = Bytes::from(vec![b'x'; 256 * 1024]);
     let expires = HeaderValue::from_static("2099-01-01 00:00:00 UTC");
-    eprintln!("fast-upstream on {addr}{}", if acceptor.is_some() { " (TLS)" } else { "" });
+    eprintln!(
+        "fast-upstream on {addr}{}",
+        if acceptor.is_some() { " (TLS)" } else { "" }
+    );
     loop {
-        let Ok((stream, _)) = listener.accept().await else { continue };
+        let Ok((stream, _)) = listener.accept().await else {
+            continue;
+        };
         let _ = stream.set_nodelay(true);
         let (big, expires, acceptor) = (big.clone(), expires.clone(), acceptor.clone());
         tokio::spawn(async move {
@@ -90,7 +113,11 @@ async fn main() {
             });
             let builder = auto::Builder::new(TokioExecutor::new());
             let _ = match acceptor {
-                None => builder.serve_connection(TokioIo::new(stream), service).await,
+                None => {
+                    builder
+                        .serve_connection(TokioIo::new(stream), service)
+                        .await
+                }
                 Some(a) => match a.accept(stream).await {
                     Ok(s) => builder.serve_connection(TokioIo::new(s), service).await,
                     Err(_) => return,
