@@ -191,17 +191,8 @@ async fn the_binary_serves_then_drains_on_sigterm() {
     assert_eq!(resp.status(), 200);
     assert_eq!(sim.requests().len(), 1);
 
-    let pid = child.id().unwrap().to_string();
-    assert!(Command::new("kill")
-        .args(["-TERM", &pid])
-        .status()
-        .unwrap()
-        .success());
-    let status = tokio::time::timeout(Duration::from_secs(20), child.wait())
-        .await
-        .expect("qbproxy exits after SIGTERM")
-        .unwrap();
-    assert!(status.success(), "{status}");
+    signal(&child, "TERM");
+    exits_cleanly(&mut child).await;
     while let Some(line) = lines.next_line().await.unwrap() {
         log.push(line);
     }
@@ -314,17 +305,8 @@ async fn the_demo_works_as_printed() {
         "{b}"
     );
 
-    let pid = child.id().unwrap().to_string();
-    assert!(Command::new("kill")
-        .args(["-INT", &pid])
-        .status()
-        .unwrap()
-        .success());
-    let status = tokio::time::timeout(Duration::from_secs(20), child.wait())
-        .await
-        .expect("the demo exits on Ctrl-C")
-        .unwrap();
-    assert!(status.success(), "{status}");
+    signal(&child, "INT");
+    exits_cleanly(&mut child).await;
     let mut err = String::new();
     child
         .stderr
@@ -381,23 +363,16 @@ async fn sighup_reloads_a_valid_config_and_refuses_an_invalid_one() {
         let client = client.clone();
         async move { client.request(req).await.unwrap().status().as_u16() }
     };
-    let hup = |pid: u32| {
-        assert!(Command::new("kill")
-            .args(["-HUP", &pid.to_string()])
-            .status()
-            .unwrap()
-            .success())
-    };
-    let pid = child.id().unwrap();
+    let hup = |child: &tokio::process::Child| signal(child, "HUP");
     assert_eq!(get("client-b-key-0123456789").await, 401);
 
     std::fs::write(&cfg, format!("{base}{key_a}{key_b}")).unwrap();
-    hup(pid);
+    hup(&child);
     wait_for(&mut lines, "configuration reloaded").await;
     assert_eq!(get("client-b-key-0123456789").await, 200);
 
     std::fs::write(&cfg, format!("{base}{key_a}[upstream]\nbogus = 1\n")).unwrap();
-    hup(pid);
+    hup(&child);
     let refused = wait_for(&mut lines, "reload refused").await;
     assert!(refused.contains("running configuration stays"), "{refused}");
     assert_eq!(
@@ -423,4 +398,23 @@ async fn wait_for(
     })
     .await
     .unwrap_or_else(|_| panic!("no log line {what:?}"))
+}
+
+/// Sends `kill -SIG` to the child.
+fn signal(child: &tokio::process::Child, sig: &str) {
+    let pid = child.id().expect("running").to_string();
+    let sent = Command::new("kill")
+        .args([&format!("-{sig}"), &pid])
+        .status()
+        .unwrap();
+    assert!(sent.success());
+}
+
+/// Waits (at most 20 s) for the child to exit with status 0.
+async fn exits_cleanly(child: &mut tokio::process::Child) {
+    let status = tokio::time::timeout(Duration::from_secs(20), child.wait())
+        .await
+        .expect("qbproxy exits after the signal")
+        .unwrap();
+    assert!(status.success(), "{status}");
 }
