@@ -102,16 +102,7 @@ async fn no_secret_reaches_logs_metrics_or_errors() {
 
     let text = logs.text();
     let mut tokens: Vec<String> = h.sim.requests().iter().map(|r| r.token.clone()).collect();
-    tokens.push(
-        h.handle
-            .default_identity()
-            .current()
-            .unwrap()
-            .token()
-            .to_str()
-            .unwrap()
-            .to_owned(),
-    );
+    tokens.push(h.token());
     let app = h.sim.config().clone();
     let mut secrets = vec![
         app.auth_secret.clone(),

@@ -304,6 +304,12 @@ impl Harness {
         })
     }
 
+    /// The default identity's current token.
+    pub fn token(&self) -> String {
+        let session = self.handle.default_identity().current().expect("a session");
+        session.token().to_str().expect("ASCII token").to_owned()
+    }
+
     /// A GET acting as `identity` (an identity or a pool).
     pub async fn get_as(&self, identity: &str, path: &str) -> Answer {
         self.send(
