@@ -14,16 +14,26 @@ use bytes::{Bytes, BytesMut};
 use http_body::{Body as HttpBody, Frame, SizeHint};
 use http_body_util::BodyExt;
 use hyper::body::Incoming;
+use tokio::sync::OwnedSemaphorePermit;
 
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
+/// One of the upstream's connection slots (`upstream.max_connections`),
+/// held by the request that uses it until its response body is done.
+pub type Slot = Option<OwnedSemaphorePermit>;
 
 pub enum Body {
     /// Whole in memory; `None` once sent.
     Full(Option<Bytes>),
-    /// Streams from a connection.
-    Stream(Incoming),
+    /// Streams from a connection; an upstream response holds its slot
+    /// until it is read or dropped.
+    Stream { body: Incoming, slot: Slot },
     /// A buffered head, then the rest of the stream.
-    Chain { head: Option<Bytes>, tail: Incoming },
+    Chain {
+        head: Option<Bytes>,
+        tail: Incoming,
+        slot: Slot,
+    },
     /// A client's request body on its way upstream: a buffered head, then
     /// the rest of the stream, failing once more than `left` bytes follow.
     Capped(Capped),
@@ -69,6 +79,11 @@ impl Body {
         let bytes = bytes.into();
         Body::Full((!bytes.is_empty()).then_some(bytes))
     }
+
+    /// A response streaming from the upstream, holding `slot` until done.
+    pub fn upstream(body: Incoming, slot: Slot) -> Body {
+        Body::Stream { body, slot }
+    }
 }
 
 impl HttpBody for Body {
@@ -83,10 +98,18 @@ impl HttpBody for Body {
             |r: Option<Result<Frame<Bytes>, hyper::Error>>| r.map(|f| f.map_err(BoxError::from));
         match self.get_mut() {
             Body::Full(data) => Poll::Ready(data.take().map(|d| Ok(Frame::data(d)))),
-            Body::Stream(inner) => Pin::new(inner).poll_frame(cx).map(boxed),
-            Body::Chain { head, tail } => match head.take() {
+            Body::Stream { body, slot } => {
+                let polled = Pin::new(&mut *body).poll_frame(cx);
+                release_at_end(&polled, body, slot);
+                polled.map(boxed)
+            }
+            Body::Chain { head, tail, slot } => match head.take() {
                 Some(h) => Poll::Ready(Some(Ok(Frame::data(h)))),
-                None => Pin::new(tail).poll_frame(cx).map(boxed),
+                None => {
+                    let polled = Pin::new(&mut *tail).poll_frame(cx);
+                    release_at_end(&polled, tail, slot);
+                    polled.map(boxed)
+                }
             },
             Body::Capped(c) => {
                 if c.over.load(Ordering::Relaxed) {
@@ -114,8 +137,8 @@ impl HttpBody for Body {
     fn is_end_stream(&self) -> bool {
         match self {
             Body::Full(data) => data.is_none(),
-            Body::Stream(inner) => inner.is_end_stream(),
-            Body::Chain { head, tail } => head.is_none() && tail.is_end_stream(),
+            Body::Stream { body, .. } => body.is_end_stream(),
+            Body::Chain { head, tail, .. } => head.is_none() && tail.is_end_stream(),
             Body::Capped(c) => c.head.is_none() && c.tail.is_end_stream(),
         }
     }
@@ -123,8 +146,8 @@ impl HttpBody for Body {
     fn size_hint(&self) -> SizeHint {
         match self {
             Body::Full(data) => SizeHint::with_exact(data.as_ref().map_or(0, |d| d.len() as u64)),
-            Body::Stream(inner) => inner.size_hint(),
-            Body::Chain { head, tail } | Body::Capped(Capped { head, tail, .. }) => {
+            Body::Stream { body, .. } => body.size_hint(),
+            Body::Chain { head, tail, .. } | Body::Capped(Capped { head, tail, .. }) => {
                 let extra = head.as_ref().map_or(0, |h| h.len() as u64);
                 let tail = tail.size_hint();
                 let mut hint = SizeHint::new();
@@ -135,6 +158,18 @@ impl HttpBody for Body {
                 hint
             }
         }
+    }
+}
+
+/// Frees the upstream slot as soon as the body has ended or failed, rather
+/// than when the client has finished reading what is left in buffers.
+fn release_at_end<T>(
+    polled: &Poll<Option<Result<Frame<Bytes>, T>>>,
+    body: &Incoming,
+    slot: &mut Slot,
+) {
+    if matches!(polled, Poll::Ready(None | Some(Err(_)))) || body.is_end_stream() {
+        slot.take();
     }
 }
 

@@ -23,6 +23,10 @@ pub enum ProxyError {
     UpstreamTimeout(Duration),
     #[error("error talking to QuickBlox: {0}")]
     Upstream(String),
+    #[error(
+        "all {limit} connections to QuickBlox stayed busy for {waited:?} (upstream.max_connections)"
+    )]
+    UpstreamBusy { limit: usize, waited: Duration },
     #[error("the session is shared by every client of this proxy; refusing to {0}")]
     SharedSession(&'static str),
     #[error("bad request: {0}")]
@@ -65,9 +69,9 @@ impl ProxyError {
             ProxyError::BadRequest(_) | ProxyError::UnknownIdentity { .. } => {
                 StatusCode::BAD_REQUEST
             }
-            ProxyError::PoolBusy { .. } | ProxyError::PoolUnavailable { .. } => {
-                StatusCode::SERVICE_UNAVAILABLE
-            }
+            ProxyError::PoolBusy { .. }
+            | ProxyError::PoolUnavailable { .. }
+            | ProxyError::UpstreamBusy { .. } => StatusCode::SERVICE_UNAVAILABLE,
             ProxyError::Forbidden(_) => StatusCode::FORBIDDEN,
             ProxyError::Unauthorized(_) => StatusCode::UNAUTHORIZED,
             ProxyError::RateLimited { .. } => StatusCode::TOO_MANY_REQUESTS,
@@ -84,6 +88,7 @@ impl ProxyError {
             ProxyError::UpstreamUnreachable(_) => "upstream-unreachable",
             ProxyError::UpstreamTimeout(_) => "upstream-timeout",
             ProxyError::Upstream(_) => "upstream-error",
+            ProxyError::UpstreamBusy { .. } => "upstream-busy",
             ProxyError::SharedSession(_) => "shared-session",
             ProxyError::BadRequest(_) => "bad-request",
             ProxyError::UnknownIdentity { .. } => "unknown-identity",

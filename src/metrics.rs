@@ -32,6 +32,7 @@ struct Inner {
     set_aside: IntGaugeVec,
     client_requests: IntCounterVec,
     upstream_latency: Histogram,
+    upstream_slot_waits: IntCounter,
     /// Requests answered before an identity was chosen (bad identity name).
     unrouted: OnceLock<Arc<IdentityMetrics>>,
 }
@@ -104,6 +105,11 @@ impl Metrics {
             ]),
         )
         .unwrap_or_else(|e| unreachable!("static metric definition: {e}"));
+        let upstream_slot_waits = IntCounter::new(
+            "qbproxy_upstream_slot_waits_total",
+            "Requests that waited for a free upstream connection (upstream.max_connections).",
+        )
+        .unwrap_or_else(|e| unreachable!("static metric definition: {e}"));
 
         let registry = Registry::new();
         for c in [
@@ -115,6 +121,7 @@ impl Metrics {
             Box::new(set_aside.clone()),
             Box::new(client_requests.clone()),
             Box::new(upstream_latency.clone()),
+            Box::new(upstream_slot_waits.clone()),
         ] {
             registry
                 .register(c)
@@ -131,6 +138,7 @@ impl Metrics {
                 set_aside,
                 client_requests,
                 upstream_latency,
+                upstream_slot_waits,
                 unrouted: OnceLock::new(),
             }),
         }
@@ -178,6 +186,10 @@ impl Metrics {
 
     pub fn upstream_latency(&self, d: Duration) {
         self.inner.upstream_latency.observe(d.as_secs_f64());
+    }
+
+    pub fn upstream_slot_wait(&self) {
+        self.inner.upstream_slot_waits.inc();
     }
 
     /// The Prometheus text exposition of every metric.

@@ -21,6 +21,7 @@ use http::request::Parts;
 use http::uri::PathAndQuery;
 use http::{header, HeaderMap, HeaderName, Method, Request, Response, StatusCode, Uri};
 use hyper::body::Incoming;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio::time::{timeout_at, Instant};
 
 use crate::access::{Client, Gate};
@@ -58,6 +59,8 @@ pub struct Live {
     pub replay_body_limit: usize,
     /// Budget of a whole request, session wait and replay included.
     pub timeout: Duration,
+    /// `upstream.max_connections` slots: one per request in flight upstream.
+    pub upstream_slots: Arc<Semaphore>,
 }
 
 impl Live {
@@ -70,6 +73,7 @@ impl Live {
             client_token: config.proxy.client_token,
             replay_body_limit: config.proxy.replay_body_limit,
             timeout: config.upstream.timeout,
+            upstream_slots: Arc::new(Semaphore::new(config.upstream.max_connections)),
         }
     }
 }
@@ -214,10 +218,11 @@ impl Proxy {
         if own_token || qb::is_session_create(&parts.method, pq.path()) {
             let (body, over) = Body::capped(Bytes::new(), body, body_limit);
             let req = upstream_request(&parts.method, uri, headers, body);
-            let resp = self.send(live, req, deadline).await;
-            return Ok(resp
-                .map_err(|e| cut_off(e, &over, body_limit))?
-                .map(Body::Stream));
+            let (resp, slot) = self
+                .send(live, req, deadline)
+                .await
+                .map_err(|e| cut_off(e, &over, body_limit))?;
+            return Ok(resp.map(|b| Body::upstream(b, Some(slot))));
         }
 
         let session = match session {
@@ -309,13 +314,30 @@ impl Proxy {
         }
     }
 
-    /// Sends a request upstream within the deadline.
+    /// Sends a request upstream within the deadline, in one of the
+    /// upstream's slots; the caller holds it until the response is read.
     async fn send(
         &self,
         live: &Live,
         req: Request<Body>,
         deadline: Instant,
-    ) -> Result<Response<Incoming>, ProxyError> {
+    ) -> Result<(Response<Incoming>, OwnedSemaphorePermit), ProxyError> {
+        let slot = match live.upstream_slots.clone().try_acquire_owned() {
+            Ok(slot) => slot,
+            Err(_) => {
+                self.inner.metrics.upstream_slot_wait();
+                match timeout_at(deadline, live.upstream_slots.clone().acquire_owned()).await {
+                    Ok(Ok(slot)) => slot,
+                    // Timed out, or the semaphore is closed (never done).
+                    _ => {
+                        return Err(ProxyError::UpstreamBusy {
+                            limit: live.upstream.max_connections,
+                            waited: live.timeout,
+                        })
+                    }
+                }
+            }
+        };
         let started = Instant::now();
         let result = timeout_at(deadline, live.client.request(req)).await;
         self.inner.metrics.upstream_latency(started.elapsed());
@@ -327,7 +349,7 @@ impl Proxy {
             Ok(Err(e)) => Err(ProxyError::Upstream(upstream::describe(&e))),
             Ok(Ok(mut resp)) => {
                 strip_hop_by_hop(resp.headers_mut());
-                Ok(resp)
+                Ok((resp, slot))
             }
         }
     }
@@ -343,16 +365,24 @@ impl Proxy {
         session: &Session,
         deadline: Instant,
     ) -> Result<Checked, ProxyError> {
-        let resp = self.send(live, req, deadline).await?;
+        let (resp, slot) = self.send(live, req, deadline).await?;
         if resp.status() != StatusCode::UNAUTHORIZED {
             identity.record_use(session, resp.status(), resp.headers());
-            return Ok(Checked::Answer(resp.map(Body::Stream)));
+            return Ok(Checked::Answer(resp.map(|b| Body::upstream(b, Some(slot)))));
         }
         let (parts, body) = resp.into_parts();
         let read = timeout_at(deadline, body::buffer(body, MAX_REFUSAL_BODY))
             .await
             .map_err(|_| ProxyError::UpstreamTimeout(live.timeout))?
             .map_err(|e| ProxyError::Upstream(format!("reading a 401 answer: {e}")))?;
+        let slot = match read {
+            // Read whole: the connection is free again.
+            Buffered::Complete(_) => {
+                drop(slot);
+                None
+            }
+            Buffered::TooLarge { .. } => Some(slot),
+        };
         Ok(match read {
             Buffered::Complete(bytes) if qb::is_session_expired(&bytes) => {
                 Checked::Expired(Response::from_parts(parts, Body::full(bytes)))
@@ -365,6 +395,7 @@ impl Proxy {
                 Body::Chain {
                     head: Some(head),
                     tail,
+                    slot,
                 },
             )),
         })

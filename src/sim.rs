@@ -183,6 +183,9 @@ struct State {
     refusals: u64,
     requests: VecDeque<Recorded>,
     gates: Vec<(String, Arc<Semaphore>)>,
+    /// Requests held at a gate right now, and the most at once.
+    held: u64,
+    max_held: u64,
     next_id: u64,
 }
 
@@ -354,6 +357,12 @@ impl Sim {
         let gate = Arc::new(Semaphore::new(0));
         self.state().gates.push((prefix.to_owned(), gate.clone()));
         gate
+    }
+
+    /// The most requests held at gates at once (a request whose client
+    /// went away while held still counts as held).
+    pub fn max_held_at_gates(&self) -> u64 {
+        self.state().max_held
     }
 
     /// Resolves when `condition` holds, re-checking after every event.
@@ -699,6 +708,10 @@ impl Sim {
                 .iter()
                 .find(|(p, _)| path.starts_with(p.as_str()))
                 .map(|(_, g)| g.clone());
+            if gate.is_some() {
+                st.held += 1;
+                st.max_held = st.max_held.max(st.held);
+            }
             (user_id, session_body, gate, expires_at)
         };
         self.changed();
@@ -706,6 +719,7 @@ impl Sim {
             if let Ok(permit) = gate.acquire().await {
                 permit.forget();
             }
+            self.state().held -= 1;
         }
         let body = match (&parts.method, path, session_body) {
             (&Method::GET, "/session.json", Some(s)) => s,

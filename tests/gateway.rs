@@ -462,3 +462,35 @@ async fn idle_keep_alive_connections_are_closed() {
     .unwrap();
     assert!(rest.is_empty(), "{}", String::from_utf8_lossy(&rest));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn upstream_connections_are_capped_and_requests_over_the_cap_wait_their_turn() {
+    let h = setup()
+        .set("upstream", "max_connections", "2")
+        .start()
+        .await;
+    h.ready().await;
+    let gate = h.sim.gate("/slow");
+    let sent: Vec<_> = (0..6)
+        .map(|i| h.spawn_send(Method::GET, format!("/slow{i}.json"), &[], ""))
+        .collect();
+    h.sim.wait_until(|s| s.requests_to("/slow") >= 2).await;
+    // One at a time: each request let through frees a slot for the next.
+    for k in 3..=6 {
+        gate.add_permits(1);
+        h.sim.wait_until(|s| s.requests_to("/slow") >= k).await;
+    }
+    gate.add_permits(2);
+    for s in sent {
+        assert_eq!(bounded("a queued request", s).await.unwrap().status, 200);
+    }
+    assert_eq!(
+        h.sim.max_held_at_gates(),
+        2,
+        "never more than upstream.max_connections requests upstream at once"
+    );
+    assert!(h
+        .handle
+        .metrics_text()
+        .contains("\nqbproxy_upstream_slot_waits_total "));
+}

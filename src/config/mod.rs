@@ -87,6 +87,10 @@ pub struct UpstreamConfig {
     pub connect_timeout: Duration,
     pub pool_idle_timeout: Duration,
     pub pool_max_idle_per_host: usize,
+    /// Requests in flight to the upstream at most, from the request being
+    /// sent until its response body has been read (with HTTP/1.1, the most
+    /// connections open to it). More wait, within their timeout.
+    pub max_connections: usize,
     /// Extra roots for the upstream's certificate, besides the system's.
     pub ca: Option<Vec<rustls::pki_types::CertificateDer<'static>>>,
 }
@@ -212,6 +216,7 @@ struct RawUpstream {
     connect_timeout: String,
     pool_idle_timeout: String,
     pool_max_idle_per_host: usize,
+    max_connections: usize,
     ca_file: Option<PathBuf>,
 }
 
@@ -223,6 +228,7 @@ impl Default for RawUpstream {
             connect_timeout: "5s".into(),
             pool_idle_timeout: "90s".into(),
             pool_max_idle_per_host: 256,
+            max_connections: 256,
             ca_file: None,
         }
     }
@@ -457,6 +463,13 @@ impl Validator<'_> {
             pool_idle_timeout: self
                 .positive("upstream.pool_idle_timeout", &raw.pool_idle_timeout)?,
             pool_max_idle_per_host: raw.pool_max_idle_per_host,
+            max_connections: match raw.max_connections {
+                0 => return Err(self.invalid("upstream.max_connections", "must be at least 1")),
+                n if n > tokio::sync::Semaphore::MAX_PERMITS => {
+                    return Err(self.invalid("upstream.max_connections", "is too large"))
+                }
+                n => n,
+            },
             ca: raw
                 .ca_file
                 .as_deref()
@@ -585,6 +598,7 @@ auth_secret = "secret"
         assert_eq!(c.upstream.authority.as_str(), "api.quickblox.com");
         assert_eq!(c.upstream.scheme, Scheme::HTTPS);
         assert_eq!(c.upstream.timeout, Duration::from_secs(30));
+        assert_eq!(c.upstream.max_connections, 256);
         assert_eq!(c.proxy.client_token, ClientToken::Replace);
         assert_eq!(c.proxy.replay_body_limit, 1 << 20);
         assert_eq!(c.listen.shutdown_grace, Duration::from_secs(10));
@@ -610,6 +624,10 @@ auth_secret = "secret"
             ("[upstream]\ntimeout = \"soon\"\n", "upstream.timeout"),
             ("[admin]\naddr = \"127.0.0.1:8080\"\n", "admin.addr"),
             ("[proxy]\nclient_token = \"drop\"\n", "proxy.client_token"),
+            (
+                "[upstream]\nmax_connections = 0\n",
+                "upstream.max_connections",
+            ),
         ];
         for (extra, key) in cases {
             let msg = problem(&format!("{MINIMAL}{extra}"));
