@@ -88,8 +88,8 @@ pub struct UpstreamConfig {
     pub pool_idle_timeout: Duration,
     pub pool_max_idle_per_host: usize,
     /// Requests in flight to the upstream at most, from the request being
-    /// sent until its response body has been read (with HTTP/1.1, the most
-    /// connections open to it). More wait, within their timeout.
+    /// sent until its response body has been read (with HTTP/1.1, about
+    /// the connections open to it). More wait, within their timeout.
     pub max_connections: usize,
     /// Extra roots for the upstream's certificate, besides the system's.
     pub ca: Option<Vec<rustls::pki_types::CertificateDer<'static>>>,
