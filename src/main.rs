@@ -6,6 +6,7 @@
 
 use std::io::IsTerminal;
 use std::net::SocketAddr;
+use std::num::NonZeroUsize;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
@@ -28,6 +29,10 @@ struct Cli {
     /// Log format. The level is set with RUST_LOG (default: info).
     #[arg(long, global = true, value_enum, default_value_t = LogFormat::Text)]
     log_format: LogFormat,
+    /// Worker threads [default: the CPUs this process may run on]. With 1,
+    /// everything runs on one thread, which is fastest on a single core.
+    #[arg(long, global = true, env = "QBPROXY_THREADS")]
+    threads: Option<NonZeroUsize>,
     #[command(subcommand)]
     command: Option<Command>,
 }
@@ -66,19 +71,24 @@ enum LogFormat {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     init_logging(cli.log_format);
+    let threads = cli
+        .threads
+        .or_else(|| std::thread::available_parallelism().ok())
+        .map_or(1, NonZeroUsize::get);
     match cli.command {
         Some(Command::Check) => check(&cli.config),
         Some(Command::Demo { listen, admin }) => {
-            let result = runtime().block_on(qbproxy::demo::run(listen, admin, shutdown_signal()));
+            let result =
+                runtime(threads).block_on(qbproxy::demo::run(listen, admin, shutdown_signal()));
             exit(result)
         }
-        Some(Command::Sim { listen, users }) => sim(listen, users),
-        None => serve(&cli.config),
+        Some(Command::Sim { listen, users }) => sim(threads, listen, users),
+        None => serve(threads, &cli.config),
     }
 }
 
-fn sim(listen: SocketAddr, users: u64) -> ExitCode {
-    let result = runtime().block_on(async move {
+fn sim(threads: usize, listen: SocketAddr, users: u64) -> ExitCode {
+    let result = runtime(threads).block_on(async move {
         let listener = TcpListener::bind(listen)
             .await
             .map_err(|e| format!("cannot listen on {listen}: {e}"))?;
@@ -123,7 +133,7 @@ fn check(path: &std::path::Path) -> ExitCode {
     }
 }
 
-fn serve(path: &std::path::Path) -> ExitCode {
+fn serve(threads: usize, path: &std::path::Path) -> ExitCode {
     let config = match Config::load(path) {
         Ok(c) => c,
         Err(e) => {
@@ -131,7 +141,8 @@ fn serve(path: &std::path::Path) -> ExitCode {
             return ExitCode::from(EXIT_CONFIG);
         }
     };
-    let result = runtime().block_on(async move {
+    let result = runtime(threads).block_on(async move {
+        tracing::info!(threads, "starting");
         let proxy = TcpListener::bind(config.listen.addr)
             .await
             .map_err(|e| format!("cannot listen on {} (listen.addr): {e}", config.listen.addr))?;
@@ -146,8 +157,20 @@ fn serve(path: &std::path::Path) -> ExitCode {
     exit(result)
 }
 
-fn runtime() -> tokio::runtime::Runtime {
-    tokio::runtime::Builder::new_multi_thread()
+/// One thread: a current-thread runtime, where accepting, proxying and
+/// renewing share one thread and no task is ever handed between threads
+/// (measured on one core: about 15% less CPU per request than a one-worker
+/// multi-thread runtime; bench/RESULTS.md). More: a work-stealing runtime
+/// with that many workers.
+fn runtime(threads: usize) -> tokio::runtime::Runtime {
+    let mut builder = if threads <= 1 {
+        tokio::runtime::Builder::new_current_thread()
+    } else {
+        let mut b = tokio::runtime::Builder::new_multi_thread();
+        b.worker_threads(threads);
+        b
+    };
+    builder
         .enable_all()
         .build()
         .expect("start the tokio runtime")

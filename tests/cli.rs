@@ -158,6 +158,9 @@ async fn the_binary_serves_then_drains_on_sigterm() {
         .arg("--config")
         .arg(&cfg)
         .args(["--log-format", "json"])
+        // One thread: the current-thread runtime (the other binary tests
+        // run the multi-thread one).
+        .env("QBPROXY_THREADS", "1")
         .env("RUST_LOG", "info")
         .stderr(Stdio::piped())
         .kill_on_drop(true)
@@ -198,6 +201,7 @@ async fn the_binary_serves_then_drains_on_sigterm() {
     }
     let all = log.join("\n");
     assert!(all.contains("SIGTERM received"), "{all}");
+    assert!(all.contains(r#""threads":1"#), "{all}");
     assert!(all.contains("all connections drained"), "{all}");
 }
 
