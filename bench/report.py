@@ -18,11 +18,13 @@ def ms(text):
 
 
 def parse(path):
-    out = {"rps": None, "p50": None, "p99": None, "errors": 0}
+    out = {"rps": None, "p50": None, "p99": None, "errors": 0, "requests": 0}
     with open(path) as f:
         for line in f:
             parts = line.split()
-            if line.startswith("Requests/sec:"):
+            if "requests in" in line:
+                out["requests"] = int(parts[0])
+            elif line.startswith("Requests/sec:"):
                 out["rps"] = float(parts[1])
             elif len(parts) == 2 and parts[0] == "50%":
                 out["p50"] = ms(parts[1])
@@ -55,15 +57,25 @@ def main():
     order = []
     with open(a.runs) as f:
         for line in f:
-            mode, scenario, target, _round, log = line.rstrip("\n").split("\t")
+            mode, scenario, target, _round, log, ticks = line.rstrip("\n").split("\t")
             key = (mode, scenario)
             if key not in order:
                 order.append(key)
-            results[key + (target,)].append(parse(log))
+            run = parse(log)
+            run["cpu_ticks"] = int(ticks)
+            results[key + (target,)].append(run)
 
     def agg(key, field):
         vals = [r[field] for r in results[key] if r[field] is not None]
         return statistics.mean(vals) if vals else None
+
+    tick_us = 1e6 / os.sysconf("SC_CLK_TCK")
+
+    def cpu_per_request(key):
+        """The proxy's user + system CPU per request over all rounds, in µs."""
+        reqs = sum(r["requests"] for r in results[key])
+        ticks = sum(r["cpu_ticks"] for r in results[key])
+        return ticks * tick_us / reqs if reqs and ticks else None
 
     cpu = "?"
     for line in open("/proc/cpuinfo"):
@@ -84,11 +96,14 @@ def main():
           "upstream itself with the header. qbproxy injects the session it created from the upstream's "
           "`POST /session.json` (the fast upstream answers it; the simulator is not involved).")
     print(f"Each cell: the mean of {a.rounds} interleaved runs of "
-          f"`wrk -t1 -c<conns> -d{a.duration} --latency`. Latency in ms.")
+          f"`wrk -t1 -c<conns> -d{a.duration} --latency`. Latency in ms. CPU: the proxy process's "
+          "user + system time over the runs (`/proc/<pid>/stat`; nginx's worker) divided by the "
+          "requests served, in µs.")
     print()
     print("| upstream | scenario | qbproxy req/s | nginx req/s | haproxy req/s | direct req/s "
-          "| qbproxy / nginx | qbproxy / haproxy | p50 qb / ng / ha / direct | p99 qb / ng / ha / direct | errors |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|")
+          "| qbproxy / nginx | qbproxy / haproxy | p50 qb / ng / ha / direct | p99 qb / ng / ha / direct "
+          "| CPU µs/req qb / ng / ha | errors |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
 
     def f(v, fmt="{:.0f}"):
         return fmt.format(v) if v is not None else "?"
@@ -98,11 +113,12 @@ def main():
         rps = {t: agg(k(t), "rps") for t in ("qbproxy", "nginx", "haproxy", "direct")}
         p50 = " / ".join(f(agg(k(t), "p50"), "{:.2f}") for t in ("qbproxy", "nginx", "haproxy", "direct"))
         p99 = " / ".join(f(agg(k(t), "p99"), "{:.2f}") for t in ("qbproxy", "nginx", "haproxy", "direct"))
+        cpu = " / ".join(f(cpu_per_request(k(t)), "{:.1f}") for t in ("qbproxy", "nginx", "haproxy"))
         errors = sum(r["errors"] for t in ("qbproxy", "nginx", "haproxy", "direct") for r in results[k(t)])
         ratio_n = rps["qbproxy"] / rps["nginx"] if rps["qbproxy"] and rps["nginx"] else None
         ratio_h = rps["qbproxy"] / rps["haproxy"] if rps["qbproxy"] and rps["haproxy"] else None
         print(f"| {mode} | {scenario} | {f(rps['qbproxy'])} | {f(rps['nginx'])} | {f(rps['haproxy'])} "
-              f"| {f(rps['direct'])} | {f(ratio_n, '{:.2f}')} | {f(ratio_h, '{:.2f}')} | {p50} | {p99} | {errors} |")
+              f"| {f(rps['direct'])} | {f(ratio_n, '{:.2f}')} | {f(ratio_h, '{:.2f}')} | {p50} | {p99} | {cpu} | {errors} |")
 
     idle, c1000, before, after, reqs = a.rss
     print()

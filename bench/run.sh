@@ -90,6 +90,7 @@ http {
 NGINX
     taskset -c 0 nginx -p "$PWD/$OUT" -c "$PWD/$OUT/nginx.conf" -g 'daemon off;' 2>/dev/null & pids+=($!)
     wait_port 19200
+    NGINX_WORKER=$(pgrep -P "$!" | head -1)
 
     local hssl=""; [[ $mode == https ]] && hssl="ssl verify none alpn http/1.1"
     cat > "$OUT/haproxy.cfg" <<HAP
@@ -111,9 +112,14 @@ backend be
 HAP
     taskset -c 0 haproxy -f "$OUT/haproxy.cfg" -db 2>/dev/null & pids+=($!)
     wait_port 19300
+    HAPROXY_PID=$!
 }
 
 port_of() { case $1 in qbproxy) echo 19100;; nginx) echo 19200;; haproxy) echo 19300;; direct) echo "$DIRECT_PORT";; esac; }
+# The process doing the proxying (nginx: its one worker); none for direct.
+pid_of() { case $1 in qbproxy) echo "$QBPROXY_PID";; nginx) echo "$NGINX_WORKER";; haproxy) echo "$HAPROXY_PID";; direct) echo "";; esac; }
+# User + system CPU time of a process, in clock ticks.
+cpu_ticks() { if [[ -n $1 ]]; then awk '{print $14 + $15}' "/proc/$1/stat"; else echo 0; fi; }
 
 run() { # mode scenario conns path extra-args...
     local mode=$1 scenario=$2 conns=$3 path=$4; shift 4
@@ -123,9 +129,13 @@ run() { # mode scenario conns path extra-args...
             port=$(port_of "$target")
             if [[ $target == direct ]]; then scheme=$mode; hdr=(-H "QB-Token: $TOKEN"); fi
             local log="$OUT/wrk-$mode-${scenario//[^a-zA-Z0-9]/_}-$target-$round.txt"
+            local pid t0 t1
+            pid=$(pid_of "$target")
+            t0=$(cpu_ticks "$pid")
             taskset -c 1 wrk -t1 -c"$conns" -d"$DURATION" --latency "${hdr[@]}" "$@" \
                 "$scheme://127.0.0.1:$port$path" > "$log" 2>&1 || true
-            printf '%s\t%s\t%s\t%s\t%s\n' "$mode" "$scenario" "$target" "$round" "$log" >> "$OUT/runs.tsv"
+            t1=$(cpu_ticks "$pid")
+            printf '%s\t%s\t%s\t%s\t%s\t%s\n' "$mode" "$scenario" "$target" "$round" "$log" "$((t1 - t0))" >> "$OUT/runs.tsv"
         done
     done
 }
