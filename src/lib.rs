@@ -162,6 +162,7 @@ fn build(
                         renew_before: config.quickblox.renew_before,
                         retry_initial: config.quickblox.retry_initial,
                         retry_max: config.quickblox.retry_max,
+                        retry_wait: config.quickblox.retry_wait,
                         set_aside_refused: id.pool.is_some(),
                     };
                     Identity::new(info, source, policy, metrics)

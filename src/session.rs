@@ -56,6 +56,17 @@ impl SessionError {
     pub fn credentials_refused(&self) -> bool {
         matches!(self, SessionError::Refused { status: 401, .. })
     }
+
+    /// A failure the next attempt may not meet: QuickBlox unreachable,
+    /// slow, rate limiting or failing. Refused credentials or signatures,
+    /// answers qbproxy cannot read and unreadable credentials are not.
+    pub fn transient(&self) -> bool {
+        match self {
+            SessionError::Unreachable(_) | SessionError::Timeout(_) => true,
+            SessionError::Refused { status, .. } => *status == 429 || *status >= 500,
+            SessionError::BadResponse(_) | SessionError::Credentials(_) => false,
+        }
+    }
 }
 
 /// What a [`Source`] returns: a fresh token and what QuickBlox said of it.
@@ -107,6 +118,9 @@ pub struct Policy {
     pub renew_before: Duration,
     pub retry_initial: Duration,
     pub retry_max: Duration,
+    /// How long a request waits through [transient](SessionError::transient)
+    /// failures for a retry to succeed.
+    pub retry_wait: Duration,
     /// When QuickBlox refuses the credentials (401), stop retrying until a
     /// forced renewal: for pool members, whose pool serves on without them.
     pub set_aside_refused: bool,
@@ -181,6 +195,8 @@ struct State {
     failure: Option<Arc<SessionError>>,
     /// No retry is scheduled: the credentials were refused.
     set_aside: bool,
+    /// When the retry after `failure` is due.
+    retry_at: Option<Instant>,
 }
 
 /// Why no session could be handed out.
@@ -357,18 +373,42 @@ impl Identity {
         self.shared.state.load().session.clone()
     }
 
-    /// The current session, waiting (until `deadline`) only while the very
-    /// first one is being created. Fails fast while creation is failing.
+    /// The current session, waiting (until `deadline`) while one is being
+    /// created, and through failures a retry may mend (see
+    /// [`Identity::gives_up`]).
     pub async fn session(&self, deadline: Instant) -> Result<Arc<Session>, Unavailable> {
         if let Some(s) = self.current() {
             return Ok(s);
         }
+        let patience = self.patience(deadline);
         self.wait_for(deadline, |state| match (&state.session, &state.failure) {
             (Some(s), _) => Some(Ok(s.clone())),
-            (None, Some(e)) => Some(Err(Unavailable::Failed(e.clone()))),
+            (None, Some(e)) => self.gives_up(state, e, patience),
             (None, None) => None,
         })
         .await
+    }
+
+    /// Until when a request that starts waiting now waits through failures.
+    fn patience(&self, deadline: Instant) -> Instant {
+        deadline.min(Instant::now() + self.shared.policy.retry_wait)
+    }
+
+    /// Whether a waiting request gives up on `failure`: unless it is
+    /// transient and its retry is due within the request's patience. So a
+    /// blip (a few failed attempts) costs the client only time, while
+    /// refused credentials, or an outage whose retries have backed off past
+    /// `retry_wait`, are answered at once.
+    fn gives_up<T>(
+        &self,
+        state: &State,
+        failure: &Arc<SessionError>,
+        patience: Instant,
+    ) -> Option<Result<T, Unavailable>> {
+        match state.retry_at {
+            Some(at) if failure.transient() && at <= patience => None,
+            _ => Some(Err(Unavailable::Failed(failure.clone()))),
+        }
     }
 
     /// A session to replace `refused`, which the upstream answered with
@@ -380,6 +420,7 @@ impl Identity {
         refused: &Session,
         deadline: Instant,
     ) -> Result<Arc<Session>, Unavailable> {
+        let patience = self.patience(deadline);
         self.wait_for(deadline, |state| match &state.session {
             Some(s) if s.generation != refused.generation => Some(Ok(s.clone())),
             Some(_) => {
@@ -389,7 +430,7 @@ impl Identity {
             None => state
                 .failure
                 .as_ref()
-                .map(|e| Err(Unavailable::Failed(e.clone()))),
+                .and_then(|e| self.gives_up(state, e, patience)),
         })
         .await
     }
@@ -615,6 +656,7 @@ async fn attempt(
                     session: Some(session),
                     failure: None,
                     set_aside: false,
+                    retry_at: None,
                 },
             );
             backoff.reset();
@@ -649,6 +691,7 @@ fn fail(
                 session: None,
                 failure: Some(Arc::new(error)),
                 set_aside: true,
+                retry_at: None,
             },
         );
         return None;
@@ -674,6 +717,7 @@ fn fail(
             session: keep.cloned(),
             failure: Some(Arc::new(error)),
             set_aside: false,
+            retry_at: Some(Instant::now() + delay),
         },
     );
     let reason = if keep.is_some() {
@@ -764,10 +808,19 @@ mod tests {
         renew_before: Duration::from_secs(600),
         retry_initial: Duration::from_secs(1),
         retry_max: Duration::from_secs(8),
+        retry_wait: Duration::ZERO,
         set_aside_refused: false,
     };
 
     fn identity(
+        outcomes: Vec<Result<Duration, SessionError>>,
+        gate: Option<Arc<Semaphore>>,
+    ) -> (Identity, Arc<Script>) {
+        identity_with(POLICY, outcomes, gate)
+    }
+
+    fn identity_with(
+        policy: Policy,
         outcomes: Vec<Result<Duration, SessionError>>,
         gate: Option<Arc<Semaphore>>,
     ) -> (Identity, Arc<Script>) {
@@ -782,7 +835,7 @@ mod tests {
             pool: None,
             kind: "login",
         };
-        let id = Identity::new(info, Box::new(script.clone()), POLICY, &Metrics::new());
+        let id = Identity::new(info, Box::new(script.clone()), policy, &Metrics::new());
         (id, script)
     }
 
@@ -935,6 +988,60 @@ mod tests {
         assert_eq!(script.calls.load(Ordering::SeqCst), 3);
         assert_eq!(id.status().renewals, [1, 0, 0, 0]);
         assert_eq!(id.status().state, "ready");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn requests_wait_through_transient_failures_within_retry_wait() {
+        let down = SessionError::Refused {
+            status: 503,
+            message: "down".into(),
+        };
+        let patient = Policy {
+            retry_wait: Duration::from_secs(10),
+            ..POLICY
+        };
+        // Three failures, then a session: retries after 0.5-1, 1-2, 2-4 s.
+        let outcomes = vec![Err(down.clone()), Err(down.clone()), Err(down)];
+        let (id, script) = identity_with(patient, outcomes, None);
+        id.start();
+        let s = id.session(far()).await.expect("rides through the failures");
+        assert_eq!(token(&s), "token-4");
+        assert_eq!(script.calls.load(Ordering::SeqCst), 4);
+
+        // The same after an expiry: the replacement waits through them too.
+        let timeout = SessionError::Timeout(Duration::from_secs(10));
+        script
+            .outcomes
+            .lock()
+            .unwrap()
+            .extend([Err(timeout.clone()), Err(timeout)]);
+        let fresh = id.replacement(&s, far()).await.expect("rides through");
+        assert_eq!(token(&fresh), "token-7");
+        assert_eq!(id.status().renewals, [1, 1, 0, 0]);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn refusals_and_retries_past_retry_wait_are_answered_at_once() {
+        // The first retry comes after at least 500 ms: past this patience.
+        let hasty = Policy {
+            retry_wait: Duration::from_millis(400),
+            ..POLICY
+        };
+        let signature = SessionError::Refused {
+            status: 422,
+            message: "Unexpected signature".into(),
+        };
+        let down = SessionError::Unreachable("connection refused".into());
+        for failure in [signature, down] {
+            let (id, _) = identity_with(hasty, vec![Err(failure.clone())], None);
+            id.start();
+            let asked = Instant::now();
+            match id.session(far()).await {
+                Err(Unavailable::Failed(e)) => assert_eq!(*e, failure),
+                other => panic!("expected {failure:?}, got {other:?}"),
+            }
+            assert_eq!(asked.elapsed(), Duration::ZERO, "no waiting: {failure:?}");
+        }
     }
 
     #[tokio::test(start_paused = true)]

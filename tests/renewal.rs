@@ -131,7 +131,28 @@ async fn a_body_at_the_limit_is_replayed() {
 }
 
 #[tokio::test]
-async fn a_failing_session_endpoint_gives_a_prompt_503_then_recovers() {
+async fn a_passing_session_failure_costs_the_client_time_not_an_error() {
+    let sim = common::demo_sim().await;
+    for _ in 0..3 {
+        sim.push_fault(Fault::Status(
+            500,
+            r#"{"errors":["Internal Server Error"]}"#.into(),
+        ));
+    }
+    // Default retry_wait (10 s): the request waits through three failed
+    // attempts for the fourth.
+    let h = setup().sim(sim).start().await;
+    let a = h.get("/users.json").await;
+    assert_eq!(a.status, StatusCode::OK, "{}", a.text());
+    assert_eq!(h.sim.attempts(), 4);
+    assert_eq!(
+        h.metric("qbproxy_session_failures_total{identity=\"demo\",pool=\"\"}"),
+        3
+    );
+}
+
+#[tokio::test]
+async fn with_retry_wait_zero_a_failing_session_endpoint_gives_a_prompt_503_then_recovers() {
     let sim = common::demo_sim().await;
     sim.push_fault(Fault::Status(
         500,
@@ -139,7 +160,11 @@ async fn a_failing_session_endpoint_gives_a_prompt_503_then_recovers() {
     ));
     // Upstream timeout 60s: an answer within the 20s bound proves qbproxy
     // did not wait for it.
-    let h = setup().sim(sim).start().await;
+    let h = setup()
+        .sim(sim)
+        .set("quickblox", "retry_wait", "\"0s\"")
+        .start()
+        .await;
     let a = h.get("/users.json").await;
     assert_eq!(a.status, StatusCode::SERVICE_UNAVAILABLE);
     assert_eq!(a.headers["qbproxy-error"], "session-unavailable");
@@ -169,7 +194,10 @@ async fn a_failing_session_endpoint_gives_a_prompt_503_then_recovers() {
 
 #[tokio::test]
 async fn renewal_failing_after_expiry_explains_instead_of_passing_the_401_on() {
-    let h = setup().start().await;
+    let h = setup()
+        .set("quickblox", "retry_wait", "\"0s\"")
+        .start()
+        .await;
     h.ready().await;
     h.sim.expire_all();
     h.sim.push_fault(Fault::Status(429, String::new()));
@@ -213,13 +241,15 @@ async fn each_kind_of_session_failure_has_its_status() {
     );
     assert!(!a.text().contains("not-the-secret"));
 
-    // Nothing listening: 502.
+    // Nothing listening: 502 (at once with retry_wait 0; by default after
+    // waiting through retries for up to retry_wait).
     let closed = {
         let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
         l.local_addr().unwrap()
     };
     let h = setup()
         .upstream_url(&format!("http://{closed}"))
+        .set("quickblox", "retry_wait", "\"0s\"")
         .start()
         .await;
     let a = h.get("/users.json").await;
@@ -236,6 +266,7 @@ async fn each_kind_of_session_failure_has_its_status() {
     let h = setup()
         .sim(sim)
         .set("quickblox", "session_timeout", "\"300ms\"")
+        .set("quickblox", "retry_wait", "\"0s\"")
         .start()
         .await;
     let a = h.get("/users.json").await;

@@ -143,6 +143,10 @@ pub struct QuickbloxConfig {
     /// First delay between failed session creations; doubles up to `retry_max`.
     pub retry_initial: Duration,
     pub retry_max: Duration,
+    /// How long a request waits through failed creations that may pass
+    /// (unreachable, timed out, 429, 5xx) for a retry to succeed. Zero: it
+    /// is answered at the first failure.
+    pub retry_wait: Duration,
 }
 
 // ---------------------------------------------------------------------------
@@ -274,6 +278,8 @@ struct RawQuickblox {
     retry_initial: String,
     #[serde(default = "default_retry_max")]
     retry_max: String,
+    #[serde(default = "default_retry_wait")]
+    retry_wait: String,
 }
 
 fn default_session_timeout() -> String {
@@ -287,6 +293,9 @@ fn default_retry_initial() -> String {
 }
 fn default_retry_max() -> String {
     "30s".into()
+}
+fn default_retry_wait() -> String {
+    "10s".into()
 }
 
 // ---------------------------------------------------------------------------
@@ -528,6 +537,7 @@ impl Validator<'_> {
             renew_before,
             retry_initial,
             retry_max,
+            retry_wait: self.duration("quickblox.retry_wait", &raw.retry_wait)?,
         })
     }
 
