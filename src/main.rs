@@ -59,6 +59,12 @@ enum Command {
         /// Extra users loadtest-1..N with passwords pw-1..N.
         #[arg(long, default_value_t = 0)]
         users: u64,
+        /// Make every session creation take this long, e.g. "500ms".
+        #[arg(long, value_parser = humantime::parse_duration)]
+        creation_delay: Option<std::time::Duration>,
+        /// Fail this many session creations (500) before each success.
+        #[arg(long, default_value_t = 0)]
+        fail_before_success: u32,
     },
 }
 
@@ -82,12 +88,29 @@ fn main() -> ExitCode {
                 runtime(threads).block_on(qbproxy::demo::run(listen, admin, shutdown_signal()));
             exit(result)
         }
-        Some(Command::Sim { listen, users }) => sim(threads, listen, users),
+        Some(Command::Sim {
+            listen,
+            users,
+            creation_delay,
+            fail_before_success,
+        }) => sim(
+            threads,
+            listen,
+            users,
+            creation_delay.unwrap_or_default(),
+            fail_before_success,
+        ),
         None => serve(threads, &cli.config),
     }
 }
 
-fn sim(threads: usize, listen: SocketAddr, users: u64) -> ExitCode {
+fn sim(
+    threads: usize,
+    listen: SocketAddr,
+    users: u64,
+    creation_delay: std::time::Duration,
+    fail_before_success: u32,
+) -> ExitCode {
     let result = runtime(threads).block_on(async move {
         let listener = TcpListener::bind(listen)
             .await
@@ -97,6 +120,8 @@ fn sim(threads: usize, listen: SocketAddr, users: u64) -> ExitCode {
             config = config.with_users("loadtest-{n}", "pw-{n}", 1..=users);
         }
         let sim = qbproxy::sim::Sim::start_on(listener, config.clone()).map_err(|e| e.to_string())?;
+        sim.set_creation_delay(creation_delay);
+        sim.set_fail_before_success(fail_before_success);
         println!(
             "QuickBlox simulator on {}\napplication_id = \"{}\"\nauth_key = \"{}\"\nauth_secret = \"{}\"\n\
              users: demo/demo-password, other/other-password{}\n\

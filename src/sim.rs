@@ -177,6 +177,10 @@ struct State {
     sessions: HashMap<String, SimSession>,
     nonces: HashSet<(String, String)>,
     faults: VecDeque<Fault>,
+    /// Every successful creation is preceded by this many failing attempts
+    /// (500), counted in `failing_streak`.
+    fail_before_success: u32,
+    failing_streak: u32,
     attempts: u64,
     creations: u64,
     connections: u64,
@@ -298,6 +302,14 @@ impl Sim {
     /// The most session creations the simulator handled at once.
     pub fn max_concurrent_creations(&self) -> u64 {
         self.state().max_creating
+    }
+
+    /// From now on, every session creation succeeds only after `n` attempts
+    /// in a row have failed with 500 Internal Server Error.
+    pub fn set_fail_before_success(&self, n: u32) {
+        let mut st = self.state();
+        st.fail_before_success = n;
+        st.failing_streak = 0;
     }
 
     /// Makes every session creation take at least this long.
@@ -441,7 +453,20 @@ impl Sim {
         let fault = {
             let mut st = self.state();
             st.attempts += 1;
-            st.faults.pop_front()
+            match st.faults.pop_front() {
+                Some(fault) => Some(fault),
+                None if st.failing_streak < st.fail_before_success => {
+                    st.failing_streak += 1;
+                    Some(Fault::Status(
+                        500,
+                        r#"{"errors":["Internal Server Error"]}"#.into(),
+                    ))
+                }
+                None => {
+                    st.failing_streak = 0;
+                    None
+                }
+            }
         };
         self.changed();
         match fault {

@@ -90,6 +90,24 @@ async fn repeated_expiry_under_load_fails_no_request_and_renews_once_each_time()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn three_failed_creations_before_each_success_under_load_fail_nothing() {
+    let h = setup().start().await;
+    h.ready().await;
+    h.sim.set_fail_before_success(3);
+    run(&h).await;
+    assert_eq!(
+        h.sim.creations(),
+        1 + EXPIRIES as u64,
+        "one creation per expiry"
+    );
+    assert_eq!(
+        h.sim.attempts(),
+        1 + 4 * EXPIRIES as u64,
+        "three failures and one success per expiry, however many requests waited"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn slow_session_creation_under_load_still_fails_nothing() {
     let h = setup().start().await;
     h.ready().await;
