@@ -284,7 +284,7 @@ fn report(args: &Args, samples: &[Sample], errors: &[String], expiries: &[u64]) 
         "sent": samples.len(),
         "achieved_rate": samples.len() as f64 / args.duration.as_secs_f64(),
         "failed": failed,
-        "first_failures": errors,
+        "first_failures": &errors[..errors.len().min(5)],
         "expiries": expiries.len(),
         "window_s": args.window.as_secs_f64(),
         "all": summary(all),

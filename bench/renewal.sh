@@ -48,6 +48,10 @@ application_id = $app_id
 auth_key = $auth_key
 auth_secret = $auth_secret
 retry_initial = "100ms"
+[[identity]]
+name = "demo"
+login = "demo"
+password = "demo-password"
 TOML
     RUST_LOG=warn taskset -c 0 "$BIN" --config "$OUT/renewal.toml" 2> "$OUT/qbproxy-renewal-$name.log" & pids+=($!)
     wait_port 19100
@@ -74,7 +78,7 @@ print(f"Load: {rate} requests/s at a fixed rate (open loop; latency counted from
       f"was due), {conns} keep-alive connections, {duration} s, one request in four a POST with a "
       f"JSON body. The simulator expires every session every {every} s; a request due within "
       f"{window} after an expiry counts as in an expiry window. qbproxy: default settings but "
-      f"`retry_initial = \"100ms\"`.")
+      f"`retry_initial = \"100ms\"`, one user identity (writes need a user session).")
 print()
 print("| run | sent | failed | expiries | session creations | creation attempts "
       "| steady p50 / p99 ms | in expiry windows p50 / p99 / max ms |")
