@@ -56,7 +56,9 @@ pub fn parse_http_date(value: &[u8]) -> Option<SystemTime> {
 
 /// How long a session has left according to the upstream's own headers:
 /// `expiration - date` when the upstream sent its `Date`, which makes the
-/// answer immune to a wrong local clock; otherwise against `now`.
+/// answer immune to a wrong local clock; otherwise against `now`. Never
+/// more than [`SESSION_LIFETIME`]: a garbled or far-future date must not
+/// make a session look good for years (and postpone its renewal forever).
 pub fn remaining_lifetime(
     expiration: Option<&[u8]>,
     date: Option<&[u8]>,
@@ -64,7 +66,12 @@ pub fn remaining_lifetime(
 ) -> Option<Duration> {
     let expires = parse_expiration(expiration?)?;
     let reference = date.and_then(parse_http_date).unwrap_or(now);
-    Some(expires.duration_since(reference).unwrap_or(Duration::ZERO))
+    Some(
+        expires
+            .duration_since(reference)
+            .unwrap_or(Duration::ZERO)
+            .min(SESSION_LIFETIME),
+    )
 }
 
 /// Calls that would destroy, upgrade or downgrade the session they carry.
@@ -193,6 +200,17 @@ mod tests {
         let left = remaining_lifetime(Some(b"2018-01-31 12:20:03 UTC"), None, far_future);
         assert_eq!(left, Some(Duration::ZERO));
         assert_eq!(remaining_lifetime(None, None, far_future), None);
+    }
+
+    #[test]
+    fn remaining_lifetime_is_capped_at_a_sessions_lifetime() {
+        // Found by the `dates` fuzz target (fuzz/regressions/dates/).
+        let left = remaining_lifetime(
+            Some(b"9999-12-31 23:59:59 UTC"),
+            Some(b"Wed, 31 Jan 2018 10:20:03 GMT"),
+            SystemTime::now(),
+        );
+        assert_eq!(left, Some(SESSION_LIFETIME));
     }
 
     #[test]
