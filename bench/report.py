@@ -124,7 +124,8 @@ def main():
     print()
     print("qbproxy memory (resident set):")
     print(f"- idle, holding its session: {int(idle) / 1024:.1f} MiB")
-    print(f"- peak with 1,000 open keep-alive connections (`wrk -c1000 -d5s`): {int(c1000) / 1024:.1f} MiB")
+    print(f"- peak with 1,000 open keep-alive connections (`wrk -c1000 -d5s`; a fresh process, "
+          f"after the idle reading): {int(c1000) / 1024:.1f} MiB")
     print(f"- before / after {reqs} more requests (`wrk -c50`): {int(before) / 1024:.1f} MiB / {int(after) / 1024:.1f} MiB")
 
 

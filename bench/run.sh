@@ -146,11 +146,6 @@ hwm_kib() { awk '/^VmHWM/ {print $2}' "/proc/$1/status"; }
 for mode in http https; do
     start_targets "$mode"
     if [[ $mode == https ]]; then DIRECT_PORT=19443; else DIRECT_PORT=19000; fi
-    if [[ $mode == http ]]; then
-        # Let the session be created, then take the idle footprint.
-        curl -fs -o /dev/null "http://127.0.0.1:19100/users.json"
-        RSS_IDLE=$(rss_kib "$QBPROXY_PID")
-    fi
     # Warm every target (pools, TLS sessions) before anything is measured.
     for target in qbproxy nginx haproxy direct; do
         hdr=(); scheme=http
@@ -162,6 +157,15 @@ for mode in http https; do
     run "$mode" "POST 2 KiB, 50 conns" 50 /data/Note.json -s "$OUT/post2k.lua"
     run "$mode" "GET 256 KiB, 50 conns" 50 /big
     if [[ $mode == http ]]; then
+        # Memory in a fresh qbproxy, so the peaks of the runs above (256 KiB
+        # bodies in flight) do not count: idle with its session, then the
+        # peak with 1,000 connections, then before and after a long run.
+        kill "$QBPROXY_PID"; wait "$QBPROXY_PID" 2>/dev/null || true
+        RUST_LOG=warn taskset -c 0 "$BIN" --config "$OUT/qbproxy.toml" 2>> "$OUT/qbproxy-$mode.log" & pids+=($!)
+        QBPROXY_PID=$!
+        wait_port 19100
+        curl -fs -o /dev/null "http://127.0.0.1:19100/users.json"
+        RSS_IDLE=$(rss_kib "$QBPROXY_PID")
         taskset -c 1 wrk -t1 -c1000 -d5s "http://127.0.0.1:19100/users.json" > "$OUT/wrk-1000conns.txt" 2>&1 || true
         RSS_1000=$(hwm_kib "$QBPROXY_PID")
         before=$(rss_kib "$QBPROXY_PID")
