@@ -75,8 +75,12 @@ pub fn forwarding(data: &[u8]) {
         let _ = conn.shutdown(std::net::Shutdown::Write);
         let mut answer = Vec::new();
         let _ = conn.read_to_end(&mut answer);
+        // Clients that open with HTTP/2's preface (h2c, prior knowledge)
+        // are answered in HTTP/2: frames, starting with SETTINGS (type 4).
+        let h2 = data.starts_with(H2_PREFACE) && answer.get(3) == Some(&4);
         assert!(
             answer.is_empty()
+                || h2
                 || answer.starts_with(b"HTTP/1.1 ")
                 || answer.starts_with(b"HTTP/1.0 "),
             "not an HTTP answer: {:?}",
@@ -95,6 +99,8 @@ pub fn forwarding(data: &[u8]) {
         String::from_utf8_lossy(&answer[..answer.len().min(300)])
     );
 }
+
+const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
 
 static PROXY: OnceLock<SocketAddr> = OnceLock::new();
 
