@@ -37,9 +37,13 @@ struct Args {
     connections: u32,
     #[arg(long, value_parser = humantime::parse_duration, default_value = "60s")]
     duration: Duration,
-    /// Every n-th request is a POST.
+    /// Every n-th request is a POST (0: none).
     #[arg(long, default_value_t = 4)]
     post_every: u64,
+    /// An extra request header, `Name: value` (repeatable), e.g. the
+    /// `QB-Token` when there is no proxy in front of the upstream.
+    #[arg(long = "header")]
+    headers: Vec<String>,
     /// POSTed to at every expiry, e.g. http://127.0.0.1:19081/_sim/expire.
     #[arg(long)]
     expire_url: Option<String>,
@@ -65,14 +69,35 @@ async fn main() {
     let end = start + args.duration;
     let interval = Duration::from_secs_f64(f64::from(args.connections) / args.rate);
 
+    let headers: Vec<(http::HeaderName, http::HeaderValue)> = args
+        .headers
+        .iter()
+        .map(|h| {
+            let (name, value) = h.split_once(':').expect("--header is `Name: value`");
+            (
+                name.trim().parse().expect("a header name"),
+                value.trim().parse().expect("a header value"),
+            )
+        })
+        .collect();
+    let headers = std::sync::Arc::new(headers);
     let mut tasks = Vec::new();
     for c in 0..args.connections {
+        let headers = headers.clone();
         let offset = interval.mul_f64(f64::from(c) / f64::from(args.connections));
         let (target, post_every, connections) = (args.target, args.post_every, args.connections);
         tasks.push(tokio::spawn(async move {
-            connection(target, start, start + offset, end, interval, |k| {
-                (k * u64::from(connections) + u64::from(c)) % post_every == 0
-            })
+            connection(
+                target,
+                start,
+                start + offset,
+                end,
+                interval,
+                &headers,
+                |k| {
+                    post_every != 0 && (k * u64::from(connections) + u64::from(c)) % post_every == 0
+                },
+            )
             .await
         }));
     }
@@ -108,6 +133,7 @@ async fn connection(
     first: Instant,
     end: Instant,
     interval: Duration,
+    headers: &[(http::HeaderName, http::HeaderValue)],
     is_post: impl Fn(u64) -> bool,
 ) -> (Vec<Sample>, Vec<String>) {
     let mut samples = Vec::new();
@@ -132,7 +158,7 @@ async fn connection(
         } else {
             (Method::GET, "/users.json?per_page=10", Bytes::new())
         };
-        let result = send(&mut sender, target, method, path, body).await;
+        let result = send(&mut sender, target, method, path, headers, body).await;
         let latency_us = u64::try_from(due.elapsed().as_micros()).unwrap_or(u64::MAX);
         let due_us = u64::try_from((due - start).as_micros()).unwrap_or(0);
         let status = match result {
@@ -167,6 +193,7 @@ async fn send(
     target: SocketAddr,
     method: Method,
     path: &str,
+    headers: &[(http::HeaderName, http::HeaderValue)],
     body: Bytes,
 ) -> Result<(StatusCode, Bytes), String> {
     if sender.is_none() {
@@ -193,6 +220,9 @@ async fn send(
         http::header::CONTENT_TYPE,
         http::HeaderValue::from_static("application/json"),
     );
+    for (name, value) in headers {
+        req.headers_mut().insert(name.clone(), value.clone());
+    }
     let resp = s
         .send_request(req)
         .await

@@ -2,6 +2,7 @@
 """Turns bench/run.sh's wrk outputs into bench/RESULTS.md (stdout)."""
 import argparse
 import datetime
+import json
 import os
 import platform
 import re
@@ -119,6 +120,27 @@ def main():
         ratio_h = rps["qbproxy"] / rps["haproxy"] if rps["qbproxy"] and rps["haproxy"] else None
         print(f"| {mode} | {scenario} | {f(rps['qbproxy'])} | {f(rps['nginx'])} | {f(rps['haproxy'])} "
               f"| {f(rps['direct'])} | {f(ratio_n, '{:.2f}')} | {f(ratio_h, '{:.2f}')} | {p50} | {p99} | {cpu} | {errors} |")
+
+    out_dir = os.path.dirname(a.runs)
+    print()
+    print("Latency below saturation: `bench/loadgen.rs` at a fixed 5,000 GETs/s over 50 connections "
+          "for 10 s (open loop: latency counted from when each request was due), in ms. "
+          "Added p50: over `direct` (the plain upstream; loadgen speaks plain HTTP only, so the TLS "
+          "upstream has no direct run).")
+    print()
+    print("| upstream | target | p50 | p99 | p99.9 | added p50 | failed |")
+    print("|---|---|---|---|---|---|---|")
+    for mode in ("http", "https"):
+        runs = {}
+        for t in ("qbproxy", "nginx", "haproxy", "direct"):
+            path = os.path.join(out_dir, f"fixed-rate-{mode}-{t}.json")
+            if os.path.exists(path):
+                runs[t] = json.load(open(path))
+        base = runs.get("direct", {}).get("all", {}).get("p50_ms")
+        for t, r in runs.items():
+            s = r["all"]
+            added = f"{(s['p50_ms'] - base) * 1000:.0f} µs" if base is not None and t != "direct" else "—"
+            print(f"| {mode} | {t} | {s['p50_ms']:.2f} | {s['p99_ms']:.2f} | {s['p999_ms']:.2f} | {added} | {r['failed']} |")
 
     idle, c1000, before, after, reqs = a.rss
     print()

@@ -24,7 +24,7 @@ command -v haproxy >/dev/null || need+=(haproxy)
 if ((${#need[@]})); then
     apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${need[@]}"
 fi
-cargo build --release --quiet --bin qbproxy --example fast-upstream
+cargo build --release --quiet --bin qbproxy --example fast-upstream --example loadgen
 BIN=target/release/qbproxy
 UPSTREAM=target/release/examples/fast-upstream
 TOKEN=0123456789abcdef0123456789abcdef01234567
@@ -156,6 +156,18 @@ for mode in http https; do
     run "$mode" "GET small, 500 conns" 500 /users.json
     run "$mode" "POST 2 KiB, 50 conns" 50 /data/Note.json -s "$OUT/post2k.lua"
     run "$mode" "GET 256 KiB, 50 conns" 50 /big
+    # Latency below saturation: a fixed 5,000 GETs/s over 50 connections
+    # (open loop, latency from when each request was due).
+    for target in qbproxy nginx haproxy direct; do
+        hdr=()
+        if [[ $target == direct ]]; then
+            [[ $mode == https ]] && continue # loadgen speaks plain HTTP only
+            hdr=(--header "QB-Token: $TOKEN")
+        fi
+        taskset -c 1 target/release/examples/loadgen --target "127.0.0.1:$(port_of "$target")" \
+            --rate 5000 --connections 50 --duration 10s --post-every 0 "${hdr[@]}" \
+            > "$OUT/fixed-rate-$mode-$target.json"
+    done
     if [[ $mode == http ]]; then
         # Memory in a fresh qbproxy, so the peaks of the runs above (256 KiB
         # bodies in flight) do not count: idle with its session, then the
