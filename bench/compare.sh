@@ -1,0 +1,52 @@
+#!/usr/bin/env bash
+# Before/after for a change: interleaved runs of two or more qbproxy binaries
+# in front of bench/fast_upstream.rs, each reporting throughput and the CPU
+# time it spent per request (user + system, from /proc/<pid>/stat). CPU per
+# request is steadier than requests/s on a noisy machine.
+#
+#   cp target/release/qbproxy /tmp/qbproxy.before   # then change, rebuild
+#   bench/compare.sh /tmp/qbproxy.before target/release/qbproxy
+#
+# ROUNDS=5 CONNS=50 by default. qbproxy on core 0, wrk and upstream on core 1.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+ROUNDS=${ROUNDS:-5}
+CONNS=${CONNS:-50}
+OUT=bench/out
+mkdir -p "$OUT"
+cargo build --release --quiet --example fast-upstream
+cat > "$OUT/compare.toml" <<TOML
+[listen]
+addr = "127.0.0.1:19100"
+[admin]
+addr = "127.0.0.1:19190"
+[upstream]
+url = "http://127.0.0.1:19000"
+[limits]
+max_connections = 8192
+[quickblox]
+application_id = "76730"
+auth_key = "bench"
+auth_secret = "bench"
+TOML
+pids=()
+trap 'for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done' EXIT
+taskset -c 1 target/release/examples/fast-upstream 127.0.0.1:19000 2>/dev/null & pids+=($!)
+sleep 0.3
+ticks() { awk '{print $14 + $15}' "/proc/$1/stat"; }
+for round in $(seq "$ROUNDS"); do
+    for bin in "$@"; do
+        RUST_LOG=warn taskset -c 0 "$bin" --config "$OUT/compare.toml" 2>/dev/null & qb=$!
+        for _ in $(seq 50); do (echo > /dev/tcp/127.0.0.1/19100) 2>/dev/null && break; sleep 0.1; done
+        taskset -c 1 wrk -t1 -c"$CONNS" -d2s http://127.0.0.1:19100/users.json > /dev/null
+        t0=$(ticks "$qb")
+        out=$(taskset -c 1 wrk -t1 -c"$CONNS" -d5s http://127.0.0.1:19100/users.json)
+        t1=$(ticks "$qb")
+        kill "$qb"; wait "$qb" 2>/dev/null || true
+        reqs=$(echo "$out" | awk '/requests in/ {print $1}')
+        rps=$(echo "$out" | awk '/Requests\/sec/ {print $2}')
+        tick_us=$((1000000 / $(getconf CLK_TCK)))
+        cpu=$(awk -v t=$((t1 - t0)) -v r="$reqs" -v u="$tick_us" 'BEGIN { printf "%.1f", t * u / r }')
+        echo "round $round  $bin  ${rps} req/s  ${cpu} µs CPU/request"
+    done
+done | sort -k3,3 -s
