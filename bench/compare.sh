@@ -15,33 +15,18 @@ CONNS=${CONNS:-50}
 OUT=bench/out
 mkdir -p "$OUT"
 cargo build --release --quiet --example fast-upstream
-cat > "$OUT/compare.toml" <<TOML
-[listen]
-addr = "127.0.0.1:19100"
-[admin]
-addr = "127.0.0.1:19190"
-[upstream]
-url = "http://127.0.0.1:19000"
-[limits]
-max_connections = 8192
-[quickblox]
-application_id = "76730"
-auth_key = "bench"
-auth_secret = "bench"
-TOML
-pids=()
-trap 'for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done' EXIT
+source bench/lib.sh
+fast_upstream_config "$OUT/compare.toml" http://127.0.0.1:19000
 taskset -c 1 target/release/examples/fast-upstream 127.0.0.1:19000 2>/dev/null & pids+=($!)
-sleep 0.3
-ticks() { awk '{print $14 + $15}' "/proc/$1/stat"; }
+wait_port 19000
 for round in $(seq "$ROUNDS"); do
     for bin in "$@"; do
         RUST_LOG=warn taskset -c 0 "$bin" --config "$OUT/compare.toml" 2>/dev/null & qb=$!
-        for _ in $(seq 50); do (echo > /dev/tcp/127.0.0.1/19100) 2>/dev/null && break; sleep 0.1; done
+        wait_port 19100
         taskset -c 1 wrk -t1 -c"$CONNS" -d2s http://127.0.0.1:19100/users.json > /dev/null
-        t0=$(ticks "$qb")
+        t0=$(cpu_ticks "$qb")
         out=$(taskset -c 1 wrk -t1 -c"$CONNS" -d5s http://127.0.0.1:19100/users.json)
-        t1=$(ticks "$qb")
+        t1=$(cpu_ticks "$qb")
         kill "$qb"; wait "$qb" 2>/dev/null || true
         reqs=$(echo "$out" | awk '/requests in/ {print $1}')
         rps=$(echo "$out" | awk '/Requests\/sec/ {print $2}')

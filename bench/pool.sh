@@ -26,9 +26,7 @@ fi
 cargo build --release --quiet
 BIN=target/release/qbproxy
 
-pids=()
-cleanup() { for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done; }
-trap cleanup EXIT
+source bench/lib.sh
 
 wait_for() { # url: wait until it answers 200, at most 20 s
     for _ in $(seq 200); do curl -fs -o /dev/null "$1" && return 0; sleep 0.1; done

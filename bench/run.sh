@@ -29,10 +29,7 @@ BIN=target/release/qbproxy
 UPSTREAM=target/release/examples/fast-upstream
 TOKEN=0123456789abcdef0123456789abcdef01234567
 
-pids=()
-stop_all() { for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done; for p in "${pids[@]}"; do wait "$p" 2>/dev/null || true; done; pids=(); }
-trap stop_all EXIT
-wait_port() { for _ in $(seq 100); do (echo > "/dev/tcp/127.0.0.1/$1") 2>/dev/null && return 0; sleep 0.1; done; echo "port $1 never opened" >&2; exit 1; }
+source bench/lib.sh
 
 printf 'wrk.method = "POST"\nwrk.body = string.rep("x", 2048)\nwrk.headers["Content-Type"] = "application/json"\n' > "$OUT/post2k.lua"
 
@@ -47,21 +44,8 @@ start_targets() { # mode: http or https
     fi
     wait_port "$up_port"
 
-    cat > "$OUT/qbproxy.toml" <<TOML
-[listen]
-addr = "127.0.0.1:19100"
-[admin]
-addr = "127.0.0.1:19190"
-[upstream]
-url = "$up_url"
-$([[ $mode == https ]] && echo "ca_file = \"$PWD/$OUT/upstream-ca.pem\"")
-[limits]
-max_connections = 8192
-[quickblox]
-application_id = "76730"
-auth_key = "bench"
-auth_secret = "bench"
-TOML
+    local ca=""; [[ $mode == https ]] && ca="$PWD/$OUT/upstream-ca.pem"
+    fast_upstream_config "$OUT/qbproxy.toml" "$up_url" "$ca"
     RUST_LOG=warn taskset -c 0 "$BIN" --config "$OUT/qbproxy.toml" 2> "$OUT/qbproxy-$mode.log" & pids+=($!)
     QBPROXY_PID=$!
     wait_port 19100
@@ -118,8 +102,6 @@ HAP
 port_of() { case $1 in qbproxy) echo 19100;; nginx) echo 19200;; haproxy) echo 19300;; direct) echo "$DIRECT_PORT";; esac; }
 # The process doing the proxying (nginx: its one worker); none for direct.
 pid_of() { case $1 in qbproxy) echo "$QBPROXY_PID";; nginx) echo "$NGINX_WORKER";; haproxy) echo "$HAPROXY_PID";; direct) echo "";; esac; }
-# User + system CPU time of a process, in clock ticks.
-cpu_ticks() { if [[ -n $1 ]]; then awk '{print $14 + $15}' "/proc/$1/stat"; else echo 0; fi; }
 
 run() { # mode scenario conns path extra-args...
     local mode=$1 scenario=$2 conns=$3 path=$4; shift 4

@@ -21,33 +21,10 @@ cargo build --release --quiet --bin qbproxy --example loadgen
 BIN=target/release/qbproxy
 LOADGEN=target/release/examples/loadgen
 
-pids=()
-stop_all() { for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done; for p in "${pids[@]}"; do wait "$p" 2>/dev/null || true; done; pids=(); }
-trap stop_all EXIT
-wait_port() { for _ in $(seq 100); do (echo > "/dev/tcp/127.0.0.1/$1") 2>/dev/null && return 0; sleep 0.1; done; echo "port $1 never opened" >&2; exit 1; }
+source bench/lib.sh
 
-taskset -c 1 "$BIN" sim --listen 127.0.0.1:19081 > "$OUT/sim-soak.txt" 2>&1 & pids+=($!)
-wait_port 19081
-cat > "$OUT/soak.toml" <<TOML
-[listen]
-addr = "127.0.0.1:19100"
-[admin]
-addr = "127.0.0.1:19190"
-[upstream]
-url = "http://127.0.0.1:19081"
-[quickblox]
-application_id = $(sed -n 's/^application_id = //p' "$OUT/sim-soak.txt")
-auth_key = $(sed -n 's/^auth_key = //p' "$OUT/sim-soak.txt")
-auth_secret = $(sed -n 's/^auth_secret = //p' "$OUT/sim-soak.txt")
-[[identity]]
-name = "demo"
-login = "demo"
-password = "demo-password"
-TOML
-RUST_LOG=warn taskset -c 0 "$BIN" --config "$OUT/soak.toml" 2> "$OUT/qbproxy-soak.log" & pids+=($!)
-QB=$!
-wait_port 19100
-curl -fs -o /dev/null http://127.0.0.1:19100/users.json
+qbproxy_on_sim soak
+QB=$QBPROXY_PID
 
 taskset -c 1 "$LOADGEN" --target 127.0.0.1:19100 --rate "$RATE" --connections "$CONNS" \
     --duration "${SOAK_SECONDS}s" --expire-url http://127.0.0.1:19081/_sim/expire \

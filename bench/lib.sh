@@ -1,0 +1,73 @@
+# Sourced by the bench scripts (from the repository root): process
+# bookkeeping, ports, CPU time, and the two ways qbproxy is set up.
+
+# Every process started with `& pids+=($!)` is stopped on exit.
+pids=()
+stop_all() {
+    for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done
+    for p in "${pids[@]}"; do wait "$p" 2>/dev/null || true; done
+    pids=()
+}
+trap stop_all EXIT
+
+# Waits (at most 10 s) until something listens on 127.0.0.1:PORT.
+wait_port() {
+    for _ in $(seq 100); do (echo > "/dev/tcp/127.0.0.1/$1") 2>/dev/null && return 0; sleep 0.1; done
+    echo "port $1 never opened" >&2
+    exit 1
+}
+
+# User + system CPU time of a process, in clock ticks (0 for no PID).
+cpu_ticks() { if [[ -n $1 ]]; then awk '{print $14 + $15}' "/proc/$1/stat"; else echo 0; fi; }
+
+# fast_upstream_config FILE URL [CA_FILE]: qbproxy on 127.0.0.1:19100 (admin
+# 19190) in front of bench/fast_upstream.rs, which answers session creation
+# itself with any credentials.
+fast_upstream_config() {
+    cat > "$1" <<TOML
+[listen]
+addr = "127.0.0.1:19100"
+[admin]
+addr = "127.0.0.1:19190"
+[upstream]
+url = "$2"
+${3:+ca_file = \"$3\"}
+[limits]
+max_connections = 8192
+[quickblox]
+application_id = "76730"
+auth_key = "bench"
+auth_secret = "bench"
+TOML
+}
+
+# qbproxy_on_sim NAME [SIM_FLAGS...]: `qbproxy sim` on core 1
+# (127.0.0.1:19081), then qbproxy on core 0 (127.0.0.1:19100) in front of
+# it as the simulator's user "demo", with $QUICKBLOX_EXTRA added to its
+# [quickblox] table; waits for the first session. Sets QBPROXY_PID.
+qbproxy_on_sim() {
+    local name=$1; shift
+    taskset -c 1 "$BIN" sim --listen 127.0.0.1:19081 "$@" > "$OUT/sim-$name.txt" 2>&1 & pids+=($!)
+    wait_port 19081
+    cat > "$OUT/$name.toml" <<TOML
+[listen]
+addr = "127.0.0.1:19100"
+[admin]
+addr = "127.0.0.1:19190"
+[upstream]
+url = "http://127.0.0.1:19081"
+[quickblox]
+application_id = $(sed -n 's/^application_id = //p' "$OUT/sim-$name.txt")
+auth_key = $(sed -n 's/^auth_key = //p' "$OUT/sim-$name.txt")
+auth_secret = $(sed -n 's/^auth_secret = //p' "$OUT/sim-$name.txt")
+${QUICKBLOX_EXTRA:-}
+[[identity]]
+name = "demo"
+login = "demo"
+password = "demo-password"
+TOML
+    RUST_LOG=warn taskset -c 0 "$BIN" --config "$OUT/$name.toml" 2> "$OUT/qbproxy-$name.log" & pids+=($!)
+    QBPROXY_PID=$!
+    wait_port 19100
+    curl -fs -o /dev/null http://127.0.0.1:19100/users.json
+}
