@@ -19,7 +19,8 @@ use tokio::sync::OwnedSemaphorePermit;
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
 /// One of the upstream's connection slots (`upstream.max_connections`),
-/// held by the request that uses it until its response body is done.
+/// held by the request that uses it until its response body is done
+/// (`None` once released).
 pub type Slot = Option<OwnedSemaphorePermit>;
 
 pub enum Body {
@@ -81,8 +82,11 @@ impl Body {
     }
 
     /// A response streaming from the upstream, holding `slot` until done.
-    pub fn upstream(body: Incoming, slot: Slot) -> Body {
-        Body::Stream { body, slot }
+    pub fn upstream(body: Incoming, slot: OwnedSemaphorePermit) -> Body {
+        Body::Stream {
+            body,
+            slot: Some(slot),
+        }
     }
 }
 

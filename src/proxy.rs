@@ -222,7 +222,7 @@ impl Proxy {
                 .send(live, req, deadline)
                 .await
                 .map_err(|e| cut_off(e, &over, body_limit))?;
-            return Ok(resp.map(|b| Body::upstream(b, Some(slot))));
+            return Ok(resp.map(|b| Body::upstream(b, slot)));
         }
 
         let session = match session {
@@ -368,34 +368,31 @@ impl Proxy {
         let (resp, slot) = self.send(live, req, deadline).await?;
         if resp.status() != StatusCode::UNAUTHORIZED {
             identity.record_use(session, resp.status(), resp.headers());
-            return Ok(Checked::Answer(resp.map(|b| Body::upstream(b, Some(slot)))));
+            return Ok(Checked::Answer(resp.map(|b| Body::upstream(b, slot))));
         }
         let (parts, body) = resp.into_parts();
         let read = timeout_at(deadline, body::buffer(body, MAX_REFUSAL_BODY))
             .await
             .map_err(|_| ProxyError::UpstreamTimeout(live.timeout))?
             .map_err(|e| ProxyError::Upstream(format!("reading a 401 answer: {e}")))?;
-        let slot = match read {
-            // Read whole: the connection is free again.
-            Buffered::Complete(_) => {
-                drop(slot);
-                None
-            }
-            Buffered::TooLarge { .. } => Some(slot),
-        };
         Ok(match read {
-            Buffered::Complete(bytes) if qb::is_session_expired(&bytes) => {
-                Checked::Expired(Response::from_parts(parts, Body::full(bytes)))
-            }
             Buffered::Complete(bytes) => {
-                Checked::Answer(Response::from_parts(parts, Body::full(bytes)))
+                // Read whole: the connection is free again.
+                drop(slot);
+                let expired = qb::is_session_expired(&bytes);
+                let resp = Response::from_parts(parts, Body::full(bytes));
+                if expired {
+                    Checked::Expired(resp)
+                } else {
+                    Checked::Answer(resp)
+                }
             }
             Buffered::TooLarge { head, tail } => Checked::Answer(Response::from_parts(
                 parts,
                 Body::Chain {
                     head: Some(head),
                     tail,
-                    slot,
+                    slot: Some(slot),
                 },
             )),
         })
