@@ -7,6 +7,13 @@
 #   cp target/release/qbproxy /tmp/qbproxy.before   # then change, rebuild
 #   bench/compare.sh /tmp/qbproxy.before target/release/qbproxy
 #
+# An argument may start with environment settings, e.g. the floor (the least
+# a hyper-based proxy does; bench/floor.rs) in both its modes:
+#
+#   cargo build --release --example floor
+#   bench/compare.sh target/release/qbproxy target/release/examples/floor \
+#       "FLOOR_MODE=bound target/release/examples/floor"
+#
 # ROUNDS=5 CONNS=50 by default. qbproxy on core 0, wrk and upstream on core 1.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -21,7 +28,8 @@ taskset -c 1 target/release/examples/fast-upstream 127.0.0.1:19000 2>/dev/null &
 wait_port 19000
 for round in $(seq "$ROUNDS"); do
     for bin in "$@"; do
-        RUST_LOG=warn taskset -c 0 "$bin" --config "$OUT/compare.toml" 2>/dev/null & qb=$!
+        # shellcheck disable=SC2086 # split on purpose: VAR=value ... binary
+        RUST_LOG=warn taskset -c 0 env $bin --config "$OUT/compare.toml" 2>/dev/null & qb=$!
         wait_port 19100
         taskset -c 1 wrk -t1 -c"$CONNS" -d2s http://127.0.0.1:19100/users.json > /dev/null
         t0=$(cpu_ticks "$qb")
@@ -32,6 +40,6 @@ for round in $(seq "$ROUNDS"); do
         rps=$(echo "$out" | awk '/Requests\/sec/ {print $2}')
         tick_us=$((1000000 / $(getconf CLK_TCK)))
         cpu=$(awk -v t=$((t1 - t0)) -v r="$reqs" -v u="$tick_us" 'BEGIN { printf "%.1f", t * u / r }')
-        echo "round $round  $bin  ${rps} req/s  ${cpu} µs CPU/request"
+        echo "round $round  ${bin// /_}  ${rps} req/s  ${cpu} µs CPU/request"
     done
 done | sort -k3,3 -s
