@@ -3,8 +3,10 @@
 //! A request picks a member round-robin, or by its `QBProxy-Client` header
 //! (sticky). Members start their session on first use; their creations share
 //! a semaphore (`create_concurrency`, see `upstream::Throttled`). Members
-//! whose credentials QuickBlox refused are set aside and skipped. With
-//! `max_in_flight`, a request waits for a free member until its deadline.
+//! whose credentials QuickBlox refused are set aside and skipped; members
+//! whose last creation failed are passed over while another member may
+//! serve. With `max_in_flight`, a request waits for a free member until its
+//! deadline.
 
 use std::hash::{DefaultHasher, Hash, Hasher};
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -147,22 +149,43 @@ impl Pool {
         }
     }
 
-    /// A member holding a session, for one request. A member whose first
-    /// session fails because its credentials are refused is set aside and
-    /// another is tried, so a bad member costs no request.
+    /// A member holding a session, for one request. A member whose session
+    /// fails (credentials refused, so set aside; or any creation failure
+    /// while another member may serve, which is then not waited through) is
+    /// left for another member, so a bad or unlucky member costs no request.
     pub async fn acquire_session(
         self: &Arc<Self>,
         client: Option<&HeaderValue>,
         deadline: Instant,
     ) -> Result<(Lease, Result<Arc<Session>, Unavailable>), ProxyError> {
+        // Each move follows a member turning set aside (never claimed again)
+        // or failing (claimed only when all are); the bound is a backstop.
+        let mut moves = self.members.len();
         loop {
             let lease = self.acquire(client, deadline).await?;
-            let session = lease.identity().session(deadline).await;
-            if session.is_err() && lease.identity().set_aside() {
+            let identity = lease.identity();
+            let session = if moves > 0 && self.another_may_serve(&lease) {
+                identity.session_or_first_failure(deadline).await
+            } else {
+                identity.session(deadline).await
+            };
+            if matches!(session, Err(Unavailable::Failed(_)))
+                && (lease.identity().set_aside() || (moves > 0 && self.another_may_serve(&lease)))
+            {
+                moves = moves.saturating_sub(1);
                 continue;
             }
             return Ok((lease, session));
         }
+    }
+
+    /// Whether a member other than `lease`'s is neither set aside nor
+    /// failing.
+    fn another_may_serve(&self, lease: &Lease) -> bool {
+        self.members
+            .iter()
+            .enumerate()
+            .any(|(i, m)| i != lease.index && !m.identity.set_aside() && !m.identity.failing())
     }
 
     fn try_claim(&self, client: Option<&HeaderValue>) -> Claim {
@@ -173,20 +196,34 @@ impl Pool {
         };
         let start = sticky.unwrap_or_else(|| self.next.fetch_add(1, Ordering::Relaxed) % n);
         let mut any = false;
-        for k in 0..n {
-            let index = (start + k) % n;
-            let member = &self.members[index];
-            // A set-aside member is skipped; a sticky client moves on to the
-            // next member deterministically.
-            if member.identity.set_aside() {
-                continue;
+        // First pass: members that hold a session or may get one. Members
+        // whose last creation failed only when every other is failing too.
+        for pass_over_failing in [true, false] {
+            let mut candidates = false;
+            for k in 0..n {
+                let index = (start + k) % n;
+                let member = &self.members[index];
+                // A set-aside (or, while others may serve, failing) member is
+                // skipped; a sticky client moves on to the next member
+                // deterministically.
+                if member.identity.set_aside() {
+                    continue;
+                }
+                any = true;
+                if pass_over_failing && member.identity.failing() {
+                    continue;
+                }
+                candidates = true;
+                if self.claim(member) {
+                    return Claim::Got(index);
+                }
+                if sticky.is_some() {
+                    // Sticky means this member: wait for it.
+                    return Claim::Busy;
+                }
             }
-            any = true;
-            if self.claim(member) {
-                return Claim::Got(index);
-            }
-            if sticky.is_some() {
-                // Sticky means this member: wait for it.
+            if candidates {
+                // Busy members that may serve are worth waiting for.
                 return Claim::Busy;
             }
         }

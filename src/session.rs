@@ -313,6 +313,13 @@ impl Identity {
         self.shared.state.load().set_aside
     }
 
+    /// True while the identity holds no session and its last creation
+    /// failed (a retry may be scheduled): a pool prefers its other members.
+    pub fn failing(&self) -> bool {
+        let state = self.shared.state.load();
+        state.session.is_none() && state.failure.is_some()
+    }
+
     /// Renews now, whatever the state, and waits (until `deadline`) for the
     /// outcome: the operator's "did the new password take?".
     pub async fn force_renewal(&self, deadline: Instant) -> Result<Arc<Session>, Unavailable> {
@@ -384,6 +391,24 @@ impl Identity {
         self.wait_for(deadline, |state| match (&state.session, &state.failure) {
             (Some(s), _) => Some(Ok(s.clone())),
             (None, Some(e)) => self.gives_up(state, e, patience),
+            (None, None) => None,
+        })
+        .await
+    }
+
+    /// Like [`Identity::session`], but answers the first failure at once
+    /// rather than wait through it: for a pool member, when another member
+    /// may serve the request instead.
+    pub async fn session_or_first_failure(
+        &self,
+        deadline: Instant,
+    ) -> Result<Arc<Session>, Unavailable> {
+        if let Some(s) = self.current() {
+            return Ok(s);
+        }
+        self.wait_for(deadline, |state| match (&state.session, &state.failure) {
+            (Some(s), _) => Some(Ok(s.clone())),
+            (None, Some(e)) => Some(Err(Unavailable::Failed(e.clone()))),
             (None, None) => None,
         })
         .await

@@ -9,7 +9,7 @@ use std::time::Duration;
 use bytes::Bytes;
 use common::{bounded, setup};
 use http::{Method, StatusCode};
-use qbproxy::sim::{Sim, SimConfig};
+use qbproxy::sim::{Fault, Sim, SimConfig};
 
 const DEMO: &str = "name = \"demo\"\nlogin = \"demo\"\npassword = \"demo-password\"\n";
 
@@ -280,4 +280,79 @@ async fn max_in_flight_spreads_load_and_busy_pools_answer_503() {
         .user_id();
     assert_eq!(w.json()["echo"]["user_id"], user);
     drop(a);
+}
+
+/// A pool of three listed members; "flaky" is loadtest-2 (user 100,002).
+async fn pool_with_a_flaky_member(retry: &str) -> common::Harness {
+    let h = setup()
+        .sim(sim_with_users(3).await)
+        .identity(DEMO)
+        .identity("name = \"good1\"\nlogin = \"loadtest-1\"\npassword = \"pw-1\"\n")
+        .identity("name = \"flaky\"\nlogin = \"loadtest-2\"\npassword = \"pw-2\"\n")
+        .identity("name = \"good2\"\nlogin = \"loadtest-3\"\npassword = \"pw-3\"\n")
+        .pool_table("name = \"load\"\nidentities = [\"good1\", \"flaky\", \"good2\"]\n")
+        .set("quickblox", "retry_initial", retry)
+        .set("quickblox", "retry_max", retry)
+        .start()
+        .await;
+    h.ready().await;
+    let a = h.get_as("load", "/users.json?i=0").await;
+    assert_eq!(a.status, StatusCode::OK, "{}", a.text());
+    // The next member is "flaky"; its first creation fails.
+    h.sim.push_fault(Fault::Status(500, "{\"errors\":[\"boom\"]}".into()));
+    h
+}
+
+/// The user the simulator saw for the request with this query.
+fn served_by(sim: &Sim, query: &str) -> u64 {
+    let path = format!("/users.json?{query}");
+    let r = sim.requests();
+    r.iter().find(|r| r.path_and_query == path).unwrap().user_id
+}
+
+#[tokio::test]
+async fn a_failing_member_is_passed_over_while_the_others_serve() {
+    // No retry within the test: "flaky" stays failing throughout.
+    let h = pool_with_a_flaky_member("\"1h\"").await;
+    for i in 1..=30 {
+        let a = h.get_as("load", &format!("/users.json?i={i}")).await;
+        assert_eq!(a.status, StatusCode::OK, "request {i}: {}", a.text());
+    }
+    // The request that met the failure moved on; no later one chose it.
+    let seen = users(&h.sim);
+    assert_eq!(
+        seen.keys().copied().collect::<HashSet<_>>(),
+        HashSet::from([100_001, 100_003])
+    );
+    assert!(h.handle.identity("flaky").unwrap().failing());
+    // demo, good1, flaky's one failed attempt, good2: nothing more.
+    assert_eq!(h.sim.attempts(), 4);
+    let s = h.admin_get("/sessions").await.json();
+    let flaky = s["identities"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|i| i["name"] == "flaky")
+        .unwrap()
+        .clone();
+    assert_eq!(flaky["state"], "failing");
+}
+
+#[tokio::test]
+async fn a_request_on_a_failing_member_moves_on_rather_than_wait_for_its_retry() {
+    // "flaky" retries after 100 ms and then succeeds, well within retry_wait
+    // (10 s): a lone identity's request would wait for that retry.
+    let h = pool_with_a_flaky_member("\"100ms\"").await;
+    let a = h.get_as("load", "/users.json?i=1").await;
+    assert_eq!(a.status, StatusCode::OK, "{}", a.text());
+    assert_eq!(served_by(&h.sim, "i=1"), 100_003);
+    // "flaky" recovers on its own and serves again.
+    let flaky = h.handle.identity("flaky").unwrap();
+    bounded("flaky's retry", flaky.ready()).await;
+    assert!(!flaky.failing());
+    for i in 2..=7 {
+        let a = h.get_as("load", &format!("/users.json?i={i}")).await;
+        assert_eq!(a.status, StatusCode::OK, "request {i}: {}", a.text());
+    }
+    assert!(users(&h.sim).contains_key(&100_002));
 }
