@@ -44,7 +44,50 @@ struct Inner {
     /// Loaded once per request, swapped whole on reload: a request runs
     /// start to end with one consistent configuration.
     live: ArcSwap<Live>,
+    /// `upstream.max_connections`: one set for the proxy's life, resized on
+    /// reload, so requests in flight across a reload count against one cap.
+    slots: Slots,
     metrics: Metrics,
+}
+
+/// Slots for requests in flight upstream, one each, held until the
+/// response body is read.
+struct Slots {
+    semaphore: Arc<Semaphore>,
+    /// The capacity asked for; only a reload changes it.
+    capacity: std::sync::Mutex<usize>,
+}
+
+impl Slots {
+    fn new(capacity: usize) -> Slots {
+        Slots {
+            semaphore: Arc::new(Semaphore::new(capacity)),
+            capacity: std::sync::Mutex::new(capacity),
+        }
+    }
+
+    /// Grows at once; shrinks by the free slots at once and by the rest as
+    /// the requests holding them finish.
+    fn resize(&self, capacity: usize) {
+        let mut current = self.capacity.lock().unwrap_or_else(|p| p.into_inner());
+        if capacity > *current {
+            self.semaphore.add_permits(capacity - *current);
+        } else if capacity < *current {
+            let excess = *current - capacity;
+            let owed = excess - self.semaphore.forget_permits(excess);
+            if owed > 0 {
+                let semaphore = self.semaphore.clone();
+                // Config validation keeps max_connections far below u32::MAX.
+                let owed = u32::try_from(owed).unwrap_or(u32::MAX);
+                tokio::spawn(async move {
+                    if let Ok(slots) = semaphore.acquire_many_owned(owed).await {
+                        slots.forget();
+                    }
+                });
+            }
+        }
+        *current = capacity;
+    }
 }
 
 /// What requests are served with.
@@ -59,8 +102,6 @@ pub struct Live {
     pub replay_body_limit: usize,
     /// Budget of a whole request, session wait and replay included.
     pub timeout: Duration,
-    /// `upstream.max_connections` slots: one per request in flight upstream.
-    pub upstream_slots: Arc<Semaphore>,
 }
 
 impl Live {
@@ -73,7 +114,6 @@ impl Live {
             client_token: config.proxy.client_token,
             replay_body_limit: config.proxy.replay_body_limit,
             timeout: config.upstream.timeout,
-            upstream_slots: Arc::new(Semaphore::new(config.upstream.max_connections)),
         }
     }
 }
@@ -101,6 +141,7 @@ impl Proxy {
     pub fn new(live: Live, metrics: Metrics) -> Self {
         Proxy {
             inner: Arc::new(Inner {
+                slots: Slots::new(live.upstream.max_connections),
                 live: ArcSwap::from_pointee(live),
                 metrics,
             }),
@@ -110,6 +151,7 @@ impl Proxy {
     /// Serves requests from now on with `live`; requests in flight finish
     /// with what they started with.
     pub fn replace(&self, live: Live) {
+        self.inner.slots.resize(live.upstream.max_connections);
         self.inner.live.store(Arc::new(live));
     }
 
@@ -322,11 +364,12 @@ impl Proxy {
         req: Request<Body>,
         deadline: Instant,
     ) -> Result<(Response<Incoming>, OwnedSemaphorePermit), ProxyError> {
-        let slot = match live.upstream_slots.clone().try_acquire_owned() {
+        let slots = &self.inner.slots.semaphore;
+        let slot = match slots.clone().try_acquire_owned() {
             Ok(slot) => slot,
             Err(_) => {
                 self.inner.metrics.upstream_slot_wait();
-                match timeout_at(deadline, live.upstream_slots.clone().acquire_owned()).await {
+                match timeout_at(deadline, slots.clone().acquire_owned()).await {
                     Ok(Ok(slot)) => slot,
                     // Timed out, or the semaphore is closed (never done).
                     _ => {

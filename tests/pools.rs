@@ -299,7 +299,8 @@ async fn pool_with_a_flaky_member(retry: &str) -> common::Harness {
     let a = h.get_as("load", "/users.json?i=0").await;
     assert_eq!(a.status, StatusCode::OK, "{}", a.text());
     // The next member is "flaky"; its first creation fails.
-    h.sim.push_fault(Fault::Status(500, "{\"errors\":[\"boom\"]}".into()));
+    h.sim
+        .push_fault(Fault::Status(500, "{\"errors\":[\"boom\"]}".into()));
     h
 }
 

@@ -6,7 +6,7 @@ mod common;
 use std::path::Path;
 
 use bytes::Bytes;
-use common::setup;
+use common::{bounded, setup};
 use http::{Method, StatusCode};
 use qbproxy::Config;
 
@@ -161,4 +161,81 @@ async fn a_moved_listen_address_is_logged_as_needing_a_restart() {
     );
     // Still serving where it was.
     assert_eq!(h.get("/users.json").await.status, StatusCode::OK);
+}
+
+/// Resolves once `n` requests in all have had to wait for an upstream slot.
+async fn slot_waits(h: &common::Harness, n: u64) {
+    bounded("requests waiting for an upstream slot", async {
+        while h.metric("qbproxy_upstream_slot_waits_total ") < n {
+            tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+        }
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn requests_in_flight_across_a_reload_count_against_one_upstream_cap() {
+    let capped = || {
+        setup()
+            .identity(DEMO)
+            .set("upstream", "max_connections", "2")
+    };
+    let h = capped().start().await;
+    h.ready().await;
+    let gate = h.sim.gate("/slow");
+    let mut sent: Vec<_> = (0..2)
+        .map(|i| h.spawn_send(Method::GET, format!("/slow{i}.json"), &[], ""))
+        .collect();
+    h.sim.wait_until(|s| s.requests_to("/slow") >= 2).await;
+    h.handle.reload(config(&h, capped())).unwrap();
+    // Both slots are still held: the next request waits for one of them.
+    sent.push(h.spawn_send(Method::GET, "/slow2.json", &[], ""));
+    slot_waits(&h, 1).await;
+    assert_eq!(h.sim.requests_to("/slow"), 2);
+    gate.add_permits(3);
+    for s in sent {
+        assert_eq!(bounded("a request", s).await.unwrap().status, 200);
+    }
+    assert_eq!(h.sim.max_held_at_gates(), 2);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reload_shrinks_and_grows_the_upstream_cap() {
+    let capped = |n: &str| setup().identity(DEMO).set("upstream", "max_connections", n);
+    let h = capped("3").start().await;
+    h.ready().await;
+    let gate = h.sim.gate("/slow");
+    let held: Vec<_> = (0..3)
+        .map(|i| h.spawn_send(Method::GET, format!("/slow{i}.json"), &[], ""))
+        .collect();
+    h.sim.wait_until(|s| s.requests_to("/slow") >= 3).await;
+    // Down to 1 while all 3 slots are taken: they go as their requests end.
+    h.handle.reload(config(&h, capped("1"))).unwrap();
+    gate.add_permits(3);
+    for s in held {
+        assert_eq!(bounded("a held request", s).await.unwrap().status, 200);
+    }
+    let later = h.sim.gate("/later");
+    let mut sent: Vec<_> = (0..3)
+        .map(|i| h.spawn_send(Method::GET, format!("/later{i}.json"), &[], ""))
+        .collect();
+    slot_waits(&h, 2).await;
+    assert_eq!(h.sim.requests_to("/later"), 1, "one slot left");
+    // Up to 2: the next waiting request goes at once.
+    h.handle.reload(config(&h, capped("2"))).unwrap();
+    bounded(
+        "a second slot",
+        h.sim.wait_until(|s| s.requests_to("/later") >= 2),
+    )
+    .await;
+    later.add_permits(1);
+    bounded(
+        "a freed slot",
+        h.sim.wait_until(|s| s.requests_to("/later") >= 3),
+    )
+    .await;
+    later.add_permits(2);
+    for s in sent.drain(..) {
+        assert_eq!(bounded("a later request", s).await.unwrap().status, 200);
+    }
 }
