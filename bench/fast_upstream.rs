@@ -7,6 +7,11 @@
 //!
 //! With a second argument it serves HTTPS with a certificate for 127.0.0.1
 //! and localhost, signed by a CA it writes to that path.
+//!
+//! With `SESSIONS_URL` set (e.g. `http://127.0.0.1:19081`, a `qbproxy sim`),
+//! `POST /session.json` is passed on there, so sessions are created, and
+//! their signatures checked, by the simulator; without it, any credentials
+//! get a fixed session.
 
 use std::convert::Infallible;
 use std::sync::Arc;
@@ -16,6 +21,8 @@ use http::{header, HeaderValue, Method, Request, Response, StatusCode};
 use http_body_util::{BodyExt, Full};
 use hyper::body::Incoming;
 use hyper::service::service_fn;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::client::legacy::Client;
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use hyper_util::server::conn::auto;
 use tokio::net::TcpListener;
@@ -35,11 +42,58 @@ fn json(status: StatusCode, body: Bytes, expires: &HeaderValue) -> Response<Full
     resp
 }
 
-async fn handle(req: Request<Incoming>, big: Bytes, expires: HeaderValue) -> Response<Full<Bytes>> {
+/// Where `POST /session.json` goes, if not answered here.
+struct Sessions {
+    client: Client<HttpConnector, Full<Bytes>>,
+    url: String,
+}
+
+impl Sessions {
+    /// Passes a session creation on, body and headers as received.
+    async fn create(&self, parts: http::request::Parts, body: Bytes) -> Response<Full<Bytes>> {
+        let mut req = Request::new(Full::new(body));
+        *req.method_mut() = parts.method;
+        *req.headers_mut() = parts.headers;
+        req.headers_mut().remove(header::HOST);
+        let uri = format!("{}/session.json", self.url);
+        *req.uri_mut() = match uri.parse() {
+            Ok(uri) => uri,
+            Err(_) => return status(StatusCode::BAD_GATEWAY),
+        };
+        let Ok(resp) = self.client.request(req).await else {
+            return status(StatusCode::BAD_GATEWAY);
+        };
+        let (parts, body) = resp.into_parts();
+        match body.collect().await {
+            Ok(body) => Response::from_parts(parts, Full::new(body.to_bytes())),
+            Err(_) => status(StatusCode::BAD_GATEWAY),
+        }
+    }
+}
+
+fn status(status: StatusCode) -> Response<Full<Bytes>> {
+    let mut resp = Response::new(Full::new(Bytes::new()));
+    *resp.status_mut() = status;
+    resp
+}
+
+async fn handle(
+    req: Request<Incoming>,
+    big: Bytes,
+    expires: HeaderValue,
+    sessions: Option<Arc<Sessions>>,
+) -> Response<Full<Bytes>> {
     let (parts, body) = req.into_parts();
     // Read any body whole, as QuickBlox would.
-    let _ = body.collect().await;
+    let body = body
+        .collect()
+        .await
+        .map(|b| b.to_bytes())
+        .unwrap_or_default();
     if parts.method == Method::POST && parts.uri.path() == "/session.json" {
+        if let Some(sessions) = sessions {
+            return sessions.create(parts, body).await;
+        }
         return json(
             StatusCode::CREATED,
             Bytes::from_static(SESSION.as_bytes()),
@@ -95,10 +149,19 @@ async fn main() {
         .map(|ca| tokio_rustls::TlsAcceptor::from(tls(ca)));
     let listener = TcpListener::bind(addr).await.expect("bind");
     let big = Bytes::from(vec![b'x'; 256 * 1024]);
+    let sessions = std::env::var("SESSIONS_URL").ok().map(|url| {
+        Arc::new(Sessions {
+            client: Client::builder(TokioExecutor::new()).build_http(),
+            url,
+        })
+    });
     let expires = HeaderValue::from_static("2099-01-01 00:00:00 UTC");
     eprintln!(
-        "fast-upstream on {addr}{}",
-        if acceptor.is_some() { " (TLS)" } else { "" }
+        "fast-upstream on {addr}{}{}",
+        if acceptor.is_some() { " (TLS)" } else { "" },
+        sessions
+            .as_ref()
+            .map_or(String::new(), |s| format!(", sessions from {}", s.url))
     );
     loop {
         let Ok((stream, _)) = listener.accept().await else {
@@ -106,10 +169,11 @@ async fn main() {
         };
         let _ = stream.set_nodelay(true);
         let (big, expires, acceptor) = (big.clone(), expires.clone(), acceptor.clone());
+        let sessions = sessions.clone();
         tokio::spawn(async move {
             let service = service_fn(move |req| {
-                let (big, expires) = (big.clone(), expires.clone());
-                async move { Ok::<_, Infallible>(handle(req, big, expires).await) }
+                let (big, expires, sessions) = (big.clone(), expires.clone(), sessions.clone());
+                async move { Ok::<_, Infallible>(handle(req, big, expires, sessions).await) }
             });
             let builder = auto::Builder::new(TokioExecutor::new());
             let _ = match acceptor {

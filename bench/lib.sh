@@ -20,9 +20,35 @@ wait_port() {
 # User + system CPU time of a process, in clock ticks (0 for no PID).
 cpu_ticks() { if [[ -n $1 ]]; then awk '{print $14 + $15}' "/proc/$1/stat"; else echo 0; fi; }
 
-# fast_upstream_config FILE URL [CA_FILE]: qbproxy on 127.0.0.1:19100 (admin
-# 19190) in front of bench/fast_upstream.rs, which answers session creation
-# itself with any credentials.
+# start_sim NAME [SIM_FLAGS...]: `qbproxy sim` ($BIN) on core 1 at
+# 127.0.0.1:19081; what it prints (its credentials) goes to $OUT/sim-NAME.txt.
+start_sim() {
+    local name=$1; shift
+    taskset -c 1 "$BIN" sim --listen 127.0.0.1:19081 "$@" > "$OUT/sim-$name.txt" 2>&1 & pids+=($!)
+    wait_port 19081
+}
+
+# sim_quickblox NAME: config for the simulator NAME: its application's keys
+# in [quickblox] (plus $QUICKBLOX_EXTRA) and its user "demo" as the identity.
+sim_quickblox() {
+    cat <<TOML
+[quickblox]
+application_id = $(sed -n 's/^application_id = //p' "$OUT/sim-$1.txt")
+auth_key = $(sed -n 's/^auth_key = //p' "$OUT/sim-$1.txt")
+auth_secret = $(sed -n 's/^auth_secret = //p' "$OUT/sim-$1.txt")
+${QUICKBLOX_EXTRA:-}
+[[identity]]
+name = "demo"
+login = "demo"
+password = "demo-password"
+TOML
+}
+
+# fast_upstream_config FILE URL [CA_FILE [SIM_NAME]]: qbproxy on
+# 127.0.0.1:19100 (admin 19190) in front of bench/fast_upstream.rs. With
+# SIM_NAME, as that simulator's user (the fast upstream passes session
+# creation on to it: SESSIONS_URL); without, with placeholder keys, which
+# the fast upstream accepts.
 fast_upstream_config() {
     cat > "$1" <<TOML
 [listen]
@@ -34,11 +60,12 @@ url = "$2"
 ${3:+ca_file = \"$3\"}
 [limits]
 max_connections = 8192
-[quickblox]
-application_id = "76730"
-auth_key = "bench"
-auth_secret = "bench"
 TOML
+    if [[ -n ${4:-} ]]; then
+        sim_quickblox "$4" >> "$1"
+    else
+        printf '[quickblox]\napplication_id = "76730"\nauth_key = "bench"\nauth_secret = "bench"\n' >> "$1"
+    fi
 }
 
 # qbproxy_on_sim NAME [SIM_FLAGS...]: `qbproxy sim` on core 1
@@ -47,8 +74,7 @@ TOML
 # [quickblox] table; waits for the first session. Sets QBPROXY_PID.
 qbproxy_on_sim() {
     local name=$1; shift
-    taskset -c 1 "$BIN" sim --listen 127.0.0.1:19081 "$@" > "$OUT/sim-$name.txt" 2>&1 & pids+=($!)
-    wait_port 19081
+    start_sim "$name" "$@"
     cat > "$OUT/$name.toml" <<TOML
 [listen]
 addr = "127.0.0.1:19100"
@@ -56,15 +82,7 @@ addr = "127.0.0.1:19100"
 addr = "127.0.0.1:19190"
 [upstream]
 url = "http://127.0.0.1:19081"
-[quickblox]
-application_id = $(sed -n 's/^application_id = //p' "$OUT/sim-$name.txt")
-auth_key = $(sed -n 's/^auth_key = //p' "$OUT/sim-$name.txt")
-auth_secret = $(sed -n 's/^auth_secret = //p' "$OUT/sim-$name.txt")
-${QUICKBLOX_EXTRA:-}
-[[identity]]
-name = "demo"
-login = "demo"
-password = "demo-password"
+$(sim_quickblox "$name")
 TOML
     RUST_LOG=warn taskset -c 0 "$BIN" --config "$OUT/$name.toml" 2> "$OUT/qbproxy-$name.log" & pids+=($!)
     QBPROXY_PID=$!

@@ -18,6 +18,19 @@ def ms(text):
     return float(m.group(1)) * UNITS[m.group(2)] if m else None
 
 
+def sim_creations(out):
+    """What the simulator says about qbproxy's session creations."""
+    parts = []
+    for mode in ("http", "https"):
+        try:
+            with open(f"{out}/sim-stats-run-{mode}.json") as f:
+                s = json.load(f)
+        except OSError:
+            continue
+        parts.append(f"{s['creations']} created of {s['attempts']} attempts in the {mode} runs")
+    return "; ".join(parts) or "no simulator statistics were recorded"
+
+
 def parse(path):
     out = {"rps": None, "p50": None, "p99": None, "errors": 0, "requests": 0}
     with open(path) as f:
@@ -94,8 +107,9 @@ def main():
           "`nbthread 1`, qbproxy's runtime); wrk (`-t1`) and the upstream (`bench/fast_upstream.rs`) "
           "pinned to core 1. nginx sets the header with `proxy_set_header QB-Token`, upstream keepalive "
           "on; HAProxy with `http-request set-header`, `http-reuse always`; `direct` is wrk against the "
-          "upstream itself with the header. qbproxy injects the session it created from the upstream's "
-          "`POST /session.json` (the fast upstream answers it; the simulator is not involved).")
+          "upstream itself with the header. qbproxy injects the session it created with a signed "
+          "`POST /session.json`, which the fast upstream passes on to `qbproxy sim` (on core 1): "
+          f"{sim_creations(os.path.dirname(a.runs))}.")
     print(f"Each cell: the mean of {a.rounds} interleaved runs of "
           f"`wrk -t1 -c<conns> -d{a.duration} --latency`. Latency in ms. CPU: the proxy process's "
           "user + system time over the runs (`/proc/<pid>/stat`; nginx's worker) divided by the "

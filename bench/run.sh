@@ -37,18 +37,20 @@ start_targets() { # mode: http or https
     local mode=$1 up_url up_port
     if [[ $mode == https ]]; then up_port=19443; else up_port=19000; fi
     up_url="$mode://127.0.0.1:$up_port"
-    if [[ $mode == https ]]; then
-        taskset -c 1 "$UPSTREAM" "127.0.0.1:$up_port" "$OUT/upstream-ca.pem" 2>/dev/null & pids+=($!)
-    else
-        taskset -c 1 "$UPSTREAM" "127.0.0.1:$up_port" 2>/dev/null & pids+=($!)
-    fi
+    # Session creation goes through the fast upstream to the simulator,
+    # which checks the signature like QuickBlox.
+    start_sim "run-$mode"
+    local ca_out=()
+    [[ $mode == https ]] && ca_out=("$OUT/upstream-ca.pem")
+    SESSIONS_URL=http://127.0.0.1:19081 taskset -c 1 "$UPSTREAM" "127.0.0.1:$up_port" "${ca_out[@]}" 2>/dev/null & pids+=($!)
     wait_port "$up_port"
 
     local ca=""; [[ $mode == https ]] && ca="$PWD/$OUT/upstream-ca.pem"
-    fast_upstream_config "$OUT/qbproxy.toml" "$up_url" "$ca"
+    fast_upstream_config "$OUT/qbproxy.toml" "$up_url" "$ca" "run-$mode"
     RUST_LOG=warn taskset -c 0 "$BIN" --config "$OUT/qbproxy.toml" 2> "$OUT/qbproxy-$mode.log" & pids+=($!)
     QBPROXY_PID=$!
     wait_port 19100
+    curl -fs -o /dev/null http://127.0.0.1:19100/users.json # a session, from the simulator
 
     local ssl=""; [[ $mode == https ]] && ssl="proxy_ssl_verify off; proxy_ssl_session_reuse on;"
     cat > "$OUT/nginx.conf" <<NGINX
@@ -168,6 +170,7 @@ for mode in http https; do
         MILLION_REQS=$(awk '/requests in/ {print $1}' "$OUT/wrk-million.txt")
         RSS_BEFORE_MILLION=$before
     fi
+    curl -fs http://127.0.0.1:19081/_sim/stats > "$OUT/sim-stats-run-$mode.json"
     stop_all
 done
 
