@@ -152,21 +152,20 @@ fn build(
                     old.name == info.name && old.kind == info.kind && old.pool == info.pool
                 })
             });
+            let policy = Policy {
+                renew_before: config.quickblox.renew_before,
+                retry_initial: config.quickblox.retry_initial,
+                retry_max: config.quickblox.retry_max,
+                retry_wait: config.quickblox.retry_wait,
+                set_aside_refused: id.pool.is_some(),
+            };
             match kept {
                 Some(identity) => {
                     identity.set_source(source);
+                    identity.set_policy(policy);
                     identity.clone()
                 }
-                None => {
-                    let policy = Policy {
-                        renew_before: config.quickblox.renew_before,
-                        retry_initial: config.quickblox.retry_initial,
-                        retry_max: config.quickblox.retry_max,
-                        retry_wait: config.quickblox.retry_wait,
-                        set_aside_refused: id.pool.is_some(),
-                    };
-                    Identity::new(info, source, policy, metrics)
-                }
+                None => Identity::new(info, source, policy, metrics),
             }
         })
         .collect();

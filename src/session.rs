@@ -219,7 +219,8 @@ struct Shared {
     /// Swapped on reload (a rotated password or secret); the renewal task
     /// loads it at each attempt, so the change takes effect at the next one.
     source: ArcSwap<Box<dyn Source>>,
-    policy: Policy,
+    /// Swapped on reload, like `source`; read at each use.
+    policy: ArcSwap<Policy>,
     metrics: IdentityMetrics,
     /// Zero point of the millisecond clocks in [`Session`]; a tokio
     /// `Instant`, so paused-time tests drive it.
@@ -249,7 +250,7 @@ impl Identity {
             shared: Arc::new(Shared {
                 info,
                 source: ArcSwap::from_pointee(source),
-                policy,
+                policy: ArcSwap::from_pointee(policy),
                 metrics,
                 epoch: Instant::now(),
                 state: ArcSwap::from_pointee(State::default()),
@@ -293,6 +294,18 @@ impl Identity {
     /// session stays; the next creation uses the new source.
     pub fn set_source(&self, source: Box<dyn Source>) {
         self.shared.source.store(Arc::new(source));
+    }
+
+    /// Replaces the renewal policy (config reload): retries and the
+    /// proactive renewal are rescheduled with it at once.
+    pub fn set_policy(&self, policy: Policy) {
+        self.shared.policy.store(Arc::new(policy));
+        // The renewal task recomputes when it is due.
+        self.shared.wake.notify_one();
+    }
+
+    fn policy(&self) -> Policy {
+        **self.shared.policy.load()
     }
 
     /// Whether the renewal task has been started.
@@ -416,7 +429,7 @@ impl Identity {
 
     /// Until when a request that starts waiting now waits through failures.
     fn patience(&self, deadline: Instant) -> Instant {
-        deadline.min(Instant::now() + self.shared.policy.retry_wait)
+        deadline.min(Instant::now() + self.policy().retry_wait)
     }
 
     /// Whether a waiting request gives up on `failure`: unless it is
@@ -580,7 +593,7 @@ fn millis(d: Duration) -> u64 {
 // The renewal task: the only writer of `Shared::state`.
 
 async fn renewal_loop(shared: Arc<Shared>) {
-    let mut backoff = Backoff::new(shared.policy);
+    let mut backoff = Backoff::default();
     let mut generation = 0;
     // A failed attempt leaves a retry pending: when, and for which reason.
     let mut retry = attempt(&shared, Reason::Startup, &mut generation, &mut backoff).await;
@@ -617,7 +630,7 @@ fn renew_at(shared: &Shared, s: &Session) -> Instant {
     let expires = shared.epoch + Duration::from_millis(s.expires_at_ms.load(Ordering::Acquire));
     let floor = shared.epoch + Duration::from_millis(s.created_ms) + MIN_RENEW_INTERVAL;
     expires
-        .checked_sub(shared.policy.renew_before)
+        .checked_sub(shared.policy.load().renew_before)
         .unwrap_or(shared.epoch)
         .max(floor)
 }
@@ -700,7 +713,8 @@ fn fail(
 ) -> Option<(Instant, Reason)> {
     let name = shared.info.name.as_str();
     shared.metrics.session_failure();
-    if shared.policy.set_aside_refused && error.credentials_refused() {
+    let policy = **shared.policy.load();
+    if policy.set_aside_refused && error.credentials_refused() {
         tracing::warn!(
             identity = name,
             pool = shared.info.pool.as_deref().unwrap_or(""),
@@ -726,7 +740,7 @@ fn fail(
     let keep = old.session.as_ref().filter(|s| {
         reason == Reason::Proactive && shared.refused.load(Ordering::Acquire) < s.generation
     });
-    let delay = backoff.next();
+    let delay = backoff.next(&policy);
     tracing::warn!(
         identity = name,
         reason = reason.as_str(),
@@ -759,30 +773,23 @@ fn publish(shared: &Shared, state: State) {
 }
 
 /// Capped exponential backoff with jitter: the n-th delay is drawn from
-/// `[d/2, d]` where `d = min(retry_max, retry_initial * 2^n)`.
+/// `[d/2, d]` where `d = min(retry_max, retry_initial * 2^n)`, with the
+/// policy in force at the time.
+#[derive(Default)]
 struct Backoff {
-    policy: Policy,
     failures: u32,
 }
 
 impl Backoff {
-    fn new(policy: Policy) -> Self {
-        Backoff {
-            policy,
-            failures: 0,
-        }
-    }
-
     fn reset(&mut self) {
         self.failures = 0;
     }
 
-    fn next(&mut self) -> Duration {
-        let exp = self
-            .policy
+    fn next(&mut self, policy: &Policy) -> Duration {
+        let exp = policy
             .retry_initial
             .saturating_mul(1u32 << self.failures.min(20));
-        let cap = exp.min(self.policy.retry_max);
+        let cap = exp.min(policy.retry_max);
         self.failures = self.failures.saturating_add(1);
         let half = cap / 2;
         half + rand::rng().random_range(Duration::ZERO..=half)
@@ -1153,13 +1160,50 @@ mod tests {
 
     #[test]
     fn backoff_is_capped_and_jittered() {
-        let mut b = Backoff::new(POLICY);
-        let delays: Vec<Duration> = (0..8).map(|_| b.next()).collect();
+        let mut b = Backoff::default();
+        let delays: Vec<Duration> = (0..8).map(|_| b.next(&POLICY)).collect();
         for (n, d) in delays.iter().enumerate() {
             let full = (POLICY.retry_initial * (1 << n)).min(POLICY.retry_max);
             assert!(*d >= full / 2 && *d <= full, "attempt {n}: {d:?}");
         }
         b.reset();
-        assert!(b.next() <= POLICY.retry_initial);
+        assert!(b.next(&POLICY) <= POLICY.retry_initial);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_new_policy_reschedules_the_proactive_renewal_at_once() {
+        let (id, script) = identity(vec![], None);
+        let start = Instant::now();
+        id.start();
+        id.ready().await;
+        // Renew an hour ahead instead of ten minutes (a reload).
+        let hour = Duration::from_secs(3600);
+        id.set_policy(Policy {
+            renew_before: hour,
+            ..POLICY
+        });
+        next_change(&id).await;
+        assert_eq!(start.elapsed(), qb::SESSION_LIFETIME - hour);
+        assert_eq!(script.calls.load(Ordering::SeqCst), 2);
+        assert_eq!(id.status().renewals, [1, 0, 1, 0]);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_new_policy_changes_how_long_requests_wait_through_failures() {
+        let down = SessionError::Unreachable("connection refused".into());
+        let (id, _script) = identity(vec![Err(down.clone()), Err(down.clone())], None);
+        id.start();
+        // retry_wait 0: the first failure is answered at once.
+        assert!(matches!(
+            id.session(far()).await,
+            Err(Unavailable::Failed(_))
+        ));
+        // With a minute of patience the same request rides out the retries.
+        id.set_policy(Policy {
+            retry_wait: Duration::from_secs(60),
+            ..POLICY
+        });
+        let s = id.session(far()).await.unwrap();
+        assert_eq!(token(&s), "token-3");
     }
 }

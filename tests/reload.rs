@@ -8,6 +8,7 @@ use std::path::Path;
 use bytes::Bytes;
 use common::{bounded, setup};
 use http::{Method, StatusCode};
+use qbproxy::sim::Fault;
 use qbproxy::Config;
 
 const KEY_A: &str = "client-a-key-0123456789";
@@ -238,4 +239,27 @@ async fn a_reload_shrinks_and_grows_the_upstream_cap() {
     for s in sent.drain(..) {
         assert_eq!(bounded("a later request", s).await.unwrap().status, 200);
     }
+}
+
+#[tokio::test]
+async fn a_reload_applies_the_retry_policy_to_identities_that_stay() {
+    let with_wait = |wait: &str| {
+        setup()
+            .identity(DEMO)
+            .set("quickblox", "retry_initial", "\"50ms\"")
+            .set("quickblox", "retry_wait", wait)
+    };
+    let h = with_wait("\"0s\"").start().await;
+    h.ready().await;
+    h.handle.reload(config(&h, with_wait("\"10s\""))).unwrap();
+    // The session dies and the next two creations fail: with the reloaded
+    // retry_wait the request rides them out (with "0s" it would get a 503).
+    for _ in 0..2 {
+        h.sim
+            .push_fault(Fault::Status(500, "{\"errors\":[\"boom\"]}".into()));
+    }
+    h.sim.expire_all();
+    let a = h.get("/users.json").await;
+    assert_eq!(a.status, StatusCode::OK, "{}", a.text());
+    assert_eq!(h.sim.attempts(), 4);
 }
