@@ -135,6 +135,16 @@ pub enum Fault {
     Hang,
 }
 
+/// A request held at a gate; counted out when dropped.
+struct Held<'a>(&'a Sim);
+
+impl Drop for Held<'_> {
+    fn drop(&mut self) {
+        self.0.state().held -= 1;
+        self.0.changed();
+    }
+}
+
 /// A request the simulator accepted (valid token).
 #[derive(Debug, Clone)]
 pub struct Recorded {
@@ -371,8 +381,12 @@ impl Sim {
         gate
     }
 
-    /// The most requests held at gates at once (a request whose client
-    /// went away while held still counts as held).
+    /// Requests held at gates now.
+    pub fn held_at_gates(&self) -> u64 {
+        self.state().held
+    }
+
+    /// The most requests held at gates at once.
     pub fn max_held_at_gates(&self) -> u64 {
         self.state().max_held
     }
@@ -741,10 +755,12 @@ impl Sim {
         };
         self.changed();
         if let Some(gate) = gate {
+            // Counted out when the wait ends, or when the request is dropped
+            // while held (its client went away).
+            let _held = Held(self);
             if let Ok(permit) = gate.acquire().await {
                 permit.forget();
             }
-            self.state().held -= 1;
         }
         let body = match (&parts.method, path, session_body) {
             (&Method::GET, "/session.json", Some(s)) => s,

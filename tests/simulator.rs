@@ -132,3 +132,30 @@ async fn expiry_slides_with_use_and_lapses_two_hours_after_the_last() {
     assert_eq!(get(&sim, "never-issued").await, StatusCode::UNAUTHORIZED);
     assert_eq!(sim.refusals(), 2);
 }
+
+#[tokio::test]
+async fn a_request_dropped_while_held_at_a_gate_is_counted_out() {
+    use tokio::io::AsyncWriteExt;
+    let h = common::setup().start().await;
+    h.ready().await;
+    let _gate = h.sim.gate("/slow");
+    let mut s = tokio::net::TcpStream::connect(h.sim.addr()).await.unwrap();
+    let request = format!(
+        "GET /slow.json HTTP/1.1\r\nHost: sim\r\nQB-Token: {}\r\n\r\n",
+        h.token()
+    );
+    s.write_all(request.as_bytes()).await.unwrap();
+    common::bounded(
+        "the request to be held",
+        h.sim.wait_until(|s| s.held_at_gates() == 1),
+    )
+    .await;
+    // The client goes away; the simulator drops the request it was holding.
+    drop(s);
+    common::bounded(
+        "the request to be counted out",
+        h.sim.wait_until(|s| s.held_at_gates() == 0),
+    )
+    .await;
+    assert_eq!(h.sim.max_held_at_gates(), 1);
+}
