@@ -28,8 +28,9 @@ use crate::signer::{self, Params};
 
 pub type Client = hyper_util::client::legacy::Client<HttpsConnector<HttpConnector>, Body>;
 
-/// Builds the upstream client: HTTP/1.1 or HTTP/2 (by ALPN) over rustls
-/// for `https://`, plain HTTP/1.1 for `http://`; pooled and kept alive.
+/// Builds the upstream client: HTTP/1.1 or HTTP/2 (by ALPN, unless
+/// `upstream.http2` is off) over rustls for `https://`, plain HTTP/1.1 for
+/// `http://`; pooled and kept alive.
 /// An `https://` upstream needs the system's root certificates.
 pub fn client(cfg: &UpstreamConfig) -> Result<Client, std::io::Error> {
     let mut http = HttpConnector::new();
@@ -44,10 +45,13 @@ pub fn client(cfg: &UpstreamConfig) -> Result<Client, std::io::Error> {
     let roots = crate::tls::upstream_roots(https, cfg.ca.as_deref().unwrap_or(&[]))?;
     let tls = hyper_rustls::HttpsConnectorBuilder::new()
         .with_tls_config(crate::tls::client_config(roots)?);
-    let connector = tls
-        .https_or_http()
-        .enable_all_versions()
-        .wrap_connector(http);
+    let connector = if cfg.http2 {
+        tls.https_or_http()
+            .enable_all_versions()
+            .wrap_connector(http)
+    } else {
+        tls.https_or_http().enable_http1().wrap_connector(http)
+    };
     Ok(
         hyper_util::client::legacy::Client::builder(TokioExecutor::new())
             .pool_idle_timeout(cfg.pool_idle_timeout)

@@ -334,10 +334,10 @@ async fn a_reload_rotates_the_certificate() {
     assert!(https_get(&https_client(&old_ca, None), url).await.is_err());
 }
 
-/// The upstream client speaks HTTP/2 to an upstream that offers it by ALPN.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn the_upstream_client_uses_http2_when_offered() {
-    let dir = Dir::new("h2up");
+/// The HTTP version the upstream client speaks to a TLS upstream offering h2
+/// and http/1.1 by ALPN, with `upstream.http2` set to `http2`.
+async fn upstream_version(name: &str, http2: bool) -> http::Version {
+    let dir = Dir::new(name);
     let ca = Ca::new("upstream CA");
     let cert = ca.leaf(key(&rcgen::PKCS_ECDSA_P256_SHA256));
     let edge = tls_setup(&dir, &cert, None).start().await;
@@ -349,6 +349,7 @@ async fn the_upstream_client_uses_http2_when_offered() {
             "ca_file",
             &format!("{:?}", dir.write("ca.crt", &ca.pem)),
         )
+        .set("upstream", "http2", &http2.to_string())
         .config_text(&edge.sim);
     let config = qbproxy::Config::from_toml(&text, Path::new("t.toml")).unwrap();
     let client = qbproxy::upstream::client(&config.upstream).unwrap();
@@ -361,6 +362,17 @@ async fn the_upstream_client_uses_http2_when_offered() {
     let resp = bounded("the upstream answer", client.request(req))
         .await
         .unwrap();
-    assert_eq!(resp.version(), http::Version::HTTP_2);
     assert_eq!(resp.status(), 200);
+    resp.version()
+}
+
+/// The upstream client speaks HTTP/2 to an upstream that offers it by ALPN,
+/// unless `upstream.http2 = false`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_upstream_client_uses_http2_when_offered_unless_turned_off() {
+    assert_eq!(upstream_version("h2up", true).await, http::Version::HTTP_2);
+    assert_eq!(
+        upstream_version("h1up", false).await,
+        http::Version::HTTP_11
+    );
 }

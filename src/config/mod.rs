@@ -93,6 +93,8 @@ pub struct UpstreamConfig {
     pub max_connections: usize,
     /// Extra roots for the upstream's certificate, besides the system's.
     pub ca: Option<Vec<rustls::pki_types::CertificateDer<'static>>>,
+    /// Offer HTTP/2 by ALPN to an `https://` upstream; false: HTTP/1.1 only.
+    pub http2: bool,
 }
 
 impl UpstreamConfig {
@@ -222,6 +224,7 @@ struct RawUpstream {
     pool_max_idle_per_host: usize,
     max_connections: usize,
     ca_file: Option<PathBuf>,
+    http2: bool,
 }
 
 impl Default for RawUpstream {
@@ -234,6 +237,7 @@ impl Default for RawUpstream {
             pool_max_idle_per_host: 256,
             max_connections: 256,
             ca_file: None,
+            http2: true,
         }
     }
 }
@@ -484,6 +488,7 @@ impl Validator<'_> {
                 .as_deref()
                 .map(|p| self.certs("upstream.ca_file", p))
                 .transpose()?,
+            http2: raw.http2,
         })
     }
 
@@ -609,6 +614,7 @@ auth_secret = "secret"
         assert_eq!(c.upstream.scheme, Scheme::HTTPS);
         assert_eq!(c.upstream.timeout, Duration::from_secs(30));
         assert_eq!(c.upstream.max_connections, 256);
+        assert!(c.upstream.http2);
         assert_eq!(c.proxy.client_token, ClientToken::Replace);
         assert_eq!(c.proxy.replay_body_limit, 1 << 20);
         assert_eq!(c.listen.shutdown_grace, Duration::from_secs(10));
