@@ -170,7 +170,7 @@ impl Pool {
                 identity.session(deadline).await
             };
             if matches!(session, Err(Unavailable::Failed(_)))
-                && (lease.identity().set_aside() || (moves > 0 && self.another_may_serve(&lease)))
+                && (identity.set_aside() || (moves > 0 && self.another_may_serve(&lease)))
             {
                 moves = moves.saturating_sub(1);
                 continue;
