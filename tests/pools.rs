@@ -357,3 +357,32 @@ async fn a_request_on_a_failing_member_moves_on_rather_than_wait_for_its_retry()
     }
     assert!(users(&h.sim).contains_key(&100_002));
 }
+
+#[tokio::test]
+async fn when_every_member_is_failing_the_request_gets_the_failure() {
+    let h = setup()
+        .sim(sim_with_users(2).await)
+        .identity(DEMO)
+        .pool_table("name = \"load\"\nlogin = \"loadtest-{n}\"\ncount = 2\npassword = \"pw-{n}\"\n")
+        .set("quickblox", "retry_initial", "\"1h\"")
+        .set("quickblox", "retry_max", "\"1h\"")
+        .start()
+        .await;
+    h.ready().await;
+    for _ in 0..2 {
+        h.sim
+            .push_fault(Fault::Status(500, "{\"errors\":[\"boom\"]}".into()));
+    }
+    // The first member fails, the request moves to the second, which fails
+    // too: nothing is left to move to.
+    let a = h.get_as("load", "/users.json").await;
+    assert_eq!(a.status, StatusCode::SERVICE_UNAVAILABLE, "{}", a.text());
+    assert!(a.error_message().contains("boom"), "{}", a.text());
+    // demo, then one attempt per member; no loop.
+    assert_eq!(h.sim.attempts(), 3);
+    // Both failing: the next request goes to one of them (and gets its
+    // failure) rather than waiting for a member that may serve.
+    let b = h.get_as("load", "/users.json").await;
+    assert_eq!(b.status, StatusCode::SERVICE_UNAVAILABLE, "{}", b.text());
+    assert_eq!(h.sim.attempts(), 3);
+}
