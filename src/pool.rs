@@ -164,10 +164,13 @@ impl Pool {
         loop {
             let lease = self.acquire(client, deadline).await?;
             let identity = lease.identity();
-            let session = if moves > 0 && self.another_may_serve(&lease) {
-                identity.session_or_first_failure(deadline).await
-            } else {
-                identity.session(deadline).await
+            // Who else may serve is asked only when this member has no session.
+            let session = match identity.current() {
+                Some(s) => Ok(s),
+                None if moves > 0 && self.another_may_serve(&lease) => {
+                    identity.session_or_first_failure(deadline).await
+                }
+                None => identity.session(deadline).await,
             };
             if matches!(session, Err(Unavailable::Failed(_)))
                 && (identity.set_aside() || (moves > 0 && self.another_may_serve(&lease)))

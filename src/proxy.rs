@@ -44,49 +44,32 @@ struct Inner {
     /// Loaded once per request, swapped whole on reload: a request runs
     /// start to end with one consistent configuration.
     live: ArcSwap<Live>,
-    /// `upstream.max_connections`: one set for the proxy's life, resized on
-    /// reload, so requests in flight across a reload count against one cap.
-    slots: Slots,
+    /// `upstream.max_connections` slots, one per request in flight upstream,
+    /// held until its response body is read. One semaphore for the proxy's
+    /// life, resized on reload (its capacity is the `Live`'s), so requests
+    /// in flight across a reload count against one cap.
+    slots: Arc<Semaphore>,
     metrics: Metrics,
 }
 
-/// Slots for requests in flight upstream, one each, held until the
-/// response body is read.
-struct Slots {
-    semaphore: Arc<Semaphore>,
-    /// The capacity asked for; only a reload changes it.
-    capacity: std::sync::Mutex<usize>,
-}
-
-impl Slots {
-    fn new(capacity: usize) -> Slots {
-        Slots {
-            semaphore: Arc::new(Semaphore::new(capacity)),
-            capacity: std::sync::Mutex::new(capacity),
+/// Takes `slots` from capacity `from` to `to`: grows at once; shrinks by the
+/// free slots at once and by the rest as the requests holding them finish.
+fn resize(slots: &Arc<Semaphore>, from: usize, to: usize) {
+    if to > from {
+        slots.add_permits(to - from);
+    } else if to < from {
+        let excess = from - to;
+        let owed = excess - slots.forget_permits(excess);
+        if owed > 0 {
+            let slots = slots.clone();
+            // Config validation keeps max_connections far below u32::MAX.
+            let owed = u32::try_from(owed).unwrap_or(u32::MAX);
+            tokio::spawn(async move {
+                if let Ok(taken) = slots.acquire_many_owned(owed).await {
+                    taken.forget();
+                }
+            });
         }
-    }
-
-    /// Grows at once; shrinks by the free slots at once and by the rest as
-    /// the requests holding them finish.
-    fn resize(&self, capacity: usize) {
-        let mut current = self.capacity.lock().unwrap_or_else(|p| p.into_inner());
-        if capacity > *current {
-            self.semaphore.add_permits(capacity - *current);
-        } else if capacity < *current {
-            let excess = *current - capacity;
-            let owed = excess - self.semaphore.forget_permits(excess);
-            if owed > 0 {
-                let semaphore = self.semaphore.clone();
-                // Config validation keeps max_connections far below u32::MAX.
-                let owed = u32::try_from(owed).unwrap_or(u32::MAX);
-                tokio::spawn(async move {
-                    if let Ok(slots) = semaphore.acquire_many_owned(owed).await {
-                        slots.forget();
-                    }
-                });
-            }
-        }
-        *current = capacity;
     }
 }
 
@@ -141,7 +124,7 @@ impl Proxy {
     pub fn new(live: Live, metrics: Metrics) -> Self {
         Proxy {
             inner: Arc::new(Inner {
-                slots: Slots::new(live.upstream.max_connections),
+                slots: Arc::new(Semaphore::new(live.upstream.max_connections)),
                 live: ArcSwap::from_pointee(live),
                 metrics,
             }),
@@ -149,10 +132,11 @@ impl Proxy {
     }
 
     /// Serves requests from now on with `live`; requests in flight finish
-    /// with what they started with.
+    /// with what they started with. Reloads are serialised by the caller.
     pub fn replace(&self, live: Live) {
-        self.inner.slots.resize(live.upstream.max_connections);
-        self.inner.live.store(Arc::new(live));
+        let to = live.upstream.max_connections;
+        let old = self.inner.live.swap(Arc::new(live));
+        resize(&self.inner.slots, old.upstream.max_connections, to);
     }
 
     /// Answers one client request. Never fails: qbproxy's own errors become
@@ -364,7 +348,7 @@ impl Proxy {
         req: Request<Body>,
         deadline: Instant,
     ) -> Result<(Response<Incoming>, OwnedSemaphorePermit), ProxyError> {
-        let slots = &self.inner.slots.semaphore;
+        let slots = &self.inner.slots;
         let slot = match slots.clone().try_acquire_owned() {
             Ok(slot) => slot,
             Err(_) => {

@@ -397,16 +397,7 @@ impl Identity {
     /// created, and through failures a retry may mend (see
     /// [`Identity::gives_up`]).
     pub async fn session(&self, deadline: Instant) -> Result<Arc<Session>, Unavailable> {
-        if let Some(s) = self.current() {
-            return Ok(s);
-        }
-        let patience = self.patience(deadline);
-        self.wait_for(deadline, |state| match (&state.session, &state.failure) {
-            (Some(s), _) => Some(Ok(s.clone())),
-            (None, Some(e)) => self.gives_up(state, e, patience),
-            (None, None) => None,
-        })
-        .await
+        self.session_within(deadline, true).await
     }
 
     /// Like [`Identity::session`], but answers the first failure at once
@@ -416,12 +407,23 @@ impl Identity {
         &self,
         deadline: Instant,
     ) -> Result<Arc<Session>, Unavailable> {
+        self.session_within(deadline, false).await
+    }
+
+    /// The current session, or one once created; through failures only if
+    /// `patient`.
+    async fn session_within(
+        &self,
+        deadline: Instant,
+        patient: bool,
+    ) -> Result<Arc<Session>, Unavailable> {
         if let Some(s) = self.current() {
             return Ok(s);
         }
+        let patience = patient.then(|| self.patience(deadline));
         self.wait_for(deadline, |state| match (&state.session, &state.failure) {
             (Some(s), _) => Some(Ok(s.clone())),
-            (None, Some(e)) => Some(Err(Unavailable::Failed(e.clone()))),
+            (None, Some(e)) => self.gives_up(state, e, patience),
             (None, None) => None,
         })
         .await
@@ -433,18 +435,18 @@ impl Identity {
     }
 
     /// Whether a waiting request gives up on `failure`: unless it is
-    /// transient and its retry is due within the request's patience. So a
-    /// blip (a few failed attempts) costs the client only time, while
-    /// refused credentials, or an outage whose retries have backed off past
-    /// `retry_wait`, are answered at once.
+    /// transient and its retry is due within the request's patience (none:
+    /// it gives up at once). So a blip (a few failed attempts) costs the
+    /// client only time, while refused credentials, or an outage whose
+    /// retries have backed off past `retry_wait`, are answered at once.
     fn gives_up<T>(
         &self,
         state: &State,
         failure: &Arc<SessionError>,
-        patience: Instant,
+        patience: Option<Instant>,
     ) -> Option<Result<T, Unavailable>> {
-        match state.retry_at {
-            Some(at) if failure.transient() && at <= patience => None,
+        match (state.retry_at, patience) {
+            (Some(at), Some(patience)) if failure.transient() && at <= patience => None,
             _ => Some(Err(Unavailable::Failed(failure.clone()))),
         }
     }
@@ -458,7 +460,7 @@ impl Identity {
         refused: &Session,
         deadline: Instant,
     ) -> Result<Arc<Session>, Unavailable> {
-        let patience = self.patience(deadline);
+        let patience = Some(self.patience(deadline));
         self.wait_for(deadline, |state| match &state.session {
             Some(s) if s.generation != refused.generation => Some(Ok(s.clone())),
             Some(_) => {
