@@ -10,11 +10,13 @@
 pub mod access;
 pub mod admin;
 pub mod body;
+pub mod canonical;
 pub mod config;
 pub mod credentials;
 pub mod demo;
 pub mod error;
 pub mod metrics;
+pub mod overrides;
 pub mod pool;
 pub mod proxy;
 pub mod qb;
