@@ -14,6 +14,7 @@ use ipnet::IpNet;
 use sha1::{Digest, Sha1};
 use subtle::ConstantTimeEq;
 
+use crate::canonical;
 use crate::config::{ClientConfig, Config, PathRule};
 use crate::error::ProxyError;
 use crate::metrics::{CodeCounter, Metrics};
@@ -59,9 +60,7 @@ impl Gate {
     pub fn admit(&self, peer: IpAddr, headers: &HeaderMap) -> Result<Option<&Client>, ProxyError> {
         let peer = peer.to_canonical();
         if !self.allow.is_empty() && !self.allow.iter().any(|net| net.contains(&peer)) {
-            return Err(ProxyError::Forbidden(format!(
-                "{peer} is not in listen.allow"
-            )));
+            return Err(ProxyError::SourceNotAllowed(peer));
         }
         let size = header_bytes(headers);
         if size > self.max_header_bytes {
@@ -126,7 +125,13 @@ impl Client {
             .map(String::as_str)
     }
 
-    /// May this client act as `target` and send `method path`?
+    /// The identities and pools it may use; `None`: all.
+    pub fn identities(&self) -> Option<&[String]> {
+        self.identities.as_deref()
+    }
+
+    /// May this client act as `target` and send `method path`? `path` is
+    /// canonical; the rules compare its route key.
     pub fn permit(&self, target: &str, method: &Method, path: &str) -> Result<(), ProxyError> {
         if let Some(ids) = &self.identities {
             if !ids.iter().any(|i| i == target) {
@@ -137,13 +142,17 @@ impl Client {
                 )));
             }
         }
-        if let Some(rule) = self.deny_paths.iter().find(|r| r.matches(method, path)) {
+        if self.deny_paths.is_empty() && self.allow_paths.is_empty() {
+            return Ok(());
+        }
+        let key = canonical::route_key(path);
+        if let Some(rule) = self.deny_paths.iter().find(|r| r.matches(method, &key)) {
             return Err(ProxyError::Forbidden(format!(
                 "client {:?} may not {method} {path} (deny_paths rule {:?})",
                 self.name, rule.text
             )));
         }
-        if !self.allow_paths.is_empty() && !self.allow_paths.iter().any(|r| r.matches(method, path))
+        if !self.allow_paths.is_empty() && !self.allow_paths.iter().any(|r| r.matches(method, &key))
         {
             return Err(ProxyError::Forbidden(format!(
                 "client {:?} may not {method} {path} (no allow_paths rule matches)",

@@ -11,6 +11,7 @@ use tokio::time::Instant;
 
 use crate::body::Body;
 use crate::metrics::REASONS;
+use crate::server::Conn;
 use crate::session::{Status, Unavailable};
 use crate::Handle;
 
@@ -26,7 +27,7 @@ pub struct Admin {
 }
 
 impl Admin {
-    pub async fn handle(&self, req: Request<Incoming>) -> Response<Body> {
+    pub async fn handle(&self, req: Request<Incoming>, _conn: Conn) -> Response<Body> {
         let path = req.uri().path();
         if req.method() == Method::POST {
             return match path

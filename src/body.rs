@@ -4,17 +4,28 @@
 //! A body is either held whole in memory (cheap to clone, so a request can
 //! be replayed), or streams from a hyper connection, possibly after a
 //! buffered head that was read while deciding whether it fits.
+//!
+//! A client's body is read under its limits: no wait for bytes longer than
+//! `limits.body_read_timeout` or past the request's deadline, no more than
+//! `limits.max_body_bytes`, and no more held for replays, across every
+//! request at once, than `limits.max_buffered_bytes` (the [`Budget`]). Past
+//! that budget a body streams without a replay buffer rather than wait.
 
+use std::future::Future;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
+use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
 use http_body::{Body as HttpBody, Frame, SizeHint};
 use http_body_util::BodyExt;
 use hyper::body::Incoming;
 use tokio::sync::OwnedSemaphorePermit;
+use tokio::time::{sleep_until, timeout_at, Instant, Sleep};
+
+use crate::overrides::{Found, Scanner};
 
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
@@ -35,39 +46,193 @@ pub enum Body {
         tail: Incoming,
         slot: Slot,
     },
-    /// A client's request body on its way upstream: a buffered head, then
-    /// the rest of the stream, failing once more than `left` bytes follow.
-    Capped(Capped),
+    /// A client's request body streaming upstream (it was not buffered for
+    /// a replay): bounded in size and time, and scanned for `_method`.
+    Client(Box<ClientBody>),
 }
 
-pub struct Capped {
+/// Why a client's body was cut off on its way upstream. The upstream
+/// never gets the rest, so never a complete request.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Cut {
+    /// More than `limits.max_body_bytes`.
+    TooLarge,
+    /// No bytes for `limits.body_read_timeout`, or the request's deadline
+    /// passed.
+    TimedOut,
+    /// A `_method` parameter (or a part too long to inspect).
+    Override(Found),
+}
+
+/// Set when a client body is cut off, read by the handler to answer with
+/// the right status when the upstream exchange fails because of it.
+#[derive(Default)]
+pub struct CutFlag(Mutex<Option<Cut>>);
+
+impl CutFlag {
+    pub fn get(&self) -> Option<Cut> {
+        *self.0.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn set(&self, cut: Cut) {
+        self.0
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get_or_insert(cut);
+    }
+}
+
+/// The body was cut off (see [`Cut`]).
+#[derive(Debug, thiserror::Error)]
+#[error("request body cut off: {0:?}")]
+pub struct CutOff(pub Cut);
+
+/// How long and how much of a client's body qbproxy waits for.
+#[derive(Debug, Clone, Copy)]
+pub struct BodyLimits {
+    /// Bytes in all (`limits.max_body_bytes`).
+    pub max_bytes: u64,
+    /// The longest wait for the next bytes (`limits.body_read_timeout`).
+    pub idle: Duration,
+    /// The request's deadline: the body must have arrived by then.
+    pub deadline: Instant,
+}
+
+impl BodyLimits {
+    /// When the next bytes must have arrived.
+    fn next_by(&self) -> Instant {
+        (Instant::now() + self.idle).min(self.deadline)
+    }
+}
+
+pub struct ClientBody {
     head: Option<Bytes>,
     tail: Incoming,
+    /// Bytes still allowed.
     left: u64,
-    over: Arc<AtomicBool>,
+    limits: BodyLimits,
+    /// Fires when the next bytes are overdue; reset by every frame.
+    timer: Pin<Box<Sleep>>,
+    scanner: Option<Scanner>,
+    cut: Arc<CutFlag>,
+    /// Budget for the buffered head, returned when the body is dropped.
+    _reserved: Option<Reservation>,
 }
 
-/// The body limit was passed: the stream was cut off.
-#[derive(Debug, thiserror::Error)]
-#[error("request body over the limit")]
-pub struct OverLimit;
-
-impl Body {
-    /// `head` then `tail`, at most `limit` bytes in all. The flag turns true
-    /// if the client sent more, so the caller can answer 413.
-    pub fn capped(head: Bytes, tail: Incoming, limit: u64) -> (Body, Arc<AtomicBool>) {
-        let over = Arc::new(AtomicBool::new(false));
+impl ClientBody {
+    /// A body of `head` (already read and scanned) then `tail`, within
+    /// `limits`; the flag tells why, if it was cut off.
+    pub fn stream(
+        head: Bytes,
+        tail: Incoming,
+        limits: BodyLimits,
+        scanner: Option<Scanner>,
+        reserved: Option<Reservation>,
+    ) -> (Body, Arc<CutFlag>) {
+        let cut = Arc::new(CutFlag::default());
         let head_len = head.len() as u64;
-        if head_len > limit {
-            over.store(true, Ordering::Relaxed);
+        if head_len > limits.max_bytes {
+            cut.set(Cut::TooLarge);
         }
-        let body = Body::Capped(Capped {
+        let body = ClientBody {
             head: (!head.is_empty()).then_some(head),
             tail,
-            left: limit.saturating_sub(head_len),
-            over: over.clone(),
-        });
-        (body, over)
+            left: limits.max_bytes.saturating_sub(head_len),
+            timer: Box::pin(sleep_until(limits.next_by())),
+            limits,
+            scanner,
+            cut: cut.clone(),
+            _reserved: reserved,
+        };
+        (Body::Client(Box::new(body)), cut)
+    }
+
+    fn cut_off(&mut self, cut: Cut) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        self.cut.set(cut);
+        Poll::Ready(Some(Err(CutOff(cut).into())))
+    }
+
+    fn poll_next(&mut self, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        if let Some(cut) = self.cut.get() {
+            return Poll::Ready(Some(Err(CutOff(cut).into())));
+        }
+        if let Some(h) = self.head.take() {
+            return Poll::Ready(Some(Ok(Frame::data(h))));
+        }
+        match Pin::new(&mut self.tail).poll_frame(cx) {
+            Poll::Ready(Some(Ok(frame))) => {
+                if let Some(data) = frame.data_ref() {
+                    let len = data.len() as u64;
+                    if len > self.left {
+                        return self.cut_off(Cut::TooLarge);
+                    }
+                    self.left -= len;
+                    // Scanned before it is passed on: the chunk that holds
+                    // `_method=` never reaches the upstream.
+                    if let Some(found) = self.scanner.as_mut().and_then(|s| s.feed(data)) {
+                        return self.cut_off(Cut::Override(found));
+                    }
+                }
+                let next = self.limits.next_by();
+                self.timer.as_mut().reset(next);
+                Poll::Ready(Some(Ok(frame)))
+            }
+            Poll::Ready(other) => Poll::Ready(other.map(|r| r.map_err(BoxError::from))),
+            Poll::Pending => match self.timer.as_mut().poll(cx) {
+                Poll::Ready(()) => self.cut_off(Cut::TimedOut),
+                Poll::Pending => Poll::Pending,
+            },
+        }
+    }
+}
+
+/// Bytes of request bodies held for replays, across every request
+/// (`limits.max_buffered_bytes`). Lives for the proxy's life; the limit
+/// comes with each request's configuration, so a reload applies at once.
+#[derive(Default)]
+pub struct Budget {
+    used: AtomicUsize,
+}
+
+impl Budget {
+    /// Bytes held now.
+    pub fn used(&self) -> usize {
+        self.used.load(Ordering::Relaxed)
+    }
+}
+
+/// A share of the [`Budget`], returned when dropped.
+pub struct Reservation {
+    budget: Arc<Budget>,
+    bytes: usize,
+}
+
+impl Reservation {
+    pub fn new(budget: &Arc<Budget>) -> Reservation {
+        Reservation {
+            budget: budget.clone(),
+            bytes: 0,
+        }
+    }
+
+    /// Takes `n` more bytes if the budget has room under `limit`.
+    fn grow(&mut self, n: usize, limit: usize) -> bool {
+        let taken = self
+            .budget
+            .used
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |used| {
+                used.checked_add(n).filter(|total| *total <= limit)
+            });
+        if taken.is_ok() {
+            self.bytes += n;
+        }
+        taken.is_ok()
+    }
+}
+
+impl Drop for Reservation {
+    fn drop(&mut self) {
+        self.budget.used.fetch_sub(self.bytes, Ordering::AcqRel);
     }
 }
 
@@ -115,26 +280,7 @@ impl HttpBody for Body {
                     polled.map(boxed)
                 }
             },
-            Body::Capped(c) => {
-                if c.over.load(Ordering::Relaxed) {
-                    return Poll::Ready(Some(Err(OverLimit.into())));
-                }
-                if let Some(h) = c.head.take() {
-                    return Poll::Ready(Some(Ok(Frame::data(h))));
-                }
-                match Pin::new(&mut c.tail).poll_frame(cx) {
-                    Poll::Ready(Some(Ok(frame))) => {
-                        let len = frame.data_ref().map_or(0, |d| d.len() as u64);
-                        if len > c.left {
-                            c.over.store(true, Ordering::Relaxed);
-                            return Poll::Ready(Some(Err(OverLimit.into())));
-                        }
-                        c.left -= len;
-                        Poll::Ready(Some(Ok(frame)))
-                    }
-                    other => other.map(boxed),
-                }
-            }
+            Body::Client(c) => c.poll_next(cx),
         }
     }
 
@@ -143,7 +289,7 @@ impl HttpBody for Body {
             Body::Full(data) => data.is_none(),
             Body::Stream { body, .. } => body.is_end_stream(),
             Body::Chain { head, tail, .. } => head.is_none() && tail.is_end_stream(),
-            Body::Capped(c) => c.head.is_none() && c.tail.is_end_stream(),
+            Body::Client(c) => c.head.is_none() && c.tail.is_end_stream(),
         }
     }
 
@@ -151,18 +297,21 @@ impl HttpBody for Body {
         match self {
             Body::Full(data) => SizeHint::with_exact(data.as_ref().map_or(0, |d| d.len() as u64)),
             Body::Stream { body, .. } => body.size_hint(),
-            Body::Chain { head, tail, .. } | Body::Capped(Capped { head, tail, .. }) => {
-                let extra = head.as_ref().map_or(0, |h| h.len() as u64);
-                let tail = tail.size_hint();
-                let mut hint = SizeHint::new();
-                hint.set_lower(tail.lower() + extra);
-                if let Some(upper) = tail.upper() {
-                    hint.set_upper(upper + extra);
-                }
-                hint
-            }
+            Body::Chain { head, tail, .. } => size_hint(head, tail),
+            Body::Client(c) => size_hint(&c.head, &c.tail),
         }
     }
+}
+
+fn size_hint(head: &Option<Bytes>, tail: &Incoming) -> SizeHint {
+    let extra = head.as_ref().map_or(0, |h| h.len() as u64);
+    let tail = tail.size_hint();
+    let mut hint = SizeHint::new();
+    hint.set_lower(tail.lower() + extra);
+    if let Some(upper) = tail.upper() {
+        hint.set_upper(upper + extra);
+    }
+    hint
 }
 
 /// Frees the upstream slot as soon as the body has ended or failed, rather
@@ -177,7 +326,7 @@ fn release_at_end<T>(
     }
 }
 
-/// The outcome of reading a body up to a limit.
+/// The outcome of reading an upstream body up to a limit.
 pub enum Buffered {
     /// The whole body, at most `limit` bytes.
     Complete(Bytes),
@@ -188,7 +337,7 @@ pub enum Buffered {
 
 /// Reads `body` whole if it is at most `limit` bytes. A body whose declared
 /// length is already over the limit is not read at all. Trailers are
-/// dropped: QuickBlox uses none.
+/// dropped: QuickBlox uses none. (The caller bounds the time.)
 pub async fn buffer(mut body: Incoming, limit: usize) -> Result<Buffered, hyper::Error> {
     if body.is_end_stream() {
         return Ok(Buffered::Complete(Bytes::new()));
@@ -199,28 +348,146 @@ pub async fn buffer(mut body: Incoming, limit: usize) -> Result<Buffered, hyper:
             tail: body,
         });
     }
-    // The common case is one frame: keep it without copying.
-    let mut first: Option<Bytes> = None;
-    let mut rest = BytesMut::new();
-    let mut len = 0usize;
+    let mut acc = Accumulator::default();
     while let Some(frame) = body.frame().await {
         let Ok(data) = frame?.into_data() else {
             continue;
         };
-        len += data.len();
-        match first.take() {
-            None if rest.is_empty() => first = Some(data),
-            prev => {
-                if let Some(p) = prev {
-                    rest.extend_from_slice(&p);
-                }
-                rest.extend_from_slice(&data);
-            }
-        }
-        if len > limit {
-            let head = first.take().unwrap_or_else(|| rest.split().freeze());
-            return Ok(Buffered::TooLarge { head, tail: body });
+        acc.push(data);
+        if acc.len > limit {
+            return Ok(Buffered::TooLarge {
+                head: acc.take(),
+                tail: body,
+            });
         }
     }
-    Ok(Buffered::Complete(first.unwrap_or_else(|| rest.freeze())))
+    Ok(Buffered::Complete(acc.take()))
+}
+
+/// Chunks read so far. The common case is one chunk: kept without copying.
+#[derive(Default)]
+struct Accumulator {
+    first: Option<Bytes>,
+    rest: BytesMut,
+    len: usize,
+}
+
+impl Accumulator {
+    fn push(&mut self, data: Bytes) {
+        self.len += data.len();
+        match self.first.take() {
+            None if self.rest.is_empty() => self.first = Some(data),
+            prev => {
+                if let Some(p) = prev {
+                    self.rest.extend_from_slice(&p);
+                }
+                self.rest.extend_from_slice(&data);
+            }
+        }
+    }
+
+    fn take(&mut self) -> Bytes {
+        self.first
+            .take()
+            .unwrap_or_else(|| self.rest.split().freeze())
+    }
+}
+
+/// A client's request body, read for a possible replay.
+pub enum ClientRead {
+    /// Whole, with its share of the buffer budget (hold it while the bytes
+    /// may be replayed).
+    Complete(Bytes, Reservation),
+    /// Not buffered whole: over `replay_limit`, or the budget was full. The
+    /// head read so far and the rest, to stream upstream (no replay).
+    Partial {
+        head: Bytes,
+        tail: Incoming,
+        scanner: Option<Scanner>,
+        reserved: Reservation,
+        /// True if the budget (not the size) stopped the buffering.
+        budget_full: bool,
+    },
+}
+
+/// Why a client's body could not be read.
+#[derive(Debug, thiserror::Error)]
+pub enum ReadError {
+    #[error("no request body bytes arrived in time")]
+    TimedOut,
+    #[error("request body is over the limit of {0} bytes")]
+    TooLarge(u64),
+    #[error("{0:?} in the request body")]
+    Override(Found),
+    #[error("could not read the request body: {0}")]
+    Body(hyper::Error),
+}
+
+/// Reads a client's body to replay it if it is refused: whole if it is at
+/// most `replay_limit` bytes and the budget (`budget_limit` bytes across
+/// every request) has room, else as far as it got (see [`ClientRead`]).
+/// Every wait for bytes ends at `limits`' idle timeout or deadline; a body
+/// over `limits.max_bytes` or carrying `_method` is refused as soon as that
+/// is known.
+pub async fn read_client(
+    mut body: Incoming,
+    replay_limit: usize,
+    budget: &Arc<Budget>,
+    budget_limit: usize,
+    limits: BodyLimits,
+    mut scanner: Option<Scanner>,
+) -> Result<ClientRead, ReadError> {
+    let mut reserved = Reservation::new(budget);
+    if body.is_end_stream() {
+        return match scanner.as_mut().and_then(Scanner::finish) {
+            Some(found) => Err(ReadError::Override(found)),
+            None => Ok(ClientRead::Complete(Bytes::new(), reserved)),
+        };
+    }
+    let declared = body.size_hint().lower();
+    if declared > limits.max_bytes {
+        return Err(ReadError::TooLarge(limits.max_bytes));
+    }
+    if declared > replay_limit as u64 {
+        return Ok(ClientRead::Partial {
+            head: Bytes::new(),
+            tail: body,
+            scanner,
+            reserved,
+            budget_full: false,
+        });
+    }
+    let mut acc = Accumulator::default();
+    loop {
+        let frame = match timeout_at(limits.next_by(), body.frame()).await {
+            Err(_) => return Err(ReadError::TimedOut),
+            Ok(None) => break,
+            Ok(Some(frame)) => frame.map_err(ReadError::Body)?,
+        };
+        let Ok(data) = frame.into_data() else {
+            continue;
+        };
+        if (acc.len + data.len()) as u64 > limits.max_bytes {
+            return Err(ReadError::TooLarge(limits.max_bytes));
+        }
+        if let Some(found) = scanner.as_mut().and_then(|s| s.feed(&data)) {
+            return Err(ReadError::Override(found));
+        }
+        let fits = acc.len + data.len() <= replay_limit;
+        let budget_full = fits && !reserved.grow(data.len(), budget_limit);
+        acc.push(data);
+        if !fits || budget_full {
+            return Ok(ClientRead::Partial {
+                head: acc.take(),
+                tail: body,
+                scanner,
+                reserved,
+                budget_full,
+            });
+        }
+    }
+    match scanner.as_mut().and_then(Scanner::finish) {
+        Some(found) => Err(ReadError::Override(found)),
+        None => Ok(ClientRead::Complete(acc.take(), reserved)),
+    }
 }

@@ -5,9 +5,10 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use http::{header, HeaderValue, Response, StatusCode};
+use http::{header, HeaderValue, Method, Response, StatusCode};
 
 use crate::body::Body;
+use crate::canonical::{self, BadPath};
 use crate::qb;
 use crate::session::SessionError;
 
@@ -29,6 +30,18 @@ pub enum ProxyError {
     UpstreamBusy { limit: usize, waited: Duration },
     #[error("the session is shared by every client of this proxy; refusing to {0}")]
     SharedSession(&'static str),
+    #[error(
+        "this QB-Token belongs to a session qbproxy holds; send your own session's token, or none"
+    )]
+    HeldToken,
+    #[error("method {0} is not forwarded; use one of {allow}", allow = canonical::ALLOW)]
+    MethodNotAllowed(Method),
+    #[error("method overrides are refused ({0}): send the method itself")]
+    MethodOverride(String),
+    #[error("bad path: {0}")]
+    BadPath(BadPath),
+    #[error("the request body did not arrive in time (limits.body_read_timeout is {0:?}, and the whole request must fit in upstream.timeout)")]
+    BodyTimeout(Duration),
     #[error("bad request: {0}")]
     BadRequest(String),
     #[error("unknown identity {name:?}; valid names: {valid}")]
@@ -41,6 +54,8 @@ pub enum ProxyError {
     PoolUnavailable { pool: String, size: usize },
     #[error("{0}")]
     Forbidden(String),
+    #[error("{0} is not in listen.allow")]
+    SourceNotAllowed(std::net::IpAddr),
     #[error("{0}")]
     Unauthorized(String),
     #[error("client {client:?} is over its rate limit; retry in {retry_after}s")]
@@ -65,14 +80,17 @@ impl ProxyError {
                 StatusCode::GATEWAY_TIMEOUT
             }
             ProxyError::UpstreamUnreachable(_) | ProxyError::Upstream(_) => StatusCode::BAD_GATEWAY,
-            ProxyError::SharedSession(_) => StatusCode::FORBIDDEN,
-            ProxyError::BadRequest(_) | ProxyError::UnknownIdentity { .. } => {
-                StatusCode::BAD_REQUEST
-            }
+            ProxyError::SharedSession(_) | ProxyError::HeldToken => StatusCode::FORBIDDEN,
+            ProxyError::BadRequest(_)
+            | ProxyError::UnknownIdentity { .. }
+            | ProxyError::MethodOverride(_)
+            | ProxyError::BadPath(_) => StatusCode::BAD_REQUEST,
+            ProxyError::MethodNotAllowed(_) => StatusCode::METHOD_NOT_ALLOWED,
+            ProxyError::BodyTimeout(_) => StatusCode::REQUEST_TIMEOUT,
             ProxyError::PoolBusy { .. }
             | ProxyError::PoolUnavailable { .. }
             | ProxyError::UpstreamBusy { .. } => StatusCode::SERVICE_UNAVAILABLE,
-            ProxyError::Forbidden(_) => StatusCode::FORBIDDEN,
+            ProxyError::Forbidden(_) | ProxyError::SourceNotAllowed(_) => StatusCode::FORBIDDEN,
             ProxyError::Unauthorized(_) => StatusCode::UNAUTHORIZED,
             ProxyError::RateLimited { .. } => StatusCode::TOO_MANY_REQUESTS,
             ProxyError::HeaderTooLarge { .. } => StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
@@ -90,11 +108,16 @@ impl ProxyError {
             ProxyError::Upstream(_) => "upstream-error",
             ProxyError::UpstreamBusy { .. } => "upstream-busy",
             ProxyError::SharedSession(_) => "shared-session",
+            ProxyError::HeldToken => "held-token",
+            ProxyError::MethodNotAllowed(_) => "method-not-allowed",
+            ProxyError::MethodOverride(_) => "method-override",
+            ProxyError::BadPath(_) => "bad-path",
+            ProxyError::BodyTimeout(_) => "body-timeout",
             ProxyError::BadRequest(_) => "bad-request",
             ProxyError::UnknownIdentity { .. } => "unknown-identity",
             ProxyError::PoolBusy { .. } => "pool-busy",
             ProxyError::PoolUnavailable { .. } => "pool-unavailable",
-            ProxyError::Forbidden(_) => "forbidden",
+            ProxyError::Forbidden(_) | ProxyError::SourceNotAllowed(_) => "forbidden",
             ProxyError::Unauthorized(_) => "unauthorized",
             ProxyError::RateLimited { .. } => "rate-limited",
             ProxyError::HeaderTooLarge { .. } => "header-too-large",
@@ -118,6 +141,9 @@ impl ProxyError {
         headers.insert(qb::QBPROXY_ERROR, HeaderValue::from_static(self.code()));
         if let Some(seconds) = retry_after {
             headers.insert(header::RETRY_AFTER, HeaderValue::from(seconds));
+        }
+        if matches!(self, ProxyError::MethodNotAllowed(_)) {
+            headers.insert(header::ALLOW, HeaderValue::from_static(canonical::ALLOW));
         }
         resp
     }

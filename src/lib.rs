@@ -42,7 +42,7 @@ use crate::metrics::Metrics;
 use crate::pool::Pool;
 use crate::proxy::{Live, Proxy};
 use crate::route::{Router, Target};
-use crate::session::{Identity, Info, Policy, Source};
+use crate::session::{HeldTokens, Identity, Info, Policy, Source};
 use crate::upstream::{ClockOffset, SessionCreator, Throttled};
 
 /// The listeners qbproxy serves on, bound by the caller (port 0 in tests).
@@ -80,6 +80,8 @@ struct Shared {
     metrics: Metrics,
     /// QuickBlox's clock against ours: survives reloads.
     clock: Arc<ClockOffset>,
+    /// Every identity's tokens, current and recent: survives reloads.
+    held: HeldTokens,
     /// The proxy listener's TLS and connection settings, read per connection.
     tls: Arc<ArcSwapOption<rustls::ServerConfig>>,
     listener: Arc<ArcSwap<server::Options>>,
@@ -102,6 +104,8 @@ fn listener_options(config: &Config) -> server::Options {
         max_connections: config.limits.max_connections,
         header_read_timeout: config.limits.header_read_timeout,
         max_header_bytes: config.limits.max_header_bytes,
+        send_timeout: config.limits.send_timeout,
+        max_streams: config.limits.max_streams_per_connection,
         shutdown_grace: config.listen.shutdown_grace,
     }
 }
@@ -112,6 +116,7 @@ fn listener_options(config: &Config) -> server::Options {
 fn build(
     config: &Config,
     metrics: &Metrics,
+    held: &HeldTokens,
     clock: &Arc<ClockOffset>,
     previous: Option<&Snapshot>,
 ) -> Result<(Live, Snapshot), StartError> {
@@ -167,7 +172,7 @@ fn build(
                     identity.set_policy(policy);
                     identity.clone()
                 }
-                None => Identity::new(info, source, policy, metrics),
+                None => Identity::new(info, source, policy, metrics, held),
             }
         })
         .collect();
@@ -243,8 +248,9 @@ fn build(
 impl App {
     pub fn new(config: Config) -> Result<App, StartError> {
         let metrics = Metrics::new();
+        let held = HeldTokens::default();
         let clock = Arc::new(ClockOffset::default());
-        let (live, snapshot) = build(&config, &metrics, &clock, None)?;
+        let (live, snapshot) = build(&config, &metrics, &held, &clock, None)?;
         let tls = Arc::new(ArcSwapOption::new(
             config.listen.tls.as_ref().map(|t| t.server.clone()),
         ));
@@ -253,8 +259,9 @@ impl App {
             handle: Handle {
                 shared: Arc::new(Shared {
                     snapshot: ArcSwap::from_pointee(snapshot),
-                    proxy: Proxy::new(live, metrics.clone()),
+                    proxy: Proxy::new(live, metrics.clone(), held.clone()),
                     metrics,
+                    held,
                     clock,
                     tls,
                     listener,
@@ -293,9 +300,9 @@ impl App {
         let proxy_server = server::serve(
             "proxy",
             listeners.proxy,
-            move |req, peer| {
+            move |req, conn| {
                 let proxy = proxy.clone();
-                async move { proxy.handle(req, peer).await }
+                async move { proxy.handle(req, conn).await }
             },
             stopping.clone(),
             shared.listener.clone(),
@@ -309,9 +316,9 @@ impl App {
         let admin_server = server::serve(
             "admin",
             listeners.admin,
-            move |req, _peer| {
+            move |req, conn| {
                 let admin = admin.clone();
-                async move { admin.handle(req).await }
+                async move { admin.handle(req, conn).await }
             },
             stopping,
             Arc::new(ArcSwap::from_pointee(admin_options)),
@@ -349,7 +356,13 @@ impl Handle {
     pub fn reload(&self, config: Config) -> Result<(), StartError> {
         let shared = &self.shared;
         let previous = shared.snapshot.load_full();
-        let (live, snapshot) = build(&config, &shared.metrics, &shared.clock, Some(&previous))?;
+        let (live, snapshot) = build(
+            &config,
+            &shared.metrics,
+            &shared.held,
+            &shared.clock,
+            Some(&previous),
+        )?;
         let mut current = shared.config.lock().unwrap_or_else(|p| p.into_inner());
         if config.listen.addr != current.listen.addr {
             tracing::warn!(old = %current.listen.addr, new = %config.listen.addr, "listen.addr changed; restart qbproxy to move the proxy listener");

@@ -33,6 +33,7 @@ struct Inner {
     client_requests: IntCounterVec,
     upstream_latency: Histogram,
     upstream_slot_waits: IntCounter,
+    buffer_full: IntCounter,
     /// Requests answered before an identity was chosen (bad identity name).
     unrouted: OnceLock<Arc<IdentityMetrics>>,
 }
@@ -111,6 +112,12 @@ impl Metrics {
         )
         .unwrap_or_else(|e| unreachable!("static metric definition: {e}"));
 
+        let buffer_full = IntCounter::new(
+            "qbproxy_buffer_full_total",
+            "Request bodies that streamed without a replay buffer because limits.max_buffered_bytes was in use.",
+        )
+        .unwrap_or_else(|e| unreachable!("static metric definition: {e}"));
+
         let registry = Registry::new();
         for c in [
             Box::new(requests.clone()) as Box<dyn prometheus::core::Collector>,
@@ -122,6 +129,7 @@ impl Metrics {
             Box::new(client_requests.clone()),
             Box::new(upstream_latency.clone()),
             Box::new(upstream_slot_waits.clone()),
+            Box::new(buffer_full.clone()),
         ] {
             registry
                 .register(c)
@@ -139,6 +147,7 @@ impl Metrics {
                 client_requests,
                 upstream_latency,
                 upstream_slot_waits,
+                buffer_full,
                 unrouted: OnceLock::new(),
             }),
         }
@@ -190,6 +199,10 @@ impl Metrics {
 
     pub fn upstream_slot_wait(&self) {
         self.inner.upstream_slot_waits.inc();
+    }
+
+    pub fn buffer_full(&self) {
+        self.inner.buffer_full.inc();
     }
 
     /// The Prometheus text exposition of every metric.

@@ -1,37 +1,46 @@
 //! Forwarding: the request handler of the proxy listener.
 //!
-//! For each request: refuse calls that would touch the shared session,
-//! strip hop-by-hop headers, set `Host`, inject the session's `QB-Token`,
-//! and send it upstream with path and query byte for byte. When QuickBlox
-//! answers 401 "Required session does not exist", ask the identity for the
-//! single renewal and replay the request once with the new token.
+//! For each request: admit it (the gate), decide on its canonical form
+//! (`canonical`: method, overrides, path, identity, the client's rules, the
+//! guard on calls that would touch the shared session), read its body
+//! within its limits, then strip hop-by-hop headers, set `Host`, inject the
+//! session's `QB-Token`, and send the canonical path (query as sent)
+//! upstream. When QuickBlox answers 401 "Required session does not exist",
+//! ask the identity for the single renewal and replay the request once
+//! with the new token. `GET /session.json` is answered here, without the
+//! token; a `QB-Token` response header never reaches a client.
 //!
 //! This module is the only writer of the `QB-Token` header on forwarded
 //! requests. It reads the session lock-free and never waits for a
 //! proactive renewal.
 
-use std::net::SocketAddr;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
 use arc_swap::ArcSwap;
 use bytes::Bytes;
 use http::request::Parts;
-use http::uri::PathAndQuery;
-use http::{header, HeaderMap, HeaderName, Method, Request, Response, StatusCode, Uri};
+use http::{
+    header, HeaderMap, HeaderName, HeaderValue, Method, Request, Response, StatusCode, Uri,
+};
 use hyper::body::Incoming;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio::time::{timeout_at, Instant};
 
-use crate::access::{Client, Gate};
-use crate::body::{self, Body, Buffered};
+use crate::access::{self, Client, Gate};
+use crate::body::{
+    self, Body, BodyLimits, Budget, Buffered, ClientBody, ClientRead, Cut, CutFlag, ReadError,
+    Reservation,
+};
+use crate::canonical;
 use crate::config::{ClientToken, Config, UpstreamConfig};
 use crate::error::ProxyError;
 use crate::metrics::{IdentityMetrics, Metrics};
+use crate::overrides::{self, Found};
 use crate::qb;
 use crate::route::{self, Router, Target};
-use crate::session::{Identity, Session, Unavailable};
+use crate::server::Conn;
+use crate::session::{HeldTokens, Identity, Session, Unavailable};
 use crate::upstream;
 
 /// A cheap-to-clone handle on the forwarding state.
@@ -50,6 +59,11 @@ struct Inner {
     /// in flight across a reload count against one cap.
     slots: Arc<Semaphore>,
     metrics: Metrics,
+    /// Every token the identities hold or held recently, to refuse one a
+    /// client sends back (`client_token = "keep"`).
+    held: HeldTokens,
+    /// Request body bytes held for replays, across every request.
+    budget: Arc<Budget>,
 }
 
 /// Takes `slots` from capacity `from` to `to`: grows at once; shrinks by the
@@ -85,6 +99,10 @@ pub struct Live {
     pub replay_body_limit: usize,
     /// Budget of a whole request, session wait and replay included.
     pub timeout: Duration,
+    /// The longest wait for a client's next body bytes.
+    pub body_read_timeout: Duration,
+    /// Body bytes held for replays across every request at once.
+    pub max_buffered_bytes: usize,
 }
 
 impl Live {
@@ -97,6 +115,8 @@ impl Live {
             client_token: config.proxy.client_token,
             replay_body_limit: config.proxy.replay_body_limit,
             timeout: config.upstream.timeout,
+            body_read_timeout: config.limits.body_read_timeout,
+            max_buffered_bytes: config.limits.max_buffered_bytes,
         }
     }
 }
@@ -121,12 +141,14 @@ const HOP_BY_HOP: [HeaderName; 9] = [
 const MAX_REFUSAL_BODY: usize = 64 * 1024;
 
 impl Proxy {
-    pub fn new(live: Live, metrics: Metrics) -> Self {
+    pub fn new(live: Live, metrics: Metrics, held: HeldTokens) -> Self {
         Proxy {
             inner: Arc::new(Inner {
                 slots: Arc::new(Semaphore::new(live.upstream.max_connections)),
                 live: ArcSwap::from_pointee(live),
                 metrics,
+                held,
+                budget: Arc::new(Budget::default()),
             }),
         }
     }
@@ -139,58 +161,77 @@ impl Proxy {
         resize(&self.inner.slots, old.upstream.max_connections, to);
     }
 
+    /// Bytes of request bodies held for replays right now.
+    pub fn buffered_bytes(&self) -> usize {
+        self.inner.budget.used()
+    }
+
     /// Answers one client request. Never fails: qbproxy's own errors become
     /// JSON responses in QuickBlox's shape.
-    pub async fn handle(&self, req: Request<Incoming>, peer: SocketAddr) -> Response<Body> {
+    pub async fn handle(&self, req: Request<Incoming>, conn: Conn) -> Response<Body> {
         let inner = &*self.inner;
         let (mut parts, body) = req.into_parts();
         let live = inner.live.load_full();
         let deadline = Instant::now() + live.timeout;
-        let gate = &live.gate;
         let unrouted = inner.metrics.unrouted();
-        let client = match gate.admit(peer.ip(), &parts.headers) {
+        let dropped = strip_underscored(&mut parts.headers);
+        let log = Log::raw(&parts);
+        let client = match live.gate.admit(conn.peer().ip(), &parts.headers) {
             Ok(client) => client,
-            Err(e) => return finish(&parts, Err(e), unrouted, None, None),
-        };
-        if content_length(&parts.headers).is_some_and(|n| n > gate.max_body_bytes) {
-            let e = ProxyError::BodyTooLarge(gate.max_body_bytes);
-            return finish(&parts, Err(e), unrouted, None, client);
-        }
-        let pq = parts
-            .uri
-            .path_and_query()
-            .cloned()
-            .unwrap_or_else(|| PathAndQuery::from_static("/"));
-        let (mut target, stripped) = match live.router.route(&parts.headers, &pq) {
-            Ok(routed) => routed,
-            Err(e) => return finish(&parts, Err(e), unrouted, None, client),
-        };
-        // A client limited to some identities acts as its first one unless
-        // the request names another.
-        if let (true, Some(name)) = (
-            stripped.is_none() && !parts.headers.contains_key(route::IDENTITY_HEADER),
-            client.and_then(|c| c.default_target()),
-        ) {
-            target = live.router.named(name).unwrap_or(target);
-        }
-        let pq = stripped.unwrap_or(pq);
-        if let Some(c) = client {
-            if let Err(e) = c.permit(target.name(), &parts.method, pq.path()) {
-                return finish(&parts, Err(e), unrouted, None, client);
+            Err(e) => {
+                if matches!(e, ProxyError::SourceNotAllowed(_)) {
+                    // Nothing else will be served on this connection.
+                    conn.close();
+                }
+                let e = hint_dropped(e, &dropped);
+                return finish(&log, Err(e), unrouted, None, None);
             }
-        }
-        let ctx = Ctx {
-            live: &live,
-            deadline,
-            max_body: gate.max_body_bytes,
         };
-        match target {
+        let plan = match self.decide(&live, &parts, client) {
+            Ok(plan) => plan,
+            // Counted under the identity or pool it was refused for, if it
+            // got that far.
+            Err((e, target)) => {
+                let (metrics, identity) = target.map_or((unrouted, None), Target::metrics);
+                return finish(&log, Err(e), metrics, identity, client);
+            }
+        };
+        let method = parts.method.clone();
+        let log = Log {
+            method: &method,
+            path: &plan.path,
+        };
+        let limits = BodyLimits {
+            max_bytes: live.gate.max_body_bytes,
+            idle: live.body_read_timeout,
+            deadline,
+        };
+        let (target_metrics, target_identity) = plan.target.metrics();
+        // The client's own session or token: no identity is involved.
+        if matches!(plan.kind, Kind::OwnSessionCreate | Kind::OwnToken) {
+            let scanner = overrides::body_scanner(&parts.method, &parts.headers);
+            let (body, cut) = ClientBody::stream(Bytes::new(), body, limits, scanner, None);
+            let result = self
+                .pass_through(&live, &mut parts, &plan, body, &cut, deadline)
+                .await;
+            return finish(&log, result, target_metrics, target_identity, client);
+        }
+        // The body first: a client slow to send it holds no session, no
+        // pool member and no upstream slot meanwhile.
+        let body = match plan.kind {
+            Kind::SessionRead => Prepared::Whole(Bytes::new(), None),
+            _ => match self.read_body(&live, &parts, body, limits).await {
+                Ok(b) => b,
+                Err(e) => return finish(&log, Err(e), target_metrics, target_identity, client),
+            },
+        };
+        match plan.target {
             Target::Identity(identity) => {
                 identity.start();
                 let result = self
-                    .forward(&mut parts, body, pq, identity, None, ctx)
+                    .exchange(&live, &mut parts, &plan, body, identity, None, deadline)
                     .await;
-                finish(&parts, result, identity.metrics(), Some(identity), client)
+                finish(&log, result, identity.metrics(), Some(identity), client)
             }
             Target::Pool(pool) => {
                 let sticky = parts.headers.get(route::CLIENT_HEADER).cloned();
@@ -198,94 +239,243 @@ impl Proxy {
                     Ok((lease, session)) => {
                         let identity = lease.identity();
                         let result = self
-                            .forward(&mut parts, body, pq, identity, Some(session), ctx)
+                            .exchange(
+                                &live,
+                                &mut parts,
+                                &plan,
+                                body,
+                                identity,
+                                Some(session),
+                                deadline,
+                            )
                             .await;
-                        finish(&parts, result, identity.metrics(), Some(identity), client)
+                        finish(&log, result, identity.metrics(), Some(identity), client)
                     }
-                    Err(e) => finish(&parts, Err(e), pool.metrics(), None, client),
+                    Err(e) => finish(&log, Err(e), pool.metrics(), None, client),
                 }
             }
         }
     }
 
-    /// Forwards a request as `identity`, with `pq` as its (possibly
-    /// prefix-stripped) path and query. `session`: the outcome of asking
-    /// for the identity's session, if the caller already did (pools do).
-    async fn forward(
+    /// Takes every decision about a request on its canonical form: method,
+    /// overrides, path, identity, the client's rules, the guard. What it
+    /// returns is what will be forwarded. A refusal comes with the target
+    /// it was refused for, once one was chosen.
+    fn decide<'a>(
         &self,
-        parts: &mut Parts,
-        body: Incoming,
-        pq: PathAndQuery,
-        identity: &Identity,
-        session: Option<Result<Arc<Session>, Unavailable>>,
-        ctx: Ctx<'_>,
-    ) -> Result<Response<Body>, ProxyError> {
-        let Ctx {
-            live,
-            deadline,
-            max_body: body_limit,
-        } = ctx;
-        let own_token =
-            live.client_token == ClientToken::Keep && parts.headers.contains_key(qb::QB_TOKEN);
-        if !own_token {
-            if let Some(what) = qb::shared_session_call(&parts.method, pq.path()) {
-                return Err(ProxyError::SharedSession(what));
-            }
+        live: &'a Live,
+        parts: &Parts,
+        client: Option<&Client>,
+    ) -> Result<Plan<'a>, (ProxyError, Option<&'a Target>)> {
+        let (target, rest, query) = self.route(live, parts, client).map_err(|e| (e, None))?;
+        let refuse = |e: ProxyError| (e, Some(target));
+        if let Some(c) = client {
+            c.permit(target.name(), &parts.method, &rest)
+                .map_err(refuse)?;
         }
-        let uri = live
-            .upstream
-            .uri_for(&pq)
-            .map_err(|e| ProxyError::BadRequest(format!("cannot forward this path: {e}")))?;
+        let method = &parts.method;
+        let own_token = match (live.client_token, parts.headers.get(qb::QB_TOKEN)) {
+            (ClientToken::Keep, Some(token)) => {
+                if self.inner.held.contains(token.as_bytes()) {
+                    return Err(refuse(ProxyError::HeldToken));
+                }
+                true
+            }
+            _ => false,
+        };
+        let kind = if method == Method::POST && rest == qb::SESSION_CREATE_PATH {
+            Kind::OwnSessionCreate
+        } else if own_token {
+            Kind::OwnToken
+        } else if let Some(what) = qb::shared_session_call(method, &rest) {
+            return Err(refuse(ProxyError::SharedSession(what)));
+        } else if matches!(*method, Method::GET | Method::HEAD)
+            && canonical::key_is(&rest, qb::SESSION_KEY)
+        {
+            Kind::SessionRead
+        } else {
+            Kind::Forward
+        };
+        let uri = live.upstream.uri_for(&rest, query).map_err(|e| {
+            refuse(ProxyError::BadRequest(format!(
+                "cannot forward this path: {e}"
+            )))
+        })?;
+        Ok(Plan {
+            target,
+            path: rest,
+            uri,
+            kind,
+        })
+    }
+
+    /// The request's canonical path and who it acts as: checks the method
+    /// and overrides, canonicalises the path, and routes it. Returns the
+    /// target, the path without a matched prefix, and the query as sent.
+    fn route<'a, 'p>(
+        &self,
+        live: &'a Live,
+        parts: &'p Parts,
+        client: Option<&Client>,
+    ) -> Result<(&'a Target, String, Option<&'p str>), ProxyError> {
+        let method = &parts.method;
+        if !canonical::method_allowed(method) {
+            return Err(ProxyError::MethodNotAllowed(method.clone()));
+        }
+        if let Some(name) = canonical::override_header(&parts.headers) {
+            return Err(ProxyError::MethodOverride(format!("the {name} header")));
+        }
+        let query = parts.uri.query();
+        if query.is_some_and(overrides::query_has_method) {
+            return Err(ProxyError::MethodOverride(
+                "a _method parameter in the query".into(),
+            ));
+        }
+        let path = canonical::path(parts.uri.path()).map_err(ProxyError::BadPath)?;
+        if content_length(&parts.headers).is_some_and(|n| n > live.gate.max_body_bytes) {
+            return Err(ProxyError::BodyTooLarge(live.gate.max_body_bytes));
+        }
+        let named = parts.headers.get(route::IDENTITY_HEADER);
+        let (mut target, rest) =
+            live.router
+                .route(named, &path)
+                .map_err(|e| match (e, client) {
+                    // The names a restricted client may use, not every name.
+                    (ProxyError::UnknownIdentity { name, .. }, Some(c))
+                        if c.identities().is_some() =>
+                    {
+                        ProxyError::UnknownIdentity {
+                            name,
+                            valid: c.identities().unwrap_or_default().join(", "),
+                        }
+                    }
+                    (e, _) => e,
+                })?;
+        let prefixed = rest.len() != path.len();
+        // A client limited to some identities acts as its first one unless
+        // the request names another.
+        if let (false, None, Some(name)) =
+            (prefixed, named, client.and_then(|c| c.default_target()))
+        {
+            target = live.router.named(name).unwrap_or(target);
+        }
+        Ok((target, rest.to_owned(), query))
+    }
+
+    /// Reads a body to forward: whole for a replay when it fits, else its
+    /// head and the rest to stream.
+    async fn read_body(
+        &self,
+        live: &Live,
+        parts: &Parts,
+        body: Incoming,
+        limits: BodyLimits,
+    ) -> Result<Prepared, ProxyError> {
+        let scanner = overrides::body_scanner(&parts.method, &parts.headers);
+        let read = body::read_client(
+            body,
+            live.replay_body_limit,
+            &self.inner.budget,
+            live.max_buffered_bytes,
+            limits,
+            scanner,
+        )
+        .await;
+        match read {
+            Ok(ClientRead::Complete(bytes, reserved)) => Ok(Prepared::Whole(bytes, Some(reserved))),
+            Ok(ClientRead::Partial {
+                head,
+                tail,
+                scanner,
+                reserved,
+                budget_full,
+            }) => {
+                if budget_full {
+                    self.inner.metrics.buffer_full();
+                    tracing::debug!(
+                        limit = live.max_buffered_bytes,
+                        "limits.max_buffered_bytes in use; this body streams without a replay buffer"
+                    );
+                }
+                let (body, cut) = ClientBody::stream(head, tail, limits, scanner, Some(reserved));
+                Ok(Prepared::Stream(body, cut))
+            }
+            Err(e) => Err(read_error(e, live)),
+        }
+    }
+
+    /// Forwards the client's own session creation, or a request with its
+    /// own token (`client_token = "keep"`), untouched: no token is added,
+    /// nothing is renewed.
+    async fn pass_through(
+        &self,
+        live: &Live,
+        parts: &mut Parts,
+        plan: &Plan<'_>,
+        body: Body,
+        cut: &CutFlag,
+        deadline: Instant,
+    ) -> Result<Response<Body>, ProxyError> {
         let mut headers = std::mem::take(&mut parts.headers);
         strip_request_headers(&mut headers);
         headers.insert(header::HOST, live.upstream.host.clone());
+        let req = upstream_request(&parts.method, plan.uri.clone(), headers, body);
+        let (resp, slot) = self
+            .send(live, req, deadline)
+            .await
+            .map_err(|e| cut_off(e, cut, live))?;
+        Ok(resp.map(|b| Body::upstream(b, slot)))
+    }
 
-        // The client's own session creation, or its own token: untouched.
-        if own_token || qb::is_session_create(&parts.method, pq.path()) {
-            let (body, over) = Body::capped(Bytes::new(), body, body_limit);
-            let req = upstream_request(&parts.method, uri, headers, body);
-            let (resp, slot) = self
-                .send(live, req, deadline)
-                .await
-                .map_err(|e| cut_off(e, &over, body_limit))?;
-            return Ok(resp.map(|b| Body::upstream(b, slot)));
-        }
-
+    /// Serves a request as `identity`: answers a session read itself, or
+    /// forwards with the session's token and replays once if QuickBlox says
+    /// the session does not exist. `session`: the outcome of asking for the
+    /// identity's session, if the caller already did (pools do).
+    #[allow(clippy::too_many_arguments)]
+    async fn exchange(
+        &self,
+        live: &Live,
+        parts: &mut Parts,
+        plan: &Plan<'_>,
+        body: Prepared,
+        identity: &Identity,
+        session: Option<Result<Arc<Session>, Unavailable>>,
+        deadline: Instant,
+    ) -> Result<Response<Body>, ProxyError> {
         let session = match session {
             Some(s) => s,
             None => identity.session(deadline).await,
         }
         .map_err(|e| unavailable(e, live.timeout))?;
-        let replayable = match body::buffer(body, live.replay_body_limit).await {
-            Ok(Buffered::Complete(bytes)) if bytes.len() as u64 > body_limit => {
-                return Err(ProxyError::BodyTooLarge(body_limit));
-            }
-            Ok(Buffered::Complete(bytes)) => Some(bytes),
-            Ok(Buffered::TooLarge { head, tail }) => {
-                let (body, over) = Body::capped(head, tail, body_limit);
+        if plan.kind == Kind::SessionRead {
+            return Ok(session_answer(&parts.method, &plan.path, &session));
+        }
+        let mut headers = std::mem::take(&mut parts.headers);
+        strip_request_headers(&mut headers);
+        headers.insert(header::HOST, live.upstream.host.clone());
+        let uri = plan.uri.clone();
+
+        let (replayable, _reserved) = match body {
+            Prepared::Whole(bytes, reserved) => (bytes, reserved),
+            Prepared::Stream(body, cut) => {
                 let req = with_token(&parts.method, uri, headers, &session, body);
                 let sent = self
                     .send_checked(live, req, identity, &session, deadline)
                     .await;
-                return match sent.map_err(|e| cut_off(e, &over, body_limit))? {
+                return match sent.map_err(|e| cut_off(e, &cut, live))? {
                     Checked::Answer(resp) => Ok(resp),
                     Checked::Expired(resp) => {
                         // The body is gone: the client gets the 401, and the
                         // next request gets a new session.
                         tracing::info!(
-                            path = parts.uri.path(),
+                            path = plan.path,
                             limit = live.replay_body_limit,
-                            "session expired under a request too large to replay; passing the 401 on"
+                            "session expired under a request not buffered for a replay; passing the 401 on"
                         );
                         identity.report_refused(&session);
                         Ok(resp)
                     }
                 };
-            }
-            Err(e) => {
-                return Err(ProxyError::BadRequest(format!(
-                    "could not read the request body: {e}"
-                )));
             }
         };
 
@@ -295,7 +485,7 @@ impl Proxy {
             uri.clone(),
             headers,
             &session,
-            body_of(&replayable),
+            Body::full(replayable.clone()),
         );
         let refusal = match self
             .send_checked(live, req, identity, &session, deadline)
@@ -316,7 +506,7 @@ impl Proxy {
         identity.metrics().replay();
         tracing::debug!(
             method = %parts.method,
-            path = parts.uri.path(),
+            path = plan.path,
             token = %fresh.token_prefix(),
             "replaying with the renewed session"
         );
@@ -325,7 +515,7 @@ impl Proxy {
             uri,
             replay_headers,
             &fresh,
-            body_of(&replayable),
+            Body::full(replayable),
         );
         match self
             .send_checked(live, req, identity, &fresh, deadline)
@@ -376,6 +566,7 @@ impl Proxy {
             Ok(Err(e)) => Err(ProxyError::Upstream(upstream::describe(&e))),
             Ok(Ok(mut resp)) => {
                 strip_hop_by_hop(resp.headers_mut());
+                strip_tokens(resp.headers_mut());
                 Ok((resp, slot))
             }
         }
@@ -426,13 +617,37 @@ impl Proxy {
     }
 }
 
-/// A failed send whose request body was cut off at the limit is the
-/// client's doing: 413, not 502.
-fn cut_off(e: ProxyError, over: &AtomicBool, limit: u64) -> ProxyError {
-    if over.load(Ordering::Relaxed) {
-        ProxyError::BodyTooLarge(limit)
-    } else {
-        e
+/// A failed send whose request body was cut off is the client's doing:
+/// answered for what it was (413, 408, 400), not as an upstream error.
+fn cut_off(e: ProxyError, cut: &CutFlag, live: &Live) -> ProxyError {
+    match cut.get() {
+        None => e,
+        Some(Cut::TooLarge) => ProxyError::BodyTooLarge(live.gate.max_body_bytes),
+        Some(Cut::TimedOut) => ProxyError::BodyTimeout(live.body_read_timeout),
+        Some(Cut::Override(found)) => override_error(found),
+    }
+}
+
+fn override_error(found: Found) -> ProxyError {
+    match found {
+        Found::MethodParam => {
+            ProxyError::MethodOverride("a _method parameter in the form body".into())
+        }
+        Found::Unreadable => ProxyError::BadRequest(format!(
+            "a multipart part's headers are over {} bytes and cannot be inspected",
+            overrides::MAX_PART_HEADERS
+        )),
+    }
+}
+
+fn read_error(e: ReadError, live: &Live) -> ProxyError {
+    match e {
+        ReadError::TimedOut => ProxyError::BodyTimeout(live.body_read_timeout),
+        ReadError::TooLarge(limit) => ProxyError::BodyTooLarge(limit),
+        ReadError::Override(found) => override_error(found),
+        ReadError::Body(e) => {
+            ProxyError::BadRequest(format!("could not read the request body: {e}"))
+        }
     }
 }
 
@@ -446,9 +661,25 @@ fn content_length(headers: &HeaderMap) -> Option<u64> {
         .ok()
 }
 
+/// What a request's log lines name: its method and path (canonical once
+/// known, else as sent).
+struct Log<'a> {
+    method: &'a Method,
+    path: &'a str,
+}
+
+impl<'a> Log<'a> {
+    fn raw(parts: &'a Parts) -> Log<'a> {
+        Log {
+            method: &parts.method,
+            path: parts.uri.path(),
+        }
+    }
+}
+
 /// Logs and counts the outcome of a request.
 fn finish(
-    parts: &Parts,
+    log: &Log<'_>,
     result: Result<Response<Body>, ProxyError>,
     metrics: &IdentityMetrics,
     identity: Option<&Identity>,
@@ -462,8 +693,8 @@ fn finish(
             tracing::warn!(
                 identity = name,
                 client = client_name,
-                method = %parts.method,
-                path = parts.uri.path(),
+                method = %log.method,
+                path = log.path,
                 status = e.status().as_u16(),
                 error = %e,
                 "request answered by qbproxy"
@@ -477,17 +708,17 @@ fn finish(
         // 422 "Forbidden. Need user."; say which identity was used.
         if status == StatusCode::UNPROCESSABLE_ENTITY
             && identity.info().kind == "application"
-            && !matches!(parts.method, Method::GET | Method::HEAD)
+            && !matches!(*log.method, Method::GET | Method::HEAD)
         {
             tracing::info!(
                 identity = name,
-                method = %parts.method,
-                path = parts.uri.path(),
+                method = %log.method,
+                path = log.path,
                 "write through an application identity; QuickBlox needs a user session for it"
             );
         }
     }
-    tracing::debug!(identity = name, method = %parts.method, path = parts.uri.path(), status = status.as_u16(), "request");
+    tracing::debug!(identity = name, method = %log.method, path = log.path, status = status.as_u16(), "request");
     metrics.request(status);
     if let Some(c) = client {
         c.metrics.inc(status);
@@ -495,12 +726,108 @@ fn finish(
     resp
 }
 
-/// One request's configuration and bounds: time and body bytes.
-#[derive(Clone, Copy)]
-struct Ctx<'a> {
-    live: &'a Live,
-    deadline: Instant,
-    max_body: u64,
+/// What qbproxy does with a request, decided on its canonical form.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Kind {
+    /// Forwarded with the identity's token; replayed once on expiry.
+    Forward,
+    /// The client's own `POST /session.json`: forwarded untouched.
+    OwnSessionCreate,
+    /// `client_token = "keep"` and the client's own token: untouched.
+    OwnToken,
+    /// `GET`/`HEAD /session.json`: answered by qbproxy, token left out.
+    SessionRead,
+}
+
+impl Target {
+    /// The series a request is counted in, and the identity if it is one.
+    fn metrics(&self) -> (&IdentityMetrics, Option<&Identity>) {
+        match self {
+            Target::Identity(i) => (i.metrics(), Some(i)),
+            Target::Pool(p) => (p.metrics(), None),
+        }
+    }
+}
+
+/// A request, decided.
+struct Plan<'a> {
+    target: &'a Target,
+    /// The canonical path, without a matched identity prefix: what the
+    /// decisions compared and what is forwarded.
+    path: String,
+    /// The upstream URI: its base, `path`, and the query as sent.
+    uri: Uri,
+    kind: Kind,
+}
+
+/// A request body ready to send.
+enum Prepared {
+    /// Whole, replayable; its share of the buffer budget is held while it
+    /// may be replayed.
+    Whole(Bytes, Option<Reservation>),
+    /// Streams; the flag says why if it is cut off.
+    Stream(Body, Arc<CutFlag>),
+}
+
+/// The answer to `GET`/`HEAD /session.json`: the identity's session as
+/// QuickBlox describes it, without its token, in the format asked for.
+fn session_answer(method: &Method, path: &str, session: &Session) -> Response<Body> {
+    let xml = path.to_ascii_lowercase().ends_with(".xml");
+    let (body, content_type) = if xml {
+        (
+            Bytes::from(qb::session_xml(session.public_json())),
+            "application/xml",
+        )
+    } else {
+        (session.public_json().clone(), "application/json")
+    };
+    let len = body.len();
+    let mut resp = Response::new(if method == Method::HEAD {
+        Body::empty()
+    } else {
+        Body::full(body)
+    });
+    let h = resp.headers_mut();
+    h.insert(header::CONTENT_TYPE, HeaderValue::from_static(content_type));
+    h.insert(header::CONTENT_LENGTH, HeaderValue::from(len));
+    h.insert(qb::QBPROXY_ANSWERED, HeaderValue::from_static("session"));
+    resp
+}
+
+/// Removes request headers whose names hold `_`, as nginx does by default
+/// (`underscores_in_headers off`): a server that reads `_` as `-` (CGI,
+/// Rack, PHP) would otherwise see a second `QB-Token`, `Transfer-Encoding`
+/// or `QBProxy-Key` that qbproxy never looked at. Returns their names.
+fn strip_underscored(headers: &mut HeaderMap) -> Vec<HeaderName> {
+    if !headers.keys().any(|k| k.as_str().contains('_')) {
+        return Vec::new();
+    }
+    let names: Vec<HeaderName> = headers
+        .keys()
+        .filter(|k| k.as_str().contains('_'))
+        .cloned()
+        .collect();
+    for name in &names {
+        headers.remove(name);
+    }
+    tracing::debug!(headers = ?names, "dropped request headers with '_' in their names");
+    names
+}
+
+/// Points a client whose `QBProxy_Key` was dropped at the spelling it meant.
+fn hint_dropped(e: ProxyError, dropped: &[HeaderName]) -> ProxyError {
+    match e {
+        ProxyError::Unauthorized(msg)
+            if dropped
+                .iter()
+                .any(|n| canonical::same_header_name(n.as_str(), access::KEY_HEADER.as_str())) =>
+        {
+            ProxyError::Unauthorized(format!(
+                "{msg} (a header spelt with '_' was ignored: write QBProxy-Key)"
+            ))
+        }
+        e => e,
+    }
 }
 
 enum Checked {
@@ -513,10 +840,6 @@ fn unavailable(e: Unavailable, timeout: Duration) -> ProxyError {
         Unavailable::Failed(e) => ProxyError::Session(e),
         Unavailable::TimedOut => ProxyError::SessionTimeout(timeout),
     }
-}
-
-fn body_of(buffered: &Option<Bytes>) -> Body {
-    buffered.clone().map_or_else(Body::empty, Body::full)
 }
 
 fn upstream_request(method: &Method, uri: Uri, headers: HeaderMap, body: Body) -> Request<Body> {
@@ -558,6 +881,18 @@ fn strip_hop_by_hop(headers: &mut HeaderMap) {
     }
     for name in &HOP_BY_HOP {
         headers.remove(name);
+    }
+}
+
+/// Response side: a `QB-Token` header (in any spelling) never reaches a
+/// client; it could be one qbproxy holds.
+fn strip_tokens(headers: &mut HeaderMap) {
+    let token = |k: &HeaderName| canonical::same_header_name(k.as_str(), qb::QB_TOKEN.as_str());
+    if headers.keys().any(token) {
+        let names: Vec<HeaderName> = headers.keys().filter(|k| token(k)).cloned().collect();
+        for name in names {
+            headers.remove(name);
+        }
     }
 }
 

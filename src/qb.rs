@@ -8,6 +8,8 @@ use std::time::{Duration, SystemTime};
 
 use http::{HeaderName, Method};
 
+use crate::canonical;
+
 pub const QB_TOKEN: HeaderName = HeaderName::from_static("qb-token");
 pub const QB_TOKEN_EXPIRATION: HeaderName = HeaderName::from_static("qb-token-expirationdate");
 /// Set on every response that qbproxy itself produced, with a short code.
@@ -15,6 +17,9 @@ pub const QBPROXY_ERROR: HeaderName = HeaderName::from_static("qbproxy-error");
 /// Request headers with this prefix are addressed to qbproxy and never
 /// forwarded.
 pub const QBPROXY_HEADER_PREFIX: &str = "qbproxy-";
+/// Set on an answer qbproxy gave in QuickBlox's place (`session` for
+/// `GET /session.json`).
+pub const QBPROXY_ANSWERED: HeaderName = HeaderName::from_static("qbproxy-answered");
 
 /// A session lives this long after the last request that used it.
 pub const SESSION_LIFETIME: Duration = Duration::from_secs(2 * 60 * 60);
@@ -74,41 +79,68 @@ pub fn remaining_lifetime(
     )
 }
 
-/// Calls that would destroy, upgrade or downgrade the session they carry.
-/// Returns what the call would do, for the 403 message.
-///
-/// The path is compared after percent-decoding, case folding, dropping the
-/// format suffix (`.json`, `.xml`) and trailing or doubled slashes, so that
-/// `DELETE /Session.json/` or `/%73ession.json` cannot slip past.
+/// The one spelling of a client creating its own session, forwarded
+/// untouched (no token added) when it is a plain `POST`.
+pub const SESSION_CREATE_PATH: &str = "/session.json";
+/// The route key of the session endpoints (`/session.json`, `.xml`, ...).
+pub const SESSION_KEY: &str = "/session";
+/// The route key of the login endpoints, which upgrade or downgrade the
+/// session they carry.
+pub const LOGIN_KEY: &str = "/login";
+
+/// Calls that would destroy, upgrade, downgrade or otherwise change the
+/// session they carry: any method but `GET`, `HEAD` and `OPTIONS` on the
+/// session or login endpoints, in any spelling (`path` is canonical; the
+/// route key folds case and the format suffix). The caller lets the plain
+/// `POST /session.json` through first, without a token. Returns what the
+/// call would do, for the 403 message.
 pub fn shared_session_call(method: &Method, path: &str) -> Option<&'static str> {
-    let is_delete = method == Method::DELETE;
-    let is_post = method == Method::POST;
-    if !is_delete && !is_post {
+    if matches!(*method, Method::GET | Method::HEAD | Method::OPTIONS) {
         return None;
     }
-    let decoded = percent_encoding::percent_decode_str(path).decode_utf8_lossy();
-    let mut normal = String::with_capacity(decoded.len());
-    for segment in decoded.split('/').filter(|s| !s.is_empty()) {
-        normal.push('/');
-        normal.push_str(segment);
+    if canonical::key_is(path, SESSION_KEY) {
+        return Some(if method == Method::DELETE {
+            "destroy the shared session (DELETE /session.json)"
+        } else {
+            "change the shared session (only a plain POST /session.json, which creates the client's own session, goes through)"
+        });
     }
-    let normal = normal.to_ascii_lowercase();
-    let stem = match normal.rsplit_once('.') {
-        Some((stem, ext)) if !ext.contains('/') => stem,
-        _ => normal.as_str(),
-    };
-    match (stem, is_delete) {
-        ("/session", true) => Some("destroy the shared session (DELETE /session.json)"),
-        ("/login", false) => Some("log the shared session in as another user (POST /login.json)"),
-        ("/login", true) => Some("log the shared session out (DELETE /login.json)"),
-        _ => None,
+    if canonical::key_is(path, LOGIN_KEY) {
+        return Some(match *method {
+            Method::DELETE => "log the shared session out (DELETE /login.json)",
+            Method::POST => "log the shared session in as another user (POST /login.json)",
+            _ => "change the shared session's login",
+        });
     }
+    None
 }
 
-/// True for the client's own session creation, which passes through
-/// untouched: no token is injected and nothing is renewed.
-pub fn is_session_create(method: &Method, path: &str) -> bool {
-    method == Method::POST && (path == "/session.json" || path == "/session")
+/// A session object (`{"session":{...}}` JSON) as QuickBlox's XML format
+/// writes it: `<session><user-id type="integer">5</user-id>...</session>`.
+pub fn session_xml(json: &[u8]) -> String {
+    let fields = serde_json::from_slice::<serde_json::Value>(json)
+        .ok()
+        .and_then(|v| v.get("session").and_then(|s| s.as_object()).cloned())
+        .unwrap_or_default();
+    let mut out = String::from("<?xml version=\"1.0\" encoding=\"UTF-8\"?>\n<session>\n");
+    for (key, value) in &fields {
+        let tag = key.replace('_', "-");
+        let (attr, text) = match value {
+            serde_json::Value::Number(n) if n.is_i64() || n.is_u64() => {
+                (" type=\"integer\"", n.to_string())
+            }
+            serde_json::Value::Null => (" nil=\"true\"", String::new()),
+            serde_json::Value::String(s) => ("", s.clone()),
+            other => ("", other.to_string()),
+        };
+        let text = text
+            .replace('&', "&amp;")
+            .replace('<', "&lt;")
+            .replace('>', "&gt;");
+        out.push_str(&format!("  <{tag}{attr}>{text}</{tag}>\n"));
+    }
+    out.push_str("</session>\n");
+    out
 }
 
 /// The human message in a QuickBlox error body:
@@ -214,23 +246,46 @@ mod tests {
     }
 
     #[test]
-    fn guard_sees_through_encodings() {
-        let del = Method::DELETE;
+    fn guard_refuses_every_write_to_the_session_and_login_endpoints() {
+        // Paths here are canonical (the caller canonicalises first).
         for path in [
             "/session.json",
             "/session",
             "/Session.JSON/",
-            "//%73ession.json",
             "/session.xml",
         ] {
-            assert!(shared_session_call(&del, path).is_some(), "{path}");
+            for method in [Method::DELETE, Method::PUT, Method::PATCH, Method::POST] {
+                assert!(
+                    shared_session_call(&method, path).is_some(),
+                    "{method} {path}"
+                );
+            }
+            assert!(shared_session_call(&Method::GET, path).is_none());
+            assert!(shared_session_call(&Method::OPTIONS, path).is_none());
         }
         assert!(shared_session_call(&Method::POST, "/login.json").is_some());
-        assert!(shared_session_call(&Method::DELETE, "/login.json").is_some());
-        assert!(shared_session_call(&Method::POST, "/session.json").is_none());
-        assert!(shared_session_call(&Method::GET, "/session.json").is_none());
+        assert!(shared_session_call(&Method::DELETE, "/LOGIN").is_some());
+        assert!(shared_session_call(&Method::PUT, "/login.xml").is_some());
         assert!(shared_session_call(&Method::DELETE, "/users/1.json").is_none());
         assert!(shared_session_call(&Method::DELETE, "/sessions.json").is_none());
+        assert!(shared_session_call(&Method::DELETE, "/x/session.json").is_none());
+    }
+
+    #[test]
+    fn session_objects_render_as_quickblox_xml() {
+        let xml = session_xml(
+            br#"{"session":{"user_id":5,"created_at":"2019-09-01T14:55:56Z","_id":"9"}}"#,
+        );
+        assert!(
+            xml.contains("<user-id type=\"integer\">5</user-id>"),
+            "{xml}"
+        );
+        assert!(
+            xml.contains("<created-at>2019-09-01T14:55:56Z</created-at>"),
+            "{xml}"
+        );
+        assert!(xml.contains("<-id>9</-id>"), "{xml}");
+        assert!(!xml.contains("token"));
     }
 
     #[test]

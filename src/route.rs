@@ -1,12 +1,12 @@
 //! Choosing who a request acts as: the `QBProxy-Identity` header (an
-//! identity or a pool name), else a configured path prefix (stripped before
-//! forwarding), else the default. Pure lookups; no I/O.
+//! identity or a pool name), else a configured path prefix of the
+//! canonical path (stripped before forwarding), else the default. Pure
+//! lookups; no I/O.
 
 use std::collections::HashMap;
 use std::sync::Arc;
 
-use http::uri::PathAndQuery;
-use http::{HeaderMap, HeaderName};
+use http::{HeaderName, HeaderValue};
 
 use crate::error::ProxyError;
 use crate::pool::Pool;
@@ -64,68 +64,38 @@ impl Router {
         }
     }
 
-    pub fn default_target(&self) -> &Target {
-        &self.default
-    }
-
     /// The identity or pool called `name`.
     pub fn named(&self, name: &str) -> Option<&Target> {
         self.by_name.get(name)
     }
 
-    /// The target for a request, and its path with a matched prefix removed
-    /// (`None`: forward the path as it is).
-    pub fn route(
+    /// The target for a request, and its canonical path with a matched
+    /// prefix removed (`named`: the `QBProxy-Identity` header, if sent).
+    pub fn route<'p>(
         &self,
-        headers: &HeaderMap,
-        pq: &PathAndQuery,
-    ) -> Result<(&Target, Option<PathAndQuery>), ProxyError> {
-        if let Some(name) = headers.get(IDENTITY_HEADER) {
+        named: Option<&HeaderValue>,
+        path: &'p str,
+    ) -> Result<(&Target, &'p str), ProxyError> {
+        if let Some(name) = named {
             let name = name.to_str().unwrap_or("");
             return match self.by_name.get(name) {
-                Some(t) => Ok((t, None)),
+                Some(t) => Ok((t, path)),
                 None => Err(ProxyError::UnknownIdentity {
                     name: name.chars().take(64).collect(),
                     valid: self.valid.clone(),
                 }),
             };
         }
-        let path = pq.path();
         for (prefix, target) in &self.prefixes {
             if let Some(rest) = path.strip_prefix(prefix.as_str()) {
-                if rest.is_empty() || rest.starts_with('/') {
-                    return Ok((target, Some(strip(pq, prefix.len()))));
+                if rest.is_empty() {
+                    return Ok((target, "/"));
+                }
+                if rest.starts_with('/') {
+                    return Ok((target, rest));
                 }
             }
         }
-        Ok((&self.default, None))
-    }
-}
-
-/// `pq` without its first `n` bytes (a prefix of the path), bytes otherwise
-/// untouched; an emptied path becomes `/`.
-fn strip(pq: &PathAndQuery, n: usize) -> PathAndQuery {
-    let rest = &pq.as_str()[n..];
-    let rest = if rest.is_empty() || rest.starts_with('?') {
-        format!("/{rest}")
-    } else {
-        rest.to_owned()
-    };
-    // A suffix of a valid path-and-query, with a leading slash, is valid.
-    PathAndQuery::try_from(rest).unwrap_or_else(|_| PathAndQuery::from_static("/"))
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn prefix_stripping_keeps_bytes() {
-        let pq = PathAndQuery::from_static("/bot/users.json?a=%2C&b=c+d");
-        assert_eq!(strip(&pq, 4).as_str(), "/users.json?a=%2C&b=c+d");
-        let pq = PathAndQuery::from_static("/bot?x=1");
-        assert_eq!(strip(&pq, 4).as_str(), "/?x=1");
-        let pq = PathAndQuery::from_static("/bot");
-        assert_eq!(strip(&pq, 4).as_str(), "/");
+        Ok((&self.default, path))
     }
 }

@@ -1,25 +1,37 @@
 //! Listeners: accept connections, serve HTTP/1.1 and HTTP/2 (detected per
 //! connection) with a handler, and on shutdown stop accepting and drain the
 //! open connections under a grace period.
+//!
+//! Each connection is driven by [`drive`], which also holds it to its
+//! deadlines, whatever the protocol: a connection with no request in flight
+//! for `header_read_timeout` is closed (HTTP/2 with GOAWAY: a client that
+//! only answers PINGs holds no slot for long); a response the client does
+//! not read for `send_timeout` gets the connection closed, which drops the
+//! response and frees its upstream slot; and a handler may ask for the
+//! connection to close after its answer ([`Conn::close`]).
 
 use std::convert::Infallible;
 use std::future::Future;
 use std::net::SocketAddr;
-use std::sync::Arc;
+use std::pin::{pin, Pin};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll};
 use std::time::Duration;
 
 use arc_swap::{ArcSwap, ArcSwapOption};
+use bytes::Bytes;
 use http::{Request, Response};
+use http_body::{Body as HttpBody, Frame, SizeHint};
 use hyper::body::Incoming;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
-use hyper_util::server::graceful::GracefulShutdown;
 use tokio::net::TcpListener;
-use tokio::sync::{watch, Semaphore};
+use tokio::sync::{watch, Notify, Semaphore};
 use tokio_rustls::TlsAcceptor;
 
-use crate::body::Body;
+use crate::body::{Body, BoxError};
 
 /// How a listener treats its connections.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -27,13 +39,170 @@ pub struct Options {
     /// Open connections at most; past it, new ones wait in the kernel's
     /// accept queue rather than being accepted and starved.
     pub max_connections: usize,
-    /// Time to send a request's headers; also how long an idle HTTP/1
-    /// keep-alive connection is kept. Cuts off slowloris clients.
+    /// Time to send a request's headers; also how long a connection with
+    /// no request in flight is kept (HTTP/1 keep-alive, HTTP/2 idle).
     pub header_read_timeout: Duration,
     /// The header limit the handler enforces (431 in JSON); hyper's own
     /// buffers are sized above it so the handler gets to answer.
     pub max_header_bytes: usize,
+    /// How long a response may wait for the client to read it.
+    pub send_timeout: Duration,
+    /// Requests in flight on one connection (HTTP/2 concurrent streams).
+    pub max_streams: u32,
     pub shutdown_grace: Duration,
+}
+
+/// HTTP/2 receive windows: what a client may send before qbproxy reads it.
+/// Small enough that connections cannot pile up unread request bodies
+/// (hyper's default is 1 MiB each), large enough for uploads on a LAN.
+const H2_STREAM_WINDOW: u32 = 64 * 1024;
+const H2_CONNECTION_WINDOW: u32 = 256 * 1024;
+
+/// What a handler knows of the connection a request came on.
+#[derive(Clone)]
+pub struct Conn {
+    peer: SocketAddr,
+    local: SocketAddr,
+    state: Arc<ConnState>,
+}
+
+impl Conn {
+    pub fn peer(&self) -> SocketAddr {
+        self.peer
+    }
+
+    /// The address the connection was accepted on.
+    pub fn local(&self) -> SocketAddr {
+        self.local
+    }
+
+    /// Closes the connection once the answers in flight are sent
+    /// (`Connection: close` on HTTP/1, GOAWAY on HTTP/2).
+    pub fn close(&self) {
+        self.state.close.store(true, Ordering::Release);
+        self.state.wake.notify_one();
+    }
+}
+
+/// A connection's bookkeeping, shared by its driver and its requests.
+#[derive(Default)]
+struct ConnState {
+    /// Requests in flight: from arrival until the response body is done.
+    active: AtomicUsize,
+    /// The driver's clock, in ticks; a response body stamps it when the
+    /// connection asks it for data.
+    tick: AtomicU64,
+    /// The tick at which `active` last fell to zero.
+    idle_since: AtomicU64,
+    /// Response bodies being sent: the tick they were last asked for data.
+    sending: Mutex<Vec<Arc<AtomicU64>>>,
+    close: AtomicBool,
+    wake: Notify,
+}
+
+/// A response body's stamp once it is done.
+const DONE: u64 = u64::MAX;
+
+impl ConnState {
+    /// True if a response body has not been asked for data for `limit`
+    /// ticks: the client is not reading it.
+    fn stalled(&self, now: u64, limit: u64) -> bool {
+        let mut sending = self.sending.lock().unwrap_or_else(|p| p.into_inner());
+        sending.retain(|s| s.load(Ordering::Acquire) != DONE);
+        sending
+            .iter()
+            .any(|s| now.saturating_sub(s.load(Ordering::Acquire)) >= limit)
+    }
+}
+
+/// Counts a request in flight from its arrival until dropped (with its
+/// response body, or with the handler if the client went away first).
+struct InFlight(Arc<ConnState>);
+
+impl InFlight {
+    fn new(state: &Arc<ConnState>) -> InFlight {
+        state.active.fetch_add(1, Ordering::AcqRel);
+        InFlight(state.clone())
+    }
+}
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        if self.0.active.fetch_sub(1, Ordering::AcqRel) == 1 {
+            let now = self.0.tick.load(Ordering::Acquire);
+            self.0.idle_since.store(now, Ordering::Release);
+        }
+    }
+}
+
+/// A response body on its way to the client: stamps when it is asked for
+/// data, and keeps its request counted in flight until done.
+pub struct Tracked {
+    inner: Body,
+    stamp: Arc<AtomicU64>,
+    _in_flight: InFlight,
+}
+
+impl Tracked {
+    fn new(inner: Body, in_flight: InFlight) -> Tracked {
+        let state = &in_flight.0;
+        let stamp = Arc::new(AtomicU64::new(state.tick.load(Ordering::Acquire)));
+        state
+            .sending
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .push(stamp.clone());
+        Tracked {
+            inner,
+            stamp,
+            _in_flight: in_flight,
+        }
+    }
+}
+
+impl Drop for Tracked {
+    fn drop(&mut self) {
+        self.stamp.store(DONE, Ordering::Release);
+    }
+}
+
+impl HttpBody for Tracked {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        let this = self.get_mut();
+        let now = this._in_flight.0.tick.load(Ordering::Relaxed);
+        this.stamp.store(now, Ordering::Relaxed);
+        Pin::new(&mut this.inner).poll_frame(cx)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+/// Counts open connections for the drain; the server waits for zero.
+struct Open(watch::Sender<usize>);
+
+impl Open {
+    fn new(count: &watch::Sender<usize>) -> Open {
+        count.send_modify(|n| *n += 1);
+        Open(count.clone())
+    }
+}
+
+impl Drop for Open {
+    fn drop(&mut self) {
+        self.0.send_modify(|n| *n -= 1);
+    }
 }
 
 /// Serves `handler` on `listener` until `shutdown` turns true, then drains
@@ -48,14 +217,15 @@ pub async fn serve<H, F>(
     options: Arc<ArcSwap<Options>>,
     tls: Arc<ArcSwapOption<rustls::ServerConfig>>,
 ) where
-    H: Fn(Request<Incoming>, SocketAddr) -> F + Clone + Send + Sync + 'static,
+    H: Fn(Request<Incoming>, Conn) -> F + Clone + Send + Sync + 'static,
     F: Future<Output = Response<Body>> + Send + 'static,
 {
     let mut current = **options.load();
     let mut builder = connection_builder(&current);
     let permits = Arc::new(Semaphore::new(current.max_connections));
-    let graceful = GracefulShutdown::new();
-    if let Ok(addr) = listener.local_addr() {
+    let open = watch::channel(0usize).0;
+    let local = listener.local_addr().ok();
+    if let Some(addr) = local {
         tracing::info!(listener = name, %addr, "listening");
     }
     loop {
@@ -90,25 +260,31 @@ pub async fn serve<H, F>(
                 Ok((stream, peer)) => {
                     // Latency over batching: responses are small and many.
                     let _ = stream.set_nodelay(true);
+                    let local = stream.local_addr().ok().or(local).unwrap_or(peer);
+                    let state = Arc::new(ConnState::default());
+                    let conn = Conn { peer, local, state: state.clone() };
                     let handler = handler.clone();
                     let service = service_fn(move |req| {
-                        let response = handler(req, peer);
-                        async move { Ok::<_, Infallible>(response.await) }
+                        let in_flight = InFlight::new(&conn.state);
+                        let response = handler(req, conn.clone());
+                        async move {
+                            let response = response.await;
+                            Ok::<_, Infallible>(response.map(|b| Tracked::new(b, in_flight)))
+                        }
                     });
                     let builder = builder.clone();
-                    let watcher = graceful.watcher();
+                    let shutdown = shutdown.clone();
                     let tls = tls.load_full();
-                    let handshake_timeout = current.header_read_timeout;
+                    let options = current;
+                    let open = Open::new(&open);
                     tokio::spawn(async move {
                         let _permit = permit;
+                        let _open = open;
                         let result = match tls {
-                            None => {
-                                let conn = builder.serve_connection(TokioIo::new(stream), service);
-                                watcher.watch(conn.into_owned()).await
-                            }
+                            None => drive(&builder, TokioIo::new(stream), service, &state, shutdown, &options, peer, name).await,
                             Some(config) => {
                                 let accept = TlsAcceptor::from(config).accept(stream);
-                                let stream = match tokio::time::timeout(handshake_timeout, accept).await {
+                                let stream = match tokio::time::timeout(options.header_read_timeout, accept).await {
                                     Ok(Ok(stream)) => stream,
                                     Ok(Err(e)) => {
                                         tracing::info!(listener = name, %peer, error = %e, "TLS handshake refused");
@@ -119,8 +295,7 @@ pub async fn serve<H, F>(
                                         return;
                                     }
                                 };
-                                let conn = builder.serve_connection(TokioIo::new(stream), service);
-                                watcher.watch(conn.into_owned()).await
+                                drive(&builder, TokioIo::new(stream), service, &state, shutdown, &options, peer, name).await
                             }
                         };
                         if let Err(e) = result {
@@ -149,12 +324,93 @@ pub async fn serve<H, F>(
         grace_s = grace.as_secs_f64(),
         "stopped accepting; draining connections"
     );
-    match tokio::time::timeout(grace, graceful.shutdown()).await {
-        Ok(()) => tracing::info!(listener = name, "all connections drained"),
-        Err(_) => tracing::warn!(
+    let mut open_count = open.subscribe();
+    let drained = tokio::time::timeout(grace, open_count.wait_for(|n| *n == 0))
+        .await
+        .is_ok();
+    match drained {
+        true => tracing::info!(listener = name, "all connections drained"),
+        false => tracing::warn!(
             listener = name,
             "grace period over with requests still in flight; closing them"
         ),
+    }
+}
+
+/// Serves one connection until it ends, holding it to its deadlines (see
+/// the module's documentation). On shutdown it finishes the requests in
+/// flight and closes.
+#[allow(clippy::too_many_arguments)]
+async fn drive<I, S>(
+    builder: &auto::Builder<TokioExecutor>,
+    io: I,
+    service: S,
+    state: &Arc<ConnState>,
+    mut shutdown: watch::Receiver<bool>,
+    options: &Options,
+    peer: SocketAddr,
+    name: &'static str,
+) -> Result<(), BoxError>
+where
+    I: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
+    S: hyper::service::Service<Request<Incoming>, Response = Response<Tracked>, Error = Infallible>
+        + Send
+        + 'static,
+    S::Future: Send + 'static,
+{
+    let mut conn = pin!(builder.serve_connection(io, service));
+    // Deadlines are checked on a tick: a few per timeout, so a connection
+    // closes between one and 1.25 timeouts after it went quiet.
+    let period =
+        (options.header_read_timeout.min(options.send_timeout) / 4).max(Duration::from_millis(5));
+    let ticks = |d: Duration| (d.as_nanos() / period.as_nanos()).max(1) as u64;
+    let (idle_limit, send_limit) = (
+        ticks(options.header_read_timeout),
+        ticks(options.send_timeout),
+    );
+    let mut ticker = tokio::time::interval_at(tokio::time::Instant::now() + period, period);
+    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut closing_since: Option<u64> = None;
+    if *shutdown.borrow() {
+        conn.as_mut().graceful_shutdown();
+        closing_since = Some(0);
+    }
+    loop {
+        tokio::select! {
+            result = conn.as_mut() => return result,
+            changed = shutdown.changed(), if closing_since.is_none() => {
+                if changed.is_err() || *shutdown.borrow() {
+                    conn.as_mut().graceful_shutdown();
+                    closing_since = Some(state.tick.load(Ordering::Acquire));
+                }
+            }
+            () = state.wake.notified(), if closing_since.is_none() => {
+                if state.close.load(Ordering::Acquire) {
+                    conn.as_mut().graceful_shutdown();
+                    closing_since = Some(state.tick.load(Ordering::Acquire));
+                }
+            }
+            _ = ticker.tick() => {
+                let now = state.tick.fetch_add(1, Ordering::AcqRel) + 1;
+                if state.stalled(now, send_limit) {
+                    tracing::info!(listener = name, %peer, send_timeout_s = options.send_timeout.as_secs_f64(),
+                        "the client did not read a response within limits.send_timeout; closing its connection");
+                    return Ok(());
+                }
+                let idle = state.active.load(Ordering::Acquire) == 0;
+                match closing_since {
+                    None if idle && now.saturating_sub(state.idle_since.load(Ordering::Acquire)) >= idle_limit => {
+                        tracing::debug!(listener = name, %peer, "no request for limits.header_read_timeout; closing the connection");
+                        conn.as_mut().graceful_shutdown();
+                        closing_since = Some(now);
+                    }
+                    // Closing, nothing in flight, and still not closed: the
+                    // client is not reading what is left to write.
+                    Some(since) if idle && now.saturating_sub(since) >= send_limit => return Ok(()),
+                    _ => {}
+                }
+            }
+        }
     }
 }
 
@@ -172,6 +428,9 @@ fn connection_builder(options: &Options) -> auto::Builder<TokioExecutor> {
         .http2()
         .timer(TokioTimer::new())
         .max_header_list_size(u32::try_from(buffer).unwrap_or(u32::MAX))
+        .max_concurrent_streams(options.max_streams)
+        .initial_stream_window_size(H2_STREAM_WINDOW)
+        .initial_connection_window_size(H2_CONNECTION_WINDOW)
         .keep_alive_interval(Some(options.header_read_timeout))
         .keep_alive_timeout(options.header_read_timeout);
     builder

@@ -13,15 +13,18 @@
 //! The task only ever talks to a [`Source`], so the scheduling here is
 //! tested with paused time and an in-memory source.
 
+use std::collections::HashMap;
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, OnceLock};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, SystemTime};
 
 use arc_swap::ArcSwap;
+use bytes::Bytes;
 use http::{HeaderMap, HeaderValue, StatusCode};
 use rand::Rng;
+use sha1::{Digest, Sha1};
 use tokio::sync::{watch, Notify};
 use tokio::task::AbortHandle;
 use tokio::time::{sleep_until, timeout_at, Instant};
@@ -70,12 +73,100 @@ impl SessionError {
 }
 
 /// What a [`Source`] returns: a fresh token and what QuickBlox said of it.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, Default)]
 pub struct NewSession {
     pub token: String,
     pub user_id: u64,
     /// Time left before the session lapses if unused.
     pub lifetime: Duration,
+    /// The session object QuickBlox returned, without its token (see
+    /// [`public_fields`]): what `GET /session.json` is answered with.
+    pub public: serde_json::Map<String, serde_json::Value>,
+}
+
+/// The fields of QuickBlox's session object that a client may see. A
+/// list of what is allowed rather than of what is not: a field QuickBlox
+/// adds one day (a refresh token, say) stays inside qbproxy.
+pub const PUBLIC_FIELDS: [&str; 8] = [
+    "application_id",
+    "created_at",
+    "id",
+    "nonce",
+    "ts",
+    "updated_at",
+    "user_id",
+    "_id",
+];
+
+/// The client-visible part of a session object: [`PUBLIC_FIELDS`] only.
+pub fn public_fields(
+    session: &serde_json::Map<String, serde_json::Value>,
+) -> serde_json::Map<String, serde_json::Value> {
+    session
+        .iter()
+        .filter(|(k, _)| PUBLIC_FIELDS.contains(&k.as_str()))
+        .map(|(k, v)| (k.clone(), v.clone()))
+        .collect()
+}
+
+/// Every token qbproxy holds, and those it held within a session's
+/// lifetime, as SHA-1 digests, across all identities. With
+/// `client_token = "keep"` a client that sends one of them back is refused:
+/// it could only have it by theft, and could use it to destroy or upgrade
+/// a session others share. Digests, so that looking one up compares
+/// digests, never token bytes.
+#[derive(Clone, Default)]
+pub struct HeldTokens {
+    inner: Arc<Mutex<HeldInner>>,
+}
+
+#[derive(Default)]
+struct HeldInner {
+    /// `None`: held now; `Some(t)`: replaced, remembered until `t`.
+    tokens: HashMap<[u8; 20], Option<Instant>>,
+    /// Prune replaced tokens once the map reaches this size.
+    prune_at: usize,
+}
+
+impl HeldTokens {
+    fn digest(token: &[u8]) -> [u8; 20] {
+        Sha1::digest(token).into()
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, HeldInner> {
+        self.inner.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// A session was created with `token`.
+    fn hold(&self, token: &[u8]) {
+        let mut inner = self.lock();
+        inner.tokens.insert(Self::digest(token), None);
+        if inner.tokens.len() >= inner.prune_at {
+            let now = Instant::now();
+            inner
+                .tokens
+                .retain(|_, until| until.is_none_or(|t| t > now));
+            inner.prune_at = (inner.tokens.len() * 2).max(64);
+        }
+    }
+
+    /// `token` is no longer used; it may still be alive at QuickBlox for a
+    /// session's lifetime.
+    fn release(&self, token: &[u8]) {
+        let until = Instant::now() + qb::SESSION_LIFETIME;
+        if let Some(entry) = self.lock().tokens.get_mut(&Self::digest(token)) {
+            *entry = Some(until);
+        }
+    }
+
+    /// True if qbproxy holds `token`, or held it within a session's lifetime.
+    pub fn contains(&self, token: &[u8]) -> bool {
+        let now = Instant::now();
+        self.lock()
+            .tokens
+            .get(&Self::digest(token))
+            .is_some_and(|until| until.is_none_or(|t| t > now))
+    }
 }
 
 /// Creates sessions: the real one signs and posts to QuickBlox
@@ -152,6 +243,9 @@ pub struct Session {
     /// When the expiry was last updated. Expiry dates have one-second
     /// resolution, so uses within the same second skip the header parsing.
     touched_ms: AtomicU64,
+    /// `{"session":{...}}` without the token: the answer to a client's
+    /// `GET /session.json`.
+    public: Bytes,
 }
 
 impl Session {
@@ -169,6 +263,12 @@ impl Session {
 
     pub fn created_at(&self) -> SystemTime {
         self.created_at
+    }
+
+    /// The session as QuickBlox describes it, token left out:
+    /// `{"session":{"application_id":..,"id":..,"user_id":..,...}}`.
+    pub fn public_json(&self) -> &Bytes {
+        &self.public
     }
 
     /// A short prefix of the token, safe for logs.
@@ -241,10 +341,18 @@ struct Shared {
     task: OnceLock<AbortHandle>,
     /// Sessions created, by reason (for the admin API).
     renewals: [AtomicU64; 4],
+    /// The tokens of every identity, for `client_token = "keep"`.
+    held: HeldTokens,
 }
 
 impl Identity {
-    pub fn new(info: Info, source: Box<dyn Source>, policy: Policy, metrics: &Metrics) -> Self {
+    pub fn new(
+        info: Info,
+        source: Box<dyn Source>,
+        policy: Policy,
+        metrics: &Metrics,
+        held: &HeldTokens,
+    ) -> Self {
         let metrics = metrics.identity(&info.name, info.pool.as_deref());
         Identity {
             shared: Arc::new(Shared {
@@ -260,6 +368,7 @@ impl Identity {
                 wake: Notify::new(),
                 task: OnceLock::new(),
                 renewals: Default::default(),
+                held: held.clone(),
             }),
         }
     }
@@ -313,10 +422,14 @@ impl Identity {
         self.shared.task.get().is_some()
     }
 
-    /// Stops the renewal task (at shutdown).
+    /// Stops the renewal task (at shutdown, or when a reload removes the
+    /// identity). Its token counts as recently held from now on.
     pub fn stop(&self) {
         if let Some(task) = self.shared.task.get() {
             task.abort();
+        }
+        if let Some(s) = self.current() {
+            self.shared.held.release(s.token.as_bytes());
         }
     }
 
@@ -667,11 +780,14 @@ async fn attempt(
                     return fail(shared, reason, e, &old, backoff);
                 }
             };
+            let created_at = SystemTime::now();
+            let public = public_body(&new, created_at);
             let session = Arc::new(Session {
                 token,
                 generation: *generation,
                 user_id: new.user_id,
-                created_at: SystemTime::now(),
+                public,
+                created_at,
                 created_ms: now_ms,
                 expires_at_ms: AtomicU64::new(now_ms.saturating_add(millis(new.lifetime))),
                 touched_ms: AtomicU64::new(now_ms),
@@ -769,7 +885,31 @@ fn fail(
     Some((Instant::now() + delay, reason))
 }
 
+/// `{"session":{...}}` for a client: QuickBlox's public fields, or what
+/// qbproxy knows when the source gave none.
+fn public_body(new: &NewSession, created_at: SystemTime) -> Bytes {
+    let mut fields = public_fields(&new.public);
+    if fields.is_empty() {
+        fields.insert("user_id".into(), new.user_id.into());
+        let created = time::OffsetDateTime::from(created_at)
+            .format(&time::format_description::well_known::Rfc3339)
+            .unwrap_or_default();
+        fields.insert("created_at".into(), created.into());
+    }
+    Bytes::from(serde_json::json!({ "session": fields }).to_string())
+}
+
 fn publish(shared: &Shared, state: State) {
+    let old = shared.state.load();
+    let (before, after) = (old.session.as_ref(), state.session.as_ref());
+    if before.map(|s| s.generation) != after.map(|s| s.generation) {
+        if let Some(s) = after {
+            shared.held.hold(s.token.as_bytes());
+        }
+        if let Some(s) = before {
+            shared.held.release(s.token.as_bytes());
+        }
+    }
     shared.state.store(Arc::new(state));
     shared.changes.send_modify(|n| *n += 1);
 }
@@ -833,6 +973,7 @@ mod tests {
                     token: format!("token-{n}"),
                     user_id: 7,
                     lifetime,
+                    public: serde_json::Map::new(),
                 })
             })
         }
@@ -869,7 +1010,13 @@ mod tests {
             pool: None,
             kind: "login",
         };
-        let id = Identity::new(info, Box::new(script.clone()), policy, &Metrics::new());
+        let id = Identity::new(
+            info,
+            Box::new(script.clone()),
+            policy,
+            &Metrics::new(),
+            &HeldTokens::default(),
+        );
         (id, script)
     }
 
@@ -1123,7 +1270,13 @@ mod tests {
             pool: Some("load".into()),
             kind: "login",
         };
-        let id = Identity::new(info, Box::new(script.clone()), policy, &Metrics::new());
+        let id = Identity::new(
+            info,
+            Box::new(script.clone()),
+            policy,
+            &Metrics::new(),
+            &HeldTokens::default(),
+        );
         assert_eq!(id.status().state, "idle");
         id.start();
         next_change(&id).await;

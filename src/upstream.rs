@@ -9,7 +9,6 @@ use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use bytes::Bytes;
-use http::uri::PathAndQuery;
 use http::{header, HeaderMap, HeaderValue, Method, Request, StatusCode};
 use http_body_util::{BodyExt, Limited};
 use hyper_rustls::HttpsConnector;
@@ -198,7 +197,7 @@ impl SessionCreator {
         let body = self.params().await?.to_json().to_string();
         let uri = self
             .upstream
-            .uri_for(&PathAndQuery::from_static("/session.json"))
+            .uri_for(crate::qb::SESSION_CREATE_PATH, None)
             .map_err(|e| SessionError::BadResponse(e.to_string()))?;
         let mut req = Request::new(Body::full(body));
         *req.method_mut() = Method::POST;
@@ -301,6 +300,9 @@ fn parse_session(answer: &Answer) -> Result<NewSession, SessionError> {
         token: String,
         #[serde(default)]
         user_id: Option<u64>,
+        /// Everything else, for the client's `GET /session.json`.
+        #[serde(flatten)]
+        rest: serde_json::Map<String, serde_json::Value>,
     }
     let env: Envelope = serde_json::from_slice(&answer.body).map_err(|e| {
         SessionError::BadResponse(format!(
@@ -319,10 +321,14 @@ fn parse_session(answer: &Answer) -> Result<NewSession, SessionError> {
         SystemTime::now(),
     )
     .unwrap_or(qb::SESSION_LIFETIME);
+    let user_id = env.session.user_id.unwrap_or(0);
+    let mut public = crate::session::public_fields(&env.session.rest);
+    public.insert("user_id".into(), user_id.into());
     Ok(NewSession {
         token: env.session.token,
-        user_id: env.session.user_id.unwrap_or(0),
+        user_id,
         lifetime,
+        public,
     })
 }
 

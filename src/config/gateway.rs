@@ -40,13 +40,27 @@ pub struct LimitsConfig {
     /// Open client connections; past it, new ones wait in the kernel's
     /// accept queue.
     pub max_connections: usize,
-    /// Time a client has to send a request's headers, and the longest an
-    /// idle keep-alive connection is kept (HTTP/1).
+    /// Time a client has to send a request's headers, and the longest a
+    /// connection with no request in flight is kept (HTTP/1 and HTTP/2).
     pub header_read_timeout: Duration,
+    /// The longest wait for a request body's next bytes. Over it: 408.
+    pub body_read_timeout: Duration,
+    /// Request body bytes held for replays, across every request at once.
+    /// Past it, a body streams without a replay buffer.
+    pub max_buffered_bytes: usize,
+    /// The longest a response waits for the client to read it; past it the
+    /// connection is closed and its upstream slots freed.
+    pub send_timeout: Duration,
+    /// Requests in flight on one connection at most (HTTP/2 streams).
+    pub max_streams_per_connection: u32,
 }
 
 /// A path rule: `"DELETE /users/*"`, `"/chat/*"` (any method), `"GET *"`.
-/// `*` matches any run of characters, slashes included.
+/// `*` matches any run of characters, slashes included. The pattern is
+/// kept in route-key form (lowercase, no format suffix, no trailing
+/// slash) and compared with a request's route key, so `"DELETE /users/*"`
+/// holds for `/Users/5.xml` and `//users/5` as well. A `GET` rule also
+/// holds for `HEAD`, which servers route as `GET`.
 #[derive(Debug, Clone)]
 pub struct PathRule {
     pub text: String,
@@ -55,8 +69,13 @@ pub struct PathRule {
 }
 
 impl PathRule {
-    pub fn matches(&self, method: &Method, path: &str) -> bool {
-        self.method.as_ref().is_none_or(|m| m == method) && glob(&self.pattern, path)
+    /// `key` is a route key ([`crate::canonical::route_key`]).
+    pub fn matches(&self, method: &Method, key: &str) -> bool {
+        let method_matches = match &self.method {
+            None => true,
+            Some(m) => m == method || (*m == Method::GET && method == Method::HEAD),
+        };
+        method_matches && glob(&self.pattern, key)
     }
 }
 
@@ -104,6 +123,14 @@ pub(super) struct RawLimits {
     max_connections: usize,
     #[serde(default = "default_header_read_timeout")]
     header_read_timeout: String,
+    #[serde(default = "default_body_read_timeout")]
+    body_read_timeout: String,
+    #[serde(default = "default_max_buffered_bytes")]
+    max_buffered_bytes: usize,
+    #[serde(default = "default_send_timeout")]
+    send_timeout: String,
+    #[serde(default = "default_max_streams_per_connection")]
+    max_streams_per_connection: u32,
 }
 
 impl Default for RawLimits {
@@ -113,8 +140,25 @@ impl Default for RawLimits {
             max_body_bytes: default_max_body_bytes(),
             max_connections: default_max_connections(),
             header_read_timeout: default_header_read_timeout(),
+            body_read_timeout: default_body_read_timeout(),
+            max_buffered_bytes: default_max_buffered_bytes(),
+            send_timeout: default_send_timeout(),
+            max_streams_per_connection: default_max_streams_per_connection(),
         }
     }
+}
+
+fn default_body_read_timeout() -> String {
+    "10s".into()
+}
+fn default_max_buffered_bytes() -> usize {
+    64 * 1024 * 1024
+}
+fn default_send_timeout() -> String {
+    "30s".into()
+}
+fn default_max_streams_per_connection() -> u32 {
+    100
 }
 
 fn default_max_header_bytes() -> usize {
@@ -237,12 +281,22 @@ impl Validator<'_> {
         if raw.max_connections == 0 {
             return Err(self.invalid("limits.max_connections", "must be greater than zero"));
         }
+        if raw.max_streams_per_connection == 0 {
+            return Err(self.invalid(
+                "limits.max_streams_per_connection",
+                "must be greater than zero",
+            ));
+        }
         Ok(LimitsConfig {
             max_header_bytes: raw.max_header_bytes,
             max_body_bytes: raw.max_body_bytes,
             max_connections: raw.max_connections,
             header_read_timeout: self
                 .positive("limits.header_read_timeout", &raw.header_read_timeout)?,
+            body_read_timeout: self.positive("limits.body_read_timeout", &raw.body_read_timeout)?,
+            max_buffered_bytes: raw.max_buffered_bytes,
+            send_timeout: self.positive("limits.send_timeout", &raw.send_timeout)?,
+            max_streams_per_connection: raw.max_streams_per_connection,
         })
     }
 
@@ -312,7 +366,14 @@ impl Validator<'_> {
             Some(("*", p)) => (None, p.trim()),
             Some((m, p)) => {
                 let method = Method::from_bytes(m.as_bytes())
-                    .map_err(|_| self.invalid(key, format!("{text:?}: {m:?} is not a method")))?;
+                    .ok()
+                    .filter(crate::canonical::method_allowed)
+                    .ok_or_else(|| {
+                        self.invalid(
+                            key,
+                            format!("{text:?}: {m:?} is not one of {}", crate::canonical::ALLOW),
+                        )
+                    })?;
                 (Some(method), p.trim())
             }
             None => (None, text),
@@ -323,12 +384,50 @@ impl Validator<'_> {
                 format!("{text:?}: write \"[METHOD] /path/*\", e.g. \"DELETE /users/*\""),
             ));
         }
+        // Rules are written as the canonical paths they compare against.
+        let canonical = pattern == "*"
+            || (!pattern.contains(['%', '\\', '?', '#'])
+                && crate::canonical::path(pattern).is_ok_and(|c| c == pattern));
+        if !canonical {
+            return Err(self.invalid(
+                key,
+                format!("{text:?}: write the path plainly: no %-escapes, '\\', '?', '//', '.' or '..' segments"),
+            ));
+        }
         Ok(PathRule {
             text: text.to_owned(),
             method,
-            pattern: pattern.to_owned(),
+            pattern: rule_key(pattern).ok_or_else(|| {
+                self.invalid(
+                    key,
+                    format!("{text:?}: no '*' in a format suffix: a rule holds for every format (.json, .xml, none) already"),
+                )
+            })?,
         })
     }
+}
+
+/// A rule's pattern in route-key form: lowercase, the format suffix of its
+/// last segment and trailing slashes dropped. `None` if the suffix holds a
+/// `*` (it would not mean what it says once formats are folded).
+fn rule_key(pattern: &str) -> Option<String> {
+    if pattern == "*" {
+        return Some(pattern.to_owned());
+    }
+    let lower = pattern.to_ascii_lowercase();
+    let trimmed = lower.trim_end_matches('/');
+    let last = trimmed.rfind('/').map_or(0, |i| i + 1);
+    let stem = match trimmed[last..].find('.') {
+        Some(dot) if trimmed[last + dot..].contains('*') => return None,
+        Some(dot) => &trimmed[..last + dot],
+        None => trimmed,
+    };
+    let stem = stem.trim_end_matches('/');
+    Some(if stem.is_empty() {
+        "/".into()
+    } else {
+        stem.to_owned()
+    })
 }
 
 #[cfg(test)]
@@ -347,5 +446,30 @@ mod tests {
         assert!(!glob("/a*bc", "/abc/x"));
         assert!(glob("/exact.json", "/exact.json"));
         assert!(!glob("/exact.json", "/exact.json/x"));
+    }
+
+    #[test]
+    fn rule_patterns_take_route_key_form() {
+        assert_eq!(rule_key("/users/*").as_deref(), Some("/users/*"));
+        assert_eq!(rule_key("/Users/*.json").as_deref(), Some("/users/*"));
+        assert_eq!(rule_key("/users.json").as_deref(), Some("/users"));
+        assert_eq!(rule_key("/users/").as_deref(), Some("/users"));
+        assert_eq!(
+            rule_key("/chat/*/Messages*").as_deref(),
+            Some("/chat/*/messages*")
+        );
+        assert_eq!(rule_key("*").as_deref(), Some("*"));
+        assert_eq!(rule_key("/a.*"), None);
+        let rule = PathRule {
+            text: "GET /users/*".into(),
+            method: Some(Method::GET),
+            pattern: "/users/*".into(),
+        };
+        assert!(rule.matches(&Method::GET, "/users/5"));
+        assert!(
+            rule.matches(&Method::HEAD, "/users/5"),
+            "HEAD is routed as GET"
+        );
+        assert!(!rule.matches(&Method::DELETE, "/users/5"));
     }
 }

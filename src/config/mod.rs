@@ -98,14 +98,19 @@ pub struct UpstreamConfig {
 }
 
 impl UpstreamConfig {
-    /// The absolute URI for `pq` on the upstream. The client's bytes are
-    /// kept as they are: nothing is decoded or re-encoded.
-    pub fn uri_for(&self, pq: &PathAndQuery) -> Result<Uri, http::Error> {
-        let pq = if self.base_path.is_empty() {
-            pq.clone()
-        } else {
-            PathAndQuery::try_from(format!("{}{}", self.base_path, pq.as_str()))?
-        };
+    /// The absolute URI for `path` (canonical) and `query` (as the client
+    /// sent it) on the upstream. Nothing is re-encoded.
+    pub fn uri_for(&self, path: &str, query: Option<&str>) -> Result<Uri, http::Error> {
+        let mut pq = String::with_capacity(
+            self.base_path.len() + path.len() + query.map_or(0, |q| q.len() + 1),
+        );
+        pq.push_str(&self.base_path);
+        pq.push_str(path);
+        if let Some(q) = query {
+            pq.push('?');
+            pq.push_str(q);
+        }
+        let pq = PathAndQuery::try_from(pq)?;
         Uri::builder()
             .scheme(self.scheme.clone())
             .authority(self.authority.clone())
@@ -725,8 +730,7 @@ auth_secret = "secret"
             "{MINIMAL}[upstream]\nurl = \"http://127.0.0.1:9/api/\"\n"
         ))
         .unwrap();
-        let pq = PathAndQuery::from_static("/users.json?a=%2C");
-        let uri = c.upstream.uri_for(&pq).unwrap();
+        let uri = c.upstream.uri_for("/users.json", Some("a=%2C")).unwrap();
         assert_eq!(uri.to_string(), "http://127.0.0.1:9/api/users.json?a=%2C");
     }
 }
