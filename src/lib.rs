@@ -479,4 +479,10 @@ impl Handle {
     pub fn metrics_text(&self) -> String {
         self.shared.metrics.render()
     }
+
+    /// Request body bytes held for replays right now, across every request
+    /// (bounded by `limits.max_buffered_bytes`).
+    pub fn buffered_bytes(&self) -> usize {
+        self.shared.proxy.buffered_bytes()
+    }
 }

@@ -174,7 +174,6 @@ impl Proxy {
         let live = inner.live.load_full();
         let deadline = Instant::now() + live.timeout;
         let unrouted = inner.metrics.unrouted();
-        let dropped = strip_underscored(&mut parts.headers);
         let log = Log::raw(&parts);
         let client = match live.gate.admit(conn.peer().ip(), &parts.headers) {
             Ok(client) => client,
@@ -183,7 +182,7 @@ impl Proxy {
                     // Nothing else will be served on this connection.
                     conn.close();
                 }
-                let e = hint_dropped(e, &dropped);
+                let e = hint_misspelt_key(e, &parts.headers);
                 return finish(&log, Err(e), unrouted, None, None);
             }
         };
@@ -196,6 +195,8 @@ impl Proxy {
                 return finish(&log, Err(e), metrics, identity, client);
             }
         };
+        // Decided on; now nothing spelt with '_' goes any further.
+        strip_underscored(&mut parts.headers);
         let method = parts.method.clone();
         let log = Log {
             method: &method,
@@ -797,10 +798,11 @@ fn session_answer(method: &Method, path: &str, session: &Session) -> Response<Bo
 /// Removes request headers whose names hold `_`, as nginx does by default
 /// (`underscores_in_headers off`): a server that reads `_` as `-` (CGI,
 /// Rack, PHP) would otherwise see a second `QB-Token`, `Transfer-Encoding`
-/// or `QBProxy-Key` that qbproxy never looked at. Returns their names.
-fn strip_underscored(headers: &mut HeaderMap) -> Vec<HeaderName> {
+/// or `QBProxy-Key` that qbproxy never looked at. (Method overrides in any
+/// spelling were refused before this.)
+fn strip_underscored(headers: &mut HeaderMap) {
     if !headers.keys().any(|k| k.as_str().contains('_')) {
-        return Vec::new();
+        return;
     }
     let names: Vec<HeaderName> = headers
         .keys()
@@ -811,21 +813,19 @@ fn strip_underscored(headers: &mut HeaderMap) -> Vec<HeaderName> {
         headers.remove(name);
     }
     tracing::debug!(headers = ?names, "dropped request headers with '_' in their names");
-    names
 }
 
-/// Points a client whose `QBProxy_Key` was dropped at the spelling it meant.
-fn hint_dropped(e: ProxyError, dropped: &[HeaderName]) -> ProxyError {
+/// Points a client that sent `QBProxy_Key` (which is never read, and
+/// never forwarded) at the spelling it meant.
+fn hint_misspelt_key(e: ProxyError, headers: &HeaderMap) -> ProxyError {
+    let misspelt = |n: &HeaderName| {
+        n.as_str().contains('_')
+            && canonical::same_header_name(n.as_str(), access::KEY_HEADER.as_str())
+    };
     match e {
-        ProxyError::Unauthorized(msg)
-            if dropped
-                .iter()
-                .any(|n| canonical::same_header_name(n.as_str(), access::KEY_HEADER.as_str())) =>
-        {
-            ProxyError::Unauthorized(format!(
-                "{msg} (a header spelt with '_' was ignored: write QBProxy-Key)"
-            ))
-        }
+        ProxyError::Unauthorized(msg) if headers.keys().any(misspelt) => ProxyError::Unauthorized(
+            format!("{msg} (a header spelt with '_' was ignored: write QBProxy-Key)"),
+        ),
         e => e,
     }
 }
