@@ -1,15 +1,21 @@
 //! The admin listener: `/healthz`, `/readyz`, `/metrics`, `GET /sessions`
 //! and `POST /sessions/{name}/renew`; never on the proxy port. It shows
-//! state and token prefixes, never a whole token or a secret.
+//! state and token prefixes, never a whole token or a secret. With
+//! `[admin] token`, everything but the two probes needs it as a bearer
+//! token; a POST is refused when a browser says it comes from elsewhere.
 
+use std::net::SocketAddr;
 use std::time::{Duration, SystemTime};
 
-use http::{header, HeaderValue, Method, Request, Response, StatusCode};
+use http::{header, HeaderMap, HeaderValue, Method, Request, Response, StatusCode};
 use hyper::body::Incoming;
+use sha1::{Digest, Sha1};
+use subtle::ConstantTimeEq;
 use tokio::sync::watch;
 use tokio::time::Instant;
 
 use crate::body::Body;
+use crate::credentials::Secret;
 use crate::metrics::REASONS;
 use crate::server::Conn;
 use crate::session::{Status, Unavailable};
@@ -27,9 +33,29 @@ pub struct Admin {
 }
 
 impl Admin {
-    pub async fn handle(&self, req: Request<Incoming>, _conn: Conn) -> Response<Body> {
+    pub async fn handle(&self, req: Request<Incoming>, conn: Conn) -> Response<Body> {
         let path = req.uri().path();
+        let probe = matches!(path, "/healthz" | "/readyz")
+            && matches!(*req.method(), Method::GET | Method::HEAD);
+        if !probe {
+            if let Some(token) = self.handle.config(|c| c.admin.token.clone()) {
+                if !bearer_matches(req.headers(), &token) {
+                    tracing::warn!(peer = %conn.peer(), path, "admin request without the admin token");
+                    let mut resp = json_error(
+                        StatusCode::UNAUTHORIZED,
+                        "this endpoint needs Authorization: Bearer <admin.token>",
+                    );
+                    resp.headers_mut()
+                        .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
+                    return resp;
+                }
+            }
+        }
         if req.method() == Method::POST {
+            if let Err(why) = same_origin(req.headers(), conn.local()) {
+                tracing::warn!(peer = %conn.peer(), path, why, "admin POST refused as cross-site");
+                return json_error(StatusCode::FORBIDDEN, why);
+            }
             return match path
                 .strip_prefix("/sessions/")
                 .and_then(|rest| rest.strip_suffix("/renew"))
@@ -123,6 +149,58 @@ impl Admin {
                 "the renewal did not finish in time; see GET /sessions",
             ),
         }
+    }
+}
+
+/// True if the request carries `Authorization: Bearer <token>`, compared
+/// in constant time (as digests, so neither the value nor its length leaks).
+fn bearer_matches(headers: &HeaderMap, token: &Secret) -> bool {
+    let Some(given) = headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.as_bytes().strip_prefix(b"Bearer "))
+    else {
+        return false;
+    };
+    let given: [u8; 20] = Sha1::digest(given).into();
+    let want: [u8; 20] = Sha1::digest(token.expose().as_bytes()).into();
+    bool::from(given.ct_eq(&want))
+}
+
+/// A POST must come from the admin address itself, not from a page a
+/// browser loaded elsewhere: a browser must not renew sessions by CSRF.
+/// Refused: `Sec-Fetch-Site: cross-site`, and an `Origin` whose host and
+/// port are not the address the request arrived on. Tools that send
+/// neither (curl, scripts) pass.
+fn same_origin(headers: &HeaderMap, local: SocketAddr) -> Result<(), &'static str> {
+    if headers
+        .get("sec-fetch-site")
+        .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"cross-site"))
+    {
+        return Err("cross-site requests may not POST to the admin API");
+    }
+    let Some(origin) = headers.get(header::ORIGIN) else {
+        return Ok(());
+    };
+    let origin = origin.to_str().unwrap_or("");
+    let (default_port, rest) = if let Some(r) = origin.strip_prefix("http://") {
+        (80, r)
+    } else if let Some(r) = origin.strip_prefix("https://") {
+        (443, r)
+    } else {
+        return Err("the Origin is not the admin address");
+    };
+    let authority: Option<http::uri::Authority> = rest.parse().ok();
+    let matches = authority.is_some_and(|a| {
+        let host = a.host().trim_start_matches('[').trim_end_matches(']');
+        let port = a.port_u16().unwrap_or(default_port);
+        host.parse::<std::net::IpAddr>()
+            .is_ok_and(|ip| ip.to_canonical() == local.ip().to_canonical())
+            && port == local.port()
+    });
+    if matches {
+        Ok(())
+    } else {
+        Err("the Origin is not the admin address")
     }
 }
 

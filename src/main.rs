@@ -84,8 +84,9 @@ fn main() -> ExitCode {
     match cli.command {
         Some(Command::Check) => check(&cli.config),
         Some(Command::Demo { listen, admin }) => {
-            let result =
-                runtime(threads).block_on(qbproxy::demo::run(listen, admin, shutdown_signal()));
+            let result = runtime(threads).block_on(async move {
+                qbproxy::demo::run(listen, admin, shutdown_signal()).await
+            });
             exit(result)
         }
         Some(Command::Sim {
@@ -112,6 +113,7 @@ fn sim(
     fail_before_success: u32,
 ) -> ExitCode {
     let result = runtime(threads).block_on(async move {
+        let shutdown = shutdown_signal();
         let listener = TcpListener::bind(listen)
             .await
             .map_err(|e| format!("cannot listen on {listen}: {e}"))?;
@@ -132,7 +134,7 @@ fn sim(
             config.auth_secret,
             if users > 0 { format!(", loadtest-1..{users}/pw-1..{users}") } else { String::new() },
         );
-        shutdown_signal().await;
+        shutdown.await;
         Ok::<(), String>(())
     });
     exit(result)
@@ -141,6 +143,9 @@ fn sim(
 fn check(path: &std::path::Path) -> ExitCode {
     match Config::load(path) {
         Ok(c) => {
+            for w in &c.warnings {
+                eprintln!("qbproxy: warning: {w}");
+            }
             let names: Vec<&str> = c.identities.iter().map(|i| i.name.as_str()).collect();
             println!(
                 "{}: ok (upstream {}://{}, identities: {})",
@@ -167,7 +172,14 @@ fn serve(threads: usize, path: &std::path::Path) -> ExitCode {
         }
     };
     let result = runtime(threads).block_on(async move {
+        // Handlers first: a signal from now on stops qbproxy cleanly.
+        let shutdown = shutdown_signal();
         tracing::info!(threads, "starting");
+        for w in &config.warnings {
+            tracing::warn!(warning = %w, "configuration");
+        }
+        let open_files = raise_open_file_limit();
+        check_open_file_limit(open_files, &config);
         let proxy = TcpListener::bind(config.listen.addr)
             .await
             .map_err(|e| format!("cannot listen on {} (listen.addr): {e}", config.listen.addr))?;
@@ -176,7 +188,7 @@ fn serve(threads: usize, path: &std::path::Path) -> ExitCode {
             .map_err(|e| format!("cannot listen on {} (admin.addr): {e}", config.admin.addr))?;
         let app = qbproxy::App::new(config).map_err(|e| e.to_string())?;
         tokio::spawn(reload_on_sighup(path.to_owned(), app.handle()));
-        app.run(Listeners { proxy, admin }, shutdown_signal()).await;
+        app.run(Listeners { proxy, admin }, shutdown).await;
         Ok::<(), String>(())
     });
     exit(result)
@@ -228,20 +240,82 @@ async fn reload_on_sighup(path: std::path::PathBuf, handle: qbproxy::Handle) {
         tracing::info!(config = %path.display(), "SIGHUP received; reloading");
         let result = Config::load(&path)
             .map_err(|e| e.to_string())
-            .and_then(|c| handle.reload(c).map_err(|e| e.to_string()));
+            .and_then(|c| {
+                for w in &c.warnings {
+                    tracing::warn!(warning = %w, "configuration");
+                }
+                check_open_file_limit(open_file_limit(), &c);
+                handle.reload(c).map_err(|e| e.to_string())
+            });
         if let Err(e) = result {
             tracing::error!(error = %e, "reload refused; the running configuration stays");
         }
     }
 }
 
-/// Resolves on SIGINT or SIGTERM.
-async fn shutdown_signal() {
-    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
-        .expect("install the SIGTERM handler");
-    tokio::select! {
-        _ = tokio::signal::ctrl_c() => tracing::info!("SIGINT received"),
-        _ = term.recv() => tracing::info!("SIGTERM received"),
+/// Raises the soft limit on open files to the hard limit (the default soft
+/// limit, often 1024, is below what `limits.max_connections` plus
+/// `upstream.max_connections` need). Returns the limit in force.
+fn raise_open_file_limit() -> Option<u64> {
+    use nix::sys::resource::{getrlimit, setrlimit, Resource};
+    let (soft, hard) = getrlimit(Resource::RLIMIT_NOFILE).ok()?;
+    if soft >= hard {
+        return Some(soft);
+    }
+    match setrlimit(Resource::RLIMIT_NOFILE, hard, hard) {
+        Ok(()) => {
+            tracing::info!(
+                from = soft,
+                to = hard,
+                "raised the open-file limit (RLIMIT_NOFILE) to its hard limit"
+            );
+            Some(hard)
+        }
+        Err(e) => {
+            tracing::warn!(soft, hard, error = %e, "cannot raise the open-file limit");
+            Some(soft)
+        }
+    }
+}
+
+fn open_file_limit() -> Option<u64> {
+    nix::sys::resource::getrlimit(nix::sys::resource::Resource::RLIMIT_NOFILE)
+        .ok()
+        .map(|(soft, _)| soft)
+}
+
+/// Descriptors qbproxy needs besides connections: listeners, the admin
+/// port's connections, logs, DNS, token commands.
+const SPARE_FILES: u64 = 128;
+
+/// Warns when the connection limits cannot all be open at once.
+fn check_open_file_limit(limit: Option<u64>, config: &Config) {
+    let Some(limit) = limit else { return };
+    let needed =
+        (config.limits.max_connections + config.upstream.max_connections) as u64 + SPARE_FILES;
+    if needed > limit {
+        tracing::warn!(
+            limit,
+            needed,
+            max_connections = config.limits.max_connections,
+            upstream_max_connections = config.upstream.max_connections,
+            "limits.max_connections plus upstream.max_connections do not fit under the open-file limit; raise it (ulimit -n, LimitNOFILE=) or lower them"
+        );
+    }
+}
+
+/// Resolves on SIGINT or SIGTERM. The handlers are installed when this is
+/// called (in the runtime), not when the future is first polled, so a
+/// signal that comes while qbproxy is still starting is not lost.
+fn shutdown_signal() -> impl std::future::Future<Output = ()> {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut term = signal(SignalKind::terminate()).expect("install the SIGTERM handler");
+    let mut int = signal(SignalKind::interrupt()).expect("install the SIGINT handler");
+    async move {
+        tokio::select! {
+            _ = int.recv() => tracing::info!("SIGINT received"),
+            _ = term.recv() => tracing::info!("SIGTERM received"),
+        }
     }
 }
 

@@ -98,6 +98,10 @@ struct ConnState {
     sending: Mutex<Vec<Arc<AtomicU64>>>,
     close: AtomicBool,
     wake: Notify,
+    /// Set by the first request: whether the connection speaks HTTP/1
+    /// (whose idle keep-alive hyper closes itself, at exactly
+    /// `header_read_timeout`).
+    http1: AtomicBool,
 }
 
 /// A response body's stamp once it is done.
@@ -264,7 +268,10 @@ pub async fn serve<H, F>(
                     let state = Arc::new(ConnState::default());
                     let conn = Conn { peer, local, state: state.clone() };
                     let handler = handler.clone();
-                    let service = service_fn(move |req| {
+                    let service = service_fn(move |req: Request<Incoming>| {
+                        if req.version() < http::Version::HTTP_2 {
+                            conn.state.http1.store(true, Ordering::Relaxed);
+                        }
                         let in_flight = InFlight::new(&conn.state);
                         let response = handler(req, conn.clone());
                         async move {
@@ -398,8 +405,12 @@ where
                     return Ok(());
                 }
                 let idle = state.active.load(Ordering::Acquire) == 0;
+                // HTTP/1 keep-alive is hyper's to time out (it knows when the
+                // next request's first byte came); a connection that never
+                // sent a request, or speaks HTTP/2, is ours.
+                let ours = !state.http1.load(Ordering::Relaxed);
                 match closing_since {
-                    None if idle && now.saturating_sub(state.idle_since.load(Ordering::Acquire)) >= idle_limit => {
+                    None if idle && ours && now.saturating_sub(state.idle_since.load(Ordering::Acquire)) >= idle_limit => {
                         tracing::debug!(listener = name, %peer, "no request for limits.header_read_timeout; closing the connection");
                         conn.as_mut().graceful_shutdown();
                         closing_since = Some(now);

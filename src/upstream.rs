@@ -287,7 +287,7 @@ async fn read_token(source: &SecretSource) -> Result<crate::credentials::Secret,
     source
         .read()
         .await
-        .map_err(|e| SessionError::Credentials(format!("cannot read the identity's token: {e}")))
+        .map_err(|e| SessionError::Credentials(e.to_string()))
 }
 
 fn parse_session(answer: &Answer) -> Result<NewSession, SessionError> {

@@ -422,3 +422,108 @@ async fn exits_cleanly(child: &mut tokio::process::Child) {
         .unwrap();
     assert!(status.success(), "{status}");
 }
+
+#[test]
+fn config_errors_never_echo_a_secret_and_loose_permissions_are_warned_about() {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = TempDir::new("secrets");
+    let out = check(&dir.file(
+        "c.toml",
+        &GOOD.replace(
+            "auth_secret_env = \"QBPROXY_CLI_TEST_SECRET\"",
+            "auth_secret = 98765432109876",
+        ),
+    ));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(64), "{stderr}");
+    assert!(stderr.contains("quickblox.auth_secret"), "{stderr}");
+    assert!(!stderr.contains("98765432109876"), "{stderr}");
+    // A secret file others may read: a warning, and still exit 0.
+    let secret = dir.file("secret", "s3cr3t\n");
+    std::fs::set_permissions(&secret, std::fs::Permissions::from_mode(0o644)).unwrap();
+    let cfg = dir.file(
+        "w.toml",
+        &GOOD.replace(
+            "auth_secret_env = \"QBPROXY_CLI_TEST_SECRET\"",
+            &format!("auth_secret_file = {:?}", secret.display().to_string()),
+        ),
+    );
+    let out = check(&cfg);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(0), "{stderr}");
+    assert!(
+        stderr.contains("warning: quickblox.auth_secret_file: other users may read"),
+        "{stderr}"
+    );
+}
+
+/// Starts the binary through `sh` with `ulimit` options first, and returns
+/// its stderr lines once it logs that it is listening.
+async fn start_with_ulimit(
+    ulimit: &str,
+    config: &std::path::Path,
+) -> (
+    tokio::process::Child,
+    tokio::io::Lines<BufReader<tokio::process::ChildStderr>>,
+) {
+    let mut child = tokio::process::Command::new("sh")
+        .arg("-c")
+        .arg(format!("{ulimit}; exec \"$0\" --config \"$1\""))
+        .arg(BIN)
+        .arg(config)
+        .env("QBPROXY_CLI_TEST_SECRET", "s3cr3t")
+        .env("QBPROXY_CLI_TEST_PASSWORD", "pw")
+        .env("QBPROXY_THREADS", "1")
+        .env("RUST_LOG", "info")
+        .stderr(Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let lines = BufReader::new(child.stderr.take().unwrap()).lines();
+    (child, lines)
+}
+
+fn soft_open_files(pid: u32) -> u64 {
+    let limits = std::fs::read_to_string(format!("/proc/{pid}/limits")).unwrap();
+    let line = limits
+        .lines()
+        .find(|l| l.starts_with("Max open files"))
+        .unwrap();
+    line.split_whitespace().nth(3).unwrap().parse().unwrap()
+}
+
+#[tokio::test]
+async fn the_open_file_limit_is_raised_and_a_short_one_is_warned_about() {
+    let hard: u64 = String::from_utf8(
+        Command::new("sh")
+            .args(["-c", "ulimit -Hn"])
+            .output()
+            .unwrap()
+            .stdout,
+    )
+    .unwrap()
+    .trim()
+    .parse()
+    .unwrap_or(0);
+    let dir = TempDir::new("nofile");
+    let good = GOOD
+        .replace("127.0.0.1:8080", &format!("127.0.0.1:{}", free_port()))
+        .replace("127.0.0.1:9090", &format!("127.0.0.1:{}", free_port()));
+    let cfg = dir.file("config.toml", &good);
+    // A low soft limit under a higher hard one: raised to the hard one.
+    if hard > 512 {
+        let (mut child, mut lines) = start_with_ulimit("ulimit -Sn 256", &cfg).await;
+        let line = wait_for(&mut lines, "raised the open-file limit").await;
+        assert!(line.contains("from=256"), "{line}");
+        wait_for(&mut lines, "listening").await;
+        assert_eq!(soft_open_files(child.id().unwrap()), hard);
+        signal(&child, "TERM");
+        exits_cleanly(&mut child).await;
+    }
+    // A hard limit below 4096 + 256 connections: a warning at start.
+    let (mut child, mut lines) = start_with_ulimit("ulimit -n 1024", &cfg).await;
+    let line = wait_for(&mut lines, "do not fit under the open-file limit").await;
+    assert!(line.contains("limit=1024"), "{line}");
+    signal(&child, "TERM");
+    exits_cleanly(&mut child).await;
+}

@@ -8,7 +8,7 @@ use std::time::Duration;
 use serde::Deserialize;
 
 use super::{ConfigError, Validator};
-use crate::credentials::{Credentials, Secret, SecretSource};
+use crate::credentials::{Command, Credentials, Secret, SecretSource};
 
 /// One identity: its own session, renewal, backoff and expiry tracking.
 #[derive(Debug, Clone)]
@@ -72,6 +72,7 @@ pub(super) struct RawIdentity {
     access_token_file: Option<PathBuf>,
     access_token_command: Option<String>,
     command_timeout: Option<String>,
+    command_env: Option<Vec<String>>,
     path_prefix: Option<String>,
 }
 
@@ -235,6 +236,35 @@ impl Validator<'_> {
             Some(t) => self.positive(&at("command_timeout"), t)?,
             None => Duration::from_secs(10),
         };
+        let has_command = r.token_command.is_some()
+            || r.secret_command.is_some()
+            || r.access_token_command.is_some();
+        let env = match &r.command_env {
+            Some(_) if !has_command => {
+                return Err(self.invalid(
+                    &at("command_env"),
+                    "only with token_command, secret_command or access_token_command",
+                ))
+            }
+            Some(names) => {
+                let bad = names.iter().find(|n| {
+                    n.is_empty()
+                        || n.starts_with(|c: char| c.is_ascii_digit())
+                        || !n.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_')
+                });
+                if let Some(bad) = bad {
+                    return Err(self.invalid(
+                        &at("command_env"),
+                        format!("{bad:?} is not an environment variable name"),
+                    ));
+                }
+                names.clone()
+            }
+            None => Vec::new(),
+        };
+        if has_command {
+            self.note_command();
+        }
         let provider_fields = [
             (
                 "token",
@@ -283,9 +313,9 @@ impl Validator<'_> {
                 refuse(&user_fields, "not used with provider = \"facebook\"")?;
                 refuse(&provider_fields[2..], "not used with provider = \"facebook\"")?;
                 let token = self
-                    .source(&at("token"), r.token, r.token_env, r.token_file, r.token_command, timeout)?
+                    .source(&at("token"), r.token, r.token_env, r.token_file, r.token_command, timeout, &env)?
                     .ok_or_else(|| self.invalid(&at("token"), "missing: set token, token_env, token_file or token_command"))?;
-                let secret = self.source(&at("secret"), r.secret, r.secret_env, r.secret_file, r.secret_command, timeout)?;
+                let secret = self.source(&at("secret"), r.secret, r.secret_env, r.secret_file, r.secret_command, timeout, &env)?;
                 Ok(Credentials::Facebook { token, secret })
             }
             Some("firebase_phone") => {
@@ -303,6 +333,7 @@ impl Validator<'_> {
                         r.access_token_file,
                         r.access_token_command,
                         timeout,
+                        &env,
                     )?
                     .ok_or_else(|| {
                         self.invalid(
@@ -345,6 +376,7 @@ impl Validator<'_> {
     /// A token read afresh at each session creation. An environment
     /// variable must exist already (it cannot appear later); a file or a
     /// command is only tried when a session is created.
+    #[allow(clippy::too_many_arguments)]
     fn source(
         &self,
         key: &str,
@@ -353,6 +385,7 @@ impl Validator<'_> {
         file: Option<PathBuf>,
         command: Option<String>,
         timeout: Duration,
+        command_env: &[String],
     ) -> Result<Option<SecretSource>, ConfigError> {
         let given = [
             inline.is_some(),
@@ -377,9 +410,16 @@ impl Validator<'_> {
             }
             Some(SecretSource::Env(var))
         } else if let Some(path) = file {
+            self.note_secret_file(&format!("{key}_file"), &path);
             Some(SecretSource::File(path))
         } else {
-            command.map(|command| SecretSource::Command { command, timeout })
+            command.map(|command| {
+                SecretSource::Command(Command {
+                    command,
+                    timeout,
+                    env: command_env.to_vec(),
+                })
+            })
         })
     }
 
@@ -485,10 +525,10 @@ mod tests {
         .unwrap();
         match &c.identities[0].credentials {
             Credentials::Facebook {
-                token: SecretSource::Command { command, .. },
+                token: SecretSource::Command(c),
                 secret: Some(_),
             } => {
-                assert_eq!(command, "get-token")
+                assert_eq!(c.command, "get-token")
             }
             other => panic!("{other:?}"),
         }

@@ -6,6 +6,7 @@
 //! Every error names the key and the problem in one line, so `qbproxy check`
 //! can print it and exit 64 before anything binds.
 
+use std::cell::RefCell;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -55,6 +56,11 @@ pub struct Config {
     pub limits: LimitsConfig,
     /// API-key clients; empty: no key needed.
     pub clients: Vec<ClientConfig>,
+    /// What is worth a warning but does not stop qbproxy (files others may
+    /// read or write); logged at start and on every reload.
+    pub warnings: Vec<String>,
+    /// Some identity runs a command for its token.
+    pub runs_commands: bool,
 }
 
 #[derive(Debug, Clone)]
@@ -71,6 +77,9 @@ pub struct ListenConfig {
 #[derive(Debug, Clone)]
 pub struct AdminConfig {
     pub addr: SocketAddr,
+    /// When set, every endpoint but `/healthz` and `/readyz` needs
+    /// `Authorization: Bearer <token>`.
+    pub token: Option<Secret>,
 }
 
 #[derive(Debug, Clone)]
@@ -209,12 +218,18 @@ impl Default for RawListen {
 #[serde(deny_unknown_fields, default)]
 struct RawAdmin {
     addr: String,
+    token: Option<String>,
+    token_env: Option<String>,
+    token_file: Option<PathBuf>,
 }
 
 impl Default for RawAdmin {
     fn default() -> Self {
         RawAdmin {
             addr: "127.0.0.1:9090".into(),
+            token: None,
+            token_env: None,
+            token_file: None,
         }
     }
 }
@@ -312,23 +327,41 @@ fn default_retry_wait() -> String {
 
 impl Config {
     /// Reads and validates the file at `path`, resolving secrets from the
-    /// environment and from files.
+    /// environment and from files. Warnings about the files' permissions
+    /// are in [`Config::warnings`].
     pub fn load(path: &Path) -> Result<Config, ConfigError> {
         let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
             path: path.to_owned(),
             source,
         })?;
-        Config::from_toml(&text, path)
+        let mut config = Config::from_toml(&text, path)?;
+        if config.runs_commands && mode(path).is_some_and(|m| m & OTHERS_WRITE != 0) {
+            config.warnings.push(format!(
+                "{}: other users may write this file, and it has *_command entries that qbproxy runs: chmod o-w {}",
+                path.display(),
+                path.display()
+            ));
+        }
+        Ok(config)
     }
 
     /// Parses and validates TOML text; `path` only names the source in errors.
     pub fn from_toml(text: &str, path: &Path) -> Result<Config, ConfigError> {
-        let v = Validator { path };
+        let v = Validator {
+            path,
+            notes: RefCell::default(),
+        };
         let raw: RawConfig = serde_path_to_error::deserialize(toml::Deserializer::new(text))
             .map_err(|e| {
                 let key = e.path().to_string();
                 let inner = e.into_inner();
-                let mut problem = inner.message().trim().replace('\n', " ");
+                let mut problem = if is_secret_key(&key) {
+                    // Serde's message would quote the value ("invalid type:
+                    // integer `9876...`").
+                    "must be a string (the value is not shown: it is a secret)".to_owned()
+                } else {
+                    inner.message().trim().replace('\n', " ")
+                };
                 if let Some(span) = inner.span() {
                     let line = text[..span.start.min(text.len())].matches('\n').count() + 1;
                     problem = format!("{problem} (line {line})");
@@ -346,9 +379,60 @@ impl Config {
 
 struct Validator<'a> {
     path: &'a Path,
+    /// What validation saw that may deserve a warning.
+    notes: RefCell<Notes>,
+}
+
+#[derive(Default)]
+struct Notes {
+    /// Files secrets are read from: `(key, path)`.
+    secret_files: Vec<(String, PathBuf)>,
+    /// Some identity runs a command to get its token.
+    commands: bool,
+}
+
+/// Keys whose values are secrets: an error about one never shows its value.
+const SECRET_KEYS: [&str; 7] = [
+    "auth_secret",
+    "password",
+    "key",
+    "token",
+    "secret",
+    "access_token",
+    "api_key",
+];
+
+/// True if a config key path (`quickblox.auth_secret`, `client[0].key`)
+/// names a secret's value.
+fn is_secret_key(path: &str) -> bool {
+    let last = path.rsplit('.').next().unwrap_or(path);
+    let name = last.split('[').next().unwrap_or(last);
+    SECRET_KEYS.contains(&name)
+}
+
+/// Mode bits: read by others, written by others.
+const OTHERS_READ: u32 = 0o004;
+const OTHERS_WRITE: u32 = 0o002;
+
+fn mode(path: &Path) -> Option<u32> {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::metadata(path).ok().map(|m| m.permissions().mode())
 }
 
 impl Validator<'_> {
+    /// A secret is read from `file` (for the permission warning).
+    fn note_secret_file(&self, key: &str, file: &Path) {
+        self.notes
+            .borrow_mut()
+            .secret_files
+            .push((key.to_owned(), file.to_owned()));
+    }
+
+    /// An identity runs a command for its token.
+    fn note_command(&self) {
+        self.notes.borrow_mut().commands = true;
+    }
+
     fn invalid(&self, key: &str, problem: impl Into<String>) -> ConfigError {
         ConfigError::Invalid {
             path: self.path.to_owned(),
@@ -370,7 +454,16 @@ impl Validator<'_> {
         };
         let admin = AdminConfig {
             addr: self.addr("admin.addr", &raw.admin.addr)?,
+            token: self.secret(
+                "admin.token",
+                raw.admin.token,
+                raw.admin.token_env,
+                raw.admin.token_file,
+            )?,
         };
+        if admin.token.as_ref().is_some_and(|t| t.expose().len() < 16) {
+            return Err(self.invalid("admin.token", "must be at least 16 characters"));
+        }
         if admin.addr == listen.addr {
             return Err(self.invalid(
                 "admin.addr",
@@ -401,7 +494,22 @@ impl Validator<'_> {
             .chain(resolved.pools.iter().map(|p| p.name.as_str()))
             .collect();
         let clients = self.clients(raw.client, &targets)?;
+        let notes = self.notes.take();
+        let warnings = notes
+            .secret_files
+            .iter()
+            .filter(|(_, file)| mode(file).is_some_and(|m| m & OTHERS_READ != 0))
+            .map(|(key, file)| {
+                format!(
+                    "{key}: other users may read {} (chmod o-r {})",
+                    file.display(),
+                    file.display()
+                )
+            })
+            .collect();
         Ok(Config {
+            warnings,
+            runs_commands: notes.commands,
             limits,
             clients,
             listen,
@@ -577,6 +685,7 @@ impl Validator<'_> {
         }
         if let Some(path) = file {
             let key = format!("{key}_file");
+            self.note_secret_file(&key, &path);
             let text = std::fs::read_to_string(&path)
                 .map_err(|e| self.invalid(&key, format!("cannot read {}: {e}", path.display())))?;
             // Files written by `echo` or editors end in a newline that is not
@@ -673,6 +782,60 @@ auth_secret = "secret"
         );
         let msg = problem("[quickblox]\napplication_id = 1\nauth_key = \"k\"\n");
         assert!(msg.contains("quickblox.auth_secret: missing"), "{msg}");
+    }
+
+    #[test]
+    fn errors_about_secret_keys_never_show_the_value() {
+        for (text, key) in [
+            ("[quickblox]\napplication_id = 1\nauth_key = \"k\"\nauth_secret = 98765432109876\n", "quickblox.auth_secret"),
+            ("[quickblox]\napplication_id = 1\nauth_key = \"k\"\nauth_secret = 9876543210.98765\n", "quickblox.auth_secret"),
+            (&format!("{MINIMAL}[[identity]]\nname = \"b\"\nlogin = \"b\"\npassword = 98765432109876\n"), "identity[0].password"),
+            (&format!("{MINIMAL}[[client]]\nname = \"c\"\nkey = 98765432109876\n"), "client[0].key"),
+            (&format!("{MINIMAL}[[identity]]\nname = \"f\"\nprovider = \"facebook\"\ntoken = [98765432109876]\n"), "identity[0].token"),
+        ] {
+            let msg = problem(text);
+            assert!(msg.contains(key), "{msg}");
+            assert!(!msg.contains("98765"), "the value shows: {msg}");
+            assert!(msg.contains("not shown"), "{msg}");
+        }
+        // Other keys keep serde's helpful message.
+        let msg = problem(&format!("{MINIMAL}[upstream]\ntimeout = 30\n"));
+        assert!(msg.contains("invalid type: integer `30`"), "{msg}");
+    }
+
+    #[test]
+    fn secret_files_others_may_read_and_writable_configs_with_commands_are_warned_about() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = std::env::temp_dir().join(format!("qbproxy-perm-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let secret = dir.join("secret");
+        std::fs::write(&secret, "s\n").unwrap();
+        let config = dir.join("config.toml");
+        let text = format!(
+            "[quickblox]\napplication_id = 1\nauth_key = \"k\"\nauth_secret_file = {:?}\n\
+             [[identity]]\nname = \"fb\"\nprovider = \"facebook\"\ntoken_command = \"get-token\"\n",
+            secret.display().to_string()
+        );
+        std::fs::write(&config, text).unwrap();
+        let set = |p: &Path, mode: u32| {
+            std::fs::set_permissions(p, std::fs::Permissions::from_mode(mode)).unwrap()
+        };
+        set(&secret, 0o600);
+        set(&config, 0o644);
+        assert!(Config::load(&config).unwrap().warnings.is_empty());
+        set(&secret, 0o644);
+        set(&config, 0o666);
+        let warnings = Config::load(&config).unwrap().warnings;
+        assert_eq!(warnings.len(), 2, "{warnings:?}");
+        assert!(
+            warnings[0].starts_with("quickblox.auth_secret_file: other users may read"),
+            "{warnings:?}"
+        );
+        assert!(
+            warnings[1].contains("other users may write this file, and it has *_command entries"),
+            "{warnings:?}"
+        );
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 
     #[test]

@@ -273,3 +273,14 @@ async fn one_connection_holds_at_most_max_streams_requests() {
     assert_eq!(h.sim.max_held_at_gates(), 2);
     assert_eq!(h.sim.requests_to("/held"), 2);
 }
+
+#[tokio::test]
+async fn a_connection_that_never_sends_a_byte_is_closed() {
+    let h = setup()
+        .set("limits", "header_read_timeout", "\"300ms\"")
+        .start()
+        .await;
+    let silent = tokio::net::TcpStream::connect(h.proxy).await.unwrap();
+    let a = answer_of(silent).await;
+    assert_eq!(a.status, 0, "closed without an answer: {a:?}");
+}
