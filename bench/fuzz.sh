@@ -11,7 +11,7 @@ command -v cargo-fuzz >/dev/null || cargo install --locked cargo-fuzz
 rustup toolchain list | grep -q nightly || rustup toolchain install nightly --profile minimal
 
 results=()
-for target in config expiry dates forwarding; do
+for target in config expiry dates forwarding canonical form; do
     mkdir -p "fuzz/corpus/$target"
     cp fuzz/regressions/"$target"/* "fuzz/corpus/$target/" 2>/dev/null || true
     log=bench/out/fuzz-$target.log

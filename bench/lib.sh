@@ -71,7 +71,8 @@ TOML
 # qbproxy_on_sim NAME [SIM_FLAGS...]: `qbproxy sim` on core 1
 # (127.0.0.1:19081), then qbproxy on core 0 (127.0.0.1:19100) in front of
 # it as the simulator's user "demo", with $QUICKBLOX_EXTRA added to its
-# [quickblox] table; waits for the first session. Sets QBPROXY_PID.
+# [quickblox] table and $QBPROXY_EXTRA (whole tables) after it; waits for
+# the first session. Sets QBPROXY_PID.
 qbproxy_on_sim() {
     local name=$1; shift
     start_sim "$name" "$@"
@@ -83,6 +84,7 @@ addr = "127.0.0.1:19190"
 [upstream]
 url = "http://127.0.0.1:19081"
 $(sim_quickblox "$name")
+${QBPROXY_EXTRA:-}
 TOML
     RUST_LOG=warn taskset -c 0 "$BIN" --config "$OUT/$name.toml" 2> "$OUT/qbproxy-$name.log" & pids+=($!)
     QBPROXY_PID=$!

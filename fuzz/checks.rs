@@ -148,3 +148,57 @@ fn start_proxy() -> SocketAddr {
     });
     rx.recv().expect("the proxy started")
 }
+
+/// Any bytes as a request path: `canonical::path` answers without
+/// panicking; what it accepts is a fixed point that starts with '/', holds
+/// no dot segment, empty segment but a trailing one, or encoded unreserved
+/// character; and `key_is` agrees with `route_key`.
+pub fn canonical(data: &[u8]) {
+    let Ok(raw) = std::str::from_utf8(data) else {
+        return;
+    };
+    use qbproxy::canonical::{key_is, path, route_key};
+    let Ok(c) = path(raw) else {
+        return;
+    };
+    assert!(c.starts_with('/'), "{c:?}");
+    assert_eq!(path(&c).unwrap(), c, "not a fixed point: {raw:?}");
+    let segments: Vec<&str> = c[1..].split('/').collect();
+    for (i, s) in segments.iter().enumerate() {
+        assert!(*s != "." && *s != "..", "dot segment left in {c:?}");
+        assert!(
+            !s.is_empty() || i + 1 == segments.len(),
+            "empty segment in {c:?}"
+        );
+    }
+    let key = route_key(&c);
+    for probe in ["/session", "/login", "/users", "/"] {
+        assert_eq!(key_is(&c, probe), key == probe, "{c:?} vs {probe}");
+    }
+}
+
+/// Any body, split anywhere: the `_method` scanners find the same thing
+/// whether the body comes whole or in pieces.
+pub fn form(data: &[u8]) {
+    use qbproxy::overrides::Scanner;
+    let split = data.first().map_or(1, |b| (*b as usize % 17) + 1);
+    let scan = |make: &dyn Fn() -> Scanner, size: usize| {
+        let mut s = make();
+        for chunk in data.chunks(size) {
+            if s.feed(chunk).is_some() {
+                break;
+            }
+        }
+        s.finish()
+    };
+    let makers: [&dyn Fn() -> Scanner; 2] = [&Scanner::urlencoded, &|| {
+        Scanner::multipart(b"XyZ".to_vec())
+    }];
+    for make in makers {
+        assert_eq!(
+            scan(make, data.len().max(1)),
+            scan(make, split),
+            "chunks of {split}"
+        );
+    }
+}

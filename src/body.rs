@@ -106,7 +106,8 @@ impl BodyLimits {
 }
 
 pub struct ClientBody {
-    head: Option<Bytes>,
+    /// Read before streaming began, in reverse order (popped from the end).
+    head: Vec<Bytes>,
     tail: Incoming,
     /// Bytes still allowed.
     left: u64,
@@ -123,19 +124,21 @@ impl ClientBody {
     /// A body of `head` (already read and scanned) then `tail`, within
     /// `limits`; the flag tells why, if it was cut off.
     pub fn stream(
-        head: Bytes,
+        head: Vec<Bytes>,
         tail: Incoming,
         limits: BodyLimits,
         scanner: Option<Scanner>,
         reserved: Option<Reservation>,
     ) -> (Body, Arc<CutFlag>) {
         let cut = Arc::new(CutFlag::default());
-        let head_len = head.len() as u64;
+        let head_len: u64 = head.iter().map(|h| h.len() as u64).sum();
         if head_len > limits.max_bytes {
             cut.set(Cut::TooLarge);
         }
+        let mut head: Vec<Bytes> = head.into_iter().filter(|h| !h.is_empty()).collect();
+        head.reverse();
         let body = ClientBody {
-            head: (!head.is_empty()).then_some(head),
+            head,
             tail,
             left: limits.max_bytes.saturating_sub(head_len),
             timer: Box::pin(sleep_until(limits.next_by())),
@@ -156,7 +159,7 @@ impl ClientBody {
         if let Some(cut) = self.cut.get() {
             return Poll::Ready(Some(Err(CutOff(cut).into())));
         }
-        if let Some(h) = self.head.take() {
+        if let Some(h) = self.head.pop() {
             return Poll::Ready(Some(Ok(Frame::data(h))));
         }
         match Pin::new(&mut self.tail).poll_frame(cx) {
@@ -228,6 +231,13 @@ impl Reservation {
         }
         taken.is_ok()
     }
+
+    /// Gives back `n` bytes (memory that was freed).
+    fn shrink(&mut self, n: usize) {
+        let n = n.min(self.bytes);
+        self.budget.used.fetch_sub(n, Ordering::AcqRel);
+        self.bytes -= n;
+    }
 }
 
 impl Drop for Reservation {
@@ -289,7 +299,7 @@ impl HttpBody for Body {
             Body::Full(data) => data.is_none(),
             Body::Stream { body, .. } => body.is_end_stream(),
             Body::Chain { head, tail, .. } => head.is_none() && tail.is_end_stream(),
-            Body::Client(c) => c.head.is_none() && c.tail.is_end_stream(),
+            Body::Client(c) => c.head.is_empty() && c.tail.is_end_stream(),
         }
     }
 
@@ -297,14 +307,15 @@ impl HttpBody for Body {
         match self {
             Body::Full(data) => SizeHint::with_exact(data.as_ref().map_or(0, |d| d.len() as u64)),
             Body::Stream { body, .. } => body.size_hint(),
-            Body::Chain { head, tail, .. } => size_hint(head, tail),
-            Body::Client(c) => size_hint(&c.head, &c.tail),
+            Body::Chain { head, tail, .. } => size_hint(head.iter(), tail),
+            Body::Client(c) => size_hint(c.head.iter(), &c.tail),
         }
     }
 }
 
-fn size_hint(head: &Option<Bytes>, tail: &Incoming) -> SizeHint {
-    let extra = head.as_ref().map_or(0, |h| h.len() as u64);
+/// A buffered head's length added to what the rest of the stream says.
+fn size_hint<'a>(head: impl Iterator<Item = &'a Bytes>, tail: &Incoming) -> SizeHint {
+    let extra: u64 = head.map(|h| h.len() as u64).sum();
     let tail = tail.size_hint();
     let mut hint = SizeHint::new();
     hint.set_lower(tail.lower() + extra);
@@ -348,7 +359,7 @@ pub async fn buffer(mut body: Incoming, limit: usize) -> Result<Buffered, hyper:
             tail: body,
         });
     }
-    let mut acc = Accumulator::default();
+    let mut acc = Chunks::default();
     while let Some(frame) = body.frame().await {
         let Ok(data) = frame?.into_data() else {
             continue;
@@ -366,13 +377,13 @@ pub async fn buffer(mut body: Incoming, limit: usize) -> Result<Buffered, hyper:
 
 /// Chunks read so far. The common case is one chunk: kept without copying.
 #[derive(Default)]
-struct Accumulator {
+struct Chunks {
     first: Option<Bytes>,
     rest: BytesMut,
     len: usize,
 }
 
-impl Accumulator {
+impl Chunks {
     fn push(&mut self, data: Bytes) {
         self.len += data.len();
         match self.first.take() {
@@ -393,15 +404,78 @@ impl Accumulator {
     }
 }
 
+/// A client's body read so far, with its memory taken from the budget
+/// *before* it is allocated, so the budget bounds what is really held. One
+/// chunk is kept as it came; more are copied into one buffer, sized once
+/// when the length is known, else grown by doubling.
+#[derive(Default)]
+struct Accumulator {
+    first: Option<Bytes>,
+    buf: Vec<u8>,
+    len: usize,
+    /// The declared length, if any.
+    expected: Option<usize>,
+}
+
+impl Accumulator {
+    /// Keeps `data`, or gives it back if the budget has no room for it.
+    fn push(&mut self, data: Bytes, reserved: &mut Reservation, limit: usize) -> Result<(), Bytes> {
+        if self.first.is_none() && self.buf.capacity() == 0 {
+            if !reserved.grow(data.len(), limit) {
+                return Err(data);
+            }
+            self.len = data.len();
+            self.first = Some(data);
+            return Ok(());
+        }
+        let required = self.len + data.len();
+        if required > self.buf.capacity() {
+            let new_cap = match self.expected {
+                Some(n) if n >= required => n,
+                _ => required.max(self.buf.capacity() * 2).max(16 * 1024),
+            };
+            // The new buffer is taken from the budget before it exists; the
+            // old one (or the first chunk) is given back once copied.
+            if !reserved.grow(new_cap, limit) {
+                return Err(data);
+            }
+            let mut grown = Vec::with_capacity(new_cap);
+            let freed = match self.first.take() {
+                Some(first) => {
+                    grown.extend_from_slice(&first);
+                    first.len()
+                }
+                None => {
+                    grown.extend_from_slice(&self.buf);
+                    self.buf.capacity()
+                }
+            };
+            self.buf = grown;
+            reserved.shrink(freed);
+        }
+        self.buf.extend_from_slice(&data);
+        self.len = required;
+        Ok(())
+    }
+
+    fn take(&mut self) -> Bytes {
+        match self.first.take() {
+            Some(first) => first,
+            None => Bytes::from(std::mem::take(&mut self.buf)),
+        }
+    }
+}
+
 /// A client's request body, read for a possible replay.
 pub enum ClientRead {
     /// Whole, with its share of the buffer budget (hold it while the bytes
     /// may be replayed).
     Complete(Bytes, Reservation),
     /// Not buffered whole: over `replay_limit`, or the budget was full. The
-    /// head read so far and the rest, to stream upstream (no replay).
+    /// head read so far (in order) and the rest, to stream upstream (no
+    /// replay).
     Partial {
-        head: Bytes,
+        head: Vec<Bytes>,
         tail: Incoming,
         scanner: Option<Scanner>,
         reserved: Reservation,
@@ -444,20 +518,24 @@ pub async fn read_client(
             None => Ok(ClientRead::Complete(Bytes::new(), reserved)),
         };
     }
-    let declared = body.size_hint().lower();
+    let hint = body.size_hint();
+    let declared = hint.lower();
     if declared > limits.max_bytes {
         return Err(ReadError::TooLarge(limits.max_bytes));
     }
     if declared > replay_limit as u64 {
         return Ok(ClientRead::Partial {
-            head: Bytes::new(),
+            head: Vec::new(),
             tail: body,
             scanner,
             reserved,
             budget_full: false,
         });
     }
-    let mut acc = Accumulator::default();
+    let mut acc = Accumulator {
+        expected: hint.exact().map(|n| n as usize),
+        ..Accumulator::default()
+    };
     loop {
         let frame = match timeout_at(limits.next_by(), body.frame()).await {
             Err(_) => return Err(ReadError::TimedOut),
@@ -474,20 +552,80 @@ pub async fn read_client(
             return Err(ReadError::Override(found));
         }
         let fits = acc.len + data.len() <= replay_limit;
-        let budget_full = fits && !reserved.grow(data.len(), budget_limit);
-        acc.push(data);
-        if !fits || budget_full {
+        let kept = if fits {
+            acc.push(data, &mut reserved, budget_limit)
+        } else {
+            Err(data)
+        };
+        if let Err(data) = kept {
             return Ok(ClientRead::Partial {
-                head: acc.take(),
+                head: vec![acc.take(), data],
                 tail: body,
                 scanner,
                 reserved,
-                budget_full,
+                budget_full: fits,
             });
         }
     }
     match scanner.as_mut().and_then(Scanner::finish) {
         Some(found) => Err(ReadError::Override(found)),
         None => Ok(ClientRead::Complete(acc.take(), reserved)),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn held(acc: &Accumulator) -> usize {
+        acc.first.as_ref().map_or(0, Bytes::len) + acc.buf.capacity()
+    }
+
+    #[test]
+    fn the_budget_is_taken_before_memory_is_and_covers_what_is_held() {
+        let budget = Arc::new(Budget::default());
+        let mut r = Reservation::new(&budget);
+        let mut acc = Accumulator::default();
+        let chunk = Bytes::from(vec![7u8; 10_000]);
+        // One chunk: kept as it came.
+        acc.push(chunk.clone(), &mut r, 1 << 20).unwrap();
+        assert_eq!((budget.used(), held(&acc)), (10_000, 10_000));
+        // More, length unknown: one buffer, grown by doubling, each growth
+        // taken first; the budget always covers the memory held.
+        for _ in 0..20 {
+            acc.push(chunk.clone(), &mut r, 1 << 20).unwrap();
+            assert!(
+                budget.used() >= held(&acc),
+                "{} < {}",
+                budget.used(),
+                held(&acc)
+            );
+            assert!(budget.used() <= 2 * acc.len + 16 * 1024);
+        }
+        // No room: the chunk comes back and nothing was allocated for it.
+        let before = (budget.used(), acc.buf.capacity());
+        let big = Bytes::from(vec![1u8; 1 << 20]);
+        assert_eq!(acc.push(big.clone(), &mut r, 1 << 20), Err(big));
+        assert_eq!((budget.used(), acc.buf.capacity()), before);
+        let bytes = acc.take();
+        assert_eq!(bytes.len(), 210_000);
+        drop(r);
+        assert_eq!(budget.used(), 0);
+    }
+
+    #[test]
+    fn a_declared_length_is_allocated_once() {
+        let budget = Arc::new(Budget::default());
+        let mut r = Reservation::new(&budget);
+        let mut acc = Accumulator {
+            expected: Some(30_000),
+            ..Accumulator::default()
+        };
+        for _ in 0..3 {
+            acc.push(Bytes::from(vec![1u8; 10_000]), &mut r, 1 << 20)
+                .unwrap();
+        }
+        assert_eq!(acc.buf.capacity(), 30_000);
+        assert_eq!(budget.used(), 30_000);
     }
 }

@@ -211,7 +211,7 @@ impl Proxy {
         // The client's own session or token: no identity is involved.
         if matches!(plan.kind, Kind::OwnSessionCreate | Kind::OwnToken) {
             let scanner = overrides::body_scanner(&parts.method, &parts.headers);
-            let (body, cut) = ClientBody::stream(Bytes::new(), body, limits, scanner, None);
+            let (body, cut) = ClientBody::stream(Vec::new(), body, limits, scanner, None);
             let result = self
                 .pass_through(&live, &mut parts, &plan, body, &cut, deadline)
                 .await;

@@ -45,3 +45,13 @@ fn dates_inputs() {
 fn forwarding_inputs() {
     replay("forwarding", checks::forwarding);
 }
+
+#[test]
+fn canonical_inputs() {
+    replay("canonical", checks::canonical);
+}
+
+#[test]
+fn form_inputs() {
+    replay("form", checks::form);
+}
