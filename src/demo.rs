@@ -131,8 +131,11 @@ Paste these into another terminal. None of them carries a token or a signature:
   curl -s -X POST {sim}/_sim/expire
   curl -s '{p}/users.json?page=1&per_page=10'
 
-  # The shared session belongs to qbproxy: destroying it is refused with 403.
+  # The shared session belongs to qbproxy: destroying it is refused with 403,
+  # in any spelling, and reading it shows everything but its token.
   curl -s -i -X DELETE {p}/session.json
+  curl -s -i -X DELETE '{p}//x/../Session.json'
+  curl -s {p}/session.json
 
   # Readiness and metrics.
   curl -s {a}/readyz

@@ -302,6 +302,14 @@ async fn the_demo_works_as_printed() {
     assert_eq!(s, 200, "renewed and replayed");
     let (s, _) = call("DELETE", format!("{proxy}/session.json"), "").await;
     assert_eq!(s, 403);
+    let (s, _) = call("DELETE", format!("{proxy}//x/../Session.json"), "").await;
+    assert_eq!(s, 403);
+    let (s, b) = call("GET", format!("{proxy}/session.json"), "").await;
+    assert_eq!(s, 200);
+    assert!(
+        b.contains("\"user_id\":1001") && !b.contains("token"),
+        "{b}"
+    );
     let (s, b) = call("GET", format!("http://127.0.0.1:{admin_port}/metrics"), "").await;
     assert_eq!(s, 200);
     assert!(
