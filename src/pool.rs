@@ -165,7 +165,7 @@ impl Pool {
             let lease = self.acquire(client, deadline).await?;
             let identity = lease.identity();
             // Who else may serve is asked only when this member has no session.
-            let session = match identity.current() {
+            let session = match identity.usable() {
                 Some(s) => Ok(s),
                 None if moves > 0 && self.another_may_serve(&lease) => {
                     identity.session_or_first_failure(deadline).await

@@ -16,7 +16,7 @@
 use std::collections::HashMap;
 use std::future::Future;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, SystemTime};
 
@@ -297,6 +297,17 @@ struct State {
     set_aside: bool,
     /// When the retry after `failure` is due.
     retry_at: Option<Instant>,
+    /// The outcome of the latest forced renewal, carried from state to
+    /// state until the next one, so a caller reads its own attempt's
+    /// outcome, not whichever attempt published last.
+    forced: Option<Forced>,
+}
+
+#[derive(Clone)]
+struct Forced {
+    /// Forced renewals asked for up to this count are answered by it.
+    upto: u64,
+    outcome: Result<Arc<Session>, Arc<SessionError>>,
 }
 
 /// Why no session could be handed out.
@@ -333,8 +344,8 @@ struct Shared {
     changes: watch::Sender<u64>,
     /// Highest generation the proxy reported refused as expired.
     refused: AtomicU64,
-    /// Set by a forced renewal, read by the renewal task.
-    forced: AtomicBool,
+    /// Forced renewals asked for so far; the renewal task serves them.
+    forced: AtomicU64,
     /// Wakes the renewal task after a report or a forced renewal.
     wake: Notify,
     /// The renewal task, once started (pool members start on first use).
@@ -364,7 +375,7 @@ impl Identity {
                 state: ArcSwap::from_pointee(State::default()),
                 changes: watch::channel(0).0,
                 refused: AtomicU64::new(0),
-                forced: AtomicBool::new(false),
+                forced: AtomicU64::new(0),
                 wake: Notify::new(),
                 task: OnceLock::new(),
                 renewals: Default::default(),
@@ -447,27 +458,22 @@ impl Identity {
     }
 
     /// Renews now, whatever the state, and waits (until `deadline`) for the
-    /// outcome: the operator's "did the new password take?".
+    /// outcome of that attempt (not of one that happened to finish
+    /// meanwhile): the operator's "did the new password take?". A failure
+    /// leaves a working session in place.
     pub async fn force_renewal(&self, deadline: Instant) -> Result<Arc<Session>, Unavailable> {
-        let mut rx = self.shared.changes.subscribe();
-        rx.borrow_and_update();
+        let ticket = self.shared.forced.fetch_add(1, Ordering::AcqRel) + 1;
         if self.started() {
-            self.shared.forced.store(true, Ordering::Release);
             self.shared.wake.notify_one();
         } else {
             // The first creation is the renewal asked for.
             self.start();
         }
-        match timeout_at(deadline, rx.changed()).await {
-            Ok(Ok(())) => {}
-            Ok(Err(_)) | Err(_) => return Err(Unavailable::TimedOut),
-        }
-        let state = self.shared.state.load();
-        match (&state.session, &state.failure) {
-            (_, Some(e)) => Err(Unavailable::Failed(e.clone())),
-            (Some(s), None) => Ok(s.clone()),
-            (None, None) => Err(Unavailable::TimedOut),
-        }
+        self.wait_for(deadline, |state| {
+            let forced = state.forced.as_ref().filter(|f| f.upto >= ticket)?;
+            Some(forced.outcome.clone().map_err(Unavailable::Failed))
+        })
+        .await
     }
 
     /// A snapshot for the admin API. Shows a token prefix only.
@@ -501,9 +507,27 @@ impl Identity {
         }
     }
 
-    /// The current session, if one is held. Lock-free; never waits.
+    /// The current session, if one is held, whether or not QuickBlox has
+    /// refused it since. Lock-free; never waits.
     pub fn current(&self) -> Option<Arc<Session>> {
         self.shared.state.load().session.clone()
+    }
+
+    /// The current session unless a request saw QuickBlox refuse it: the
+    /// one to hand out. Lock-free; never waits.
+    pub fn usable(&self) -> Option<Arc<Session>> {
+        self.shared
+            .state
+            .load()
+            .session
+            .as_ref()
+            .filter(|s| self.not_refused(s))
+            .cloned()
+    }
+
+    /// False once a request reported `session`'s generation refused.
+    fn not_refused(&self, session: &Session) -> bool {
+        self.shared.refused.load(Ordering::Acquire) < session.generation
     }
 
     /// The current session, waiting (until `deadline`) while one is being
@@ -530,14 +554,19 @@ impl Identity {
         deadline: Instant,
         patient: bool,
     ) -> Result<Arc<Session>, Unavailable> {
-        if let Some(s) = self.current() {
+        if let Some(s) = self.usable() {
             return Ok(s);
         }
+        // No session, or a refused one: its replacement is on its way.
         let patience = patient.then(|| self.patience(deadline));
-        self.wait_for(deadline, |state| match (&state.session, &state.failure) {
-            (Some(s), _) => Some(Ok(s.clone())),
-            (None, Some(e)) => self.gives_up(state, e, patience),
-            (None, None) => None,
+        self.wait_for(deadline, |state| {
+            match state.session.as_ref().filter(|s| self.not_refused(s)) {
+                Some(s) => Some(Ok(s.clone())),
+                None => state
+                    .failure
+                    .as_ref()
+                    .and_then(|e| self.gives_up(state, e, patience)),
+            }
         })
         .await
     }
@@ -575,7 +604,9 @@ impl Identity {
     ) -> Result<Arc<Session>, Unavailable> {
         let patience = Some(self.patience(deadline));
         self.wait_for(deadline, |state| match &state.session {
-            Some(s) if s.generation != refused.generation => Some(Ok(s.clone())),
+            Some(s) if s.generation > refused.generation && self.not_refused(s) => {
+                Some(Ok(s.clone()))
+            }
             Some(_) => {
                 self.report_refused(refused);
                 None
@@ -710,8 +741,18 @@ fn millis(d: Duration) -> u64 {
 async fn renewal_loop(shared: Arc<Shared>) {
     let mut backoff = Backoff::default();
     let mut generation = 0;
+    // Forced renewals asked for before the first attempt are answered by it.
+    let mut served = shared.forced.load(Ordering::Acquire);
+    let mut forced = (served > 0).then_some(served);
     // A failed attempt leaves a retry pending: when, and for which reason.
-    let mut retry = attempt(&shared, Reason::Startup, &mut generation, &mut backoff).await;
+    let mut retry = attempt(
+        &shared,
+        Reason::Startup,
+        &mut generation,
+        &mut backoff,
+        forced,
+    )
+    .await;
     loop {
         let current = shared.state.load().session.clone();
         let due = match (&retry, &current) {
@@ -720,11 +761,19 @@ async fn renewal_loop(shared: Arc<Shared>) {
             // Set aside: nothing until a forced renewal.
             (None, None) => Instant::now() + Duration::from_secs(365 * 24 * 3600),
         };
+        forced = None;
         let reason = tokio::select! {
-            () = shared.wake.notified() => match &current {
-                _ if shared.forced.swap(false, Ordering::AcqRel) => Reason::Forced,
-                Some(s) if shared.refused.load(Ordering::Acquire) >= s.generation => Reason::Expired,
-                _ => continue,
+            () = shared.wake.notified() => {
+                let asked = shared.forced.load(Ordering::Acquire);
+                match &current {
+                    _ if asked > served => {
+                        served = asked;
+                        forced = Some(asked);
+                        Reason::Forced
+                    }
+                    Some(s) if shared.refused.load(Ordering::Acquire) >= s.generation => Reason::Expired,
+                    _ => continue,
+                }
             },
             () = sleep_until(due) => match (retry.take(), &current) {
                 (Some((_, reason)), None) => reason,
@@ -734,7 +783,7 @@ async fn renewal_loop(shared: Arc<Shared>) {
                 _ => continue,
             },
         };
-        retry = attempt(&shared, reason, &mut generation, &mut backoff).await;
+        retry = attempt(&shared, reason, &mut generation, &mut backoff, forced).await;
     }
 }
 
@@ -753,13 +802,15 @@ fn renew_at(shared: &Shared, s: &Session) -> Instant {
 /// The least time between two proactive renewals of one identity.
 const MIN_RENEW_INTERVAL: Duration = Duration::from_secs(30);
 
-/// One creation attempt; publishes its outcome. Returns the retry to
-/// schedule after a failure.
+/// One creation attempt; publishes its outcome (as the answer to forced
+/// renewals up to `forced`, if it is one). Returns the retry to schedule
+/// after a failure.
 async fn attempt(
     shared: &Shared,
     reason: Reason,
     generation: &mut u64,
     backoff: &mut Backoff,
+    forced: Option<u64>,
 ) -> Option<(Instant, Reason)> {
     let source = shared.source.load_full();
     let result = source.create().await;
@@ -777,7 +828,7 @@ async fn attempt(
                 Err(_) => {
                     let e =
                         SessionError::BadResponse("the token is not a valid header value".into());
-                    return fail(shared, reason, e, &old, backoff);
+                    return fail(shared, reason, e, &old, backoff, forced);
                 }
             };
             let created_at = SystemTime::now();
@@ -813,12 +864,14 @@ async fn attempt(
                     failure: None,
                     set_aside: false,
                     retry_at: None,
+                    forced: None,
                 },
+                forced,
             );
             backoff.reset();
             None
         }
-        Err(e) => fail(shared, reason, e, &old, backoff),
+        Err(e) => fail(shared, reason, e, &old, backoff, forced),
     }
 }
 
@@ -828,11 +881,18 @@ fn fail(
     error: SessionError,
     old: &State,
     backoff: &mut Backoff,
+    forced: Option<u64>,
 ) -> Option<(Instant, Reason)> {
     let name = shared.info.name.as_str();
     shared.metrics.session_failure();
     let policy = **shared.policy.load();
-    if policy.set_aside_refused && error.credentials_refused() {
+    // Whatever failed, a session that still works stays: only a refusal of
+    // its own generation ends it.
+    let keep = old
+        .session
+        .as_ref()
+        .filter(|s| shared.refused.load(Ordering::Acquire) < s.generation);
+    if keep.is_none() && policy.set_aside_refused && error.credentials_refused() {
         tracing::warn!(
             identity = name,
             pool = shared.info.pool.as_deref().unwrap_or(""),
@@ -849,15 +909,12 @@ fn fail(
                 failure: Some(Arc::new(error)),
                 set_aside: true,
                 retry_at: None,
+                forced: None,
             },
+            forced,
         );
         return None;
     }
-    // A failed proactive renewal keeps the old session while it may still be
-    // good; any other failure means there is no usable session.
-    let keep = old.session.as_ref().filter(|s| {
-        reason == Reason::Proactive && shared.refused.load(Ordering::Acquire) < s.generation
-    });
     let delay = backoff.next(&policy);
     tracing::warn!(
         identity = name,
@@ -875,7 +932,9 @@ fn fail(
             failure: Some(Arc::new(error)),
             set_aside: false,
             retry_at: Some(Instant::now() + delay),
+            forced: None,
         },
+        forced,
     );
     let reason = if keep.is_some() {
         Reason::Proactive
@@ -899,8 +958,24 @@ fn public_body(new: &NewSession, created_at: SystemTime) -> Bytes {
     Bytes::from(serde_json::json!({ "session": fields }).to_string())
 }
 
-fn publish(shared: &Shared, state: State) {
+/// Makes `state` what readers see. With `forced`, this attempt answers the
+/// forced renewals asked for up to that count; otherwise the last forced
+/// outcome is carried over.
+fn publish(shared: &Shared, mut state: State, forced: Option<u64>) {
     let old = shared.state.load();
+    state.forced = match forced {
+        Some(upto) => Some(Forced {
+            upto,
+            outcome: match (&state.failure, &state.session) {
+                (Some(e), _) => Err(e.clone()),
+                (None, Some(s)) => Ok(s.clone()),
+                (None, None) => Err(Arc::new(SessionError::BadResponse(
+                    "no session and no error".into(),
+                ))),
+            },
+        }),
+        None => old.forced.clone(),
+    };
     let (before, after) = (old.session.as_ref(), state.session.as_ref());
     if before.map(|s| s.generation) != after.map(|s| s.generation) {
         if let Some(s) = after {
@@ -1360,5 +1435,80 @@ mod tests {
         });
         let s = id.session(far()).await.unwrap();
         assert_eq!(token(&s), "token-3");
+    }
+
+    /// Issue 11, defect 1: a forced renewal that fails while QuickBlox is
+    /// unreachable leaves the working session in place.
+    #[tokio::test(start_paused = true)]
+    async fn a_failed_forced_renewal_keeps_a_working_session() {
+        let down = SessionError::Unreachable("connection refused".into());
+        let (id, _script) = identity(vec![Ok(qb::SESSION_LIFETIME), Err(down.clone())], None);
+        id.start();
+        id.ready().await;
+        match id.force_renewal(far()).await {
+            Err(Unavailable::Failed(e)) => assert_eq!(*e, down),
+            other => panic!("{other:?}"),
+        }
+        assert_eq!(token(&id.current().expect("still held")), "token-1");
+        assert_eq!(id.status().state, "ready_renewal_failing");
+        // Requests go on with it, without waiting.
+        let s = id.session(Instant::now()).await.unwrap();
+        assert_eq!(token(&s), "token-1");
+    }
+
+    /// Issue 11, defect 1: the forced call hears its own attempt's outcome,
+    /// not that of a proactive attempt that finished meanwhile.
+    #[tokio::test(start_paused = true)]
+    async fn a_forced_renewal_reports_its_own_attempt() {
+        let down = SessionError::Unreachable("connection refused".into());
+        let gate = Arc::new(Semaphore::new(1));
+        let (id, script) = identity(
+            vec![
+                Ok(qb::SESSION_LIFETIME),
+                Err(down),
+                Ok(qb::SESSION_LIFETIME),
+            ],
+            Some(gate.clone()),
+        );
+        id.start();
+        id.ready().await;
+        // The proactive renewal starts and is held at the gate.
+        let mut entered = script.entered.subscribe();
+        entered.wait_for(|n| *n == 2).await.unwrap();
+        // The forced renewal is asked for (join! polls it first); the
+        // proactive attempt fails and publishes; then the forced attempt
+        // starts, and succeeds.
+        let (forced, ()) = tokio::join!(id.force_renewal(far()), async {
+            gate.add_permits(1);
+            entered.wait_for(|n| *n == 3).await.unwrap();
+            gate.add_permits(1);
+        });
+        let s = forced.expect("the forced attempt's own outcome");
+        assert_eq!(token(&s), "token-3");
+        assert_eq!(id.status().renewals, [1, 0, 0, 1]);
+    }
+
+    /// Issue 11, defect 5: once a request reported a generation refused, it
+    /// is not handed out again; requests wait for its replacement.
+    #[tokio::test(start_paused = true)]
+    async fn a_refused_session_is_never_handed_out_again() {
+        let gate = Arc::new(Semaphore::new(1));
+        let (id, _script) = identity(vec![], Some(gate.clone()));
+        id.start();
+        id.ready().await;
+        let first = id.current().unwrap();
+        id.report_refused(&first);
+        // The replacement is held at the gate: a request waits for it
+        // rather than take the dead token.
+        let r = id.session(Instant::now() + Duration::from_secs(1)).await;
+        assert!(matches!(r, Err(Unavailable::TimedOut)), "{r:?}");
+        assert!(id.usable().is_none());
+        let waiting = tokio::spawn({
+            let id = id.clone();
+            async move { id.session(far()).await }
+        });
+        gate.add_permits(1);
+        let s = waiting.await.unwrap().unwrap();
+        assert_eq!(token(&s), "token-2");
     }
 }

@@ -331,3 +331,33 @@ async fn a_stale_refusal_does_not_renew_again() {
     let tokens: HashSet<String> = h.sim.requests().iter().map(|r| r.token.clone()).collect();
     assert_eq!(tokens.len(), 1);
 }
+
+/// Issue 11, defect 5: after a request saw the token refused, later requests
+/// wait for the replacement instead of taking the dead token. A body too
+/// large to replay can only be sent once, so that is the difference between
+/// a 401 and a 200 for the second client.
+#[tokio::test]
+async fn a_token_known_dead_is_not_injected_again() {
+    let h = setup()
+        .set("proxy", "replay_body_limit", "1024")
+        .start()
+        .await;
+    h.ready().await;
+    h.sim
+        .set_creation_delay(std::time::Duration::from_millis(300));
+    h.sim.expire_all();
+    let big = vec![b'a'; 4096];
+    let first = h
+        .send(Method::POST, "/data/Note.json", &[], big.clone())
+        .await;
+    assert_eq!(
+        first.status,
+        StatusCode::UNAUTHORIZED,
+        "unreplayable: {}",
+        first.text()
+    );
+    let second = h.send(Method::POST, "/data/Note.json", &[], big).await;
+    assert_eq!(second.status, StatusCode::OK, "{}", second.text());
+    assert_eq!(h.sim.creations(), 2);
+    assert_eq!(h.sim.refusals(), 1, "only the first met the dead token");
+}
