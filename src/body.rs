@@ -22,9 +22,9 @@ use bytes::{Bytes, BytesMut};
 use http_body::{Body as HttpBody, Frame, SizeHint};
 use http_body_util::BodyExt;
 use hyper::body::Incoming;
-use tokio::sync::OwnedSemaphorePermit;
 use tokio::time::{sleep_until, timeout_at, Instant, Sleep};
 
+use crate::limit::Permit;
 use crate::overrides::{Found, Scanner};
 
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
@@ -32,7 +32,7 @@ pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
 /// One of the upstream's connection slots (`upstream.max_connections`),
 /// held by the request that uses it until its response body is done
 /// (`None` once released).
-pub type Slot = Option<OwnedSemaphorePermit>;
+pub type Slot = Option<Permit>;
 
 pub enum Body {
     /// Whole in memory; `None` once sent.
@@ -257,7 +257,7 @@ impl Body {
     }
 
     /// A response streaming from the upstream, holding `slot` until done.
-    pub fn upstream(body: Incoming, slot: OwnedSemaphorePermit) -> Body {
+    pub fn upstream(body: Incoming, slot: Permit) -> Body {
         Body::Stream {
             body,
             slot: Some(slot),

@@ -15,6 +15,7 @@ pub mod config;
 pub mod credentials;
 pub mod demo;
 pub mod error;
+pub mod limit;
 pub mod metrics;
 pub mod overrides;
 pub mod pool;
@@ -38,6 +39,7 @@ use tokio::sync::{watch, Semaphore};
 
 pub use config::Config;
 
+use crate::limit::ResizableLimit;
 use crate::metrics::Metrics;
 use crate::pool::Pool;
 use crate::proxy::{Live, Proxy};
@@ -85,6 +87,8 @@ struct Shared {
     /// The proxy listener's TLS and connection settings, read per connection.
     tls: Arc<ArcSwapOption<rustls::ServerConfig>>,
     listener: Arc<ArcSwap<server::Options>>,
+    /// `limits.max_connections`, resized on reload.
+    connections: ResizableLimit,
     /// The configuration in force (reload compares listen addresses with it).
     config: Mutex<Config>,
     /// Set once `run` started the identities: a reload starts new ones.
@@ -101,7 +105,6 @@ struct Snapshot {
 
 fn listener_options(config: &Config) -> server::Options {
     server::Options {
-        max_connections: config.limits.max_connections,
         header_read_timeout: config.limits.header_read_timeout,
         max_header_bytes: config.limits.max_header_bytes,
         send_timeout: config.limits.send_timeout,
@@ -265,6 +268,7 @@ impl App {
                     clock,
                     tls,
                     listener,
+                    connections: ResizableLimit::new(config.limits.max_connections),
                     config: Mutex::new(config),
                     running: std::sync::atomic::AtomicBool::new(false),
                 }),
@@ -290,23 +294,20 @@ impl App {
             }
         }
         let (stop, stopping) = watch::channel(false);
-        // The admin port is for probes and operators: a few connections.
-        let admin_options = server::Options {
-            max_connections: 64,
-            ..**shared.listener.load()
-        };
-
         let proxy = shared.proxy.clone();
         let proxy_server = server::serve(
-            "proxy",
-            listeners.proxy,
+            server::Listener {
+                name: "proxy",
+                listener: listeners.proxy,
+                options: shared.listener.clone(),
+                tls: shared.tls.clone(),
+                connections: shared.connections.clone(),
+            },
             move |req, conn| {
                 let proxy = proxy.clone();
                 async move { proxy.handle(req, conn).await }
             },
             stopping.clone(),
-            shared.listener.clone(),
-            shared.tls.clone(),
         );
         let admin = admin::Admin {
             handle: self.handle.clone(),
@@ -314,15 +315,19 @@ impl App {
             shutting_down: stopping.clone(),
         };
         let admin_server = server::serve(
-            "admin",
-            listeners.admin,
+            server::Listener {
+                name: "admin",
+                listener: listeners.admin,
+                options: Arc::new(ArcSwap::from_pointee(**shared.listener.load())),
+                tls: Arc::new(ArcSwapOption::empty()),
+                // The admin port is for probes and operators: a few connections.
+                connections: ResizableLimit::new(64),
+            },
             move |req, conn| {
                 let admin = admin.clone();
                 async move { admin.handle(req, conn).await }
             },
             stopping,
-            Arc::new(ArcSwap::from_pointee(admin_options)),
-            Arc::new(ArcSwapOption::empty()),
         );
         let trigger = async move {
             shutdown.await;
@@ -375,6 +380,7 @@ impl Handle {
             .tls
             .store(config.listen.tls.as_ref().map(|t| t.server.clone()));
         shared.listener.store(Arc::new(listener_options(&config)));
+        shared.connections.resize(config.limits.max_connections);
         let running = shared.running.load(std::sync::atomic::Ordering::SeqCst);
         if running {
             for identity in snapshot

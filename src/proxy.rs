@@ -24,7 +24,6 @@ use http::{
     header, HeaderMap, HeaderName, HeaderValue, Method, Request, Response, StatusCode, Uri,
 };
 use hyper::body::Incoming;
-use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio::time::{timeout_at, Instant};
 
 use crate::access::{self, Client, Gate};
@@ -35,6 +34,7 @@ use crate::body::{
 use crate::canonical;
 use crate::config::{ClientToken, Config, UpstreamConfig};
 use crate::error::ProxyError;
+use crate::limit::{Permit, ResizableLimit};
 use crate::metrics::{IdentityMetrics, Metrics};
 use crate::overrides::{self, Found};
 use crate::qb;
@@ -54,37 +54,16 @@ struct Inner {
     /// start to end with one consistent configuration.
     live: ArcSwap<Live>,
     /// `upstream.max_connections` slots, one per request in flight upstream,
-    /// held until its response body is read. One semaphore for the proxy's
-    /// life, resized on reload (its capacity is the `Live`'s), so requests
-    /// in flight across a reload count against one cap.
-    slots: Arc<Semaphore>,
+    /// held until its response body is read. One limit for the proxy's
+    /// life, resized on reload, so requests in flight across a reload
+    /// count against one cap.
+    slots: ResizableLimit,
     metrics: Metrics,
     /// Every token the identities hold or held recently, to refuse one a
     /// client sends back (`client_token = "keep"`).
     held: HeldTokens,
     /// Request body bytes held for replays, across every request.
     budget: Arc<Budget>,
-}
-
-/// Takes `slots` from capacity `from` to `to`: grows at once; shrinks by the
-/// free slots at once and by the rest as the requests holding them finish.
-fn resize(slots: &Arc<Semaphore>, from: usize, to: usize) {
-    if to > from {
-        slots.add_permits(to - from);
-    } else if to < from {
-        let excess = from - to;
-        let owed = excess - slots.forget_permits(excess);
-        if owed > 0 {
-            let slots = slots.clone();
-            // Config validation keeps max_connections far below u32::MAX.
-            let owed = u32::try_from(owed).unwrap_or(u32::MAX);
-            tokio::spawn(async move {
-                if let Ok(taken) = slots.acquire_many_owned(owed).await {
-                    taken.forget();
-                }
-            });
-        }
-    }
 }
 
 /// What requests are served with.
@@ -144,7 +123,7 @@ impl Proxy {
     pub fn new(live: Live, metrics: Metrics, held: HeldTokens) -> Self {
         Proxy {
             inner: Arc::new(Inner {
-                slots: Arc::new(Semaphore::new(live.upstream.max_connections)),
+                slots: ResizableLimit::new(live.upstream.max_connections),
                 live: ArcSwap::from_pointee(live),
                 metrics,
                 held,
@@ -156,9 +135,8 @@ impl Proxy {
     /// Serves requests from now on with `live`; requests in flight finish
     /// with what they started with. Reloads are serialised by the caller.
     pub fn replace(&self, live: Live) {
-        let to = live.upstream.max_connections;
-        let old = self.inner.live.swap(Arc::new(live));
-        resize(&self.inner.slots, old.upstream.max_connections, to);
+        self.inner.slots.resize(live.upstream.max_connections);
+        self.inner.live.store(Arc::new(live));
     }
 
     /// Bytes of request bodies held for replays right now.
@@ -538,14 +516,14 @@ impl Proxy {
         live: &Live,
         req: Request<Body>,
         deadline: Instant,
-    ) -> Result<(Response<Incoming>, OwnedSemaphorePermit), ProxyError> {
+    ) -> Result<(Response<Incoming>, Permit), ProxyError> {
         let slots = &self.inner.slots;
-        let slot = match slots.clone().try_acquire_owned() {
-            Ok(slot) => slot,
-            Err(_) => {
+        let slot = match slots.try_acquire() {
+            Some(slot) => slot,
+            None => {
                 self.inner.metrics.upstream_slot_wait();
-                match timeout_at(deadline, slots.clone().acquire_owned()).await {
-                    Ok(Ok(slot)) => slot,
+                match timeout_at(deadline, slots.acquire()).await {
+                    Ok(Some(slot)) => slot,
                     // Timed out, or the semaphore is closed (never done).
                     _ => {
                         return Err(ProxyError::UpstreamBusy {

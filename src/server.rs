@@ -28,17 +28,16 @@ use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
 use tokio::net::TcpListener;
-use tokio::sync::{watch, Notify, Semaphore};
+use tokio::sync::{watch, Notify};
 use tokio_rustls::TlsAcceptor;
 
 use crate::body::{Body, BoxError};
+use crate::limit::ResizableLimit;
 
-/// How a listener treats its connections.
+/// How a listener treats its connections. (How many it holds open is a
+/// [`ResizableLimit`] of its own, so a reload moves it at once.)
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct Options {
-    /// Open connections at most; past it, new ones wait in the kernel's
-    /// accept queue rather than being accepted and starved.
-    pub max_connections: usize,
     /// Time to send a request's headers; also how long a connection with
     /// no request in flight is kept (HTTP/1 keep-alive, HTTP/2 idle).
     pub header_read_timeout: Duration,
@@ -209,48 +208,50 @@ impl Drop for Open {
     }
 }
 
+/// Where and how a listener serves; `options` and `tls` are read per
+/// connection and `connections` is resized in place, so a reload applies.
+pub struct Listener {
+    /// Labels the log lines.
+    pub name: &'static str,
+    pub listener: TcpListener,
+    pub options: Arc<ArcSwap<Options>>,
+    /// With a config, every connection is TLS; the handshake must finish
+    /// within the header timeout.
+    pub tls: Arc<ArcSwapOption<rustls::ServerConfig>>,
+    /// Open connections at most; past it, new ones wait in the kernel's
+    /// accept queue rather than being accepted and starved.
+    pub connections: ResizableLimit,
+}
+
 /// Serves `handler` on `listener` until `shutdown` turns true, then drains
-/// for at most the grace period. `name` labels the log lines. With a TLS
-/// config in `tls` (read per connection, so a reload can swap it), every
-/// connection is TLS; the handshake must finish within the header timeout.
-pub async fn serve<H, F>(
-    name: &'static str,
-    listener: TcpListener,
-    handler: H,
-    mut shutdown: watch::Receiver<bool>,
-    options: Arc<ArcSwap<Options>>,
-    tls: Arc<ArcSwapOption<rustls::ServerConfig>>,
-) where
+/// for at most the grace period.
+pub async fn serve<H, F>(listener: Listener, handler: H, mut shutdown: watch::Receiver<bool>)
+where
     H: Fn(Request<Incoming>, Conn) -> F + Clone + Send + Sync + 'static,
     F: Future<Output = Response<Body>> + Send + 'static,
 {
+    let Listener {
+        name,
+        listener,
+        options,
+        tls,
+        connections,
+    } = listener;
     let mut current = **options.load();
     let mut builder = connection_builder(&current);
-    let permits = Arc::new(Semaphore::new(current.max_connections));
     let open = watch::channel(0usize).0;
     let local = listener.local_addr().ok();
     if let Some(addr) = local {
         tracing::info!(listener = name, %addr, "listening");
     }
     loop {
-        // Reloaded settings apply to the connections accepted from now on.
-        let latest = **options.load();
-        if latest != current {
-            builder = connection_builder(&latest);
-            if latest.max_connections > current.max_connections {
-                permits.add_permits(latest.max_connections - current.max_connections);
-            } else {
-                // Only free slots can be taken back; busy ones close in time.
-                permits.forget_permits(current.max_connections - latest.max_connections);
-            }
-            current = latest;
-        }
         // A connection slot first, then accept: beyond the limit, clients
-        // wait in the kernel's queue.
+        // wait in the kernel's queue. A reload that grows the limit lets
+        // this wait end at once.
         let permit = tokio::select! {
-            permit = permits.clone().acquire_owned() => match permit {
-                Ok(p) => p,
-                Err(_) => break,
+            permit = connections.acquire() => match permit {
+                Some(p) => p,
+                None => break,
             },
             changed = shutdown.changed() => {
                 if changed.is_err() || *shutdown.borrow() {
@@ -259,6 +260,12 @@ pub async fn serve<H, F>(
                 continue;
             }
         };
+        // Reloaded settings apply to the connections accepted from now on.
+        let latest = **options.load();
+        if latest != current {
+            builder = connection_builder(&latest);
+            current = latest;
+        }
         tokio::select! {
             accepted = listener.accept() => match accepted {
                 Ok((stream, peer)) => {

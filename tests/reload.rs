@@ -263,3 +263,83 @@ async fn a_reload_applies_the_retry_policy_to_identities_that_stay() {
     assert_eq!(a.status, StatusCode::OK, "{}", a.text());
     assert_eq!(h.sim.attempts(), 4);
 }
+
+/// Issue 11, defect 3: shrinking `limits.max_connections` from 4 to 1 while
+/// every slot is busy leaves a cap of 1 once they finish (the permits that
+/// could not be taken back at once used to return to the pool).
+#[tokio::test]
+async fn a_smaller_connection_cap_holds_once_busy_connections_finish() {
+    let h = setup().set("limits", "max_connections", "4").start().await;
+    h.ready().await;
+    let gate = h.sim.gate("/held");
+    let held = |proxy| {
+        tokio::spawn(common::raw(
+            proxy,
+            b"GET /held.json HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
+        ))
+    };
+    let busy: Vec<_> = (0..3).map(|_| held(h.proxy)).collect();
+    h.sim.wait_until(|s| s.held_at_gates() == 3).await;
+    h.handle
+        .reload(config(&h, setup().set("limits", "max_connections", "1")))
+        .unwrap();
+    // The fourth slot was taken before the reload, waiting for a client:
+    // every slot is busy when the accept loop next looks.
+    let mut busy = busy;
+    busy.push(held(h.proxy));
+    h.sim.wait_until(|s| s.held_at_gates() == 4).await;
+    gate.add_permits(4);
+    for b in busy {
+        assert!(bounded("a busy answer", b)
+            .await
+            .unwrap()
+            .starts_with("HTTP/1.1 200"));
+    }
+    // Two new clients: one is served, the other waits in the accept queue.
+    let next: Vec<_> = (0..2).map(|_| held(h.proxy)).collect();
+    h.sim.wait_until(|s| s.held_at_gates() == 1).await;
+    // Time for the second to get in, had the cap been left at 3.
+    tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+    assert_eq!(h.sim.held_at_gates(), 1, "the cap is 1");
+    gate.add_permits(2);
+    for n in next {
+        assert!(bounded("the answer", n)
+            .await
+            .unwrap()
+            .starts_with("HTTP/1.1 200"));
+    }
+}
+
+/// Issue 11, defect 3: a larger connection cap applies at once, while every
+/// slot is busy (the accept loop used to see it only after one freed).
+#[tokio::test]
+async fn a_larger_connection_cap_applies_while_every_slot_is_busy() {
+    let h = setup().set("limits", "max_connections", "1").start().await;
+    h.ready().await;
+    let gate = h.sim.gate("/held");
+    let held = |proxy| {
+        tokio::spawn(common::raw(
+            proxy,
+            b"GET /held.json HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
+        ))
+    };
+    let first = held(h.proxy);
+    h.sim.wait_until(|s| s.held_at_gates() == 1).await;
+    let second = held(h.proxy);
+    h.handle
+        .reload(config(&h, setup().set("limits", "max_connections", "2")))
+        .unwrap();
+    // The second client is served while the first is still held.
+    bounded(
+        "the second client to be served",
+        h.sim.wait_until(|s| s.held_at_gates() == 2),
+    )
+    .await;
+    gate.add_permits(2);
+    for a in [first, second] {
+        assert!(bounded("the answer", a)
+            .await
+            .unwrap()
+            .starts_with("HTTP/1.1 200"));
+    }
+}
