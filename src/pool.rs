@@ -28,8 +28,12 @@ pub struct Pool {
     /// Round-robin cursor.
     next: AtomicUsize,
     max_in_flight: Option<usize>,
-    /// Signalled when a member frees a slot (only with `max_in_flight`).
+    /// Wakes one round-robin waiter when a member frees a slot (only with
+    /// `max_in_flight`).
     released: Notify,
+    /// `try_claim` calls, for the tests that count wake-ups.
+    #[cfg(test)]
+    claims: AtomicUsize,
     /// Requests answered before a member was chosen.
     metrics: IdentityMetrics,
 }
@@ -38,6 +42,8 @@ struct Member {
     identity: Identity,
     /// Requests in flight; counted only with `max_in_flight`.
     in_flight: AtomicUsize,
+    /// Wakes one sticky waiter for this member when it frees a slot.
+    released: Notify,
 }
 
 /// A member held for one request; frees its slot when dropped.
@@ -55,17 +61,21 @@ impl Lease {
 impl Drop for Lease {
     fn drop(&mut self) {
         if self.pool.max_in_flight.is_some() {
-            self.pool.members[self.index]
-                .in_flight
-                .fetch_sub(1, Ordering::AcqRel);
-            self.pool.released.notify_waiters();
+            let member = &self.pool.members[self.index];
+            member.in_flight.fetch_sub(1, Ordering::AcqRel);
+            // One slot is free: one waiter for it, not every waiter. A
+            // waiter woken but gone passes the wake-up on (tokio's Notify).
+            member.released.notify_one();
+            self.pool.released.notify_one();
         }
     }
 }
 
 enum Claim {
     Got(usize),
-    Busy,
+    /// Every member that may serve is busy; a sticky request names the one
+    /// it waits for.
+    Busy(Option<usize>),
     AllSetAside,
 }
 
@@ -84,12 +94,15 @@ impl Pool {
                 .map(|identity| Member {
                     identity,
                     in_flight: AtomicUsize::new(0),
+                    released: Notify::new(),
                 })
                 .collect(),
             strategy,
             next: AtomicUsize::new(0),
             max_in_flight,
             released: Notify::new(),
+            #[cfg(test)]
+            claims: AtomicUsize::new(0),
             metrics,
         }
     }
@@ -112,40 +125,55 @@ impl Pool {
     }
 
     /// A member for one request, started if it was idle. Waits for a free
-    /// member (with `max_in_flight`) until `deadline`.
+    /// member (with `max_in_flight`) until `deadline`. The common case is
+    /// one claim of the next member: no registration, no scan.
     pub async fn acquire(
         self: &Arc<Self>,
         client: Option<&HeaderValue>,
         deadline: Instant,
     ) -> Result<Lease, ProxyError> {
         loop {
-            // Registered before trying, so a release in between is not missed.
-            let released = self.released.notified();
+            let busy = match self.claimed(self.try_claim(client))? {
+                Ok(lease) => return Ok(lease),
+                Err(busy) => busy,
+            };
+            // Every member busy: register for a wake-up first, then look
+            // again, so a release in between is not missed.
+            let notify = match busy {
+                Some(member) => &self.members[member].released,
+                None => &self.released,
+            };
+            let released = notify.notified();
             tokio::pin!(released);
             released.as_mut().enable();
-            match self.try_claim(client) {
-                Claim::Got(index) => {
-                    self.members[index].identity.start();
-                    return Ok(Lease {
-                        pool: self.clone(),
-                        index,
-                    });
-                }
-                Claim::AllSetAside => {
-                    return Err(ProxyError::PoolUnavailable {
-                        pool: self.name.clone(),
-                        size: self.members.len(),
-                    })
-                }
-                Claim::Busy => {
-                    if timeout_at(deadline, released).await.is_err() {
-                        return Err(ProxyError::PoolBusy {
-                            pool: self.name.clone(),
-                            size: self.members.len(),
-                        });
-                    }
-                }
+            if let Ok(lease) = self.claimed(self.try_claim(client))? {
+                return Ok(lease);
             }
+            if timeout_at(deadline, released).await.is_err() {
+                return Err(ProxyError::PoolBusy {
+                    pool: self.name.clone(),
+                    size: self.members.len(),
+                });
+            }
+        }
+    }
+
+    /// A lease for a claimed member (started if it was idle), the member a
+    /// busy request waits for, or the pool's refusal.
+    fn claimed(self: &Arc<Self>, claim: Claim) -> Result<Result<Lease, Option<usize>>, ProxyError> {
+        match claim {
+            Claim::Got(index) => {
+                self.members[index].identity.start();
+                Ok(Ok(Lease {
+                    pool: self.clone(),
+                    index,
+                }))
+            }
+            Claim::Busy(member) => Ok(Err(member)),
+            Claim::AllSetAside => Err(ProxyError::PoolUnavailable {
+                pool: self.name.clone(),
+                size: self.members.len(),
+            }),
         }
     }
 
@@ -192,6 +220,8 @@ impl Pool {
     }
 
     fn try_claim(&self, client: Option<&HeaderValue>) -> Claim {
+        #[cfg(test)]
+        self.claims.fetch_add(1, Ordering::Relaxed);
         let n = self.members.len();
         let sticky = match (self.strategy, client) {
             (Strategy::Sticky, Some(c)) => Some(sticky_index(c, n)),
@@ -222,16 +252,16 @@ impl Pool {
                 }
                 if sticky.is_some() {
                     // Sticky means this member: wait for it.
-                    return Claim::Busy;
+                    return Claim::Busy(Some(index));
                 }
             }
             if candidates {
                 // Busy members that may serve are worth waiting for.
-                return Claim::Busy;
+                return Claim::Busy(None);
             }
         }
         if any {
-            Claim::Busy
+            Claim::Busy(None)
         } else {
             Claim::AllSetAside
         }
@@ -256,4 +286,108 @@ fn sticky_index(client: &HeaderValue, n: usize) -> usize {
     let mut h = DefaultHasher::new();
     client.as_bytes().hash(&mut h);
     (h.finish() % n as u64) as usize
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::metrics::Metrics;
+    use crate::session::{BoxFuture, HeldTokens, Info, NewSession, Policy, SessionError, Source};
+    use std::time::Duration;
+
+    /// Sessions are not what these tests are about.
+    struct Idle;
+    impl Source for Idle {
+        fn create(&self) -> BoxFuture<'_, Result<NewSession, SessionError>> {
+            Box::pin(std::future::pending())
+        }
+    }
+
+    fn pool(members: usize, max_in_flight: Option<usize>) -> Arc<Pool> {
+        let metrics = Metrics::new();
+        let policy = Policy {
+            renew_before: Duration::from_secs(600),
+            retry_initial: Duration::from_secs(1),
+            retry_max: Duration::from_secs(8),
+            retry_wait: Duration::ZERO,
+            set_aside_refused: true,
+        };
+        let identities = (0..members)
+            .map(|i| {
+                let info = Info {
+                    name: format!("m-{i}"),
+                    pool: Some("p".into()),
+                    kind: "login",
+                };
+                Identity::new(
+                    info,
+                    Box::new(Idle),
+                    policy,
+                    &metrics,
+                    &HeldTokens::default(),
+                )
+            })
+            .collect();
+        Arc::new(Pool::new(
+            "p".into(),
+            identities,
+            Strategy::RoundRobin,
+            max_in_flight,
+            metrics.identity("", Some("p")),
+        ))
+    }
+
+    fn far() -> Instant {
+        Instant::now() + Duration::from_secs(3600)
+    }
+
+    fn claims(p: &Pool) -> usize {
+        p.claims.load(Ordering::Relaxed)
+    }
+
+    #[tokio::test]
+    async fn a_free_member_is_claimed_at_once() {
+        let p = pool(3, Some(2));
+        for n in 1..=4 {
+            let _lease = p.acquire(None, far()).await.unwrap();
+            assert_eq!(claims(&p), n, "one claim per uncontended request");
+        }
+    }
+
+    /// Issue 11, defect 4: a release wakes one waiter, not every waiter.
+    #[tokio::test]
+    async fn a_release_wakes_one_waiter() {
+        let p = pool(1, Some(1));
+        let held = p.acquire(None, far()).await.unwrap();
+        let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+        for _ in 0..20 {
+            let (p, tx) = (p.clone(), tx.clone());
+            tokio::spawn(async move {
+                let lease = p.acquire(None, far()).await.unwrap();
+                let _ = tx.send(lease);
+            });
+        }
+        // Each waiter claims, registers, claims again, and sleeps.
+        let settled = async {
+            while claims(&p) < 1 + 20 * 2 {
+                tokio::task::yield_now().await;
+            }
+        };
+        tokio::time::timeout(Duration::from_secs(10), settled)
+            .await
+            .expect("every waiter asleep");
+        drop(held);
+        let lease = rx.recv().await.unwrap();
+        for _ in 0..10 {
+            tokio::task::yield_now().await;
+        }
+        assert_eq!(claims(&p), 1 + 20 * 2 + 1, "only the woken waiter claimed");
+        // And the next release wakes the next one.
+        drop(lease);
+        let _next = rx.recv().await.unwrap();
+        for _ in 0..10 {
+            tokio::task::yield_now().await;
+        }
+        assert_eq!(claims(&p), 1 + 20 * 2 + 2);
+    }
 }
