@@ -15,7 +15,7 @@ use sha1::{Digest, Sha1};
 use subtle::ConstantTimeEq;
 
 use crate::canonical;
-use crate::config::{ClientConfig, Config, PathRule};
+use crate::config::{ClientConfig, Config, PathRule, TargetId};
 use crate::error::ProxyError;
 use crate::metrics::{CodeCounter, Metrics};
 
@@ -24,17 +24,20 @@ pub const KEY_HEADER: HeaderName = HeaderName::from_static("qbproxy-key");
 
 pub struct Gate {
     allow: Vec<IpNet>,
-    clients: Vec<Client>,
+    clients: Vec<ApiClient>,
     max_header_bytes: usize,
     pub max_body_bytes: u64,
 }
 
-pub struct Client {
+/// A `[[client]]`: a caller known by its API key.
+pub struct ApiClient {
     pub name: String,
     /// SHA-1 of the key: comparing digests in constant time leaks neither
     /// the key nor its length.
     digest: [u8; 20],
-    identities: Option<Vec<String>>,
+    /// What it may act as (the first is its default), with their names for
+    /// messages; `None`: anything.
+    identities: Option<Vec<(TargetId, String)>>,
     allow_paths: Vec<PathRule>,
     deny_paths: Vec<PathRule>,
     bucket: Option<Mutex<Bucket>>,
@@ -48,7 +51,7 @@ impl Gate {
             clients: config
                 .clients
                 .iter()
-                .map(|c| Client::new(c, metrics))
+                .map(|c| ApiClient::new(c, config, metrics))
                 .collect(),
             max_header_bytes: config.limits.max_header_bytes,
             max_body_bytes: config.limits.max_body_bytes,
@@ -57,7 +60,11 @@ impl Gate {
 
     /// Checks a request's source, headers and key; returns its client when
     /// keys are configured.
-    pub fn admit(&self, peer: IpAddr, headers: &HeaderMap) -> Result<Option<&Client>, ProxyError> {
+    pub fn admit(
+        &self,
+        peer: IpAddr,
+        headers: &HeaderMap,
+    ) -> Result<Option<&ApiClient>, ProxyError> {
         let peer = peer.to_canonical();
         if !self.allow.is_empty() && !self.allow.iter().any(|net| net.contains(&peer)) {
             return Err(ProxyError::SourceNotAllowed(peer));
@@ -101,12 +108,16 @@ impl Gate {
     }
 }
 
-impl Client {
-    fn new(c: &ClientConfig, metrics: &Metrics) -> Client {
-        Client {
+impl ApiClient {
+    fn new(c: &ClientConfig, config: &Config, metrics: &Metrics) -> ApiClient {
+        ApiClient {
             name: c.name.clone(),
             digest: Sha1::digest(c.key.expose().as_bytes()).into(),
-            identities: c.identities.clone(),
+            identities: c.identities.as_ref().map(|ids| {
+                ids.iter()
+                    .map(|t| (*t, config.target_name(*t).to_owned()))
+                    .collect()
+            }),
             allow_paths: c.allow_paths.clone(),
             deny_paths: c.deny_paths.clone(),
             bucket: c
@@ -118,27 +129,38 @@ impl Client {
 
     /// The identity this client uses when the request names none: its
     /// first allowed one, if it is restricted.
-    pub fn default_target(&self) -> Option<&str> {
+    pub fn default_target(&self) -> Option<TargetId> {
         self.identities
             .as_ref()
             .and_then(|ids| ids.first())
-            .map(String::as_str)
+            .map(|(t, _)| *t)
     }
 
-    /// The identities and pools it may use; `None`: all.
-    pub fn identities(&self) -> Option<&[String]> {
-        self.identities.as_deref()
+    /// The names of the identities and pools it may use; `None`: all.
+    pub fn allowed_names(&self) -> Option<String> {
+        self.identities.as_ref().map(|ids| {
+            ids.iter()
+                .map(|(_, n)| n.as_str())
+                .collect::<Vec<_>>()
+                .join(", ")
+        })
     }
 
-    /// May this client act as `target` and send `method path`? `path` is
-    /// canonical; the rules compare its route key.
-    pub fn permit(&self, target: &str, method: &Method, path: &str) -> Result<(), ProxyError> {
+    /// May this client act as `target` (called `name`) and send `method
+    /// path`? `path` is canonical; the rules compare its route key.
+    pub fn permit(
+        &self,
+        target: TargetId,
+        name: &str,
+        method: &Method,
+        path: &str,
+    ) -> Result<(), ProxyError> {
         if let Some(ids) = &self.identities {
-            if !ids.iter().any(|i| i == target) {
+            if !ids.iter().any(|(t, _)| *t == target) {
                 return Err(ProxyError::Forbidden(format!(
-                    "client {:?} may not use identity {target:?}; it may use: {}",
+                    "client {:?} may not use identity {name:?}; it may use: {}",
                     self.name,
-                    ids.join(", ")
+                    self.allowed_names().unwrap_or_default()
                 )));
             }
         }

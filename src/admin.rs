@@ -25,8 +25,6 @@ use crate::Handle;
 #[derive(Clone)]
 pub struct Admin {
     pub handle: Handle,
-    /// A forced renewal waits this long (plus a second) for its outcome.
-    pub renew_timeout: Duration,
     /// True once shutdown began: readiness turns false so that load
     /// balancers stop sending traffic during the drain.
     pub shutting_down: watch::Receiver<bool>,
@@ -125,7 +123,9 @@ impl Admin {
             );
         };
         tracing::info!(identity = name, "forced renewal requested on the admin API");
-        let deadline = Instant::now() + self.renew_timeout + Duration::from_secs(1);
+        // The renewal's own budget, and a second to hear its outcome.
+        let budget = self.handle.config(|c| c.quickblox.session_timeout);
+        let deadline = Instant::now() + budget + Duration::from_secs(1);
         let status = status_json(&identity.status());
         match identity.force_renewal(deadline).await {
             Ok(_) => text(

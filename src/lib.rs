@@ -16,11 +16,13 @@ pub mod credentials;
 pub mod demo;
 pub mod error;
 pub mod limit;
+pub mod live;
 pub mod metrics;
 pub mod overrides;
 pub mod pool;
 pub mod proxy;
 pub mod qb;
+pub mod reload;
 pub mod route;
 pub mod server;
 pub mod session;
@@ -29,23 +31,28 @@ pub mod sim;
 pub mod tls;
 pub mod upstream;
 
-use std::collections::HashMap;
 use std::future::Future;
-use std::sync::{Arc, Mutex};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, OnceLock, Weak};
+use std::time::Instant;
 
-use arc_swap::{ArcSwap, ArcSwapOption};
+use arc_swap::ArcSwap;
 use tokio::net::TcpListener;
-use tokio::sync::{watch, Semaphore};
+use tokio::sync::{mpsc, oneshot, watch};
 
 pub use config::Config;
+pub use reload::{ReloadError, Summary};
 
 use crate::limit::ResizableLimit;
+use crate::live::Live;
 use crate::metrics::Metrics;
 use crate::pool::Pool;
-use crate::proxy::{Live, Proxy};
-use crate::route::{Router, Target};
-use crate::session::{HeldTokens, Identity, Info, Policy, Source};
-use crate::upstream::{ClockOffset, SessionCreator, Throttled};
+use crate::proxy::Proxy;
+use crate::reload::Context;
+use crate::route::Target;
+use crate::session::{HeldTokens, Identity};
+use crate::upstream::ClockOffset;
 
 /// The listeners qbproxy serves on, bound by the caller (port 0 in tests).
 pub struct Listeners {
@@ -59,8 +66,6 @@ pub struct Listeners {
 pub enum StartError {
     #[error("cannot set up TLS to the upstream: {0}")]
     Tls(std::io::Error),
-    #[error("no identity configured")]
-    NoIdentity,
 }
 
 /// A configured proxy, not yet serving.
@@ -76,201 +81,61 @@ pub struct Handle {
 }
 
 struct Shared {
-    /// Identities, pools and the default, swapped on reload.
-    snapshot: ArcSwap<Snapshot>,
+    /// Everything requests, connections and the admin API read, published
+    /// whole by the reloader.
+    live: Arc<ArcSwap<Live>>,
     proxy: Proxy,
-    metrics: Metrics,
-    /// QuickBlox's clock against ours: survives reloads.
-    clock: Arc<ClockOffset>,
-    /// Every identity's tokens, current and recent: survives reloads.
-    held: HeldTokens,
-    /// The proxy listener's TLS and connection settings, read per connection.
-    tls: Arc<ArcSwapOption<rustls::ServerConfig>>,
-    listener: Arc<ArcSwap<server::Options>>,
-    /// `limits.max_connections`, resized on reload.
+    ctx: Context,
+    /// `limits.max_connections`, resized when a reload is published.
     connections: ResizableLimit,
-    /// The configuration in force (reload compares listen addresses with it).
-    config: Mutex<Config>,
     /// Set once `run` started the identities: a reload starts new ones.
-    running: std::sync::atomic::AtomicBool,
+    running: AtomicBool,
+    /// The reloader task's queue, started with the first reload.
+    reloader: OnceLock<mpsc::Sender<Request>>,
 }
 
-/// Who requests can act as, built from one config.
-struct Snapshot {
-    /// Every identity, pool members included, in config order.
-    identities: Vec<Identity>,
-    pools: Vec<Arc<Pool>>,
-    default: Target,
+/// A reload asked of the reloader task.
+struct Request {
+    source: Source,
+    reply: oneshot::Sender<Result<Summary, ReloadError>>,
 }
 
-fn listener_options(config: &Config) -> server::Options {
-    server::Options {
-        header_read_timeout: config.limits.header_read_timeout,
-        max_header_bytes: config.limits.max_header_bytes,
-        send_timeout: config.limits.send_timeout,
-        max_streams: config.limits.max_streams_per_connection,
-        shutdown_grace: config.listen.shutdown_grace,
+enum Source {
+    Config(Box<Config>),
+    File(PathBuf),
+}
+
+impl Shared {
+    /// Makes `live` what every request, connection and admin call reads
+    /// from now on; the limits it sets first.
+    fn publish(&self, live: Live) {
+        self.proxy
+            .resize_slots(live.config.upstream.max_connections);
+        self.connections.resize(live.config.limits.max_connections);
+        self.live.store(Arc::new(live));
     }
-}
-
-/// Builds what requests are served with from `config`. Identities in
-/// `previous` with the same name, kind and pool are kept, session and all,
-/// with the new way to create their next session.
-fn build(
-    config: &Config,
-    metrics: &Metrics,
-    held: &HeldTokens,
-    clock: &Arc<ClockOffset>,
-    previous: Option<&Snapshot>,
-) -> Result<(Live, Snapshot), StartError> {
-    let client = upstream::client(&config.upstream).map_err(StartError::Tls)?;
-    // One creation semaphore per pool, shared by its members.
-    let throttles: HashMap<&str, Arc<Semaphore>> = config
-        .pools
-        .iter()
-        .map(|p| {
-            (
-                p.name.as_str(),
-                Arc::new(Semaphore::new(p.create_concurrency)),
-            )
-        })
-        .collect();
-    let identities: Vec<Identity> = config
-        .identities
-        .iter()
-        .map(|id| {
-            let creator = SessionCreator::new(
-                client.clone(),
-                config.upstream.clone(),
-                config.quickblox.clone(),
-                id.credentials.clone(),
-                clock.clone(),
-            );
-            let throttle = id.pool.as_deref().and_then(|p| throttles.get(p));
-            let source: Box<dyn Source> = match throttle {
-                Some(permits) => Box::new(Throttled::new(creator, permits.clone())),
-                None => Box::new(creator),
-            };
-            let info = Info {
-                name: id.name.clone(),
-                pool: id.pool.clone(),
-                kind: id.credentials.kind(),
-            };
-            let kept = previous.and_then(|p| {
-                p.identities.iter().find(|i| {
-                    let old = i.info();
-                    old.name == info.name && old.kind == info.kind && old.pool == info.pool
-                })
-            });
-            let policy = Policy {
-                renew_before: config.quickblox.renew_before,
-                retry_initial: config.quickblox.retry_initial,
-                retry_max: config.quickblox.retry_max,
-                retry_wait: config.quickblox.retry_wait,
-                set_aside_refused: id.pool.is_some(),
-            };
-            match kept {
-                Some(identity) => {
-                    identity.set_source(source);
-                    identity.set_policy(policy);
-                    identity.clone()
-                }
-                None => Identity::new(info, source, policy, metrics, held),
-            }
-        })
-        .collect();
-    let by_name: HashMap<&str, &Identity> = identities.iter().map(|i| (i.name(), i)).collect();
-    let pools: Vec<Arc<Pool>> = config
-        .pools
-        .iter()
-        .map(|p| {
-            let members = p
-                .members
-                .iter()
-                .filter_map(|m| by_name.get(m.as_str()).map(|i| (*i).clone()))
-                .collect();
-            Arc::new(Pool::new(
-                p.name.clone(),
-                members,
-                p.strategy,
-                p.max_in_flight,
-                metrics.identity("", Some(&p.name)),
-            ))
-        })
-        .collect();
-
-    let mut named: Vec<(String, Target)> = identities
-        .iter()
-        .map(|i| (i.name().to_owned(), Target::Identity(i.clone())))
-        .collect();
-    named.extend(
-        pools
-            .iter()
-            .map(|p| (p.name().to_owned(), Target::Pool(p.clone()))),
-    );
-    // The 400 message lists what a client would choose: standalone
-    // identities and pools, not every generated member.
-    let listed: Vec<String> = config
-        .identities
-        .iter()
-        .filter(|i| i.pool.is_none())
-        .map(|i| i.name.clone())
-        .chain(config.pools.iter().map(|p| p.name.clone()))
-        .collect();
-    let target = |name: &str| {
-        named
-            .iter()
-            .find(|(n, _)| n == name)
-            .map(|(_, t)| t.clone())
-    };
-    let mut prefixes = Vec::new();
-    let configured = config
-        .identities
-        .iter()
-        .map(|i| (&i.path_prefix, &i.name))
-        .chain(config.pools.iter().map(|p| (&p.path_prefix, &p.name)));
-    for (prefix, name) in configured {
-        if let (Some(prefix), Some(t)) = (prefix, target(name)) {
-            prefixes.push((prefix.clone(), t));
-        }
-    }
-    let default = target(&config.default).ok_or(StartError::NoIdentity)?;
-    let router = Router::new(named, listed, prefixes, default.clone());
-    let gate = access::Gate::new(config, metrics);
-    let live = Live::new(config, client, router, gate);
-    Ok((
-        live,
-        Snapshot {
-            identities,
-            pools,
-            default,
-        },
-    ))
 }
 
 impl App {
     pub fn new(config: Config) -> Result<App, StartError> {
-        let metrics = Metrics::new();
-        let held = HeldTokens::default();
-        let clock = Arc::new(ClockOffset::default());
-        let (live, snapshot) = build(&config, &metrics, &held, &clock, None)?;
-        let tls = Arc::new(ArcSwapOption::new(
-            config.listen.tls.as_ref().map(|t| t.server.clone()),
-        ));
-        let listener = Arc::new(ArcSwap::from_pointee(listener_options(&config)));
+        let ctx = Context {
+            metrics: Metrics::new(),
+            held: HeldTokens::default(),
+            clock: Arc::new(ClockOffset::default()),
+        };
+        let max_connections = config.limits.max_connections;
+        let built = reload::build(Arc::new(config), &ctx, None)?;
+        let live = Arc::new(ArcSwap::from_pointee(built.live));
+        let proxy = Proxy::new(live.clone(), ctx.metrics.clone(), ctx.held.clone());
         Ok(App {
             handle: Handle {
                 shared: Arc::new(Shared {
-                    snapshot: ArcSwap::from_pointee(snapshot),
-                    proxy: Proxy::new(live, metrics.clone(), held.clone()),
-                    metrics,
-                    held,
-                    clock,
-                    tls,
-                    listener,
-                    connections: ResizableLimit::new(config.limits.max_connections),
-                    config: Mutex::new(config),
-                    running: std::sync::atomic::AtomicBool::new(false),
+                    live,
+                    proxy,
+                    ctx,
+                    connections: ResizableLimit::new(max_connections),
+                    running: AtomicBool::new(false),
+                    reloader: OnceLock::new(),
                 }),
             },
         })
@@ -285,22 +150,19 @@ impl App {
     /// for at most the configured grace period.
     pub async fn run(self, listeners: Listeners, shutdown: impl Future<Output = ()>) {
         let shared = &self.handle.shared;
-        shared
-            .running
-            .store(true, std::sync::atomic::Ordering::SeqCst);
-        for identity in &shared.snapshot.load().identities {
-            if identity.info().pool.is_none() {
-                identity.start();
-            }
-        }
+        shared.running.store(true, Ordering::SeqCst);
+        start_standalone(&shared.live.load());
         let (stop, stopping) = watch::channel(false);
         let proxy = shared.proxy.clone();
+        let live = shared.live.clone();
         let proxy_server = server::serve(
             server::Listener {
                 name: "proxy",
                 listener: listeners.proxy,
-                options: shared.listener.clone(),
-                tls: shared.tls.clone(),
+                settings: Arc::new(move || {
+                    let live = live.load();
+                    (live.options, live.tls.clone())
+                }),
                 connections: shared.connections.clone(),
             },
             move |req, conn| {
@@ -311,15 +173,14 @@ impl App {
         );
         let admin = admin::Admin {
             handle: self.handle.clone(),
-            renew_timeout: self.handle.config(|c| c.quickblox.session_timeout),
             shutting_down: stopping.clone(),
         };
+        let admin_options = shared.live.load().options;
         let admin_server = server::serve(
             server::Listener {
                 name: "admin",
                 listener: listeners.admin,
-                options: Arc::new(ArcSwap::from_pointee(**shared.listener.load())),
-                tls: Arc::new(ArcSwapOption::empty()),
+                settings: Arc::new(move || (admin_options, None)),
                 // The admin port is for probes and operators: a few connections.
                 connections: ResizableLimit::new(64),
             },
@@ -335,10 +196,20 @@ impl App {
             let _ = stop.send(true);
         };
         tokio::join!(proxy_server, admin_server, trigger);
-        for identity in &shared.snapshot.load().identities {
+        for identity in &shared.live.load().identities {
             identity.stop();
         }
         tracing::info!("stopped");
+    }
+}
+
+/// Starts the identities outside pools (pool members start on first use).
+/// Idempotent.
+fn start_standalone(live: &Live) {
+    for identity in &live.identities {
+        if identity.info().pool.is_none() {
+            identity.start();
+        }
     }
 }
 
@@ -352,82 +223,120 @@ pub async fn run(
     Ok(())
 }
 
-impl Handle {
-    /// Applies a new, already validated configuration (SIGHUP). Requests in
-    /// flight finish with the old one; identities that stay keep their
-    /// sessions and take new credentials at their next renewal; new
-    /// identities start, removed ones stop. The listen addresses cannot
-    /// move without a restart: a change is logged and ignored.
-    pub fn reload(&self, config: Config) -> Result<(), StartError> {
-        let shared = &self.shared;
-        let previous = shared.snapshot.load_full();
-        let (live, snapshot) = build(
-            &config,
-            &shared.metrics,
-            &shared.held,
-            &shared.clock,
-            Some(&previous),
-        )?;
-        let mut current = shared.config.lock().unwrap_or_else(|p| p.into_inner());
-        if config.listen.addr != current.listen.addr {
-            tracing::warn!(old = %current.listen.addr, new = %config.listen.addr, "listen.addr changed; restart qbproxy to move the proxy listener");
-        }
-        if config.admin.addr != current.admin.addr {
-            tracing::warn!(old = %current.admin.addr, new = %config.admin.addr, "admin.addr changed; restart qbproxy to move the admin listener");
-        }
-        shared.proxy.replace(live);
-        shared
-            .tls
-            .store(config.listen.tls.as_ref().map(|t| t.server.clone()));
-        shared.listener.store(Arc::new(listener_options(&config)));
-        shared.connections.resize(config.limits.max_connections);
-        let running = shared.running.load(std::sync::atomic::Ordering::SeqCst);
-        if running {
-            for identity in snapshot
-                .identities
-                .iter()
-                .filter(|i| i.info().pool.is_none())
-            {
-                identity.start();
+/// The reloader: the one task that replaces the running configuration,
+/// one reload at a time, in the order asked. It holds the app weakly, so
+/// it ends with it.
+async fn reloader(shared: Weak<Shared>, mut requests: mpsc::Receiver<Request>) {
+    while let Some(Request { source, reply }) = requests.recv().await {
+        let result = match shared.upgrade() {
+            Some(shared) => reload_once(&shared, source).await,
+            None => Err(ReloadError::Stopped),
+        };
+        let _ = reply.send(result);
+    }
+}
+
+/// One reload: read and validate (for a file), build against the running
+/// `Live`, all on a blocking thread; then start, publish, stop.
+async fn reload_once(shared: &Shared, source: Source) -> Result<Summary, ReloadError> {
+    let began = Instant::now();
+    let previous = shared.live.load_full();
+    let ctx = shared.ctx.clone();
+    let prior = previous.clone();
+    let built = tokio::task::spawn_blocking(move || {
+        let config = match source {
+            Source::Config(c) => *c,
+            Source::File(path) => {
+                let c = Config::load(&path)?;
+                for w in &c.warnings {
+                    tracing::warn!(warning = %w, "configuration");
+                }
+                c
             }
-        }
-        let gone: Vec<&Identity> = previous
-            .identities
-            .iter()
-            .filter(|old| !snapshot.identities.iter().any(|new| new.same(old)))
-            .collect();
-        for identity in &gone {
-            identity.stop();
-        }
-        tracing::info!(
-            identities = snapshot.identities.len(),
-            pools = snapshot.pools.len(),
-            clients = config.clients.len(),
-            removed = gone.len(),
-            "configuration reloaded"
-        );
-        shared.snapshot.store(Arc::new(snapshot));
-        *current = config;
-        Ok(())
+        };
+        Ok::<_, ReloadError>(reload::build(Arc::new(config), &ctx, Some(&prior))?)
+    })
+    .await
+    .map_err(|_| ReloadError::Stopped)??;
+    let (old, new) = (&previous.config, &built.live.config);
+    if new.listen.addr != old.listen.addr {
+        tracing::warn!(old = %old.listen.addr, new = %new.listen.addr, "listen.addr changed; restart qbproxy to move the proxy listener");
+    }
+    if new.admin.addr != old.admin.addr {
+        tracing::warn!(old = %old.admin.addr, new = %new.admin.addr, "admin.addr changed; restart qbproxy to move the admin listener");
+    }
+    if shared.running.load(Ordering::SeqCst) {
+        start_standalone(&built.live);
+    }
+    shared.publish(built.live);
+    for identity in &built.removed {
+        identity.stop();
+    }
+    let s = &built.summary;
+    tracing::info!(
+        identities = s.identities,
+        pools = s.pools,
+        clients = s.clients,
+        kept = s.kept,
+        added = s.added,
+        removed = s.removed,
+        upstream_client_kept = s.client_kept,
+        tls_kept = s.tls_kept,
+        took_ms = began.elapsed().as_millis() as u64,
+        "configuration reloaded"
+    );
+    Ok(built.summary)
+}
+
+impl Handle {
+    /// Applies a new, already validated configuration. Reloads run one at a
+    /// time; this resolves when this one is in force (or was refused, and
+    /// the running configuration stays). Requests in flight finish with
+    /// the old configuration; identities that stay keep their sessions and
+    /// take new credentials at their next renewal; new identities start,
+    /// removed ones stop. The listen addresses cannot move without a
+    /// restart: a change is logged and ignored.
+    pub async fn reload(&self, config: Config) -> Result<Summary, ReloadError> {
+        self.ask(Source::Config(Box::new(config))).await
+    }
+
+    /// Reads, validates and applies the file at `path` (SIGHUP), reading it
+    /// off the async threads.
+    pub async fn reload_file(&self, path: &Path) -> Result<Summary, ReloadError> {
+        self.ask(Source::File(path.to_owned())).await
+    }
+
+    async fn ask(&self, source: Source) -> Result<Summary, ReloadError> {
+        let requests = self.shared.reloader.get_or_init(|| {
+            let (tx, rx) = mpsc::channel(16);
+            tokio::spawn(reloader(Arc::downgrade(&self.shared), rx));
+            tx
+        });
+        let (reply, answer) = oneshot::channel();
+        requests
+            .send(Request { source, reply })
+            .await
+            .map_err(|_| ReloadError::Stopped)?;
+        answer.await.map_err(|_| ReloadError::Stopped)?
     }
 
     /// Reads the configuration in force.
     pub fn config<T>(&self, f: impl FnOnce(&Config) -> T) -> T {
-        f(&self.shared.config.lock().unwrap_or_else(|p| p.into_inner()))
+        f(&self.shared.live.load().config)
     }
 
     /// Resolves once the default target can serve: the default identity
     /// holds a session (a pool's members start on first use).
     pub async fn ready(&self) {
-        let default = self.shared.snapshot.load().default.clone();
-        if let Target::Identity(identity) = default {
+        let live = self.shared.live.load_full();
+        if let Target::Identity(identity) = live.default_target() {
             identity.ready().await;
         }
     }
 
     /// Whether the default target can serve now (`/readyz`).
     pub fn is_ready(&self) -> Result<(), String> {
-        match &self.shared.snapshot.load().default {
+        match self.shared.live.load().default_target() {
             Target::Identity(identity) if identity.current().is_some() => Ok(()),
             Target::Identity(identity) => Err(match identity.last_failure() {
                 Some(e) => format!("no session yet: {e}"),
@@ -443,47 +352,39 @@ impl Handle {
 
     /// The identity called `name` (pool members included).
     pub fn identity(&self, name: &str) -> Option<Identity> {
-        self.shared
-            .snapshot
-            .load()
-            .identities
-            .iter()
-            .find(|i| i.name() == name)
-            .cloned()
+        let live = self.shared.live.load();
+        match live.config.target(name)? {
+            config::TargetId::Identity(id) => Some(live.identities[id.index()].clone()),
+            config::TargetId::Pool(_) => None,
+        }
     }
 
     /// Every identity, pool members included, in config order.
     pub fn identities(&self) -> Vec<Identity> {
-        self.shared.snapshot.load().identities.clone()
+        self.shared.live.load().identities.clone()
     }
 
     /// The default identity (for a pool default, its first member).
     pub fn default_identity(&self) -> Identity {
-        let snapshot = self.shared.snapshot.load();
-        match &snapshot.default {
+        match self.shared.live.load().default_target() {
             Target::Identity(identity) => identity.clone(),
-            Target::Pool(pool) => pool
-                .members()
-                .next()
-                .unwrap_or(&snapshot.identities[0])
-                .clone(),
+            // Validation refuses an empty pool.
+            Target::Pool(pool) => pool.first_member().clone(),
         }
     }
 
     /// The pool called `name`.
     pub fn pool(&self, name: &str) -> Option<Arc<Pool>> {
-        self.shared
-            .snapshot
-            .load()
-            .pools
-            .iter()
-            .find(|p| p.name() == name)
-            .cloned()
+        let live = self.shared.live.load();
+        match live.config.target(name)? {
+            config::TargetId::Pool(id) => Some(live.pools[id.index()].clone()),
+            config::TargetId::Identity(_) => None,
+        }
     }
 
     /// The Prometheus text exposition, as `/metrics` serves it.
     pub fn metrics_text(&self) -> String {
-        self.shared.metrics.render()
+        self.shared.ctx.metrics.render()
     }
 
     /// Request body bytes held for replays right now, across every request

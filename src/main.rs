@@ -228,6 +228,8 @@ fn init_logging(format: LogFormat) {
 
 /// On each SIGHUP, reads the config file again and applies it; an invalid
 /// file is refused with a log line and the running configuration stays.
+/// Reloads run one at a time; SIGHUPs that arrive during one leave exactly
+/// one more to run after it.
 async fn reload_on_sighup(path: std::path::PathBuf, handle: qbproxy::Handle) {
     let mut hup = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()) {
         Ok(s) => s,
@@ -236,20 +238,26 @@ async fn reload_on_sighup(path: std::path::PathBuf, handle: qbproxy::Handle) {
             return;
         }
     };
-    while hup.recv().await.is_some() {
-        tracing::info!(config = %path.display(), "SIGHUP received; reloading");
-        let result = Config::load(&path)
-            .map_err(|e| e.to_string())
-            .and_then(|c| {
-                for w in &c.warnings {
-                    tracing::warn!(warning = %w, "configuration");
+    // A Notify keeps at most one wake-up: the queue of one.
+    let wanted = std::sync::Arc::new(tokio::sync::Notify::new());
+    let worker = {
+        let wanted = wanted.clone();
+        async move {
+            loop {
+                wanted.notified().await;
+                tracing::info!(config = %path.display(), "SIGHUP received; reloading");
+                match handle.reload_file(&path).await {
+                    Ok(_) => handle.config(|c| check_open_file_limit(open_file_limit(), c)),
+                    Err(e) => {
+                        tracing::error!(error = %e, "reload refused; the running configuration stays")
+                    }
                 }
-                check_open_file_limit(open_file_limit(), &c);
-                handle.reload(c).map_err(|e| e.to_string())
-            });
-        if let Err(e) = result {
-            tracing::error!(error = %e, "reload refused; the running configuration stays");
+            }
         }
+    };
+    tokio::spawn(worker);
+    while hup.recv().await.is_some() {
+        wanted.notify_one();
     }
 }
 

@@ -13,7 +13,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 
 use http::HeaderValue;
-use tokio::sync::Notify;
+use tokio::sync::{Notify, Semaphore};
 use tokio::time::{timeout_at, Instant};
 
 use crate::config::Strategy;
@@ -28,6 +28,8 @@ pub struct Pool {
     /// Round-robin cursor.
     next: AtomicUsize,
     max_in_flight: Option<usize>,
+    /// Session creations in flight at once for the members.
+    throttle: Throttle,
     /// Wakes one round-robin waiter when a member frees a slot (only with
     /// `max_in_flight`).
     released: Notify,
@@ -44,6 +46,30 @@ struct Member {
     in_flight: AtomicUsize,
     /// Wakes one sticky waiter for this member when it frees a slot.
     released: Notify,
+}
+
+/// A pool's limit on session creations in flight at once
+/// (`create_concurrency`): each member's source waits for one of these
+/// permits (`upstream::Throttled`). Kept across a reload that keeps the
+/// concurrency, so creations before and after it count together.
+#[derive(Clone)]
+pub struct Throttle {
+    pub permits: Arc<Semaphore>,
+    pub size: usize,
+}
+
+impl Throttle {
+    pub fn new(size: usize) -> Throttle {
+        Throttle {
+            permits: Arc::new(Semaphore::new(size)),
+            size,
+        }
+    }
+
+    /// True if `other` is this same throttle.
+    pub fn same(&self, other: &Throttle) -> bool {
+        Arc::ptr_eq(&self.permits, &other.permits)
+    }
 }
 
 /// A member held for one request; frees its slot when dropped.
@@ -85,6 +111,7 @@ impl Pool {
         members: Vec<Identity>,
         strategy: Strategy,
         max_in_flight: Option<usize>,
+        throttle: Throttle,
         metrics: IdentityMetrics,
     ) -> Pool {
         Pool {
@@ -100,6 +127,7 @@ impl Pool {
             strategy,
             next: AtomicUsize::new(0),
             max_in_flight,
+            throttle,
             released: Notify::new(),
             #[cfg(test)]
             claims: AtomicUsize::new(0),
@@ -115,8 +143,26 @@ impl Pool {
         &self.metrics
     }
 
-    pub fn members(&self) -> impl Iterator<Item = &Identity> {
+    pub fn members(&self) -> impl ExactSizeIterator<Item = &Identity> {
         self.members.iter().map(|m| &m.identity)
+    }
+
+    /// Its first member (a pool has at least one: validation).
+    pub fn first_member(&self) -> &Identity {
+        &self.members[0].identity
+    }
+
+    pub fn strategy(&self) -> Strategy {
+        self.strategy
+    }
+
+    pub fn max_in_flight(&self) -> Option<usize> {
+        self.max_in_flight
+    }
+
+    /// What its members' session creations share.
+    pub fn throttle(&self) -> &Throttle {
+        &self.throttle
     }
 
     /// True unless every member is set aside.
@@ -333,6 +379,7 @@ mod tests {
             identities,
             Strategy::RoundRobin,
             max_in_flight,
+            Throttle::new(4),
             metrics.identity("", Some("p")),
         ))
     }

@@ -26,19 +26,20 @@ use http::{
 use hyper::body::Incoming;
 use tokio::time::{timeout_at, Instant};
 
-use crate::access::{self, Client, Gate};
+use crate::access::{self, ApiClient};
 use crate::body::{
     self, Body, BodyLimits, Budget, Buffered, ClientBody, ClientRead, Cut, CutFlag, ReadError,
     Reservation,
 };
 use crate::canonical;
-use crate::config::{ClientToken, Config, UpstreamConfig};
+use crate::config::{ClientToken, TargetId};
 use crate::error::ProxyError;
 use crate::limit::{Permit, ResizableLimit};
+use crate::live::Live;
 use crate::metrics::{IdentityMetrics, Metrics};
 use crate::overrides::{self, Found};
 use crate::qb;
-use crate::route::{self, Router, Target};
+use crate::route::{self, Target};
 use crate::server::Conn;
 use crate::session::{HeldTokens, Identity, Session, Unavailable};
 use crate::upstream;
@@ -50,9 +51,9 @@ pub struct Proxy {
 }
 
 struct Inner {
-    /// Loaded once per request, swapped whole on reload: a request runs
-    /// start to end with one consistent configuration.
-    live: ArcSwap<Live>,
+    /// Loaded once per request, published whole by the reloader: a request
+    /// runs start to end with one consistent configuration.
+    live: Arc<ArcSwap<Live>>,
     /// `upstream.max_connections` slots, one per request in flight upstream,
     /// held until its response body is read. One limit for the proxy's
     /// life, resized on reload, so requests in flight across a reload
@@ -64,40 +65,6 @@ struct Inner {
     held: HeldTokens,
     /// Request body bytes held for replays, across every request.
     budget: Arc<Budget>,
-}
-
-/// What requests are served with.
-pub struct Live {
-    pub client: upstream::Client,
-    pub upstream: UpstreamConfig,
-    /// Chooses the identity (or pool) whose session is injected.
-    pub router: Router,
-    /// Who may send what.
-    pub gate: Gate,
-    pub client_token: ClientToken,
-    pub replay_body_limit: usize,
-    /// Budget of a whole request, session wait and replay included.
-    pub timeout: Duration,
-    /// The longest wait for a client's next body bytes.
-    pub body_read_timeout: Duration,
-    /// Body bytes held for replays across every request at once.
-    pub max_buffered_bytes: usize,
-}
-
-impl Live {
-    pub fn new(config: &Config, client: upstream::Client, router: Router, gate: Gate) -> Live {
-        Live {
-            client,
-            upstream: config.upstream.clone(),
-            router,
-            gate,
-            client_token: config.proxy.client_token,
-            replay_body_limit: config.proxy.replay_body_limit,
-            timeout: config.upstream.timeout,
-            body_read_timeout: config.limits.body_read_timeout,
-            max_buffered_bytes: config.limits.max_buffered_bytes,
-        }
-    }
 }
 
 /// Headers that describe one connection, not the message; never forwarded
@@ -120,11 +87,12 @@ const HOP_BY_HOP: [HeaderName; 9] = [
 const MAX_REFUSAL_BODY: usize = 64 * 1024;
 
 impl Proxy {
-    pub fn new(live: Live, metrics: Metrics, held: HeldTokens) -> Self {
+    /// Serves with whatever `live` holds at each request's start.
+    pub fn new(live: Arc<ArcSwap<Live>>, metrics: Metrics, held: HeldTokens) -> Self {
         Proxy {
             inner: Arc::new(Inner {
-                slots: ResizableLimit::new(live.upstream.max_connections),
-                live: ArcSwap::from_pointee(live),
+                slots: ResizableLimit::new(live.load().upstream().max_connections),
+                live,
                 metrics,
                 held,
                 budget: Arc::new(Budget::default()),
@@ -132,11 +100,9 @@ impl Proxy {
         }
     }
 
-    /// Serves requests from now on with `live`; requests in flight finish
-    /// with what they started with. Reloads are serialised by the caller.
-    pub fn replace(&self, live: Live) {
-        self.inner.slots.resize(live.upstream.max_connections);
-        self.inner.live.store(Arc::new(live));
+    /// Moves the upstream cap (a reload, before it publishes).
+    pub fn resize_slots(&self, max_connections: usize) {
+        self.inner.slots.resize(max_connections);
     }
 
     /// Bytes of request bodies held for replays right now.
@@ -150,7 +116,7 @@ impl Proxy {
         let inner = &*self.inner;
         let (mut parts, body) = req.into_parts();
         let live = inner.live.load_full();
-        let deadline = Instant::now() + live.timeout;
+        let deadline = Instant::now() + live.timeout();
         let unrouted = inner.metrics.unrouted();
         let log = Log::raw(&parts);
         let client = match live.gate.admit(conn.peer().ip(), &parts.headers) {
@@ -169,7 +135,7 @@ impl Proxy {
             // Counted under the identity or pool it was refused for, if it
             // got that far.
             Err((e, target)) => {
-                let (metrics, identity) = target.map_or((unrouted, None), Target::metrics);
+                let (metrics, identity) = target.as_ref().map_or((unrouted, None), counted_as);
                 return finish(&log, Err(e), metrics, identity, client);
             }
         };
@@ -182,10 +148,10 @@ impl Proxy {
         };
         let limits = BodyLimits {
             max_bytes: live.gate.max_body_bytes,
-            idle: live.body_read_timeout,
+            idle: live.body_read_timeout(),
             deadline,
         };
-        let (target_metrics, target_identity) = plan.target.metrics();
+        let (target_metrics, target_identity) = counted_as(&plan.target);
         // The client's own session or token: no identity is involved.
         if matches!(plan.kind, Kind::OwnSessionCreate | Kind::OwnToken) {
             let scanner = overrides::body_scanner(&parts.method, &parts.headers);
@@ -244,16 +210,17 @@ impl Proxy {
         &self,
         live: &'a Live,
         parts: &Parts,
-        client: Option<&Client>,
-    ) -> Result<Plan<'a>, (ProxyError, Option<&'a Target>)> {
-        let (target, rest, query) = self.route(live, parts, client).map_err(|e| (e, None))?;
+        client: Option<&ApiClient>,
+    ) -> Result<Plan<'a>, (ProxyError, Option<Target<'a>>)> {
+        let (id, rest, query) = self.route(live, parts, client).map_err(|e| (e, None))?;
+        let target = live.target(id);
         let refuse = |e: ProxyError| (e, Some(target));
         if let Some(c) = client {
-            c.permit(target.name(), &parts.method, &rest)
+            c.permit(id, target.name(), &parts.method, &rest)
                 .map_err(refuse)?;
         }
         let method = &parts.method;
-        let own_token = match (live.client_token, parts.headers.get(qb::QB_TOKEN)) {
+        let own_token = match (live.client_token(), parts.headers.get(qb::QB_TOKEN)) {
             (ClientToken::Keep, Some(token)) => {
                 if self.inner.held.contains(token.as_bytes()) {
                     return Err(refuse(ProxyError::HeldToken));
@@ -275,7 +242,7 @@ impl Proxy {
         } else {
             Kind::Forward
         };
-        let uri = live.upstream.uri_for(&rest, query).map_err(|e| {
+        let uri = live.upstream().uri_for(&rest, query).map_err(|e| {
             refuse(ProxyError::BadRequest(format!(
                 "cannot forward this path: {e}"
             )))
@@ -291,12 +258,12 @@ impl Proxy {
     /// The request's canonical path and who it acts as: checks the method
     /// and overrides, canonicalises the path, and routes it. Returns the
     /// target, the path without a matched prefix, and the query as sent.
-    fn route<'a, 'p>(
+    fn route<'p>(
         &self,
-        live: &'a Live,
+        live: &Live,
         parts: &'p Parts,
-        client: Option<&Client>,
-    ) -> Result<(&'a Target, String, Option<&'p str>), ProxyError> {
+        client: Option<&ApiClient>,
+    ) -> Result<(TargetId, String, Option<&'p str>), ProxyError> {
         let method = &parts.method;
         if !canonical::method_allowed(method) {
             return Err(ProxyError::MethodNotAllowed(method.clone()));
@@ -315,28 +282,21 @@ impl Proxy {
             return Err(ProxyError::BodyTooLarge(live.gate.max_body_bytes));
         }
         let named = parts.headers.get(route::IDENTITY_HEADER);
-        let (mut target, rest) =
-            live.router
-                .route(named, &path)
-                .map_err(|e| match (e, client) {
-                    // The names a restricted client may use, not every name.
-                    (ProxyError::UnknownIdentity { name, .. }, Some(c))
-                        if c.identities().is_some() =>
-                    {
-                        ProxyError::UnknownIdentity {
-                            name,
-                            valid: c.identities().unwrap_or_default().join(", "),
-                        }
-                    }
-                    (e, _) => e,
-                })?;
+        let (mut target, rest) = live.router.route(named, &path).map_err(|e| {
+            match (e, client.and_then(|c| c.allowed_names())) {
+                // The names a restricted client may use, not every name.
+                (ProxyError::UnknownIdentity { name, .. }, Some(valid)) => {
+                    ProxyError::UnknownIdentity { name, valid }
+                }
+                (e, _) => e,
+            }
+        })?;
         let prefixed = rest.len() != path.len();
         // A client limited to some identities acts as its first one unless
         // the request names another.
-        if let (false, None, Some(name)) =
-            (prefixed, named, client.and_then(|c| c.default_target()))
+        if let (false, None, Some(own)) = (prefixed, named, client.and_then(|c| c.default_target()))
         {
-            target = live.router.named(name).unwrap_or(target);
+            target = own;
         }
         Ok((target, rest.to_owned(), query))
     }
@@ -353,9 +313,9 @@ impl Proxy {
         let scanner = overrides::body_scanner(&parts.method, &parts.headers);
         let read = body::read_client(
             body,
-            live.replay_body_limit,
+            live.replay_body_limit(),
             &self.inner.budget,
-            live.max_buffered_bytes,
+            live.max_buffered_bytes(),
             limits,
             scanner,
         )
@@ -372,7 +332,7 @@ impl Proxy {
                 if budget_full {
                     self.inner.metrics.buffer_full();
                     tracing::debug!(
-                        limit = live.max_buffered_bytes,
+                        limit = live.max_buffered_bytes(),
                         "limits.max_buffered_bytes in use; this body streams without a replay buffer"
                     );
                 }
@@ -397,7 +357,7 @@ impl Proxy {
     ) -> Result<Response<Body>, ProxyError> {
         let mut headers = std::mem::take(&mut parts.headers);
         strip_request_headers(&mut headers);
-        headers.insert(header::HOST, live.upstream.host.clone());
+        headers.insert(header::HOST, live.upstream().host.clone());
         let req = upstream_request(&parts.method, plan.uri.clone(), headers, body);
         let (resp, slot) = self
             .send(live, req, deadline)
@@ -425,13 +385,13 @@ impl Proxy {
             Some(s) => s,
             None => identity.session(deadline).await,
         }
-        .map_err(|e| unavailable(e, live.timeout))?;
+        .map_err(|e| unavailable(e, live.timeout()))?;
         if plan.kind == Kind::SessionRead {
             return Ok(session_answer(&parts.method, &plan.path, &session));
         }
         let mut headers = std::mem::take(&mut parts.headers);
         strip_request_headers(&mut headers);
-        headers.insert(header::HOST, live.upstream.host.clone());
+        headers.insert(header::HOST, live.upstream().host.clone());
         let uri = plan.uri.clone();
 
         let (replayable, _reserved) = match body {
@@ -448,7 +408,7 @@ impl Proxy {
                         // next request gets a new session.
                         tracing::info!(
                             path = plan.path,
-                            limit = live.replay_body_limit,
+                            limit = live.replay_body_limit(),
                             "session expired under a request not buffered for a replay; passing the 401 on"
                         );
                         identity.report_refused(&session);
@@ -479,7 +439,7 @@ impl Proxy {
             // cannot act on.
             Err(e) => {
                 drop(refusal);
-                return Err(unavailable(e, live.timeout));
+                return Err(unavailable(e, live.timeout()));
             }
         };
         identity.metrics().replay();
@@ -527,8 +487,8 @@ impl Proxy {
                     // Timed out, or the semaphore is closed (never done).
                     _ => {
                         return Err(ProxyError::UpstreamBusy {
-                            limit: live.upstream.max_connections,
-                            waited: live.timeout,
+                            limit: live.upstream().max_connections,
+                            waited: live.timeout(),
                         })
                     }
                 }
@@ -538,7 +498,7 @@ impl Proxy {
         let result = timeout_at(deadline, live.client.request(req)).await;
         self.inner.metrics.upstream_latency(started.elapsed());
         match result {
-            Err(_) => Err(ProxyError::UpstreamTimeout(live.timeout)),
+            Err(_) => Err(ProxyError::UpstreamTimeout(live.timeout())),
             Ok(Err(e)) if e.is_connect() => {
                 Err(ProxyError::UpstreamUnreachable(upstream::describe(&e)))
             }
@@ -570,7 +530,7 @@ impl Proxy {
         let (parts, body) = resp.into_parts();
         let read = timeout_at(deadline, body::buffer(body, MAX_REFUSAL_BODY))
             .await
-            .map_err(|_| ProxyError::UpstreamTimeout(live.timeout))?
+            .map_err(|_| ProxyError::UpstreamTimeout(live.timeout()))?
             .map_err(|e| ProxyError::Upstream(format!("reading a 401 answer: {e}")))?;
         Ok(match read {
             Buffered::Complete(bytes) => {
@@ -602,7 +562,7 @@ fn cut_off(e: ProxyError, cut: &CutFlag, live: &Live) -> ProxyError {
     match cut.get() {
         None => e,
         Some(Cut::TooLarge) => ProxyError::BodyTooLarge(live.gate.max_body_bytes),
-        Some(Cut::TimedOut) => ProxyError::BodyTimeout(live.body_read_timeout),
+        Some(Cut::TimedOut) => ProxyError::BodyTimeout(live.body_read_timeout()),
         Some(Cut::Override(found)) => override_error(found),
     }
 }
@@ -621,7 +581,7 @@ fn override_error(found: Found) -> ProxyError {
 
 fn read_error(e: ReadError, live: &Live) -> ProxyError {
     match e {
-        ReadError::TimedOut => ProxyError::BodyTimeout(live.body_read_timeout),
+        ReadError::TimedOut => ProxyError::BodyTimeout(live.body_read_timeout()),
         ReadError::TooLarge(limit) => ProxyError::BodyTooLarge(limit),
         ReadError::Override(found) => override_error(found),
         ReadError::Body(e) => {
@@ -662,7 +622,7 @@ fn finish(
     result: Result<Response<Body>, ProxyError>,
     metrics: &IdentityMetrics,
     identity: Option<&Identity>,
-    client: Option<&Client>,
+    client: Option<&ApiClient>,
 ) -> Response<Body> {
     let name = identity.map_or("", |i| i.name());
     let client_name = client.map_or("", |c| c.name.as_str());
@@ -718,19 +678,18 @@ enum Kind {
     SessionRead,
 }
 
-impl Target {
-    /// The series a request is counted in, and the identity if it is one.
-    fn metrics(&self) -> (&IdentityMetrics, Option<&Identity>) {
-        match self {
-            Target::Identity(i) => (i.metrics(), Some(i)),
-            Target::Pool(p) => (p.metrics(), None),
-        }
+/// The series a request for `target` is counted in, and the identity if
+/// it is one.
+fn counted_as<'a>(target: &Target<'a>) -> (&'a IdentityMetrics, Option<&'a Identity>) {
+    match *target {
+        Target::Identity(i) => (i.metrics(), Some(i)),
+        Target::Pool(p) => (p.metrics(), None),
     }
 }
 
 /// A request, decided.
 struct Plan<'a> {
-    target: &'a Target,
+    target: Target<'a>,
     /// The canonical path, without a matched identity prefix: what the
     /// decisions compared and what is forwarded.
     path: String,

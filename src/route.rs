@@ -8,6 +8,7 @@ use std::sync::Arc;
 
 use http::{HeaderName, HeaderValue};
 
+use crate::config::{Config, TargetId};
 use crate::error::ProxyError;
 use crate::pool::Pool;
 use crate::session::Identity;
@@ -18,14 +19,15 @@ pub const IDENTITY_HEADER: HeaderName = HeaderName::from_static("qbproxy-identit
 /// Keys a sticky pool's member choice.
 pub const CLIENT_HEADER: HeaderName = HeaderName::from_static("qbproxy-client");
 
-/// Where a request goes.
-#[derive(Clone)]
-pub enum Target {
-    Identity(Identity),
-    Pool(Arc<Pool>),
+/// Where a request goes, resolved from a [`TargetId`] by the `Live` that
+/// routed it.
+#[derive(Clone, Copy)]
+pub enum Target<'a> {
+    Identity(&'a Identity),
+    Pool(&'a Arc<Pool>),
 }
 
-impl Target {
+impl Target<'_> {
     pub fn name(&self) -> &str {
         match self {
             Target::Identity(i) => i.name(),
@@ -35,38 +37,46 @@ impl Target {
 }
 
 pub struct Router {
-    by_name: HashMap<String, Target>,
+    /// Every identity and pool by name (shared with the config).
+    names: Arc<HashMap<String, TargetId>>,
     /// Longest first, so `/bot/admin` wins over `/bot`.
-    prefixes: Vec<(String, Target)>,
-    default: Target,
-    /// Every selectable name, sorted, for the 400 message.
+    prefixes: Vec<(String, TargetId)>,
+    default: TargetId,
+    /// The names a client would choose (standalone identities and pools,
+    /// not every generated member), sorted, for the 400 message.
     valid: String,
 }
 
 impl Router {
-    /// `named`: every selectable name; `listed`: the names the 400 message
-    /// offers (not every generated pool member).
-    pub fn new(
-        named: Vec<(String, Target)>,
-        mut listed: Vec<String>,
-        prefixes: Vec<(String, Target)>,
-        default: Target,
-    ) -> Router {
+    pub fn new(config: &Config) -> Router {
+        let mut listed: Vec<&str> = config
+            .identities
+            .iter()
+            .filter(|i| i.pool.is_none())
+            .map(|i| i.name.as_str())
+            .chain(config.pools.iter().map(|p| p.name.as_str()))
+            .collect();
         listed.sort_unstable();
-        let valid = listed.join(", ");
-        let mut prefixes = prefixes;
+        // Only standalone identities and pools have prefixes (validation).
+        let mut prefixes: Vec<(String, TargetId)> = config
+            .identities
+            .iter()
+            .map(|i| (&i.path_prefix, &i.name))
+            .chain(config.pools.iter().map(|p| (&p.path_prefix, &p.name)))
+            .filter_map(|(prefix, name)| Some((prefix.clone()?, config.target(name)?)))
+            .collect();
         prefixes.sort_by_key(|(prefix, _)| std::cmp::Reverse(prefix.len()));
         Router {
-            by_name: named.into_iter().collect(),
+            names: config.names.clone(),
             prefixes,
-            default,
-            valid,
+            default: config.default,
+            valid: listed.join(", "),
         }
     }
 
     /// The identity or pool called `name`.
-    pub fn named(&self, name: &str) -> Option<&Target> {
-        self.by_name.get(name)
+    pub fn named(&self, name: &str) -> Option<TargetId> {
+        self.names.get(name).copied()
     }
 
     /// The target for a request, and its canonical path with a matched
@@ -75,11 +85,11 @@ impl Router {
         &self,
         named: Option<&HeaderValue>,
         path: &'p str,
-    ) -> Result<(&Target, &'p str), ProxyError> {
+    ) -> Result<(TargetId, &'p str), ProxyError> {
         if let Some(name) = named {
             let name = name.to_str().unwrap_or("");
-            return match self.by_name.get(name) {
-                Some(t) => Ok((t, path)),
+            return match self.names.get(name) {
+                Some(t) => Ok((*t, path)),
                 None => Err(ProxyError::UnknownIdentity {
                     name: name.chars().take(64).collect(),
                     valid: self.valid.clone(),
@@ -89,13 +99,13 @@ impl Router {
         for (prefix, target) in &self.prefixes {
             if let Some(rest) = path.strip_prefix(prefix.as_str()) {
                 if rest.is_empty() {
-                    return Ok((target, "/"));
+                    return Ok((*target, "/"));
                 }
                 if rest.starts_with('/') {
-                    return Ok((target, rest));
+                    return Ok((*target, rest));
                 }
             }
         }
-        Ok((&self.default, path))
+        Ok((self.default, path))
     }
 }

@@ -19,7 +19,6 @@ use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
-use arc_swap::{ArcSwap, ArcSwapOption};
 use bytes::Bytes;
 use http::{Request, Response};
 use http_body::{Body as HttpBody, Frame, SizeHint};
@@ -208,16 +207,17 @@ impl Drop for Open {
     }
 }
 
-/// Where and how a listener serves; `options` and `tls` are read per
-/// connection and `connections` is resized in place, so a reload applies.
+/// A listener's settings for the next connection: its options, and a TLS
+/// configuration if every connection is TLS (the handshake must finish
+/// within the header timeout). Read per connection, so a reload applies.
+pub type Settings = Arc<dyn Fn() -> (Options, Option<Arc<rustls::ServerConfig>>) + Send + Sync>;
+
+/// Where and how a listener serves; `connections` is resized in place.
 pub struct Listener {
     /// Labels the log lines.
     pub name: &'static str,
     pub listener: TcpListener,
-    pub options: Arc<ArcSwap<Options>>,
-    /// With a config, every connection is TLS; the handshake must finish
-    /// within the header timeout.
-    pub tls: Arc<ArcSwapOption<rustls::ServerConfig>>,
+    pub settings: Settings,
     /// Open connections at most; past it, new ones wait in the kernel's
     /// accept queue rather than being accepted and starved.
     pub connections: ResizableLimit,
@@ -233,11 +233,10 @@ where
     let Listener {
         name,
         listener,
-        options,
-        tls,
+        settings,
         connections,
     } = listener;
-    let mut current = **options.load();
+    let (mut current, _) = settings();
     let mut builder = connection_builder(&current);
     let open = watch::channel(0usize).0;
     let local = listener.local_addr().ok();
@@ -260,15 +259,16 @@ where
                 continue;
             }
         };
-        // Reloaded settings apply to the connections accepted from now on.
-        let latest = **options.load();
-        if latest != current {
-            builder = connection_builder(&latest);
-            current = latest;
-        }
         tokio::select! {
             accepted = listener.accept() => match accepted {
                 Ok((stream, peer)) => {
+                    // The settings in force when the connection came:
+                    // a reload applies to every later one.
+                    let (latest, tls) = settings();
+                    if latest != current {
+                        builder = connection_builder(&latest);
+                        current = latest;
+                    }
                     // Latency over batching: responses are small and many.
                     let _ = stream.set_nodelay(true);
                     let local = stream.local_addr().ok().or(local).unwrap_or(peer);
@@ -288,7 +288,7 @@ where
                     });
                     let builder = builder.clone();
                     let shutdown = shutdown.clone();
-                    let tls = tls.load_full();
+                    let tls = tls.clone();
                     let options = current;
                     let open = Open::new(&open);
                     tokio::spawn(async move {
@@ -332,7 +332,7 @@ where
         }
     }
     drop(listener);
-    let grace = options.load().shutdown_grace;
+    let grace = settings().0.shutdown_grace;
     tracing::info!(
         listener = name,
         grace_s = grace.as_secs_f64(),

@@ -203,7 +203,7 @@ impl Reason {
 }
 
 /// When to renew and how to back off.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Policy {
     /// Renew in the background once less than this is left.
     pub renew_before: Duration,
@@ -424,7 +424,8 @@ impl Identity {
         self.shared.wake.notify_one();
     }
 
-    fn policy(&self) -> Policy {
+    /// The policy in force.
+    pub fn policy(&self) -> Policy {
         **self.shared.policy.load()
     }
 

@@ -25,13 +25,14 @@ use crate::qb;
 use crate::session::{BoxFuture, NewSession, SessionError, Source};
 use crate::signer::{self, Params};
 
-pub type Client = hyper_util::client::legacy::Client<HttpsConnector<HttpConnector>, Body>;
+/// The pooled HTTP client to the upstream.
+pub type HttpClient = hyper_util::client::legacy::Client<HttpsConnector<HttpConnector>, Body>;
 
 /// Builds the upstream client: HTTP/1.1 or HTTP/2 (by ALPN, unless
 /// `upstream.http2` is off) over rustls for `https://`, plain HTTP/1.1 for
 /// `http://`; pooled and kept alive.
 /// An `https://` upstream needs the system's root certificates.
-pub fn client(cfg: &UpstreamConfig) -> Result<Client, std::io::Error> {
+pub fn client(cfg: &UpstreamConfig) -> Result<HttpClient, std::io::Error> {
     let mut http = HttpConnector::new();
     http.enforce_http(false);
     http.set_nodelay(true);
@@ -109,9 +110,10 @@ impl ClockOffset {
 
 /// Creates sessions for one identity by a signed `POST /session.json`.
 pub struct SessionCreator {
-    client: Client,
-    upstream: UpstreamConfig,
-    quickblox: QuickbloxConfig,
+    client: HttpClient,
+    /// Shared by every identity, not copied into each.
+    upstream: Arc<UpstreamConfig>,
+    quickblox: Arc<QuickbloxConfig>,
     credentials: Credentials,
     clock: Arc<ClockOffset>,
 }
@@ -128,9 +130,9 @@ const MAX_SESSION_ANSWER: usize = 64 * 1024;
 
 impl SessionCreator {
     pub fn new(
-        client: Client,
-        upstream: UpstreamConfig,
-        quickblox: QuickbloxConfig,
+        client: HttpClient,
+        upstream: Arc<UpstreamConfig>,
+        quickblox: Arc<QuickbloxConfig>,
         credentials: Credentials,
         clock: Arc<ClockOffset>,
     ) -> Self {

@@ -178,17 +178,21 @@ async fn dns_and_connect_failures_are_clear_502s_and_the_proxy_serves_on() {
     let h = setup().start().await;
     h.ready().await;
     assert_eq!(h.get("/users.json").await.status, StatusCode::OK);
-    let reload_to = |url: &str| {
-        let text = setup().upstream_url(url).config_text(&h.sim);
-        h.handle
-            .reload(Config::from_toml(&text, Path::new("t")).unwrap())
-            .unwrap();
+    let reload_to = |url: String| {
+        let text = setup().upstream_url(&url).config_text(&h.sim);
+        let handle = h.handle.clone();
+        async move {
+            handle
+                .reload(Config::from_toml(&text, Path::new("t")).unwrap())
+                .await
+                .unwrap();
+        }
     };
 
     // A DNS label longer than 63 bytes (RFC 1035): the system resolver
     // refuses the name without sending a query, so this stays on the
     // machine.
-    reload_to(&format!("http://{}.qbproxy.invalid", "a".repeat(64)));
+    reload_to(format!("http://{}.qbproxy.invalid", "a".repeat(64))).await;
     let a = h.get("/users.json").await;
     assert_eq!(a.status, StatusCode::BAD_GATEWAY, "{}", a.text());
     assert_eq!(a.headers["qbproxy-error"], "upstream-unreachable");
@@ -198,7 +202,7 @@ async fn dns_and_connect_failures_are_clear_502s_and_the_proxy_serves_on() {
         let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
         l.local_addr().unwrap()
     };
-    reload_to(&format!("http://{closed}"));
+    reload_to(format!("http://{closed}")).await;
     let a = h.get("/users.json").await;
     assert_eq!(a.status, StatusCode::BAD_GATEWAY, "{}", a.text());
     assert_eq!(a.headers["qbproxy-error"], "upstream-unreachable");
@@ -209,7 +213,7 @@ async fn dns_and_connect_failures_are_clear_502s_and_the_proxy_serves_on() {
     );
     assert_eq!(h.admin_get("/healthz").await.status, StatusCode::OK);
 
-    reload_to(&h.sim.url());
+    reload_to(h.sim.url()).await;
     assert_eq!(h.get("/users.json").await.status, StatusCode::OK);
     assert_eq!(h.sim.creations(), 1, "the session survived the outage");
     assert_eq!(h.sim.requests_to("/users.json"), 2);

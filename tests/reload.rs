@@ -40,7 +40,7 @@ async fn a_rotated_password_takes_effect_at_the_next_renewal_without_disturbing_
     h.sim.set_password("demo", "rotated-password");
     let rotated =
         setup().identity("name = \"demo\"\nlogin = \"demo\"\npassword = \"rotated-password\"\n");
-    h.handle.reload(config(&h, rotated)).unwrap();
+    h.handle.reload(config(&h, rotated)).await.unwrap();
     // The healthy session is untouched.
     assert_eq!(h.get("/users.json").await.status, StatusCode::OK);
     assert_eq!(
@@ -78,7 +78,7 @@ async fn client_keys_allowlist_and_limits_change_at_once() {
     let next = setup()
         .raw_table(&client("b", KEY_B))
         .set("limits", "max_body_bytes", "100");
-    h.handle.reload(config(&h, next)).unwrap();
+    h.handle.reload(config(&h, next)).await.unwrap();
     assert_eq!(
         h.send(Method::GET, "/x.json", &with(KEY_B), Bytes::new())
             .await
@@ -100,7 +100,7 @@ async fn client_keys_allowlist_and_limits_change_at_once() {
     let closed = setup()
         .raw_table(&client("b", KEY_B))
         .set("listen", "allow", "[\"10.0.0.0/8\"]");
-    h.handle.reload(config(&h, closed)).unwrap();
+    h.handle.reload(config(&h, closed)).await.unwrap();
     assert_eq!(
         h.send(Method::GET, "/x.json", &with(KEY_B), Bytes::new())
             .await
@@ -126,13 +126,17 @@ async fn identities_come_and_go_and_requests_in_flight_finish() {
     // "other" arrives.
     h.handle
         .reload(config(&h, setup().identity(DEMO).identity(OTHER)))
+        .await
         .unwrap();
     let a = h.get_as("other", "/users.json").await;
     assert_eq!(a.status, StatusCode::OK, "{}", a.text());
     assert_eq!(a.json()["echo"]["user_id"], 1002);
 
     // "other" leaves; its name is unknown again.
-    h.handle.reload(config(&h, setup().identity(DEMO))).unwrap();
+    h.handle
+        .reload(config(&h, setup().identity(DEMO)))
+        .await
+        .unwrap();
     let a = h.get_as("other", "/users.json").await;
     assert_eq!(a.status, StatusCode::BAD_REQUEST);
 
@@ -154,6 +158,7 @@ async fn a_moved_listen_address_is_logged_as_needing_a_restart() {
     h.ready().await;
     h.handle
         .reload(config(&h, setup().set("listen", "addr", "\"127.0.0.1:3\"")))
+        .await
         .unwrap();
     assert!(
         logs.has_line(&["listen.addr changed", "restart qbproxy", "127.0.0.1:3"]),
@@ -188,7 +193,7 @@ async fn requests_in_flight_across_a_reload_count_against_one_upstream_cap() {
         .map(|i| h.spawn_send(Method::GET, format!("/slow{i}.json"), &[], ""))
         .collect();
     h.sim.wait_until(|s| s.requests_to("/slow") >= 2).await;
-    h.handle.reload(config(&h, capped())).unwrap();
+    h.handle.reload(config(&h, capped())).await.unwrap();
     // Both slots are still held: the next request waits for one of them.
     sent.push(h.spawn_send(Method::GET, "/slow2.json", &[], ""));
     slot_waits(&h, 1).await;
@@ -211,7 +216,7 @@ async fn a_reload_shrinks_and_grows_the_upstream_cap() {
         .collect();
     h.sim.wait_until(|s| s.requests_to("/slow") >= 3).await;
     // Down to 1 while all 3 slots are taken: they go as their requests end.
-    h.handle.reload(config(&h, capped("1"))).unwrap();
+    h.handle.reload(config(&h, capped("1"))).await.unwrap();
     gate.add_permits(3);
     for s in held {
         assert_eq!(bounded("a held request", s).await.unwrap().status, 200);
@@ -223,7 +228,7 @@ async fn a_reload_shrinks_and_grows_the_upstream_cap() {
     slot_waits(&h, 2).await;
     assert_eq!(h.sim.requests_to("/later"), 1, "one slot left");
     // Up to 2: the next waiting request goes at once.
-    h.handle.reload(config(&h, capped("2"))).unwrap();
+    h.handle.reload(config(&h, capped("2"))).await.unwrap();
     bounded(
         "a second slot",
         h.sim.wait_until(|s| s.requests_to("/later") >= 2),
@@ -251,7 +256,10 @@ async fn a_reload_applies_the_retry_policy_to_identities_that_stay() {
     };
     let h = with_wait("\"0s\"").start().await;
     h.ready().await;
-    h.handle.reload(config(&h, with_wait("\"10s\""))).unwrap();
+    h.handle
+        .reload(config(&h, with_wait("\"10s\"")))
+        .await
+        .unwrap();
     // The session dies and the next two creations fail: with the reloaded
     // retry_wait the request rides them out (with "0s" it would get a 503).
     for _ in 0..2 {
@@ -282,6 +290,7 @@ async fn a_smaller_connection_cap_holds_once_busy_connections_finish() {
     h.sim.wait_until(|s| s.held_at_gates() == 3).await;
     h.handle
         .reload(config(&h, setup().set("limits", "max_connections", "1")))
+        .await
         .unwrap();
     // The fourth slot was taken before the reload, waiting for a client:
     // every slot is busy when the accept loop next looks.
@@ -328,6 +337,7 @@ async fn a_larger_connection_cap_applies_while_every_slot_is_busy() {
     let second = held(h.proxy);
     h.handle
         .reload(config(&h, setup().set("limits", "max_connections", "2")))
+        .await
         .unwrap();
     // The second client is served while the first is still held.
     bounded(

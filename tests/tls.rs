@@ -326,6 +326,7 @@ async fn a_reload_rotates_the_certificate() {
     let text = tls_setup(&new_dir, &new, None).config_text(&h.sim);
     h.handle
         .reload(qbproxy::Config::from_toml(&text, Path::new("t.toml")).unwrap())
+        .await
         .unwrap();
     let (status, _, _) = https_get(&https_client(&new_ca, None), url.clone())
         .await

@@ -11,22 +11,26 @@ use ipnet::IpNet;
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 use serde::Deserialize;
+use sha1::{Digest, Sha1};
 
-use super::{ConfigError, Secret, Validator};
+use std::collections::HashMap;
+
+use super::{ConfigError, Secret, TargetId, Validator};
 
 /// Inbound TLS, loaded and checked: the certificate chain and key, and the
 /// CA that client certificates must chain to if `client_ca` was set (mTLS).
 #[derive(Clone)]
 pub struct TlsConfig {
     pub server: Arc<rustls::ServerConfig>,
-    pub mtls: bool,
+    /// SHA-1 over the certificates, key and client CAs: a reload whose
+    /// files did not change keeps the running `server` (and its session
+    /// tickets).
+    pub fingerprint: [u8; 20],
 }
 
 impl std::fmt::Debug for TlsConfig {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("TlsConfig")
-            .field("mtls", &self.mtls)
-            .finish_non_exhaustive()
+        f.debug_struct("TlsConfig").finish_non_exhaustive()
     }
 }
 
@@ -104,8 +108,8 @@ fn glob(pattern: &str, text: &str) -> bool {
 pub struct ClientConfig {
     pub name: String,
     pub key: Secret,
-    /// Identities and pools it may use; `None`: all.
-    pub identities: Option<Vec<String>>,
+    /// Identities and pools it may use, the first its default; `None`: all.
+    pub identities: Option<Vec<TargetId>>,
     pub allow_paths: Vec<PathRule>,
     pub deny_paths: Vec<PathRule>,
     /// Requests per second, and the burst above it.
@@ -244,11 +248,18 @@ impl Validator<'_> {
         let client_ca = client_ca
             .map(|p| self.certs("listen.client_ca", p))
             .transpose()?;
+        let mut digest = Sha1::new();
+        for cert in cert_chain.iter().chain(client_ca.iter().flatten()) {
+            digest.update(cert.as_ref());
+            digest.update(b"\0");
+        }
+        digest.update(key.secret_der());
+        let fingerprint = digest.finalize().into();
         let server = crate::tls::server_config(cert_chain, key, client_ca.as_deref())
             .map_err(|e| self.invalid("listen.tls_key", e))?;
         Ok(Some(TlsConfig {
             server,
-            mtls: client_ca.is_some(),
+            fingerprint,
         }))
     }
 
@@ -303,7 +314,7 @@ impl Validator<'_> {
     pub(super) fn clients(
         &self,
         raw: Vec<RawClient>,
-        targets: &[&str],
+        names: &HashMap<String, TargetId>,
     ) -> Result<Vec<ClientConfig>, ConfigError> {
         let mut out: Vec<ClientConfig> = Vec::with_capacity(raw.len());
         for (i, r) in raw.into_iter().enumerate() {
@@ -320,14 +331,21 @@ impl Validator<'_> {
             if out.iter().any(|c| c.key == key) {
                 return Err(self.invalid(&at("key"), "the same key as another client"));
             }
-            if let Some(ids) = &r.identities {
-                if let Some(unknown) = ids.iter().find(|n| !targets.contains(&n.as_str())) {
-                    return Err(self.invalid(
-                        &at("identities"),
-                        format!("no identity or pool is named {unknown:?}"),
-                    ));
-                }
-            }
+            let identities = match &r.identities {
+                None => None,
+                Some(list) => Some(
+                    list.iter()
+                        .map(|n| {
+                            names.get(n).copied().ok_or_else(|| {
+                                self.invalid(
+                                    &at("identities"),
+                                    format!("no identity or pool is named {n:?}"),
+                                )
+                            })
+                        })
+                        .collect::<Result<Vec<_>, _>>()?,
+                ),
+            };
             let rules = |field: &str, list: &[String]| -> Result<Vec<PathRule>, ConfigError> {
                 list.iter()
                     .map(|text| self.rule(&at(field), text))
@@ -354,7 +372,7 @@ impl Validator<'_> {
                 deny_paths: rules("deny_paths", &r.deny_paths)?,
                 name: r.name,
                 key,
-                identities: r.identities,
+                identities,
                 rate,
             });
         }

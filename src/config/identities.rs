@@ -1,7 +1,7 @@
 //! `[[identity]]` and `[[pool]]`: who sessions are created for, and how
 //! requests choose among them.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::path::PathBuf;
 use std::time::Duration;
 
@@ -21,7 +21,35 @@ pub struct IdentityConfig {
     /// The pool this identity belongs to, if any. Pool members get their
     /// session on first use and are set aside when QuickBlox refuses their
     /// credentials.
-    pub pool: Option<String>,
+    pub pool: Option<PoolId>,
+}
+
+/// An identity of a validated [`Config`](super::Config): an index into
+/// `Config::identities`, valid for that config only.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct IdentityId(usize);
+
+/// A pool of a validated config: an index into `Config::pools`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct PoolId(usize);
+
+impl IdentityId {
+    pub fn index(self) -> usize {
+        self.0
+    }
+}
+
+impl PoolId {
+    pub fn index(self) -> usize {
+        self.0
+    }
+}
+
+/// What a request can act as: an identity or a pool.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum TargetId {
+    Identity(IdentityId),
+    Pool(PoolId),
 }
 
 /// How a pool picks a member for a request.
@@ -38,8 +66,8 @@ pub enum Strategy {
 #[derive(Debug, Clone)]
 pub struct PoolConfig {
     pub name: String,
-    /// Names of identities in `Config::identities`, in order.
-    pub members: Vec<String>,
+    /// Its members, in order.
+    pub members: Vec<IdentityId>,
     pub strategy: Strategy,
     /// Most session creations in flight at once for the pool's members.
     pub create_concurrency: usize,
@@ -108,11 +136,12 @@ fn default_create_concurrency() -> usize {
 /// Largest generated pool: a typo in `count` should not mean a million logins.
 const MAX_POOL: usize = 100_000;
 
-/// Identities, pools, and the name of the default (an identity or a pool).
+/// Identities, pools, the default, and every selectable name.
 pub(super) struct Resolved {
     pub identities: Vec<IdentityConfig>,
     pub pools: Vec<PoolConfig>,
-    pub default: String,
+    pub default: TargetId,
+    pub names: HashMap<String, TargetId>,
 }
 
 impl Validator<'_> {
@@ -121,12 +150,17 @@ impl Validator<'_> {
         raw_ids: Vec<RawIdentity>,
         raw_pools: Vec<RawPool>,
     ) -> Result<Resolved, ConfigError> {
-        let mut names: HashSet<String> = HashSet::new();
+        let mut names: HashMap<String, TargetId> = HashMap::new();
         let mut prefixes: HashSet<String> = HashSet::new();
         let mut identities = Vec::with_capacity(raw_ids.len());
         for (i, r) in raw_ids.into_iter().enumerate() {
             let at = |field: &str| format!("identity[{i}].{field}");
-            self.name(&at("name"), &r.name, &mut names)?;
+            self.name(
+                &at("name"),
+                &r.name,
+                TargetId::Identity(IdentityId(i)),
+                &mut names,
+            )?;
             let path_prefix =
                 self.prefix(&at("path_prefix"), r.path_prefix.as_deref(), &mut prefixes)?;
             let name = r.name.clone();
@@ -141,7 +175,7 @@ impl Validator<'_> {
         let mut pools = Vec::with_capacity(raw_pools.len());
         for (i, r) in raw_pools.into_iter().enumerate() {
             let at = |field: &str| format!("pool[{i}].{field}");
-            self.name(&at("name"), &r.name, &mut names)?;
+            self.name(&at("name"), &r.name, TargetId::Pool(PoolId(i)), &mut names)?;
             let path_prefix =
                 self.prefix(&at("path_prefix"), r.path_prefix.as_deref(), &mut prefixes)?;
             if r.create_concurrency == 0 {
@@ -153,7 +187,7 @@ impl Validator<'_> {
                     "must be at least 1 (leave it out for no limit)",
                 ));
             }
-            let members = self.pool_members(&at, &r, &mut identities, &mut names)?;
+            let members = self.pool_members(&at, &r, PoolId(i), &mut identities, &mut names)?;
             pools.push(PoolConfig {
                 name: r.name,
                 members,
@@ -163,27 +197,39 @@ impl Validator<'_> {
                 path_prefix,
             });
         }
-        let default = match (identities.iter().find(|i| i.pool.is_none()), pools.first()) {
-            (Some(id), _) => id.name.clone(),
-            (None, Some(pool)) => pool.name.clone(),
+        let default = match (
+            identities.iter().position(|i| i.pool.is_none()),
+            pools.first(),
+        ) {
+            (Some(i), _) => TargetId::Identity(IdentityId(i)),
+            (None, Some(_)) => TargetId::Pool(PoolId(0)),
             (None, None) => {
+                let id = IdentityId(identities.len());
                 identities.push(IdentityConfig {
                     name: "app".into(),
                     credentials: Credentials::Application,
                     path_prefix: None,
                     pool: None,
                 });
-                "app".into()
+                names.insert("app".into(), TargetId::Identity(id));
+                TargetId::Identity(id)
             }
         };
         Ok(Resolved {
             identities,
             pools,
             default,
+            names,
         })
     }
 
-    fn name(&self, key: &str, name: &str, names: &mut HashSet<String>) -> Result<(), ConfigError> {
+    fn name(
+        &self,
+        key: &str,
+        name: &str,
+        id: TargetId,
+        names: &mut HashMap<String, TargetId>,
+    ) -> Result<(), ConfigError> {
         let valid = !name.is_empty()
             && name
                 .bytes()
@@ -194,7 +240,7 @@ impl Validator<'_> {
                 format!("{name:?}: use letters, digits, '-', '_' or '.'"),
             ));
         }
-        if !names.insert(name.to_owned()) {
+        if names.insert(name.to_owned(), id).is_some() {
             return Err(self.invalid(
                 key,
                 format!("{name:?} is already the name of an identity or pool"),
@@ -429,9 +475,10 @@ impl Validator<'_> {
         &self,
         at: &dyn Fn(&str) -> String,
         r: &RawPool,
+        pool: PoolId,
         identities: &mut Vec<IdentityConfig>,
-        names: &mut HashSet<String>,
-    ) -> Result<Vec<String>, ConfigError> {
+        names: &mut HashMap<String, TargetId>,
+    ) -> Result<Vec<IdentityId>, ConfigError> {
         let generated = r.login.is_some() || r.email.is_some() || r.count.is_some();
         match (&r.identities, generated) {
             (Some(_), true) => Err(self.invalid(&at("identities"), "list identities or generate members (login/email + count), not both")),
@@ -443,16 +490,18 @@ impl Validator<'_> {
                 if list.is_empty() {
                     return Err(self.invalid(&at("identities"), "must not be empty"));
                 }
+                let mut members = Vec::with_capacity(list.len());
                 for name in list {
-                    let Some(id) = identities.iter_mut().find(|i| &i.name == name) else {
+                    let Some(TargetId::Identity(member)) = names.get(name).copied() else {
                         return Err(self.invalid(&at("identities"), format!("no [[identity]] is named {name:?}")));
                     };
-                    if let Some(other) = &id.pool {
-                        return Err(self.invalid(&at("identities"), format!("{name:?} is already in pool {other:?}")));
+                    if identities[member.0].pool.is_some() {
+                        return Err(self.invalid(&at("identities"), format!("{name:?} is already in another pool")));
                     }
-                    id.pool = Some(r.name.clone());
+                    identities[member.0].pool = Some(pool);
+                    members.push(member);
                 }
-                Ok(list.clone())
+                Ok(members)
             }
             (None, true) => {
                 let count = r.count.ok_or_else(|| self.invalid(&at("count"), "missing: how many members to generate"))?;
@@ -473,7 +522,8 @@ impl Validator<'_> {
                 let mut members = Vec::with_capacity(count);
                 for n in r.start..r.start + count {
                     let name = format!("{}-{n}", r.name);
-                    if !names.insert(name.clone()) {
+                    let member = IdentityId(identities.len());
+                    if names.insert(name.clone(), TargetId::Identity(member)).is_some() {
                         return Err(self.invalid(&at("name"), format!("generated member {name:?} clashes with another name")));
                     }
                     let who = pattern.replace("{n}", &n.to_string());
@@ -485,12 +535,12 @@ impl Validator<'_> {
                         Credentials::Email { email: who, password }
                     };
                     identities.push(IdentityConfig {
-                        name: name.clone(),
+                        name,
                         credentials,
                         path_prefix: None,
-                        pool: Some(r.name.clone()),
+                        pool: Some(pool),
                     });
-                    members.push(name);
+                    members.push(member);
                 }
                 Ok(members)
             }
@@ -583,14 +633,19 @@ mod tests {
              [[pool]]\nname = \"load\"\nlogin = \"lt-{n}\"\ncount = 3\nstart = 10\npassword = \"pw-{n}\"\nstrategy = \"sticky\"\n",
         )
         .unwrap();
-        assert_eq!(c.default, "bot");
+        assert_eq!(c.target_name(c.default), "bot");
         let pool = &c.pools[0];
-        assert_eq!(pool.members, ["load-10", "load-11", "load-12"]);
+        let members: Vec<&str> = pool
+            .members
+            .iter()
+            .map(|m| c.identity(*m).name.as_str())
+            .collect();
+        assert_eq!(members, ["load-10", "load-11", "load-12"]);
         assert_eq!(pool.strategy, Strategy::Sticky);
         assert_eq!(pool.create_concurrency, 4);
         assert_eq!(pool.max_in_flight, None);
         let m = c.identities.iter().find(|i| i.name == "load-11").unwrap();
-        assert_eq!(m.pool.as_deref(), Some("load"));
+        assert_eq!(m.pool.map(|p| c.pool(p).name.as_str()), Some("load"));
         match &m.credentials {
             Credentials::Login { login, password } => {
                 assert_eq!(login, "lt-11");
@@ -606,7 +661,7 @@ mod tests {
             "[[pool]]\nname = \"load\"\nemail = \"u{n}@x.io\"\ncount = 2\npassword = \"p\"\n",
         )
         .unwrap();
-        assert_eq!(c.default, "load");
+        assert_eq!(c.target_name(c.default), "load");
         assert_eq!(c.identities.len(), 2);
     }
 
@@ -658,7 +713,7 @@ mod tests {
         let e = problem(&format!(
             "{ids}[[pool]]\nname = \"p\"\nidentities = [\"a\"]\n[[pool]]\nname = \"q\"\nidentities = [\"a\"]\n"
         ));
-        assert!(e.contains("already in pool"), "{e}");
+        assert!(e.contains("already in another pool"), "{e}");
         let e = problem(&format!(
             "{ids}[[identity]]\nname = \"p-1\"\n[[pool]]\nname = \"p\"\nlogin = \"x-{{n}}\"\ncount = 2\npassword = \"p\"\n"
         ));

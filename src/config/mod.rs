@@ -7,8 +7,10 @@
 //! can print it and exit 64 before anything binds.
 
 use std::cell::RefCell;
+use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::Duration;
 
 use http::uri::{Authority, PathAndQuery, Scheme};
@@ -19,7 +21,7 @@ mod gateway;
 mod identities;
 
 pub use self::gateway::{ClientConfig, LimitsConfig, PathRule, TlsConfig};
-pub use self::identities::{IdentityConfig, PoolConfig, Strategy};
+pub use self::identities::{IdentityConfig, IdentityId, PoolConfig, PoolId, Strategy, TargetId};
 pub use crate::credentials::{Credentials, Secret, SecretSource};
 
 /// What went wrong while loading the configuration. Each message is one line.
@@ -38,21 +40,26 @@ pub enum ConfigError {
     },
 }
 
-/// The validated configuration.
+/// The validated configuration. Cross-references are typed indices
+/// ([`IdentityId`], [`PoolId`], [`TargetId`]) into its own vectors, so
+/// nothing downstream looks a name up again. Sections that every identity
+/// needs are shared behind `Arc`, not copied into each.
 #[derive(Debug, Clone)]
 pub struct Config {
     pub listen: ListenConfig,
     pub admin: AdminConfig,
-    pub upstream: UpstreamConfig,
+    pub upstream: Arc<UpstreamConfig>,
     pub proxy: ProxyConfig,
-    pub quickblox: QuickbloxConfig,
+    pub quickblox: Arc<QuickbloxConfig>,
     /// Every identity, pool members included. Without `[[identity]]` or
     /// `[[pool]]` in the file, a single application identity named `app`.
     pub identities: Vec<IdentityConfig>,
     pub pools: Vec<PoolConfig>,
     /// Used when a request names no identity: the first `[[identity]]` not
     /// in a pool, else the first pool.
-    pub default: String,
+    pub default: TargetId,
+    /// Every identity and pool by name (what `QBProxy-Identity` selects).
+    pub names: Arc<HashMap<String, TargetId>>,
     pub limits: LimitsConfig,
     /// API-key clients; empty: no key needed.
     pub clients: Vec<ClientConfig>,
@@ -82,7 +89,7 @@ pub struct AdminConfig {
     pub token: Option<Secret>,
 }
 
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct UpstreamConfig {
     pub scheme: Scheme,
     pub authority: Authority,
@@ -104,6 +111,29 @@ pub struct UpstreamConfig {
     pub ca: Option<Vec<rustls::pki_types::CertificateDer<'static>>>,
     /// Offer HTTP/2 by ALPN to an `https://` upstream; false: HTTP/1.1 only.
     pub http2: bool,
+}
+
+impl Config {
+    pub fn identity(&self, id: IdentityId) -> &IdentityConfig {
+        &self.identities[id.index()]
+    }
+
+    pub fn pool(&self, id: PoolId) -> &PoolConfig {
+        &self.pools[id.index()]
+    }
+
+    /// The name of an identity or pool.
+    pub fn target_name(&self, target: TargetId) -> &str {
+        match target {
+            TargetId::Identity(i) => &self.identity(i).name,
+            TargetId::Pool(p) => &self.pool(p).name,
+        }
+    }
+
+    /// The identity or pool called `name`.
+    pub fn target(&self, name: &str) -> Option<TargetId> {
+        self.names.get(name).copied()
+    }
 }
 
 impl UpstreamConfig {
@@ -147,7 +177,7 @@ pub struct ProxyConfig {
     pub replay_body_limit: usize,
 }
 
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct QuickbloxConfig {
     pub application_id: String,
     pub auth_key: String,
@@ -487,13 +517,7 @@ impl Validator<'_> {
         let quickblox = self.quickblox(raw.quickblox)?;
         let resolved = self.identities_and_pools(raw.identity, raw.pool)?;
         let limits = self.limits(&raw.limits)?;
-        let targets: Vec<&str> = resolved
-            .identities
-            .iter()
-            .map(|i| i.name.as_str())
-            .chain(resolved.pools.iter().map(|p| p.name.as_str()))
-            .collect();
-        let clients = self.clients(raw.client, &targets)?;
+        let clients = self.clients(raw.client, &resolved.names)?;
         let notes = self.notes.take();
         let warnings = notes
             .secret_files
@@ -514,12 +538,13 @@ impl Validator<'_> {
             clients,
             listen,
             admin,
-            upstream,
+            upstream: Arc::new(upstream),
             proxy,
-            quickblox,
+            quickblox: Arc::new(quickblox),
             identities: resolved.identities,
             pools: resolved.pools,
             default: resolved.default,
+            names: Arc::new(resolved.names),
         })
     }
 

@@ -1,0 +1,240 @@
+//! One owner for reload: a reconciler from one validated [`Config`] to the
+//! [`Live`] requests are served with.
+//!
+//! [`build`] diffs the new config against the `Live` in force, by name and
+//! with maps (O(n) for a pool of 100,000 members), and reuses what did not
+//! change: identities and their sessions (a new source or policy only where
+//! theirs changed), pools (and their in-flight counts), the upstream client
+//! and its warm connections (unless `[upstream]` changed), the listener's
+//! TLS (unless its files changed). The reloader task (`lib.rs`) runs
+//! reloads one at a time, does the blocking part (reading files, loading
+//! certificates, building) off the async threads, then publishes the new
+//! `Live` with one store.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use crate::access::Gate;
+use crate::config::{Config, ConfigError, TargetId};
+use crate::live::{listener_options, Live};
+use crate::metrics::Metrics;
+use crate::pool::{Pool, Throttle};
+use crate::route::Router;
+use crate::session::{HeldTokens, Identity, Info, Policy, Source};
+use crate::upstream::{self, ClockOffset, SessionCreator, Throttled};
+use crate::StartError;
+
+/// What lives across reloads besides the published `Live`.
+#[derive(Clone)]
+pub(crate) struct Context {
+    pub metrics: Metrics,
+    pub held: HeldTokens,
+    /// QuickBlox's clock against ours: a property of the two clocks.
+    pub clock: Arc<ClockOffset>,
+}
+
+/// Why a reload did not take effect; the running configuration stays.
+#[derive(Debug, thiserror::Error)]
+pub enum ReloadError {
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    #[error(transparent)]
+    Start(#[from] StartError),
+    #[error("qbproxy is shutting down")]
+    Stopped,
+}
+
+/// What a reload changed, for its log line and for callers.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Summary {
+    pub identities: usize,
+    pub pools: usize,
+    pub clients: usize,
+    /// Identities kept, session and all.
+    pub kept: usize,
+    pub added: usize,
+    pub removed: usize,
+    /// The upstream client (and its connections) was kept.
+    pub client_kept: bool,
+    /// The listener's TLS configuration was kept.
+    pub tls_kept: bool,
+}
+
+/// A new `Live`, and the identities of the old one it does not keep.
+pub(crate) struct Built {
+    pub live: Live,
+    pub removed: Vec<Identity>,
+    pub summary: Summary,
+}
+
+/// Builds the `Live` for `config`, reusing what `previous` has that did not
+/// change. Blocking (it may read certificates); call it off the runtime.
+pub(crate) fn build(
+    config: Arc<Config>,
+    ctx: &Context,
+    previous: Option<&Live>,
+) -> Result<Built, StartError> {
+    let mut summary = Summary {
+        identities: config.identities.len(),
+        pools: config.pools.len(),
+        clients: config.clients.len(),
+        ..Summary::default()
+    };
+    let client = match previous.filter(|p| p.config.upstream == config.upstream) {
+        Some(p) => {
+            summary.client_kept = true;
+            p.client.clone()
+        }
+        None => upstream::client(&config.upstream).map_err(StartError::Tls)?,
+    };
+    let tls = match (&config.listen.tls, previous) {
+        (Some(new), Some(p))
+            if p.config.listen.tls.as_ref().map(|t| t.fingerprint) == Some(new.fingerprint) =>
+        {
+            summary.tls_kept = true;
+            p.tls.clone()
+        }
+        (new, _) => new.as_ref().map(|t| t.server.clone()),
+    };
+    // A pool's creation semaphore, kept when its concurrency is.
+    let old_pools: HashMap<&str, &Arc<Pool>> = previous
+        .map(|p| p.pools.iter().map(|pool| (pool.name(), pool)).collect())
+        .unwrap_or_default();
+    let throttles: Vec<Throttle> = config
+        .pools
+        .iter()
+        .map(|p| match old_pools.get(p.name.as_str()) {
+            Some(old) if old.throttle().size == p.create_concurrency => old.throttle().clone(),
+            _ => Throttle::new(p.create_concurrency),
+        })
+        .collect();
+
+    let sources_changed =
+        previous.is_none_or(|p| !summary.client_kept || p.config.quickblox != config.quickblox);
+    let mut kept = vec![false; previous.map_or(0, |p| p.identities.len())];
+    let mut identities = Vec::with_capacity(config.identities.len());
+    for id in &config.identities {
+        let pool = id.pool.map(|p| config.pool(p));
+        let throttle = id.pool.map(|p| &throttles[p.index()]);
+        let policy = Policy {
+            renew_before: config.quickblox.renew_before,
+            retry_initial: config.quickblox.retry_initial,
+            retry_max: config.quickblox.retry_max,
+            retry_wait: config.quickblox.retry_wait,
+            set_aside_refused: pool.is_some(),
+        };
+        let source = || -> Box<dyn Source> {
+            let creator = SessionCreator::new(
+                client.clone(),
+                config.upstream.clone(),
+                config.quickblox.clone(),
+                id.credentials.clone(),
+                ctx.clock.clone(),
+            );
+            match throttle {
+                Some(t) => Box::new(Throttled::new(creator, t.permits.clone())),
+                None => Box::new(creator),
+            }
+        };
+        // The same name, kind and pool: the same identity, session and all.
+        let old = previous.and_then(|p| match p.config.target(&id.name)? {
+            TargetId::Identity(old) => {
+                let identity = &p.identities[old.index()];
+                let info = identity.info();
+                let same = info.kind == id.credentials.kind()
+                    && info.pool.as_deref() == pool.map(|p| p.name.as_str());
+                same.then_some((old, identity, p))
+            }
+            TargetId::Pool(_) => None,
+        });
+        let identity = match old {
+            Some((old_id, identity, p)) => {
+                kept[old_id.index()] = true;
+                let old_config = p.config.identity(old_id);
+                let old_throttle = old_config.pool.map(|op| p.pools[op.index()].throttle());
+                let same_throttle = match (old_throttle, throttle) {
+                    (None, None) => true,
+                    (Some(a), Some(b)) => a.same(b),
+                    _ => false,
+                };
+                if sources_changed || old_config.credentials != id.credentials || !same_throttle {
+                    identity.set_source(source());
+                }
+                if identity.policy() != policy {
+                    identity.set_policy(policy);
+                }
+                summary.kept += 1;
+                identity.clone()
+            }
+            None => {
+                summary.added += 1;
+                let info = Info {
+                    name: id.name.clone(),
+                    pool: pool.map(|p| p.name.clone()),
+                    kind: id.credentials.kind(),
+                };
+                Identity::new(info, source(), policy, &ctx.metrics, &ctx.held)
+            }
+        };
+        identities.push(identity);
+    }
+
+    let pools = config
+        .pools
+        .iter()
+        .zip(throttles)
+        .map(|(p, throttle)| {
+            let members: Vec<Identity> = p
+                .members
+                .iter()
+                .map(|m| identities[m.index()].clone())
+                .collect();
+            // An unchanged pool is kept, with its cursor and in-flight counts.
+            if let Some(old) = old_pools.get(p.name.as_str()) {
+                if old.strategy() == p.strategy
+                    && old.max_in_flight() == p.max_in_flight
+                    && old.throttle().same(&throttle)
+                    && old.members().len() == members.len()
+                    && old.members().zip(&members).all(|(a, b)| a.same(b))
+                {
+                    return Arc::clone(old);
+                }
+            }
+            Arc::new(Pool::new(
+                p.name.clone(),
+                members,
+                p.strategy,
+                p.max_in_flight,
+                throttle,
+                ctx.metrics.identity("", Some(&p.name)),
+            ))
+        })
+        .collect();
+
+    let removed: Vec<Identity> = previous
+        .map(|p| {
+            p.identities
+                .iter()
+                .zip(&kept)
+                .filter(|(_, kept)| !**kept)
+                .map(|(i, _)| i.clone())
+                .collect()
+        })
+        .unwrap_or_default();
+    summary.removed = removed.len();
+    let live = Live {
+        router: Router::new(&config),
+        gate: Gate::new(&config, &ctx.metrics),
+        options: listener_options(&config),
+        client,
+        identities,
+        pools,
+        tls,
+        config,
+    };
+    Ok(Built {
+        live,
+        removed,
+        summary,
+    })
+}
