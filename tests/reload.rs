@@ -353,3 +353,99 @@ async fn a_larger_connection_cap_applies_while_every_slot_is_busy() {
             .starts_with("HTTP/1.1 200"));
     }
 }
+
+/// Issue 11, defect 2: a reload that changes nothing about `[upstream]`
+/// keeps the upstream client and its warm connections.
+#[tokio::test]
+async fn the_upstream_client_and_its_connections_survive_a_reload() {
+    let h = setup().start().await;
+    h.ready().await;
+    assert_eq!(h.get("/users.json").await.status, StatusCode::OK);
+    let connections = h.sim.connections();
+    let summary = h
+        .handle
+        .reload(config(
+            &h,
+            setup().set("limits", "max_header_bytes", "4096"),
+        ))
+        .await
+        .unwrap();
+    assert!(summary.client_kept);
+    assert_eq!(summary.kept, 1);
+    assert_eq!(h.get("/users.json").await.status, StatusCode::OK);
+    assert_eq!(
+        h.sim.connections(),
+        connections,
+        "no new connection upstream"
+    );
+    // A changed [upstream] does get a new client.
+    let summary = h
+        .handle
+        .reload(config(
+            &h,
+            setup().set("upstream", "pool_idle_timeout", "\"60s\""),
+        ))
+        .await
+        .unwrap();
+    assert!(!summary.client_kept);
+    assert_eq!(h.get("/users.json").await.status, StatusCode::OK);
+    assert_eq!(h.sim.connections(), connections + 1);
+}
+
+/// Issue 11, defect 2: a reload reads its files off the async threads and
+/// runs alone. Its secret file here is a FIFO, so the reload blocks until
+/// the test writes to it: meanwhile a request is answered (on this
+/// one-thread runtime, as with `--threads 1`), and a second reload waits
+/// its turn.
+#[tokio::test]
+async fn requests_are_answered_during_a_reload_and_reloads_run_one_at_a_time() {
+    let h = setup().start().await;
+    h.ready().await;
+    let dir = std::env::temp_dir().join(format!("qbproxy-fifo-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let fifo = dir.join("auth-secret");
+    let _ = std::fs::remove_file(&fifo);
+    assert!(std::process::Command::new("mkfifo")
+        .arg(&fifo)
+        .status()
+        .unwrap()
+        .success());
+    let secret = h.sim.config().auth_secret.clone();
+    let first = setup()
+        .set("limits", "max_header_bytes", "4096")
+        .set(
+            "quickblox",
+            "auth_secret_file",
+            &format!("{:?}", fifo.display().to_string()),
+        )
+        .set("quickblox", "auth_secret", "\"unused\"")
+        .config_text(&h.sim)
+        .replace("auth_secret = \"unused\"\n", "");
+    let file = dir.join("config.toml");
+    std::fs::write(&file, first).unwrap();
+    let reloading = tokio::spawn({
+        let (handle, file) = (h.handle.clone(), file.clone());
+        async move { handle.reload_file(&file).await }
+    });
+    let second = tokio::spawn({
+        let handle = h.handle.clone();
+        let next = config(&h, setup().set("limits", "max_header_bytes", "2048"));
+        async move { handle.reload(next).await }
+    });
+    // The first reload is blocked reading the FIFO; traffic goes on.
+    let a = h.get("/users.json").await;
+    assert_eq!(a.status, StatusCode::OK);
+    assert!(!reloading.is_finished() && !second.is_finished());
+    // Unblock it: both finish, in the order asked.
+    tokio::task::spawn_blocking(move || std::fs::write(&fifo, format!("{secret}\n")))
+        .await
+        .unwrap()
+        .unwrap();
+    bounded("the first reload", reloading)
+        .await
+        .unwrap()
+        .unwrap();
+    bounded("the second reload", second).await.unwrap().unwrap();
+    assert_eq!(h.handle.config(|c| c.limits.max_header_bytes), 2048);
+    std::fs::remove_dir_all(&dir).unwrap();
+}
