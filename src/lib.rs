@@ -387,6 +387,12 @@ impl Handle {
         self.shared.ctx.metrics.render()
     }
 
+    /// Changes whenever a request waits for an upstream slot or a body
+    /// goes unbuffered: to wait for those counters without polling.
+    pub fn metric_events(&self) -> tokio::sync::watch::Receiver<u64> {
+        self.shared.ctx.metrics.events()
+    }
+
     /// Request body bytes held for replays right now, across every request
     /// (bounded by `limits.max_buffered_bytes`).
     pub fn buffered_bytes(&self) -> usize {

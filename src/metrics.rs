@@ -34,6 +34,9 @@ struct Inner {
     upstream_latency: Histogram,
     upstream_slot_waits: IntCounter,
     buffer_full: IntCounter,
+    /// Bumped by the rare events a test may wait for (a request waiting for
+    /// an upstream slot, a body past the buffer budget), so it need not poll.
+    events: tokio::sync::watch::Sender<u64>,
     /// Requests answered before an identity was chosen (bad identity name).
     unrouted: OnceLock<Arc<IdentityMetrics>>,
 }
@@ -148,6 +151,7 @@ impl Metrics {
                 upstream_latency,
                 upstream_slot_waits,
                 buffer_full,
+                events: tokio::sync::watch::channel(0).0,
                 unrouted: OnceLock::new(),
             }),
         }
@@ -199,10 +203,17 @@ impl Metrics {
 
     pub fn upstream_slot_wait(&self) {
         self.inner.upstream_slot_waits.inc();
+        self.inner.events.send_modify(|n| *n += 1);
     }
 
     pub fn buffer_full(&self) {
         self.inner.buffer_full.inc();
+        self.inner.events.send_modify(|n| *n += 1);
+    }
+
+    /// Changes with every slot wait and every unbuffered body.
+    pub fn events(&self) -> tokio::sync::watch::Receiver<u64> {
+        self.inner.events.subscribe()
     }
 
     /// The Prometheus text exposition of every metric.

@@ -133,6 +133,9 @@ pub enum Fault {
     Delay(Duration),
     /// Never answer.
     Hang,
+    /// Wait until the test adds a permit to this semaphore, then proceed
+    /// normally: holds an attempt exactly as long as a test needs.
+    Wait(Arc<Semaphore>),
 }
 
 /// A request held at a gate; counted out when dropped.
@@ -491,6 +494,11 @@ impl Sim {
             }
             Some(Fault::Delay(d)) => tokio::time::sleep(d).await,
             Some(Fault::Hang) => std::future::pending::<()>().await,
+            Some(Fault::Wait(gate)) => {
+                if let Ok(permit) = gate.acquire().await {
+                    permit.forget();
+                }
+            }
             None => {}
         }
         let params = parse_params(headers, body);

@@ -128,30 +128,52 @@ fn serving_with_a_bad_config_exits_64_before_binding() {
     assert!(String::from_utf8_lossy(&out.stderr).contains("upstream.bogus"));
 }
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
+/// The address in a "listening" log line (text or JSON) for `listener`
+/// ("proxy" or "admin"): the binary binds port 0 and says what it got, so
+/// no test guesses a free port.
+fn listening_on(line: &str, listener: &str) -> Option<std::net::SocketAddr> {
+    if !line.contains("listening") || !line.contains(&format!("\"{listener}\"")) {
+        return None;
+    }
+    let at = line.find("addr")? + "addr".len();
+    line[at..]
+        .trim_start_matches(['=', '"', ':'])
+        .split(|c: char| c == '"' || c.is_whitespace() || c == ',')
+        .next()?
+        .parse()
+        .ok()
+}
+
+/// Reads log lines until both listeners said where they listen.
+async fn listening(
+    lines: &mut tokio::io::Lines<BufReader<tokio::process::ChildStderr>>,
+) -> (std::net::SocketAddr, std::net::SocketAddr) {
+    let (mut proxy, mut admin) = (None, None);
+    while proxy.is_none() || admin.is_none() {
+        let line = wait_for(lines, "listening").await;
+        proxy = proxy.or(listening_on(&line, "proxy"));
+        admin = admin.or(listening_on(&line, "admin"));
+    }
+    (proxy.unwrap(), admin.unwrap())
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_binary_serves_then_drains_on_sigterm() {
     let sim = Sim::start(SimConfig::demo()).await.unwrap();
     let app = sim.config().clone();
-    let (proxy_port, admin_port) = (free_port(), free_port());
     let dir = TempDir::new("sigterm");
     let cfg = dir.file(
         "config.toml",
         &format!(
-            "[listen]\naddr = \"127.0.0.1:{proxy_port}\"\n[admin]\naddr = \"127.0.0.1:{admin_port}\"\n\
+            "[listen]\naddr = \"127.0.0.1:0\"\n[admin]\naddr = \"127.0.0.1:0\"\n\
              [upstream]\nurl = \"{}\"\n[quickblox]\napplication_id = \"{}\"\nauth_key = \"{}\"\n\
              auth_secret_file = {:?}\n",
             sim.url(),
             app.application_id,
             app.auth_key,
-            dir.file("secret", &format!("{}\n", app.auth_secret)).display().to_string(),
+            dir.file("secret", &format!("{}\n", app.auth_secret))
+                .display()
+                .to_string(),
         ),
     );
     let mut child = tokio::process::Command::new(BIN)
@@ -187,9 +209,11 @@ async fn the_binary_serves_then_drains_on_sigterm() {
     let client: hyper_util::client::legacy::Client<_, http_body_util::Empty<bytes::Bytes>> =
         hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
             .build(hyper_util::client::legacy::connect::HttpConnector::new());
-    let uri: http::Uri = format!("http://127.0.0.1:{proxy_port}/users.json")
-        .parse()
-        .unwrap();
+    let proxy = log
+        .iter()
+        .find_map(|l| listening_on(l, "proxy"))
+        .expect("the proxy's address is logged");
+    let uri: http::Uri = format!("http://{proxy}/users.json").parse().unwrap();
     let resp = client.get(uri).await.unwrap();
     assert_eq!(resp.status(), 200);
     assert_eq!(sim.requests().len(), 1);
@@ -228,10 +252,8 @@ fn the_example_config_passes_check() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_demo_works_as_printed() {
     use tokio::io::AsyncReadExt;
-    let (proxy_port, admin_port) = (free_port(), free_port());
     let mut child = tokio::process::Command::new(BIN)
-        .args(["demo", "--listen", &format!("127.0.0.1:{proxy_port}")])
-        .args(["--admin", &format!("127.0.0.1:{admin_port}")])
+        .args(["demo", "--listen", "127.0.0.1:0", "--admin", "127.0.0.1:0"])
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .kill_on_drop(true)
@@ -252,14 +274,23 @@ async fn the_demo_works_as_printed() {
     .await
     .expect("the demo prints its instructions");
 
-    let proxy = format!("http://127.0.0.1:{proxy_port}");
+    let printed_url = |what: &str| {
+        printed
+            .lines()
+            .find_map(|l| l.trim().strip_prefix(what))
+            .and_then(|rest| rest.split_whitespace().next())
+            .unwrap_or_else(|| panic!("the {what} URL is printed"))
+            .to_owned()
+    };
+    let proxy = printed_url("proxy");
+    let admin = printed_url("admin");
     let sim = printed
         .lines()
         .find_map(|l| l.trim().strip_prefix("simulator"))
         .and_then(|rest| rest.split_whitespace().next())
         .expect("the simulator URL is printed")
         .to_owned();
-    for url in [&proxy, &sim, &format!("http://127.0.0.1:{admin_port}")] {
+    for url in [&proxy, &sim, &admin] {
         assert!(printed.contains(url.as_str()), "{url} in\n{printed}");
     }
 
@@ -310,7 +341,7 @@ async fn the_demo_works_as_printed() {
         b.contains("\"user_id\":1001") && !b.contains("token"),
         "{b}"
     );
-    let (s, b) = call("GET", format!("http://127.0.0.1:{admin_port}/metrics"), "").await;
+    let (s, b) = call("GET", format!("{admin}/metrics"), "").await;
     assert_eq!(s, 200);
     assert!(
         b.contains("qbproxy_replays_total{identity=\"demo\",pool=\"\"} 1"),
@@ -340,10 +371,9 @@ async fn the_demo_works_as_printed() {
 async fn sighup_reloads_a_valid_config_and_refuses_an_invalid_one() {
     let sim = Sim::start(SimConfig::demo()).await.unwrap();
     let app = sim.config().clone();
-    let (proxy_port, admin_port) = (free_port(), free_port());
     let dir = TempDir::new("sighup");
     let base = format!(
-        "[listen]\naddr = \"127.0.0.1:{proxy_port}\"\n[admin]\naddr = \"127.0.0.1:{admin_port}\"\n\
+        "[listen]\naddr = \"127.0.0.1:0\"\n[admin]\naddr = \"127.0.0.1:0\"\n\
          [upstream]\nurl = \"{}\"\n[quickblox]\napplication_id = \"{}\"\nauth_key = \"{}\"\nauth_secret = \"{}\"\n",
         sim.url(),
         app.application_id,
@@ -362,13 +392,14 @@ async fn sighup_reloads_a_valid_config_and_refuses_an_invalid_one() {
         .spawn()
         .unwrap();
     let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
+    let (proxy, _) = listening(&mut lines).await;
     wait_for(&mut lines, "session created").await;
 
     let client: hyper_util::client::legacy::Client<_, http_body_util::Empty<bytes::Bytes>> =
         hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
             .build(hyper_util::client::legacy::connect::HttpConnector::new());
     let get = |key: &'static str| {
-        let req = http::Request::get(format!("http://127.0.0.1:{proxy_port}/users.json"))
+        let req = http::Request::get(format!("http://{proxy}/users.json"))
             .header("QBProxy-Key", key)
             .body(http_body_util::Empty::new())
             .unwrap();
@@ -515,8 +546,8 @@ async fn the_open_file_limit_is_raised_and_a_short_one_is_warned_about() {
     .unwrap_or(0);
     let dir = TempDir::new("nofile");
     let good = GOOD
-        .replace("127.0.0.1:8080", &format!("127.0.0.1:{}", free_port()))
-        .replace("127.0.0.1:9090", &format!("127.0.0.1:{}", free_port()));
+        .replace("127.0.0.1:8080", "127.0.0.1:0")
+        .replace("127.0.0.1:9090", "127.0.0.1:0");
     let cfg = dir.file("config.toml", &good);
     // A low soft limit under a higher hard one: raised to the hard one.
     if hard > 512 {

@@ -171,12 +171,8 @@ async fn a_moved_listen_address_is_logged_as_needing_a_restart() {
 
 /// Resolves once `n` requests in all have had to wait for an upstream slot.
 async fn slot_waits(h: &common::Harness, n: u64) {
-    bounded("requests waiting for an upstream slot", async {
-        while h.metric("qbproxy_upstream_slot_waits_total ") < n {
-            tokio::time::sleep(std::time::Duration::from_millis(5)).await;
-        }
-    })
-    .await;
+    h.metric_reaches("qbproxy_upstream_slot_waits_total ", n)
+        .await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

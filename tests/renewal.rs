@@ -151,6 +151,8 @@ async fn a_passing_session_failure_costs_the_client_time_not_an_error() {
     );
 }
 
+/// Issue 11, defect 6: the retry is held at a gate until readiness has
+/// been checked (it used to be due 10-20 ms later and could win the race).
 #[tokio::test]
 async fn with_retry_wait_zero_a_failing_session_endpoint_gives_a_prompt_503_then_recovers() {
     let sim = common::demo_sim().await;
@@ -158,6 +160,8 @@ async fn with_retry_wait_zero_a_failing_session_endpoint_gives_a_prompt_503_then
         500,
         r#"{"errors":["Internal Server Error"]}"#.into(),
     ));
+    let retry = std::sync::Arc::new(tokio::sync::Semaphore::new(0));
+    sim.push_fault(Fault::Wait(retry.clone()));
     // Upstream timeout 60s: an answer within the 20s bound proves qbproxy
     // did not wait for it.
     let h = setup()
@@ -181,6 +185,7 @@ async fn with_retry_wait_zero_a_failing_session_endpoint_gives_a_prompt_503_then
         ready.text()
     );
 
+    retry.add_permits(1);
     h.ready().await; // the background retry
     let a = h.get("/users.json").await;
     assert_eq!(a.status, StatusCode::OK);

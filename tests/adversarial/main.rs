@@ -143,17 +143,6 @@ pub async fn answer_of(mut s: TcpStream) -> Raw {
     parse(&String::from_utf8_lossy(&out))
 }
 
-/// Polls `condition` until it holds (every wait is bounded). For state
-/// that offers no notification, such as a metric.
-pub async fn eventually(what: &str, mut condition: impl FnMut() -> bool) {
-    bounded(what, async {
-        while !condition() {
-            tokio::time::sleep(std::time::Duration::from_millis(5)).await;
-        }
-    })
-    .await
-}
-
 /// HTTP/2 at the frame level, for what no client library will send.
 pub mod frames {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};

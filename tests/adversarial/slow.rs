@@ -10,7 +10,7 @@ use tokio::io::AsyncWriteExt;
 
 use crate::common::{bounded, setup};
 use crate::frames;
-use crate::{answer_of, eventually, h2, h2_send, stall, DEMO};
+use crate::{answer_of, h2, h2_send, stall, DEMO};
 
 #[tokio::test]
 async fn a_stalled_body_gets_408_and_holds_no_pool_member_meanwhile() {
@@ -105,10 +105,7 @@ async fn body_memory_is_bounded_across_all_connections() {
     }
     // One is buffered (6000 bytes); the budget has no room for a second,
     // so the other four stream without a replay buffer.
-    eventually("four bodies to go unbuffered", || {
-        h.metric("qbproxy_buffer_full_total") == 4
-    })
-    .await;
+    h.metric_reaches("qbproxy_buffer_full_total", 4).await;
     assert_eq!(h.handle.buffered_bytes(), 6000);
     // Each completes, and the budget is whole again.
     for mut s in stalled {

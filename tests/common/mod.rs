@@ -356,6 +356,19 @@ impl Harness {
     pub fn metric(&self, line_prefix: &str) -> u64 {
         metric(&self.handle.metrics_text(), line_prefix)
     }
+
+    /// Resolves once the metric line starting with `line_prefix` reaches
+    /// `n`, for the counters `Handle::metric_events` signals (upstream slot
+    /// waits, unbuffered bodies).
+    pub async fn metric_reaches(&self, line_prefix: &str, n: u64) {
+        let mut events = self.handle.metric_events();
+        bounded(line_prefix, async {
+            while self.metric(line_prefix) < n {
+                let _ = events.changed().await;
+            }
+        })
+        .await
+    }
 }
 
 /// The value of the metric line starting with `line_prefix` (0 if absent).
