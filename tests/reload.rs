@@ -221,7 +221,14 @@ async fn a_reload_shrinks_and_grows_the_upstream_cap() {
     let mut sent: Vec<_> = (0..3)
         .map(|i| h.spawn_send(Method::GET, format!("/later{i}.json"), &[], ""))
         .collect();
+    // Two of them wait for a slot (with a cap above 1, fewer would), and
+    // the one that has it reaches the upstream.
     slot_waits(&h, 2).await;
+    bounded(
+        "the one slot's request",
+        h.sim.wait_until(|s| s.requests_to("/later") >= 1),
+    )
+    .await;
     assert_eq!(h.sim.requests_to("/later"), 1, "one slot left");
     // Up to 2: the next waiting request goes at once.
     h.handle.reload(config(&h, capped("2"))).await.unwrap();
