@@ -16,9 +16,8 @@ use tokio::time::Instant;
 
 use crate::body::Body;
 use crate::credentials::Secret;
-use crate::metrics::REASONS;
 use crate::server::Conn;
-use crate::session::{Status, Unavailable};
+use crate::session::{Reason, Status, Unavailable};
 use crate::Handle;
 
 /// What the admin endpoints read.
@@ -211,16 +210,16 @@ fn rfc3339(t: SystemTime) -> String {
 }
 
 fn status_json(s: &Status) -> serde_json::Value {
-    let renewals: serde_json::Map<String, serde_json::Value> = REASONS
+    let renewals: serde_json::Map<String, serde_json::Value> = Reason::ALL
         .iter()
         .zip(s.renewals)
-        .map(|(r, n)| ((*r).to_owned(), n.into()))
+        .map(|(r, n)| (r.as_str().to_owned(), n.into()))
         .collect();
     serde_json::json!({
         "name": s.name,
         "pool": s.pool,
-        "kind": s.kind,
-        "state": s.state,
+        "kind": s.kind.as_str(),
+        "state": s.state.as_str(),
         "user_id": s.session.as_ref().map(|x| x.user_id),
         "token": s.session.as_ref().map(|x| x.token.clone()),
         "created_at": s.session.as_ref().map(|x| rfc3339(x.created_at)),

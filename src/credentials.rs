@@ -236,14 +236,39 @@ pub enum Credentials {
     },
 }
 
-impl Credentials {
-    pub fn kind(&self) -> &'static str {
+/// The kinds of identity, for logs, metrics, the admin API and reloads
+/// (an identity whose kind changes is a new identity).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum IdentityKind {
+    /// An application session: read-only in QuickBlox.
+    Application,
+    Login,
+    Email,
+    Facebook,
+    FirebasePhone,
+}
+
+impl IdentityKind {
+    /// As the config and the admin API write it.
+    pub fn as_str(self) -> &'static str {
         match self {
-            Credentials::Application => "application",
-            Credentials::Login { .. } => "login",
-            Credentials::Email { .. } => "email",
-            Credentials::Facebook { .. } => "facebook",
-            Credentials::FirebasePhone { .. } => "firebase_phone",
+            IdentityKind::Application => "application",
+            IdentityKind::Login => "login",
+            IdentityKind::Email => "email",
+            IdentityKind::Facebook => "facebook",
+            IdentityKind::FirebasePhone => "firebase_phone",
+        }
+    }
+}
+
+impl Credentials {
+    pub fn kind(&self) -> IdentityKind {
+        match self {
+            Credentials::Application => IdentityKind::Application,
+            Credentials::Login { .. } => IdentityKind::Login,
+            Credentials::Email { .. } => IdentityKind::Email,
+            Credentials::Facebook { .. } => IdentityKind::Facebook,
+            Credentials::FirebasePhone { .. } => IdentityKind::FirebasePhone,
         }
     }
 }

@@ -10,6 +10,7 @@
 use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
+use crate::session::Reason;
 use http::StatusCode;
 use prometheus::{
     Encoder, Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts,
@@ -46,9 +47,6 @@ const COMMON: [u16; 22] = [
     200, 201, 202, 204, 206, 301, 302, 304, 400, 401, 403, 404, 405, 409, 413, 422, 429, 431, 500,
     502, 503, 504,
 ];
-
-/// Renewal reasons, in the order of [`IdentityMetrics::renewal`]'s index.
-pub const REASONS: [&str; 4] = ["startup", "expired", "proactive", "forced"];
 
 fn counter_vec(name: &str, help: &str, labels: &[&str]) -> IntCounterVec {
     IntCounterVec::new(Opts::new(name, help), labels)
@@ -175,8 +173,9 @@ impl Metrics {
             set_aside: i.set_aside.clone(),
         };
         if pool.is_empty() && !identity.is_empty() {
-            for reason in REASONS {
-                i.renewals.with_label_values(&[identity, pool, reason]);
+            for reason in Reason::ALL {
+                i.renewals
+                    .with_label_values(&[identity, pool, reason.as_str()]);
             }
             i.failures.with_label_values(&labels);
             i.session_up.with_label_values(&labels).set(0);
@@ -299,9 +298,10 @@ impl IdentityMetrics {
         self.replays().inc();
     }
 
-    /// `reason` is one of [`REASONS`].
-    pub fn renewal(&self, reason: &str) {
-        self.renewals.with_label_values(&self.child(reason)).inc();
+    pub fn renewal(&self, reason: Reason) {
+        self.renewals
+            .with_label_values(&self.child(reason.as_str()))
+            .inc();
     }
 
     pub fn session_failure(&self) {
@@ -331,7 +331,7 @@ mod tests {
         bot.request(StatusCode::OK);
         bot.request(StatusCode::OK);
         bot.request(StatusCode::from_u16(418).unwrap());
-        bot.renewal("startup");
+        bot.renewal(Reason::Startup);
         bot.session_failure();
         bot.replay();
         let member = m.identity("load-1", Some("load"));

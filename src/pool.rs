@@ -337,6 +337,7 @@ fn sticky_index(client: &HeaderValue, n: usize) -> usize {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::credentials::IdentityKind;
     use crate::metrics::Metrics;
     use crate::session::{BoxFuture, HeldTokens, Info, NewSession, Policy, SessionError, Source};
     use std::time::Duration;
@@ -356,14 +357,14 @@ mod tests {
             retry_initial: Duration::from_secs(1),
             retry_max: Duration::from_secs(8),
             retry_wait: Duration::ZERO,
-            set_aside_refused: true,
+            set_aside_on_refused_credentials: true,
         };
         let identities = (0..members)
             .map(|i| {
                 let info = Info {
                     name: format!("m-{i}"),
                     pool: Some("p".into()),
-                    kind: "login",
+                    kind: IdentityKind::Login,
                 };
                 Identity::new(
                     info,

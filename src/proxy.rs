@@ -33,6 +33,7 @@ use crate::body::{
 };
 use crate::canonical;
 use crate::config::{ClientToken, TargetId};
+use crate::credentials::IdentityKind;
 use crate::error::ProxyError;
 use crate::limit::{Permit, ResizableLimit};
 use crate::live::Live;
@@ -411,7 +412,7 @@ impl Proxy {
                             limit = live.replay_body_limit(),
                             "session expired under a request not buffered for a replay; passing the 401 on"
                         );
-                        identity.report_refused(&session);
+                        identity.report_dead(&session);
                         Ok(resp)
                     }
                 };
@@ -463,7 +464,7 @@ impl Proxy {
             Checked::Answer(resp) => Ok(resp),
             Checked::Expired(resp) => {
                 // Refused twice in a row: report it and let the client see it.
-                identity.report_refused(&fresh);
+                identity.report_dead(&fresh);
                 Ok(resp)
             }
         }
@@ -646,7 +647,7 @@ fn finish(
         // QuickBlox answers writes made with an application session with
         // 422 "Forbidden. Need user."; say which identity was used.
         if status == StatusCode::UNPROCESSABLE_ENTITY
-            && identity.info().kind == "application"
+            && identity.info().kind == IdentityKind::Application
             && !matches!(*log.method, Method::GET | Method::HEAD)
         {
             tracing::info!(

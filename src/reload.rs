@@ -121,7 +121,7 @@ pub(crate) fn build(
             retry_initial: config.quickblox.retry_initial,
             retry_max: config.quickblox.retry_max,
             retry_wait: config.quickblox.retry_wait,
-            set_aside_refused: pool.is_some(),
+            set_aside_on_refused_credentials: pool.is_some(),
         };
         let source = || -> Box<dyn Source> {
             let creator = SessionCreator::new(

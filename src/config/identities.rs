@@ -582,7 +582,10 @@ mod tests {
             }
             other => panic!("{other:?}"),
         }
-        assert_eq!(c.identities[1].credentials.kind(), "firebase_phone");
+        assert_eq!(
+            c.identities[1].credentials.kind().as_str(),
+            "firebase_phone"
+        );
         for (extra, key) in [
             (
                 "name = \"x\"\nprovider = \"twitter\"\n",

@@ -887,8 +887,8 @@ auth_secret = "secret"
              [[identity]]\nname = \"reader\"\n"
         );
         let c = parse(&ok).unwrap();
-        assert_eq!(c.identities[0].credentials.kind(), "login");
-        assert_eq!(c.identities[1].credentials.kind(), "email");
+        assert_eq!(c.identities[0].credentials.kind().as_str(), "login");
+        assert_eq!(c.identities[1].credentials.kind().as_str(), "email");
         assert_eq!(c.identities[2].credentials, Credentials::Application);
 
         let msg = problem(&format!(

@@ -1,0 +1,315 @@
+//! The renewal task: the only writer of an identity's state. One per
+//! identity; it creates the first session, renews ahead of expiry and on a
+//! reported refusal, retries with backoff, and answers forced renewals.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use bytes::Bytes;
+use http::HeaderValue;
+use rand::Rng;
+use tokio::time::{sleep_until, Instant};
+
+use super::*;
+
+/// What readers see: a usable session, the last failure, or both (a
+/// proactive renewal failed while the old session is still good).
+#[derive(Default)]
+pub(super) struct State {
+    pub(super) session: Option<Arc<Session>>,
+    pub(super) failure: Option<Arc<SessionError>>,
+    /// No retry is scheduled: the credentials were refused.
+    pub(super) set_aside: bool,
+    /// When the retry after `failure` is due.
+    pub(super) retry_at: Option<Instant>,
+    /// The outcome of the latest forced renewal, carried from state to
+    /// state until the next one, so a caller reads its own attempt's
+    /// outcome, not whichever attempt published last.
+    pub(super) forced: Option<Forced>,
+}
+
+#[derive(Clone)]
+pub(super) struct Forced {
+    /// Forced renewals asked for up to this count are answered by it.
+    pub(super) upto: u64,
+    pub(super) outcome: Result<Arc<Session>, Arc<SessionError>>,
+}
+
+// ---------------------------------------------------------------------------
+// The renewal task: the only writer of `Shared::state`.
+
+pub(super) async fn renewal_loop(shared: Arc<Shared>) {
+    let mut backoff = Backoff::default();
+    let mut generation = 0;
+    // Forced renewals asked for before the first attempt are answered by it.
+    let mut served = shared.forced.load(Ordering::Acquire);
+    let mut forced = (served > 0).then_some(served);
+    // A failed attempt leaves a retry pending: when, and for which reason.
+    let mut retry = attempt(
+        &shared,
+        Reason::Startup,
+        &mut generation,
+        &mut backoff,
+        forced,
+    )
+    .await;
+    loop {
+        let current = shared.state.load().session.clone();
+        let due = match (&retry, &current) {
+            (Some((at, _)), _) => *at,
+            (None, Some(s)) => renew_at(&shared, s),
+            // Set aside: nothing until a forced renewal.
+            (None, None) => Instant::now() + Duration::from_secs(365 * 24 * 3600),
+        };
+        forced = None;
+        let reason = tokio::select! {
+            () = shared.wake.notified() => {
+                let asked = shared.forced.load(Ordering::Acquire);
+                match &current {
+                    _ if asked > served => {
+                        served = asked;
+                        forced = Some(asked);
+                        Reason::Forced
+                    }
+                    Some(s) if shared.dead.load(Ordering::Acquire) >= s.generation => Reason::Expired,
+                    _ => continue,
+                }
+            },
+            () = sleep_until(due) => match (retry.take(), &current) {
+                (Some((_, reason)), None) => reason,
+                (Some(_), Some(_)) => Reason::Proactive,
+                (None, Some(s)) if renew_at(&shared, s) <= Instant::now() => Reason::Proactive,
+                // Used since we went to sleep: the expiry moved forward.
+                _ => continue,
+            },
+        };
+        retry = attempt(&shared, reason, &mut generation, &mut backoff, forced).await;
+    }
+}
+
+/// When a session should be renewed: `renew_before` ahead of its expiry,
+/// but never sooner than [`MIN_RENEW_INTERVAL`] after it was created, so an
+/// upstream that hands out short-lived sessions is not hammered.
+fn renew_at(shared: &Shared, s: &Session) -> Instant {
+    let expires = shared.epoch + Duration::from_millis(s.expires_at_ms.load(Ordering::Acquire));
+    let floor = shared.epoch + Duration::from_millis(s.created_ms) + MIN_RENEW_INTERVAL;
+    expires
+        .checked_sub(shared.policy.load().renew_before)
+        .unwrap_or(shared.epoch)
+        .max(floor)
+}
+
+/// The least time between two proactive renewals of one identity.
+const MIN_RENEW_INTERVAL: Duration = Duration::from_secs(30);
+
+/// One creation attempt; publishes its outcome (as the answer to forced
+/// renewals up to `forced`, if it is one). Returns the retry to schedule
+/// after a failure.
+async fn attempt(
+    shared: &Shared,
+    reason: Reason,
+    generation: &mut u64,
+    backoff: &mut Backoff,
+    forced: Option<u64>,
+) -> Option<(Instant, Reason)> {
+    let source = shared.source.load_full();
+    let result = source.create().await;
+    let old = shared.state.load_full();
+    let name = shared.info.name.as_str();
+    match result {
+        Ok(new) => {
+            *generation += 1;
+            let now_ms = millis(shared.epoch.elapsed());
+            let token = match HeaderValue::from_str(&new.token) {
+                Ok(mut v) => {
+                    v.set_sensitive(true);
+                    v
+                }
+                Err(_) => {
+                    let e =
+                        SessionError::BadResponse("the token is not a valid header value".into());
+                    return fail(shared, reason, e, &old, backoff, forced);
+                }
+            };
+            let created_at = SystemTime::now();
+            let public = public_body(&new, created_at);
+            let session = Arc::new(Session {
+                token,
+                generation: *generation,
+                user_id: new.user_id,
+                public,
+                created_at,
+                created_ms: now_ms,
+                expires_at_ms: AtomicU64::new(now_ms.saturating_add(millis(new.lifetime))),
+                touched_ms: AtomicU64::new(now_ms),
+            });
+            tracing::info!(
+                identity = name,
+                reason = reason.as_str(),
+                user_id = new.user_id,
+                token = %session.token_prefix(),
+                lifetime_s = new.lifetime.as_secs(),
+                "session created"
+            );
+            shared.metrics.renewal(reason);
+            shared.metrics.session_up(true);
+            if old.set_aside {
+                shared.metrics.set_aside(false);
+            }
+            shared.renewals[reason.index()].fetch_add(1, Ordering::Relaxed);
+            publish(
+                shared,
+                State {
+                    session: Some(session),
+                    failure: None,
+                    set_aside: false,
+                    retry_at: None,
+                    forced: None,
+                },
+                forced,
+            );
+            backoff.reset();
+            None
+        }
+        Err(e) => fail(shared, reason, e, &old, backoff, forced),
+    }
+}
+
+fn fail(
+    shared: &Shared,
+    reason: Reason,
+    error: SessionError,
+    old: &State,
+    backoff: &mut Backoff,
+    forced: Option<u64>,
+) -> Option<(Instant, Reason)> {
+    let name = shared.info.name.as_str();
+    shared.metrics.session_failure();
+    let policy = **shared.policy.load();
+    // Whatever failed, a session that still works stays: only a refusal of
+    // its own generation ends it.
+    let keep = old
+        .session
+        .as_ref()
+        .filter(|s| shared.dead.load(Ordering::Acquire) < s.generation);
+    if keep.is_none() && policy.set_aside_on_refused_credentials && error.credentials_refused() {
+        tracing::warn!(
+            identity = name,
+            pool = shared.info.pool.as_deref().unwrap_or(""),
+            reason = reason.as_str(),
+            error = %error,
+            "credentials refused; identity set aside, no retries until a forced renewal"
+        );
+        shared.metrics.session_up(false);
+        shared.metrics.set_aside(true);
+        publish(
+            shared,
+            State {
+                session: None,
+                failure: Some(Arc::new(error)),
+                set_aside: true,
+                retry_at: None,
+                forced: None,
+            },
+            forced,
+        );
+        return None;
+    }
+    let delay = backoff.next(&policy);
+    tracing::warn!(
+        identity = name,
+        reason = reason.as_str(),
+        error = %error,
+        retry_in_ms = millis(delay),
+        keeping_old_session = keep.is_some(),
+        "session creation failed"
+    );
+    shared.metrics.session_up(keep.is_some());
+    publish(
+        shared,
+        State {
+            session: keep.cloned(),
+            failure: Some(Arc::new(error)),
+            set_aside: false,
+            retry_at: Some(Instant::now() + delay),
+            forced: None,
+        },
+        forced,
+    );
+    let reason = if keep.is_some() {
+        Reason::Proactive
+    } else {
+        reason
+    };
+    Some((Instant::now() + delay, reason))
+}
+
+/// `{"session":{...}}` for a client: QuickBlox's public fields, or what
+/// qbproxy knows when the source gave none.
+fn public_body(new: &NewSession, created_at: SystemTime) -> Bytes {
+    let mut fields = public_fields(&new.public);
+    if fields.is_empty() {
+        fields.insert("user_id".into(), new.user_id.into());
+        let created = time::OffsetDateTime::from(created_at)
+            .format(&time::format_description::well_known::Rfc3339)
+            .unwrap_or_default();
+        fields.insert("created_at".into(), created.into());
+    }
+    Bytes::from(serde_json::json!({ "session": fields }).to_string())
+}
+
+/// Makes `state` what readers see. With `forced`, this attempt answers the
+/// forced renewals asked for up to that count; otherwise the last forced
+/// outcome is carried over.
+fn publish(shared: &Shared, mut state: State, forced: Option<u64>) {
+    let old = shared.state.load();
+    state.forced = match forced {
+        Some(upto) => Some(Forced {
+            upto,
+            outcome: match (&state.failure, &state.session) {
+                (Some(e), _) => Err(e.clone()),
+                (None, Some(s)) => Ok(s.clone()),
+                (None, None) => Err(Arc::new(SessionError::BadResponse(
+                    "no session and no error".into(),
+                ))),
+            },
+        }),
+        None => old.forced.clone(),
+    };
+    let (before, after) = (old.session.as_ref(), state.session.as_ref());
+    if before.map(|s| s.generation) != after.map(|s| s.generation) {
+        if let Some(s) = after {
+            shared.held.hold(s.token.as_bytes());
+        }
+        if let Some(s) = before {
+            shared.held.release(s.token.as_bytes());
+        }
+    }
+    shared.state.store(Arc::new(state));
+    shared.changes.send_modify(|n| *n += 1);
+}
+
+/// Capped exponential backoff with jitter: the n-th delay is drawn from
+/// `[d/2, d]` where `d = min(retry_max, retry_initial * 2^n)`, with the
+/// policy in force at the time.
+#[derive(Default)]
+pub(super) struct Backoff {
+    failures: u32,
+}
+
+impl Backoff {
+    pub(super) fn reset(&mut self) {
+        self.failures = 0;
+    }
+
+    pub(super) fn next(&mut self, policy: &Policy) -> Duration {
+        let exp = policy
+            .retry_initial
+            .saturating_mul(1u32 << self.failures.min(20));
+        let cap = exp.min(policy.retry_max);
+        self.failures = self.failures.saturating_add(1);
+        let half = cap / 2;
+        half + rand::rng().random_range(Duration::ZERO..=half)
+    }
+}

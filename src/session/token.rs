@@ -1,0 +1,70 @@
+//! A session: its token, its generation, its expiry.
+
+use std::sync::atomic::AtomicU64;
+use std::time::SystemTime;
+
+use bytes::Bytes;
+use http::HeaderValue;
+
+use crate::qb;
+
+/// A session token and what is known of it. Immutable but for its expiry,
+/// which every use pushes forward.
+pub struct Session {
+    pub(super) token: HeaderValue,
+    /// Counts the identity's sessions from 1; a refusal names the generation
+    /// it saw, so a late report about an old token renews nothing.
+    pub(super) generation: u64,
+    pub(super) user_id: u64,
+    pub(super) created_at: SystemTime,
+    /// `created_at` in milliseconds after the identity's epoch.
+    pub(super) created_ms: u64,
+    /// Milliseconds after the identity's epoch at which the session lapses.
+    /// Only ever moves forward (`fetch_max`): responses may arrive out of order.
+    pub(super) expires_at_ms: AtomicU64,
+    /// When the expiry was last updated. Expiry dates have one-second
+    /// resolution, so uses within the same second skip the header parsing.
+    pub(super) touched_ms: AtomicU64,
+    /// `{"session":{...}}` without the token: the answer to a client's
+    /// `GET /session.json`.
+    pub(super) public: Bytes,
+}
+
+impl Session {
+    pub fn token(&self) -> &HeaderValue {
+        &self.token
+    }
+
+    pub fn generation(&self) -> u64 {
+        self.generation
+    }
+
+    pub fn user_id(&self) -> u64 {
+        self.user_id
+    }
+
+    pub fn created_at(&self) -> SystemTime {
+        self.created_at
+    }
+
+    /// The session as QuickBlox describes it, token left out:
+    /// `{"session":{"application_id":..,"id":..,"user_id":..,...}}`.
+    pub fn public_json(&self) -> &Bytes {
+        &self.public
+    }
+
+    /// A short prefix of the token, safe for logs.
+    pub fn token_prefix(&self) -> String {
+        qb::token_prefix(self.token.to_str().unwrap_or(""))
+    }
+}
+
+impl std::fmt::Debug for Session {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Session")
+            .field("token", &self.token_prefix())
+            .field("generation", &self.generation)
+            .field("user_id", &self.user_id)
+            .finish_non_exhaustive()
+    }
+}
