@@ -62,9 +62,16 @@ pub struct Conn {
     peer: SocketAddr,
     local: SocketAddr,
     state: Arc<ConnState>,
+    /// This request's number on its connection, from 1.
+    nth: u64,
 }
 
 impl Conn {
+    /// This request's number on its connection, from 1.
+    pub fn nth_request(&self) -> u64 {
+        self.nth
+    }
+
     pub fn peer(&self) -> SocketAddr {
         self.peer
     }
@@ -96,6 +103,8 @@ struct ConnState {
     sending: Mutex<Vec<Arc<AtomicU64>>>,
     close: AtomicBool,
     wake: Notify,
+    /// Requests that arrived on it.
+    requests: AtomicU64,
     /// Set by the first request: whether the connection speaks HTTP/1
     /// (whose idle keep-alive hyper closes itself, at exactly
     /// `header_read_timeout`).
@@ -273,14 +282,15 @@ where
                     let _ = stream.set_nodelay(true);
                     let local = stream.local_addr().ok().or(local).unwrap_or(peer);
                     let state = Arc::new(ConnState::default());
-                    let conn = Conn { peer, local, state: state.clone() };
+                    let conn = Conn { peer, local, state: state.clone(), nth: 0 };
                     let handler = handler.clone();
                     let service = service_fn(move |req: Request<Incoming>| {
                         if req.version() < http::Version::HTTP_2 {
                             conn.state.http1.store(true, Ordering::Relaxed);
                         }
                         let in_flight = InFlight::new(&conn.state);
-                        let response = handler(req, conn.clone());
+                        let nth = conn.state.requests.fetch_add(1, Ordering::Relaxed) + 1;
+                        let response = handler(req, Conn { nth, ..conn.clone() });
                         async move {
                             let response = response.await;
                             Ok::<_, Infallible>(response.map(|b| Tracked::new(b, in_flight)))
