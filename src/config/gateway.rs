@@ -15,7 +15,8 @@ use sha1::{Digest, Sha1};
 
 use std::collections::HashMap;
 
-use super::{ConfigError, Secret, TargetId, Validator};
+use super::validate::Validator;
+use super::{ConfigError, Secret, TargetId};
 
 /// Inbound TLS, loaded and checked: the certificate chain and key, and the
 /// CA that client certificates must chain to if `client_ca` was set (mTLS).
@@ -117,65 +118,34 @@ pub struct ClientConfig {
 }
 
 #[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
+#[serde(deny_unknown_fields, default)]
 pub(super) struct RawLimits {
-    #[serde(default = "default_max_header_bytes")]
     max_header_bytes: usize,
-    #[serde(default = "default_max_body_bytes")]
     max_body_bytes: u64,
-    #[serde(default = "default_max_connections")]
     max_connections: usize,
-    #[serde(default = "default_header_read_timeout")]
-    header_read_timeout: String,
-    #[serde(default = "default_body_read_timeout")]
-    body_read_timeout: String,
-    #[serde(default = "default_max_buffered_bytes")]
+    #[serde(with = "humantime_serde")]
+    header_read_timeout: Duration,
+    #[serde(with = "humantime_serde")]
+    body_read_timeout: Duration,
     max_buffered_bytes: usize,
-    #[serde(default = "default_send_timeout")]
-    send_timeout: String,
-    #[serde(default = "default_max_streams_per_connection")]
+    #[serde(with = "humantime_serde")]
+    send_timeout: Duration,
     max_streams_per_connection: u32,
 }
 
 impl Default for RawLimits {
     fn default() -> Self {
         RawLimits {
-            max_header_bytes: default_max_header_bytes(),
-            max_body_bytes: default_max_body_bytes(),
-            max_connections: default_max_connections(),
-            header_read_timeout: default_header_read_timeout(),
-            body_read_timeout: default_body_read_timeout(),
-            max_buffered_bytes: default_max_buffered_bytes(),
-            send_timeout: default_send_timeout(),
-            max_streams_per_connection: default_max_streams_per_connection(),
+            max_header_bytes: 16 * 1024,
+            max_body_bytes: 10 * 1024 * 1024,
+            max_connections: 4096,
+            header_read_timeout: Duration::from_secs(10),
+            body_read_timeout: Duration::from_secs(10),
+            max_buffered_bytes: 64 * 1024 * 1024,
+            send_timeout: Duration::from_secs(30),
+            max_streams_per_connection: 100,
         }
     }
-}
-
-fn default_body_read_timeout() -> String {
-    "10s".into()
-}
-fn default_max_buffered_bytes() -> usize {
-    64 * 1024 * 1024
-}
-fn default_send_timeout() -> String {
-    "30s".into()
-}
-fn default_max_streams_per_connection() -> u32 {
-    100
-}
-
-fn default_max_header_bytes() -> usize {
-    16 * 1024
-}
-fn default_max_body_bytes() -> u64 {
-    10 * 1024 * 1024
-}
-fn default_max_connections() -> usize {
-    4096
-}
-fn default_header_read_timeout() -> String {
-    "10s".into()
 }
 
 #[derive(Debug, Deserialize)]
@@ -303,10 +273,10 @@ impl Validator<'_> {
             max_body_bytes: raw.max_body_bytes,
             max_connections: raw.max_connections,
             header_read_timeout: self
-                .positive("limits.header_read_timeout", &raw.header_read_timeout)?,
-            body_read_timeout: self.positive("limits.body_read_timeout", &raw.body_read_timeout)?,
+                .positive("limits.header_read_timeout", raw.header_read_timeout)?,
+            body_read_timeout: self.positive("limits.body_read_timeout", raw.body_read_timeout)?,
             max_buffered_bytes: raw.max_buffered_bytes,
-            send_timeout: self.positive("limits.send_timeout", &raw.send_timeout)?,
+            send_timeout: self.positive("limits.send_timeout", raw.send_timeout)?,
             max_streams_per_connection: raw.max_streams_per_connection,
         })
     }

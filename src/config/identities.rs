@@ -7,7 +7,8 @@ use std::time::Duration;
 
 use serde::Deserialize;
 
-use super::{ConfigError, Validator};
+use super::validate::Validator;
+use super::ConfigError;
 use crate::credentials::{Command, Credentials, Secret, SecretSource};
 
 /// One identity: its own session, renewal, backoff and expiry tracking.
@@ -99,7 +100,8 @@ pub(super) struct RawIdentity {
     access_token_env: Option<String>,
     access_token_file: Option<PathBuf>,
     access_token_command: Option<String>,
-    command_timeout: Option<String>,
+    #[serde(default, with = "humantime_serde::option")]
+    command_timeout: Option<Duration>,
     command_env: Option<Vec<String>>,
     path_prefix: Option<String>,
 }
@@ -279,7 +281,7 @@ impl Validator<'_> {
         r: RawIdentity,
     ) -> Result<Credentials, ConfigError> {
         let timeout = match &r.command_timeout {
-            Some(t) => self.positive(&at("command_timeout"), t)?,
+            Some(t) => self.positive(&at("command_timeout"), *t)?,
             None => Duration::from_secs(10),
         };
         let has_command = r.token_command.is_some()

@@ -1,0 +1,172 @@
+//! The configuration file as written: serde structs close to the TOML,
+//! unknown keys refused, and every default in one `Default` impl per table.
+//! Durations are read by humantime-serde ("500ms", "30s", "10m", "2h").
+//! `validate.rs` turns these into a [`Config`](super::Config).
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use serde::Deserialize;
+
+use super::gateway::{RawClient, RawLimits};
+use super::identities::{RawIdentity, RawPool};
+use super::ClientToken;
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawConfig {
+    #[serde(default)]
+    pub listen: RawListen,
+    #[serde(default)]
+    pub admin: RawAdmin,
+    #[serde(default)]
+    pub upstream: RawUpstream,
+    #[serde(default)]
+    pub proxy: RawProxy,
+    pub quickblox: RawQuickblox,
+    #[serde(default)]
+    pub identity: Vec<RawIdentity>,
+    #[serde(default)]
+    pub pool: Vec<RawPool>,
+    #[serde(default)]
+    pub limits: RawLimits,
+    #[serde(default)]
+    pub client: Vec<RawClient>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub(super) struct RawListen {
+    pub addr: String,
+    #[serde(with = "humantime_serde")]
+    pub shutdown_grace: Duration,
+    pub allow: Vec<String>,
+    pub tls_cert: Option<PathBuf>,
+    pub tls_key: Option<PathBuf>,
+    pub client_ca: Option<PathBuf>,
+}
+
+impl Default for RawListen {
+    fn default() -> Self {
+        RawListen {
+            addr: "127.0.0.1:8080".into(),
+            shutdown_grace: Duration::from_secs(10),
+            allow: Vec::new(),
+            tls_cert: None,
+            tls_key: None,
+            client_ca: None,
+        }
+    }
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub(super) struct RawAdmin {
+    pub addr: String,
+    pub token: Option<String>,
+    pub token_env: Option<String>,
+    pub token_file: Option<PathBuf>,
+}
+
+impl Default for RawAdmin {
+    fn default() -> Self {
+        RawAdmin {
+            addr: "127.0.0.1:9090".into(),
+            token: None,
+            token_env: None,
+            token_file: None,
+        }
+    }
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub(super) struct RawUpstream {
+    pub url: String,
+    #[serde(with = "humantime_serde")]
+    pub timeout: Duration,
+    #[serde(with = "humantime_serde")]
+    pub connect_timeout: Duration,
+    #[serde(with = "humantime_serde")]
+    pub pool_idle_timeout: Duration,
+    pub pool_max_idle_per_host: usize,
+    pub max_connections: usize,
+    pub ca_file: Option<PathBuf>,
+    pub http2: bool,
+}
+
+impl Default for RawUpstream {
+    fn default() -> Self {
+        RawUpstream {
+            url: "https://api.quickblox.com".into(),
+            timeout: Duration::from_secs(30),
+            connect_timeout: Duration::from_secs(5),
+            pool_idle_timeout: Duration::from_secs(90),
+            pool_max_idle_per_host: 256,
+            max_connections: 256,
+            ca_file: None,
+            http2: true,
+        }
+    }
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub(super) struct RawProxy {
+    pub client_token: ClientToken,
+    pub replay_body_limit: usize,
+}
+
+impl Default for RawProxy {
+    fn default() -> Self {
+        RawProxy {
+            client_token: ClientToken::Replace,
+            replay_body_limit: 1024 * 1024,
+        }
+    }
+}
+
+/// `application_id = 76730` and `application_id = "76730"` both work.
+#[derive(Debug, Deserialize)]
+#[serde(untagged)]
+pub(super) enum StringOrInt {
+    String(String),
+    Int(u64),
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub(super) struct RawQuickblox {
+    pub application_id: Option<StringOrInt>,
+    pub auth_key: Option<String>,
+    pub auth_secret: Option<String>,
+    pub auth_secret_env: Option<String>,
+    pub auth_secret_file: Option<PathBuf>,
+    #[serde(with = "humantime_serde")]
+    pub session_timeout: Duration,
+    #[serde(with = "humantime_serde")]
+    pub renew_before: Duration,
+    #[serde(with = "humantime_serde")]
+    pub retry_initial: Duration,
+    #[serde(with = "humantime_serde")]
+    pub retry_max: Duration,
+    #[serde(with = "humantime_serde")]
+    pub retry_wait: Duration,
+}
+
+impl Default for RawQuickblox {
+    fn default() -> Self {
+        RawQuickblox {
+            application_id: None,
+            auth_key: None,
+            auth_secret: None,
+            auth_secret_env: None,
+            auth_secret_file: None,
+            session_timeout: Duration::from_secs(10),
+            renew_before: Duration::from_secs(10 * 60),
+            retry_initial: Duration::from_millis(500),
+            retry_max: Duration::from_secs(30),
+            retry_wait: Duration::from_secs(10),
+        }
+    }
+}

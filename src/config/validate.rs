@@ -1,0 +1,337 @@
+//! From the file as written to a [`Config`]: every value checked, every
+//! secret resolved, every reference typed; errors name their key in one
+//! line. The sections with more to check have files of their own
+//! (`gateway.rs`, `identities.rs`).
+
+use std::cell::RefCell;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use http::uri::Scheme;
+use http::{HeaderValue, Uri};
+
+use super::raw::{RawConfig, RawQuickblox, RawUpstream, StringOrInt};
+use super::*;
+
+pub(super) struct Validator<'a> {
+    pub path: &'a Path,
+    /// What validation saw that may deserve a warning.
+    pub notes: RefCell<Notes>,
+}
+
+#[derive(Default)]
+pub(super) struct Notes {
+    /// Files secrets are read from: `(key, path)`.
+    secret_files: Vec<(String, PathBuf)>,
+    /// Some identity runs a command to get its token.
+    commands: bool,
+}
+
+/// Keys whose values are secrets: an error about one never shows its value.
+pub(super) const SECRET_KEYS: [&str; 7] = [
+    "auth_secret",
+    "password",
+    "key",
+    "token",
+    "secret",
+    "access_token",
+    "api_key",
+];
+
+/// True if a config key path (`quickblox.auth_secret`, `client[0].key`)
+/// names a secret's value.
+pub(super) fn is_secret_key(path: &str) -> bool {
+    let last = path.rsplit('.').next().unwrap_or(path);
+    let name = last.split('[').next().unwrap_or(last);
+    SECRET_KEYS.contains(&name)
+}
+
+/// Mode bits: read by others, written by others.
+pub(super) const OTHERS_READ: u32 = 0o004;
+pub(super) const OTHERS_WRITE: u32 = 0o002;
+
+pub(super) fn mode(path: &Path) -> Option<u32> {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::metadata(path).ok().map(|m| m.permissions().mode())
+}
+
+impl Validator<'_> {
+    /// A secret is read from `file` (for the permission warning).
+    pub(super) fn note_secret_file(&self, key: &str, file: &Path) {
+        self.notes
+            .borrow_mut()
+            .secret_files
+            .push((key.to_owned(), file.to_owned()));
+    }
+
+    /// An identity runs a command for its token.
+    pub(super) fn note_command(&self) {
+        self.notes.borrow_mut().commands = true;
+    }
+
+    pub(super) fn invalid(&self, key: &str, problem: impl Into<String>) -> ConfigError {
+        ConfigError::Invalid {
+            path: self.path.to_owned(),
+            key: key.to_owned(),
+            problem: problem.into(),
+        }
+    }
+
+    pub(super) fn validate(&self, raw: RawConfig) -> Result<Config, ConfigError> {
+        let listen = ListenConfig {
+            addr: self.addr("listen.addr", &raw.listen.addr)?,
+            shutdown_grace: raw.listen.shutdown_grace,
+            allow: self.allow(&raw.listen.allow)?,
+            tls: self.tls(
+                raw.listen.tls_cert.as_deref(),
+                raw.listen.tls_key.as_deref(),
+                raw.listen.client_ca.as_deref(),
+            )?,
+        };
+        let admin = AdminConfig {
+            addr: self.addr("admin.addr", &raw.admin.addr)?,
+            token: self.secret(
+                "admin.token",
+                raw.admin.token,
+                raw.admin.token_env,
+                raw.admin.token_file,
+            )?,
+        };
+        if admin.token.as_ref().is_some_and(|t| t.expose().len() < 16) {
+            return Err(self.invalid("admin.token", "must be at least 16 characters"));
+        }
+        // Port 0 (each picks a free port, as tests do) cannot collide.
+        if admin.addr == listen.addr && listen.addr.port() != 0 {
+            return Err(self.invalid(
+                "admin.addr",
+                format!(
+                    "{} is also listen.addr; the admin endpoints need their own port",
+                    admin.addr
+                ),
+            ));
+        }
+        let upstream = self.upstream(&raw.upstream)?;
+        if raw.proxy.replay_body_limit > 64 * 1024 * 1024 {
+            return Err(self.invalid(
+                "proxy.replay_body_limit",
+                "at most 67108864 (64 MiB): every buffered body is held in memory",
+            ));
+        }
+        let proxy = ProxyConfig {
+            client_token: raw.proxy.client_token,
+            replay_body_limit: raw.proxy.replay_body_limit,
+        };
+        let quickblox = self.quickblox(raw.quickblox)?;
+        let resolved = self.identities_and_pools(raw.identity, raw.pool)?;
+        let limits = self.limits(&raw.limits)?;
+        let clients = self.clients(raw.client, &resolved.names)?;
+        let notes = self.notes.take();
+        let warnings = notes
+            .secret_files
+            .iter()
+            .filter(|(_, file)| mode(file).is_some_and(|m| m & OTHERS_READ != 0))
+            .map(|(key, file)| {
+                format!(
+                    "{key}: other users may read {} (chmod o-r {})",
+                    file.display(),
+                    file.display()
+                )
+            })
+            .collect();
+        Ok(Config {
+            warnings,
+            runs_commands: notes.commands,
+            limits,
+            clients,
+            listen,
+            admin,
+            upstream: Arc::new(upstream),
+            proxy,
+            quickblox: Arc::new(quickblox),
+            identities: resolved.identities,
+            pools: resolved.pools,
+            default: resolved.default,
+            names: Arc::new(resolved.names),
+        })
+    }
+
+    pub(super) fn addr(&self, key: &str, value: &str) -> Result<SocketAddr, ConfigError> {
+        value.parse().map_err(|_| {
+            self.invalid(
+                key,
+                format!("{value:?} is not an IP address with a port, e.g. \"127.0.0.1:8080\""),
+            )
+        })
+    }
+
+    /// `d`, refused if it is zero.
+    pub(super) fn positive(&self, key: &str, d: Duration) -> Result<Duration, ConfigError> {
+        if d.is_zero() {
+            return Err(self.invalid(key, "must be greater than zero"));
+        }
+        Ok(d)
+    }
+
+    pub(super) fn upstream(&self, raw: &RawUpstream) -> Result<UpstreamConfig, ConfigError> {
+        let key = "upstream.url";
+        let uri: Uri = raw
+            .url
+            .parse()
+            .map_err(|e| self.invalid(key, format!("{:?} is not a URL: {e}", raw.url)))?;
+        let scheme = match uri.scheme() {
+            Some(s) if *s == Scheme::HTTP || *s == Scheme::HTTPS => s.clone(),
+            _ => {
+                return Err(self.invalid(
+                    key,
+                    format!(
+                        "{:?} must start with https:// (or http:// for a local upstream)",
+                        raw.url
+                    ),
+                ))
+            }
+        };
+        let authority = uri
+            .authority()
+            .cloned()
+            .ok_or_else(|| self.invalid(key, format!("{:?} has no host", raw.url)))?;
+        if uri.query().is_some() {
+            return Err(self.invalid(key, "must not have a query string"));
+        }
+        let host = HeaderValue::from_str(authority.as_str())
+            .map_err(|_| self.invalid(key, "host is not a valid header value"))?;
+        let base_path = uri.path().trim_end_matches('/').to_owned();
+        Ok(UpstreamConfig {
+            scheme,
+            authority,
+            host,
+            base_path,
+            timeout: self.positive("upstream.timeout", raw.timeout)?,
+            connect_timeout: self.positive("upstream.connect_timeout", raw.connect_timeout)?,
+            pool_idle_timeout: self
+                .positive("upstream.pool_idle_timeout", raw.pool_idle_timeout)?,
+            pool_max_idle_per_host: raw.pool_max_idle_per_host,
+            max_connections: match raw.max_connections {
+                0 => return Err(self.invalid("upstream.max_connections", "must be at least 1")),
+                n if n > tokio::sync::Semaphore::MAX_PERMITS => {
+                    return Err(self.invalid("upstream.max_connections", "is too large"))
+                }
+                n => n,
+            },
+            ca: raw
+                .ca_file
+                .as_deref()
+                .map(|p| self.certs("upstream.ca_file", p))
+                .transpose()?,
+            http2: raw.http2,
+        })
+    }
+
+    pub(super) fn quickblox(&self, raw: RawQuickblox) -> Result<QuickbloxConfig, ConfigError> {
+        let application_id = match raw.application_id {
+            Some(StringOrInt::Int(n)) => n.to_string(),
+            Some(StringOrInt::String(s)) => s,
+            None => {
+                return Err(self.invalid(
+                    "quickblox.application_id",
+                    "missing: the application's id, from the QuickBlox dashboard",
+                ))
+            }
+        };
+        if application_id.is_empty() || !application_id.bytes().all(|b| b.is_ascii_digit()) {
+            return Err(self.invalid(
+                "quickblox.application_id",
+                format!("{application_id:?} is not a number"),
+            ));
+        }
+        let auth_key = match raw.auth_key {
+            Some(k) if !k.is_empty() => k,
+            Some(_) => return Err(self.invalid("quickblox.auth_key", "must not be empty")),
+            None => {
+                return Err(self.invalid(
+                    "quickblox.auth_key",
+                    "missing: the application's auth key, from the QuickBlox dashboard",
+                ))
+            }
+        };
+        let auth_secret = self
+            .secret(
+                "quickblox.auth_secret",
+                raw.auth_secret,
+                raw.auth_secret_env,
+                raw.auth_secret_file,
+            )?
+            .ok_or_else(|| {
+                self.invalid(
+                    "quickblox.auth_secret",
+                    "missing: set one of auth_secret, auth_secret_env or auth_secret_file",
+                )
+            })?;
+        let retry_initial = self.positive("quickblox.retry_initial", raw.retry_initial)?;
+        let retry_max = self.positive("quickblox.retry_max", raw.retry_max)?;
+        if retry_max < retry_initial {
+            return Err(self.invalid(
+                "quickblox.retry_max",
+                "must not be less than quickblox.retry_initial",
+            ));
+        }
+        let renew_before = raw.renew_before;
+        if renew_before >= crate::qb::SESSION_LIFETIME {
+            return Err(self.invalid(
+                "quickblox.renew_before",
+                "must be less than the 2h session lifetime",
+            ));
+        }
+        Ok(QuickbloxConfig {
+            application_id,
+            auth_key,
+            auth_secret,
+            session_timeout: self.positive("quickblox.session_timeout", raw.session_timeout)?,
+            renew_before,
+            retry_initial,
+            retry_max,
+            retry_wait: raw.retry_wait,
+        })
+    }
+
+    /// Resolves a secret given inline, by environment variable or by file:
+    /// at most one of the three. `key` is the inline key's name.
+    pub(super) fn secret(
+        &self,
+        key: &str,
+        inline: Option<String>,
+        env: Option<String>,
+        file: Option<PathBuf>,
+    ) -> Result<Option<Secret>, ConfigError> {
+        let given = inline.is_some() as u8 + env.is_some() as u8 + file.is_some() as u8;
+        if given > 1 {
+            return Err(self.invalid(key, format!("set only one of {key}, {key}_env, {key}_file")));
+        }
+        if let Some(s) = inline {
+            return Ok(Some(Secret::new(s)));
+        }
+        if let Some(var) = env {
+            let key = format!("{key}_env");
+            return match std::env::var(&var) {
+                Ok(s) if !s.is_empty() => Ok(Some(Secret::new(s))),
+                Ok(_) => Err(self.invalid(&key, format!("environment variable {var} is empty"))),
+                Err(_) => Err(self.invalid(&key, format!("environment variable {var} is not set"))),
+            };
+        }
+        if let Some(path) = file {
+            let key = format!("{key}_file");
+            self.note_secret_file(&key, &path);
+            let text = std::fs::read_to_string(&path)
+                .map_err(|e| self.invalid(&key, format!("cannot read {}: {e}", path.display())))?;
+            // Files written by `echo` or editors end in a newline that is not
+            // part of the secret.
+            let s = text.trim_end_matches(['\r', '\n']).to_owned();
+            if s.is_empty() {
+                return Err(self.invalid(&key, format!("{} is empty", path.display())));
+            }
+            return Ok(Some(Secret::new(s)));
+        }
+        Ok(None)
+    }
+}
