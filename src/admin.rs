@@ -16,6 +16,7 @@ use tokio::time::Instant;
 
 use crate::body::Body;
 use crate::credentials::Secret;
+use crate::error::AdminError;
 use crate::server::Conn;
 use crate::session::{Reason, Status, Unavailable};
 use crate::Handle;
@@ -38,34 +39,25 @@ impl Admin {
             if let Some(token) = self.handle.config(|c| c.admin.token.clone()) {
                 if !bearer_matches(req.headers(), &token) {
                     tracing::warn!(peer = %conn.peer(), path, "admin request without the admin token");
-                    let mut resp = json_error(
-                        StatusCode::UNAUTHORIZED,
-                        "this endpoint needs Authorization: Bearer <admin.token>",
-                    );
-                    resp.headers_mut()
-                        .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
-                    return resp;
+                    return AdminError::Unauthorized.into_response();
                 }
             }
         }
         if req.method() == Method::POST {
             if let Err(why) = same_origin(req.headers(), conn.local()) {
                 tracing::warn!(peer = %conn.peer(), path, why, "admin POST refused as cross-site");
-                return json_error(StatusCode::FORBIDDEN, why);
+                return AdminError::CrossSite(why).into_response();
             }
             return match path
                 .strip_prefix("/sessions/")
                 .and_then(|rest| rest.strip_suffix("/renew"))
             {
                 Some(name) => self.renew(name).await,
-                None => json_error(StatusCode::NOT_FOUND, "POST only to /sessions/{name}/renew"),
+                None => AdminError::NoSuchAction.into_response(),
             };
         }
         if req.method() != Method::GET && req.method() != Method::HEAD {
-            return json_error(
-                StatusCode::METHOD_NOT_ALLOWED,
-                "use GET, or POST /sessions/{name}/renew",
-            );
+            return AdminError::MethodNotAllowed.into_response();
         }
         match path {
             "/healthz" => text(StatusCode::OK, "ok\n", "text/plain; charset=utf-8"),
@@ -88,10 +80,7 @@ impl Admin {
                     "application/json",
                 )
             }
-            _ => json_error(
-                StatusCode::NOT_FOUND,
-                "not found; try /healthz, /readyz, /metrics, /sessions",
-            ),
+            _ => AdminError::NotFound.into_response(),
         }
     }
 
@@ -116,10 +105,7 @@ impl Admin {
     /// Forces a renewal and reports its outcome.
     async fn renew(&self, name: &str) -> Response<Body> {
         let Some(identity) = self.handle.identity(name) else {
-            return json_error(
-                StatusCode::NOT_FOUND,
-                &format!("no identity named {name:?}"),
-            );
+            return AdminError::UnknownIdentity(name.to_owned()).into_response();
         };
         tracing::info!(identity = name, "forced renewal requested on the admin API");
         // The renewal's own budget, and a second to hear its outcome.
@@ -132,21 +118,12 @@ impl Admin {
                 status_json(&identity.status()).to_string(),
                 "application/json",
             ),
-            Err(Unavailable::Failed(e)) => {
-                let body = serde_json::json!({
-                    "errors": [format!("qbproxy: could not create a QuickBlox session: {e}")],
-                    "identity": status,
-                });
-                text(
-                    StatusCode::SERVICE_UNAVAILABLE,
-                    body.to_string(),
-                    "application/json",
-                )
+            Err(Unavailable::Failed(error)) => AdminError::RenewalFailed {
+                error,
+                identity: status,
             }
-            Err(Unavailable::TimedOut) => json_error(
-                StatusCode::GATEWAY_TIMEOUT,
-                "the renewal did not finish in time; see GET /sessions",
-            ),
+            .into_response(),
+            Err(Unavailable::TimedOut) => AdminError::RenewalTimedOut.into_response(),
         }
     }
 }
@@ -239,9 +216,4 @@ fn text(
     resp.headers_mut()
         .insert(header::CONTENT_TYPE, HeaderValue::from_static(content_type));
     resp
-}
-
-fn json_error(status: StatusCode, message: &str) -> Response<Body> {
-    let body = serde_json::json!({ "errors": [format!("qbproxy admin: {message}")] }).to_string();
-    text(status, body, "application/json")
 }

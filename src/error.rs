@@ -1,6 +1,7 @@
-//! The errors qbproxy answers itself, and the one place that maps them to a
-//! status, a `QBProxy-Error` code and a body in QuickBlox's shape:
-//! `{"errors":["qbproxy: ..."]}`.
+//! The errors qbproxy answers itself, on the proxy port ([`ProxyError`])
+//! and the admin port ([`AdminError`]), and the one place that turns them
+//! into responses: a status, a `QBProxy-Error` code and a body in
+//! QuickBlox's shape, `{"errors":["qbproxy: ..."]}`.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -130,15 +131,13 @@ impl ProxyError {
             ProxyError::RateLimited { retry_after, .. } => Some(*retry_after),
             _ => None,
         };
-        let body = serde_json::json!({ "errors": [format!("qbproxy: {self}")] }).to_string();
-        let mut resp = Response::new(Body::full(body));
-        *resp.status_mut() = self.status();
-        let headers = resp.headers_mut();
-        headers.insert(
-            header::CONTENT_TYPE,
-            HeaderValue::from_static("application/json"),
+        let mut resp = respond(
+            self.status(),
+            self.code(),
+            &format!("qbproxy: {self}"),
+            None,
         );
-        headers.insert(qb::QBPROXY_ERROR, HeaderValue::from_static(self.code()));
+        let headers = resp.headers_mut();
         if let Some(seconds) = retry_after {
             headers.insert(header::RETRY_AFTER, HeaderValue::from(seconds));
         }
@@ -147,6 +146,98 @@ impl ProxyError {
         }
         resp
     }
+}
+
+/// What the admin API answers itself.
+#[derive(Debug, thiserror::Error)]
+pub enum AdminError {
+    #[error("this endpoint needs Authorization: Bearer <admin.token>")]
+    Unauthorized,
+    #[error("{0}")]
+    CrossSite(&'static str),
+    #[error("not found; try /healthz, /readyz, /metrics, /sessions")]
+    NotFound,
+    #[error("POST only to /sessions/{{name}}/renew")]
+    NoSuchAction,
+    #[error("use GET, or POST /sessions/{{name}}/renew")]
+    MethodNotAllowed,
+    #[error("no identity named {0:?}")]
+    UnknownIdentity(String),
+    /// The forced renewal failed; `identity` is its status before.
+    #[error("could not create a QuickBlox session: {error}")]
+    RenewalFailed {
+        error: Arc<SessionError>,
+        identity: serde_json::Value,
+    },
+    #[error("the renewal did not finish in time; see GET /sessions")]
+    RenewalTimedOut,
+}
+
+impl AdminError {
+    pub fn status(&self) -> StatusCode {
+        match self {
+            AdminError::Unauthorized => StatusCode::UNAUTHORIZED,
+            AdminError::CrossSite(_) => StatusCode::FORBIDDEN,
+            AdminError::NotFound | AdminError::NoSuchAction | AdminError::UnknownIdentity(_) => {
+                StatusCode::NOT_FOUND
+            }
+            AdminError::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
+            AdminError::RenewalFailed { .. } => StatusCode::SERVICE_UNAVAILABLE,
+            AdminError::RenewalTimedOut => StatusCode::GATEWAY_TIMEOUT,
+        }
+    }
+
+    pub fn code(&self) -> &'static str {
+        match self {
+            AdminError::Unauthorized => "unauthorized",
+            AdminError::CrossSite(_) => "forbidden",
+            AdminError::NotFound | AdminError::NoSuchAction => "not-found",
+            AdminError::UnknownIdentity(_) => "unknown-identity",
+            AdminError::MethodNotAllowed => "method-not-allowed",
+            AdminError::RenewalFailed { .. } => "session-unavailable",
+            AdminError::RenewalTimedOut => "session-timeout",
+        }
+    }
+
+    pub fn into_response(self) -> Response<Body> {
+        let message = match &self {
+            AdminError::RenewalFailed { .. } => format!("qbproxy: {self}"),
+            _ => format!("qbproxy admin: {self}"),
+        };
+        let extra = match &self {
+            AdminError::RenewalFailed { identity, .. } => Some(("identity", identity.clone())),
+            _ => None,
+        };
+        let mut resp = respond(self.status(), self.code(), &message, extra);
+        if matches!(self, AdminError::Unauthorized) {
+            resp.headers_mut()
+                .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
+        }
+        resp
+    }
+}
+
+/// A JSON error in QuickBlox's shape, `{"errors":[message]}` (plus one
+/// more field if given), with its status and `QBProxy-Error` code.
+fn respond(
+    status: StatusCode,
+    code: &'static str,
+    message: &str,
+    extra: Option<(&str, serde_json::Value)>,
+) -> Response<Body> {
+    let mut body = serde_json::json!({ "errors": [message] });
+    if let (Some((key, value)), Some(map)) = (extra, body.as_object_mut()) {
+        map.insert(key.to_owned(), value);
+    }
+    let mut resp = Response::new(Body::full(body.to_string()));
+    *resp.status_mut() = status;
+    let headers = resp.headers_mut();
+    headers.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json"),
+    );
+    headers.insert(qb::QBPROXY_ERROR, HeaderValue::from_static(code));
+    resp
 }
 
 #[cfg(test)]

@@ -7,28 +7,30 @@
 
 #![forbid(unsafe_code)]
 
-pub mod access;
-pub mod admin;
+// What the binary, the tests, the fuzz targets and the benches use is
+// public; everything else is the crate's own.
+mod access;
+mod admin;
 pub mod body;
 pub mod canonical;
 pub mod config;
 pub mod credentials;
 pub mod demo;
-pub mod error;
-pub mod limit;
-pub mod live;
-pub mod metrics;
+mod error;
+mod limit;
+mod live;
+mod metrics;
 pub mod overrides;
-pub mod pool;
-pub mod proxy;
+mod pool;
+mod proxy;
 pub mod qb;
-pub mod reload;
-pub mod route;
-pub mod server;
+mod reload;
+mod route;
+mod server;
 pub mod session;
 pub mod signer;
 pub mod sim;
-pub mod tls;
+mod tls;
 pub mod upstream;
 
 use std::future::Future;
@@ -42,12 +44,12 @@ use tokio::net::TcpListener;
 use tokio::sync::{mpsc, oneshot, watch};
 
 pub use config::Config;
+pub use pool::Pool;
 pub use reload::{ReloadError, Summary};
 
 use crate::limit::ResizableLimit;
 use crate::live::Live;
 use crate::metrics::Metrics;
-use crate::pool::Pool;
 use crate::proxy::Proxy;
 use crate::reload::Context;
 use crate::route::Target;
@@ -211,16 +213,6 @@ fn start_standalone(live: &Live) {
             identity.start();
         }
     }
-}
-
-/// Builds and runs qbproxy: `App::new(config)?.run(listeners, shutdown)`.
-pub async fn run(
-    config: Config,
-    listeners: Listeners,
-    shutdown: impl Future<Output = ()>,
-) -> Result<(), StartError> {
-    App::new(config)?.run(listeners, shutdown).await;
-    Ok(())
 }
 
 /// The reloader: the one task that replaces the running configuration,

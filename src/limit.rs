@@ -66,11 +66,13 @@ impl ResizableLimit {
     }
 
     /// The cap as configured.
+    #[cfg(test)]
     pub fn size(&self) -> usize {
         *self.inner.size.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// Units in use or owed: never more than the size once the debt is paid.
+    /// Free units now.
+    #[cfg(test)]
     pub fn available(&self) -> usize {
         self.inner.semaphore.available_permits()
     }

@@ -1,5 +1,5 @@
 //! The `qbproxy` binary: parse arguments, set up logging, load the config,
-//! bind, and hand over to `qbproxy::run`. Config errors exit with 64 before
+//! bind, and hand over to `qbproxy::App::run`. Config errors exit with 64 before
 //! anything binds.
 
 #![forbid(unsafe_code)]

@@ -74,11 +74,6 @@ impl Router {
         }
     }
 
-    /// The identity or pool called `name`.
-    pub fn named(&self, name: &str) -> Option<TargetId> {
-        self.names.get(name).copied()
-    }
-
     /// The target for a request, and its canonical path with a matched
     /// prefix removed (`named`: the `QBProxy-Identity` header, if sent).
     pub fn route<'p>(

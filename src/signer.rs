@@ -39,10 +39,6 @@ impl Params {
         self
     }
 
-    pub fn iter(&self) -> impl Iterator<Item = &(String, Value)> {
-        self.0.iter()
-    }
-
     /// The string that is signed. As in the SDK: each nested object becomes
     /// its `key[field]=value` pairs sorted and joined with `&`; then all
     /// top-level entries are sorted as strings and joined with `&`. Values

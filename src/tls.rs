@@ -12,34 +12,46 @@ fn provider() -> Arc<rustls::crypto::CryptoProvider> {
     Arc::new(rustls::crypto::ring::default_provider())
 }
 
+/// Why an inbound TLS configuration cannot be built. One line each, for
+/// the config error that names the key.
+#[derive(Debug, thiserror::Error)]
+pub enum TlsError {
+    #[error("{0}")]
+    Protocols(rustls::Error),
+    #[error("client CA: {0}")]
+    ClientCa(String),
+    #[error("the key does not fit the certificate, or is of an unsupported kind: {0}")]
+    Key(rustls::Error),
+}
+
 /// The inbound server config. `client_ca`: require client certificates that
-/// chain to one of these (mTLS). Errors are one line, for the config's.
+/// chain to one of these (mTLS).
 pub fn server_config(
     cert_chain: Vec<CertificateDer<'static>>,
     key: PrivateKeyDer<'static>,
     client_ca: Option<&[CertificateDer<'static>]>,
-) -> Result<Arc<ServerConfig>, String> {
+) -> Result<Arc<ServerConfig>, TlsError> {
     let builder = ServerConfig::builder_with_provider(provider())
         .with_safe_default_protocol_versions()
-        .map_err(|e| e.to_string())?;
+        .map_err(TlsError::Protocols)?;
     let builder = match client_ca {
         Some(cas) => {
             let mut roots = RootCertStore::empty();
             for ca in cas {
                 roots
                     .add(ca.clone())
-                    .map_err(|e| format!("client CA: {e}"))?;
+                    .map_err(|e| TlsError::ClientCa(e.to_string()))?;
             }
             let verifier = WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider())
                 .build()
-                .map_err(|e| format!("client CA: {e}"))?;
+                .map_err(|e| TlsError::ClientCa(e.to_string()))?;
             builder.with_client_cert_verifier(verifier)
         }
         None => builder.with_no_client_auth(),
     };
-    let mut config = builder.with_single_cert(cert_chain, key).map_err(|e| {
-        format!("the key does not fit the certificate, or is of an unsupported kind: {e}")
-    })?;
+    let mut config = builder
+        .with_single_cert(cert_chain, key)
+        .map_err(TlsError::Key)?;
     config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
     Ok(Arc::new(config))
 }

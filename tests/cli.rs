@@ -10,25 +10,27 @@ use tokio::io::{AsyncBufReadExt, BufReader};
 
 const BIN: &str = env!("CARGO_BIN_EXE_qbproxy");
 
-struct TempDir(PathBuf);
+/// A temporary directory for one test's files, removed with it.
+struct TempDir(tempfile::TempDir);
 
 impl TempDir {
     fn new(name: &str) -> TempDir {
-        let dir = std::env::temp_dir().join(format!("qbproxy-cli-{name}-{}", std::process::id()));
-        std::fs::create_dir_all(&dir).unwrap();
-        TempDir(dir)
+        TempDir(
+            tempfile::Builder::new()
+                .prefix(&format!("qbproxy-cli-{name}-"))
+                .tempdir()
+                .unwrap(),
+        )
+    }
+
+    fn path(&self) -> &std::path::Path {
+        self.0.path()
     }
 
     fn file(&self, name: &str, text: &str) -> PathBuf {
-        let p = self.0.join(name);
+        let p = self.0.path().join(name);
         std::fs::write(&p, text).unwrap();
         p
-    }
-}
-
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
     }
 }
 
@@ -107,7 +109,7 @@ fn check_names_the_key_and_exits_64() {
         assert_eq!(stderr.trim_end().lines().count(), 1, "one line: {stderr}");
         assert!(stderr.contains(key), "{key}: {stderr}");
     }
-    let out = check(&dir.0.join("missing.toml"));
+    let out = check(&dir.path().join("missing.toml"));
     assert_eq!(out.status.code(), Some(64));
     assert!(String::from_utf8_lossy(&out.stderr).contains("cannot read"));
 }

@@ -151,9 +151,8 @@ async fn writes_through_an_application_identity_pass_through_and_are_logged() {
 
 #[tokio::test]
 async fn token_commands_are_read_afresh_and_failures_are_clear() {
-    let dir = std::env::temp_dir().join(format!("qbproxy-tokcmd-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
-    let file = dir.join("token");
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("token");
     std::fs::write(&file, "fb-rotating-1\n").unwrap();
     let mut sim_cfg = SimConfig::demo();
     sim_cfg.provider_tokens = vec![fb("fb-rotating-1", 2001)];
@@ -203,7 +202,6 @@ async fn token_commands_are_read_afresh_and_failures_are_clear() {
         msg,
         "qbproxy: could not create a QuickBlox session: token command failed (exit 3)"
     );
-    std::fs::remove_dir_all(&dir).unwrap();
 }
 
 #[tokio::test]

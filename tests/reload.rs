@@ -404,10 +404,8 @@ async fn the_upstream_client_and_its_connections_survive_a_reload() {
 async fn requests_are_answered_during_a_reload_and_reloads_run_one_at_a_time() {
     let h = setup().start().await;
     h.ready().await;
-    let dir = std::env::temp_dir().join(format!("qbproxy-fifo-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
-    let fifo = dir.join("auth-secret");
-    let _ = std::fs::remove_file(&fifo);
+    let dir = tempfile::tempdir().unwrap();
+    let fifo = dir.path().join("auth-secret");
     assert!(std::process::Command::new("mkfifo")
         .arg(&fifo)
         .status()
@@ -424,7 +422,7 @@ async fn requests_are_answered_during_a_reload_and_reloads_run_one_at_a_time() {
         .set("quickblox", "auth_secret", "\"unused\"")
         .config_text(&h.sim)
         .replace("auth_secret = \"unused\"\n", "");
-    let file = dir.join("config.toml");
+    let file = dir.path().join("config.toml");
     std::fs::write(&file, first).unwrap();
     let reloading = tokio::spawn({
         let (handle, file) = (h.handle.clone(), file.clone());
@@ -450,5 +448,4 @@ async fn requests_are_answered_during_a_reload_and_reloads_run_one_at_a_time() {
         .unwrap();
     bounded("the second reload", second).await.unwrap().unwrap();
     assert_eq!(h.handle.config(|c| c.limits.max_header_bytes), 2048);
-    std::fs::remove_dir_all(&dir).unwrap();
 }

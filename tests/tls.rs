@@ -3,7 +3,7 @@
 
 mod common;
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::Arc;
 
 use bytes::Bytes;
@@ -19,24 +19,20 @@ use rcgen::{
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 
-struct Dir(PathBuf);
+/// A temporary directory for one test's certificates, removed with it.
+struct Dir(tempfile::TempDir);
 
 impl Dir {
     fn new(name: &str) -> Dir {
-        let d = std::env::temp_dir().join(format!("qbproxy-tls-{name}-{}", std::process::id()));
-        std::fs::create_dir_all(&d).unwrap();
-        Dir(d)
+        Dir(tempfile::Builder::new()
+            .prefix(&format!("qbproxy-tls-{name}-"))
+            .tempdir()
+            .unwrap())
     }
     fn write(&self, name: &str, text: &str) -> String {
-        let p = self.0.join(name);
+        let p = self.0.path().join(name);
         std::fs::write(&p, text).unwrap();
         p.display().to_string()
-    }
-}
-
-impl Drop for Dir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
     }
 }
 
@@ -77,7 +73,7 @@ fn key(alg: &'static SignatureAlgorithm) -> KeyPair {
 
 /// An RSA key from the openssl command (ring cannot generate RSA keys).
 fn rsa_key(dir: &Dir) -> KeyPair {
-    let path = dir.0.join("rsa.key");
+    let path = dir.0.path().join("rsa.key");
     let ok = std::process::Command::new("openssl")
         .args([
             "genpkey",

@@ -226,7 +226,7 @@ impl Validator<'_> {
         digest.update(key.secret_der());
         let fingerprint = digest.finalize().into();
         let server = crate::tls::server_config(cert_chain, key, client_ca.as_deref())
-            .map_err(|e| self.invalid("listen.tls_key", e))?;
+            .map_err(|e| self.invalid("listen.tls_key", e.to_string()))?;
         Ok(Some(TlsConfig {
             server,
             fingerprint,

@@ -554,7 +554,8 @@ impl Validator<'_> {
 mod tests {
     use std::path::Path;
 
-    use crate::config::{Config, Credentials, SecretSource, Strategy};
+    use crate::config::{Config, Strategy};
+    use crate::credentials::{Credentials, SecretSource};
 
     const APP: &str = "[quickblox]\napplication_id = 1\nauth_key = \"k\"\nauth_secret = \"s\"\n";
 

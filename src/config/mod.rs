@@ -27,7 +27,7 @@ use self::validate::{is_secret_key, mode, Validator, OTHERS_WRITE};
 
 pub use self::gateway::{ClientConfig, LimitsConfig, PathRule, TlsConfig};
 pub use self::identities::{IdentityConfig, IdentityId, PoolConfig, PoolId, Strategy, TargetId};
-pub use crate::credentials::{Credentials, Secret, SecretSource};
+use crate::credentials::Secret;
 
 /// What went wrong while loading the configuration. Each message is one line.
 #[derive(Debug, thiserror::Error)]
@@ -263,6 +263,7 @@ impl Config {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::credentials::Credentials;
 
     const MINIMAL: &str = r#"
 [quickblox]
@@ -366,8 +367,8 @@ auth_secret = "secret"
     #[test]
     fn secret_files_others_may_read_and_writable_configs_with_commands_are_warned_about() {
         use std::os::unix::fs::PermissionsExt;
-        let dir = std::env::temp_dir().join(format!("qbproxy-perm-{}", std::process::id()));
-        std::fs::create_dir_all(&dir).unwrap();
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path();
         let secret = dir.join("secret");
         std::fs::write(&secret, "s\n").unwrap();
         let config = dir.join("config.toml");
@@ -395,14 +396,12 @@ auth_secret = "secret"
             warnings[1].contains("other users may write this file, and it has *_command entries"),
             "{warnings:?}"
         );
-        std::fs::remove_dir_all(&dir).unwrap();
     }
 
     #[test]
     fn secret_file_is_read_without_trailing_newline() {
-        let dir = std::env::temp_dir().join(format!("qbproxy-cfg-{}", std::process::id()));
-        std::fs::create_dir_all(&dir).unwrap();
-        let file = dir.join("secret");
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("secret");
         std::fs::write(&file, "from-file\n").unwrap();
         let text = format!(
             "[quickblox]\napplication_id = 1\nauth_key = \"k\"\nauth_secret_file = {:?}\n",
@@ -410,7 +409,6 @@ auth_secret = "secret"
         );
         let c = parse(&text).unwrap();
         assert_eq!(c.quickblox.auth_secret.expose(), "from-file");
-        std::fs::remove_dir_all(&dir).unwrap();
     }
 
     #[test]
