@@ -395,11 +395,11 @@ async fn the_upstream_client_and_its_connections_survive_a_reload() {
     assert_eq!(h.sim.connections(), connections + 1);
 }
 
-/// Issue 11, defect 2: a reload reads its files off the async threads and
-/// runs alone. Its secret file here is a FIFO, so the reload blocks until
-/// the test writes to it: meanwhile a request is answered (on this
-/// one-thread runtime, as with `--threads 1`), and a second reload waits
-/// its turn.
+/// Issue 11, defect 2: a large reload (a pool of 20,000 members) reads its
+/// files and builds off the async threads, and runs alone. Its secret file
+/// here is a FIFO, so the reload blocks until the test writes to it:
+/// meanwhile a request is answered (on this one-thread runtime, as with
+/// `--threads 1`), and a second reload waits its turn.
 #[tokio::test]
 async fn requests_are_answered_during_a_reload_and_reloads_run_one_at_a_time() {
     let h = setup().start().await;
@@ -413,6 +413,7 @@ async fn requests_are_answered_during_a_reload_and_reloads_run_one_at_a_time() {
         .success());
     let secret = h.sim.config().auth_secret.clone();
     let first = setup()
+        .pool_table("name = \"load\"\nlogin = \"lt-{n}\"\ncount = 20000\npassword = \"pw\"\n")
         .set("limits", "max_header_bytes", "4096")
         .set(
             "quickblox",
