@@ -35,6 +35,10 @@ struct Inner {
     upstream_latency: Histogram,
     upstream_slot_waits: IntCounter,
     buffer_full: IntCounter,
+    adoptions: IntCounterVec,
+    cluster_up: IntGauge,
+    upstream_rate_limited: IntCounter,
+    upstream_429: IntCounter,
     /// Bumped by the rare events a test may wait for (a request waiting for
     /// an upstream slot, a body past the buffer budget), so it need not poll.
     events: tokio::sync::watch::Sender<u64>,
@@ -119,6 +123,27 @@ impl Metrics {
         )
         .unwrap_or_else(|e| unreachable!("static metric definition: {e}"));
 
+        let adoptions = counter_vec(
+            "qbproxy_session_adoptions_total",
+            "Sessions another replica created that this one adopted ([cluster]).",
+            &who,
+        );
+        let cluster_up = IntGauge::new(
+            "qbproxy_cluster_up",
+            "1 while Redis answers ([cluster]); 0 while each replica falls back to its own sessions and its share of the rate.",
+        )
+        .unwrap_or_else(|e| unreachable!("static metric definition: {e}"));
+        let upstream_rate_limited = IntCounter::new(
+            "qbproxy_upstream_rate_limited_total",
+            "Requests refused (429 upstream-rate-limited) because upstream.rate had no room within upstream.rate_wait.",
+        )
+        .unwrap_or_else(|e| unreachable!("static metric definition: {e}"));
+        let upstream_429 = IntCounter::new(
+            "qbproxy_upstream_429_total",
+            "429 answers from QuickBlox itself (its plan's rate limit), forwarded requests and session creations.",
+        )
+        .unwrap_or_else(|e| unreachable!("static metric definition: {e}"));
+
         let registry = Registry::new();
         for c in [
             Box::new(requests.clone()) as Box<dyn prometheus::core::Collector>,
@@ -131,6 +156,10 @@ impl Metrics {
             Box::new(upstream_latency.clone()),
             Box::new(upstream_slot_waits.clone()),
             Box::new(buffer_full.clone()),
+            Box::new(adoptions.clone()),
+            Box::new(cluster_up.clone()),
+            Box::new(upstream_rate_limited.clone()),
+            Box::new(upstream_429.clone()),
         ] {
             registry
                 .register(c)
@@ -149,6 +178,10 @@ impl Metrics {
                 upstream_latency,
                 upstream_slot_waits,
                 buffer_full,
+                adoptions,
+                cluster_up,
+                upstream_rate_limited,
+                upstream_429,
                 events: tokio::sync::watch::channel(0).0,
                 unrouted: OnceLock::new(),
             }),
@@ -166,6 +199,7 @@ impl Metrics {
             labels: [identity.to_owned(), pool.to_owned()],
             requests: CodeCounter::new(&i.requests, &[identity, pool]),
             replays_vec: i.replays.clone(),
+            adoptions: i.adoptions.clone(),
             replays: OnceLock::new(),
             renewals: i.renewals.clone(),
             failures: i.failures.clone(),
@@ -208,6 +242,18 @@ impl Metrics {
     pub fn buffer_full(&self) {
         self.inner.buffer_full.inc();
         self.inner.events.send_modify(|n| *n += 1);
+    }
+
+    pub fn cluster_up(&self, up: bool) {
+        self.inner.cluster_up.set(i64::from(up));
+    }
+
+    pub fn upstream_rate_limited(&self) {
+        self.inner.upstream_rate_limited.inc();
+    }
+
+    pub fn upstream_429(&self) {
+        self.inner.upstream_429.inc();
     }
 
     /// Changes with every slot wait and every unbuffered body.
@@ -266,6 +312,7 @@ impl CodeCounter {
 /// One identity's series, resolved once.
 pub struct IdentityMetrics {
     labels: [String; 2],
+    adoptions: IntCounterVec,
     requests: CodeCounter,
     replays_vec: IntCounterVec,
     replays: OnceLock<IntCounter>,
@@ -302,6 +349,10 @@ impl IdentityMetrics {
         self.renewals
             .with_label_values(&self.child(reason.as_str()))
             .inc();
+    }
+
+    pub fn adoption(&self) {
+        self.adoptions.with_label_values(&self.who()).inc();
     }
 
     pub fn session_failure(&self) {

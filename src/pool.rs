@@ -339,13 +339,15 @@ mod tests {
     use super::*;
     use crate::credentials::IdentityKind;
     use crate::metrics::Metrics;
-    use crate::session::{BoxFuture, HeldTokens, Info, NewSession, Policy, SessionError, Source};
+    use crate::session::{
+        Attempt, BoxFuture, HeldTokens, Info, NewSession, Policy, SessionError, Source,
+    };
     use std::time::Duration;
 
     /// Sessions are not what these tests are about.
     struct Idle;
     impl Source for Idle {
-        fn create(&self) -> BoxFuture<'_, Result<NewSession, SessionError>> {
+        fn create(&self, _attempt: Attempt) -> BoxFuture<'_, Result<NewSession, SessionError>> {
             Box::pin(std::future::pending())
         }
     }

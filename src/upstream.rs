@@ -22,7 +22,7 @@ use crate::body::Body;
 use crate::config::{QuickbloxConfig, UpstreamConfig};
 use crate::credentials::{Credentials, SecretSource};
 use crate::qb;
-use crate::session::{BoxFuture, NewSession, SessionError, Source};
+use crate::session::{Attempt, BoxFuture, NewSession, SessionError, Source};
 use crate::signer::{self, Params};
 
 /// The pooled HTTP client to the upstream.
@@ -280,7 +280,7 @@ impl SessionCreator {
 }
 
 impl Source for SessionCreator {
-    fn create(&self) -> BoxFuture<'_, Result<NewSession, SessionError>> {
+    fn create(&self, _attempt: Attempt) -> BoxFuture<'_, Result<NewSession, SessionError>> {
         Box::pin(self.create_session())
     }
 }
@@ -331,6 +331,7 @@ fn parse_session(answer: &Answer) -> Result<NewSession, SessionError> {
         user_id,
         lifetime,
         public,
+        ..NewSession::default()
     })
 }
 
@@ -349,12 +350,12 @@ impl<S: Source> Throttled<S> {
 }
 
 impl<S: Source> Source for Throttled<S> {
-    fn create(&self) -> BoxFuture<'_, Result<NewSession, SessionError>> {
+    fn create(&self, attempt: Attempt) -> BoxFuture<'_, Result<NewSession, SessionError>> {
         Box::pin(async move {
             // The semaphore is never closed; a closed one would only mean
             // no limit.
             let _permit = self.permits.acquire().await.ok();
-            self.inner.create().await
+            self.inner.create(attempt).await
         })
     }
 }

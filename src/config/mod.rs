@@ -68,6 +68,8 @@ pub struct Config {
     pub limits: LimitsConfig,
     /// API-key clients; empty: no key needed.
     pub clients: Vec<ClientConfig>,
+    /// Replicas share sessions and the upstream rate through Redis.
+    pub cluster: Option<ClusterConfig>,
     /// What is worth a warning but does not stop qbproxy (files others may
     /// read or write); logged at start and on every reload.
     pub warnings: Vec<String>,
@@ -116,6 +118,32 @@ pub struct UpstreamConfig {
     pub ca: Option<Vec<rustls::pki_types::CertificateDer<'static>>>,
     /// Offer HTTP/2 by ALPN to an `https://` upstream; false: HTTP/1.1 only.
     pub http2: bool,
+    /// Requests per second to the upstream, session creations included,
+    /// and the burst above it; fleet-wide with `[cluster]`. `None`: no limit.
+    pub rate: Option<Rate>,
+}
+
+/// `upstream.rate`, `burst` and `rate_wait`.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Rate {
+    pub per_second: f64,
+    pub burst: f64,
+    /// How long a request over the rate waits for room, then 429.
+    pub wait: Duration,
+}
+
+/// `[cluster]`: replicas share sessions and the rate through Redis.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ClusterConfig {
+    /// `redis://`, `rediss://` (TLS) or `redis+unix://`; may hold a
+    /// password, so it is a secret: never logged.
+    pub redis_url: Secret,
+    /// Every key starts with it.
+    pub key_prefix: String,
+    /// The most any request waits on one Redis call.
+    pub redis_timeout: Duration,
+    /// The renewal lock's lease; longer than `quickblox.session_timeout`.
+    pub lock_ttl: Duration,
 }
 
 impl Config {

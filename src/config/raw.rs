@@ -32,6 +32,33 @@ pub(super) struct RawConfig {
     pub limits: RawLimits,
     #[serde(default)]
     pub client: Vec<RawClient>,
+    pub cluster: Option<RawCluster>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub(super) struct RawCluster {
+    pub redis_url: Option<String>,
+    pub redis_url_env: Option<String>,
+    pub redis_url_file: Option<PathBuf>,
+    pub key_prefix: String,
+    #[serde(with = "humantime_serde")]
+    pub redis_timeout: Duration,
+    #[serde(with = "humantime_serde")]
+    pub lock_ttl: Duration,
+}
+
+impl Default for RawCluster {
+    fn default() -> Self {
+        RawCluster {
+            redis_url: None,
+            redis_url_env: None,
+            redis_url_file: None,
+            key_prefix: "qbproxy".into(),
+            redis_timeout: Duration::from_millis(250),
+            lock_ttl: Duration::from_secs(20),
+        }
+    }
 }
 
 #[derive(Debug, Deserialize)]
@@ -93,6 +120,10 @@ pub(super) struct RawUpstream {
     pub max_connections: usize,
     pub ca_file: Option<PathBuf>,
     pub http2: bool,
+    pub rate: Option<f64>,
+    pub burst: Option<f64>,
+    #[serde(with = "humantime_serde")]
+    pub rate_wait: Duration,
 }
 
 impl Default for RawUpstream {
@@ -106,6 +137,9 @@ impl Default for RawUpstream {
             max_connections: 256,
             ca_file: None,
             http2: true,
+            rate: None,
+            burst: None,
+            rate_wait: Duration::from_secs(1),
         }
     }
 }

@@ -12,7 +12,7 @@ use std::time::Duration;
 use http::uri::Scheme;
 use http::{HeaderValue, Uri};
 
-use super::raw::{RawConfig, RawQuickblox, RawUpstream, StringOrInt};
+use super::raw::{RawCluster, RawConfig, RawQuickblox, RawUpstream, StringOrInt};
 use super::*;
 
 pub(super) struct Validator<'a> {
@@ -124,6 +124,7 @@ impl Validator<'_> {
             replay_body_limit: raw.proxy.replay_body_limit,
         };
         let quickblox = self.quickblox(raw.quickblox)?;
+        let cluster = self.cluster(raw.cluster, &quickblox)?;
         let resolved = self.identities_and_pools(raw.identity, raw.pool)?;
         let limits = self.limits(&raw.limits)?;
         let clients = self.clients(raw.client, &resolved.names)?;
@@ -141,6 +142,7 @@ impl Validator<'_> {
             })
             .collect();
         Ok(Config {
+            cluster,
             warnings,
             runs_commands: notes.commands,
             limits,
@@ -225,7 +227,81 @@ impl Validator<'_> {
                 .map(|p| self.certs("upstream.ca_file", p))
                 .transpose()?,
             http2: raw.http2,
+            rate: self.rate(raw)?,
         })
+    }
+
+    fn rate(&self, raw: &RawUpstream) -> Result<Option<Rate>, ConfigError> {
+        let per_second = match (raw.rate, raw.burst) {
+            (None, None) => return Ok(None),
+            (None, Some(_)) => return Err(self.invalid("upstream.burst", "needs upstream.rate")),
+            (Some(r), _) => r,
+        };
+        if !(per_second > 0.0 && per_second.is_finite()) {
+            return Err(self.invalid("upstream.rate", "requests per second, greater than zero"));
+        }
+        let burst = raw.burst.unwrap_or(per_second.max(1.0));
+        if !(burst >= 1.0 && burst.is_finite()) {
+            return Err(self.invalid("upstream.burst", "at least 1"));
+        }
+        Ok(Some(Rate {
+            per_second,
+            burst,
+            wait: raw.rate_wait,
+        }))
+    }
+
+    fn cluster(
+        &self,
+        raw: Option<RawCluster>,
+        quickblox: &QuickbloxConfig,
+    ) -> Result<Option<ClusterConfig>, ConfigError> {
+        let Some(raw) = raw else { return Ok(None) };
+        let url = self
+            .secret(
+                "cluster.redis_url",
+                raw.redis_url,
+                raw.redis_url_env,
+                raw.redis_url_file,
+            )?
+            .ok_or_else(|| {
+                self.invalid(
+                    "cluster.redis_url",
+                    "missing: set redis_url, redis_url_env or redis_url_file",
+                )
+            })?;
+        let scheme_ok = ["redis://", "rediss://", "redis+unix://", "unix://"]
+            .iter()
+            .any(|s| url.expose().starts_with(s));
+        if !scheme_ok {
+            // Not the value: it may carry a password.
+            return Err(self.invalid(
+                "cluster.redis_url",
+                "must start with redis://, rediss:// (TLS) or redis+unix://",
+            ));
+        }
+        if redis::IntoConnectionInfo::into_connection_info(url.expose()).is_err() {
+            return Err(self.invalid("cluster.redis_url", "is not a Redis URL"));
+        }
+        if raw.key_prefix.is_empty() || raw.key_prefix.contains(char::is_whitespace) {
+            return Err(self.invalid("cluster.key_prefix", "must not be empty or hold spaces"));
+        }
+        let redis_timeout = self.positive("cluster.redis_timeout", raw.redis_timeout)?;
+        if raw.lock_ttl <= quickblox.session_timeout {
+            return Err(self.invalid(
+                "cluster.lock_ttl",
+                format!(
+                    "must exceed quickblox.session_timeout ({:?}): the lock must outlive the creation it guards",
+                    quickblox.session_timeout
+                ),
+            ));
+        }
+        Ok(Some(ClusterConfig {
+            redis_url: url,
+            key_prefix: raw.key_prefix,
+            redis_timeout,
+            lock_ttl: raw.lock_ttl,
+        }))
     }
 
     pub(super) fn quickblox(&self, raw: RawQuickblox) -> Result<QuickbloxConfig, ConfigError> {

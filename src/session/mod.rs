@@ -30,7 +30,7 @@ mod token;
 
 pub use self::error::{SessionError, Unavailable};
 pub use self::held::HeldTokens;
-pub use self::source::{public_fields, BoxFuture, NewSession, Source};
+pub use self::source::{public_fields, Attempt, BoxFuture, Held, NewSession, Source};
 pub use self::status::{SessionState, SessionStatus, Status};
 pub use self::token::Session;
 

@@ -3,16 +3,53 @@
 
 use std::future::Future;
 use std::pin::Pin;
-use std::time::Duration;
+use std::time::{Duration, SystemTime};
 
-use super::SessionError;
+use super::{Reason, SessionError};
 
 pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
 
-/// Creates sessions: the real one signs and posts to QuickBlox
-/// ([`crate::upstream::SessionCreator`]); tests script their own.
+/// What the renewal task knows when it asks its [`Source`] for a session.
+#[derive(Debug, Clone)]
+pub struct Attempt {
+    pub reason: Reason,
+    /// The session this replica holds, if any: its token, its fleet
+    /// generation (0: none) and when it lapses.
+    pub held: Option<Held>,
+    /// The held session was reported dead.
+    pub held_dead: bool,
+    /// The policy's `renew_before`, to tell whether a renewal is due.
+    pub renew_before: Duration,
+}
+
+/// What a source may know of the session a replica holds.
+#[derive(Debug, Clone)]
+pub struct Held {
+    pub token: String,
+    pub fleet: u64,
+    pub expires_at: SystemTime,
+}
+
+/// Gives the renewal task its sessions: the real one signs and posts to
+/// QuickBlox ([`crate::upstream::SessionCreator`]); with `[cluster]` one
+/// shares them with the other replicas (`crate::cluster::FleetSource`);
+/// tests script their own.
 pub trait Source: Send + Sync + 'static {
-    fn create(&self) -> BoxFuture<'_, Result<NewSession, SessionError>>;
+    /// A session for `attempt`: a new one, or one another replica stored.
+    /// A session with the held token is the held one, known to live longer.
+    fn create(&self, attempt: Attempt) -> BoxFuture<'_, Result<NewSession, SessionError>>;
+
+    /// Called every [`Source::sync_every`] while the identity runs: a
+    /// session to adopt, or the held one living longer, if the fleet knows
+    /// better.
+    fn sync(&self, _attempt: Attempt) -> BoxFuture<'_, Option<NewSession>> {
+        Box::pin(async { None })
+    }
+
+    /// How often to sync; `None` (the default): never.
+    fn sync_every(&self) -> Option<Duration> {
+        None
+    }
 }
 
 /// What a [`Source`] returns: a fresh token and what QuickBlox said of it.
@@ -25,6 +62,10 @@ pub struct NewSession {
     /// The session object QuickBlox returned, without its token (see
     /// [`public_fields`]): what `GET /session.json` is answered with.
     pub public: serde_json::Map<String, serde_json::Value>,
+    /// Its generation in the fleet (`[cluster]`); 0: this replica's own.
+    pub fleet: u64,
+    /// Another replica created it; this one adopted it.
+    pub adopted: bool,
 }
 
 /// The fields of QuickBlox's session object that a client may see. A

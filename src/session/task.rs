@@ -63,7 +63,16 @@ pub(super) async fn renewal_loop(shared: Arc<Shared>) {
             (None, None) => Instant::now() + Duration::from_secs(365 * 24 * 3600),
         };
         forced = None;
+        let sync_at = shared
+            .source
+            .load()
+            .sync_every()
+            .map(|every| Instant::now() + jittered(every));
         let reason = tokio::select! {
+            () = sleep_until(sync_at.unwrap_or(due)), if sync_at.is_some_and(|at| at < due) => {
+                sync(&shared, &mut generation).await;
+                continue;
+            },
             () = shared.wake.notified() => {
                 let asked = shared.forced.load(Ordering::Acquire);
                 match &current {
@@ -86,6 +95,12 @@ pub(super) async fn renewal_loop(shared: Arc<Shared>) {
         };
         retry = attempt(&shared, reason, &mut generation, &mut backoff, forced).await;
     }
+}
+
+/// `every`, give or take a tenth, so replicas and identities spread out.
+fn jittered(every: Duration) -> Duration {
+    let tenth = every / 10;
+    every - tenth + rand::rng().random_range(Duration::ZERO..=tenth * 2)
 }
 
 /// When a session should be renewed: `renew_before` ahead of its expiry,
@@ -114,65 +129,157 @@ async fn attempt(
     forced: Option<u64>,
 ) -> Option<(Instant, Reason)> {
     let source = shared.source.load_full();
-    let result = source.create().await;
+    let result = source.create(attempt_for(shared, reason)).await;
     let old = shared.state.load_full();
-    let name = shared.info.name.as_str();
     match result {
         Ok(new) => {
-            *generation += 1;
-            let now_ms = millis(shared.epoch.elapsed());
-            let token = match HeaderValue::from_str(&new.token) {
-                Ok(mut v) => {
-                    v.set_sensitive(true);
-                    v
+            let outcome = accept(shared, new, reason, generation, &old, forced);
+            match outcome {
+                Ok(()) => {
+                    backoff.reset();
+                    None
                 }
-                Err(_) => {
-                    let e =
-                        SessionError::BadResponse("the token is not a valid header value".into());
-                    return fail(shared, reason, e, &old, backoff, forced);
-                }
-            };
-            let created_at = SystemTime::now();
-            let public = public_body(&new, created_at);
-            let session = Arc::new(Session {
-                token,
-                generation: *generation,
-                user_id: new.user_id,
-                public,
-                created_at,
-                created_ms: now_ms,
-                expires_at_ms: AtomicU64::new(now_ms.saturating_add(millis(new.lifetime))),
-                touched_ms: AtomicU64::new(now_ms),
-            });
-            tracing::info!(
-                identity = name,
-                reason = reason.as_str(),
-                user_id = new.user_id,
-                token = %session.token_prefix(),
-                lifetime_s = new.lifetime.as_secs(),
-                "session created"
-            );
-            shared.metrics.renewal(reason);
-            shared.metrics.session_up(true);
-            if old.set_aside {
-                shared.metrics.set_aside(false);
+                Err(e) => fail(shared, reason, e, &old, backoff, forced),
             }
-            shared.renewals[reason.index()].fetch_add(1, Ordering::Relaxed);
-            publish(
-                shared,
-                State {
-                    session: Some(session),
-                    failure: None,
-                    set_aside: false,
-                    retry_at: None,
-                    forced: None,
-                },
-                forced,
-            );
-            backoff.reset();
-            None
         }
         Err(e) => fail(shared, reason, e, &old, backoff, forced),
+    }
+}
+
+/// What the source is told: why, and the session held.
+fn attempt_for(shared: &Shared, reason: Reason) -> Attempt {
+    let state = shared.state.load();
+    let now = Instant::now();
+    let held = state.session.as_ref().map(|s| Held {
+        token: s.token.to_str().unwrap_or("").to_owned(),
+        fleet: s.fleet(),
+        expires_at: SystemTime::now() + expires(shared, s).saturating_duration_since(now),
+    });
+    let held_dead = state
+        .session
+        .as_ref()
+        .is_some_and(|s| shared.dead.load(Ordering::Acquire) >= s.generation);
+    Attempt {
+        reason,
+        held,
+        held_dead,
+        renew_before: shared.policy.load().renew_before,
+    }
+}
+
+fn expires(shared: &Shared, s: &Session) -> Instant {
+    shared.epoch + Duration::from_millis(s.expires_at_ms.load(Ordering::Acquire))
+}
+
+/// Publishes what a source gave: the held session living longer (the same
+/// token; it may have joined the fleet meanwhile), or a new one, created
+/// here or adopted from another replica.
+fn accept(
+    shared: &Shared,
+    new: NewSession,
+    reason: Reason,
+    generation: &mut u64,
+    old: &State,
+    forced: Option<u64>,
+) -> Result<(), SessionError> {
+    let name = shared.info.name.as_str();
+    let now_ms = millis(shared.epoch.elapsed());
+    if let Some(held) = old.session.as_ref().filter(|s| {
+        s.token.as_bytes() == new.token.as_bytes()
+            && shared.dead.load(Ordering::Acquire) < s.generation
+    }) {
+        held.expires_at_ms.fetch_max(
+            now_ms.saturating_add(millis(new.lifetime)),
+            Ordering::AcqRel,
+        );
+        if new.fleet != 0 {
+            held.fleet.store(new.fleet, Ordering::Release);
+        }
+        tracing::debug!(
+            identity = name,
+            fleet = new.fleet,
+            "the held session lives on"
+        );
+        publish(
+            shared,
+            State {
+                session: Some(held.clone()),
+                failure: None,
+                set_aside: false,
+                retry_at: None,
+                forced: None,
+            },
+            forced,
+        );
+        return Ok(());
+    }
+    let mut token = HeaderValue::from_str(&new.token)
+        .map_err(|_| SessionError::BadResponse("the token is not a valid header value".into()))?;
+    token.set_sensitive(true);
+    *generation += 1;
+    let created_at = SystemTime::now();
+    let public = public_body(&new, created_at);
+    let session = Arc::new(Session {
+        token,
+        generation: *generation,
+        user_id: new.user_id,
+        public,
+        created_at,
+        created_ms: now_ms,
+        expires_at_ms: AtomicU64::new(now_ms.saturating_add(millis(new.lifetime))),
+        touched_ms: AtomicU64::new(now_ms),
+        fleet: AtomicU64::new(new.fleet),
+    });
+    if new.adopted {
+        tracing::info!(
+            identity = name,
+            reason = reason.as_str(),
+            user_id = new.user_id,
+            token = %session.token_prefix(),
+            fleet_generation = new.fleet,
+            "session adopted from the fleet"
+        );
+        shared.metrics.adoption();
+    } else {
+        tracing::info!(
+            identity = name,
+            reason = reason.as_str(),
+            user_id = new.user_id,
+            token = %session.token_prefix(),
+            lifetime_s = new.lifetime.as_secs(),
+            fleet_generation = new.fleet,
+            "session created"
+        );
+        shared.metrics.renewal(reason);
+        shared.renewals[reason.index()].fetch_add(1, Ordering::Relaxed);
+    }
+    shared.metrics.session_up(true);
+    if old.set_aside {
+        shared.metrics.set_aside(false);
+    }
+    publish(
+        shared,
+        State {
+            session: Some(session),
+            failure: None,
+            set_aside: false,
+            retry_at: None,
+            forced: None,
+        },
+        forced,
+    );
+    Ok(())
+}
+
+/// A sync with the fleet: adopts what it says, changes nothing otherwise.
+async fn sync(shared: &Shared, generation: &mut u64) {
+    let source = shared.source.load_full();
+    let reason = Reason::Proactive;
+    if let Some(new) = source.sync(attempt_for(shared, reason)).await {
+        let old = shared.state.load_full();
+        if let Err(e) = accept(shared, new, reason, generation, &old, None) {
+            tracing::warn!(identity = shared.info.name.as_str(), error = %e, "a session from the fleet could not be used");
+        }
     }
 }
 

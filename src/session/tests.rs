@@ -26,7 +26,7 @@ struct Script {
 }
 
 impl Source for Arc<Script> {
-    fn create(&self) -> BoxFuture<'_, Result<NewSession, SessionError>> {
+    fn create(&self, _attempt: Attempt) -> BoxFuture<'_, Result<NewSession, SessionError>> {
         Box::pin(async move {
             self.entered.send_modify(|n| *n += 1);
             if let Some(gate) = &self.gate {
@@ -43,7 +43,7 @@ impl Source for Arc<Script> {
                 token: format!("token-{n}"),
                 user_id: 7,
                 lifetime,
-                public: serde_json::Map::new(),
+                ..NewSession::default()
             })
         })
     }

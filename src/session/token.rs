@@ -1,6 +1,6 @@
 //! A session: its token, its generation, its expiry.
 
-use std::sync::atomic::AtomicU64;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::SystemTime;
 
 use bytes::Bytes;
@@ -28,6 +28,10 @@ pub struct Session {
     /// `{"session":{...}}` without the token: the answer to a client's
     /// `GET /session.json`.
     pub(super) public: Bytes,
+    /// Its generation in the fleet; 0 while it is this replica's own (no
+    /// `[cluster]`, or Redis unreachable when it was made). Set once, when
+    /// the session is published to the fleet.
+    pub(super) fleet: AtomicU64,
 }
 
 impl Session {
@@ -51,6 +55,11 @@ impl Session {
     /// `{"session":{"application_id":..,"id":..,"user_id":..,...}}`.
     pub fn public_json(&self) -> &Bytes {
         &self.public
+    }
+
+    /// Its generation in the fleet; 0: this replica's own.
+    pub fn fleet(&self) -> u64 {
+        self.fleet.load(Ordering::Acquire)
     }
 
     /// A short prefix of the token, safe for logs.
