@@ -199,6 +199,8 @@ fn status_json(s: &Status) -> serde_json::Value {
         "state": s.state.as_str(),
         "user_id": s.session.as_ref().map(|x| x.user_id),
         "token": s.session.as_ref().map(|x| x.token.clone()),
+        // Shared with the fleet ([cluster]), or this replica's own.
+        "source": s.session.as_ref().map(|x| if x.fleet > 0 { "cluster" } else { "local" }),
         "created_at": s.session.as_ref().map(|x| rfc3339(x.created_at)),
         "expires_at": s.session.as_ref().map(|x| rfc3339(x.expires_at)),
         "renewals": renewals,

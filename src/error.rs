@@ -29,6 +29,8 @@ pub enum ProxyError {
         "all {limit} connections to QuickBlox stayed busy for {waited:?} (upstream.max_connections)"
     )]
     UpstreamBusy { limit: usize, waited: Duration },
+    #[error("QuickBlox may be called {rate} times a second (upstream.rate) and no turn came within {waited:?}")]
+    UpstreamRateLimited { rate: f64, waited: Duration },
     #[error("the session is shared by every client of this proxy; refusing to {0}")]
     SharedSession(&'static str),
     #[error(
@@ -93,7 +95,9 @@ impl ProxyError {
             | ProxyError::UpstreamBusy { .. } => StatusCode::SERVICE_UNAVAILABLE,
             ProxyError::Forbidden(_) | ProxyError::SourceNotAllowed(_) => StatusCode::FORBIDDEN,
             ProxyError::Unauthorized(_) => StatusCode::UNAUTHORIZED,
-            ProxyError::RateLimited { .. } => StatusCode::TOO_MANY_REQUESTS,
+            ProxyError::RateLimited { .. } | ProxyError::UpstreamRateLimited { .. } => {
+                StatusCode::TOO_MANY_REQUESTS
+            }
             ProxyError::HeaderTooLarge { .. } => StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
             ProxyError::BodyTooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
         }
@@ -108,6 +112,7 @@ impl ProxyError {
             ProxyError::UpstreamTimeout(_) => "upstream-timeout",
             ProxyError::Upstream(_) => "upstream-error",
             ProxyError::UpstreamBusy { .. } => "upstream-busy",
+            ProxyError::UpstreamRateLimited { .. } => "upstream-rate-limited",
             ProxyError::SharedSession(_) => "shared-session",
             ProxyError::HeldToken => "held-token",
             ProxyError::MethodNotAllowed(_) => "method-not-allowed",
@@ -129,6 +134,7 @@ impl ProxyError {
     pub fn into_response(self) -> Response<Body> {
         let retry_after = match &self {
             ProxyError::RateLimited { retry_after, .. } => Some(*retry_after),
+            ProxyError::UpstreamRateLimited { .. } => Some(1),
             _ => None,
         };
         let mut resp = respond(

@@ -11,6 +11,7 @@
 // public; everything else is the crate's own.
 mod access;
 mod admin;
+mod cluster;
 pub mod body;
 pub mod canonical;
 pub mod config;
@@ -24,6 +25,7 @@ pub mod overrides;
 mod pool;
 mod proxy;
 pub mod qb;
+mod rate;
 mod reload;
 mod route;
 mod server;
@@ -47,6 +49,7 @@ pub use config::Config;
 pub use pool::Pool;
 pub use reload::{ReloadError, Summary};
 
+use crate::cluster::Cluster;
 use crate::limit::ResizableLimit;
 use crate::live::Live;
 use crate::metrics::Metrics;
@@ -66,6 +69,8 @@ pub struct Listeners {
 /// after the config itself was accepted.
 #[derive(Debug, thiserror::Error)]
 pub enum StartError {
+    #[error("cannot set up the cluster's Redis client: {0}")]
+    Cluster(String),
     #[error("cannot set up TLS to the upstream: {0}")]
     Tls(std::io::Error),
 }
@@ -120,10 +125,19 @@ impl Shared {
 
 impl App {
     pub fn new(config: Config) -> Result<App, StartError> {
+        let metrics = Metrics::new();
+        let cluster = match &config.cluster {
+            Some(c) => Some(
+                Cluster::new(c, config.quickblox.auth_secret.expose().as_bytes(), &metrics)
+                    .map_err(|e| StartError::Cluster(format!("{:?}", e.kind())))?,
+            ),
+            None => None,
+        };
         let ctx = Context {
-            metrics: Metrics::new(),
+            metrics,
             held: HeldTokens::default(),
             clock: Arc::new(ClockOffset::default()),
+            cluster,
         };
         let max_connections = config.limits.max_connections;
         let built = reload::build(Arc::new(config), &ctx, None)?;
@@ -153,6 +167,9 @@ impl App {
     pub async fn run(self, listeners: Listeners, shutdown: impl Future<Output = ()>) {
         let shared = &self.handle.shared;
         shared.running.store(true, Ordering::SeqCst);
+        if let Some(cluster) = &shared.ctx.cluster {
+            cluster.start_heartbeat();
+        }
         start_standalone(&shared.live.load());
         let (stop, stopping) = watch::channel(false);
         let proxy = shared.proxy.clone();
@@ -253,6 +270,9 @@ async fn reload_once(shared: &Shared, source: Source) -> Result<Summary, ReloadE
     let (old, new) = (&previous.config, &built.live.config);
     if new.listen.addr != old.listen.addr {
         tracing::warn!(old = %old.listen.addr, new = %new.listen.addr, "listen.addr changed; restart qbproxy to move the proxy listener");
+    }
+    if new.cluster != old.cluster {
+        tracing::warn!("[cluster] changed; restart qbproxy to join, leave or move the fleet");
     }
     if new.admin.addr != old.admin.addr {
         tracing::warn!(old = %old.admin.addr, new = %new.admin.addr, "admin.addr changed; restart qbproxy to move the admin listener");

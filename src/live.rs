@@ -10,6 +10,7 @@ use std::time::Duration;
 use crate::access::Gate;
 use crate::config::{ClientToken, Config, TargetId, UpstreamConfig};
 use crate::pool::Pool;
+use crate::rate::UpstreamRate;
 use crate::route::{Router, Target};
 use crate::server;
 use crate::session::Identity;
@@ -33,6 +34,9 @@ pub struct Live {
     /// The proxy listener's TLS, if it serves HTTPS; kept across reloads
     /// unless its files changed.
     pub tls: Option<Arc<rustls::ServerConfig>>,
+    /// `upstream.rate`, fleet-wide with `[cluster]`; kept (with its state)
+    /// across reloads unless it changed.
+    pub rate: Option<Arc<UpstreamRate>>,
 }
 
 impl Live {

@@ -478,6 +478,17 @@ impl Proxy {
         req: Request<Body>,
         deadline: Instant,
     ) -> Result<(Response<Incoming>, Permit), ProxyError> {
+        // QuickBlox's rate first (fleet-wide with [cluster]): a request
+        // waits for its turn only so long.
+        if let Some(rate) = &live.rate {
+            if rate.acquire(deadline).await.is_err() {
+                self.inner.metrics.upstream_rate_limited();
+                return Err(ProxyError::UpstreamRateLimited {
+                    rate: rate.rate().per_second,
+                    waited: rate.rate().wait,
+                });
+            }
+        }
         let slots = &self.inner.slots;
         let slot = match slots.try_acquire() {
             Some(slot) => slot,
@@ -505,6 +516,9 @@ impl Proxy {
             }
             Ok(Err(e)) => Err(ProxyError::Upstream(upstream::describe(&e))),
             Ok(Ok(mut resp)) => {
+                if resp.status() == StatusCode::TOO_MANY_REQUESTS {
+                    self.inner.metrics.upstream_429();
+                }
                 strip_hop_by_hop(resp.headers_mut());
                 strip_tokens(resp.headers_mut());
                 Ok((resp, slot))

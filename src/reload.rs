@@ -21,7 +21,9 @@ use crate::metrics::Metrics;
 use crate::pool::{Pool, Throttle};
 use crate::route::Router;
 use crate::session::{HeldTokens, Identity, Info, Policy, Source};
-use crate::upstream::{self, ClockOffset, SessionCreator, Throttled};
+use crate::cluster::{fingerprint, Cluster, FleetSource};
+use crate::rate::UpstreamRate;
+use crate::upstream::{self, ClockOffset, Endpoint, SessionCreator, Throttled};
 use crate::StartError;
 
 /// What lives across reloads besides the published `Live`.
@@ -31,6 +33,9 @@ pub(crate) struct Context {
     pub held: HeldTokens,
     /// QuickBlox's clock against ours: a property of the two clocks.
     pub clock: Arc<ClockOffset>,
+    /// The fleet's Redis, if `[cluster]` was configured at start (joining
+    /// or leaving a fleet takes a restart).
+    pub cluster: Option<Cluster>,
 }
 
 /// Why a reload did not take effect; the running configuration stays.
@@ -109,8 +114,27 @@ pub(crate) fn build(
         })
         .collect();
 
-    let sources_changed =
-        previous.is_none_or(|p| !summary.client_kept || p.config.quickblox != config.quickblox);
+    // The fleet-wide rate: kept (with its state) unless it changed.
+    let rate = match (config.upstream.rate, previous) {
+        (None, _) => None,
+        (Some(r), Some(p)) if p.rate.as_ref().is_some_and(|old| old.rate() == r) => p.rate.clone(),
+        (Some(r), _) => Some(Arc::new(UpstreamRate::new(r, ctx.cluster.clone()))),
+    };
+    let sources_changed = previous.is_none_or(|p| {
+        !summary.client_kept
+            || p.config.quickblox != config.quickblox
+            || p.config.upstream.rate != config.upstream.rate
+            || p.config.cluster.is_some() != config.cluster.is_some()
+    });
+    let endpoint = Arc::new(Endpoint {
+        client: client.clone(),
+        upstream: config.upstream.clone(),
+        quickblox: config.quickblox.clone(),
+        clock: ctx.clock.clone(),
+        rate: rate.clone(),
+        metrics: ctx.metrics.clone(),
+    });
+    let fleet = ctx.cluster.as_ref().filter(|_| config.cluster.is_some());
     let mut kept = vec![false; previous.map_or(0, |p| p.identities.len())];
     let mut identities = Vec::with_capacity(config.identities.len());
     for id in &config.identities {
@@ -124,16 +148,20 @@ pub(crate) fn build(
             set_aside_on_refused_credentials: pool.is_some(),
         };
         let source = || -> Box<dyn Source> {
-            let creator = SessionCreator::new(
-                client.clone(),
-                config.upstream.clone(),
-                config.quickblox.clone(),
-                id.credentials.clone(),
-                ctx.clock.clone(),
-            );
-            match throttle {
+            let creator = SessionCreator::new(endpoint.clone(), id.credentials.clone());
+            let own: Box<dyn Source> = match throttle {
                 Some(t) => Box::new(Throttled::new(creator, t.permits.clone())),
                 None => Box::new(creator),
+            };
+            match fleet {
+                Some(cluster) => Box::new(FleetSource::new(
+                    own,
+                    cluster.clone(),
+                    fingerprint(&config, id),
+                    pool.is_some(),
+                    config.quickblox.session_timeout,
+                )),
+                None => own,
             }
         };
         // The same name, kind and pool: the same identity, session and all.
@@ -223,6 +251,7 @@ pub(crate) fn build(
         .unwrap_or_default();
     summary.removed = removed.len();
     let live = Live {
+        rate,
         router: Router::new(&config),
         gate: Gate::new(&config, &ctx.metrics),
         options: listener_options(&config),

@@ -21,7 +21,9 @@ use tokio::time::{timeout_at, Instant};
 use crate::body::Body;
 use crate::config::{QuickbloxConfig, UpstreamConfig};
 use crate::credentials::{Credentials, SecretSource};
+use crate::metrics::Metrics;
 use crate::qb;
+use crate::rate::UpstreamRate;
 use crate::session::{Attempt, BoxFuture, NewSession, SessionError, Source};
 use crate::signer::{self, Params};
 
@@ -110,12 +112,21 @@ impl ClockOffset {
 
 /// Creates sessions for one identity by a signed `POST /session.json`.
 pub struct SessionCreator {
-    client: HttpClient,
-    /// Shared by every identity, not copied into each.
-    upstream: Arc<UpstreamConfig>,
-    quickblox: Arc<QuickbloxConfig>,
+    /// Shared by every identity's creator, not copied into each.
+    endpoint: Arc<Endpoint>,
     credentials: Credentials,
-    clock: Arc<ClockOffset>,
+}
+
+/// What every identity's creator shares: the client, the configuration,
+/// QuickBlox's clock, the rate it may be called at.
+pub struct Endpoint {
+    pub client: HttpClient,
+    pub upstream: Arc<UpstreamConfig>,
+    pub quickblox: Arc<QuickbloxConfig>,
+    pub clock: Arc<ClockOffset>,
+    /// `upstream.rate`: session creations count against it.
+    pub rate: Option<Arc<UpstreamRate>>,
+    pub metrics: Metrics,
 }
 
 /// A session endpoint's answer, body read whole (it is small).
@@ -129,31 +140,22 @@ struct Answer {
 const MAX_SESSION_ANSWER: usize = 64 * 1024;
 
 impl SessionCreator {
-    pub fn new(
-        client: HttpClient,
-        upstream: Arc<UpstreamConfig>,
-        quickblox: Arc<QuickbloxConfig>,
-        credentials: Credentials,
-        clock: Arc<ClockOffset>,
-    ) -> Self {
+    pub fn new(endpoint: Arc<Endpoint>, credentials: Credentials) -> Self {
         SessionCreator {
-            client,
-            upstream,
-            quickblox,
+            endpoint,
             credentials,
-            clock,
         }
     }
 
     /// The signed parameters for one attempt: a fresh nonce every time, and
     /// provider tokens read afresh (they expire on their own).
     async fn params(&self) -> Result<Params, SessionError> {
-        let q = &self.quickblox;
+        let q = &self.endpoint.quickblox;
         let nonce: u32 = rand::rng().random_range(1..=i32::MAX as u32);
         let params = Params::new()
             .str("application_id", q.application_id.as_str())
             .str("auth_key", q.auth_key.as_str())
-            .str("timestamp", self.clock.unix_now().to_string())
+            .str("timestamp", self.endpoint.clock.unix_now().to_string())
             .str("nonce", nonce.to_string());
         let params = match &self.credentials {
             Credentials::Application => params,
@@ -195,9 +197,20 @@ impl SessionCreator {
         Ok(params.str("signature", signature))
     }
 
-    async fn post(&self) -> Result<Answer, SessionError> {
+    async fn post(&self, deadline: Instant) -> Result<Answer, SessionError> {
+        let e = &self.endpoint;
+        // QuickBlox counts session creations against the plan's rate.
+        if let Some(rate) = &e.rate {
+            if rate.acquire(deadline).await.is_err() {
+                e.metrics.upstream_rate_limited();
+                return Err(SessionError::Refused {
+                    status: 429,
+                    message: "upstream.rate has no room for a session creation".into(),
+                });
+            }
+        }
         let body = self.params().await?.to_json().to_string();
-        let uri = self
+        let uri = e
             .upstream
             .uri_for(crate::qb::SESSION_CREATE_PATH, None)
             .map_err(|e| SessionError::BadResponse(e.to_string()))?;
@@ -205,7 +218,7 @@ impl SessionCreator {
         *req.method_mut() = Method::POST;
         *req.uri_mut() = uri;
         let h = req.headers_mut();
-        h.insert(header::HOST, self.upstream.host.clone());
+        h.insert(header::HOST, e.upstream.host.clone());
         h.insert(
             header::CONTENT_TYPE,
             HeaderValue::from_static("application/json"),
@@ -215,7 +228,7 @@ impl SessionCreator {
             HeaderValue::from_static("0.1.1"),
         );
 
-        let resp = self.client.request(req).await.map_err(|e| {
+        let resp = e.client.request(req).await.map_err(|e| {
             if e.is_connect() {
                 SessionError::Unreachable(describe(&e))
             } else {
@@ -236,13 +249,16 @@ impl SessionCreator {
     }
 
     async fn create_session(&self) -> Result<NewSession, SessionError> {
-        let budget = self.quickblox.session_timeout;
+        let budget = self.endpoint.quickblox.session_timeout;
         let deadline = Instant::now() + budget;
         let mut corrected = false;
         loop {
-            let answer = timeout_at(deadline, self.post())
+            let answer = timeout_at(deadline, self.post(deadline))
                 .await
                 .map_err(|_| SessionError::Timeout(budget))??;
+            if answer.status == StatusCode::TOO_MANY_REQUESTS {
+                self.endpoint.metrics.upstream_429();
+            }
             if answer.status.is_success() {
                 return parse_session(&answer);
             }
@@ -261,7 +277,7 @@ impl SessionCreator {
                 .and_then(|d| qb::parse_http_date(d.as_bytes()));
             match upstream_date {
                 Some(date) if bad_timestamp && !corrected => {
-                    let offset = self.clock.learn(date);
+                    let offset = self.endpoint.clock.learn(date);
                     tracing::warn!(
                         offset_s = offset,
                         "QuickBlox refused our timestamp (Bad timestamp); using the clock offset from its Date header"

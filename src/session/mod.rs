@@ -278,6 +278,7 @@ impl Identity {
             user_id: s.user_id,
             token: s.token_prefix(),
             generation: s.generation,
+            fleet: s.fleet(),
             created_at: s.created_at,
             expires_at: wall + self.expires_at(s).saturating_duration_since(now),
         });

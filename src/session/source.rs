@@ -28,6 +28,9 @@ pub struct Held {
     pub token: String,
     pub fleet: u64,
     pub expires_at: SystemTime,
+    pub user_id: u64,
+    /// QuickBlox's public fields of it.
+    pub public: serde_json::Map<String, serde_json::Value>,
 }
 
 /// Gives the renewal task its sessions: the real one signs and posts to

@@ -56,6 +56,8 @@ pub struct SessionStatus {
     /// A prefix only.
     pub token: String,
     pub generation: u64,
+    /// Its fleet generation; 0: this replica's own.
+    pub fleet: u64,
     pub created_at: SystemTime,
     pub expires_at: SystemTime,
 }

@@ -154,6 +154,11 @@ fn attempt_for(shared: &Shared, reason: Reason) -> Attempt {
         token: s.token.to_str().unwrap_or("").to_owned(),
         fleet: s.fleet(),
         expires_at: SystemTime::now() + expires(shared, s).saturating_duration_since(now),
+        user_id: s.user_id,
+        public: serde_json::from_slice::<serde_json::Value>(&s.public)
+            .ok()
+            .and_then(|v| v.get("session").and_then(|m| m.as_object()).cloned())
+            .unwrap_or_default(),
     });
     let held_dead = state
         .session

@@ -1,0 +1,299 @@
+//! The renewal protocol: one session per identity across the fleet.
+//!
+//! [`FleetSource`] wraps an identity's own source (which signs and posts to
+//! QuickBlox). When the renewal task asks it for a session:
+//!
+//! 1. A session stored by another replica, other than the one held (or
+//!    found dead) and not lapsed, is adopted: no creation. (Generations only
+//!    grow while Redis keeps its data; comparing tokens also converges a
+//!    fleet after Redis restarted empty.)
+//! 2. For a proactive renewal of the session the fleet still holds, the
+//!    replica's own expiry is written to the fleet (the latest wins), and
+//!    if the fleet's expiry is not due yet the session simply lives on: an
+//!    idle replica does not renew what busy ones keep alive.
+//! 3. A pool member the fleet set aside is not tried (unless forced, which
+//!    clears the mark).
+//! 4. Otherwise the replica takes the lock (`SET NX PX`, a unique owner,
+//!    `lock_ttl`); under it, looks again (step 1), creates, stores the next
+//!    generation only while it still holds the lock, and releases it by
+//!    compare-and-delete. A creation refused for its credentials sets a pool
+//!    member aside for the fleet.
+//! 5. A replica that finds the lock held polls for the new session until
+//!    `session_timeout`, and adopts it; if the lock disappears without one
+//!    (its holder died and the lease ran out) it takes the lock itself.
+//!
+//! Whenever Redis does not answer in time, the replica creates its session
+//! alone, as without `[cluster]`: at most one creation per replica per
+//! expiry. In the background (`sync`, every ~30 s) each running identity
+//! writes its expiry to the fleet, adopts a newer session, and publishes its
+//! own when the fleet holds none, so the fleet converges after Redis comes
+//! back.
+
+use std::time::{Duration, SystemTime};
+
+use tokio::time::Instant;
+
+use super::{Cluster, Down, Stored};
+use crate::session::{Attempt, BoxFuture, NewSession, Reason, SessionError, Source};
+
+/// How often a running identity syncs with the fleet.
+const SYNC_EVERY: Duration = Duration::from_secs(30);
+/// How often a replica waiting for another's renewal looks for it.
+const POLL: Duration = Duration::from_millis(50);
+
+pub struct FleetSource {
+    inner: Box<dyn Source>,
+    cluster: Cluster,
+    fingerprint: String,
+    /// A pool member: a refusal of its credentials sets it aside fleet-wide.
+    pool_member: bool,
+    /// How long to wait for another replica's renewal.
+    session_timeout: Duration,
+}
+
+impl FleetSource {
+    pub fn new(
+        inner: Box<dyn Source>,
+        cluster: Cluster,
+        fingerprint: String,
+        pool_member: bool,
+        session_timeout: Duration,
+    ) -> FleetSource {
+        FleetSource {
+            inner,
+            cluster,
+            fingerprint,
+            pool_member,
+            session_timeout,
+        }
+    }
+
+    async fn obtain(&self, attempt: Attempt) -> Result<NewSession, SessionError> {
+        match self.with_fleet(&attempt).await {
+            Ok(outcome) => outcome,
+            // Redis is away: this replica does it alone.
+            Err(Down) => self.inner.create(attempt).await,
+        }
+    }
+
+    async fn with_fleet(&self, attempt: &Attempt) -> Result<Result<NewSession, SessionError>, Down> {
+        let fp = &self.fingerprint;
+        let cluster = &self.cluster;
+        let dead_token = attempt
+            .held
+            .as_ref()
+            .filter(|_| attempt.held_dead)
+            .map(|h| h.token.as_str());
+        let forced = attempt.reason == Reason::Forced;
+        if forced {
+            cluster.clear_aside(fp).await?;
+        } else {
+            if let Some(stored) = cluster.session(fp).await? {
+                if let Some(adopted) = self.newer(attempt, &stored, dead_token) {
+                    return Ok(Ok(adopted));
+                }
+                if let Some(lives_on) = self.not_due(attempt, &stored).await? {
+                    return Ok(Ok(lives_on));
+                }
+            }
+            if self.pool_member && cluster.is_aside(fp).await? {
+                return Ok(Err(SessionError::Refused {
+                    status: 401,
+                    message: "Unauthorized (set aside by another replica; force a renewal to retry)"
+                        .into(),
+                }));
+            }
+        }
+        let deadline = Instant::now() + self.session_timeout;
+        loop {
+            let owner = cluster.new_owner();
+            if cluster.try_lock(fp, &owner).await? {
+                let outcome = self.create_locked(attempt, &owner, forced, dead_token).await;
+                let _ = cluster.unlock(fp, &owner).await;
+                return outcome;
+            }
+            // Another replica is renewing: wait for its session, or for
+            // its lease to run out.
+            loop {
+                if Instant::now() >= deadline {
+                    return Ok(Err(SessionError::Timeout(self.session_timeout)));
+                }
+                tokio::time::sleep(POLL).await;
+                if let Some(stored) = cluster.session(fp).await? {
+                    if let Some(adopted) = self.newer(attempt, &stored, dead_token) {
+                        return Ok(Ok(adopted));
+                    }
+                }
+                if !cluster.locked(fp).await? {
+                    break;
+                }
+            }
+        }
+    }
+
+    /// Under the lock: adopt what appeared meanwhile, else create and store.
+    async fn create_locked(
+        &self,
+        attempt: &Attempt,
+        owner: &str,
+        forced: bool,
+        dead_token: Option<&str>,
+    ) -> Result<Result<NewSession, SessionError>, Down> {
+        let fp = &self.fingerprint;
+        if !forced {
+            if let Some(stored) = self.cluster.session(fp).await? {
+                if let Some(adopted) = self.newer(attempt, &stored, dead_token) {
+                    return Ok(Ok(adopted));
+                }
+            }
+        }
+        let created = self.inner.create(attempt.clone()).await;
+        let mut new = match created {
+            Ok(new) => new,
+            Err(e) => {
+                if self.pool_member && e.credentials_refused() {
+                    self.cluster.set_aside(fp).await?;
+                }
+                return Ok(Err(e));
+            }
+        };
+        let stored = Stored {
+            generation: 0,
+            expires: SystemTime::now() + new.lifetime,
+            token: new.token.clone(),
+            user_id: new.user_id,
+            public: new.public.clone(),
+        };
+        // If Redis fails here the session is still good: this replica keeps
+        // it as its own.
+        if let Ok(Some(generation)) = self.cluster.store(fp, owner, &stored).await {
+            new.fleet = generation;
+        }
+        Ok(Ok(new))
+    }
+
+    /// The stored session, to adopt, if it is not the one this replica
+    /// holds nor the one it found dead.
+    fn newer(
+        &self,
+        attempt: &Attempt,
+        stored: &Stored,
+        dead_token: Option<&str>,
+    ) -> Option<NewSession> {
+        let held = attempt.held.as_ref().map(|h| h.token.as_str());
+        let other = dead_token != Some(stored.token.as_str()) && held != Some(&stored.token);
+        other.then(|| adopt(stored))
+    }
+
+    /// For a proactive renewal of the session the fleet holds: writes this
+    /// replica's expiry to the fleet and, if the fleet's latest is not due
+    /// yet, answers the same session with that expiry.
+    async fn not_due(&self, attempt: &Attempt, stored: &Stored) -> Result<Option<NewSession>, Down> {
+        if attempt.reason != Reason::Proactive {
+            return Ok(None);
+        }
+        let Some(held) = attempt.held.as_ref().filter(|h| h.token == stored.token) else {
+            return Ok(None);
+        };
+        let expires = self
+            .cluster
+            .extend(&self.fingerprint, stored.generation, held.expires_at)
+            .await?
+            .unwrap_or(stored.expires)
+            .max(held.expires_at);
+        let left = expires
+            .duration_since(SystemTime::now())
+            .unwrap_or(Duration::ZERO);
+        if left <= attempt.renew_before {
+            return Ok(None);
+        }
+        let mut same = adopt(stored);
+        same.lifetime = left;
+        Ok(Some(same))
+    }
+
+    async fn sync_now(&self, attempt: Attempt) -> Option<NewSession> {
+        self.sync_with_fleet(&attempt).await.ok().flatten()
+    }
+
+    async fn sync_with_fleet(&self, attempt: &Attempt) -> Result<Option<NewSession>, Down> {
+        let fp = &self.fingerprint;
+        let held = attempt.held.as_ref().filter(|_| !attempt.held_dead);
+        let Some(stored) = self.cluster.session(fp).await? else {
+            // The fleet holds nothing (Redis restarted empty, or this
+            // replica ran alone): publish this replica's session.
+            let Some(h) = held else { return Ok(None) };
+            let Some(generation) = self
+                .cluster
+                .publish_if_absent(
+                    fp,
+                    &Stored {
+                        generation: 1,
+                        expires: h.expires_at,
+                        token: h.token.clone(),
+                        user_id: h.user_id,
+                        public: h.public.clone(),
+                    },
+                )
+                .await?
+            else {
+                return Ok(None);
+            };
+            return Ok(Some(NewSession {
+                token: h.token.clone(),
+                lifetime: h.expires_at.duration_since(SystemTime::now()).unwrap_or_default(),
+                fleet: generation,
+                ..NewSession::default()
+            }));
+        };
+        if let Some(adopted) = self.newer(attempt, &stored, None) {
+            return Ok(Some(adopted));
+        }
+        match held {
+            // The same session: the latest expiry any replica saw wins.
+            Some(h) if h.token == stored.token => {
+                let expires = self
+                    .cluster
+                    .extend(fp, stored.generation, h.expires_at)
+                    .await?
+                    .unwrap_or(stored.expires);
+                let mut same = adopt(&stored);
+                same.lifetime = expires
+                    .max(h.expires_at)
+                    .duration_since(SystemTime::now())
+                    .unwrap_or_default();
+                Ok(Some(same))
+            }
+            _ => Ok(None),
+        }
+    }
+}
+
+/// A stored session as the renewal task takes it.
+fn adopt(stored: &Stored) -> NewSession {
+    NewSession {
+        token: stored.token.clone(),
+        user_id: stored.user_id,
+        lifetime: stored
+            .expires
+            .duration_since(SystemTime::now())
+            .unwrap_or_default(),
+        public: stored.public.clone(),
+        fleet: stored.generation,
+        adopted: true,
+    }
+}
+
+impl Source for FleetSource {
+    fn create(&self, attempt: Attempt) -> BoxFuture<'_, Result<NewSession, SessionError>> {
+        Box::pin(self.obtain(attempt))
+    }
+
+    fn sync(&self, attempt: Attempt) -> BoxFuture<'_, Option<NewSession>> {
+        Box::pin(self.sync_now(attempt))
+    }
+
+    fn sync_every(&self) -> Option<Duration> {
+        Some(SYNC_EVERY)
+    }
+}

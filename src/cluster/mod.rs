@@ -1,0 +1,543 @@
+//! `[cluster]`: replicas share sessions, set-asides and the upstream rate
+//! through Redis, so a fleet behaves like one proxy.
+//!
+//! Key layout (`P` is `cluster.key_prefix`; `F` an identity's fingerprint,
+//! see [`fingerprint`]):
+//!
+//! | key | type | holds |
+//! |---|---|---|
+//! | `P:s:F` | hash | `gen` (the session's fleet generation), `exp` (when it lapses, Unix ms), `blob` (token, user id and public fields, sealed: `crypto.rs`); expires with the session |
+//! | `P:l:F` | string | the renewal lock: its owner, with a lease of `cluster.lock_ttl` |
+//! | `P:a:F` | string | set aside: QuickBlox refused this pool member's credentials |
+//! | `P:rate` | string | the fleet's `upstream.rate` (GCRA: the theoretical arrival time, µs) |
+//! | `P:replicas` | sorted set | replica id → last heartbeat (ms), for the rate's fallback share |
+//!
+//! Every call is bounded by `cluster.redis_timeout`. A call that fails or
+//! times out marks Redis down (logged once per change, `qbproxy_cluster_up`)
+//! and its caller falls back to what the replica does alone; the next call
+//! that answers marks it up again. The renewal protocol is in `fleet.rs`.
+
+mod crypto;
+mod fleet;
+
+use std::future::Future;
+use std::sync::atomic::{AtomicU8, AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use rand::Rng;
+use redis::aio::{ConnectionManager, ConnectionManagerConfig};
+use redis::{AsyncCommands, RedisResult, Script};
+
+pub use self::crypto::Vault;
+pub use self::fleet::FleetSource;
+
+use crate::config::{ClusterConfig, Config, IdentityConfig};
+use crate::credentials::Credentials;
+use crate::metrics::Metrics;
+
+/// A cheap-to-clone handle on the fleet's Redis.
+#[derive(Clone)]
+pub struct Cluster {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    conn: ConnectionManager,
+    prefix: String,
+    timeout: Duration,
+    lock_ttl: Duration,
+    /// This replica, in the heartbeat set and as lock owner prefix.
+    replica: String,
+    /// `UNKNOWN` until the first call, then `UP` or `DOWN`.
+    state: AtomicU8,
+    /// Replicas with a heartbeat in the last minute (at least 1: this one).
+    alive: AtomicUsize,
+    metrics: Metrics,
+    vault: Vault,
+    scripts: Scripts,
+}
+
+const UNKNOWN: u8 = 0;
+const UP: u8 = 1;
+const DOWN: u8 = 2;
+
+/// Redis did not answer in time, or answered with an error: the caller
+/// falls back to what the replica does alone.
+#[derive(Debug, Clone, Copy, thiserror::Error)]
+#[error("Redis is unavailable")]
+pub struct Down;
+
+/// A session as the fleet stores it.
+#[derive(Debug, Clone)]
+pub struct Stored {
+    /// Its fleet generation: one more than the session it replaced.
+    pub generation: u64,
+    /// When it lapses unless used again (the latest any replica saw).
+    pub expires: SystemTime,
+    pub token: String,
+    pub user_id: u64,
+    pub public: serde_json::Map<String, serde_json::Value>,
+}
+
+/// How often each replica says it is alive.
+const HEARTBEAT: Duration = Duration::from_secs(10);
+/// A replica without a heartbeat for this long no longer counts.
+const ALIVE_WINDOW: Duration = Duration::from_secs(60);
+
+impl Cluster {
+    /// Connects lazily: Redis need not answer for qbproxy to start. The
+    /// key is derived from the application's auth secret.
+    pub fn new(
+        config: &ClusterConfig,
+        auth_secret: &[u8],
+        metrics: &Metrics,
+    ) -> Result<Cluster, redis::RedisError> {
+        let client = redis::Client::open(config.redis_url.expose())?;
+        let manager = ConnectionManagerConfig::new()
+            .set_connection_timeout(Some(config.redis_timeout))
+            .set_response_timeout(Some(config.redis_timeout))
+            .set_number_of_retries(1)
+            .set_max_delay(Duration::from_secs(1));
+        let conn = ConnectionManager::new_lazy_with_config(client, manager)?;
+        let replica: u64 = rand::rng().random();
+        metrics.cluster_up(false);
+        Ok(Cluster {
+            inner: Arc::new(Inner {
+                conn,
+                prefix: config.key_prefix.clone(),
+                timeout: config.redis_timeout,
+                lock_ttl: config.lock_ttl,
+                replica: format!("{replica:016x}"),
+                state: AtomicU8::new(UNKNOWN),
+                alive: AtomicUsize::new(1),
+                metrics: metrics.clone(),
+                vault: Vault::new(auth_secret),
+                scripts: Scripts::default(),
+            }),
+        })
+    }
+
+    /// Says this replica is alive every few seconds, and counts the others,
+    /// until the app ends (the task holds the cluster weakly).
+    pub fn start_heartbeat(&self) {
+        let weak = Arc::downgrade(&self.inner);
+        tokio::spawn(async move {
+            loop {
+                let Some(inner) = weak.upgrade() else { return };
+                let cluster = Cluster { inner };
+                cluster.heartbeat().await;
+                drop(cluster);
+                tokio::time::sleep(HEARTBEAT).await;
+            }
+        });
+    }
+
+    async fn heartbeat(&self) {
+        let key = self.key("replicas");
+        let now = unix_ms(SystemTime::now());
+        let stale = now.saturating_sub(ALIVE_WINDOW.as_millis() as u64);
+        let replica = self.inner.replica.clone();
+        let mut conn = self.inner.conn.clone();
+        let counted = self
+            .run(async move {
+                let (_, _, alive): (i64, i64, usize) = redis::pipe()
+                    .zadd(&key, &replica, now)
+                    .zrembyscore(&key, "-inf", stale)
+                    .zcard(&key)
+                    .query_async(&mut conn)
+                    .await?;
+                Ok(alive)
+            })
+            .await;
+        if let Ok(n) = counted {
+            self.inner.alive.store(n.max(1), Ordering::Relaxed);
+        }
+    }
+
+    /// Replicas seen alive in the last minute, this one included.
+    pub fn alive(&self) -> usize {
+        self.inner.alive.load(Ordering::Relaxed).max(1)
+    }
+
+    /// True while the last call answered.
+    pub fn is_up(&self) -> bool {
+        self.inner.state.load(Ordering::Relaxed) == UP
+    }
+
+    pub fn lock_ttl(&self) -> Duration {
+        self.inner.lock_ttl
+    }
+
+    /// A lock owner unique to this replica and call.
+    pub fn new_owner(&self) -> String {
+        let n: u64 = rand::rng().random();
+        format!("{}-{n:016x}", self.inner.replica)
+    }
+
+    fn key(&self, suffix: &str) -> String {
+        format!("{}:{suffix}", self.inner.prefix)
+    }
+
+    /// Runs one Redis call within `redis_timeout`, keeping the up/down
+    /// state (and its log line and metric) up to date.
+    async fn run<T>(&self, call: impl Future<Output = RedisResult<T>>) -> Result<T, Down> {
+        let outcome = tokio::time::timeout(self.inner.timeout, call).await;
+        let (up, why) = match &outcome {
+            Ok(Ok(_)) => (true, String::new()),
+            Ok(Err(e)) => (false, format!("{:?}", e.kind())),
+            Err(_) => (false, format!("no answer within {:?}", self.inner.timeout)),
+        };
+        let new = if up { UP } else { DOWN };
+        let old = self.inner.state.swap(new, Ordering::Relaxed);
+        if old != new {
+            self.inner.metrics.cluster_up(up);
+            if up {
+                tracing::info!("Redis answers: sessions and the upstream rate are shared with the fleet");
+            } else {
+                tracing::warn!(
+                    error = %why,
+                    "Redis is unavailable: this replica falls back to its own sessions and its share of the upstream rate"
+                );
+            }
+        }
+        match outcome {
+            Ok(Ok(v)) => Ok(v),
+            _ => Err(Down),
+        }
+    }
+
+    fn session_key(&self, fingerprint: &str) -> String {
+        self.key(&format!("s:{fingerprint}"))
+    }
+
+    /// The session the fleet holds for an identity, if any that opens with
+    /// this application's key and has not lapsed.
+    pub async fn session(&self, fingerprint: &str) -> Result<Option<Stored>, Down> {
+        let key = self.session_key(fingerprint);
+        let mut conn = self.inner.conn.clone();
+        let k = key.clone();
+        let fields: Vec<Option<Vec<u8>>> = self
+            .run(async move {
+                redis::cmd("HMGET")
+                    .arg(&k)
+                    .arg("gen")
+                    .arg("exp")
+                    .arg("blob")
+                    .query_async(&mut conn)
+                    .await
+            })
+            .await?;
+        let [Some(generation), Some(expires), Some(blob)] = <[Option<Vec<u8>>; 3]>::try_from(fields)
+            .unwrap_or_else(|_| [None, None, None])
+        else {
+            return Ok(None);
+        };
+        let number = |v: Vec<u8>| String::from_utf8(v).ok()?.parse::<u64>().ok();
+        let (Some(generation), Some(expires)) = (number(generation), number(expires)) else {
+            return Ok(None);
+        };
+        let expires = UNIX_EPOCH + Duration::from_millis(expires);
+        if expires <= SystemTime::now() {
+            return Ok(None);
+        }
+        let Some(plain) = self.inner.vault.open(&blob, key.as_bytes()) else {
+            return Ok(None);
+        };
+        let Ok(sealed) = serde_json::from_slice::<Sealed>(&plain) else {
+            return Ok(None);
+        };
+        Ok(Some(Stored {
+            generation,
+            expires,
+            token: sealed.token,
+            user_id: sealed.user_id,
+            public: sealed.public,
+        }))
+    }
+
+    /// Takes the renewal lock for `lock_ttl`, if nobody holds it.
+    pub async fn try_lock(&self, fingerprint: &str, owner: &str) -> Result<bool, Down> {
+        let key = self.key(&format!("l:{fingerprint}"));
+        let ttl = self.inner.lock_ttl.as_millis() as u64;
+        let owner = owner.to_owned();
+        let mut conn = self.inner.conn.clone();
+        let set: Option<String> = self
+            .run(async move {
+                redis::cmd("SET")
+                    .arg(&key)
+                    .arg(&owner)
+                    .arg("NX")
+                    .arg("PX")
+                    .arg(ttl)
+                    .query_async(&mut conn)
+                    .await
+            })
+            .await?;
+        Ok(set.is_some())
+    }
+
+    /// True while someone holds the renewal lock.
+    pub async fn locked(&self, fingerprint: &str) -> Result<bool, Down> {
+        let key = self.key(&format!("l:{fingerprint}"));
+        let mut conn = self.inner.conn.clone();
+        self.run(async move { conn.exists(&key).await }).await
+    }
+
+    /// Releases the lock if `owner` still holds it (compare and delete).
+    pub async fn unlock(&self, fingerprint: &str, owner: &str) -> Result<(), Down> {
+        let key = self.key(&format!("l:{fingerprint}"));
+        let script = self.inner.scripts.unlock.clone();
+        let owner = owner.to_owned();
+        let mut conn = self.inner.conn.clone();
+        let _: i64 = self
+            .run(async move { script.key(&key).arg(&owner).invoke_async(&mut conn).await })
+            .await?;
+        Ok(())
+    }
+
+    /// Stores a session created under the lock, as the next generation, if
+    /// `owner` still holds the lock. Returns its generation, or `None` if
+    /// the lock was lost (its lease ran out).
+    pub async fn store(
+        &self,
+        fingerprint: &str,
+        owner: &str,
+        session: &Stored,
+    ) -> Result<Option<u64>, Down> {
+        let key = self.session_key(fingerprint);
+        let lock = self.key(&format!("l:{fingerprint}"));
+        let blob = self.seal(&key, session).ok_or(Down)?;
+        let expires = unix_ms(session.expires);
+        let script = self.inner.scripts.store.clone();
+        let owner = owner.to_owned();
+        let mut conn = self.inner.conn.clone();
+        let generation: u64 = self
+            .run(async move {
+                script
+                    .key(&key)
+                    .key(&lock)
+                    .arg(&owner)
+                    .arg(expires)
+                    .arg(blob)
+                    .invoke_async(&mut conn)
+                    .await
+            })
+            .await?;
+        Ok((generation > 0).then_some(generation))
+    }
+
+    /// Stores `session` as generation 1 if the fleet holds none: a replica
+    /// that ran alone while Redis was away joins with its session. Returns
+    /// the generation stored, or `None` if one was there already.
+    pub async fn publish_if_absent(
+        &self,
+        fingerprint: &str,
+        session: &Stored,
+    ) -> Result<Option<u64>, Down> {
+        let key = self.session_key(fingerprint);
+        let blob = self.seal(&key, session).ok_or(Down)?;
+        let expires = unix_ms(session.expires);
+        let script = self.inner.scripts.publish.clone();
+        let mut conn = self.inner.conn.clone();
+        let generation: u64 = self
+            .run(async move {
+                script
+                    .key(&key)
+                    .arg(expires)
+                    .arg(blob)
+                    .invoke_async(&mut conn)
+                    .await
+            })
+            .await?;
+        Ok((generation > 0).then_some(generation))
+    }
+
+    /// Moves the stored expiry of generation `generation` to `expires` if
+    /// that is later; returns the expiry the fleet holds now (`None` if it
+    /// holds another generation, or none).
+    pub async fn extend(
+        &self,
+        fingerprint: &str,
+        generation: u64,
+        expires: SystemTime,
+    ) -> Result<Option<SystemTime>, Down> {
+        let key = self.session_key(fingerprint);
+        let script = self.inner.scripts.extend.clone();
+        let mut conn = self.inner.conn.clone();
+        let held: u64 = self
+            .run(async move {
+                script
+                    .key(&key)
+                    .arg(generation)
+                    .arg(unix_ms(expires))
+                    .invoke_async(&mut conn)
+                    .await
+            })
+            .await?;
+        Ok((held > 0).then(|| UNIX_EPOCH + Duration::from_millis(held)))
+    }
+
+    /// Marks a pool member set aside for the whole fleet.
+    pub async fn set_aside(&self, fingerprint: &str) -> Result<(), Down> {
+        let key = self.key(&format!("a:{fingerprint}"));
+        let mut conn = self.inner.conn.clone();
+        self.run(async move { conn.set(&key, 1).await }).await
+    }
+
+    /// Clears a set-aside (a forced renewal on any replica).
+    pub async fn clear_aside(&self, fingerprint: &str) -> Result<(), Down> {
+        let key = self.key(&format!("a:{fingerprint}"));
+        let mut conn = self.inner.conn.clone();
+        self.run(async move { conn.del(&key).await }).await
+    }
+
+    pub async fn is_aside(&self, fingerprint: &str) -> Result<bool, Down> {
+        let key = self.key(&format!("a:{fingerprint}"));
+        let mut conn = self.inner.conn.clone();
+        self.run(async move { conn.exists(&key).await }).await
+    }
+
+    /// One request's place in the fleet's `upstream.rate` (GCRA, one round
+    /// trip): how long to wait before sending, or `None` if that would be
+    /// longer than `max_wait` (nothing is taken then).
+    pub async fn rate(
+        &self,
+        interval: Duration,
+        burst: f64,
+        max_wait: Duration,
+    ) -> Result<Option<Duration>, Down> {
+        let key = self.key("rate");
+        let script = self.inner.scripts.rate.clone();
+        let interval_us = interval.as_micros().max(1) as u64;
+        let tolerance_us = (burst * interval_us as f64) as u64;
+        let max_wait_us = max_wait.as_micros() as u64;
+        let mut conn = self.inner.conn.clone();
+        let delay: i64 = self
+            .run(async move {
+                script
+                    .key(&key)
+                    .arg(interval_us)
+                    .arg(tolerance_us)
+                    .arg(max_wait_us)
+                    .invoke_async(&mut conn)
+                    .await
+            })
+            .await?;
+        Ok((delay >= 0).then(|| Duration::from_micros(delay as u64)))
+    }
+
+    fn seal(&self, key: &str, session: &Stored) -> Option<Vec<u8>> {
+        let plain = serde_json::to_vec(&Sealed {
+            token: session.token.clone(),
+            user_id: session.user_id,
+            public: session.public.clone(),
+        })
+        .ok()?;
+        self.inner.vault.seal(&plain, key.as_bytes())
+    }
+}
+
+/// What is sealed in a stored session's `blob`.
+#[derive(serde::Serialize, serde::Deserialize)]
+struct Sealed {
+    token: String,
+    user_id: u64,
+    #[serde(default)]
+    public: serde_json::Map<String, serde_json::Value>,
+}
+
+/// The Lua scripts, each one round trip and atomic.
+struct Scripts {
+    unlock: Arc<Script>,
+    store: Arc<Script>,
+    publish: Arc<Script>,
+    extend: Arc<Script>,
+    rate: Arc<Script>,
+}
+
+impl Default for Scripts {
+    fn default() -> Self {
+        Scripts {
+            // Delete the lock only if it is still ours.
+            unlock: Arc::new(Script::new(
+                r"if redis.call('GET', KEYS[1]) == ARGV[1] then
+                    return redis.call('DEL', KEYS[1])
+                  end
+                  return 0",
+            )),
+            // Store the next generation only while holding the lock.
+            store: Arc::new(Script::new(
+                r"if redis.call('GET', KEYS[2]) ~= ARGV[1] then return 0 end
+                  local gen = (tonumber(redis.call('HGET', KEYS[1], 'gen')) or 0) + 1
+                  redis.call('HSET', KEYS[1], 'gen', gen, 'exp', ARGV[2], 'blob', ARGV[3])
+                  redis.call('PEXPIREAT', KEYS[1], ARGV[2])
+                  return gen",
+            )),
+            // Generation 1, only if the fleet holds nothing.
+            publish: Arc::new(Script::new(
+                r"if redis.call('EXISTS', KEYS[1]) == 1 then return 0 end
+                  redis.call('HSET', KEYS[1], 'gen', 1, 'exp', ARGV[1], 'blob', ARGV[2])
+                  redis.call('PEXPIREAT', KEYS[1], ARGV[1])
+                  return 1",
+            )),
+            // A later expiry for the generation held; the expiry now.
+            extend: Arc::new(Script::new(
+                r"if tonumber(redis.call('HGET', KEYS[1], 'gen')) ~= tonumber(ARGV[1]) then return 0 end
+                  local exp = tonumber(redis.call('HGET', KEYS[1], 'exp')) or 0
+                  if tonumber(ARGV[2]) > exp then
+                    exp = tonumber(ARGV[2])
+                    redis.call('HSET', KEYS[1], 'exp', exp)
+                    redis.call('PEXPIREAT', KEYS[1], exp)
+                  end
+                  return exp",
+            )),
+            // GCRA on Redis's clock: the delay before this request may go,
+            // in µs, or -1 if it would be longer than the wait allowed.
+            rate: Arc::new(Script::new(
+                r"local t = redis.call('TIME')
+                  local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
+                  local interval = tonumber(ARGV[1])
+                  local tolerance = tonumber(ARGV[2])
+                  local tat = tonumber(redis.call('GET', KEYS[1])) or now
+                  if tat < now then tat = now end
+                  local delay = tat + interval - tolerance - now
+                  if delay < 0 then delay = 0 end
+                  if delay > tonumber(ARGV[3]) then return -1 end
+                  tat = tat + interval
+                  redis.call('SET', KEYS[1], tat, 'PX', math.floor((tat - now) / 1000) + 1000)
+                  return delay",
+            )),
+        }
+    }
+}
+
+pub fn unix_ms(t: SystemTime) -> u64 {
+    t.duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}
+
+/// An identity as the fleet knows it: the application, the upstream, the
+/// kind and who it logs in as (login or email; for social providers the
+/// identity's name and project), never a password or token. Two replicas
+/// whose `bot` logs in as different users get different fingerprints, so
+/// they never share a session.
+pub fn fingerprint(config: &Config, identity: &IdentityConfig) -> String {
+    let who = match &identity.credentials {
+        Credentials::Application => String::new(),
+        Credentials::Login { login, .. } => login.clone(),
+        Credentials::Email { email, .. } => email.clone(),
+        Credentials::Facebook { .. } => identity.name.clone(),
+        Credentials::FirebasePhone { project_id, .. } => {
+            format!("{}\0{project_id}", identity.name)
+        }
+    };
+    let parts = [
+        config.quickblox.application_id.as_str(),
+        config.upstream.authority.as_str(),
+        identity.credentials.kind().as_str(),
+        &who,
+    ];
+    let digest = ring::digest::digest(&ring::digest::SHA256, parts.join("\0").as_bytes());
+    hex::encode(&digest.as_ref()[..16])
+}
