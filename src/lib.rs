@@ -11,9 +11,9 @@
 // public; everything else is the crate's own.
 mod access;
 mod admin;
-mod cluster;
 pub mod body;
 pub mod canonical;
+mod cluster;
 pub mod config;
 pub mod credentials;
 pub mod demo;
@@ -128,8 +128,12 @@ impl App {
         let metrics = Metrics::new();
         let cluster = match &config.cluster {
             Some(c) => Some(
-                Cluster::new(c, config.quickblox.auth_secret.expose().as_bytes(), &metrics)
-                    .map_err(|e| StartError::Cluster(format!("{:?}", e.kind())))?,
+                Cluster::new(
+                    c,
+                    config.quickblox.auth_secret.expose().as_bytes(),
+                    &metrics,
+                )
+                .map_err(|e| StartError::Cluster(format!("{:?}", e.kind())))?,
             ),
             None => None,
         };

@@ -44,7 +44,9 @@ impl UpstreamRate {
     /// never longer than `rate_wait`).
     pub async fn acquire(&self, deadline: Instant) -> Result<(), Exceeded> {
         let now = Instant::now();
-        let max_wait = (now + self.rate.wait).min(deadline).saturating_duration_since(now);
+        let max_wait = (now + self.rate.wait)
+            .min(deadline)
+            .saturating_duration_since(now);
         let interval = Duration::from_secs_f64(1.0 / self.rate.per_second);
         let delay = match &self.cluster {
             Some(cluster) => match cluster.rate(interval, self.rate.burst, max_wait).await {
@@ -114,9 +116,12 @@ mod tests {
         let mut g = Gcra::default();
         let start = Instant::now();
         let interval = Duration::from_millis(100); // 10 per second
-        // A burst of 3 at once.
+                                                   // A burst of 3 at once.
         for _ in 0..3 {
-            assert_eq!(g.turn(start, interval, 3.0, Duration::ZERO), Some(Duration::ZERO));
+            assert_eq!(
+                g.turn(start, interval, 3.0, Duration::ZERO),
+                Some(Duration::ZERO)
+            );
         }
         // The fourth must wait a full interval, or is refused without wait.
         assert_eq!(g.turn(start, interval, 3.0, Duration::ZERO), None);
@@ -132,7 +137,10 @@ mod tests {
         // After a long pause the burst is back, no more.
         let later = start + Duration::from_secs(60);
         for _ in 0..3 {
-            assert_eq!(g.turn(later, interval, 3.0, Duration::ZERO), Some(Duration::ZERO));
+            assert_eq!(
+                g.turn(later, interval, 3.0, Duration::ZERO),
+                Some(Duration::ZERO)
+            );
         }
         assert_eq!(g.turn(later, interval, 3.0, Duration::ZERO), None);
     }
@@ -153,7 +161,11 @@ mod tests {
         // the third's turn (1 s) is past rate_wait.
         let (a, b, c) = tokio::join!(rate.acquire(far), rate.acquire(far), rate.acquire(far));
         assert!(a.is_ok() && b.is_ok() && c.is_err());
-        assert_eq!(start.elapsed(), Duration::from_millis(500), "the second waited");
+        assert_eq!(
+            start.elapsed(),
+            Duration::from_millis(500),
+            "the second waited"
+        );
         // A request's own deadline bounds the wait too.
         assert!(rate.acquire(Instant::now()).await.is_err());
     }

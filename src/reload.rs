@@ -15,14 +15,14 @@ use std::collections::HashMap;
 use std::sync::Arc;
 
 use crate::access::Gate;
+use crate::cluster::{fingerprint, Cluster, FleetSource};
 use crate::config::{Config, ConfigError, TargetId};
 use crate::live::{listener_options, Live};
 use crate::metrics::Metrics;
 use crate::pool::{Pool, Throttle};
+use crate::rate::UpstreamRate;
 use crate::route::Router;
 use crate::session::{HeldTokens, Identity, Info, Policy, Source};
-use crate::cluster::{fingerprint, Cluster, FleetSource};
-use crate::rate::UpstreamRate;
 use crate::upstream::{self, ClockOffset, Endpoint, SessionCreator, Throttled};
 use crate::StartError;
 

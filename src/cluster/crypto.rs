@@ -60,7 +60,10 @@ impl Vault {
         let (nonce, rest) = sealed.split_at(NONCE_LEN);
         let nonce = Nonce::try_assume_unique_for_key(nonce).ok()?;
         let mut buf = rest.to_vec();
-        let plain = self.key.open_in_place(nonce, Aad::from(aad), &mut buf).ok()?;
+        let plain = self
+            .key
+            .open_in_place(nonce, Aad::from(aad), &mut buf)
+            .ok()?;
         Some(plain.to_vec())
     }
 }
@@ -76,9 +79,14 @@ mod tests {
         assert!(!sealed.windows(9).any(|w| w == b"the-token"));
         assert_eq!(vault.open(&sealed, b"qbproxy:s:abc").unwrap(), b"the-token");
         assert!(vault.open(&sealed, b"qbproxy:s:other").is_none());
-        assert!(Vault::new(b"another-secret").open(&sealed, b"qbproxy:s:abc").is_none());
+        assert!(Vault::new(b"another-secret")
+            .open(&sealed, b"qbproxy:s:abc")
+            .is_none());
         // A fresh nonce every time.
-        assert_ne!(vault.seal(b"x", b"k").unwrap(), vault.seal(b"x", b"k").unwrap());
+        assert_ne!(
+            vault.seal(b"x", b"k").unwrap(),
+            vault.seal(b"x", b"k").unwrap()
+        );
         assert!(vault.open(b"short", b"k").is_none());
     }
 }

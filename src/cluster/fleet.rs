@@ -76,7 +76,10 @@ impl FleetSource {
         }
     }
 
-    async fn with_fleet(&self, attempt: &Attempt) -> Result<Result<NewSession, SessionError>, Down> {
+    async fn with_fleet(
+        &self,
+        attempt: &Attempt,
+    ) -> Result<Result<NewSession, SessionError>, Down> {
         let fp = &self.fingerprint;
         let cluster = &self.cluster;
         let dead_token = attempt
@@ -99,8 +102,9 @@ impl FleetSource {
             if self.pool_member && cluster.is_aside(fp).await? {
                 return Ok(Err(SessionError::Refused {
                     status: 401,
-                    message: "Unauthorized (set aside by another replica; force a renewal to retry)"
-                        .into(),
+                    message:
+                        "Unauthorized (set aside by another replica; force a renewal to retry)"
+                            .into(),
                 }));
             }
         }
@@ -108,7 +112,9 @@ impl FleetSource {
         loop {
             let owner = cluster.new_owner();
             if cluster.try_lock(fp, &owner).await? {
-                let outcome = self.create_locked(attempt, &owner, forced, dead_token).await;
+                let outcome = self
+                    .create_locked(attempt, &owner, forced, dead_token)
+                    .await;
                 let _ = cluster.unlock(fp, &owner).await;
                 return outcome;
             }
@@ -188,7 +194,11 @@ impl FleetSource {
     /// For a proactive renewal of the session the fleet holds: writes this
     /// replica's expiry to the fleet and, if the fleet's latest is not due
     /// yet, answers the same session with that expiry.
-    async fn not_due(&self, attempt: &Attempt, stored: &Stored) -> Result<Option<NewSession>, Down> {
+    async fn not_due(
+        &self,
+        attempt: &Attempt,
+        stored: &Stored,
+    ) -> Result<Option<NewSession>, Down> {
         if attempt.reason != Reason::Proactive {
             return Ok(None);
         }
@@ -241,7 +251,10 @@ impl FleetSource {
             };
             return Ok(Some(NewSession {
                 token: h.token.clone(),
-                lifetime: h.expires_at.duration_since(SystemTime::now()).unwrap_or_default(),
+                lifetime: h
+                    .expires_at
+                    .duration_since(SystemTime::now())
+                    .unwrap_or_default(),
                 fleet: generation,
                 ..NewSession::default()
             }));

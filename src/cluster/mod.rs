@@ -193,7 +193,9 @@ impl Cluster {
         if old != new {
             self.inner.metrics.cluster_up(up);
             if up {
-                tracing::info!("Redis answers: sessions and the upstream rate are shared with the fleet");
+                tracing::info!(
+                    "Redis answers: sessions and the upstream rate are shared with the fleet"
+                );
             } else {
                 tracing::warn!(
                     error = %why,
@@ -228,8 +230,8 @@ impl Cluster {
                     .await
             })
             .await?;
-        let [Some(generation), Some(expires), Some(blob)] = <[Option<Vec<u8>>; 3]>::try_from(fields)
-            .unwrap_or_else(|_| [None, None, None])
+        let [Some(generation), Some(expires), Some(blob)] =
+            <[Option<Vec<u8>>; 3]>::try_from(fields).unwrap_or([None, None, None])
         else {
             return Ok(None);
         };
