@@ -8,7 +8,6 @@
 //! serve. With `max_in_flight`, a request waits for a free member until its
 //! deadline.
 
-use std::hash::{DefaultHasher, Hash, Hasher};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 
@@ -326,12 +325,17 @@ impl Pool {
     }
 }
 
-/// The member a `QBProxy-Client` value maps to: stable for a given pool
-/// size, within and across runs of the same build.
+/// The member a `QBProxy-Client` value maps to: the same for a given pool
+/// size on every replica, in every build and version (FNV-1a, fixed, unlike
+/// std's hasher), so a fleet maps a client to one member.
 fn sticky_index(client: &HeaderValue, n: usize) -> usize {
-    let mut h = DefaultHasher::new();
-    client.as_bytes().hash(&mut h);
-    (h.finish() % n as u64) as usize
+    const OFFSET: u64 = 0xcbf2_9ce4_8422_2325;
+    const PRIME: u64 = 0x0000_0100_0000_01b3;
+    let h = client
+        .as_bytes()
+        .iter()
+        .fold(OFFSET, |h, &b| (h ^ u64::from(b)).wrapping_mul(PRIME));
+    (h % n as u64) as usize
 }
 
 #[cfg(test)]
@@ -343,6 +347,22 @@ mod tests {
         Attempt, BoxFuture, HeldTokens, Info, NewSession, Policy, SessionError, Source,
     };
     use std::time::Duration;
+
+    #[test]
+    fn sticky_maps_a_client_to_the_same_member_on_every_replica_and_build() {
+        // Fixed values (FNV-1a, computed independently): a hasher seeded per
+        // process or changed between Rust releases would move clients
+        // between members from one replica to the next.
+        for (client, n, member) in [
+            ("alice", 50, 33),
+            ("alice", 1000, 183),
+            ("bob", 50, 42),
+            ("load-vu-17", 50, 16),
+        ] {
+            let value = HeaderValue::from_static(client);
+            assert_eq!(sticky_index(&value, n), member, "{client} in {n}");
+        }
+    }
 
     /// Sessions are not what these tests are about.
     struct Idle;

@@ -474,6 +474,66 @@ auth_secret = "secret"
     }
 
     #[test]
+    fn cluster_and_rate_are_optional_and_checked() {
+        let c = parse(MINIMAL).unwrap();
+        assert!(c.cluster.is_none() && c.upstream.rate.is_none());
+
+        let c = parse(&format!(
+            "{MINIMAL}[cluster]\nredis_url = \"redis://:hunter2@10.0.0.5:6379/0\"\n[upstream]\nrate = 150\n"
+        ))
+        .unwrap();
+        let cluster = c.cluster.as_ref().unwrap();
+        assert_eq!(cluster.key_prefix, "qbproxy");
+        assert_eq!(cluster.redis_timeout, Duration::from_millis(250));
+        assert_eq!(cluster.lock_ttl, Duration::from_secs(20));
+        let rate = c.upstream.rate.unwrap();
+        assert_eq!(
+            (rate.per_second, rate.burst),
+            (150.0, 150.0),
+            "burst defaults to rate"
+        );
+        assert_eq!(rate.wait, Duration::from_secs(1));
+        assert!(!format!("{c:?}").contains("hunter2"), "the URL is a secret");
+
+        for (extra, key) in [
+            ("[cluster]\n", "cluster.redis_url: missing"),
+            (
+                "[cluster]\nredis_url = \"http://:hunter2@x\"\n",
+                "cluster.redis_url",
+            ),
+            (
+                "[cluster]\nredis_url = \"redis://x\"\nkey_prefix = \"\"\n",
+                "cluster.key_prefix",
+            ),
+            (
+                "[cluster]\nredis_url = \"redis://x\"\nredis_timeout = \"0s\"\n",
+                "cluster.redis_timeout",
+            ),
+            // The lock must outlive the creation it guards (session_timeout, 10 s by default).
+            (
+                "[cluster]\nredis_url = \"redis://x\"\nlock_ttl = \"5s\"\n",
+                "cluster.lock_ttl",
+            ),
+            ("[upstream]\nrate = 0\n", "upstream.rate"),
+            (
+                "[upstream]\nburst = 10\n",
+                "upstream.burst: needs upstream.rate",
+            ),
+            ("[upstream]\nrate = 10\nburst = 0.5\n", "upstream.burst"),
+        ] {
+            let msg = problem(&format!("{MINIMAL}{extra}"));
+            assert!(msg.contains(key), "{key}: {msg}");
+            assert!(!msg.contains("hunter2"), "the URL shows: {msg}");
+        }
+        // A URL of the wrong type is named, its value not shown.
+        let msg = problem(&format!("{MINIMAL}[cluster]\nredis_url = 6379123456\n"));
+        assert!(
+            msg.contains("cluster.redis_url") && !msg.contains("6379123456"),
+            "{msg}"
+        );
+    }
+
+    #[test]
     fn upstream_base_path_is_kept_verbatim() {
         let c = parse(&format!(
             "{MINIMAL}[upstream]\nurl = \"http://127.0.0.1:9/api/\"\n"

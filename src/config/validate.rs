@@ -30,8 +30,9 @@ pub(super) struct Notes {
 }
 
 /// Keys whose values are secrets: an error about one never shows its value.
-pub(super) const SECRET_KEYS: [&str; 7] = [
+pub(super) const SECRET_KEYS: [&str; 8] = [
     "auth_secret",
+    "redis_url",
     "password",
     "key",
     "token",
