@@ -403,8 +403,9 @@ impl Handle {
         self.shared.ctx.metrics.render()
     }
 
-    /// Changes whenever a request waits for an upstream slot or a body
-    /// goes unbuffered: to wait for those counters without polling.
+    /// Changes whenever a request waits for an upstream slot, a body goes
+    /// unbuffered or Redis goes up or down: to wait for those metrics
+    /// without polling.
     pub fn metric_events(&self) -> tokio::sync::watch::Receiver<u64> {
         self.shared.ctx.metrics.events()
     }

@@ -37,6 +37,7 @@ struct Inner {
     buffer_full: IntCounter,
     adoptions: IntCounterVec,
     cluster_up: IntGauge,
+    cluster_replicas: IntGauge,
     upstream_rate_limited: IntCounter,
     upstream_429: IntCounter,
     /// Bumped by the rare events a test may wait for (a request waiting for
@@ -133,6 +134,11 @@ impl Metrics {
             "1 while Redis answers ([cluster]); 0 while each replica falls back to its own sessions and its share of the rate.",
         )
         .unwrap_or_else(|e| unreachable!("static metric definition: {e}"));
+        let cluster_replicas = IntGauge::new(
+            "qbproxy_cluster_replicas",
+            "Replicas with a heartbeat in Redis in the last minute, this one included ([cluster]): upstream.rate is divided by it while Redis is down.",
+        )
+        .unwrap_or_else(|e| unreachable!("static metric definition: {e}"));
         let upstream_rate_limited = IntCounter::new(
             "qbproxy_upstream_rate_limited_total",
             "Requests refused (429 upstream-rate-limited) because upstream.rate had no room within upstream.rate_wait.",
@@ -158,6 +164,7 @@ impl Metrics {
             Box::new(buffer_full.clone()),
             Box::new(adoptions.clone()),
             Box::new(cluster_up.clone()),
+            Box::new(cluster_replicas.clone()),
             Box::new(upstream_rate_limited.clone()),
             Box::new(upstream_429.clone()),
         ] {
@@ -180,6 +187,7 @@ impl Metrics {
                 buffer_full,
                 adoptions,
                 cluster_up,
+                cluster_replicas,
                 upstream_rate_limited,
                 upstream_429,
                 events: tokio::sync::watch::channel(0).0,
@@ -246,6 +254,15 @@ impl Metrics {
 
     pub fn cluster_up(&self, up: bool) {
         self.inner.cluster_up.set(i64::from(up));
+        self.inner.events.send_modify(|n| *n += 1);
+    }
+
+    pub fn cluster_replicas(&self, n: usize) {
+        let n = i64::try_from(n).unwrap_or(i64::MAX);
+        if self.inner.cluster_replicas.get() != n {
+            self.inner.cluster_replicas.set(n);
+            self.inner.events.send_modify(|e| *e += 1);
+        }
     }
 
     pub fn upstream_rate_limited(&self) {
@@ -256,7 +273,8 @@ impl Metrics {
         self.inner.upstream_429.inc();
     }
 
-    /// Changes with every slot wait and every unbuffered body.
+    /// Changes with every slot wait, every unbuffered body and every
+    /// change of `qbproxy_cluster_up` and `qbproxy_cluster_replicas`.
     pub fn events(&self) -> tokio::sync::watch::Receiver<u64> {
         self.inner.events.subscribe()
     }

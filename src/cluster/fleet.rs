@@ -24,10 +24,10 @@
 //!
 //! Whenever Redis does not answer in time, the replica creates its session
 //! alone, as without `[cluster]`: at most one creation per replica per
-//! expiry. In the background (`sync`, every ~30 s) each running identity
-//! writes its expiry to the fleet, adopts a newer session, and publishes its
-//! own when the fleet holds none, so the fleet converges after Redis comes
-//! back.
+//! expiry. In the background (`sync`, every ~30 s, and within 2 s of Redis
+//! answering again after it was down) each running identity writes its
+//! expiry to the fleet, adopts a newer session, and publishes its own when
+//! the fleet holds none, so the fleet converges after Redis comes back.
 
 use std::time::{Duration, SystemTime};
 
@@ -308,5 +308,9 @@ impl Source for FleetSource {
 
     fn sync_every(&self) -> Option<Duration> {
         Some(SYNC_EVERY)
+    }
+
+    fn rejoins(&self) -> Option<tokio::sync::watch::Receiver<u64>> {
+        Some(self.cluster.rejoins())
     }
 }

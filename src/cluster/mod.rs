@@ -14,8 +14,11 @@
 //!
 //! Every call is bounded by `cluster.redis_timeout`. A call that fails or
 //! times out marks Redis down (logged once per change, `qbproxy_cluster_up`)
-//! and its caller falls back to what the replica does alone; the next call
-//! that answers marks it up again. The renewal protocol is in `fleet.rs`.
+//! and its caller falls back to what the replica does alone. While Redis is
+//! down no call waits on it: callers fall back at once, and the heartbeat
+//! probes Redis every second; the first answer marks it up again, and the
+//! renewal tasks then sync with the fleet. The renewal protocol is in
+//! `fleet.rs`.
 
 mod crypto;
 mod fleet;
@@ -56,6 +59,8 @@ struct Inner {
     metrics: Metrics,
     vault: Vault,
     scripts: Scripts,
+    /// Counts the times Redis answered again after it was down.
+    rejoins: tokio::sync::watch::Sender<u64>,
 }
 
 const UNKNOWN: u8 = 0;
@@ -82,6 +87,9 @@ pub struct Stored {
 
 /// How often each replica says it is alive.
 const HEARTBEAT: Duration = Duration::from_secs(10);
+/// How often a replica that finds Redis down tries again: the heartbeat is
+/// also how the fleet notices Redis is back when no request needs it.
+const PROBE: Duration = Duration::from_secs(1);
 /// A replica without a heartbeat for this long no longer counts.
 const ALIVE_WINDOW: Duration = Duration::from_secs(60);
 
@@ -102,6 +110,7 @@ impl Cluster {
         let conn = ConnectionManager::new_lazy_with_config(client, manager)?;
         let replica: u64 = rand::rng().random();
         metrics.cluster_up(false);
+        metrics.cluster_replicas(1);
         Ok(Cluster {
             inner: Arc::new(Inner {
                 conn,
@@ -114,21 +123,32 @@ impl Cluster {
                 metrics: metrics.clone(),
                 vault: Vault::new(auth_secret),
                 scripts: Scripts::default(),
+                rejoins: tokio::sync::watch::Sender::new(0),
             }),
         })
     }
 
-    /// Says this replica is alive every few seconds, and counts the others,
-    /// until the app ends (the task holds the cluster weakly).
+    /// Says this replica is alive every [`HEARTBEAT`], and counts the
+    /// others; while Redis is down, tries every [`PROBE`] instead, so the
+    /// fleet notices within a second that it is back. Runs until the app
+    /// ends (the task holds the cluster weakly).
     pub fn start_heartbeat(&self) {
         let weak = Arc::downgrade(&self.inner);
         tokio::spawn(async move {
+            let mut last: Option<tokio::time::Instant> = None;
             loop {
                 let Some(inner) = weak.upgrade() else { return };
                 let cluster = Cluster { inner };
-                cluster.heartbeat().await;
+                let due = match last {
+                    None => true,
+                    Some(at) => !cluster.is_up() || at.elapsed() >= HEARTBEAT,
+                };
+                if due {
+                    cluster.heartbeat().await;
+                    last = Some(tokio::time::Instant::now());
+                }
                 drop(cluster);
-                tokio::time::sleep(HEARTBEAT).await;
+                tokio::time::sleep(PROBE).await;
             }
         });
     }
@@ -140,7 +160,7 @@ impl Cluster {
         let replica = self.inner.replica.clone();
         let mut conn = self.inner.conn.clone();
         let counted = self
-            .run(async move {
+            .attempt(async move {
                 let (_, _, alive): (i64, i64, usize) = redis::pipe()
                     .zadd(&key, &replica, now)
                     .zrembyscore(&key, "-inf", stale)
@@ -152,12 +172,19 @@ impl Cluster {
             .await;
         if let Ok(n) = counted {
             self.inner.alive.store(n.max(1), Ordering::Relaxed);
+            self.inner.metrics.cluster_replicas(n.max(1));
         }
     }
 
     /// Replicas seen alive in the last minute, this one included.
     pub fn alive(&self) -> usize {
         self.inner.alive.load(Ordering::Relaxed).max(1)
+    }
+
+    /// Moves each time Redis answers again after it was down: the renewal
+    /// tasks sync with the fleet then.
+    pub fn rejoins(&self) -> tokio::sync::watch::Receiver<u64> {
+        self.inner.rejoins.subscribe()
     }
 
     /// True while the last call answered.
@@ -179,9 +206,19 @@ impl Cluster {
         format!("{}:{suffix}", self.inner.prefix)
     }
 
-    /// Runs one Redis call within `redis_timeout`, keeping the up/down
-    /// state (and its log line and metric) up to date.
+    /// Runs one Redis call within `redis_timeout`, unless Redis is known
+    /// to be down: then callers fall back at once rather than each wait
+    /// `redis_timeout`, and the heartbeat's probe is what brings it back.
     async fn run<T>(&self, call: impl Future<Output = RedisResult<T>>) -> Result<T, Down> {
+        if self.inner.state.load(Ordering::Relaxed) == DOWN {
+            return Err(Down);
+        }
+        self.attempt(call).await
+    }
+
+    /// Runs one Redis call within `redis_timeout`, whatever the state,
+    /// keeping the up/down state (and its log line and metric) up to date.
+    async fn attempt<T>(&self, call: impl Future<Output = RedisResult<T>>) -> Result<T, Down> {
         let outcome = tokio::time::timeout(self.inner.timeout, call).await;
         let (up, why) = match &outcome {
             Ok(Ok(_)) => (true, String::new()),
@@ -192,6 +229,9 @@ impl Cluster {
         let old = self.inner.state.swap(new, Ordering::Relaxed);
         if old != new {
             self.inner.metrics.cluster_up(up);
+            if up && old == DOWN {
+                self.inner.rejoins.send_modify(|n| *n += 1);
+            }
             if up {
                 tracing::info!(
                     "Redis answers: sessions and the upstream rate are shared with the fleet"

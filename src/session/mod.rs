@@ -468,6 +468,24 @@ impl Identity {
         self.shared.epoch + Duration::from_millis(session.expires_at_ms.load(Ordering::Acquire))
     }
 
+    /// Waits, until `deadline`, for a held session that `check` accepts:
+    /// for tools and tests that watch an identity change (a fleet
+    /// converging on one token, say).
+    pub async fn session_where(
+        &self,
+        deadline: Instant,
+        mut check: impl FnMut(&Session) -> bool,
+    ) -> Result<Arc<Session>, Unavailable> {
+        self.wait_for(deadline, |state| {
+            state
+                .session
+                .as_ref()
+                .filter(|s| check(s))
+                .map(|s| Ok(s.clone()))
+        })
+        .await
+    }
+
     /// The last creation failure, if the latest attempt failed.
     pub fn last_failure(&self) -> Option<Arc<SessionError>> {
         self.shared.state.load().failure.clone()

@@ -53,6 +53,13 @@ pub trait Source: Send + Sync + 'static {
     fn sync_every(&self) -> Option<Duration> {
         None
     }
+
+    /// A counter that moves when the source wants a sync now, not at the
+    /// next [`Source::sync_every`] (the fleet's Redis came back); `None`
+    /// (the default): never.
+    fn rejoins(&self) -> Option<tokio::sync::watch::Receiver<u64>> {
+        None
+    }
 }
 
 /// What a [`Source`] returns: a fresh token and what QuickBlox said of it.

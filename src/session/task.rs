@@ -45,6 +45,8 @@ pub(super) async fn renewal_loop(shared: Arc<Shared>) {
     // Forced renewals asked for before the first attempt are answered by it.
     let mut served = shared.forced.load(Ordering::Acquire);
     let mut forced = (served > 0).then_some(served);
+    // The rejoins already synced for (see `Source::rejoins`).
+    let mut rejoined = rejoins(&shared).map_or(0, |rx| *rx.borrow());
     // A failed attempt leaves a retry pending: when, and for which reason.
     let mut retry = attempt(
         &shared,
@@ -68,8 +70,17 @@ pub(super) async fn renewal_loop(shared: Arc<Shared>) {
             .load()
             .sync_every()
             .map(|every| Instant::now() + jittered(every));
+        let mut rejoins = rejoins(&shared);
         let reason = tokio::select! {
             () = sleep_until(sync_at.unwrap_or(due)), if sync_at.is_some_and(|at| at < due) => {
+                sync(&shared, &mut generation).await;
+                continue;
+            },
+            now = rejoined_since(rejoins.as_mut(), rejoined) => {
+                rejoined = now;
+                // Spread the fleet's identities over a moment.
+                let spread = rand::rng().random_range(Duration::ZERO..=REJOIN_SPREAD);
+                tokio::time::sleep(spread).await;
                 sync(&shared, &mut generation).await;
                 continue;
             },
@@ -94,6 +105,32 @@ pub(super) async fn renewal_loop(shared: Arc<Shared>) {
             },
         };
         retry = attempt(&shared, reason, &mut generation, &mut backoff, forced).await;
+    }
+}
+
+/// A sync after a rejoin happens within this long, at random, so that a
+/// fleet's identities do not all call Redis in the same instant.
+const REJOIN_SPREAD: Duration = Duration::from_secs(2);
+
+fn rejoins(shared: &Shared) -> Option<tokio::sync::watch::Receiver<u64>> {
+    shared.source.load().rejoins()
+}
+
+/// Resolves with the rejoin count once it differs from `seen` (at once if
+/// it already does: a rejoin during an attempt is not missed); never
+/// without a source that rejoins.
+async fn rejoined_since(rx: Option<&mut tokio::sync::watch::Receiver<u64>>, seen: u64) -> u64 {
+    let Some(rx) = rx else {
+        return std::future::pending().await;
+    };
+    loop {
+        let now = *rx.borrow_and_update();
+        if now != seen {
+            return now;
+        }
+        if rx.changed().await.is_err() {
+            return std::future::pending().await;
+        }
     }
 }
 

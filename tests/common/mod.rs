@@ -22,6 +22,8 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
 
+pub mod redis_server;
+
 /// Every wait in a test is bounded by this, so a broken build fails
 /// instead of hanging. It is not a measure of speed.
 pub const BOUND: Duration = Duration::from_secs(20);
@@ -364,6 +366,20 @@ impl Harness {
         let mut events = self.handle.metric_events();
         bounded(line_prefix, async {
             while self.metric(line_prefix) < n {
+                let _ = events.changed().await;
+            }
+        })
+        .await
+    }
+}
+
+impl Harness {
+    /// Resolves once the metric line starting with `line_prefix` is `n`,
+    /// for the values `Handle::metric_events` signals (`qbproxy_cluster_up`).
+    pub async fn metric_becomes(&self, line_prefix: &str, n: u64) {
+        let mut events = self.handle.metric_events();
+        bounded(line_prefix, async {
+            while self.metric(line_prefix) != n {
                 let _ = events.changed().await;
             }
         })

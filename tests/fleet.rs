@@ -1,0 +1,549 @@
+//! Fleet (`[cluster]`): three replicas, each a real `App`, in front of one
+//! simulator, sharing sessions and the upstream rate through a real
+//! `redis-server` that the tests start, kill, pause and restart empty.
+
+mod common;
+
+use std::collections::{BTreeMap, HashSet};
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use common::redis_server::RedisServer;
+use common::{bounded, demo_sim, setup, Harness, Setup, BOUND};
+use http::{Method, StatusCode};
+use qbproxy::sim::{Fault, Sim, SimConfig};
+use tokio::task::JoinHandle;
+use tokio::time::Instant;
+
+/// A replica of the fleet: `[cluster]` on `redis`, in front of `sim`.
+/// The lock's lease (6 s) exceeds `session_timeout` (5 s), as the config
+/// requires.
+fn replica(sim: &Sim, redis: &RedisServer) -> Setup {
+    setup()
+        .sim(sim.clone())
+        .set("cluster", "redis_url", &format!("{:?}", redis.url()))
+        .set("cluster", "lock_ttl", "\"6s\"")
+        .set("quickblox", "session_timeout", "\"5s\"")
+}
+
+async fn three(setups: [Setup; 3]) -> [Harness; 3] {
+    let [a, b, c] = setups;
+    let (a, b, c) = tokio::join!(a.start(), b.start(), c.start());
+    let fleet = [a, b, c];
+    for h in &fleet {
+        h.ready().await;
+    }
+    fleet
+}
+
+async fn fleet_of_three(sim: &Sim, redis: &RedisServer) -> [Harness; 3] {
+    three([
+        replica(sim, redis),
+        replica(sim, redis),
+        replica(sim, redis),
+    ])
+    .await
+}
+
+fn tokens(fleet: &[Harness]) -> HashSet<String> {
+    fleet.iter().map(Harness::token).collect()
+}
+
+fn adoptions(fleet: &[Harness]) -> u64 {
+    fleet
+        .iter()
+        .map(|h| h.metric("qbproxy_session_adoptions_total{identity=\"demo\""))
+        .sum()
+}
+
+/// `source` of identity `name` in a replica's `/sessions`.
+async fn source(h: &Harness, name: &str) -> String {
+    let sessions = h.admin_get("/sessions").await.json();
+    let identity = sessions["identities"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|i| i["name"] == name)
+        .unwrap_or_else(|| panic!("no {name} in {sessions}"))
+        .clone();
+    identity["source"].as_str().unwrap_or("none").to_owned()
+}
+
+/// 300 requests at once, 100 through each replica.
+async fn burst_of_300(fleet: &[Harness]) -> Vec<common::Answer> {
+    let mut tasks = Vec::new();
+    for i in 0..300 {
+        let h = &fleet[i % fleet.len()];
+        tasks.push(h.spawn_send(Method::GET, format!("/users.json?i={i}"), &[], Bytes::new()));
+    }
+    let mut answers = Vec::new();
+    for t in tasks {
+        answers.push(t.await.unwrap());
+    }
+    answers
+}
+
+fn assert_all_ok(answers: &[common::Answer]) {
+    let failed: Vec<_> = answers
+        .iter()
+        .filter(|a| a.status != StatusCode::OK)
+        .map(|a| format!("{} {}", a.status, a.text()))
+        .collect();
+    assert!(failed.is_empty(), "{} failed: {:?}", failed.len(), failed);
+}
+
+/// Requests sent without pause through the given proxies by `workers`
+/// tasks each, until stopped; what each got back.
+struct Load {
+    stop: Arc<AtomicBool>,
+    tasks: Vec<JoinHandle<Vec<(StatusCode, String)>>>,
+    started: Instant,
+}
+
+impl Load {
+    fn start(proxies: &[SocketAddr], workers: usize) -> Load {
+        let stop = Arc::new(AtomicBool::new(false));
+        let mut tasks = Vec::new();
+        for (p, proxy) in proxies.iter().enumerate() {
+            for w in 0..workers {
+                let (stop, proxy) = (stop.clone(), *proxy);
+                tasks.push(tokio::spawn(async move {
+                    let client = common::client();
+                    let mut seen = Vec::new();
+                    let mut i = 0;
+                    while !stop.load(Ordering::Relaxed) {
+                        let a = common::send(
+                            &client,
+                            proxy,
+                            Method::GET,
+                            &format!("/users.json?p={p}&w={w}&i={i}"),
+                            &[],
+                            Bytes::new(),
+                        )
+                        .await;
+                        let error = a
+                            .headers
+                            .get("qbproxy-error")
+                            .map(|v| v.to_str().unwrap().to_owned())
+                            .unwrap_or_default();
+                        seen.push((a.status, error));
+                        i += 1;
+                    }
+                    seen
+                }));
+            }
+        }
+        Load {
+            stop,
+            tasks,
+            started: Instant::now(),
+        }
+    }
+
+    /// Stops the load; every answer, and how long it ran until the last.
+    async fn stop(self) -> (Vec<(StatusCode, String)>, Duration) {
+        self.stop.store(true, Ordering::Relaxed);
+        let mut all = Vec::new();
+        for t in self.tasks {
+            all.extend(bounded("the load to stop", t).await.unwrap());
+        }
+        (all, self.started.elapsed())
+    }
+}
+
+fn statuses(answers: &[(StatusCode, String)]) -> BTreeMap<String, usize> {
+    let mut counts = BTreeMap::new();
+    for (status, error) in answers {
+        *counts.entry(format!("{status} {error}")).or_default() += 1;
+    }
+    counts
+}
+
+fn proxies(fleet: &[Harness]) -> Vec<SocketAddr> {
+    fleet.iter().map(|h| h.proxy).collect()
+}
+
+/// Waits until the replica's default identity holds a session `check`
+/// accepts.
+async fn session_where(h: &Harness, check: impl FnMut(&qbproxy::session::Session) -> bool) {
+    h.handle
+        .default_identity()
+        .session_where(Instant::now() + BOUND, check)
+        .await
+        .expect("the awaited session");
+}
+
+// 1 -------------------------------------------------------------------------
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn three_replicas_starting_together_create_one_session() {
+    let redis = RedisServer::start().await;
+    let sim = demo_sim().await;
+    // A slow creation: the other two are surely waiting on the lock.
+    sim.set_creation_delay(Duration::from_millis(200));
+    let fleet = fleet_of_three(&sim, &redis).await;
+
+    assert_eq!(sim.creations(), 1, "one creation for the fleet");
+    assert_eq!(tokens(&fleet).len(), 1, "one token: {:?}", tokens(&fleet));
+    assert_eq!(adoptions(&fleet), 2, "two replicas adopted it");
+    for h in &fleet {
+        assert_eq!(h.get("/users.json").await.status, StatusCode::OK);
+        assert_eq!(source(h, "demo").await, "cluster");
+        assert_eq!(h.metric("qbproxy_cluster_up"), 1);
+    }
+    let seen: HashSet<String> = sim.requests().into_iter().map(|r| r.token).collect();
+    assert_eq!(seen, tokens(&fleet), "the upstream saw the one token");
+}
+
+// 2 -------------------------------------------------------------------------
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_expiry_seen_by_300_requests_over_three_replicas_is_one_creation() {
+    let redis = RedisServer::start().await;
+    let sim = demo_sim().await;
+    let fleet = fleet_of_three(&sim, &redis).await;
+    assert_eq!(sim.creations(), 1);
+    let before = fleet[0].token();
+
+    for round in 1..=2 {
+        sim.expire_all();
+        sim.set_creation_delay(Duration::from_millis(100));
+        let answers = burst_of_300(&fleet).await;
+        assert_all_ok(&answers);
+        assert_eq!(sim.creations(), 1 + round, "round {round}: one creation");
+        assert_eq!(tokens(&fleet).len(), 1);
+        assert!(!tokens(&fleet).contains(&before));
+    }
+    assert!(sim.refusals() > 0, "the replicas did see the expiry");
+}
+
+// 3 -------------------------------------------------------------------------
+
+async fn sim_with_users(n: u64) -> Sim {
+    Sim::start(SimConfig::demo().with_users("loadtest-{n}", "pw-{n}", 1..=n))
+        .await
+        .unwrap()
+}
+
+const POOL: &str = "name = \"load\"\nlogin = \"loadtest-{n}\"\ncount = 50\npassword = \"pw-{n}\"\n";
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pool_of_50_behind_three_replicas_is_50_creations() {
+    let redis = RedisServer::start().await;
+    let sim = sim_with_users(50).await;
+    let fleet = three([
+        replica(&sim, &redis).pool_table(POOL),
+        replica(&sim, &redis).pool_table(POOL),
+        replica(&sim, &redis).pool_table(POOL),
+    ])
+    .await;
+    assert_eq!(sim.creations(), 1, "the demo identity; members are lazy");
+
+    // Every member used from every replica, all at once.
+    let mut tasks = Vec::new();
+    for h in &fleet {
+        for i in 0..100 {
+            tasks.push(h.spawn_send(
+                Method::GET,
+                format!("/users.json?i={i}"),
+                &[("QBProxy-Identity", "load")],
+                Bytes::new(),
+            ));
+        }
+    }
+    for t in tasks {
+        let a = t.await.unwrap();
+        assert_eq!(a.status, StatusCode::OK, "{}", a.text());
+    }
+    for h in &fleet {
+        for n in 1..=50 {
+            assert!(
+                h.handle
+                    .identity(&format!("load-{n}"))
+                    .unwrap()
+                    .current()
+                    .is_some(),
+                "load-{n} holds a session on every replica"
+            );
+        }
+    }
+    assert_eq!(sim.creations(), 1 + 50, "50 creations, not 150");
+    for n in 1..=50 {
+        assert_eq!(sim.creations_for(100_000 + n), 1, "loadtest-{n}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sticky_maps_a_client_to_the_same_member_on_every_replica() {
+    let redis = RedisServer::start().await;
+    let sim = sim_with_users(10).await;
+    let pool = "name = \"load\"\nlogin = \"loadtest-{n}\"\ncount = 10\npassword = \"pw-{n}\"\nstrategy = \"sticky\"\n";
+    let fleet = three([
+        replica(&sim, &redis).pool_table(pool),
+        replica(&sim, &redis).pool_table(pool),
+        replica(&sim, &redis).pool_table(pool),
+    ])
+    .await;
+    for c in 0..20 {
+        let client = format!("client-{c}");
+        let mut users = HashSet::new();
+        for h in &fleet {
+            let a = h
+                .send(
+                    Method::GET,
+                    &format!("/users.json?c={c}"),
+                    &[("QBProxy-Identity", "load"), ("QBProxy-Client", &client)],
+                    Bytes::new(),
+                )
+                .await;
+            assert_eq!(a.status, StatusCode::OK, "{}", a.text());
+            users.insert(sim.requests().last().unwrap().user_id);
+        }
+        assert_eq!(users.len(), 1, "{client} went to {users:?}");
+    }
+}
+
+// 4 -------------------------------------------------------------------------
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tokens_are_sealed_in_redis() {
+    let redis = RedisServer::start().await;
+    let sim = sim_with_users(3).await;
+    let pool = "name = \"load\"\nlogin = \"loadtest-{n}\"\ncount = 3\npassword = \"pw-{n}\"\n";
+    let fleet = three([
+        replica(&sim, &redis).pool_table(pool),
+        replica(&sim, &redis).pool_table(pool),
+        replica(&sim, &redis).pool_table(pool),
+    ])
+    .await;
+    // Round robin: three requests through each replica use every member.
+    for h in &fleet {
+        for _ in 0..3 {
+            assert_eq!(h.get_as("load", "/users.json").await.status, StatusCode::OK);
+        }
+    }
+    let held: Vec<String> = fleet[0]
+        .handle
+        .identities()
+        .iter()
+        .filter_map(|i| i.current())
+        .map(|s| s.token().to_str().unwrap().to_owned())
+        .collect();
+    assert_eq!(held.len(), 4, "demo and three members");
+
+    let app = sim.config().clone();
+    let mut secrets: Vec<String> = held.clone();
+    secrets.push(app.auth_secret.clone());
+    secrets.push(app.users[0].password.clone());
+    secrets.extend((1..=3).map(|n| format!("pw-{n}")));
+    // And each token spelled in hex.
+    for t in &held {
+        secrets.push(hex(t.as_bytes()));
+    }
+
+    let dump = redis.dump().await;
+    let sessions = dump
+        .iter()
+        .filter(|(k, _)| k.starts_with("qbproxy:s:"))
+        .count();
+    assert_eq!(sessions, 4, "every session is stored: {:?}", keys(&dump));
+    for (key, values) in &dump {
+        for secret in &secrets {
+            assert!(
+                !key.contains(secret.as_str()),
+                "a key names a secret: {key}"
+            );
+            for v in values {
+                assert!(
+                    !contains(v, secret.as_bytes()),
+                    "{key} holds a secret in the clear"
+                );
+            }
+        }
+    }
+}
+
+fn keys(dump: &[(String, Vec<Vec<u8>>)]) -> Vec<&str> {
+    dump.iter().map(|(k, _)| k.as_str()).collect()
+}
+
+fn contains(haystack: &[u8], needle: &[u8]) -> bool {
+    haystack.windows(needle.len()).any(|w| w == needle)
+}
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+// The hot path -----------------------------------------------------------------
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_request_with_a_valid_session_makes_no_redis_call() {
+    let redis = RedisServer::start().await;
+    let sim = demo_sim().await;
+    let fleet = fleet_of_three(&sim, &redis).await;
+    let before = redis.command_calls().await;
+    assert!(
+        before.values().sum::<u64>() > 0,
+        "the replicas did use Redis: {before:?}"
+    );
+    let answers = burst_of_300(&fleet).await;
+    assert_all_ok(&answers);
+    let after = redis.command_calls().await;
+    // What changed, less the `INFO` this test sends and the heartbeat
+    // (every 10 s, whatever the traffic).
+    let heartbeat = ["info", "zadd", "zremrangebyscore", "zcard"];
+    let changed: BTreeMap<&String, u64> = after
+        .iter()
+        .filter(|(name, _)| !heartbeat.contains(&name.as_str()))
+        .map(|(name, n)| (name, n - before.get(name).copied().unwrap_or(0)))
+        .filter(|(_, n)| *n > 0)
+        .collect();
+    assert!(
+        changed.is_empty(),
+        "300 requests made Redis calls: {changed:?}"
+    );
+}
+
+// 5 -------------------------------------------------------------------------
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn upstream_rate_is_enforced_fleet_wide() {
+    let redis = RedisServer::start().await;
+    let sim = demo_sim().await;
+    let rated = |s: Setup| {
+        s.set("upstream", "rate", "100")
+            .set("upstream", "burst", "20")
+            .set("upstream", "rate_wait", "\"200ms\"")
+    };
+    let fleet = three([
+        rated(replica(&sim, &redis)),
+        rated(replica(&sim, &redis)),
+        rated(replica(&sim, &redis)),
+    ])
+    .await;
+    let seen_before = sim.requests_to("/users.json");
+    let rate_calls_before = redis.command_calls().await;
+
+    // Three seconds of load, ten requests at a time through each replica.
+    let load = Load::start(&proxies(&fleet), 10);
+    tokio::time::sleep(Duration::from_secs(3)).await; // the load's length, not a synchronisation
+    let (answers, elapsed) = load.stop().await;
+
+    let counts = statuses(&answers);
+    let ok = counts.get("200 OK ").copied().unwrap_or(0);
+    let limited = counts
+        .get("429 Too Many Requests upstream-rate-limited")
+        .copied()
+        .unwrap_or(0);
+    assert_eq!(ok + limited, answers.len(), "only 200 or 429: {counts:?}");
+    assert!(limited > 0, "the load exceeded the rate: {counts:?}");
+    let refused: u64 = fleet
+        .iter()
+        .map(|h| h.metric("qbproxy_upstream_rate_limited_total"))
+        .sum();
+    assert_eq!(refused as usize, limited);
+
+    // At most the burst plus the rate over the time the load ran (one
+    // more for the two clocks: Redis's and this process's).
+    let upstream = sim.requests_to("/users.json") - seen_before;
+    let most = (100.0 * elapsed.as_secs_f64() + 20.0 + 1.0).floor() as usize;
+    assert_eq!(upstream, ok, "every 200 went upstream");
+    assert!(
+        upstream <= most,
+        "the upstream saw {upstream} requests in {elapsed:?}; at most {most}"
+    );
+    assert!(upstream > 20, "turns came after the burst: {upstream}");
+    // The fleet's rate, in Redis: one script call per request.
+    let after = redis.command_calls().await;
+    let scripts = |m: &BTreeMap<String, u64>| {
+        m.get("evalsha").copied().unwrap_or(0) + m.get("eval").copied().unwrap_or(0)
+    };
+    assert!(
+        scripts(&after) - scripts(&rate_calls_before) >= answers.len() as u64,
+        "{rate_calls_before:?} -> {after:?}"
+    );
+    for h in &fleet {
+        assert_eq!(h.metric("qbproxy_cluster_up"), 1);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn without_cluster_the_rate_is_enforced_locally() {
+    let h = setup()
+        .set("upstream", "rate", "50")
+        .set("upstream", "burst", "10")
+        .set("upstream", "rate_wait", "\"100ms\"")
+        .start()
+        .await;
+    h.ready().await;
+    let seen_before = h.sim.requests_to("/users.json");
+    let load = Load::start(&[h.proxy], 10);
+    tokio::time::sleep(Duration::from_secs(2)).await; // the load's length
+    let (answers, elapsed) = load.stop().await;
+    let counts = statuses(&answers);
+    let ok = counts.get("200 OK ").copied().unwrap_or(0);
+    assert!(
+        counts.contains_key("429 Too Many Requests upstream-rate-limited"),
+        "{counts:?}"
+    );
+    let upstream = h.sim.requests_to("/users.json") - seen_before;
+    assert_eq!(upstream, ok);
+    let most = (50.0 * elapsed.as_secs_f64() + 10.0).floor() as usize;
+    assert!(
+        upstream <= most,
+        "{upstream} in {elapsed:?}; at most {most}"
+    );
+}
+
+#[tokio::test]
+async fn session_creations_count_against_the_rate() {
+    // One request every ten seconds, no burst: the first session creation
+    // takes the only turn there is.
+    let h = setup()
+        .set("upstream", "rate", "0.1")
+        .set("upstream", "burst", "1")
+        .set("upstream", "rate_wait", "\"1s\"")
+        .start()
+        .await;
+    h.ready().await;
+    assert_eq!(h.sim.creations(), 1);
+    let a = h.get("/users.json").await;
+    assert_eq!(a.status, StatusCode::TOO_MANY_REQUESTS, "{}", a.text());
+    assert_eq!(a.headers["qbproxy-error"], "upstream-rate-limited");
+    assert_eq!(a.headers["retry-after"], "1");
+    assert!(
+        a.error_message().contains("upstream.rate"),
+        "{}",
+        a.error_message()
+    );
+    assert_eq!(h.sim.requests_to("/users.json"), 0, "nothing went upstream");
+}
+
+#[tokio::test]
+async fn quickblox_429s_are_counted() {
+    let h = setup().start().await;
+    h.ready().await;
+    // A creation refused with 429 backs off and retries, as any failure.
+    h.sim.push_fault(Fault::Status(
+        429,
+        r#"{"errors":["Rate limit for your current plan is exceeded"]}"#.into(),
+    ));
+    let client = common::client();
+    let r = common::send(
+        &client,
+        h.admin,
+        Method::POST,
+        "/sessions/demo/renew",
+        &[],
+        Bytes::new(),
+    )
+    .await;
+    assert_eq!(r.status, StatusCode::SERVICE_UNAVAILABLE, "{}", r.text());
+    assert_eq!(h.metric("qbproxy_upstream_429_total"), 1);
+    // The session held is kept through the failed renewal.
+    assert_eq!(h.get("/users.json").await.status, StatusCode::OK);
+}
