@@ -547,3 +547,307 @@ async fn quickblox_429s_are_counted() {
     // The session held is kept through the failed renewal.
     assert_eq!(h.get("/users.json").await.status, StatusCode::OK);
 }
+
+// 6 -------------------------------------------------------------------------
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_killed_mid_load_fails_no_request_and_restarted_empty_the_fleet_converges() {
+    let mut redis = RedisServer::start().await;
+    let sim = demo_sim().await;
+    let fleet = fleet_of_three(&sim, &redis).await;
+    let first = fleet[0].token();
+    let load = Load::start(&proxies(&fleet), 4);
+
+    // Redis dies, then the session expires: each replica renews alone.
+    redis.kill().await;
+    sim.expire_all();
+    for h in &fleet {
+        session_where(h, |s| s.token().to_str().unwrap() != first).await;
+        h.metric_becomes("qbproxy_cluster_up", 0).await;
+        assert_eq!(source(h, "demo").await, "local");
+        let ready = h.admin_get("/readyz").await;
+        assert_eq!(
+            ready.status,
+            StatusCode::OK,
+            "readiness does not need Redis"
+        );
+    }
+    let alone = sim.creations() - 1;
+    assert!(
+        (1..=3).contains(&alone),
+        "at most one creation per replica: {alone}"
+    );
+
+    // Redis comes back, empty: one replica publishes its session, the
+    // others adopt it, without a request failing.
+    redis.restart_empty().await;
+    for h in &fleet {
+        h.metric_becomes("qbproxy_cluster_up", 1).await;
+        session_where(h, |s| s.fleet() > 0).await;
+    }
+    assert_eq!(tokens(&fleet).len(), 1, "converged: {:?}", tokens(&fleet));
+    for h in &fleet {
+        assert_eq!(source(h, "demo").await, "cluster");
+    }
+    let converged = sim.creations();
+    assert_eq!(converged, 1 + alone, "converging created nothing");
+
+    // And the next expiry is one creation again.
+    sim.expire_all();
+    let (answers, _) = load.stop().await;
+    assert_eq!(statuses(&answers).keys().collect::<Vec<_>>(), ["200 OK "]);
+    assert_all_ok(&burst_of_300(&fleet).await);
+    assert_eq!(sim.creations(), converged + 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hung_redis_costs_requests_at_most_redis_timeout() {
+    let redis = RedisServer::start().await;
+    let sim = demo_sim().await;
+    // A rate (far above the load) puts Redis on every request's path;
+    // requests time out after 3 s, far above redis_timeout (250 ms).
+    let rated = |s: Setup| {
+        s.set("upstream", "rate", "100000")
+            .set("upstream", "timeout", "\"3s\"")
+    };
+    let fleet = three([
+        rated(replica(&sim, &redis)),
+        rated(replica(&sim, &redis)),
+        rated(replica(&sim, &redis)),
+    ])
+    .await;
+    let first = fleet[0].token();
+
+    redis.pause();
+    sim.expire_all();
+    let answers = burst_of_300(&fleet).await;
+    assert_all_ok(&answers);
+    for h in &fleet {
+        h.metric_becomes("qbproxy_cluster_up", 0).await;
+        assert_ne!(h.token(), first);
+    }
+    assert!(sim.creations() - 1 <= 3, "at most one creation per replica");
+
+    redis.resume();
+    for h in &fleet {
+        h.metric_becomes("qbproxy_cluster_up", 1).await;
+        session_where(h, |s| s.fleet() > 1).await;
+    }
+    assert_eq!(tokens(&fleet).len(), 1, "converged: {:?}", tokens(&fleet));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn without_redis_each_replica_keeps_its_share_of_the_rate() {
+    let mut redis = RedisServer::start().await;
+    let sim = demo_sim().await;
+    let rated = |s: Setup| {
+        s.set("upstream", "rate", "30")
+            .set("upstream", "burst", "3")
+            .set("upstream", "rate_wait", "\"100ms\"")
+    };
+    let fleet = three([
+        rated(replica(&sim, &redis)),
+        rated(replica(&sim, &redis)),
+        rated(replica(&sim, &redis)),
+    ])
+    .await;
+    // Each replica counts three alive (heartbeats every 10 s).
+    for h in &fleet {
+        h.metric_becomes("qbproxy_cluster_replicas", 3).await;
+    }
+    redis.kill().await;
+    let seen_before = sim.requests_to("/users.json");
+    let load = Load::start(&[fleet[0].proxy], 10);
+    tokio::time::sleep(Duration::from_secs(2)).await; // the load's length
+    let (answers, elapsed) = load.stop().await;
+    fleet[0].metric_becomes("qbproxy_cluster_up", 0).await;
+    let ok = statuses(&answers).get("200 OK ").copied().unwrap_or(0);
+    let upstream = sim.requests_to("/users.json") - seen_before;
+    assert_eq!(upstream, ok);
+    // A third of the rate (10/s), a third of the burst (at least 1), and
+    // the one request that found Redis gone (it went through the fleet's
+    // rate before the fallback).
+    let most = (10.0 * elapsed.as_secs_f64() + 1.0 + 1.0).floor() as usize;
+    assert!(
+        upstream <= most,
+        "{upstream} in {elapsed:?}; at most {most}"
+    );
+}
+
+// 7 -------------------------------------------------------------------------
+
+#[test]
+fn a_lock_holder_that_dies_mid_creation_is_taken_over_after_its_lease() {
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    // Replica A lives on a runtime of its own, so that it can die: its
+    // tasks end mid-await, holding the lock, as a killed process would.
+    let a_rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(async {
+        let redis = RedisServer::start().await;
+        let sim = demo_sim().await;
+        // Short: the lease must run out within the test's bounds.
+        let short = |s: Setup| {
+            s.set("cluster", "lock_ttl", "\"2s\"")
+                .set("quickblox", "session_timeout", "\"1s\"")
+        };
+        let a = a_rt
+            .spawn(short(replica(&sim, &redis)).start())
+            .await
+            .unwrap();
+        a.ready().await;
+        let (b, c) = tokio::join!(
+            short(replica(&sim, &redis)).start(),
+            short(replica(&sim, &redis)).start()
+        );
+        b.ready().await;
+        c.ready().await;
+        assert_eq!(sim.creations(), 1);
+
+        // A finds the session expired, takes the lock, and its creation
+        // hangs at QuickBlox.
+        sim.push_fault(Fault::Hang);
+        sim.expire_all();
+        let attempts = sim.attempts();
+        let _lost = a.spawn_send(Method::GET, "/users.json", &[], Bytes::new());
+        sim.wait_until(|s| s.attempts() > attempts).await;
+        let dump = redis.dump().await;
+        assert!(
+            dump.iter().any(|(k, _)| k.starts_with("qbproxy:l:")),
+            "A holds the lock: {:?}",
+            keys(&dump)
+        );
+
+        // A dies.
+        a_rt.shutdown_background();
+
+        // B and C see the expiry; they wait for A's lease, then one of
+        // them renews. No request fails.
+        let mut tasks = Vec::new();
+        for i in 0..100 {
+            let h = if i % 2 == 0 { &b } else { &c };
+            tasks.push(h.spawn_send(Method::GET, format!("/users.json?i={i}"), &[], Bytes::new()));
+        }
+        for t in tasks {
+            let answer = t.await.unwrap();
+            assert_eq!(answer.status, StatusCode::OK, "{}", answer.text());
+        }
+        assert_eq!(sim.creations(), 2, "one renewal after the lease");
+        assert_eq!(b.token(), c.token());
+        drop(a);
+    });
+}
+
+// 8 -------------------------------------------------------------------------
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn different_credentials_under_one_name_never_share_a_session() {
+    let redis = RedisServer::start().await;
+    let sim = sim_with_users(2).await;
+    let bot = |n: u64| format!("name = \"bot\"\nlogin = \"loadtest-{n}\"\npassword = \"pw-{n}\"\n");
+    let a = replica(&sim, &redis).identity(&bot(1)).start().await;
+    let b = replica(&sim, &redis).identity(&bot(2)).start().await;
+    let c = replica(&sim, &redis).identity(&bot(1)).start().await;
+    for h in [&a, &b, &c] {
+        h.ready().await;
+    }
+    assert_eq!(sim.creations(), 2, "one per login");
+    assert_eq!(sim.creations_for(100_001), 1);
+    assert_eq!(sim.creations_for(100_002), 1);
+    let token = |h: &Harness| {
+        let s = h.handle.identity("bot").unwrap().current().unwrap();
+        (s.user_id(), s.token().to_str().unwrap().to_owned())
+    };
+    assert_eq!(token(&a), token(&c), "the same login shares");
+    assert_ne!(token(&a).1, token(&b).1);
+    assert_eq!(token(&b).0, 100_002);
+    for (h, user) in [(&a, 100_001), (&b, 100_002), (&c, 100_001)] {
+        assert_eq!(h.get("/users.json").await.status, StatusCode::OK);
+        assert_eq!(sim.requests().last().unwrap().user_id, user);
+    }
+}
+
+// Set aside fleet-wide ----------------------------------------------------------
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_member_refused_on_one_replica_is_set_aside_for_the_fleet_until_forced() {
+    let redis = RedisServer::start().await;
+    let sim = sim_with_users(2).await;
+    let pool = "name = \"load\"\nlogin = \"loadtest-{n}\"\ncount = 2\npassword = \"pw-{n}\"\n";
+    sim.set_password("loadtest-1", "changed");
+    let a = replica(&sim, &redis).pool_table(pool).start().await;
+    let b = replica(&sim, &redis).pool_table(pool).start().await;
+    a.ready().await;
+    b.ready().await;
+
+    // A tries member 1, is refused, serves from member 2.
+    assert_eq!(a.get_as("load", "/users.json").await.status, StatusCode::OK);
+    let member = a.handle.identity("load-1").unwrap();
+    assert!(member.set_aside());
+    let attempts = sim.attempts();
+
+    // B never tries member 1, the fleet set it aside; it adopts member 2.
+    for _ in 0..4 {
+        assert_eq!(b.get_as("load", "/users.json").await.status, StatusCode::OK);
+    }
+    assert!(b.handle.identity("load-1").unwrap().set_aside());
+    assert_eq!(sim.attempts(), attempts, "B tried no creation");
+    assert_eq!(sim.creations_for(100_001), 0);
+    assert_eq!(sim.creations_for(100_002), 1);
+
+    // The password is fixed; a forced renewal on B clears the mark.
+    sim.set_password("loadtest-1", "pw-1");
+    let r = common::send(
+        &common::client(),
+        b.admin,
+        Method::POST,
+        "/sessions/load-1/renew",
+        &[],
+        Bytes::new(),
+    )
+    .await;
+    assert_eq!(r.status, StatusCode::OK, "{}", r.text());
+    let dump = redis.dump().await;
+    assert!(
+        !dump.iter().any(|(k, _)| k.starts_with("qbproxy:a:")),
+        "the mark is gone: {:?}",
+        keys(&dump)
+    );
+    assert_eq!(sim.creations_for(100_001), 1);
+}
+
+// Secrets -----------------------------------------------------------------------
+
+#[tokio::test]
+async fn the_redis_password_never_shows() {
+    let logs = common::capture_logs();
+    // Nothing listens on port 9 of loopback: Redis is down from the start.
+    let h = setup()
+        .set(
+            "cluster",
+            "redis_url",
+            "\"redis://:hunter2-redis-pw@127.0.0.1:9/0\"",
+        )
+        .set("cluster", "lock_ttl", "\"40s\"")
+        .start()
+        .await;
+    h.ready().await;
+    h.metric_becomes("qbproxy_cluster_up", 0).await;
+    assert_eq!(h.get("/users.json").await.status, StatusCode::OK);
+    assert_eq!(source(&h, "demo").await, "local");
+    assert!(logs.has_line(&["Redis is unavailable"]), "{}", logs.text());
+    let everything = format!(
+        "{}{}{}",
+        logs.text(),
+        h.handle.metrics_text(),
+        h.admin_get("/sessions").await.text()
+    );
+    assert!(!everything.contains("hunter2-redis-pw"));
+}

@@ -34,7 +34,7 @@ use std::time::{Duration, SystemTime};
 use tokio::time::Instant;
 
 use super::{Cluster, Down, Stored};
-use crate::session::{Attempt, BoxFuture, NewSession, Reason, SessionError, Source};
+use crate::session::{Attempt, BoxFuture, Held, NewSession, Reason, SessionError, Source};
 
 /// How often a running identity syncs with the fleet.
 const SYNC_EVERY: Duration = Duration::from_secs(30);
@@ -82,11 +82,7 @@ impl FleetSource {
     ) -> Result<Result<NewSession, SessionError>, Down> {
         let fp = &self.fingerprint;
         let cluster = &self.cluster;
-        let dead_token = attempt
-            .held
-            .as_ref()
-            .filter(|_| attempt.held_dead)
-            .map(|h| h.token.as_str());
+        let dead_token = attempt.refused.as_ref().map(|h| h.token.as_str());
         let forced = attempt.reason == Reason::Forced;
         if forced {
             cluster.clear_aside(fp).await?;
@@ -228,40 +224,15 @@ impl FleetSource {
 
     async fn sync_with_fleet(&self, attempt: &Attempt) -> Result<Option<NewSession>, Down> {
         let fp = &self.fingerprint;
-        let held = attempt.held.as_ref().filter(|_| !attempt.held_dead);
+        let held = attempt.held.as_ref();
         let Some(stored) = self.cluster.session(fp).await? else {
             // The fleet holds nothing (Redis restarted empty, or this
             // replica ran alone): publish this replica's session.
             let Some(h) = held else { return Ok(None) };
-            let Some(generation) = self
-                .cluster
-                .publish_if_absent(
-                    fp,
-                    &Stored {
-                        generation: 1,
-                        expires: h.expires_at,
-                        token: h.token.clone(),
-                        user_id: h.user_id,
-                        public: h.public.clone(),
-                    },
-                )
-                .await?
-            else {
-                return Ok(None);
-            };
-            return Ok(Some(NewSession {
-                token: h.token.clone(),
-                lifetime: h
-                    .expires_at
-                    .duration_since(SystemTime::now())
-                    .unwrap_or_default(),
-                fleet: generation,
-                ..NewSession::default()
-            }));
+            let generation = self.cluster.publish_if_absent(fp, &to_store(h)).await?;
+            return Ok(generation.map(|g| joined(h, g)));
         };
-        if let Some(adopted) = self.newer(attempt, &stored, None) {
-            return Ok(Some(adopted));
-        }
+        let refused = attempt.refused.as_ref().map(|h| h.token.as_str());
         match held {
             // The same session: the latest expiry any replica saw wins.
             Some(h) if h.token == stored.token => {
@@ -277,8 +248,44 @@ impl FleetSource {
                     .unwrap_or_default();
                 Ok(Some(same))
             }
-            _ => Ok(None),
+            // QuickBlox refused the stored session here, and this replica
+            // made its own meanwhile (Redis was away): its own replaces the
+            // stored one, unless another replica's did first.
+            Some(h) if refused == Some(stored.token.as_str()) => {
+                let generation = self
+                    .cluster
+                    .replace(fp, stored.generation, &to_store(h))
+                    .await?;
+                Ok(generation.map(|g| joined(h, g)))
+            }
+            _ => Ok(self.newer(attempt, &stored, refused)),
         }
+    }
+}
+
+/// The held session, to store for the fleet.
+fn to_store(h: &Held) -> Stored {
+    Stored {
+        generation: 0,
+        expires: h.expires_at,
+        token: h.token.clone(),
+        user_id: h.user_id,
+        public: h.public.clone(),
+    }
+}
+
+/// The held session, now the fleet's generation `generation`.
+fn joined(h: &Held, generation: u64) -> NewSession {
+    NewSession {
+        token: h.token.clone(),
+        user_id: h.user_id,
+        lifetime: h
+            .expires_at
+            .duration_since(SystemTime::now())
+            .unwrap_or_default(),
+        public: h.public.clone(),
+        fleet: generation,
+        adopted: false,
     }
 }
 

@@ -395,6 +395,35 @@ impl Cluster {
         Ok((generation > 0).then_some(generation))
     }
 
+    /// Stores `session` as the next generation if the fleet still holds
+    /// generation `expected` (compare and set): a replica replaces a
+    /// stored session QuickBlox refused with the one it made alone.
+    /// Returns the generation stored, or `None` if another was first.
+    pub async fn replace(
+        &self,
+        fingerprint: &str,
+        expected: u64,
+        session: &Stored,
+    ) -> Result<Option<u64>, Down> {
+        let key = self.session_key(fingerprint);
+        let blob = self.seal(&key, session).ok_or(Down)?;
+        let expires = unix_ms(session.expires);
+        let script = self.inner.scripts.replace.clone();
+        let mut conn = self.inner.conn.clone();
+        let generation: u64 = self
+            .run(async move {
+                script
+                    .key(&key)
+                    .arg(expected)
+                    .arg(expires)
+                    .arg(blob)
+                    .invoke_async(&mut conn)
+                    .await
+            })
+            .await?;
+        Ok((generation > 0).then_some(generation))
+    }
+
     /// Moves the stored expiry of generation `generation` to `expires` if
     /// that is later; returns the expiry the fleet holds now (`None` if it
     /// holds another generation, or none).
@@ -494,6 +523,7 @@ struct Scripts {
     unlock: Arc<Script>,
     store: Arc<Script>,
     publish: Arc<Script>,
+    replace: Arc<Script>,
     extend: Arc<Script>,
     rate: Arc<Script>,
 }
@@ -522,6 +552,15 @@ impl Default for Scripts {
                   redis.call('HSET', KEYS[1], 'gen', 1, 'exp', ARGV[1], 'blob', ARGV[2])
                   redis.call('PEXPIREAT', KEYS[1], ARGV[1])
                   return 1",
+            )),
+            // The next generation, only if the fleet still holds ARGV[1].
+            replace: Arc::new(Script::new(
+                r"local gen = tonumber(redis.call('HGET', KEYS[1], 'gen'))
+                  if gen ~= tonumber(ARGV[1]) then return 0 end
+                  gen = gen + 1
+                  redis.call('HSET', KEYS[1], 'gen', gen, 'exp', ARGV[2], 'blob', ARGV[3])
+                  redis.call('PEXPIREAT', KEYS[1], ARGV[2])
+                  return gen",
             )),
             // A later expiry for the generation held; the expiry now.
             extend: Arc::new(Script::new(

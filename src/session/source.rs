@@ -13,11 +13,14 @@ pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
 #[derive(Debug, Clone)]
 pub struct Attempt {
     pub reason: Reason,
-    /// The session this replica holds, if any: its token, its fleet
-    /// generation (0: none) and when it lapses.
+    /// The session this replica holds, unless QuickBlox refused it: its
+    /// token, its fleet generation (0: this replica's own) and when it
+    /// lapses.
     pub held: Option<Held>,
-    /// The held session was reported dead.
-    pub held_dead: bool,
+    /// The latest session QuickBlox refused here ("Required session does
+    /// not exist"), kept after the state let go of it: a source must never
+    /// hand it out again, and in a fleet it proves the stored session dead.
+    pub refused: Option<Held>,
     /// The policy's `renew_before`, to tell whether a renewal is due.
     pub renew_before: Duration,
 }

@@ -39,23 +39,25 @@ pub(super) struct Forced {
 // ---------------------------------------------------------------------------
 // The renewal task: the only writer of `Shared::state`.
 
+/// What the renewal task carries from one attempt to the next.
+#[derive(Default)]
+struct Memory {
+    /// The generation of the last session published.
+    generation: u64,
+    backoff: Backoff,
+    /// The latest session QuickBlox refused (see [`Attempt::refused`]).
+    refused: Option<Held>,
+}
+
 pub(super) async fn renewal_loop(shared: Arc<Shared>) {
-    let mut backoff = Backoff::default();
-    let mut generation = 0;
+    let mut memory = Memory::default();
     // Forced renewals asked for before the first attempt are answered by it.
     let mut served = shared.forced.load(Ordering::Acquire);
     let mut forced = (served > 0).then_some(served);
     // The rejoins already synced for (see `Source::rejoins`).
     let mut rejoined = rejoins(&shared).map_or(0, |rx| *rx.borrow());
     // A failed attempt leaves a retry pending: when, and for which reason.
-    let mut retry = attempt(
-        &shared,
-        Reason::Startup,
-        &mut generation,
-        &mut backoff,
-        forced,
-    )
-    .await;
+    let mut retry = attempt(&shared, Reason::Startup, &mut memory, forced).await;
     loop {
         let current = shared.state.load().session.clone();
         let due = match (&retry, &current) {
@@ -73,7 +75,7 @@ pub(super) async fn renewal_loop(shared: Arc<Shared>) {
         let mut rejoins = rejoins(&shared);
         let reason = tokio::select! {
             () = sleep_until(sync_at.unwrap_or(due)), if sync_at.is_some_and(|at| at < due) => {
-                sync(&shared, &mut generation).await;
+                sync(&shared, &mut memory).await;
                 continue;
             },
             now = rejoined_since(rejoins.as_mut(), rejoined) => {
@@ -81,7 +83,7 @@ pub(super) async fn renewal_loop(shared: Arc<Shared>) {
                 // Spread the fleet's identities over a moment.
                 let spread = rand::rng().random_range(Duration::ZERO..=REJOIN_SPREAD);
                 tokio::time::sleep(spread).await;
-                sync(&shared, &mut generation).await;
+                sync(&shared, &mut memory).await;
                 continue;
             },
             () = shared.wake.notified() => {
@@ -104,7 +106,7 @@ pub(super) async fn renewal_loop(shared: Arc<Shared>) {
                 _ => continue,
             },
         };
-        retry = attempt(&shared, reason, &mut generation, &mut backoff, forced).await;
+        retry = attempt(&shared, reason, &mut memory, forced).await;
     }
 }
 
@@ -161,33 +163,53 @@ const MIN_RENEW_INTERVAL: Duration = Duration::from_secs(30);
 async fn attempt(
     shared: &Shared,
     reason: Reason,
-    generation: &mut u64,
-    backoff: &mut Backoff,
+    memory: &mut Memory,
     forced: Option<u64>,
 ) -> Option<(Instant, Reason)> {
     let source = shared.source.load_full();
-    let result = source.create(attempt_for(shared, reason)).await;
+    let result = source
+        .create(attempt_for(shared, reason, &mut memory.refused))
+        .await;
     let old = shared.state.load_full();
     match result {
         Ok(new) => {
-            let outcome = accept(shared, new, reason, generation, &old, forced);
+            let outcome = accept(shared, new, reason, &mut memory.generation, &old, forced);
             match outcome {
                 Ok(()) => {
-                    backoff.reset();
+                    memory.backoff.reset();
                     None
                 }
-                Err(e) => fail(shared, reason, e, &old, backoff, forced),
+                Err(e) => fail(shared, reason, e, &old, &mut memory.backoff, forced),
             }
         }
-        Err(e) => fail(shared, reason, e, &old, backoff, forced),
+        Err(e) => fail(shared, reason, e, &old, &mut memory.backoff, forced),
     }
 }
 
-/// What the source is told: why, and the session held.
-fn attempt_for(shared: &Shared, reason: Reason) -> Attempt {
+/// What the source is told: why, the session held and the latest one
+/// refused. `refused` is the renewal task's memory of it: the state lets a
+/// refused session go after a failed renewal, the source must still know.
+fn attempt_for(shared: &Shared, reason: Reason, refused: &mut Option<Held>) -> Attempt {
     let state = shared.state.load();
+    let mut held = state.session.as_ref().map(|s| held_of(shared, s));
+    let dead = state
+        .session
+        .as_ref()
+        .is_some_and(|s| shared.dead.load(Ordering::Acquire) >= s.generation);
+    if dead {
+        *refused = held.take();
+    }
+    Attempt {
+        reason,
+        held,
+        refused: refused.clone(),
+        renew_before: shared.policy.load().renew_before,
+    }
+}
+
+fn held_of(shared: &Shared, s: &Session) -> Held {
     let now = Instant::now();
-    let held = state.session.as_ref().map(|s| Held {
+    Held {
         token: s.token.to_str().unwrap_or("").to_owned(),
         fleet: s.fleet(),
         expires_at: SystemTime::now() + expires(shared, s).saturating_duration_since(now),
@@ -196,16 +218,6 @@ fn attempt_for(shared: &Shared, reason: Reason) -> Attempt {
             .ok()
             .and_then(|v| v.get("session").and_then(|m| m.as_object()).cloned())
             .unwrap_or_default(),
-    });
-    let held_dead = state
-        .session
-        .as_ref()
-        .is_some_and(|s| shared.dead.load(Ordering::Acquire) >= s.generation);
-    Attempt {
-        reason,
-        held,
-        held_dead,
-        renew_before: shared.policy.load().renew_before,
     }
 }
 
@@ -314,12 +326,13 @@ fn accept(
 }
 
 /// A sync with the fleet: adopts what it says, changes nothing otherwise.
-async fn sync(shared: &Shared, generation: &mut u64) {
+async fn sync(shared: &Shared, memory: &mut Memory) {
     let source = shared.source.load_full();
     let reason = Reason::Proactive;
-    if let Some(new) = source.sync(attempt_for(shared, reason)).await {
+    let attempt = attempt_for(shared, reason, &mut memory.refused);
+    if let Some(new) = source.sync(attempt).await {
         let old = shared.state.load_full();
-        if let Err(e) = accept(shared, new, reason, generation, &old, None) {
+        if let Err(e) = accept(shared, new, reason, &mut memory.generation, &old, None) {
             tracing::warn!(identity = shared.info.name.as_str(), error = %e, "a session from the fleet could not be used");
         }
     }
