@@ -27,9 +27,10 @@ use tokio::time::{sleep_until, Instant};
 
 #[derive(Parser)]
 struct Args {
-    /// The proxy, e.g. 127.0.0.1:19100.
-    #[arg(long)]
-    target: SocketAddr,
+    /// The proxy, e.g. 127.0.0.1:19100. Repeat it for several (a fleet's
+    /// replicas): connection c goes to target c mod n.
+    #[arg(long, required = true)]
+    target: Vec<SocketAddr>,
     /// Requests per second, in all.
     #[arg(long, default_value_t = 5000.0)]
     rate: f64,
@@ -87,7 +88,8 @@ async fn main() {
     for c in 0..args.connections {
         let headers = headers.clone();
         let offset = interval.mul_f64(f64::from(c) / f64::from(args.connections));
-        let (target, post_every, connections) = (args.target, args.post_every, args.connections);
+        let target = args.target[c as usize % args.target.len()];
+        let (post_every, connections) = (args.post_every, args.connections);
         tasks.push(tokio::spawn(async move {
             connection(
                 target,
