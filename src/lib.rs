@@ -173,6 +173,7 @@ impl App {
         shared.running.store(true, Ordering::SeqCst);
         if let Some(cluster) = &shared.ctx.cluster {
             cluster.start_heartbeat();
+            cluster.start_listener();
         }
         start_standalone(&shared.live.load());
         let (stop, stopping) = watch::channel(false);

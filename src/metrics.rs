@@ -38,6 +38,7 @@ struct Inner {
     adoptions: IntCounterVec,
     cluster_up: IntGauge,
     cluster_replicas: IntGauge,
+    cluster_subscribed: IntGauge,
     upstream_rate_limited: IntCounter,
     upstream_429: IntCounter,
     /// Bumped by the rare events a test may wait for (a request waiting for
@@ -139,6 +140,11 @@ impl Metrics {
             "Replicas with a heartbeat in Redis in the last minute, this one included ([cluster]): upstream.rate is divided by it while Redis is down.",
         )
         .unwrap_or_else(|e| unreachable!("static metric definition: {e}"));
+        let cluster_subscribed = IntGauge::new(
+            "qbproxy_cluster_subscribed",
+            "1 while this replica hears of sessions other replicas store (Redis pub/sub, [cluster]); 0: it polls for them every 50 ms.",
+        )
+        .unwrap_or_else(|e| unreachable!("static metric definition: {e}"));
         let upstream_rate_limited = IntCounter::new(
             "qbproxy_upstream_rate_limited_total",
             "Requests refused (429 upstream-rate-limited) because upstream.rate had no room within upstream.rate_wait.",
@@ -165,6 +171,7 @@ impl Metrics {
             Box::new(adoptions.clone()),
             Box::new(cluster_up.clone()),
             Box::new(cluster_replicas.clone()),
+            Box::new(cluster_subscribed.clone()),
             Box::new(upstream_rate_limited.clone()),
             Box::new(upstream_429.clone()),
         ] {
@@ -188,6 +195,7 @@ impl Metrics {
                 adoptions,
                 cluster_up,
                 cluster_replicas,
+                cluster_subscribed,
                 upstream_rate_limited,
                 upstream_429,
                 events: tokio::sync::watch::channel(0).0,
@@ -265,6 +273,11 @@ impl Metrics {
         }
     }
 
+    pub fn cluster_subscribed(&self, on: bool) {
+        self.inner.cluster_subscribed.set(i64::from(on));
+        self.inner.events.send_modify(|e| *e += 1);
+    }
+
     pub fn upstream_rate_limited(&self) {
         self.inner.upstream_rate_limited.inc();
     }
@@ -274,7 +287,7 @@ impl Metrics {
     }
 
     /// Changes with every slot wait, every unbuffered body and every
-    /// change of `qbproxy_cluster_up` and `qbproxy_cluster_replicas`.
+    /// change of the `qbproxy_cluster_*` gauges.
     pub fn events(&self) -> tokio::sync::watch::Receiver<u64> {
         self.inner.events.subscribe()
     }

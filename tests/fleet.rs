@@ -220,6 +220,31 @@ async fn an_expiry_seen_by_300_requests_over_three_replicas_is_one_creation() {
     assert!(sim.refusals() > 0, "the replicas did see the expiry");
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn waiting_replicas_listen_for_the_stored_session_and_poll_only_as_a_fallback() {
+    let redis = RedisServer::start().await;
+    let sim = demo_sim().await;
+    let fleet = fleet_of_three(&sim, &redis).await;
+    // Every replica listens for stored sessions.
+    for h in &fleet {
+        h.metric_becomes("qbproxy_cluster_subscribed", 1).await;
+    }
+
+    // A renewal that takes 1.5 s: the two replicas waiting for it would
+    // read the stored session 30 times each polling at 50 ms.
+    sim.set_creation_delay(Duration::from_millis(1500));
+    sim.expire_all();
+    let before = redis.command_calls().await;
+    assert_all_ok(&burst_of_300(&fleet).await);
+    let after = redis.command_calls().await;
+    assert_eq!(sim.creations(), 2);
+    let reads = after["hmget"] - before.get("hmget").copied().unwrap_or(0);
+    // Each replica: a read before the lock, one under it or one per slow
+    // poll (every 500 ms while subscribed), one after the message. (The
+    // message's effect is on latency: bench/fleet.sh.)
+    assert!(reads <= 3 * 6, "{reads} reads of the stored session");
+}
+
 // 3 -------------------------------------------------------------------------
 
 async fn sim_with_users(n: u64) -> Sim {
@@ -843,6 +868,11 @@ async fn the_redis_password_never_shows() {
     assert_eq!(h.get("/users.json").await.status, StatusCode::OK);
     assert_eq!(source(&h, "demo").await, "local");
     assert!(logs.has_line(&["Redis is unavailable"]), "{}", logs.text());
+    assert!(
+        logs.has_line(&["shared through Redis", "redis=127.0.0.1:9"]),
+        "the start names the server: {}",
+        logs.text()
+    );
     let everything = format!(
         "{}{}{}",
         logs.text(),

@@ -18,9 +18,12 @@
 //!    generation only while it still holds the lock, and releases it by
 //!    compare-and-delete. A creation refused for its credentials sets a pool
 //!    member aside for the fleet.
-//! 5. A replica that finds the lock held polls for the new session until
-//!    `session_timeout`, and adopts it; if the lock disappears without one
-//!    (its holder died and the lease ran out) it takes the lock itself.
+//! 5. A replica that finds the lock held waits for the new session until
+//!    `session_timeout`, woken by the message the storing script publishes
+//!    (`P:n:F`) or, should that be lost, by a poll (every 500 ms while
+//!    subscribed, every 50 ms while not), and adopts
+//!    it; if the lock disappears without one (its holder died and the lease
+//!    ran out) it takes the lock itself.
 //!
 //! Whenever Redis does not answer in time, the replica creates its session
 //! alone, as without `[cluster]`: at most one creation per replica per
@@ -38,8 +41,12 @@ use crate::session::{Attempt, BoxFuture, Held, NewSession, Reason, SessionError,
 
 /// How often a running identity syncs with the fleet.
 const SYNC_EVERY: Duration = Duration::from_secs(30);
-/// How often a replica waiting for another's renewal looks for it.
+/// How often a replica waiting for another's renewal looks for it, when
+/// no message will say it is stored (the pub/sub connection is down) ...
 const POLL: Duration = Duration::from_millis(50);
+/// ... and when one will: the poll only covers a lost message (or a lock
+/// whose holder died).
+const POLL_SUBSCRIBED: Duration = Duration::from_millis(500);
 
 pub struct FleetSource {
     inner: Box<dyn Source>,
@@ -114,20 +121,32 @@ impl FleetSource {
                 let _ = cluster.unlock(fp, &owner).await;
                 return outcome;
             }
-            // Another replica is renewing: wait for its session, or for
-            // its lease to run out.
+            // Another replica is renewing: wait for its session (its
+            // message, or the next poll), or for its lease to run out.
+            let waiter = cluster.waiter(fp);
             loop {
-                if Instant::now() >= deadline {
-                    return Ok(Err(SessionError::Timeout(self.session_timeout)));
-                }
-                tokio::time::sleep(POLL).await;
-                if let Some(stored) = cluster.session(fp).await? {
-                    if let Some(adopted) = self.newer(attempt, &stored, dead_token) {
+                let stored = waiter.signal.notified();
+                tokio::pin!(stored);
+                stored.as_mut().enable();
+                if let Some(session) = cluster.session(fp).await? {
+                    if let Some(adopted) = self.newer(attempt, &session, dead_token) {
                         return Ok(Ok(adopted));
                     }
                 }
                 if !cluster.locked(fp).await? {
                     break;
+                }
+                if Instant::now() >= deadline {
+                    return Ok(Err(SessionError::Timeout(self.session_timeout)));
+                }
+                let poll = if cluster.subscribed() {
+                    POLL_SUBSCRIBED
+                } else {
+                    POLL
+                };
+                tokio::select! {
+                    () = stored => {}
+                    () = tokio::time::sleep(poll) => {}
                 }
             }
         }

@@ -11,6 +11,7 @@
 //! | `P:a:F` | string | set aside: QuickBlox refused this pool member's credentials |
 //! | `P:rate` | string | the fleet's `upstream.rate` (GCRA: the theoretical arrival time, µs) |
 //! | `P:replicas` | sorted set | replica id → last heartbeat (ms), for the rate's fallback share |
+//! | `P:n:F` | pub/sub channel | the generation just stored: wakes replicas waiting for it |
 //!
 //! Every call is bounded by `cluster.redis_timeout`. A call that fails or
 //! times out marks Redis down (logged once per change, `qbproxy_cluster_up`)
@@ -23,11 +24,13 @@
 mod crypto;
 mod fleet;
 
+use std::collections::HashMap;
 use std::future::Future;
-use std::sync::atomic::{AtomicU8, AtomicUsize, Ordering};
-use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU8, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
+use futures_util::StreamExt;
 use rand::Rng;
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use redis::{AsyncCommands, RedisResult, Script};
@@ -46,12 +49,16 @@ pub struct Cluster {
 }
 
 struct Inner {
+    /// For the pub/sub connection (`ConnectionManager` cannot subscribe).
+    client: redis::Client,
     conn: ConnectionManager,
     prefix: String,
     timeout: Duration,
     lock_ttl: Duration,
     /// This replica, in the heartbeat set and as lock owner prefix.
     replica: String,
+    /// The Redis server's address (never the URL: it may hold a password).
+    server: String,
     /// `UNKNOWN` until the first call, then `UP` or `DOWN`.
     state: AtomicU8,
     /// Replicas with a heartbeat in the last minute (at least 1: this one).
@@ -59,8 +66,14 @@ struct Inner {
     metrics: Metrics,
     vault: Vault,
     scripts: Scripts,
-    /// Counts the times Redis answered again after it was down.
+    /// Counts the times Redis answered again after it was down. Its
+    /// receivers also learn that the cluster is gone (the sender drops).
     rejoins: tokio::sync::watch::Sender<u64>,
+    /// Replicas' renewal tasks waiting for another's session, by
+    /// fingerprint: woken by the pub/sub message its storing sends.
+    waiting: Mutex<HashMap<String, Arc<tokio::sync::Notify>>>,
+    /// The listener is subscribed: waiters may poll slowly.
+    subscribed: AtomicBool,
 }
 
 const UNKNOWN: u8 = 0;
@@ -102,28 +115,34 @@ impl Cluster {
         metrics: &Metrics,
     ) -> Result<Cluster, redis::RedisError> {
         let client = redis::Client::open(config.redis_url.expose())?;
+        // Where, for the log: host and port or socket path, no password.
+        let server = client.get_connection_info().addr().to_string();
         let manager = ConnectionManagerConfig::new()
             .set_connection_timeout(Some(config.redis_timeout))
             .set_response_timeout(Some(config.redis_timeout))
             .set_number_of_retries(1)
             .set_max_delay(Duration::from_secs(1));
-        let conn = ConnectionManager::new_lazy_with_config(client, manager)?;
+        let conn = ConnectionManager::new_lazy_with_config(client.clone(), manager)?;
         let replica: u64 = rand::rng().random();
         metrics.cluster_up(false);
         metrics.cluster_replicas(1);
         Ok(Cluster {
             inner: Arc::new(Inner {
+                client,
                 conn,
                 prefix: config.key_prefix.clone(),
                 timeout: config.redis_timeout,
                 lock_ttl: config.lock_ttl,
                 replica: format!("{replica:016x}"),
+                server,
                 state: AtomicU8::new(UNKNOWN),
                 alive: AtomicUsize::new(1),
                 metrics: metrics.clone(),
                 vault: Vault::new(auth_secret),
                 scripts: Scripts::default(),
                 rejoins: tokio::sync::watch::Sender::new(0),
+                waiting: Mutex::new(HashMap::new()),
+                subscribed: AtomicBool::new(false),
             }),
         })
     }
@@ -133,6 +152,12 @@ impl Cluster {
     /// fleet notices within a second that it is back. Runs until the app
     /// ends (the task holds the cluster weakly).
     pub fn start_heartbeat(&self) {
+        tracing::info!(
+            redis = %self.inner.server,
+            key_prefix = %self.inner.prefix,
+            replica = %self.inner.replica,
+            "[cluster]: sessions and the upstream rate are shared through Redis"
+        );
         let weak = Arc::downgrade(&self.inner);
         tokio::spawn(async move {
             let mut last: Option<tokio::time::Instant> = None;
@@ -151,6 +176,85 @@ impl Cluster {
                 tokio::time::sleep(PROBE).await;
             }
         });
+    }
+
+    /// Listens for stored sessions (`PSUBSCRIBE P:n:*`) and wakes the
+    /// renewal tasks waiting for them, so a replica adopts another's
+    /// renewal as soon as it is stored rather than at its next poll.
+    /// Polling stays the fallback: a lost message costs at most one poll
+    /// interval. Reconnects every second while Redis is away; ends with
+    /// the cluster.
+    pub fn start_listener(&self) {
+        let weak = Arc::downgrade(&self.inner);
+        let mut gone = self.inner.rejoins.subscribe();
+        let pattern = self.key("n:*");
+        let prefix = self.key("n:");
+        let (client, timeout) = (self.inner.client.clone(), self.inner.timeout);
+        tokio::spawn(async move {
+            loop {
+                let subscribed = tokio::time::timeout(timeout, async {
+                    let mut pubsub = client.get_async_pubsub().await?;
+                    pubsub.psubscribe(&pattern).await?;
+                    RedisResult::Ok(pubsub)
+                })
+                .await;
+                if let Ok(Ok(pubsub)) = subscribed {
+                    let mut messages = pubsub.into_on_message();
+                    set_subscribed(&weak, true);
+                    loop {
+                        let message = tokio::select! {
+                            m = messages.next() => m,
+                            r = gone.changed() => match r {
+                                Ok(()) => continue,
+                                Err(_) => return,
+                            },
+                        };
+                        let Some(message) = message else { break };
+                        let Some(inner) = weak.upgrade() else { return };
+                        if let Some(fp) = message.get_channel_name().strip_prefix(&prefix) {
+                            let waiting = inner.waiting.lock().unwrap_or_else(|p| p.into_inner());
+                            if let Some(signal) = waiting.get(fp) {
+                                signal.notify_waiters();
+                            }
+                        }
+                    }
+                }
+                // Redis is away, or the subscription ended: try again soon.
+                set_subscribed(&weak, false);
+                tokio::select! {
+                    () = tokio::time::sleep(PROBE) => {}
+                    r = gone.changed() => if r.is_err() { return },
+                }
+            }
+        });
+    }
+
+    /// True while stored sessions are announced to this replica: a waiter
+    /// need not poll often.
+    pub fn subscribed(&self) -> bool {
+        self.inner.subscribed.load(Ordering::Relaxed)
+    }
+
+    /// A signal for a renewal task about to wait for another replica's
+    /// session for `fingerprint`; it fires when one is stored.
+    pub fn waiter(&self, fingerprint: &str) -> Waiter {
+        let signal = self
+            .inner
+            .waiting
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .entry(fingerprint.to_owned())
+            .or_default()
+            .clone();
+        Waiter {
+            cluster: self.clone(),
+            fingerprint: fingerprint.to_owned(),
+            signal,
+        }
+    }
+
+    fn stored_channel(&self, fingerprint: &str) -> String {
+        self.key(&format!("n:{fingerprint}"))
     }
 
     async fn heartbeat(&self) {
@@ -348,6 +452,7 @@ impl Cluster {
         session: &Stored,
     ) -> Result<Option<u64>, Down> {
         let key = self.session_key(fingerprint);
+        let channel = self.stored_channel(fingerprint);
         let lock = self.key(&format!("l:{fingerprint}"));
         let blob = self.seal(&key, session).ok_or(Down)?;
         let expires = unix_ms(session.expires);
@@ -362,6 +467,7 @@ impl Cluster {
                     .arg(&owner)
                     .arg(expires)
                     .arg(blob)
+                    .arg(&channel)
                     .invoke_async(&mut conn)
                     .await
             })
@@ -378,6 +484,7 @@ impl Cluster {
         session: &Stored,
     ) -> Result<Option<u64>, Down> {
         let key = self.session_key(fingerprint);
+        let channel = self.stored_channel(fingerprint);
         let blob = self.seal(&key, session).ok_or(Down)?;
         let expires = unix_ms(session.expires);
         let script = self.inner.scripts.publish.clone();
@@ -388,6 +495,7 @@ impl Cluster {
                     .key(&key)
                     .arg(expires)
                     .arg(blob)
+                    .arg(&channel)
                     .invoke_async(&mut conn)
                     .await
             })
@@ -406,6 +514,7 @@ impl Cluster {
         session: &Stored,
     ) -> Result<Option<u64>, Down> {
         let key = self.session_key(fingerprint);
+        let channel = self.stored_channel(fingerprint);
         let blob = self.seal(&key, session).ok_or(Down)?;
         let expires = unix_ms(session.expires);
         let script = self.inner.scripts.replace.clone();
@@ -417,6 +526,7 @@ impl Cluster {
                     .arg(expected)
                     .arg(expires)
                     .arg(blob)
+                    .arg(&channel)
                     .invoke_async(&mut conn)
                     .await
             })
@@ -509,6 +619,37 @@ impl Cluster {
     }
 }
 
+fn set_subscribed(inner: &std::sync::Weak<Inner>, on: bool) {
+    if let Some(inner) = inner.upgrade() {
+        if inner.subscribed.swap(on, Ordering::Relaxed) != on {
+            inner.metrics.cluster_subscribed(on);
+        }
+    }
+}
+
+/// A renewal task's registration for news of a stored session; leaves the
+/// table when the last waiter for that fingerprint is done.
+pub struct Waiter {
+    cluster: Cluster,
+    fingerprint: String,
+    pub signal: Arc<tokio::sync::Notify>,
+}
+
+impl Drop for Waiter {
+    fn drop(&mut self) {
+        let mut waiting = self
+            .cluster
+            .inner
+            .waiting
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        // Ours and the table's: nobody else waits.
+        if Arc::strong_count(&self.signal) <= 2 {
+            waiting.remove(&self.fingerprint);
+        }
+    }
+}
+
 /// What is sealed in a stored session's `blob`.
 #[derive(serde::Serialize, serde::Deserialize)]
 struct Sealed {
@@ -544,6 +685,7 @@ impl Default for Scripts {
                   local gen = (tonumber(redis.call('HGET', KEYS[1], 'gen')) or 0) + 1
                   redis.call('HSET', KEYS[1], 'gen', gen, 'exp', ARGV[2], 'blob', ARGV[3])
                   redis.call('PEXPIREAT', KEYS[1], ARGV[2])
+                  redis.call('PUBLISH', ARGV[4], gen)
                   return gen",
             )),
             // Generation 1, only if the fleet holds nothing.
@@ -551,6 +693,7 @@ impl Default for Scripts {
                 r"if redis.call('EXISTS', KEYS[1]) == 1 then return 0 end
                   redis.call('HSET', KEYS[1], 'gen', 1, 'exp', ARGV[1], 'blob', ARGV[2])
                   redis.call('PEXPIREAT', KEYS[1], ARGV[1])
+                  redis.call('PUBLISH', ARGV[3], 1)
                   return 1",
             )),
             // The next generation, only if the fleet still holds ARGV[1].
@@ -560,6 +703,7 @@ impl Default for Scripts {
                   gen = gen + 1
                   redis.call('HSET', KEYS[1], 'gen', gen, 'exp', ARGV[2], 'blob', ARGV[3])
                   redis.call('PEXPIREAT', KEYS[1], ARGV[2])
+                  redis.call('PUBLISH', ARGV[4], gen)
                   return gen",
             )),
             // A later expiry for the generation held; the expiry now.
