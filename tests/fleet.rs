@@ -245,6 +245,94 @@ async fn waiting_replicas_listen_for_the_stored_session_and_poll_only_as_a_fallb
     assert!(reads <= 3 * 6, "{reads} reads of the stored session");
 }
 
+// Proactive renewal ---------------------------------------------------------
+
+/// Sessions live this long after their last use, and are renewed 3 s
+/// ahead: a replica's own proactive renewal comes due 33 s after the
+/// session was made (never sooner than 30 s after, by design).
+const LIFETIME: Duration = Duration::from_secs(36);
+
+async fn short_lived_sim() -> Sim {
+    let mut config = SimConfig::demo();
+    config.session_lifetime = LIFETIME;
+    Sim::start(config).await.unwrap()
+}
+
+fn renewing_replica(sim: &Sim, redis: &RedisServer) -> Setup {
+    replica(sim, redis).set("quickblox", "renew_before", "\"3s\"")
+}
+
+async fn renewing_fleet(sim: &Sim, redis: &RedisServer) -> [Harness; 3] {
+    three([
+        renewing_replica(sim, redis),
+        renewing_replica(sim, redis),
+        renewing_replica(sim, redis),
+    ])
+    .await
+}
+
+/// How long the replica's default identity thinks its session has left.
+fn left(h: &Harness) -> Duration {
+    let id = h.handle.default_identity();
+    let s = id.current().expect("a session");
+    id.expires_at(&s).saturating_duration_since(Instant::now())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_idle_replica_does_not_renew_a_session_a_busy_one_keeps_alive() {
+    let redis = RedisServer::start().await;
+    let sim = short_lived_sim().await;
+    let fleet = renewing_fleet(&sim, &redis).await;
+    assert_eq!(sim.creations(), 1);
+    let token = fleet[0].token();
+
+    // Replica 0 is busy until well past the moment the idle replicas'
+    // renewal came due by the expiry they saw themselves (33 s).
+    let until = Instant::now() + LIFETIME + Duration::from_secs(3);
+    while Instant::now() < until {
+        assert_eq!(fleet[0].get("/users.json").await.status, StatusCode::OK);
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    assert_eq!(sim.creations(), 1, "no replica renewed a session in use");
+    assert_eq!(tokens(&fleet), HashSet::from([token]));
+    // The idle replicas learnt the expiry the busy one saw: theirs is
+    // well ahead of the 36 s their own last use would give.
+    for h in &fleet[1..] {
+        let left = left(h);
+        assert!(
+            left > Duration::from_secs(20),
+            "{left:?} left on an idle replica"
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_proactive_renewal_of_an_idle_fleet_is_one_creation() {
+    let redis = RedisServer::start().await;
+    let sim = short_lived_sim().await;
+    let fleet = renewing_fleet(&sim, &redis).await;
+    assert_eq!(sim.creations(), 1);
+    let first = fleet[0].token();
+
+    // All three come due at the same moment; one renews, two adopt.
+    for h in &fleet {
+        h.handle
+            .default_identity()
+            .session_where(Instant::now() + LIFETIME + BOUND, |s| {
+                s.token().to_str().unwrap() != first
+            })
+            .await
+            .expect("the renewed session");
+    }
+    assert_eq!(sim.creations(), 2, "one creation for the fleet");
+    assert_eq!(tokens(&fleet).len(), 1, "one token: {:?}", tokens(&fleet));
+    assert_eq!(
+        adoptions(&fleet),
+        2 + 2,
+        "two adoptions at the start, two now"
+    );
+}
+
 // 3 -------------------------------------------------------------------------
 
 async fn sim_with_users(n: u64) -> Sim {

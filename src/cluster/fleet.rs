@@ -27,7 +27,8 @@
 //!
 //! Whenever Redis does not answer in time, the replica creates its session
 //! alone, as without `[cluster]`: at most one creation per replica per
-//! expiry. In the background (`sync`, every ~30 s, and within 2 s of Redis
+//! expiry. In the background (`sync`, every ~30 s or a quarter of
+//! `renew_before` if that is less, and within 2 s of Redis
 //! answering again after it was down) each running identity writes its
 //! expiry to the fleet, adopts a newer session, and publishes its own when
 //! the fleet holds none, so the fleet converges after Redis comes back.

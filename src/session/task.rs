@@ -71,7 +71,7 @@ pub(super) async fn renewal_loop(shared: Arc<Shared>) {
             .source
             .load()
             .sync_every()
-            .map(|every| Instant::now() + jittered(every));
+            .map(|every| Instant::now() + jittered(sync_interval(every, &shared)));
         let mut rejoins = rejoins(&shared);
         let reason = tokio::select! {
             () = sleep_until(sync_at.unwrap_or(due)), if sync_at.is_some_and(|at| at < due) => {
@@ -141,6 +141,18 @@ fn jittered(every: Duration) -> Duration {
     let tenth = every / 10;
     every - tenth + rand::rng().random_range(Duration::ZERO..=tenth * 2)
 }
+
+/// How often to sync with the fleet: the source's interval, but at least
+/// four times within `renew_before`, so that when an idle replica's
+/// proactive renewal comes due, the latest expiry a busy replica saw is
+/// already in the fleet (and it does not renew a session kept alive).
+fn sync_interval(every: Duration, shared: &Shared) -> Duration {
+    every
+        .min(shared.policy.load().renew_before / 4)
+        .max(MIN_SYNC_INTERVAL)
+}
+
+const MIN_SYNC_INTERVAL: Duration = Duration::from_secs(1);
 
 /// When a session should be renewed: `renew_before` ahead of its expiry,
 /// but never sooner than [`MIN_RENEW_INTERVAL`] after it was created, so an
