@@ -23,6 +23,7 @@ mod live;
 mod metrics;
 pub mod overrides;
 mod pool;
+pub mod probe;
 mod proxy;
 pub mod qb;
 mod rate;

@@ -16,32 +16,63 @@ use tokio::net::TcpListener;
 
 /// EX_USAGE from sysexits.h: the configuration is wrong.
 const EXIT_CONFIG: u8 = 64;
+/// Arguments that do not go together (clap's own code for usage errors).
+const EXIT_USAGE: u8 = 2;
 
 #[derive(Parser)]
 #[command(
     version,
-    about = "A reverse proxy for the QuickBlox REST API that creates, injects and renews session tokens"
+    about = "A reverse proxy for the QuickBlox REST API that creates, injects and renews session tokens",
+    after_help = "With no subcommand, qbproxy runs the proxy on the configuration in --config \
+(default ./config.toml). SIGHUP reloads that file; an invalid file is refused and the \
+running configuration stays. SIGTERM or SIGINT drains and stops.",
+    args_override_self = true
 )]
 struct Cli {
     /// The configuration file.
-    #[arg(long, global = true, default_value = "config.toml")]
-    config: PathBuf,
+    #[arg(long, value_name = "FILE")]
+    config: Option<PathBuf>,
+    #[command(flatten)]
+    runtime: RuntimeArgs,
     /// Log format. The level is set with RUST_LOG (default: info).
     #[arg(long, global = true, value_enum, default_value_t = LogFormat::Text)]
     log_format: LogFormat,
-    /// Worker threads [default: the CPUs this process may run on]. With 1,
-    /// everything runs on one thread, which is fastest on a single core.
-    #[arg(long, global = true, env = "QBPROXY_THREADS")]
-    threads: Option<NonZeroUsize>,
     #[command(subcommand)]
     command: Option<Command>,
+}
+
+/// For the commands that serve.
+#[derive(clap::Args, Clone, Copy)]
+struct RuntimeArgs {
+    /// Worker threads [default: the CPUs this process may run on]. With 1,
+    /// everything runs on one thread, which is fastest on a single core.
+    #[arg(long, env = "QBPROXY_THREADS")]
+    threads: Option<NonZeroUsize>,
+}
+
+impl RuntimeArgs {
+    fn threads(self) -> usize {
+        self.threads
+            .or_else(|| std::thread::available_parallelism().ok())
+            .map_or(1, NonZeroUsize::get)
+    }
 }
 
 #[derive(Subcommand)]
 enum Command {
     /// Validate the configuration and exit: 0 if valid, 64 if not.
-    Check,
-    /// Run qbproxy in front of its built-in QuickBlox simulator.
+    Check {
+        /// The configuration file [default: config.toml].
+        #[arg(long, value_name = "FILE")]
+        config: Option<PathBuf>,
+        /// Then create one session per identity (and per pool, one member's)
+        /// against the configured upstream, and print each result: exit 0
+        /// only if every one succeeded, 1 if not.
+        #[arg(long)]
+        probe: bool,
+    },
+    /// Run qbproxy in front of its built-in QuickBlox simulator. Reads no
+    /// configuration file.
     Demo {
         /// Proxy address.
         #[arg(long, default_value = "127.0.0.1:8080")]
@@ -49,9 +80,15 @@ enum Command {
         /// Admin address (/healthz, /readyz, /metrics).
         #[arg(long, default_value = "127.0.0.1:9090")]
         admin: SocketAddr,
+        /// Serve HTTPS, with a certificate from a throw-away CA made at
+        /// start (the official SDKs speak HTTPS only). Prints how to trust it.
+        #[arg(long)]
+        tls: bool,
+        #[command(flatten)]
+        runtime: RuntimeArgs,
     },
     /// Run only the QuickBlox simulator (for trying configs and for bench/).
-    /// It prints its application credentials.
+    /// It prints its application credentials. Reads no configuration file.
     Sim {
         /// Simulator address.
         #[arg(long, default_value = "127.0.0.1:8081")]
@@ -65,8 +102,13 @@ enum Command {
         /// Fail this many session creations (500) before each success.
         #[arg(long, default_value_t = 0)]
         fail_before_success: u32,
+        #[command(flatten)]
+        runtime: RuntimeArgs,
     },
 }
+
+/// The configuration file when none is named.
+const DEFAULT_CONFIG: &str = "config.toml";
 
 #[derive(Clone, Copy, ValueEnum)]
 enum LogFormat {
@@ -77,15 +119,49 @@ enum LogFormat {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     init_logging(cli.log_format);
-    let threads = cli
-        .threads
-        .or_else(|| std::thread::available_parallelism().ok())
-        .map_or(1, NonZeroUsize::get);
+    // What was given before a subcommand belongs to running the proxy.
+    let root_only = |command: &str| -> Option<String> {
+        let given = match (&cli.config, cli.runtime.threads) {
+            (Some(_), _) => "--config",
+            (None, Some(_)) if std::env::var_os("QBPROXY_THREADS").is_none() => "--threads",
+            _ => return None,
+        };
+        Some(format!(
+            "{given} does not apply to `qbproxy {command}`{}",
+            match (command, given) {
+                ("check", "--config") => "; write `qbproxy check --config FILE`",
+                ("check", _) => ": it runs no proxy",
+                _ => ": it runs the built-in simulator and reads no configuration file",
+            }
+        ))
+    };
+    let usage = |message: String| {
+        eprintln!("qbproxy: {message}");
+        ExitCode::from(EXIT_USAGE)
+    };
     match cli.command {
-        Some(Command::Check) => check(&cli.config),
-        Some(Command::Demo { listen, admin }) => {
-            let result = runtime(threads).block_on(async move {
-                qbproxy::demo::run(listen, admin, shutdown_signal()).await
+        Some(Command::Check { ref config, probe }) => {
+            if let Some(m) = root_only("check") {
+                return usage(m);
+            }
+            let path = config.clone().unwrap_or_else(|| DEFAULT_CONFIG.into());
+            check(&path, probe)
+        }
+        Some(Command::Demo {
+            listen,
+            admin,
+            tls,
+            runtime,
+        }) => {
+            if let Some(m) = root_only("demo") {
+                return usage(m);
+            }
+            let result = self::runtime(runtime.threads()).block_on(async move {
+                qbproxy::demo::run(
+                    qbproxy::demo::DemoArgs { listen, admin, tls },
+                    shutdown_signal(),
+                )
+                .await
             });
             exit(result)
         }
@@ -94,14 +170,23 @@ fn main() -> ExitCode {
             users,
             creation_delay,
             fail_before_success,
-        }) => sim(
-            threads,
-            listen,
-            users,
-            creation_delay.unwrap_or_default(),
-            fail_before_success,
-        ),
-        None => serve(threads, &cli.config),
+            runtime,
+        }) => {
+            if let Some(m) = root_only("sim") {
+                return usage(m);
+            }
+            sim(
+                runtime.threads(),
+                listen,
+                users,
+                creation_delay.unwrap_or_default(),
+                fail_before_success,
+            )
+        }
+        None => {
+            let path = cli.config.clone().unwrap_or_else(|| DEFAULT_CONFIG.into());
+            serve(cli.runtime.threads(), &path)
+        }
     }
 }
 
@@ -140,27 +225,65 @@ fn sim(
     exit(result)
 }
 
-fn check(path: &std::path::Path) -> ExitCode {
-    match Config::load(path) {
-        Ok(c) => {
-            for w in &c.warnings {
-                eprintln!("qbproxy: warning: {w}");
-            }
-            let names: Vec<&str> = c.identities.iter().map(|i| i.name.as_str()).collect();
-            println!(
-                "{}: ok (upstream {}://{}, identities: {})",
-                path.display(),
-                c.upstream.scheme,
-                c.upstream.authority,
-                names.join(", ")
-            );
-            ExitCode::SUCCESS
-        }
+fn check(path: &std::path::Path, probe: bool) -> ExitCode {
+    let config = match Config::load(path) {
+        Ok(c) => c,
         Err(e) => {
             eprintln!("qbproxy: {e}");
-            ExitCode::from(EXIT_CONFIG)
+            return ExitCode::from(EXIT_CONFIG);
+        }
+    };
+    for w in &config.warnings {
+        eprintln!("qbproxy: warning: {w}");
+    }
+    println!(
+        "{}: ok (upstream {}://{}, {})",
+        path.display(),
+        config.upstream.scheme,
+        config.upstream.authority,
+        summary(&config)
+    );
+    if !probe {
+        return ExitCode::SUCCESS;
+    }
+    let probed = runtime(1).block_on(qbproxy::probe::probe(&config, |p| println!("probe {p}")));
+    match probed {
+        Ok(results) => {
+            let failed = results.iter().filter(|p| p.outcome.is_err()).count();
+            if failed == 0 {
+                println!("probe: all {} succeeded", results.len());
+                ExitCode::SUCCESS
+            } else {
+                println!("probe: {failed} of {} failed", results.len());
+                ExitCode::FAILURE
+            }
+        }
+        Err(e) => {
+            eprintln!("qbproxy: cannot probe: {e}");
+            ExitCode::FAILURE
         }
     }
+}
+
+/// `identities: a, b; pools: load (500 members)`: pools summarised, never
+/// their members one by one.
+fn summary(config: &Config) -> String {
+    let names: Vec<&str> = config
+        .identities
+        .iter()
+        .filter(|i| i.pool.is_none())
+        .map(|i| i.name.as_str())
+        .collect();
+    let mut parts = vec![format!("identities: {}", names.join(", "))];
+    if !config.pools.is_empty() {
+        let pools: Vec<String> = config
+            .pools
+            .iter()
+            .map(|p| format!("{} ({} members)", p.name, p.members.len()))
+            .collect();
+        parts.push(format!("pools: {}", pools.join(", ")));
+    }
+    parts.join("; ")
 }
 
 fn serve(threads: usize, path: &std::path::Path) -> ExitCode {

@@ -26,6 +26,7 @@ use hyper::body::Incoming;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpListener;
 use tokio::sync::{watch, Notify};
 use tokio_rustls::TlsAcceptor;
@@ -305,7 +306,7 @@ where
                         let _permit = permit;
                         let _open = open;
                         let result = match tls {
-                            None => drive(&builder, TokioIo::new(stream), service, &state, shutdown, &options, peer, name).await,
+                            None => drive(&builder, TokioIo::new(Sniffed::new(stream, name, peer)), service, &state, shutdown, &options, peer, name).await,
                             Some(config) => {
                                 let accept = TlsAcceptor::from(config).accept(stream);
                                 let stream = match tokio::time::timeout(options.header_read_timeout, accept).await {
@@ -462,4 +463,84 @@ fn connection_builder(options: &Options) -> auto::Builder<TokioExecutor> {
         .keep_alive_interval(Some(options.header_read_timeout))
         .keep_alive_timeout(options.header_read_timeout);
     builder
+}
+
+/// A plain connection whose first bytes are looked at once: a TLS record
+/// (a handshake, 0x16, which no HTTP/1 method or HTTP/2 preface starts
+/// with) means a client speaks HTTPS to a plain listener, which hyper would
+/// report only as a parse error at debug level, and the client as an
+/// empty answer.
+struct Sniffed<I> {
+    io: I,
+    looked: bool,
+    listener: &'static str,
+    peer: SocketAddr,
+}
+
+impl<I> Sniffed<I> {
+    fn new(io: I, listener: &'static str, peer: SocketAddr) -> Sniffed<I> {
+        Sniffed {
+            io,
+            looked: false,
+            listener,
+            peer,
+        }
+    }
+}
+
+/// The first byte of a TLS handshake record (a ClientHello).
+const TLS_HANDSHAKE: u8 = 0x16;
+
+impl<I: AsyncRead + Unpin> AsyncRead for Sniffed<I> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        let before = buf.filled().len();
+        let this = &mut *self;
+        let polled = Pin::new(&mut this.io).poll_read(cx, buf);
+        if !this.looked && buf.filled().len() > before {
+            this.looked = true;
+            if buf.filled()[before] == TLS_HANDSHAKE {
+                tracing::warn!(
+                    listener = this.listener,
+                    peer = %this.peer,
+                    "a TLS handshake (ClientHello) arrived on a plain HTTP listener: the client speaks HTTPS; \
+                     give it an http:// URL, or give the listener tls_cert and tls_key (qbproxy demo --tls)"
+                );
+            }
+        }
+        polled
+    }
+}
+
+impl<I: AsyncWrite + Unpin> AsyncWrite for Sniffed<I> {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.io).poll_write(cx, buf)
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.io).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.io.is_write_vectored()
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.io).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.io).poll_shutdown(cx)
+    }
 }

@@ -253,9 +253,24 @@ fn the_example_config_passes_check() {
 /// do what they say, stop with Ctrl-C (SIGINT).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_demo_works_as_printed() {
+    demo_as_printed(false).await;
+}
+
+/// `demo --tls`, for the official SDKs (HTTPS only): the printed URL is
+/// https, and the printed CA is all a client needs to trust it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_tls_demo_works_as_printed_with_the_ca_it_prints() {
+    demo_as_printed(true).await;
+}
+
+async fn demo_as_printed(tls: bool) {
     use tokio::io::AsyncReadExt;
+    let mut args = vec!["demo", "--listen", "127.0.0.1:0", "--admin", "127.0.0.1:0"];
+    if tls {
+        args.push("--tls");
+    }
     let mut child = tokio::process::Command::new(BIN)
-        .args(["demo", "--listen", "127.0.0.1:0", "--admin", "127.0.0.1:0"])
+        .args(&args)
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .kill_on_drop(true)
@@ -296,9 +311,41 @@ async fn the_demo_works_as_printed() {
         assert!(printed.contains(url.as_str()), "{url} in\n{printed}");
     }
 
+    // Trusting only what the demo printed (no system roots).
+    let mut roots = rustls::RootCertStore::empty();
+    let mut printed_ca = None;
+    if tls {
+        assert!(proxy.starts_with("https://"), "{printed}");
+        let ca = printed_url("ca");
+        printed_ca = Some(ca.clone());
+        let line = format!("NODE_EXTRA_CA_CERTS={ca}");
+        assert!(printed.contains(&line), "{line} in\n{printed}");
+        assert!(
+            printed.contains(&format!("curl --cacert {ca} -s")),
+            "{printed}"
+        );
+        use rustls::pki_types::pem::PemObject;
+        for cert in rustls::pki_types::CertificateDer::pem_file_iter(&ca).unwrap() {
+            roots.add(cert.unwrap()).unwrap();
+        }
+    } else {
+        assert!(proxy.starts_with("http://"), "{printed}");
+    }
+    let tls_config = rustls::ClientConfig::builder_with_provider(std::sync::Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .unwrap()
+    .with_root_certificates(roots)
+    .with_no_client_auth();
+    let https = hyper_rustls::HttpsConnectorBuilder::new()
+        .with_tls_config(tls_config)
+        .https_or_http()
+        .enable_http1()
+        .build();
     let client: hyper_util::client::legacy::Client<_, http_body_util::Full<bytes::Bytes>> =
         hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
-            .build(hyper_util::client::legacy::connect::HttpConnector::new());
+            .build(https);
     let call = |method: &str, url: String, body: &'static str| {
         let req = http::Request::builder()
             .method(method)
@@ -365,6 +412,10 @@ async fn the_demo_works_as_printed() {
         err.contains("reason=\"expired\""),
         "one log line for the renewal: {err}"
     );
+    if let Some(ca) = printed_ca {
+        let dir = std::path::Path::new(&ca).parent().unwrap();
+        assert!(!dir.exists(), "the demo's certificates go with it");
+    }
 }
 
 /// SIGHUP on the real binary: a valid new config applies at once (a new
@@ -567,4 +618,157 @@ async fn the_open_file_limit_is_raised_and_a_short_one_is_warned_about() {
     assert!(line.contains("limit=1024"), "{line}");
     signal(&child, "TERM");
     exits_cleanly(&mut child).await;
+}
+
+// The first hour: what a new user runs -----------------------------------
+
+fn run(args: &[&str]) -> std::process::Output {
+    Command::new(BIN)
+        .args(args)
+        .env_remove("QBPROXY_THREADS")
+        .output()
+        .unwrap()
+}
+
+#[test]
+fn subcommands_refuse_options_that_do_not_apply_to_them() {
+    for (args, says) in [
+        (&["demo", "--config", "x.toml"][..], "--config"),
+        (&["sim", "--config", "x.toml"], "--config"),
+        (
+            &["--config", "x.toml", "demo"],
+            "reads no configuration file",
+        ),
+        (
+            &["--config", "x.toml", "sim"],
+            "reads no configuration file",
+        ),
+        (
+            &["--config", "x.toml", "check"],
+            "qbproxy check --config FILE",
+        ),
+        (&["--threads", "2", "check"], "runs no proxy"),
+        (&["check", "--threads", "2"], "--threads"),
+    ] {
+        let out = run(args);
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{args:?}: {err}");
+        assert!(err.contains(says), "{args:?}: {err}");
+    }
+}
+
+#[test]
+fn help_says_what_no_subcommand_does_and_check_lists_only_its_options() {
+    let help = String::from_utf8(run(&["--help"]).stdout).unwrap();
+    assert!(
+        help.contains("With no subcommand, qbproxy runs the proxy"),
+        "{help}"
+    );
+    assert!(help.contains("SIGHUP reloads"), "{help}");
+    let check = String::from_utf8(run(&["check", "--help"]).stdout).unwrap();
+    assert!(
+        check.contains("--config") && check.contains("--probe"),
+        "{check}"
+    );
+    assert!(!check.contains("--threads"), "{check}");
+    let demo = String::from_utf8(run(&["demo", "--help"]).stdout).unwrap();
+    assert!(
+        demo.contains("--threads") && demo.contains("--tls"),
+        "{demo}"
+    );
+    assert!(!demo.contains("--config"), "{demo}");
+}
+
+#[test]
+fn check_summarises_pools() {
+    let dir = TempDir::new("pools");
+    let cfg = dir.file(
+        "config.toml",
+        &format!(
+            "{GOOD}[[pool]]\nname = \"load\"\nlogin = \"load-{{n}}\"\ncount = 500\npassword = \"pw-{{n}}\"\n"
+        ),
+    );
+    let out = check(&cfg);
+    let said = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(out.status.code(), Some(0), "{said}");
+    assert!(
+        said.contains("identities: bot; pools: load (500 members)"),
+        "{said}"
+    );
+    assert!(!said.contains("load-2"), "members are not listed: {said}");
+}
+
+/// A config in front of `sim` with a good identity, one with a wrong
+/// password, and a pool of three.
+fn probe_config(dir: &TempDir, sim: &Sim, wrong: bool) -> PathBuf {
+    let app = sim.config();
+    let bad = if wrong {
+        "[[identity]]\nname = \"typo\"\nlogin = \"demo\"\npassword = \"demo-pasword\"\n"
+    } else {
+        ""
+    };
+    dir.file(
+        "config.toml",
+        &format!(
+            "[upstream]\nurl = \"{}\"\n[quickblox]\napplication_id = \"{}\"\nauth_key = \"{}\"\n\
+             auth_secret = \"{}\"\n[[identity]]\nname = \"app\"\n\
+             [[identity]]\nname = \"demo\"\nlogin = \"demo\"\npassword = \"demo-password\"\n{bad}\
+             [[pool]]\nname = \"load\"\nlogin = \"loadtest-{{n}}\"\ncount = 3\npassword = \"pw-{{n}}\"\n",
+            sim.url(),
+            app.application_id,
+            app.auth_key,
+            app.auth_secret,
+        ),
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn check_probe_creates_one_session_per_identity_and_says_each_result() {
+    let sim = Sim::start(SimConfig::demo().with_users("loadtest-{n}", "pw-{n}", 1..=3))
+        .await
+        .unwrap();
+    let dir = TempDir::new("probe");
+
+    let good = probe_config(&dir, &sim, false);
+    let out = tokio::task::spawn_blocking(move || {
+        run(&["check", "--probe", "--config", good.to_str().unwrap()])
+    })
+    .await
+    .unwrap();
+    let said = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert_eq!(out.status.code(), Some(0), "{said}");
+    assert!(
+        said.contains("probe app: ok (application session)"),
+        "{said}"
+    );
+    assert!(said.contains("probe demo: ok (user 1001)"), "{said}");
+    assert!(
+        said.contains("probe load (member load-1): ok (user"),
+        "{said}"
+    );
+    assert!(said.contains("probe: all 3 succeeded"), "{said}");
+    assert_eq!(sim.creations(), 3, "one creation each, one for the pool");
+
+    let wrong = probe_config(&dir, &sim, true);
+    let out = tokio::task::spawn_blocking(move || {
+        run(&["check", "--probe", "--config", wrong.to_str().unwrap()])
+    })
+    .await
+    .unwrap();
+    let said = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert_eq!(out.status.code(), Some(1), "{said}");
+    let typo = said
+        .lines()
+        .find(|l| l.starts_with("probe typo:"))
+        .unwrap_or_else(|| panic!("a line for typo: {said}"));
+    assert!(
+        typo.contains("FAILED") && typo.contains("Unauthorized") && typo.contains("401"),
+        "{typo}"
+    );
+    assert!(
+        said.contains("probe demo: ok"),
+        "the others still probed: {said}"
+    );
+    assert!(said.contains("probe: 1 of 4 failed"), "{said}");
+    assert!(!said.contains("demo-pasword"), "no password in the output");
 }

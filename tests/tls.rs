@@ -373,3 +373,24 @@ async fn the_upstream_client_uses_http2_when_offered_unless_turned_off() {
         http::Version::HTTP_11
     );
 }
+
+/// An HTTPS client pointed at a plain listener (the official JS SDK speaks
+/// HTTPS only) fails; the log says why, and plain clients go on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_tls_client_on_a_plain_listener_is_named_in_the_log() {
+    let logs = common::capture_logs();
+    let h = setup().start().await;
+    h.ready().await;
+    let client = https_client(&Ca::new("unused"), None);
+    let tried = https_get(&client, format!("https://{}/users.json", h.proxy)).await;
+    assert!(tried.is_err(), "{tried:?}");
+    assert!(
+        logs.has_line(&[
+            "a TLS handshake (ClientHello) arrived on a plain HTTP listener",
+            "listener=\"proxy\"",
+        ]),
+        "{}",
+        logs.text()
+    );
+    assert_eq!(h.get("/users.json").await.status, http::StatusCode::OK);
+}

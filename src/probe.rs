@@ -1,0 +1,88 @@
+//! `qbproxy check --probe`: before going live, one session creation per
+//! identity (and one member per pool) against the configured upstream,
+//! each result on its own line. The only other way to learn that a
+//! password is wrong is to start the proxy and wait through `retry_wait`.
+
+use std::sync::Arc;
+
+use crate::config::{Config, IdentityConfig};
+use crate::metrics::Metrics;
+use crate::session::{Attempt, Reason, SessionError, Source};
+use crate::upstream::{self, ClockOffset, Endpoint, SessionCreator};
+
+/// One identity's result.
+pub struct Probed {
+    /// The identity, or `pool (member name)` for a pool's member.
+    pub what: String,
+    pub outcome: Result<Created, SessionError>,
+}
+
+/// A session was created: whose.
+pub struct Created {
+    /// 0 for an application session.
+    pub user_id: u64,
+}
+
+impl std::fmt::Display for Probed {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match &self.outcome {
+            Ok(Created { user_id: 0 }) => write!(f, "{}: ok (application session)", self.what),
+            Ok(Created { user_id }) => write!(f, "{}: ok (user {user_id})", self.what),
+            Err(e) => write!(f, "{}: FAILED: {e}", self.what),
+        }
+    }
+}
+
+/// What is probed: every identity outside a pool, and each pool's first
+/// member (members share everything but their login).
+fn targets(config: &Config) -> Vec<(String, &IdentityConfig)> {
+    let mut out: Vec<(String, &IdentityConfig)> = config
+        .identities
+        .iter()
+        .filter(|id| id.pool.is_none())
+        .map(|id| (id.name.clone(), id))
+        .collect();
+    for pool in &config.pools {
+        if let Some(&first) = pool.members.first() {
+            let member = config.identity(first);
+            out.push((format!("{} (member {})", pool.name, member.name), member));
+        }
+    }
+    out
+}
+
+/// Creates one session per target, one after another (each bounded by
+/// `quickblox.session_timeout`), calling `each` with every result as it
+/// comes. The sessions are left to lapse: they are not logged out, which
+/// would need a second call per identity and proves nothing more.
+pub async fn probe(
+    config: &Config,
+    mut each: impl FnMut(&Probed),
+) -> Result<Vec<Probed>, std::io::Error> {
+    let endpoint = Arc::new(Endpoint {
+        client: upstream::client(&config.upstream)?,
+        upstream: config.upstream.clone(),
+        quickblox: config.quickblox.clone(),
+        clock: Arc::new(ClockOffset::default()),
+        rate: None,
+        metrics: Metrics::new(),
+    });
+    let mut results = Vec::new();
+    for (what, identity) in targets(config) {
+        let creator = SessionCreator::new(endpoint.clone(), identity.credentials.clone());
+        let attempt = Attempt {
+            reason: Reason::Startup,
+            held: None,
+            refused: None,
+            renew_before: config.quickblox.renew_before,
+        };
+        let outcome = creator
+            .create(attempt)
+            .await
+            .map(|s| Created { user_id: s.user_id });
+        let probed = Probed { what, outcome };
+        each(&probed);
+        results.push(probed);
+    }
+    Ok(results)
+}
