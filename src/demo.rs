@@ -175,11 +175,12 @@ pub async fn run(args: DemoArgs, shutdown: impl Future<Output = ()>) -> Result<(
     let handle = app.handle();
     let sim_url = sim.url();
     let ca_path = ca.as_ref().map(DemoCa::ca);
+    let app_id = sim.config().application_id.clone();
     tokio::spawn(async move {
         handle.ready().await;
         println!(
             "{}",
-            instructions(&sim_url, listen, admin, ca_path.as_deref())
+            instructions(&sim_url, &app_id, listen, admin, ca_path.as_deref())
         );
     });
     app.run(
@@ -195,7 +196,13 @@ pub async fn run(args: DemoArgs, shutdown: impl Future<Output = ()>) -> Result<(
     Ok(())
 }
 
-fn instructions(sim: &str, listen: SocketAddr, admin: SocketAddr, ca: Option<&Path>) -> String {
+fn instructions(
+    sim: &str,
+    app_id: &str,
+    listen: SocketAddr,
+    admin: SocketAddr,
+    ca: Option<&Path>,
+) -> String {
     let (p, curl, trust) = match ca {
         None => (format!("http://{listen}"), "curl".to_owned(), String::new()),
         Some(ca) => {
@@ -206,10 +213,12 @@ fn instructions(sim: &str, listen: SocketAddr, admin: SocketAddr, ca: Option<&Pa
                 format!(
                     r#"
 HTTPS, with a certificate from a CA made for this demo (removed when it stops):
-  ca         {ca}
-  curl       curl --cacert {ca} ...
-  Node.js    NODE_EXTRA_CA_CERTS={ca} node your-script.js
-  An official SDK: init with any token, set the API endpoint to {listen}.
+  ca           {ca}
+  application  {app_id}
+  curl         curl --cacert {ca} ...
+  Node.js      NODE_EXTRA_CA_CERTS={ca} node your-script.js
+  An official SDK: init with any token, application {app_id}, API endpoint {listen}
+  (JS: QB.init("any-token", {app_id}, null, {{endpoints: {{api: "{listen}"}}}})).
 "#
                 ),
             )

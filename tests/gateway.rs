@@ -149,7 +149,7 @@ async fn clients_are_held_to_their_identities_and_path_rules() {
         "qbproxy: client \"billing\" may not DELETE /users/5.json (deny_paths rule \"DELETE /users/*\")"
     );
     assert_eq!(
-        h.send(Method::GET, "/users/5.json", &billing, Bytes::new())
+        h.send(Method::GET, "/users/1002.json", &billing, Bytes::new())
             .await
             .status,
         StatusCode::OK
@@ -157,7 +157,7 @@ async fn clients_are_held_to_their_identities_and_path_rules() {
     // Allow rules.
     let ops = [("QBProxy-Key", OPS_KEY)];
     assert_eq!(
-        h.send(Method::GET, "/users/5.json", &ops, Bytes::new())
+        h.send(Method::GET, "/users/1002.json", &ops, Bytes::new())
             .await
             .status,
         StatusCode::OK
@@ -184,8 +184,8 @@ async fn clients_are_held_to_their_identities_and_path_rules() {
         forwarded,
         [
             "/users.json",
-            "/users/5.json",
-            "/users/5.json",
+            "/users/1002.json",
+            "/users/1002.json",
             "/chat/Message.json"
         ]
     );

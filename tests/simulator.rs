@@ -159,3 +159,150 @@ async fn a_request_dropped_while_held_at_a_gate_is_counted_out() {
     .await;
     assert_eq!(h.sim.max_held_at_gates(), 1);
 }
+
+/// The echo every answer carries: what the simulator received, headers
+/// included, with the token qbproxy added shown as a prefix only.
+#[tokio::test]
+async fn the_echo_shows_the_headers_with_the_token_as_a_prefix_and_the_body_hash() {
+    let h = common::setup().start().await;
+    h.ready().await;
+    let body = r#"{"title":"echoed"}"#;
+    let a = h
+        .send(
+            Method::POST,
+            "/data/Note.json",
+            &[("Content-Type", "application/json"), ("X-Trace", "abc-123")],
+            body,
+        )
+        .await;
+    assert_eq!(a.status, StatusCode::OK, "{}", a.text());
+    let echo = &a.json()["echo"];
+    let token = h.token();
+    assert_eq!(echo["headers"]["x-trace"], "abc-123");
+    assert_eq!(echo["headers"]["content-type"], "application/json");
+    assert_eq!(
+        echo["headers"]["qb-token"],
+        qbproxy::qb::token_prefix(&token)
+    );
+    assert!(!a.text().contains(&token), "the whole token never shows");
+    assert_eq!(echo["body_bytes"], body.len());
+    let sha = ring::digest::digest(&ring::digest::SHA256, body.as_bytes());
+    assert_eq!(echo["body_sha256"], hex::encode(sha));
+}
+
+/// The common endpoints in QuickBlox's shapes, as the SDKs read them,
+/// through qbproxy: users, dialogs, messages, custom objects, files.
+#[tokio::test]
+async fn common_endpoints_answer_in_quickblox_shapes() {
+    let h = common::setup().start().await;
+    h.ready().await;
+    let json = [("Content-Type", "application/json")];
+    let form = [("Content-Type", "application/x-www-form-urlencoded")];
+
+    let users = h.get("/users.json?page=1&per_page=1").await.json();
+    assert_eq!(users["per_page"], 1);
+    assert_eq!(users["total_entries"], 2);
+    assert_eq!(users["items"][0]["user"]["login"], "demo");
+    let user = h.get("/users/1002.json").await.json();
+    assert_eq!(user["user"]["id"], 1002);
+    let missing = h.get("/users/5.json").await;
+    assert_eq!(missing.status, StatusCode::NOT_FOUND);
+    assert!(missing.json()["errors"]["base"].is_array());
+
+    // A form, as the JS SDK sends it.
+    let dialog = h
+        .send(
+            Method::POST,
+            "/chat/Dialog.json",
+            &form,
+            "name=team&occupants_ids%5B%5D=1002&type=2",
+        )
+        .await
+        .json();
+    let id = dialog["_id"].as_str().unwrap().to_owned();
+    assert_eq!(id.len(), 24, "{dialog}");
+    assert_eq!(dialog["occupants_ids"], serde_json::json!([1001, 1002]));
+    assert_eq!(dialog["user_id"], 1001);
+    assert!(dialog["xmpp_room_jid"]
+        .as_str()
+        .unwrap()
+        .ends_with("@muc.chat.quickblox.com"));
+    let listed = h.get("/chat/Dialog.json").await.json();
+    assert_eq!(listed["items"][0]["_id"], id.as_str());
+
+    let message = h
+        .send(
+            Method::POST,
+            "/chat/Message.json",
+            &json,
+            format!(r#"{{"chat_dialog_id":"{id}","message":"hi"}}"#),
+        )
+        .await
+        .json();
+    assert_eq!(message["chat_dialog_id"], id.as_str());
+    assert_eq!(message["sender_id"], 1001);
+    let listed = h.get("/chat/Dialog.json").await.json();
+    assert_eq!(listed["items"][0]["last_message"], "hi");
+    let messages = h
+        .get(&format!("/chat/Message.json?chat_dialog_id={id}"))
+        .await
+        .json();
+    assert_eq!(messages["items"][0]["message"], "hi");
+
+    let note = h
+        .send(Method::POST, "/data/Note.json", &json, r#"{"title":"t"}"#)
+        .await
+        .json();
+    assert_eq!(note["title"], "t");
+    assert_eq!(note["user_id"], 1001);
+    assert!(note["_id"].is_string() && note["created_at"].is_u64());
+    let notes = h.get("/data/Note.json").await.json();
+    assert_eq!(notes["class_name"], "Note");
+    assert_eq!(notes["items"][0]["_id"], note["_id"]);
+
+    // A file: the record, the upload to the URL it names (S3's stand-in,
+    // without a token), completion, then its info.
+    let created = h
+        .send(
+            Method::POST,
+            "/blobs.json",
+            &form,
+            "blob%5Bcontent_type%5D=text%2Fplain&blob%5Bname%5D=a.txt",
+        )
+        .await;
+    assert_eq!(created.status, StatusCode::CREATED);
+    let blob = created.json()["blob"].clone();
+    let upload = blob["blob_object_access"]["params"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    assert!(
+        upload.starts_with(&format!("{}/_sim/upload?", h.sim.url())),
+        "{upload}"
+    );
+    let key = blob["uid"].as_str().unwrap();
+    let multipart = format!(
+        "--b\r\nContent-Disposition: form-data; name=\"key\"\r\n\r\n{key}\r\n\
+         --b\r\nContent-Disposition: form-data; name=\"file\"; filename=\"a.txt\"\r\n\r\nhello\r\n--b--\r\n"
+    );
+    let uploaded = common::send(
+        &common::client(),
+        h.sim.addr(),
+        Method::POST,
+        "/_sim/upload",
+        &[("Content-Type", "multipart/form-data; boundary=b")],
+        Bytes::from(multipart),
+    )
+    .await;
+    assert_eq!(uploaded.status, StatusCode::CREATED, "{}", uploaded.text());
+    let path = format!("/blobs/{}/complete.json", blob["id"]);
+    let done = h.send(Method::PUT, &path, &form, "size=5").await;
+    assert_eq!(done.status, StatusCode::OK);
+    assert!(
+        done.body.is_empty(),
+        "QuickBlox answers completion with no body"
+    );
+    let info = h.get(&format!("/blobs/{}.json", blob["id"])).await.json();
+    assert_eq!(info["blob"]["size"], 5);
+    assert_eq!(info["blob"]["blob_status"], "complete");
+}

@@ -7,6 +7,7 @@ use http::{Method, Response, StatusCode};
 use crate::body::Body;
 use crate::qb;
 
+use super::resources::Call;
 use super::sessions::session_json;
 use super::*;
 
@@ -142,18 +143,70 @@ impl Sim {
                 permit.forget();
             }
         }
-        let body = match (&parts.method, path, session_body) {
-            (&Method::GET, "/session.json", Some(s)) => s,
-            _ => serde_json::json!({
-                "echo": {
-                    "method": parts.method.as_str(),
-                    "path": parts.uri.path_and_query().map_or(path, |pq| pq.as_str()),
-                    "user_id": user_id,
-                    "body_bytes": body.len(),
-                }
-            })
-            .to_string(),
+        if let (&Method::GET, "/session.json", Some(s)) = (&parts.method, path, &session_body) {
+            return self.json(StatusCode::OK, s.clone(), Some(expires_at));
+        }
+        let call = Call {
+            method: &parts.method,
+            path,
+            query: parts.uri.query().unwrap_or(""),
+            headers: &parts.headers,
+            body: &body,
+            user_id,
+            now,
+            sim_url: &self.url(),
         };
-        self.json(StatusCode::OK, body, Some(expires_at))
+        let answered = self.state().resources.answer(&self.shared.config, &call);
+        let echo = echo(&parts, &body, user_id);
+        match answered {
+            // A body-less answer stays body-less (the SDKs read it as text).
+            Some((status, None)) => self.json(status, String::new(), Some(expires_at)),
+            Some((status, Some(mut shaped))) => {
+                if let serde_json::Value::Object(fields) = &mut shaped {
+                    fields.insert("echo".into(), echo);
+                }
+                self.json(status, shaped.to_string(), Some(expires_at))
+            }
+            None => self.json(
+                StatusCode::OK,
+                serde_json::json!({ "echo": echo }).to_string(),
+                Some(expires_at),
+            ),
+        }
     }
+}
+
+/// What the simulator received, as every answer to a call with a session
+/// shows it: method, path and query, the user, the headers (a token or key
+/// shown as a prefix only), and the body's length and SHA-256.
+fn echo(parts: &http::request::Parts, body: &[u8], user_id: u64) -> serde_json::Value {
+    let mut headers = serde_json::Map::new();
+    for (name, value) in &parts.headers {
+        let value = String::from_utf8_lossy(value.as_bytes());
+        let shown = match name.as_str() {
+            "qb-token" => qb::token_prefix(&value),
+            "authorization" => match value.split_once(' ') {
+                Some((scheme, secret)) => format!("{scheme} {}", qb::token_prefix(secret)),
+                None => qb::token_prefix(&value),
+            },
+            _ => value.into_owned(),
+        };
+        match headers.get_mut(name.as_str()) {
+            Some(serde_json::Value::String(first)) => {
+                first.push_str(", ");
+                first.push_str(&shown);
+            }
+            _ => {
+                headers.insert(name.as_str().to_owned(), shown.into());
+            }
+        }
+    }
+    serde_json::json!({
+        "method": parts.method.as_str(),
+        "path": parts.uri.path_and_query().map_or(parts.uri.path(), |pq| pq.as_str()),
+        "user_id": user_id,
+        "headers": headers,
+        "body_bytes": body.len(),
+        "body_sha256": hex::encode(ring::digest::digest(&ring::digest::SHA256, body)),
+    })
 }

@@ -33,6 +33,7 @@ use crate::server::{self, Conn};
 
 mod api;
 mod params;
+mod resources;
 mod sessions;
 
 /// The application and users the simulator knows.
@@ -206,6 +207,8 @@ struct State {
     held: u64,
     max_held: u64,
     next_id: u64,
+    /// Dialogs, messages, custom objects and files, in QuickBlox's shapes.
+    resources: resources::Resources,
 }
 
 struct SimSession {
@@ -466,6 +469,19 @@ impl Sim {
             }
             (&Method::GET, "/_sim/stats") => {
                 self.json(StatusCode::OK, self.stats().to_string(), None)
+            }
+            // The stand-in for S3: files go here, without a token, as the
+            // SDKs send them to the URL `POST /blobs.json` answered.
+            (&Method::POST, "/_sim/upload") => {
+                let query = parts.uri.query().unwrap_or("");
+                let (status, xml) = self.state().resources.upload(query, &body);
+                let mut resp = Response::new(Body::full(xml));
+                *resp.status_mut() = status;
+                resp.headers_mut().insert(
+                    header::CONTENT_TYPE,
+                    HeaderValue::from_static("application/xml"),
+                );
+                resp
             }
             (&Method::POST, "/session.json") | (&Method::POST, "/session") => {
                 self.create_session(&parts.headers, &body).await

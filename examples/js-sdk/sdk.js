@@ -1,0 +1,112 @@
+// QuickBlox's official JavaScript SDK (the `quickblox` npm package),
+// unchanged, through qbproxy. It holds no application secret and no real
+// session: it is initialised with a placeholder token, and qbproxy puts its
+// own session on every call. Run it with ./run.sh, which starts
+// `qbproxy demo --tls`, or by hand:
+//
+//   NODE_EXTRA_CA_CERTS=<the printed ca.pem> QB_API=127.0.0.1:8080 \
+//   QB_APP_ID=76730 QB_SIM=http://127.0.0.1:8081 node sdk.js
+'use strict';
+
+const QB = require('quickblox');
+
+const api = process.env.QB_API || '127.0.0.1:8080';
+const appId = Number(process.env.QB_APP_ID || 76730);
+const sim = process.env.QB_SIM; // the demo's simulator, to expire its sessions
+const PLACEHOLDER = 'placeholder-token-qbproxy-replaces-it';
+
+// Any token will do: qbproxy replaces it with the session it holds.
+QB.init(PLACEHOLDER, appId, null, {
+  endpoints: { api, chat: 'chat.invalid' },
+  debug: { mode: 0 },
+});
+
+// The SDK's callbacks, as promises.
+const call = (fn, ...args) =>
+  new Promise((resolve, reject) =>
+    fn(...args, (err, res) => (err ? reject(err) : resolve(res))));
+
+let passed = 0;
+let failed = 0;
+async function step(name, body) {
+  try {
+    const said = await body();
+    passed += 1;
+    console.log(`ok   ${name}${said ? ': ' + said : ''}`);
+  } catch (e) {
+    failed += 1;
+    console.log(`FAIL ${name}: ${e && (e.message || JSON.stringify(e))}`);
+  }
+}
+
+function expect(what, ok) {
+  if (!ok) throw new Error(`expected ${what}`);
+}
+
+// What the simulator received, from the echo it adds to every answer:
+// the token that reached it is qbproxy's, never the placeholder.
+function realToken(res) {
+  const seen = res && res.echo && res.echo.headers && res.echo.headers['qb-token'];
+  expect('the echo of a QB-Token', typeof seen === 'string');
+  expect(`qbproxy's token, not the placeholder (saw ${seen})`, !PLACEHOLDER.startsWith(seen.replace('…', '')));
+  return seen;
+}
+
+(async () => {
+  let dialog;
+  await step('users.listUsers', async () => {
+    const res = await call(QB.users.listUsers.bind(QB.users), { page: 1, per_page: 10 });
+    expect('users', res.items.length > 0 && res.items[0].user.login);
+    return `${res.total_entries} users, upstream saw QB-Token ${realToken(res)}`;
+  });
+  await step('users.get', async () => {
+    const user = await call(QB.users.get.bind(QB.users), 1001);
+    expect('user 1001 is demo', user.id === 1001 && user.login === 'demo');
+    return `user ${user.id} (${user.login})`;
+  });
+  await step('chat.dialog.create', async () => {
+    dialog = await call(QB.chat.dialog.create.bind(QB.chat.dialog), {
+      type: 2, name: 'through qbproxy', occupants_ids: [1002],
+    });
+    expect('a dialog id', typeof dialog._id === 'string' && dialog.name === 'through qbproxy');
+    return `dialog ${dialog._id}`;
+  });
+  await step('chat.dialog.list', async () => {
+    const res = await call(QB.chat.dialog.list.bind(QB.chat.dialog), {});
+    expect('the new dialog listed', res.items.some((d) => d._id === dialog._id));
+    return `${res.total_entries} dialog(s)`;
+  });
+  await step('chat.message.create', async () => {
+    const msg = await call(QB.chat.message.create.bind(QB.chat.message), {
+      chat_dialog_id: dialog._id, message: 'hello from the official SDK',
+    });
+    expect('a message in the dialog', msg._id && msg.chat_dialog_id === dialog._id);
+    return `message ${msg._id}`;
+  });
+  await step('data.create', async () => {
+    const note = await call(QB.data.create.bind(QB.data), 'Note', { title: 'via qbproxy' });
+    expect('a custom object', note._id && note.title === 'via qbproxy' && note.user_id === 1001);
+    return `Note ${note._id}`;
+  });
+  await step('content.createAndUpload', async () => {
+    const data = Buffer.from('a file, through qbproxy\n');
+    const blob = await call(QB.content.createAndUpload.bind(QB.content), {
+      name: 'hello.txt', file: data, type: 'text/plain', size: data.length, public: false,
+    });
+    expect('a blob', blob.id && blob.uid);
+    return `blob ${blob.id}`;
+  });
+  await step('an expired session, unseen', async () => {
+    expect('QB_SIM, the simulator to expire', sim);
+    const before = realToken(await call(QB.users.listUsers.bind(QB.users), {}));
+    const expired = await (await fetch(`${sim}/_sim/expire`, { method: 'POST' })).json();
+    expect('sessions expired', expired.expired >= 1);
+    // The same SDK, the same placeholder: qbproxy renews and replays.
+    const res = await call(QB.users.listUsers.bind(QB.users), {});
+    const after = realToken(res);
+    expect(`a new session (${before} then ${after})`, before !== after);
+    return `${expired.expired} session(s) expired; the call succeeded on a new one`;
+  });
+  console.log(`js-sdk: ${passed} passed, ${failed} failed`);
+  process.exit(failed === 0 ? 0 : 1);
+})();
