@@ -400,6 +400,11 @@ impl Handle {
         }
     }
 
+    /// The name of every metric family `/metrics` may show.
+    pub fn metric_names(&self) -> Vec<String> {
+        self.shared.ctx.metrics.names().to_vec()
+    }
+
     /// The Prometheus text exposition, as `/metrics` serves it.
     pub fn metrics_text(&self) -> String {
         self.shared.ctx.metrics.render()

@@ -41,6 +41,10 @@ struct Inner {
     cluster_subscribed: IntGauge,
     upstream_rate_limited: IntCounter,
     upstream_429: IntCounter,
+    client_tokens_replaced: IntCounterVec,
+    /// Every family's name, series or not (the text exposition leaves out
+    /// a labelled family until its first series).
+    names: Vec<String>,
     /// Bumped by the rare events a test may wait for (a request waiting for
     /// an upstream slot, a body past the buffer budget), so it need not poll.
     events: tokio::sync::watch::Sender<u64>,
@@ -155,8 +159,14 @@ impl Metrics {
             "429 answers from QuickBlox itself (its plan's rate limit), forwarded requests and session creations.",
         )
         .unwrap_or_else(|e| unreachable!("static metric definition: {e}"));
+        let client_tokens_replaced = counter_vec(
+            "qbproxy_client_tokens_replaced_total",
+            "Requests whose client sent a QB-Token of its own, replaced with the identity's (proxy.client_token = \"replace\").",
+            &who,
+        );
 
         let registry = Registry::new();
+        let mut names = Vec::new();
         for c in [
             Box::new(requests.clone()) as Box<dyn prometheus::core::Collector>,
             Box::new(replays.clone()),
@@ -174,7 +184,9 @@ impl Metrics {
             Box::new(cluster_subscribed.clone()),
             Box::new(upstream_rate_limited.clone()),
             Box::new(upstream_429.clone()),
+            Box::new(client_tokens_replaced.clone()),
         ] {
+            names.extend(c.desc().iter().map(|d| d.fq_name.clone()));
             registry
                 .register(c)
                 .unwrap_or_else(|e| unreachable!("metric names are unique: {e}"));
@@ -198,6 +210,8 @@ impl Metrics {
                 cluster_subscribed,
                 upstream_rate_limited,
                 upstream_429,
+                client_tokens_replaced,
+                names,
                 events: tokio::sync::watch::channel(0).0,
                 unrouted: OnceLock::new(),
             }),
@@ -213,6 +227,7 @@ impl Metrics {
         let labels = [identity, pool];
         let m = IdentityMetrics {
             labels: [identity.to_owned(), pool.to_owned()],
+            client_tokens_replaced: i.client_tokens_replaced.clone(),
             requests: CodeCounter::new(&i.requests, &[identity, pool]),
             replays_vec: i.replays.clone(),
             adoptions: i.adoptions.clone(),
@@ -232,6 +247,11 @@ impl Metrics {
             m.replays();
         }
         m
+    }
+
+    /// The name of every metric family qbproxy exports.
+    pub fn names(&self) -> &[String] {
+        &self.inner.names
     }
 
     /// A client's `qbproxy_client_requests_total` series.
@@ -343,6 +363,7 @@ impl CodeCounter {
 /// One identity's series, resolved once.
 pub struct IdentityMetrics {
     labels: [String; 2],
+    client_tokens_replaced: IntCounterVec,
     adoptions: IntCounterVec,
     requests: CodeCounter,
     replays_vec: IntCounterVec,
@@ -379,6 +400,13 @@ impl IdentityMetrics {
     pub fn renewal(&self, reason: Reason) {
         self.renewals
             .with_label_values(&self.child(reason.as_str()))
+            .inc();
+    }
+
+    /// A client's own `QB-Token` replaced with this identity's.
+    pub fn client_token_replaced(&self) {
+        self.client_tokens_replaced
+            .with_label_values(&self.who())
             .inc();
     }
 

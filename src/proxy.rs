@@ -153,6 +153,20 @@ impl Proxy {
             deadline,
         };
         let (target_metrics, target_identity) = counted_as(&plan.target);
+        if plan.kind == Kind::Forward && parts.headers.contains_key(qb::QB_TOKEN) {
+            // A client that made its own session (a legacy client) acts as
+            // the shared identity from here on: make that visible.
+            target_metrics.client_token_replaced();
+            if conn.first(crate::server::TOKEN_REPLACED) {
+                tracing::info!(
+                    peer = %conn.peer(),
+                    client = client.map_or("", |c| c.name.as_str()),
+                    target = plan.target.name(),
+                    "the client sent a QB-Token of its own; qbproxy replaces it with the shared identity's \
+                     (proxy.client_token = \"replace\"), so the client acts as that identity. Logged once per connection"
+                );
+            }
+        }
         // The client's own session or token: no identity is involved.
         if matches!(plan.kind, Kind::OwnSessionCreate | Kind::OwnToken) {
             let scanner = overrides::body_scanner(&parts.method, &parts.headers);

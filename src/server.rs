@@ -14,7 +14,7 @@ use std::convert::Infallible;
 use std::future::Future;
 use std::net::SocketAddr;
 use std::pin::{pin, Pin};
-use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 use std::time::Duration;
@@ -82,6 +82,13 @@ impl Conn {
         self.local
     }
 
+    /// True the first time `event` (one of the `*_ONCE` bits, such as
+    /// [`TOKEN_REPLACED`]) is reported on this connection: for what is
+    /// logged once per connection.
+    pub fn first(&self, event: u8) -> bool {
+        self.state.noted.fetch_or(event, Ordering::AcqRel) & event == 0
+    }
+
     /// Closes the connection once the answers in flight are sent
     /// (`Connection: close` on HTTP/1, GOAWAY on HTTP/2).
     pub fn close(&self) {
@@ -110,7 +117,12 @@ struct ConnState {
     /// (whose idle keep-alive hyper closes itself, at exactly
     /// `header_read_timeout`).
     http1: AtomicBool,
+    /// Events already reported on it (see [`Conn::first`]).
+    noted: AtomicU8,
 }
+
+/// A client's own `QB-Token` was replaced (see [`Conn::first`]).
+pub const TOKEN_REPLACED: u8 = 1;
 
 /// A response body's stamp once it is done.
 const DONE: u64 = u64::MAX;

@@ -261,3 +261,55 @@ async fn upstream_connections_are_pooled_and_kept_alive() {
     // The session creation and 20 sequential requests share one connection.
     assert_eq!(h.sim.connections(), 1);
 }
+
+/// A legacy client that sends a token of its own acts as the shared
+/// identity: each such request is counted, and the first on each
+/// connection is logged.
+#[tokio::test]
+async fn replaced_client_tokens_are_counted_and_logged_once_per_connection() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let logs = common::capture_logs();
+    let h = setup().start().await;
+    h.ready().await;
+    let get = |close: bool| {
+        format!(
+            "GET /users.json HTTP/1.1\r\nHost: x\r\nQB-Token: legacy-own-token\r\n{}\r\n",
+            if close { "Connection: close\r\n" } else { "" }
+        )
+    };
+    // Two requests on one connection, one on another.
+    let mut s = tokio::net::TcpStream::connect(h.proxy).await.unwrap();
+    let port = s.local_addr().unwrap().port();
+    s.write_all(format!("{}{}", get(false), get(true)).as_bytes())
+        .await
+        .unwrap();
+    let mut out = Vec::new();
+    common::bounded("two answers", s.read_to_end(&mut out))
+        .await
+        .unwrap();
+    let out = String::from_utf8_lossy(&out);
+    assert_eq!(out.matches("HTTP/1.1 200").count(), 2, "{out}");
+    assert!(raw(h.proxy, get(true).as_bytes())
+        .await
+        .starts_with("HTTP/1.1 200"));
+
+    assert_eq!(
+        h.metric("qbproxy_client_tokens_replaced_total{identity=\"demo\",pool=\"\"}"),
+        3
+    );
+    let ours = h.token();
+    for r in h.sim.requests() {
+        assert_eq!(r.token, ours, "the upstream saw the identity's token");
+    }
+    let text = logs.text();
+    let logged: Vec<&str> = text
+        .lines()
+        .filter(|l| l.contains("sent a QB-Token of its own"))
+        .collect();
+    let on_first = logged
+        .iter()
+        .filter(|l| l.contains(&format!("127.0.0.1:{port}")))
+        .count();
+    assert_eq!(on_first, 1, "once for the connection of two: {logged:?}");
+    assert!(logged.iter().all(|l| !l.contains("legacy-own-token")));
+}

@@ -134,3 +134,33 @@ async fn no_secret_reaches_logs_metrics_or_errors() {
         "QuickBlox's message is logged:\n{text}"
     );
 }
+
+/// The README's metrics table names every metric family qbproxy exports,
+/// and nothing that is not one.
+#[tokio::test]
+async fn every_exported_metric_is_in_the_readme_table() {
+    let h = setup().start().await;
+    let exported = h.handle.metric_names();
+    assert!(exported.len() > 10, "{exported:?}");
+    let readme =
+        std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/README.md")).unwrap();
+    let table: Vec<&str> = readme
+        .lines()
+        .filter_map(|l| l.strip_prefix("| `qbproxy_"))
+        .map(|rest| rest.split(['{', '`']).next().unwrap())
+        .collect();
+    for name in &exported {
+        let short = name.strip_prefix("qbproxy_").unwrap();
+        assert!(
+            table.contains(&short),
+            "{name} is not in the README's metrics table"
+        );
+    }
+    for short in &table {
+        let name = format!("qbproxy_{short}");
+        assert!(
+            exported.contains(&name),
+            "the README lists {name}, which is not exported"
+        );
+    }
+}
