@@ -2,6 +2,15 @@
 FROM rust:1-bookworm AS build
 WORKDIR /src
 COPY Cargo.toml Cargo.lock ./
+# The dependencies first, in a layer of their own, built against empty
+# sources: a change to src/ rebuilds qbproxy alone. qbproxy's own build
+# records are removed so the real sources are compiled whatever their dates.
+RUN mkdir -p src bench \
+ && echo 'fn main() {}' > src/main.rs && touch src/lib.rs \
+ && for e in fast_upstream loadgen floor reload; do echo 'fn main() {}' > bench/$e.rs; done \
+ && cargo build --release --locked \
+ && rm -rf src bench target/release/qbproxy* target/release/deps/qbproxy-* \
+           target/release/deps/libqbproxy-* target/release/.fingerprint/qbproxy-*
 COPY src ./src
 RUN cargo build --release --locked && strip target/release/qbproxy
 
