@@ -205,6 +205,11 @@ async fn common_endpoints_answer_in_quickblox_shapes() {
     assert_eq!(users["items"][0]["user"]["login"], "demo");
     let user = h.get("/users/1002.json").await.json();
     assert_eq!(user["user"]["id"], 1002);
+    let created = user["user"]["created_at"].as_str().unwrap();
+    assert!(
+        created.len() == 20 && created.ends_with('Z'),
+        "QuickBlox's format: {created}"
+    );
     let missing = h.get("/users/5.json").await;
     assert_eq!(missing.status, StatusCode::NOT_FOUND);
     assert!(missing.json()["errors"]["base"].is_array());

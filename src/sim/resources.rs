@@ -447,8 +447,10 @@ fn unix(t: SystemTime) -> u64 {
     t.duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs())
 }
 
+/// `2019-09-01T14:55:56Z`, whole seconds, as QuickBlox writes times.
 fn rfc3339(t: SystemTime) -> String {
-    time::OffsetDateTime::from(t)
+    time::OffsetDateTime::from_unix_timestamp(unix(t) as i64)
+        .unwrap_or(time::OffsetDateTime::UNIX_EPOCH)
         .format(&time::format_description::well_known::Rfc3339)
         .unwrap_or_default()
 }
