@@ -451,28 +451,10 @@ impl Cluster {
         owner: &str,
         session: &Stored,
     ) -> Result<Option<u64>, Down> {
-        let key = self.session_key(fingerprint);
-        let channel = self.stored_channel(fingerprint);
         let lock = self.key(&format!("l:{fingerprint}"));
-        let blob = self.seal(&key, session).ok_or(Down)?;
-        let expires = unix_ms(session.expires);
-        let script = self.inner.scripts.store.clone();
-        let owner = owner.to_owned();
-        let mut conn = self.inner.conn.clone();
-        let generation: u64 = self
-            .run(async move {
-                script
-                    .key(&key)
-                    .key(&lock)
-                    .arg(&owner)
-                    .arg(expires)
-                    .arg(blob)
-                    .arg(&channel)
-                    .invoke_async(&mut conn)
-                    .await
-            })
-            .await?;
-        Ok((generation > 0).then_some(generation))
+        let script = &self.inner.scripts.store;
+        self.put(script, fingerprint, session, Some(&lock), &[owner])
+            .await
     }
 
     /// Stores `session` as generation 1 if the fleet holds none: a replica
@@ -483,24 +465,8 @@ impl Cluster {
         fingerprint: &str,
         session: &Stored,
     ) -> Result<Option<u64>, Down> {
-        let key = self.session_key(fingerprint);
-        let channel = self.stored_channel(fingerprint);
-        let blob = self.seal(&key, session).ok_or(Down)?;
-        let expires = unix_ms(session.expires);
-        let script = self.inner.scripts.publish.clone();
-        let mut conn = self.inner.conn.clone();
-        let generation: u64 = self
-            .run(async move {
-                script
-                    .key(&key)
-                    .arg(expires)
-                    .arg(blob)
-                    .arg(&channel)
-                    .invoke_async(&mut conn)
-                    .await
-            })
-            .await?;
-        Ok((generation > 0).then_some(generation))
+        let script = &self.inner.scripts.publish;
+        self.put(script, fingerprint, session, None, &[]).await
     }
 
     /// Stores `session` as the next generation if the fleet still holds
@@ -513,24 +479,40 @@ impl Cluster {
         expected: u64,
         session: &Stored,
     ) -> Result<Option<u64>, Down> {
+        let script = &self.inner.scripts.replace;
+        let expected = expected.to_string();
+        self.put(script, fingerprint, session, None, &[&expected])
+            .await
+    }
+
+    /// Runs one of the storing scripts (`store`, `publish`, `replace`):
+    /// KEYS are the session's key and `lock` if any; ARGV are `args`, then
+    /// the expiry, the sealed session and the channel the script publishes
+    /// on. Returns the generation stored, or `None` if it stored nothing.
+    async fn put(
+        &self,
+        script: &redis::Script,
+        fingerprint: &str,
+        session: &Stored,
+        lock: Option<&str>,
+        args: &[&str],
+    ) -> Result<Option<u64>, Down> {
         let key = self.session_key(fingerprint);
         let channel = self.stored_channel(fingerprint);
         let blob = self.seal(&key, session).ok_or(Down)?;
-        let expires = unix_ms(session.expires);
-        let script = self.inner.scripts.replace.clone();
+        let mut invocation = script.key(&key);
+        if let Some(lock) = lock {
+            invocation.key(lock);
+        }
+        for arg in args {
+            invocation.arg(*arg);
+        }
+        invocation
+            .arg(unix_ms(session.expires))
+            .arg(blob)
+            .arg(&channel);
         let mut conn = self.inner.conn.clone();
-        let generation: u64 = self
-            .run(async move {
-                script
-                    .key(&key)
-                    .arg(expected)
-                    .arg(expires)
-                    .arg(blob)
-                    .arg(&channel)
-                    .invoke_async(&mut conn)
-                    .await
-            })
-            .await?;
+        let generation: u64 = self.run(invocation.invoke_async(&mut conn)).await?;
         Ok((generation > 0).then_some(generation))
     }
 
