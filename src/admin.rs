@@ -202,7 +202,7 @@ fn status_json(s: &Status) -> serde_json::Value {
         // Shared with the fleet ([cluster]), or this replica's own.
         "source": s.session.as_ref().map(|x| if x.fleet > 0 { "cluster" } else { "local" }),
         "created_at": s.session.as_ref().map(|x| rfc3339(x.created_at)),
-        "expires_at": s.session.as_ref().map(|x| rfc3339(x.expires_at)),
+        "expires_at": s.session.as_ref().and_then(|x| x.expires_at).map(rfc3339),
         "renewals": renewals,
         "last_error": s.last_error,
     })

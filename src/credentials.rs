@@ -1,4 +1,5 @@
-//! Who a session is created for, and the secrets that prove it.
+//! Who a session is created for, and the secrets that prove it (or the
+//! API key that stands in for a session).
 //!
 //! Passwords are resolved once, when the config is loaded. Social-provider
 //! tokens (Facebook, Firebase) expire on their own, so they are kept as a
@@ -234,6 +235,13 @@ pub enum Credentials {
         project_id: String,
         access_token: SecretSource,
     },
+    /// A QuickBlox API key: sent as `Authorization: ApiKey <key>` on every
+    /// request, with `On-Behalf-Of: <user id>` when set. There is no
+    /// session: nothing is created, nothing expires.
+    ApiKey {
+        key: Secret,
+        on_behalf_of: Option<u64>,
+    },
 }
 
 /// The kinds of identity, for logs, metrics, the admin API and reloads
@@ -246,6 +254,7 @@ pub enum IdentityKind {
     Email,
     Facebook,
     FirebasePhone,
+    ApiKey,
 }
 
 impl IdentityKind {
@@ -257,6 +266,7 @@ impl IdentityKind {
             IdentityKind::Email => "email",
             IdentityKind::Facebook => "facebook",
             IdentityKind::FirebasePhone => "firebase_phone",
+            IdentityKind::ApiKey => "api_key",
         }
     }
 }
@@ -269,6 +279,7 @@ impl Credentials {
             Credentials::Email { .. } => IdentityKind::Email,
             Credentials::Facebook { .. } => IdentityKind::Facebook,
             Credentials::FirebasePhone { .. } => IdentityKind::FirebasePhone,
+            Credentials::ApiKey { .. } => IdentityKind::ApiKey,
         }
     }
 }

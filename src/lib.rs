@@ -286,6 +286,13 @@ async fn reload_once(shared: &Shared, source: Source) -> Result<Summary, ReloadE
     if shared.running.load(Ordering::SeqCst) {
         start_standalone(&built.live);
     }
+    for identity in built.rekeyed.iter().filter(|i| i.started()) {
+        // Immediate: an API key's source makes no call and cannot fail.
+        let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(5);
+        if identity.force_renewal(deadline).await.is_err() {
+            tracing::warn!(identity = identity.name(), "the new API key was not in use within 5 s; the renewal task puts it in use when it gets to it");
+        }
+    }
     shared.publish(built.live);
     for identity in &built.removed {
         identity.stop();

@@ -2,10 +2,14 @@
 //! identity (and one member per pool) against the configured upstream,
 //! each result on its own line. The only other way to learn that a
 //! password is wrong is to start the proxy and wait through `retry_wait`.
+//! An API key has no session to create: it is checked with one read made
+//! with its headers (`GET /users/{on_behalf_of}.json`, or `GET
+//! /users.json?per_page=1`).
 
 use std::sync::Arc;
 
 use crate::config::{Config, IdentityConfig};
+use crate::credentials::IdentityKind;
 use crate::metrics::Metrics;
 use crate::session::{Attempt, Reason, SessionError, Source};
 use crate::upstream::{self, ClockOffset, Endpoint, SessionCreator};
@@ -21,13 +25,24 @@ pub struct Probed {
 pub struct Created {
     /// 0 for an application session.
     pub user_id: u64,
+    /// An API key, checked with one read (it has no session to create).
+    pub api_key: bool,
 }
 
 impl std::fmt::Display for Probed {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let what = &self.what;
         match &self.outcome {
-            Ok(Created { user_id: 0 }) => write!(f, "{}: ok (application session)", self.what),
-            Ok(Created { user_id }) => write!(f, "{}: ok (user {user_id})", self.what),
+            Ok(Created {
+                user_id: 0,
+                api_key: true,
+            }) => write!(f, "{what}: ok (API key, as the application)"),
+            Ok(Created {
+                user_id,
+                api_key: true,
+            }) => write!(f, "{what}: ok (API key, on behalf of user {user_id})"),
+            Ok(Created { user_id: 0, .. }) => write!(f, "{what}: ok (application session)"),
+            Ok(Created { user_id, .. }) => write!(f, "{what}: ok (user {user_id})"),
             Err(e) => write!(f, "{}: FAILED: {e}", self.what),
         }
     }
@@ -70,16 +85,23 @@ pub async fn probe(
     let mut results = Vec::new();
     for (what, identity) in targets(config) {
         let creator = SessionCreator::new(endpoint.clone(), identity.credentials.clone());
-        let attempt = Attempt {
-            reason: Reason::Startup,
-            held: None,
-            refused: None,
-            renew_before: config.quickblox.renew_before,
+        let outcome = if identity.credentials.kind() == IdentityKind::ApiKey {
+            creator.verify_api_key().await.map(|user_id| Created {
+                user_id,
+                api_key: true,
+            })
+        } else {
+            let attempt = Attempt {
+                reason: Reason::Startup,
+                held: None,
+                refused: None,
+                renew_before: config.quickblox.renew_before,
+            };
+            creator.create(attempt).await.map(|s| Created {
+                user_id: s.user_id,
+                api_key: false,
+            })
         };
-        let outcome = creator
-            .create(attempt)
-            .await
-            .map(|s| Created { user_id: s.user_id });
         let probed = Probed { what, outcome };
         each(&probed);
         results.push(probed);

@@ -3,14 +3,16 @@
 //! For each request: admit it (the gate), decide on its canonical form
 //! (`canonical`: method, overrides, path, identity, the client's rules, the
 //! guard on calls that would touch the shared session), read its body
-//! within its limits, then strip hop-by-hop headers, set `Host`, inject the
-//! session's `QB-Token`, and send the canonical path (query as sent)
-//! upstream. When QuickBlox answers 401 "Required session does not exist",
+//! within its limits, then strip hop-by-hop headers and the client's own
+//! credentials (`QB-Token`, `Authorization`, `On-Behalf-Of`), set `Host`,
+//! inject the session's `QB-Token` (or an API key identity's
+//! `Authorization: ApiKey` and `On-Behalf-Of`), and send the canonical path
+//! (query as sent) upstream. When QuickBlox answers 401 "Required session does not exist",
 //! ask the identity for the single renewal and replay the request once
 //! with the new token. `GET /session.json` is answered here, without the
 //! token; a `QB-Token` response header never reaches a client.
 //!
-//! This module is the only writer of the `QB-Token` header on forwarded
+//! This module is the only writer of the credential headers on forwarded
 //! requests. It reads the session lock-free and never waits for a
 //! proactive renewal.
 
@@ -42,7 +44,7 @@ use crate::overrides::{self, Found};
 use crate::qb;
 use crate::route::{self, Target};
 use crate::server::Conn;
-use crate::session::{HeldTokens, Identity, Session, Unavailable};
+use crate::session::{HeldTokens, Identity, Scheme, Session, Unavailable};
 use crate::upstream;
 
 /// A cheap-to-clone handle on the forwarding state.
@@ -153,16 +155,18 @@ impl Proxy {
             deadline,
         };
         let (target_metrics, target_identity) = counted_as(&plan.target);
-        if plan.kind == Kind::Forward && parts.headers.contains_key(qb::QB_TOKEN) {
-            // A client that made its own session (a legacy client) acts as
-            // the shared identity from here on: make that visible.
+        if let (Kind::Forward, Some(header)) = (plan.kind, client_credential(&parts.headers)) {
+            // A client that made its own session (a legacy client), or
+            // sends its own key, acts as the shared identity from here on:
+            // make that visible.
             target_metrics.client_token_replaced();
             if conn.first(crate::server::TOKEN_REPLACED) {
                 tracing::info!(
                     peer = %conn.peer(),
                     client = client.map_or("", |c| c.name.as_str()),
                     target = plan.target.name(),
-                    "the client sent a QB-Token of its own; qbproxy replaces it with the shared identity's \
+                    header = header.as_str(),
+                    "the client sent credentials of its own; qbproxy replaces them with the shared identity's \
                      (proxy.client_token = \"replace\"), so the client acts as that identity. Logged once per connection"
                 );
             }
@@ -235,14 +239,21 @@ impl Proxy {
                 .map_err(refuse)?;
         }
         let method = &parts.method;
-        let own_token = match (live.client_token(), parts.headers.get(qb::QB_TOKEN)) {
-            (ClientToken::Keep, Some(token)) => {
-                if self.inner.held.contains(token.as_bytes()) {
+        let own_token = match live.client_token() {
+            ClientToken::Keep => {
+                if self.holds_any(&parts.headers) {
                     return Err(refuse(ProxyError::HeldToken));
                 }
-                true
+                // The client's own session token or API key; an
+                // `On-Behalf-Of` alone is no credential (and is dropped).
+                parts.headers.contains_key(qb::QB_TOKEN)
+                    || parts
+                        .headers
+                        .get_all(header::AUTHORIZATION)
+                        .iter()
+                        .any(|v| qb::api_key(v.as_bytes()).is_some())
             }
-            _ => false,
+            ClientToken::Replace => false,
         };
         let kind = if method == Method::POST && rest == qb::SESSION_CREATE_PATH {
             Kind::OwnSessionCreate
@@ -268,6 +279,24 @@ impl Proxy {
             uri,
             kind,
         })
+    }
+
+    /// True if any credential header of the request (every value of
+    /// `QB-Token` and `Authorization`, every word of each) is a token or
+    /// API key qbproxy holds or held: a client may keep its own
+    /// credentials, never borrow qbproxy's, however it spells them.
+    fn holds_any(&self, headers: &HeaderMap) -> bool {
+        let held = &self.inner.held;
+        CLIENT_CREDENTIALS[..2]
+            .iter()
+            .flat_map(|name| headers.get_all(name))
+            .flat_map(|value| {
+                value
+                    .as_bytes()
+                    .split(|b| matches!(b, b' ' | b'\t' | b','))
+                    .filter(|word| !word.is_empty())
+            })
+            .any(|word| held.contains(word))
     }
 
     /// The request's canonical path and who it acts as: checks the method
@@ -406,6 +435,10 @@ impl Proxy {
         }
         let mut headers = std::mem::take(&mut parts.headers);
         strip_request_headers(&mut headers);
+        // The request acts as the identity, with its credential alone.
+        for name in &CLIENT_CREDENTIALS {
+            headers.remove(name);
+        }
         headers.insert(header::HOST, live.upstream().host.clone());
         let uri = plan.uri.clone();
 
@@ -552,7 +585,8 @@ impl Proxy {
         deadline: Instant,
     ) -> Result<Checked, ProxyError> {
         let (resp, slot) = self.send(live, req, deadline).await?;
-        if resp.status() != StatusCode::UNAUTHORIZED {
+        // An API key has no session to expire: its 401s are the client's.
+        if resp.status() != StatusCode::UNAUTHORIZED || session.scheme() == Scheme::ApiKey {
             identity.record_use(session, resp.status(), resp.headers());
             return Ok(Checked::Answer(resp.map(|b| Body::upstream(b, slot))));
         }
@@ -816,6 +850,7 @@ fn upstream_request(method: &Method, uri: Uri, headers: HeaderMap, body: Body) -
     req
 }
 
+/// `headers` (the client's credentials removed) with the session's.
 fn with_token(
     method: &Method,
     uri: Uri,
@@ -823,8 +858,19 @@ fn with_token(
     session: &Session,
     body: Body,
 ) -> Request<Body> {
-    headers.insert(qb::QB_TOKEN, session.token().clone());
+    session.authorize(&mut headers);
     upstream_request(method, uri, headers, body)
+}
+
+/// The request headers that carry QuickBlox credentials: a session token,
+/// an API key (`Authorization`), and the user an API key acts as. A
+/// forwarded request carries the identity's alone; with `client_token =
+/// "keep"` a client's own pass through untouched (never one qbproxy holds).
+static CLIENT_CREDENTIALS: [HeaderName; 3] = [qb::QB_TOKEN, header::AUTHORIZATION, qb::ON_BEHALF_OF];
+
+/// The first credential header the client sent, if any.
+fn client_credential(headers: &HeaderMap) -> Option<&'static HeaderName> {
+    CLIENT_CREDENTIALS.iter().find(|h| headers.contains_key(*h))
 }
 
 /// Removes the connection-level headers, including any named in

@@ -11,6 +11,26 @@ use http::{HeaderName, Method};
 use crate::canonical;
 
 pub const QB_TOKEN: HeaderName = HeaderName::from_static("qb-token");
+/// With an API key (`Authorization: ApiKey <key>`), the user the request
+/// acts as.
+pub const ON_BEHALF_OF: HeaderName = HeaderName::from_static("on-behalf-of");
+/// The `Authorization` scheme of QuickBlox's API keys.
+pub const API_KEY_SCHEME: &str = "ApiKey";
+
+/// The key of an `Authorization: ApiKey <key>` value (the scheme in any
+/// case, as HTTP reads it), or `None` for another scheme.
+pub fn api_key(authorization: &[u8]) -> Option<&[u8]> {
+    let scheme = API_KEY_SCHEME.len();
+    let value = authorization.trim_ascii();
+    if value.len() <= scheme
+        || !value[..scheme].eq_ignore_ascii_case(API_KEY_SCHEME.as_bytes())
+        || !matches!(value[scheme], b' ' | b'\t')
+    {
+        return None;
+    }
+    Some(value[scheme..].trim_ascii())
+}
+
 pub const QB_TOKEN_EXPIRATION: HeaderName = HeaderName::from_static("qb-token-expirationdate");
 /// Set on every response that qbproxy itself produced, with a short code.
 pub const QBPROXY_ERROR: HeaderName = HeaderName::from_static("qbproxy-error");
@@ -192,6 +212,16 @@ pub fn token_prefix(token: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn api_keys_are_read_in_any_scheme_case_and_spacing() {
+        assert_eq!(api_key(b"ApiKey abc"), Some(&b"abc"[..]));
+        assert_eq!(api_key(b"  apikey \t abc  "), Some(&b"abc"[..]));
+        assert_eq!(api_key(b"APIKEY abc"), Some(&b"abc"[..]));
+        assert_eq!(api_key(b"ApiKeyabc"), None);
+        assert_eq!(api_key(b"Bearer abc"), None);
+        assert_eq!(api_key(b"ApiKey"), None);
+    }
 
     #[test]
     fn expiry_is_detected_in_both_shapes_and_any_case() {

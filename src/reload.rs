@@ -22,7 +22,8 @@ use crate::metrics::Metrics;
 use crate::pool::{Pool, Throttle};
 use crate::rate::UpstreamRate;
 use crate::route::Router;
-use crate::session::{HeldTokens, Identity, Info, Policy, Source};
+use crate::credentials::{Credentials, IdentityKind};
+use crate::session::{ApiKeySource, HeldTokens, Identity, Info, Policy, Source};
 use crate::upstream::{self, ClockOffset, Endpoint, SessionCreator, Throttled};
 use crate::StartError;
 
@@ -69,6 +70,10 @@ pub struct Summary {
 pub(crate) struct Built {
     pub live: Live,
     pub removed: Vec<Identity>,
+    /// Kept API-key identities whose key or user changed: renewed before
+    /// the new `Live` is published, so every request after the reload
+    /// carries the new key.
+    pub rekeyed: Vec<Identity>,
     pub summary: Summary,
 }
 
@@ -136,6 +141,7 @@ pub(crate) fn build(
     });
     let fleet = ctx.cluster.as_ref().filter(|_| config.cluster.is_some());
     let mut kept = vec![false; previous.map_or(0, |p| p.identities.len())];
+    let mut rekeyed = Vec::new();
     let mut identities = Vec::with_capacity(config.identities.len());
     for id in &config.identities {
         let pool = id.pool.map(|p| config.pool(p));
@@ -148,6 +154,10 @@ pub(crate) fn build(
             set_aside_on_refused_credentials: pool.is_some(),
         };
         let source = || -> Box<dyn Source> {
+            // An API key: nothing to create, throttle or share.
+            if let Credentials::ApiKey { key, on_behalf_of } = &id.credentials {
+                return Box::new(ApiKeySource::new(key.clone(), *on_behalf_of));
+            }
             let creator = SessionCreator::new(endpoint.clone(), id.credentials.clone());
             let own: Box<dyn Source> = match throttle {
                 Some(t) => Box::new(Throttled::new(creator, t.permits.clone())),
@@ -185,8 +195,15 @@ pub(crate) fn build(
                     (Some(a), Some(b)) => a.same(b),
                     _ => false,
                 };
-                if sources_changed || old_config.credentials != id.credentials || !same_throttle {
+                let credentials_changed = old_config.credentials != id.credentials;
+                if sources_changed || credentials_changed || !same_throttle {
                     identity.set_source(source());
+                }
+                // A session-based identity takes new credentials at its
+                // next creation; an API key has none, so the reloader puts
+                // the new key (or user) in use before it publishes.
+                if credentials_changed && id.credentials.kind() == IdentityKind::ApiKey {
+                    rekeyed.push(identity.clone());
                 }
                 if identity.policy() != policy {
                     identity.set_policy(policy);
@@ -264,6 +281,7 @@ pub(crate) fn build(
     Ok(Built {
         live,
         removed,
+        rekeyed,
         summary,
     })
 }

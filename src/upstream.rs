@@ -192,6 +192,12 @@ impl SessionCreator {
                     ],
                 )
             }
+            // Its source is an `ApiKeySource`; nothing is signed for it.
+            Credentials::ApiKey { .. } => {
+                return Err(SessionError::Credentials(
+                    "an API key identity has no session to create".into(),
+                ))
+            }
         };
         let signature = signer::sign(q.auth_secret.expose(), &params);
         Ok(params.str("signature", signature))
@@ -292,6 +298,71 @@ impl SessionCreator {
                 }
             }
         }
+    }
+}
+
+impl SessionCreator {
+    /// Makes one read with an API key identity's headers, for `check
+    /// --probe`: `GET /users/{on_behalf_of}.json`, or `GET
+    /// /users.json?per_page=1` for a key that acts as the application.
+    /// Returns the user it acts as (0: the application).
+    pub async fn verify_api_key(&self) -> Result<u64, SessionError> {
+        let Credentials::ApiKey { key, on_behalf_of } = &self.credentials else {
+            return Err(SessionError::Credentials("not an API key identity".into()));
+        };
+        let e = &self.endpoint;
+        let budget = e.quickblox.session_timeout;
+        let (path, query) = match on_behalf_of {
+            Some(user) => (format!("/users/{user}.json"), None),
+            None => ("/users.json".to_owned(), Some("per_page=1")),
+        };
+        let uri = e
+            .upstream
+            .uri_for(&path, query)
+            .map_err(|e| SessionError::BadResponse(e.to_string()))?;
+        let mut req = Request::new(Body::empty());
+        *req.uri_mut() = uri;
+        let h = req.headers_mut();
+        h.insert(header::HOST, e.upstream.host.clone());
+        let mut authorization = HeaderValue::from_str(&format!(
+            "{} {}",
+            qb::API_KEY_SCHEME,
+            key.expose()
+        ))
+        .map_err(|_| SessionError::Credentials("the API key is not a valid header value".into()))?;
+        authorization.set_sensitive(true);
+        h.insert(header::AUTHORIZATION, authorization);
+        if let Some(user) = on_behalf_of {
+            h.insert(qb::ON_BEHALF_OF, HeaderValue::from(*user));
+        }
+        let answer = async {
+            let resp = e.client.request(req).await.map_err(|e| {
+                if e.is_connect() {
+                    SessionError::Unreachable(describe(&e))
+                } else {
+                    SessionError::BadResponse(describe(&e))
+                }
+            })?;
+            let status = resp.status();
+            let body = Limited::new(resp.into_body(), MAX_SESSION_ANSWER)
+                .collect()
+                .await
+                .map(|b| b.to_bytes())
+                .unwrap_or_default();
+            Ok::<_, SessionError>((status, body))
+        };
+        let (status, body) = timeout_at(Instant::now() + budget, answer)
+            .await
+            .map_err(|_| SessionError::Timeout(budget))??;
+        if status.is_success() {
+            return Ok(on_behalf_of.unwrap_or(0));
+        }
+        let message = qb::error_message(&body)
+            .unwrap_or_else(|| status.canonical_reason().unwrap_or("no message").to_owned());
+        Err(SessionError::Refused {
+            status: status.as_u16(),
+            message,
+        })
     }
 }
 

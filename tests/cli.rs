@@ -703,7 +703,8 @@ fn check_summarises_pools() {
 fn probe_config(dir: &TempDir, sim: &Sim, wrong: bool) -> PathBuf {
     let app = sim.config();
     let bad = if wrong {
-        "[[identity]]\nname = \"typo\"\nlogin = \"demo\"\npassword = \"demo-pasword\"\n"
+        "[[identity]]\nname = \"typo\"\nlogin = \"demo\"\npassword = \"demo-pasword\"\n\
+         [[identity]]\nname = \"revoked\"\napi_key = \"revoked-api-key\"\n"
     } else {
         ""
     };
@@ -712,7 +713,8 @@ fn probe_config(dir: &TempDir, sim: &Sim, wrong: bool) -> PathBuf {
         &format!(
             "[upstream]\nurl = \"{}\"\n[quickblox]\napplication_id = \"{}\"\nauth_key = \"{}\"\n\
              auth_secret = \"{}\"\n[[identity]]\nname = \"app\"\n\
-             [[identity]]\nname = \"demo\"\nlogin = \"demo\"\npassword = \"demo-password\"\n{bad}\
+             [[identity]]\nname = \"demo\"\nlogin = \"demo\"\npassword = \"demo-password\"\n\
+             [[identity]]\nname = \"svc\"\napi_key = \"demo-api-key\"\non_behalf_of = 1002\n{bad}\
              [[pool]]\nname = \"load\"\nlogin = \"loadtest-{{n}}\"\ncount = 3\npassword = \"pw-{{n}}\"\n",
             sim.url(),
             app.application_id,
@@ -746,8 +748,21 @@ async fn check_probe_creates_one_session_per_identity_and_says_each_result() {
         said.contains("probe load (member load-1): ok (user"),
         "{said}"
     );
-    assert!(said.contains("probe: all 3 succeeded"), "{said}");
-    assert_eq!(sim.creations(), 3, "one creation each, one for the pool");
+    assert!(
+        said.contains("probe svc: ok (API key, on behalf of user 1002)"),
+        "{said}"
+    );
+    assert!(said.contains("probe: all 4 succeeded"), "{said}");
+    assert_eq!(
+        sim.creations(),
+        3,
+        "one creation each, one for the pool, none for the API key"
+    );
+    let read = sim.requests();
+    assert_eq!(read.len(), 1, "one read for the API key");
+    assert_eq!(read[0].path_and_query, "/users/1002.json");
+    assert_eq!(read[0].headers["authorization"], "ApiKey demo-api-key");
+    assert_eq!(read[0].headers["on-behalf-of"], "1002");
 
     let wrong = probe_config(&dir, &sim, true);
     let out = tokio::task::spawn_blocking(move || {
@@ -769,6 +784,15 @@ async fn check_probe_creates_one_session_per_identity_and_says_each_result() {
         said.contains("probe demo: ok"),
         "the others still probed: {said}"
     );
-    assert!(said.contains("probe: 1 of 4 failed"), "{said}");
+    let revoked = said
+        .lines()
+        .find(|l| l.starts_with("probe revoked:"))
+        .unwrap_or_else(|| panic!("a line for revoked: {said}"));
+    assert!(
+        revoked.contains("FAILED") && revoked.contains("Unauthorized") && revoked.contains("401"),
+        "{revoked}"
+    );
+    assert!(said.contains("probe: 2 of 6 failed"), "{said}");
     assert!(!said.contains("demo-pasword"), "no password in the output");
+    assert!(!said.contains("revoked-api-key"), "no key in the output");
 }

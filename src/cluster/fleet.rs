@@ -38,7 +38,9 @@ use std::time::{Duration, SystemTime};
 use tokio::time::Instant;
 
 use super::{Cluster, Down, Stored};
-use crate::session::{Attempt, BoxFuture, Held, NewSession, Reason, SessionError, Source};
+use crate::session::{
+    Attempt, BoxFuture, Held, NewSession, Reason, Scheme, SessionError, Source,
+};
 
 /// How often a running identity syncs with the fleet.
 const SYNC_EVERY: Duration = Duration::from_secs(30);
@@ -306,6 +308,8 @@ fn joined(h: &Held, generation: u64) -> NewSession {
         public: h.public.clone(),
         fleet: generation,
         adopted: false,
+        // The fleet shares sessions only; API keys are never wrapped.
+        scheme: Scheme::QbToken,
     }
 }
 
@@ -321,6 +325,7 @@ fn adopt(stored: &Stored) -> NewSession {
         public: stored.public.clone(),
         fleet: stored.generation,
         adopted: true,
+        scheme: Scheme::QbToken,
     }
 }
 

@@ -738,6 +738,10 @@ pub fn fingerprint(config: &Config, identity: &IdentityConfig) -> String {
         Credentials::FirebasePhone { project_id, .. } => {
             format!("{}\0{project_id}", identity.name)
         }
+        // Never shared (an API key has no session), but named all the same.
+        Credentials::ApiKey { on_behalf_of, .. } => {
+            format!("{}\0{}", identity.name, on_behalf_of.unwrap_or(0))
+        }
     };
     let parts = [
         config.quickblox.application_id.as_str(),

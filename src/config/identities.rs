@@ -103,6 +103,10 @@ pub(super) struct RawIdentity {
     #[serde(default, with = "humantime_serde::option")]
     command_timeout: Option<Duration>,
     command_env: Option<Vec<String>>,
+    api_key: Option<String>,
+    api_key_env: Option<String>,
+    api_key_file: Option<PathBuf>,
+    on_behalf_of: Option<u64>,
     path_prefix: Option<String>,
 }
 
@@ -351,6 +355,31 @@ impl Validator<'_> {
                 None => Ok(()),
             }
         };
+        let api_key_given = r.api_key.is_some() || r.api_key_env.is_some() || r.api_key_file.is_some();
+        if api_key_given {
+            let why = "not used with an API key (an api_key identity sends the key, it creates no session)";
+            refuse(&user_fields, why)?;
+            refuse(&provider_fields, why)?;
+            refuse(&[("provider", r.provider.is_some())], why)?;
+            let key = self
+                .secret(&at("api_key"), r.api_key, r.api_key_env, r.api_key_file)?
+                .ok_or_else(|| self.invalid(&at("api_key"), "missing"))?;
+            // It goes into a header: `Authorization: ApiKey <key>`. The
+            // message names what is wrong, never the key.
+            if !key.expose().bytes().all(|b| b.is_ascii_graphic()) {
+                return Err(self.invalid(
+                    &at("api_key"),
+                    "holds a space or a character that cannot go in a header; QuickBlox's keys are printable ASCII",
+                ));
+            }
+            if r.on_behalf_of == Some(0) {
+                return Err(self.invalid(&at("on_behalf_of"), "must be a QuickBlox user id (1 or more); leave it out to act as the application"));
+            }
+            return Ok(Credentials::ApiKey { key, on_behalf_of: r.on_behalf_of });
+        }
+        if r.on_behalf_of.is_some() {
+            return Err(self.invalid(&at("on_behalf_of"), "only with api_key, api_key_env or api_key_file"));
+        }
         match r.provider.as_deref() {
             None => {
                 refuse(&provider_fields, "only for provider = \"facebook\" or \"firebase_phone\"")?;

@@ -30,9 +30,13 @@ mod token;
 
 pub use self::error::{SessionError, Unavailable};
 pub use self::held::HeldTokens;
-pub use self::source::{public_fields, Attempt, BoxFuture, Held, NewSession, Source};
+pub use self::source::{
+    public_fields, ApiKeySource, Attempt, BoxFuture, Held, NewSession, Scheme, Source,
+    API_KEY_LIFETIME,
+};
 pub use self::status::{SessionState, SessionStatus, Status};
 pub use self::token::Session;
+use self::token::ApiKeyHeaders;
 
 use self::task::{renewal_loop, State};
 
@@ -255,6 +259,18 @@ impl Identity {
     /// meanwhile): the operator's "did the new password take?". A failure
     /// leaves a working session in place.
     pub async fn force_renewal(&self, deadline: Instant) -> Result<Arc<Session>, Unavailable> {
+        let ticket = self.renew_now();
+        self.wait_for(deadline, |state| {
+            let forced = state.forced.as_ref().filter(|f| f.upto >= ticket)?;
+            Some(forced.outcome.clone().map_err(Unavailable::Failed))
+        })
+        .await
+    }
+
+    /// Asks for a renewal now, whatever the state, without waiting for it
+    /// (a reload that brings a new API key); counted as forced. Returns
+    /// its ticket.
+    pub fn renew_now(&self) -> u64 {
         let ticket = self.shared.forced.fetch_add(1, Ordering::AcqRel) + 1;
         if self.started() {
             self.shared.wake.notify_one();
@@ -262,11 +278,7 @@ impl Identity {
             // The first creation is the renewal asked for.
             self.start();
         }
-        self.wait_for(deadline, |state| {
-            let forced = state.forced.as_ref().filter(|f| f.upto >= ticket)?;
-            Some(forced.outcome.clone().map_err(Unavailable::Failed))
-        })
-        .await
+        ticket
     }
 
     /// A snapshot for the admin API. Shows a token prefix only.
@@ -280,7 +292,8 @@ impl Identity {
             generation: s.generation,
             fleet: s.fleet(),
             created_at: s.created_at,
-            expires_at: wall + self.expires_at(s).saturating_duration_since(now),
+            expires_at: (s.scheme() == Scheme::QbToken)
+                .then(|| wall + self.expires_at(s).saturating_duration_since(now)),
         });
         let state_name = match (&state.session, &state.failure, state.set_aside) {
             _ if !self.started() => SessionState::Idle,
@@ -430,6 +443,10 @@ impl Identity {
     /// two hours from now if the answer was a success. An error without the
     /// header (say, a 502 from a load balancer) proves no use.
     pub fn record_use(&self, session: &Session, status: StatusCode, headers: &HeaderMap) {
+        if session.api_key.is_some() {
+            // An API key does not expire.
+            return;
+        }
         let now = self.now_ms();
         let touched = session.touched_ms.load(Ordering::Relaxed);
         if now < touched.saturating_add(1000) {

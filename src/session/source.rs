@@ -79,6 +79,53 @@ pub struct NewSession {
     pub fleet: u64,
     /// Another replica created it; this one adopted it.
     pub adopted: bool,
+    /// How the token goes on a request.
+    pub scheme: Scheme,
+}
+
+/// How a session's token is sent to QuickBlox.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum Scheme {
+    /// `QB-Token: <token>`: a session QuickBlox created.
+    #[default]
+    QbToken,
+    /// `Authorization: ApiKey <token>`, and `On-Behalf-Of: <user_id>`
+    /// unless the user id is 0. An API key has no session: it never
+    /// expires, and QuickBlox never answers it "Required session does not
+    /// exist".
+    ApiKey,
+}
+
+/// How long an API key "session" lives: for ever, written so that adding
+/// it to an `Instant` cannot overflow.
+pub const API_KEY_LIFETIME: Duration = Duration::from_secs(100 * 365 * 24 * 3600);
+
+/// The [`Source`] of an API-key identity: hands out the key, at once,
+/// every time. Nothing is created at QuickBlox and nothing can fail, so the
+/// renewal task publishes it on start and never again (unless a reload
+/// brings a new key, or an operator forces a renewal).
+pub struct ApiKeySource {
+    key: crate::credentials::Secret,
+    on_behalf_of: Option<u64>,
+}
+
+impl ApiKeySource {
+    pub fn new(key: crate::credentials::Secret, on_behalf_of: Option<u64>) -> Self {
+        ApiKeySource { key, on_behalf_of }
+    }
+}
+
+impl Source for ApiKeySource {
+    fn create(&self, _attempt: Attempt) -> BoxFuture<'_, Result<NewSession, SessionError>> {
+        let session = NewSession {
+            token: self.key.expose().to_owned(),
+            user_id: self.on_behalf_of.unwrap_or(0),
+            lifetime: API_KEY_LIFETIME,
+            scheme: Scheme::ApiKey,
+            ..NewSession::default()
+        };
+        Box::pin(async move { Ok(session) })
+    }
 }
 
 /// The fields of QuickBlox's session object that a client may see. A

@@ -59,5 +59,6 @@ pub struct SessionStatus {
     /// Its fleet generation; 0: this replica's own.
     pub fleet: u64,
     pub created_at: SystemTime,
-    pub expires_at: SystemTime,
+    /// When it lapses unless used; `None` for an API key, which never does.
+    pub expires_at: Option<SystemTime>,
 }

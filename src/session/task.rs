@@ -252,6 +252,8 @@ fn accept(
     let now_ms = millis(shared.epoch.elapsed());
     if let Some(held) = old.session.as_ref().filter(|s| {
         s.token.as_bytes() == new.token.as_bytes()
+            && s.user_id == new.user_id
+            && s.scheme() == new.scheme
             && shared.dead.load(Ordering::Acquire) < s.generation
     }) {
         held.expires_at_ms.fetch_max(
@@ -285,7 +287,14 @@ fn accept(
     *generation += 1;
     let created_at = SystemTime::now();
     let public = public_body(&new, created_at);
+    let api_key = match new.scheme {
+        Scheme::QbToken => None,
+        Scheme::ApiKey => Some(ApiKeyHeaders::new(&token, new.user_id).ok_or_else(|| {
+            SessionError::Credentials("the API key is not a valid header value".into())
+        })?),
+    };
     let session = Arc::new(Session {
+        api_key,
         token,
         generation: *generation,
         user_id: new.user_id,
@@ -306,6 +315,16 @@ fn accept(
             "session adopted from the fleet"
         );
         shared.metrics.adoption();
+    } else if new.scheme == Scheme::ApiKey {
+        tracing::info!(
+            identity = name,
+            reason = reason.as_str(),
+            on_behalf_of = new.user_id,
+            key = %session.token_prefix(),
+            "API key in use (no session: nothing to create or renew)"
+        );
+        shared.metrics.renewal(reason);
+        shared.renewals[reason.index()].fetch_add(1, Ordering::Relaxed);
     } else {
         tracing::info!(
             identity = name,

@@ -4,8 +4,9 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::SystemTime;
 
 use bytes::Bytes;
-use http::HeaderValue;
+use http::{HeaderMap, HeaderValue};
 
+use super::Scheme;
 use crate::qb;
 
 /// A session token and what is known of it. Immutable but for its expiry,
@@ -32,11 +33,60 @@ pub struct Session {
     /// `[cluster]`, or Redis unreachable when it was made). Set once, when
     /// the session is published to the fleet.
     pub(super) fleet: AtomicU64,
+    /// Set for an API key: the headers it goes in, made once.
+    pub(super) api_key: Option<ApiKeyHeaders>,
+}
+
+/// An API key's headers, ready to insert.
+pub(super) struct ApiKeyHeaders {
+    /// `ApiKey <key>`, marked sensitive.
+    pub(super) authorization: HeaderValue,
+    pub(super) on_behalf_of: Option<HeaderValue>,
+}
+
+impl ApiKeyHeaders {
+    pub(super) fn new(key: &HeaderValue, user_id: u64) -> Option<ApiKeyHeaders> {
+        let mut value = Vec::with_capacity(qb::API_KEY_SCHEME.len() + 1 + key.len());
+        value.extend_from_slice(qb::API_KEY_SCHEME.as_bytes());
+        value.push(b' ');
+        value.extend_from_slice(key.as_bytes());
+        let mut authorization = HeaderValue::from_bytes(&value).ok()?;
+        authorization.set_sensitive(true);
+        Some(ApiKeyHeaders {
+            authorization,
+            on_behalf_of: (user_id != 0).then(|| HeaderValue::from(user_id)),
+        })
+    }
 }
 
 impl Session {
     pub fn token(&self) -> &HeaderValue {
         &self.token
+    }
+
+    /// How the token is sent.
+    pub fn scheme(&self) -> Scheme {
+        match self.api_key {
+            Some(_) => Scheme::ApiKey,
+            None => Scheme::QbToken,
+        }
+    }
+
+    /// Puts the session's credential on a request: `QB-Token`, or for an
+    /// API key `Authorization: ApiKey` and `On-Behalf-Of` if it acts as a
+    /// user. The caller has removed any the client sent.
+    pub fn authorize(&self, headers: &mut HeaderMap) {
+        match &self.api_key {
+            None => {
+                headers.insert(qb::QB_TOKEN, self.token.clone());
+            }
+            Some(h) => {
+                headers.insert(http::header::AUTHORIZATION, h.authorization.clone());
+                if let Some(user) = &h.on_behalf_of {
+                    headers.insert(qb::ON_BEHALF_OF, user.clone());
+                }
+            }
+        }
     }
 
     pub fn generation(&self) -> u64 {

@@ -22,10 +22,18 @@ impl Sim {
             .get(qb::QB_TOKEN)
             .and_then(|t| t.to_str().ok())
         else {
-            return self.error(
-                StatusCode::UNAUTHORIZED,
-                r#"{"errors":["Token is required"]}"#,
-            );
+            let key = parts
+                .headers
+                .get(http::header::AUTHORIZATION)
+                .and_then(|v| qb::api_key(v.as_bytes()))
+                .map(|k| String::from_utf8_lossy(k).into_owned());
+            return match key {
+                Some(key) => self.with_api_key(parts, body, key).await,
+                None => self.error(
+                    StatusCode::UNAUTHORIZED,
+                    r#"{"errors":["Token is required"]}"#,
+                ),
+            };
         };
         let token = token.to_owned();
         let now = self.now();
@@ -109,32 +117,65 @@ impl Sim {
                     Some(expires_at),
                 );
             }
-            st.requests.push_back(Recorded {
-                method: parts.method.clone(),
-                path_and_query: parts
-                    .uri
-                    .path_and_query()
-                    .map_or_else(|| path.to_owned(), |pq| pq.as_str().to_owned()),
-                headers: parts.headers.clone(),
-                body: body.clone(),
-                token: token.clone(),
-                user_id,
-            });
-            if st.requests.len() > MAX_RECORDED {
-                st.requests.pop_front();
-            }
-            let gate = st
-                .gates
-                .iter()
-                .find(|(p, _)| path.starts_with(p.as_str()))
-                .map(|(_, g)| g.clone());
-            if gate.is_some() {
-                st.held += 1;
-                st.max_held = st.max_held.max(st.held);
-            }
+            let gate = st.admit(&parts, &body, token.clone(), user_id);
             (user_id, session_body, gate, expires_at)
         };
         self.changed();
+        self.pass_gate(gate).await;
+        if let (&Method::GET, "/session.json", Some(s)) = (&parts.method, path, &session_body) {
+            return self.json(StatusCode::OK, s.clone(), Some(expires_at));
+        }
+        self.answer(&parts, &body, user_id, Some(expires_at))
+    }
+
+    /// A call made with `Authorization: ApiKey <key>`: no session, no
+    /// expiry; `On-Behalf-Of` names the user it acts as (else the
+    /// application, with full permissions).
+    async fn with_api_key(
+        &self,
+        parts: http::request::Parts,
+        body: Bytes,
+        key: String,
+    ) -> Response<Body> {
+        if !self.shared.config.api_keys.contains(&key) {
+            return self.error(StatusCode::UNAUTHORIZED, r#"{"errors":["Unauthorized"]}"#);
+        }
+        let user_id = match parts.headers.get(qb::ON_BEHALF_OF) {
+            None => 0,
+            Some(v) => {
+                let id = std::str::from_utf8(v.as_bytes())
+                    .ok()
+                    .and_then(|v| v.trim().parse::<u64>().ok())
+                    .filter(|id| self.shared.config.users.iter().any(|u| u.id == *id));
+                match id {
+                    Some(id) => id,
+                    None => {
+                        return self.error(
+                            StatusCode::UNPROCESSABLE_ENTITY,
+                            r#"{"errors":{"base":["On-Behalf-Of names no user of this application"]}}"#,
+                        )
+                    }
+                }
+            }
+        };
+        let path = parts.uri.path();
+        if path.starts_with("/session") || path.starts_with("/login") {
+            return self.error(
+                StatusCode::UNPROCESSABLE_ENTITY,
+                r#"{"errors":{"base":["An API key has no session"]}}"#,
+            );
+        }
+        let gate = {
+            let mut st = self.state();
+            st.admit(&parts, &body, format!("{} {key}", qb::API_KEY_SCHEME), user_id)
+        };
+        self.changed();
+        self.pass_gate(gate).await;
+        self.answer(&parts, &body, user_id, None)
+    }
+
+    /// Holds a request at its gate, if it has one.
+    async fn pass_gate(&self, gate: Option<Arc<tokio::sync::Semaphore>>) {
         if let Some(gate) = gate {
             // Counted out when the wait ends, or when the request is dropped
             // while held (its client went away).
@@ -143,9 +184,19 @@ impl Sim {
                 permit.forget();
             }
         }
-        if let (&Method::GET, "/session.json", Some(s)) = (&parts.method, path, &session_body) {
-            return self.json(StatusCode::OK, s.clone(), Some(expires_at));
-        }
+    }
+
+    /// The answer to an accepted call: a resource in QuickBlox's shape, or
+    /// the echo; with the session's new expiry, if it has one.
+    fn answer(
+        &self,
+        parts: &http::request::Parts,
+        body: &Bytes,
+        user_id: u64,
+        expires_at: Option<SystemTime>,
+    ) -> Response<Body> {
+        let now = self.now();
+        let path = parts.uri.path();
         let call = Call {
             method: &parts.method,
             path,
@@ -157,22 +208,59 @@ impl Sim {
             sim_url: &self.url(),
         };
         let answered = self.state().resources.answer(&self.shared.config, &call);
-        let echo = echo(&parts, &body, user_id);
+        let echo = echo(parts, body, user_id);
         match answered {
             // A body-less answer stays body-less (the SDKs read it as text).
-            Some((status, None)) => self.json(status, String::new(), Some(expires_at)),
+            Some((status, None)) => self.json(status, String::new(), expires_at),
             Some((status, Some(mut shaped))) => {
                 if let serde_json::Value::Object(fields) = &mut shaped {
                     fields.insert("echo".into(), echo);
                 }
-                self.json(status, shaped.to_string(), Some(expires_at))
+                self.json(status, shaped.to_string(), expires_at)
             }
             None => self.json(
                 StatusCode::OK,
                 serde_json::json!({ "echo": echo }).to_string(),
-                Some(expires_at),
+                expires_at,
             ),
         }
+    }
+}
+
+impl State {
+    /// Records an accepted call; returns its gate, if one holds its path.
+    fn admit(
+        &mut self,
+        parts: &http::request::Parts,
+        body: &Bytes,
+        token: String,
+        user_id: u64,
+    ) -> Option<Arc<tokio::sync::Semaphore>> {
+        let path = parts.uri.path();
+        self.requests.push_back(Recorded {
+            method: parts.method.clone(),
+            path_and_query: parts
+                .uri
+                .path_and_query()
+                .map_or_else(|| path.to_owned(), |pq| pq.as_str().to_owned()),
+            headers: parts.headers.clone(),
+            body: body.clone(),
+            token,
+            user_id,
+        });
+        if self.requests.len() > MAX_RECORDED {
+            self.requests.pop_front();
+        }
+        let gate = self
+            .gates
+            .iter()
+            .find(|(p, _)| path.starts_with(p.as_str()))
+            .map(|(_, g)| g.clone());
+        if gate.is_some() {
+            self.held += 1;
+            self.max_held = self.max_held.max(self.held);
+        }
+        gate
     }
 }
 

@@ -48,6 +48,8 @@ pub struct SimConfig {
     /// Social-provider tokens the simulator accepts (more can be added
     /// while it runs, as real ones rotate).
     pub provider_tokens: Vec<ProviderToken>,
+    /// API keys it accepts (`Authorization: ApiKey <key>`).
+    pub api_keys: Vec<String>,
 }
 
 /// A Facebook or Firebase token and the user it logs in.
@@ -92,6 +94,7 @@ impl SimConfig {
             ],
             session_lifetime: qb::SESSION_LIFETIME,
             provider_tokens: Vec::new(),
+            api_keys: vec!["demo-api-key".into()],
         }
     }
 
@@ -149,7 +152,7 @@ impl Drop for Held<'_> {
     }
 }
 
-/// A request the simulator accepted (valid token).
+/// A request the simulator accepted (valid token or API key).
 #[derive(Debug, Clone)]
 pub struct Recorded {
     pub method: Method,
@@ -157,6 +160,7 @@ pub struct Recorded {
     pub path_and_query: String,
     pub headers: HeaderMap,
     pub body: Bytes,
+    /// The session token, or `ApiKey <key>` for a call with an API key.
     pub token: String,
     pub user_id: u64,
 }
