@@ -866,7 +866,8 @@ fn with_token(
 /// an API key (`Authorization`), and the user an API key acts as. A
 /// forwarded request carries the identity's alone; with `client_token =
 /// "keep"` a client's own pass through untouched (never one qbproxy holds).
-static CLIENT_CREDENTIALS: [HeaderName; 3] = [qb::QB_TOKEN, header::AUTHORIZATION, qb::ON_BEHALF_OF];
+static CLIENT_CREDENTIALS: [HeaderName; 3] =
+    [qb::QB_TOKEN, header::AUTHORIZATION, qb::ON_BEHALF_OF];
 
 /// The first credential header the client sent, if any.
 fn client_credential(headers: &HeaderMap) -> Option<&'static HeaderName> {

@@ -324,12 +324,10 @@ impl SessionCreator {
         *req.uri_mut() = uri;
         let h = req.headers_mut();
         h.insert(header::HOST, e.upstream.host.clone());
-        let mut authorization = HeaderValue::from_str(&format!(
-            "{} {}",
-            qb::API_KEY_SCHEME,
-            key.expose()
-        ))
-        .map_err(|_| SessionError::Credentials("the API key is not a valid header value".into()))?;
+        let mut authorization =
+            HeaderValue::from_str(&format!("{} {}", qb::API_KEY_SCHEME, key.expose())).map_err(
+                |_| SessionError::Credentials("the API key is not a valid header value".into()),
+            )?;
         authorization.set_sensitive(true);
         h.insert(header::AUTHORIZATION, authorization);
         if let Some(user) = on_behalf_of {

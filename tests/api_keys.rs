@@ -22,7 +22,10 @@ async fn sim_with_keys(keys: &[&str]) -> Sim {
 
 /// Every value of `name` in the last request the simulator recorded.
 fn received(sim: &Sim, name: &str) -> Vec<String> {
-    let last = sim.requests().pop().expect("the simulator received a request");
+    let last = sim
+        .requests()
+        .pop()
+        .expect("the simulator received a request");
     last.headers
         .get_all(name)
         .iter()
@@ -53,7 +56,12 @@ async fn an_api_key_identity_sends_its_key_and_user_and_creates_no_session() {
     // A write on behalf of a user works; the application's key (no
     // On-Behalf-Of) reads as the application.
     let a = h
-        .send(Method::POST, "/chat/Dialog.json", &[], r#"{"type":1,"name":"x"}"#)
+        .send(
+            Method::POST,
+            "/chat/Dialog.json",
+            &[],
+            r#"{"type":1,"name":"x"}"#,
+        )
         .await;
     assert_eq!(a.status, StatusCode::OK, "{}", a.text());
     let a = h.get_as("admin", "/users.json").await;
@@ -104,7 +112,10 @@ async fn sessions_and_session_json_show_an_api_key_identity_without_its_key() {
     assert_eq!(svc["state"], "ready");
     assert_eq!(svc["user_id"], 1001);
     assert_eq!(svc["token"], "demo-a…");
-    assert!(svc["expires_at"].is_null(), "an API key never expires: {svc}");
+    assert!(
+        svc["expires_at"].is_null(),
+        "an API key never expires: {svc}"
+    );
 
     // `GET /session.json` is answered by qbproxy: who it acts as, no key.
     let a = h.get("/session.json").await;
@@ -113,7 +124,10 @@ async fn sessions_and_session_json_show_an_api_key_identity_without_its_key() {
     assert_eq!(a.json()["session"]["user_id"], 1001);
     assert!(h.sim.requests().is_empty());
     // The guard holds as for any identity: nothing touches a session.
-    for (method, path) in [(Method::DELETE, "/session.json"), (Method::POST, "/login.json")] {
+    for (method, path) in [
+        (Method::DELETE, "/session.json"),
+        (Method::POST, "/login.json"),
+    ] {
         let a = h.send(method, path, &[], "{}").await;
         assert_eq!(a.status, StatusCode::FORBIDDEN, "{path}");
         assert_eq!(a.headers["qbproxy-error"], "shared-session");
@@ -193,11 +207,17 @@ async fn a_pool_of_api_keys_takes_turns() {
     seen.sort();
     assert_eq!(
         seen,
-        ["ApiKey key-one", "ApiKey key-one", "ApiKey key-two", "ApiKey key-two"]
+        [
+            "ApiKey key-one",
+            "ApiKey key-one",
+            "ApiKey key-two",
+            "ApiKey key-two"
+        ]
     );
     assert_eq!(sim.attempts(), 0);
     for member in ["k1", "k2"] {
-        let series = format!("qbproxy_requests_total{{code=\"200\",identity=\"{member}\",pool=\"keys\"}}");
+        let series =
+            format!("qbproxy_requests_total{{code=\"200\",identity=\"{member}\",pool=\"keys\"}}");
         assert_eq!(h.metric(&series), 2, "{series}");
     }
 }

@@ -38,9 +38,7 @@ use std::time::{Duration, SystemTime};
 use tokio::time::Instant;
 
 use super::{Cluster, Down, Stored};
-use crate::session::{
-    Attempt, BoxFuture, Held, NewSession, Reason, Scheme, SessionError, Source,
-};
+use crate::session::{Attempt, BoxFuture, Held, NewSession, Reason, Scheme, SessionError, Source};
 
 /// How often a running identity syncs with the fleet.
 const SYNC_EVERY: Duration = Duration::from_secs(30);

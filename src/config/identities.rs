@@ -355,7 +355,8 @@ impl Validator<'_> {
                 None => Ok(()),
             }
         };
-        let api_key_given = r.api_key.is_some() || r.api_key_env.is_some() || r.api_key_file.is_some();
+        let api_key_given =
+            r.api_key.is_some() || r.api_key_env.is_some() || r.api_key_file.is_some();
         if api_key_given {
             let why = "not used with an API key (an api_key identity sends the key, it creates no session)";
             refuse(&user_fields, why)?;
@@ -375,10 +376,16 @@ impl Validator<'_> {
             if r.on_behalf_of == Some(0) {
                 return Err(self.invalid(&at("on_behalf_of"), "must be a QuickBlox user id (1 or more); leave it out to act as the application"));
             }
-            return Ok(Credentials::ApiKey { key, on_behalf_of: r.on_behalf_of });
+            return Ok(Credentials::ApiKey {
+                key,
+                on_behalf_of: r.on_behalf_of,
+            });
         }
         if r.on_behalf_of.is_some() {
-            return Err(self.invalid(&at("on_behalf_of"), "only with api_key, api_key_env or api_key_file"));
+            return Err(self.invalid(
+                &at("on_behalf_of"),
+                "only with api_key, api_key_env or api_key_file",
+            ));
         }
         match r.provider.as_deref() {
             None => {
@@ -596,6 +603,59 @@ mod tests {
         let e = parse(extra).unwrap_err();
         assert!(!e.contains('\n'), "one line: {e}");
         e
+    }
+
+    #[test]
+    fn api_key_identities_are_checked_and_never_shown() {
+        let c = parse(
+            "[[identity]]\nname = \"svc\"\napi_key = \"k-123\"\non_behalf_of = 42\n\
+             [[identity]]\nname = \"app\"\napi_key = \"k-456\"\n",
+        )
+        .unwrap();
+        match &c.identities[0].credentials {
+            Credentials::ApiKey { key, on_behalf_of } => {
+                assert_eq!(key.expose(), "k-123");
+                assert_eq!(*on_behalf_of, Some(42));
+            }
+            other => panic!("{other:?}"),
+        }
+        assert_eq!(c.identities[1].credentials.kind().as_str(), "api_key");
+        for (extra, says) in [
+            (
+                "name = \"x\"\napi_key = \"k\"\nlogin = \"l\"\n",
+                "identity[0].login: not used with an API key",
+            ),
+            (
+                "name = \"x\"\napi_key = \"k\"\nprovider = \"facebook\"\n",
+                "identity[0].provider: not used with an API key",
+            ),
+            (
+                "name = \"x\"\napi_key = \"k\"\napi_key_env = \"K\"\n",
+                "identity[0].api_key: set only one of",
+            ),
+            (
+                "name = \"x\"\napi_key_env = \"QBPROXY_TEST_SURELY_UNSET_KEY\"\n",
+                "identity[0].api_key_env: environment variable QBPROXY_TEST_SURELY_UNSET_KEY is not set",
+            ),
+            (
+                "name = \"x\"\napi_key = \"k\"\non_behalf_of = 0\n",
+                "identity[0].on_behalf_of: must be a QuickBlox user id",
+            ),
+            (
+                "name = \"x\"\nlogin = \"l\"\npassword = \"p\"\non_behalf_of = 5\n",
+                "identity[0].on_behalf_of: only with api_key",
+            ),
+            (
+                "name = \"x\"\napi_key = \"secret key\"\n",
+                "identity[0].api_key: holds a space",
+            ),
+        ] {
+            let e = problem(&format!("[[identity]]\n{extra}"));
+            assert!(e.contains(says), "{extra}: {e}");
+            assert!(!e.contains("secret key"), "the key is never shown: {e}");
+        }
+        // Its Debug never shows the key.
+        assert!(!format!("{:?}", c.identities[0]).contains("k-123"));
     }
 
     #[test]

@@ -35,8 +35,8 @@ pub use self::source::{
     API_KEY_LIFETIME,
 };
 pub use self::status::{SessionState, SessionStatus, Status};
-pub use self::token::Session;
 use self::token::ApiKeyHeaders;
+pub use self::token::Session;
 
 use self::task::{renewal_loop, State};
 

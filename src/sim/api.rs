@@ -149,12 +149,10 @@ impl Sim {
                     .filter(|id| self.shared.config.users.iter().any(|u| u.id == *id));
                 match id {
                     Some(id) => id,
-                    None => {
-                        return self.error(
-                            StatusCode::UNPROCESSABLE_ENTITY,
-                            r#"{"errors":{"base":["On-Behalf-Of names no user of this application"]}}"#,
-                        )
-                    }
+                    None => return self.error(
+                        StatusCode::UNPROCESSABLE_ENTITY,
+                        r#"{"errors":{"base":["On-Behalf-Of names no user of this application"]}}"#,
+                    ),
                 }
             }
         };
@@ -167,7 +165,12 @@ impl Sim {
         }
         let gate = {
             let mut st = self.state();
-            st.admit(&parts, &body, format!("{} {key}", qb::API_KEY_SCHEME), user_id)
+            st.admit(
+                &parts,
+                &body,
+                format!("{} {key}", qb::API_KEY_SCHEME),
+                user_id,
+            )
         };
         self.changed();
         self.pass_gate(gate).await;
@@ -202,7 +205,7 @@ impl Sim {
             path,
             query: parts.uri.query().unwrap_or(""),
             headers: &parts.headers,
-            body: &body,
+            body,
             user_id,
             now,
             sim_url: &self.url(),

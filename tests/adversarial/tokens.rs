@@ -176,3 +176,154 @@ async fn in_keep_mode_a_token_qbproxy_holds_or_held_is_refused() {
     assert_eq!(a.status, StatusCode::UNAUTHORIZED);
     assert_eq!(h.sim.refusals(), refusals + 1);
 }
+
+const SVC: &str = "name = \"svc\"\napi_key = \"demo-api-key\"\non_behalf_of = 1001\n";
+
+/// Every value of `name` in the last request the simulator recorded.
+fn upstream_got(sim: &qbproxy::sim::Sim, name: &str) -> Vec<String> {
+    let last = sim
+        .requests()
+        .pop()
+        .expect("the simulator received a request");
+    last.headers
+        .get_all(name)
+        .iter()
+        .map(|v| v.to_str().unwrap().to_owned())
+        .collect()
+}
+
+/// A client's own credentials, in as many spellings and copies as HTTP/1
+/// allows: none of them reaches QuickBlox; the identity's alone does,
+/// whether it is a session or an API key.
+#[tokio::test]
+async fn a_clients_own_credentials_never_reach_the_upstream() {
+    let mut sim_config = qbproxy::sim::SimConfig::demo();
+    sim_config.api_keys.push("stolen-key".into());
+    let sim = qbproxy::sim::Sim::start(sim_config).await.unwrap();
+    let h = setup()
+        .sim(sim.clone())
+        .identity(crate::DEMO)
+        .identity(SVC)
+        .start()
+        .await;
+    h.ready().await;
+    let token = h.token();
+    let spelt = [
+        ("authorization", "apikey stolen-key"),
+        ("AUTHORIZATION", "ApiKey stolen-key"),
+        ("On-Behalf-Of", "1002"),
+        ("on-behalf-of", "1003"),
+        ("QB-Token", "clients-own-token"),
+        ("qb-token", "another-one"),
+    ];
+    for identity in ["demo", "svc"] {
+        let mut headers = spelt.to_vec();
+        headers.push(("QBProxy-Identity", identity));
+        let a = raw(h.proxy, &request("GET", "/users.json", &headers, "")).await;
+        assert_eq!(a.status, 200, "{identity}: {}", a.head);
+        let (tokens, keys, users) = (
+            upstream_got(&sim, "qb-token"),
+            upstream_got(&sim, "authorization"),
+            upstream_got(&sim, "on-behalf-of"),
+        );
+        if identity == "demo" {
+            assert_eq!(tokens, [token.clone()]);
+            assert!(keys.is_empty() && users.is_empty(), "{keys:?} {users:?}");
+        } else {
+            assert!(tokens.is_empty(), "{tokens:?}");
+            assert_eq!(keys, ["ApiKey demo-api-key"]);
+            assert_eq!(users, ["1001"]);
+        }
+    }
+    // The same over HTTP/2.
+    let (mut send, _conn) = h2(h.proxy, ::h2::client::Builder::new()).await;
+    let mut headers: Vec<(&str, &str)> = spelt
+        .iter()
+        .map(|(k, v)| (*k, *v))
+        .filter(|(k, _)| k.bytes().all(|b| !b.is_ascii_uppercase()))
+        .collect();
+    headers.push(("qbproxy-identity", "svc"));
+    let (status, _, _) = h2_send(&mut send, h.proxy, "GET", "/users.json", &headers).await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(upstream_got(&sim, "authorization"), ["ApiKey demo-api-key"]);
+    assert_eq!(upstream_got(&sim, "on-behalf-of"), ["1001"]);
+    // Counted as replaced, like a legacy client's token.
+    assert_eq!(
+        h.metric("qbproxy_client_tokens_replaced_total{identity=\"svc\",pool=\"\"}"),
+        2
+    );
+    assert_eq!(
+        h.metric("qbproxy_client_tokens_replaced_total{identity=\"demo\",pool=\"\"}"),
+        1
+    );
+}
+
+/// With `client_token = "keep"` a client may send its own API key (and
+/// act as whom it names), never the key qbproxy holds, however spelt or
+/// hidden among other values; an `On-Behalf-Of` alone is no credential.
+#[tokio::test]
+async fn in_keep_mode_an_api_key_qbproxy_holds_is_refused_in_any_spelling() {
+    let mut sim_config = qbproxy::sim::SimConfig::demo();
+    sim_config.api_keys.push("clients-own-key".into());
+    let sim = qbproxy::sim::Sim::start(sim_config).await.unwrap();
+    let h = setup()
+        .sim(sim.clone())
+        .identity(SVC)
+        .set("proxy", "client_token", "\"keep\"")
+        .start()
+        .await;
+    h.ready().await;
+    let held: [&[(&str, &str)]; 5] = [
+        &[("Authorization", "ApiKey demo-api-key")],
+        &[("authorization", "  APIKEY \t demo-api-key ")],
+        &[
+            ("Authorization", "ApiKey clients-own-key"),
+            ("Authorization", "ApiKey demo-api-key"),
+        ],
+        &[(
+            "Authorization",
+            "ApiKey clients-own-key, ApiKey demo-api-key",
+        )],
+        &[("QB-Token", "demo-api-key")],
+    ];
+    for headers in held {
+        let a = raw(h.proxy, &request("GET", "/users.json", headers, "")).await;
+        assert_eq!(a.status, 403, "{headers:?}: {}", a.head);
+        assert_eq!(a.error_code(), "held-token", "{headers:?}");
+        assert!(!a.body.contains("demo-api-key"));
+    }
+    let (mut send, _conn) = h2(h.proxy, ::h2::client::Builder::new()).await;
+    let (status, resp, _) = h2_send(
+        &mut send,
+        h.proxy,
+        "GET",
+        "/users.json",
+        &[("authorization", "apikey demo-api-key")],
+    )
+    .await;
+    assert_eq!(status, StatusCode::FORBIDDEN);
+    assert_eq!(resp["qbproxy-error"], "held-token");
+    assert!(sim.requests().is_empty(), "nothing reached QuickBlox");
+
+    // The client's own key passes untouched, with the user it names.
+    let own = [
+        ("Authorization", "ApiKey clients-own-key"),
+        ("On-Behalf-Of", "1002"),
+    ];
+    let a = raw(h.proxy, &request("GET", "/users.json", &own, "")).await;
+    assert_eq!(a.status, 200, "{}", a.head);
+    assert_eq!(
+        upstream_got(&sim, "authorization"),
+        ["ApiKey clients-own-key"]
+    );
+    assert_eq!(upstream_got(&sim, "on-behalf-of"), ["1002"]);
+    // An On-Behalf-Of alone rides on the identity's key: dropped.
+    let a = raw(
+        h.proxy,
+        &request("GET", "/users.json", &[("On-Behalf-Of", "1002")], ""),
+    )
+    .await;
+    assert_eq!(a.status, 200, "{}", a.head);
+    assert_eq!(upstream_got(&sim, "authorization"), ["ApiKey demo-api-key"]);
+    assert_eq!(upstream_got(&sim, "on-behalf-of"), ["1001"]);
+}
