@@ -227,7 +227,7 @@ async fn a_clients_own_credentials_never_reach_the_upstream() {
             upstream_got(&sim, "on-behalf-of"),
         );
         if identity == "demo" {
-            assert_eq!(tokens, [token.clone()]);
+            assert_eq!(tokens, vec![token.as_str()]);
             assert!(keys.is_empty() && users.is_empty(), "{keys:?} {users:?}");
         } else {
             assert!(tokens.is_empty(), "{tokens:?}");
