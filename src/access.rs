@@ -6,6 +6,7 @@
 //! A [`Gate`] is built from the config and swapped whole on reload.
 
 use std::net::IpAddr;
+use std::sync::Arc;
 use std::sync::Mutex;
 use std::time::Instant;
 
@@ -31,7 +32,8 @@ pub struct Gate {
 
 /// A `[[client]]`: a caller known by its API key.
 pub struct ApiClient {
-    pub name: String,
+    /// Shared with the access events of its requests.
+    pub name: Arc<str>,
     /// SHA-1 of the key: comparing digests in constant time leaks neither
     /// the key nor its length.
     digest: [u8; 20],
@@ -99,7 +101,7 @@ impl Gate {
             let mut bucket = bucket.lock().unwrap_or_else(|p| p.into_inner());
             if let Err(retry_after) = bucket.take(Instant::now()) {
                 return Err(ProxyError::RateLimited {
-                    client: client.name.clone(),
+                    client: client.name.to_string(),
                     retry_after,
                 });
             }
@@ -111,7 +113,7 @@ impl Gate {
 impl ApiClient {
     fn new(c: &ClientConfig, config: &Config, metrics: &Metrics) -> ApiClient {
         ApiClient {
-            name: c.name.clone(),
+            name: c.name.as_str().into(),
             digest: Sha1::digest(c.key.expose().as_bytes()).into(),
             identities: c.identities.as_ref().map(|ids| {
                 ids.iter()

@@ -13,7 +13,7 @@
 
 use std::future::Future;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 use std::time::Duration;
@@ -49,6 +49,8 @@ pub enum Body {
     /// A client's request body streaming upstream (it was not buffered for
     /// a replay): bounded in size and time, and scanned for `_method`.
     Client(Box<ClientBody>),
+    /// A response whose access event is written when it is done.
+    Logged(Box<crate::access_log::Logged>),
 }
 
 /// Why a client's body was cut off on its way upstream. The upstream
@@ -65,20 +67,29 @@ pub enum Cut {
 }
 
 /// Set when a client body is cut off, read by the handler to answer with
-/// the right status when the upstream exchange fails because of it.
+/// the right status when the upstream exchange fails because of it. It
+/// also counts the body's bytes passed on, for the access log.
 #[derive(Default)]
-pub struct CutFlag(Mutex<Option<Cut>>);
+pub struct CutFlag {
+    cut: Mutex<Option<Cut>>,
+    passed: AtomicU64,
+}
 
 impl CutFlag {
     pub fn get(&self) -> Option<Cut> {
-        *self.0.lock().unwrap_or_else(|p| p.into_inner())
+        *self.cut.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     fn set(&self, cut: Cut) {
-        self.0
+        self.cut
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .get_or_insert(cut);
+    }
+
+    /// Bytes of the body passed on so far.
+    pub fn passed(&self) -> u64 {
+        self.passed.load(Ordering::Relaxed)
     }
 }
 
@@ -160,6 +171,7 @@ impl ClientBody {
             return Poll::Ready(Some(Err(CutOff(cut).into())));
         }
         if let Some(h) = self.head.pop() {
+            self.cut.passed.fetch_add(h.len() as u64, Ordering::Relaxed);
             return Poll::Ready(Some(Ok(Frame::data(h))));
         }
         match Pin::new(&mut self.tail).poll_frame(cx) {
@@ -175,6 +187,7 @@ impl ClientBody {
                     if let Some(found) = self.scanner.as_mut().and_then(|s| s.feed(data)) {
                         return self.cut_off(Cut::Override(found));
                     }
+                    self.cut.passed.fetch_add(len, Ordering::Relaxed);
                 }
                 let next = self.limits.next_by();
                 self.timer.as_mut().reset(next);
@@ -291,6 +304,7 @@ impl HttpBody for Body {
                 }
             },
             Body::Client(c) => c.poll_next(cx),
+            Body::Logged(l) => l.poll_frame(cx),
         }
     }
 
@@ -300,6 +314,7 @@ impl HttpBody for Body {
             Body::Stream { body, .. } => body.is_end_stream(),
             Body::Chain { head, tail, .. } => head.is_none() && tail.is_end_stream(),
             Body::Client(c) => c.head.is_empty() && c.tail.is_end_stream(),
+            Body::Logged(l) => l.is_end_stream(),
         }
     }
 
@@ -309,6 +324,7 @@ impl HttpBody for Body {
             Body::Stream { body, .. } => body.size_hint(),
             Body::Chain { head, tail, .. } => size_hint(head.iter(), tail),
             Body::Client(c) => size_hint(c.head.iter(), &c.tail),
+            Body::Logged(l) => l.size_hint(),
         }
     }
 }

@@ -10,6 +10,7 @@
 // What the binary, the tests, the fuzz targets and the benches use is
 // public; everything else is the crate's own.
 mod access;
+mod access_log;
 mod admin;
 pub mod body;
 pub mod canonical;
@@ -20,6 +21,7 @@ pub mod demo;
 mod error;
 mod limit;
 mod live;
+pub mod logging;
 mod metrics;
 pub mod overrides;
 mod pool;

@@ -4,7 +4,6 @@
 
 #![forbid(unsafe_code)]
 
-use std::io::IsTerminal;
 use std::net::SocketAddr;
 use std::num::NonZeroUsize;
 use std::path::PathBuf;
@@ -118,7 +117,8 @@ enum LogFormat {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    init_logging(cli.log_format);
+    // Held to the end of main: dropping it writes out buffered lines.
+    let _log = init_logging(cli.log_format);
     // What was given before a subcommand belongs to running the proxy.
     let root_only = |command: &str| -> Option<String> {
         let given = match (&cli.config, cli.runtime.threads) {
@@ -336,17 +336,11 @@ fn runtime(threads: usize) -> tokio::runtime::Runtime {
         .expect("start the tokio runtime")
 }
 
-fn init_logging(format: LogFormat) {
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_ansi(std::io::stderr().is_terminal())
-        .with_writer(std::io::stderr);
-    match format {
-        LogFormat::Text => builder.init(),
-        LogFormat::Json => builder.json().flatten_event(true).init(),
-    }
+fn init_logging(format: LogFormat) -> tracing_appender::non_blocking::WorkerGuard {
+    qbproxy::logging::init(match format {
+        LogFormat::Text => qbproxy::logging::Format::Text,
+        LogFormat::Json => qbproxy::logging::Format::Json,
+    })
 }
 
 /// On each SIGHUP, reads the config file again and applies it; an invalid

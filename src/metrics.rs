@@ -42,6 +42,9 @@ struct Inner {
     upstream_rate_limited: IntCounter,
     upstream_429: IntCounter,
     client_tokens_replaced: IntCounterVec,
+    /// Brought up to `logging::dropped_lines()` at each render, under the
+    /// lock so two renders do not both add the difference.
+    log_lines_dropped: std::sync::Mutex<IntCounter>,
     /// Every family's name, series or not (the text exposition leaves out
     /// a labelled family until its first series).
     names: Vec<String>,
@@ -161,9 +164,14 @@ impl Metrics {
         .unwrap_or_else(|e| unreachable!("static metric definition: {e}"));
         let client_tokens_replaced = counter_vec(
             "qbproxy_client_tokens_replaced_total",
-            "Requests whose client sent a QB-Token of its own, replaced with the identity's (proxy.client_token = \"replace\").",
+            "Requests whose client sent credentials of its own (QB-Token, Authorization, On-Behalf-Of), replaced with the identity's (proxy.client_token = \"replace\").",
             &who,
         );
+        let log_lines_dropped = IntCounter::new(
+            "qbproxy_log_lines_dropped_total",
+            "Log lines (access events included) dropped because the log writer fell behind stderr.",
+        )
+        .unwrap_or_else(|e| unreachable!("static metric definition: {e}"));
 
         let registry = Registry::new();
         let mut names = Vec::new();
@@ -185,6 +193,7 @@ impl Metrics {
             Box::new(upstream_rate_limited.clone()),
             Box::new(upstream_429.clone()),
             Box::new(client_tokens_replaced.clone()),
+            Box::new(log_lines_dropped.clone()),
         ] {
             names.extend(c.desc().iter().map(|d| d.fq_name.clone()));
             registry
@@ -211,6 +220,7 @@ impl Metrics {
                 upstream_rate_limited,
                 upstream_429,
                 client_tokens_replaced,
+                log_lines_dropped: std::sync::Mutex::new(log_lines_dropped),
                 names,
                 events: tokio::sync::watch::channel(0).0,
                 unrouted: OnceLock::new(),
@@ -314,6 +324,17 @@ impl Metrics {
 
     /// The Prometheus text exposition of every metric.
     pub fn render(&self) -> String {
+        {
+            let dropped = self
+                .inner
+                .log_lines_dropped
+                .lock()
+                .unwrap_or_else(|p| p.into_inner());
+            let now = crate::logging::dropped_lines();
+            if now > dropped.get() {
+                dropped.inc_by(now - dropped.get());
+            }
+        }
         let mut out = Vec::with_capacity(4096);
         // Encoding into a Vec cannot fail for well-formed metric families.
         let _ = TextEncoder::new().encode(&self.inner.registry.gather(), &mut out);

@@ -29,6 +29,7 @@ use hyper::body::Incoming;
 use tokio::time::{timeout_at, Instant};
 
 use crate::access::{self, ApiClient};
+use crate::access_log::{Entry, Logged, Trace, Who};
 use crate::body::{
     self, Body, BodyLimits, Budget, Buffered, ClientBody, ClientRead, Cut, CutFlag, ReadError,
     Reservation,
@@ -41,6 +42,7 @@ use crate::limit::{Permit, ResizableLimit};
 use crate::live::Live;
 use crate::metrics::{IdentityMetrics, Metrics};
 use crate::overrides::{self, Found};
+use crate::pool::Pool;
 use crate::qb;
 use crate::route::{self, Target};
 use crate::server::Conn;
@@ -119,9 +121,18 @@ impl Proxy {
         let inner = &*self.inner;
         let (mut parts, body) = req.into_parts();
         let live = inner.live.load_full();
-        let deadline = Instant::now() + live.timeout();
+        let started = Instant::now();
+        let deadline = started + live.timeout();
         let unrouted = inner.metrics.unrouted();
-        let log = Log::raw(&parts);
+        let trace = Trace::new(started);
+        // Kept for the access event's query (a few reference counts).
+        let uri = parts.uri.clone();
+        let access = live.config.log.access.then_some(Access {
+            peer: conn.peer(),
+            uri: &uri,
+            trace: &trace,
+        });
+        let log = Log::raw(&parts, access);
         let client = match live.gate.admit(conn.peer().ip(), &parts.headers) {
             Ok(client) => client,
             Err(e) => {
@@ -130,7 +141,7 @@ impl Proxy {
                     conn.close();
                 }
                 let e = hint_misspelt_key(e, &parts.headers);
-                return finish(&log, Err(e), unrouted, None, None);
+                return finish(&log, Err(e), Counted::nobody(unrouted), None);
             }
         };
         let plan = match self.decide(&live, &parts, client) {
@@ -138,8 +149,10 @@ impl Proxy {
             // Counted under the identity or pool it was refused for, if it
             // got that far.
             Err((e, target)) => {
-                let (metrics, identity) = target.as_ref().map_or((unrouted, None), counted_as);
-                return finish(&log, Err(e), metrics, identity, client);
+                let counted = target
+                    .as_ref()
+                    .map_or(Counted::nobody(unrouted), counted_as);
+                return finish(&log, Err(e), counted, client);
             }
         };
         // Decided on; now nothing spelt with '_' goes any further.
@@ -148,22 +161,23 @@ impl Proxy {
         let log = Log {
             method: &method,
             path: &plan.path,
+            access,
         };
         let limits = BodyLimits {
             max_bytes: live.gate.max_body_bytes,
             idle: live.body_read_timeout(),
             deadline,
         };
-        let (target_metrics, target_identity) = counted_as(&plan.target);
+        let counted = counted_as(&plan.target);
         if let (Kind::Forward, Some(header)) = (plan.kind, client_credential(&parts.headers)) {
             // A client that made its own session (a legacy client), or
             // sends its own key, acts as the shared identity from here on:
             // make that visible.
-            target_metrics.client_token_replaced();
+            counted.metrics.client_token_replaced();
             if conn.first(crate::server::TOKEN_REPLACED) {
                 tracing::info!(
                     peer = %conn.peer(),
-                    client = client.map_or("", |c| c.name.as_str()),
+                    client = client.map_or("", |c| &*c.name),
                     target = plan.target.name(),
                     header = header.as_str(),
                     "the client sent credentials of its own; qbproxy replaces them with the shared identity's \
@@ -175,10 +189,11 @@ impl Proxy {
         if matches!(plan.kind, Kind::OwnSessionCreate | Kind::OwnToken) {
             let scanner = overrides::body_scanner(&parts.method, &parts.headers);
             let (body, cut) = ClientBody::stream(Vec::new(), body, limits, scanner, None);
+            trace.body_streams(&cut);
             let result = self
-                .pass_through(&live, &mut parts, &plan, body, &cut, deadline)
+                .pass_through(&live, &mut parts, &plan, body, &cut, &trace, deadline)
                 .await;
-            return finish(&log, result, target_metrics, target_identity, client);
+            return finish(&log, result, counted, client);
         }
         // The body first: a client slow to send it holds no session, no
         // pool member and no upstream slot meanwhile.
@@ -186,16 +201,22 @@ impl Proxy {
             Kind::SessionRead => Prepared::Whole(Bytes::new(), None),
             _ => match self.read_body(&live, &parts, body, limits).await {
                 Ok(b) => b,
-                Err(e) => return finish(&log, Err(e), target_metrics, target_identity, client),
+                Err(e) => return finish(&log, Err(e), counted, client),
             },
         };
+        match &body {
+            Prepared::Whole(bytes, _) => trace.body_read(bytes.len()),
+            Prepared::Stream(_, cut) => trace.body_streams(cut),
+        }
         match plan.target {
             Target::Identity(identity) => {
                 identity.start();
                 let result = self
-                    .exchange(&live, &mut parts, &plan, body, identity, None, deadline)
+                    .exchange(
+                        &live, &mut parts, &plan, body, identity, None, &trace, deadline,
+                    )
                     .await;
-                finish(&log, result, identity.metrics(), Some(identity), client)
+                finish(&log, result, Counted::identity(identity), client)
             }
             Target::Pool(pool) => {
                 let sticky = parts.headers.get(route::CLIENT_HEADER).cloned();
@@ -210,12 +231,13 @@ impl Proxy {
                                 body,
                                 identity,
                                 Some(session),
+                                &trace,
                                 deadline,
                             )
                             .await;
-                        finish(&log, result, identity.metrics(), Some(identity), client)
+                        finish(&log, result, Counted::identity(identity), client)
                     }
-                    Err(e) => finish(&log, Err(e), pool.metrics(), None, client),
+                    Err(e) => finish(&log, Err(e), Counted::pool(pool), client),
                 }
             }
         }
@@ -390,6 +412,7 @@ impl Proxy {
     /// Forwards the client's own session creation, or a request with its
     /// own token (`client_token = "keep"`), untouched: no token is added,
     /// nothing is renewed.
+    #[allow(clippy::too_many_arguments)]
     async fn pass_through(
         &self,
         live: &Live,
@@ -397,6 +420,7 @@ impl Proxy {
         plan: &Plan<'_>,
         body: Body,
         cut: &CutFlag,
+        trace: &Trace,
         deadline: Instant,
     ) -> Result<Response<Body>, ProxyError> {
         let mut headers = std::mem::take(&mut parts.headers);
@@ -404,7 +428,7 @@ impl Proxy {
         headers.insert(header::HOST, live.upstream().host.clone());
         let req = upstream_request(&parts.method, plan.uri.clone(), headers, body);
         let (resp, slot) = self
-            .send(live, req, deadline)
+            .send(live, req, trace, deadline)
             .await
             .map_err(|e| cut_off(e, cut, live))?;
         Ok(resp.map(|b| Body::upstream(b, slot)))
@@ -423,6 +447,7 @@ impl Proxy {
         body: Prepared,
         identity: &Identity,
         session: Option<Result<Arc<Session>, Unavailable>>,
+        trace: &Trace,
         deadline: Instant,
     ) -> Result<Response<Body>, ProxyError> {
         let session = match session {
@@ -447,7 +472,7 @@ impl Proxy {
             Prepared::Stream(body, cut) => {
                 let req = with_token(&parts.method, uri, headers, &session, body);
                 let sent = self
-                    .send_checked(live, req, identity, &session, deadline)
+                    .send_checked(live, req, identity, &session, trace, deadline)
                     .await;
                 return match sent.map_err(|e| cut_off(e, &cut, live))? {
                     Checked::Answer(resp) => Ok(resp),
@@ -475,7 +500,7 @@ impl Proxy {
             Body::full(replayable.clone()),
         );
         let refusal = match self
-            .send_checked(live, req, identity, &session, deadline)
+            .send_checked(live, req, identity, &session, trace, deadline)
             .await?
         {
             Checked::Answer(resp) => return Ok(resp),
@@ -491,6 +516,7 @@ impl Proxy {
             }
         };
         identity.metrics().replay();
+        trace.replayed();
         tracing::debug!(
             method = %parts.method,
             path = plan.path,
@@ -505,7 +531,7 @@ impl Proxy {
             Body::full(replayable),
         );
         match self
-            .send_checked(live, req, identity, &fresh, deadline)
+            .send_checked(live, req, identity, &fresh, trace, deadline)
             .await?
         {
             Checked::Answer(resp) => Ok(resp),
@@ -523,6 +549,7 @@ impl Proxy {
         &self,
         live: &Live,
         req: Request<Body>,
+        trace: &Trace,
         deadline: Instant,
     ) -> Result<(Response<Incoming>, Permit), ProxyError> {
         // QuickBlox's rate first (fleet-wide with [cluster]): a request
@@ -555,7 +582,9 @@ impl Proxy {
         };
         let started = Instant::now();
         let result = timeout_at(deadline, live.client.request(req)).await;
-        self.inner.metrics.upstream_latency(started.elapsed());
+        let took = started.elapsed();
+        self.inner.metrics.upstream_latency(took);
+        trace.upstream(took);
         match result {
             Err(_) => Err(ProxyError::UpstreamTimeout(live.timeout())),
             Ok(Err(e)) if e.is_connect() => {
@@ -582,9 +611,10 @@ impl Proxy {
         req: Request<Body>,
         identity: &Identity,
         session: &Session,
+        trace: &Trace,
         deadline: Instant,
     ) -> Result<Checked, ProxyError> {
-        let (resp, slot) = self.send(live, req, deadline).await?;
+        let (resp, slot) = self.send(live, req, trace, deadline).await?;
         // An API key has no session to expire: its 401s are the client's.
         if resp.status() != StatusCode::UNAUTHORIZED || session.scheme() == Scheme::ApiKey {
             identity.record_use(session, resp.status(), resp.headers());
@@ -664,31 +694,87 @@ fn content_length(headers: &HeaderMap) -> Option<u64> {
 }
 
 /// What a request's log lines name: its method and path (canonical once
-/// known, else as sent).
+/// known, else as sent), and with the access log on, what its access
+/// event needs besides.
 struct Log<'a> {
     method: &'a Method,
     path: &'a str,
+    access: Option<Access<'a>>,
+}
+
+/// What the access event takes from the request.
+#[derive(Clone, Copy)]
+struct Access<'a> {
+    peer: std::net::SocketAddr,
+    uri: &'a Uri,
+    trace: &'a Trace,
 }
 
 impl<'a> Log<'a> {
-    fn raw(parts: &'a Parts) -> Log<'a> {
+    fn raw(parts: &'a Parts, access: Option<Access<'a>>) -> Log<'a> {
         Log {
             method: &parts.method,
             path: parts.uri.path(),
+            access,
         }
     }
 }
 
-/// Logs and counts the outcome of a request.
+/// Whose series a request is counted in, and who it acted as.
+#[derive(Clone, Copy)]
+struct Counted<'a> {
+    metrics: &'a IdentityMetrics,
+    identity: Option<&'a Identity>,
+    pool: Option<&'a Arc<Pool>>,
+}
+
+impl<'a> Counted<'a> {
+    fn nobody(metrics: &'a IdentityMetrics) -> Self {
+        Counted {
+            metrics,
+            identity: None,
+            pool: None,
+        }
+    }
+
+    fn identity(identity: &'a Identity) -> Self {
+        Counted {
+            metrics: identity.metrics(),
+            identity: Some(identity),
+            pool: None,
+        }
+    }
+
+    fn pool(pool: &'a Arc<Pool>) -> Self {
+        Counted {
+            metrics: pool.metrics(),
+            identity: None,
+            pool: Some(pool),
+        }
+    }
+
+    fn who(&self) -> Who {
+        match (self.identity, self.pool) {
+            (Some(i), _) => Who::Identity(i.clone()),
+            (None, Some(p)) => Who::Pool(p.clone()),
+            (None, None) => Who::Nobody,
+        }
+    }
+}
+
+/// Logs and counts the outcome of a request; with the access log on, its
+/// response body writes the request's event when it is done.
 fn finish(
     log: &Log<'_>,
     result: Result<Response<Body>, ProxyError>,
-    metrics: &IdentityMetrics,
-    identity: Option<&Identity>,
+    counted: Counted<'_>,
     client: Option<&ApiClient>,
 ) -> Response<Body> {
+    let Counted {
+        metrics, identity, ..
+    } = counted;
     let name = identity.map_or("", |i| i.name());
-    let client_name = client.map_or("", |c| c.name.as_str());
+    let client_name = client.map_or("", |c| &*c.name);
     let resp = match result {
         Ok(resp) => resp,
         Err(e) => {
@@ -720,12 +806,27 @@ fn finish(
             );
         }
     }
-    tracing::debug!(identity = name, method = %log.method, path = log.path, status = status.as_u16(), "request");
     metrics.request(status);
     if let Some(c) = client {
         c.metrics.inc(status);
     }
-    resp
+    match log.access {
+        None => resp,
+        Some(a) => {
+            let entry = Entry::new(
+                a.trace,
+                a.peer,
+                client.map(|c| c.name.clone()),
+                counted.who(),
+                log.method.clone(),
+                log.path.to_owned(),
+                a.uri.clone(),
+                status.as_u16(),
+                resp.headers().get(qb::QBPROXY_ERROR).cloned(),
+            );
+            resp.map(|body| Body::Logged(Box::new(Logged::new(body, entry))))
+        }
+    }
 }
 
 /// What qbproxy does with a request, decided on its canonical form.
@@ -741,12 +842,11 @@ enum Kind {
     SessionRead,
 }
 
-/// The series a request for `target` is counted in, and the identity if
-/// it is one.
-fn counted_as<'a>(target: &Target<'a>) -> (&'a IdentityMetrics, Option<&'a Identity>) {
+/// The series a request for `target` is counted in, and who it acts as.
+fn counted_as<'a>(target: &Target<'a>) -> Counted<'a> {
     match *target {
-        Target::Identity(i) => (i.metrics(), Some(i)),
-        Target::Pool(p) => (p.metrics(), None),
+        Target::Identity(i) => Counted::identity(i),
+        Target::Pool(p) => Counted::pool(p),
     }
 }
 

@@ -229,6 +229,29 @@ async fn the_binary_serves_then_drains_on_sigterm() {
     assert!(all.contains("SIGTERM received"), "{all}");
     assert!(all.contains(r#""threads":1"#), "{all}");
     assert!(all.contains("all connections drained"), "{all}");
+    // The access log is JSON like the rest, one event for the request,
+    // and written out (from the log's buffer) before the process exits.
+    let events: Vec<serde_json::Value> = log
+        .iter()
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("{e}: {l}")))
+        .filter(|v: &serde_json::Value| v["target"] == "qbproxy::access")
+        .collect();
+    assert_eq!(events.len(), 1, "{all}");
+    let e = &events[0];
+    assert_eq!(e["method"], "GET");
+    assert_eq!(e["path"], "/users.json");
+    assert_eq!(e["status"], 200);
+    assert_eq!(e["identity"], "app");
+    assert_eq!(e["replayed"], false);
+    assert_eq!(e["complete"], true);
+    assert!(e["peer"].as_str().unwrap().starts_with("127.0.0.1:"), "{e}");
+    assert!(e["bytes_out"].as_u64().unwrap() > 0, "{e}");
+    assert!(e["upstream_ms"].as_f64().unwrap() > 0.0, "{e}");
+    assert!(
+        e["duration_ms"].as_f64() >= e["upstream_ms"].as_f64(),
+        "{e}"
+    );
+    assert!(e["timestamp"].is_string(), "{e}");
 }
 
 /// The documented example stays valid as the config grows.

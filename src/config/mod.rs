@@ -70,6 +70,7 @@ pub struct Config {
     pub clients: Vec<ClientConfig>,
     /// Replicas share sessions and the upstream rate through Redis.
     pub cluster: Option<ClusterConfig>,
+    pub log: LogConfig,
     /// What is worth a warning but does not stop qbproxy (files others may
     /// read or write); logged at start and on every reload.
     pub warnings: Vec<String>,
@@ -200,6 +201,15 @@ pub enum ClientToken {
     /// Forward the client's own token untouched; qbproxy neither injects nor
     /// renews for that request.
     Keep,
+}
+
+/// `[log]`. The format (`--log-format`) and level (`RUST_LOG`) are set at
+/// start; this part reloads.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct LogConfig {
+    /// One event per request, at the end of its response
+    /// (`qbproxy::access` target).
+    pub access: bool,
 }
 
 #[derive(Debug, Clone)]

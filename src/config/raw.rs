@@ -33,6 +33,20 @@ pub(super) struct RawConfig {
     #[serde(default)]
     pub client: Vec<RawClient>,
     pub cluster: Option<RawCluster>,
+    #[serde(default)]
+    pub log: RawLog,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub(super) struct RawLog {
+    pub access: bool,
+}
+
+impl Default for RawLog {
+    fn default() -> Self {
+        RawLog { access: true }
+    }
 }
 
 #[derive(Debug, Deserialize)]

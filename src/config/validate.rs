@@ -143,6 +143,9 @@ impl Validator<'_> {
             })
             .collect();
         Ok(Config {
+            log: LogConfig {
+                access: raw.log.access,
+            },
             cluster,
             warnings,
             runs_commands: notes.commands,

@@ -1,0 +1,280 @@
+//! The access log: one event per request, written when its response body
+//! is done (or dropped), on the `qbproxy::access` target, in the format of
+//! the rest of the log (`--log-format`). It answers "who called what, as
+//! whom, and how long did QuickBlox take": source address, API client,
+//! identity (or pool member), method, canonical path, query with its values
+//! masked, status, `QBProxy-Error` code, bytes in and out, total and
+//! upstream time, and whether the request was replayed.
+//!
+//! `[log] access = false` turns it off (a reload applies at once); so does
+//! `RUST_LOG=info,qbproxy::access=off`. What it costs is measured in
+//! `bench/compare.sh`.
+//!
+//! Cheap by construction: a request gathers its facts in a [`Trace`] of
+//! atomics on the handler's stack; the event is built from fields, each
+//! formatted once, straight into the log line; the line goes to a
+//! buffered writer off the request's thread (see `logging`).
+
+use std::fmt;
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, OnceLock};
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::{HeaderValue, Method, Uri};
+use http_body::{Body as HttpBody, Frame, SizeHint};
+use tokio::time::Instant;
+
+use crate::body::{Body, BoxError, CutFlag};
+use crate::pool::Pool;
+use crate::session::Identity;
+
+/// The log target of access events.
+pub const TARGET: &str = "qbproxy::access";
+
+/// What a request learns about itself while it is served, for its access
+/// event. Lives on the handler's stack; the forwarding code fills it in.
+pub struct Trace {
+    started: Instant,
+    /// Time spent waiting for the upstream's response heads, all attempts.
+    upstream_us: AtomicU64,
+    replayed: AtomicBool,
+    /// A buffered body's length.
+    bytes_in: AtomicU64,
+    /// A streamed body's counter (read when the event is written, once the
+    /// body has gone upstream).
+    streamed: OnceLock<Arc<CutFlag>>,
+}
+
+impl Trace {
+    pub fn new(started: Instant) -> Trace {
+        Trace {
+            started,
+            upstream_us: AtomicU64::new(0),
+            replayed: AtomicBool::new(false),
+            bytes_in: AtomicU64::new(0),
+            streamed: OnceLock::new(),
+        }
+    }
+
+    /// One exchange with the upstream took `took` to its response head.
+    pub fn upstream(&self, took: Duration) {
+        self.upstream_us.fetch_add(micros(took), Ordering::Relaxed);
+    }
+
+    pub fn replayed(&self) {
+        self.replayed.store(true, Ordering::Relaxed);
+    }
+
+    /// The request body was read whole: `n` bytes.
+    pub fn body_read(&self, n: usize) {
+        self.bytes_in.store(n as u64, Ordering::Relaxed);
+    }
+
+    /// The request body streams; `flag` counts what went through.
+    pub fn body_streams(&self, flag: &Arc<CutFlag>) {
+        let _ = self.streamed.set(flag.clone());
+    }
+}
+
+/// Who a request acted as, as far as it got.
+pub enum Who {
+    Nobody,
+    /// An identity, or the pool member that served it.
+    Identity(Identity),
+    /// A pool that had no member to give.
+    Pool(Arc<Pool>),
+}
+
+/// One request's access event, written when its response body is done.
+pub struct Entry {
+    pub peer: SocketAddr,
+    pub client: Option<Arc<str>>,
+    pub who: Who,
+    pub method: Method,
+    /// Canonical once decided on; as sent before that.
+    pub path: String,
+    /// The request's URI, kept (a reference count) for its query.
+    pub uri: Uri,
+    pub status: u16,
+    pub error: Option<HeaderValue>,
+    started: Instant,
+    upstream_us: u64,
+    replayed: bool,
+    bytes_in: u64,
+    streamed: Option<Arc<CutFlag>>,
+}
+
+impl Entry {
+    /// An entry with what `trace` gathered.
+    #[allow(clippy::too_many_arguments)]
+    pub fn new(
+        trace: &Trace,
+        peer: SocketAddr,
+        client: Option<Arc<str>>,
+        who: Who,
+        method: Method,
+        path: String,
+        uri: Uri,
+        status: u16,
+        error: Option<HeaderValue>,
+    ) -> Entry {
+        Entry {
+            peer,
+            client,
+            who,
+            method,
+            path,
+            uri,
+            status,
+            error,
+            started: trace.started,
+            upstream_us: trace.upstream_us.load(Ordering::Relaxed),
+            replayed: trace.replayed.load(Ordering::Relaxed),
+            bytes_in: trace.bytes_in.load(Ordering::Relaxed),
+            streamed: trace.streamed.get().cloned(),
+        }
+    }
+
+    fn write(&self, bytes_out: u64, complete: bool) {
+        let (identity, pool) = match &self.who {
+            Who::Nobody => (None, None),
+            Who::Identity(i) => (Some(i.name()), i.info().pool.as_deref()),
+            Who::Pool(p) => (None, Some(p.name())),
+        };
+        let bytes_in = self
+            .streamed
+            .as_ref()
+            .map_or(self.bytes_in, |flag| flag.passed());
+        tracing::info!(
+            target: TARGET,
+            peer = %self.peer,
+            client = self.client.as_deref(),
+            identity,
+            pool,
+            method = %self.method,
+            path = self.path.as_str(),
+            query = self.uri.query().map(|q| tracing::field::display(Masked(q))),
+            status = self.status,
+            error = self.error.as_ref().and_then(|e| e.to_str().ok()),
+            bytes_in,
+            bytes_out,
+            duration_ms = millis(micros(self.started.elapsed())),
+            upstream_ms = millis(self.upstream_us),
+            replayed = self.replayed,
+            complete,
+            "request"
+        );
+    }
+}
+
+fn micros(d: Duration) -> u64 {
+    u64::try_from(d.as_micros()).unwrap_or(u64::MAX)
+}
+
+/// Milliseconds to the microsecond.
+fn millis(us: u64) -> f64 {
+    us as f64 / 1000.0
+}
+
+/// A query string with its values masked: `page=*&per_page=*`; a part
+/// without `=` is masked whole. A client may put anything in a query
+/// (a password, a token), so no value is ever logged.
+pub struct Masked<'a>(pub &'a str);
+
+impl fmt::Display for Masked<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        for (i, part) in self.0.split('&').enumerate() {
+            if i > 0 {
+                f.write_str("&")?;
+            }
+            match part.split_once('=') {
+                Some((name, _)) => {
+                    f.write_str(name)?;
+                    f.write_str("=*")?;
+                }
+                None if part.is_empty() => {}
+                None => f.write_str("*")?,
+            }
+        }
+        Ok(())
+    }
+}
+
+/// A response body that writes the request's access event when it is
+/// done: at its end, or when dropped early (the client went away:
+/// `complete=false`).
+pub struct Logged {
+    body: Body,
+    entry: Entry,
+    bytes_out: u64,
+    ended: bool,
+}
+
+impl Logged {
+    pub fn new(body: Body, entry: Entry) -> Logged {
+        Logged {
+            body,
+            entry,
+            bytes_out: 0,
+            ended: false,
+        }
+    }
+
+    pub fn poll_frame(
+        &mut self,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        let polled = Pin::new(&mut self.body).poll_frame(cx);
+        match &polled {
+            Poll::Ready(Some(Ok(frame))) => {
+                if let Some(data) = frame.data_ref() {
+                    self.bytes_out += data.len() as u64;
+                }
+                if self.body.is_end_stream() {
+                    self.ended = true;
+                }
+            }
+            Poll::Ready(None) => self.ended = true,
+            Poll::Ready(Some(Err(_))) | Poll::Pending => {}
+        }
+        polled
+    }
+
+    pub fn is_end_stream(&self) -> bool {
+        self.body.is_end_stream()
+    }
+
+    pub fn size_hint(&self) -> SizeHint {
+        self.body.size_hint()
+    }
+}
+
+impl Drop for Logged {
+    fn drop(&mut self) {
+        // A body never polled (HEAD, 204, 304) but empty is complete too.
+        let complete = self.ended || self.body.is_end_stream();
+        self.entry.write(self.bytes_out, complete);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Masked;
+
+    #[test]
+    fn query_values_are_masked() {
+        for (query, logged) in [
+            ("page=2&per_page=10", "page=*&per_page=*"),
+            ("login=alice&password=hunter2", "login=*&password=*"),
+            ("token-in-the-clear", "*"),
+            ("a=&=b&&c", "a=*&=*&&*"),
+            ("", ""),
+        ] {
+            assert_eq!(Masked(query).to_string(), logged, "{query}");
+        }
+    }
+}

@@ -1,0 +1,166 @@
+//! The access log: one event per request, when its response is done, with
+//! who called what, as whom, and how long QuickBlox took; query values
+//! never logged.
+
+mod common;
+
+use std::path::Path;
+
+use common::{bounded, setup};
+use http::{Method, StatusCode};
+use qbproxy::Config;
+
+const KEY: &str = "billing-key-0123456789";
+
+/// The access lines that hold every fragment.
+fn events(logs: &common::Captured, fragments: &[&str]) -> Vec<String> {
+    logs.text()
+        .lines()
+        .filter(|l| l.contains("qbproxy::access") && fragments.iter().all(|f| l.contains(f)))
+        .map(str::to_owned)
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_request_gets_one_event_with_who_what_and_how_long() {
+    let logs = common::capture_logs();
+    let h = setup()
+        .raw_table(&format!(
+            "[[client]]\nname = \"billing\"\nkey = \"{KEY}\"\n"
+        ))
+        .start()
+        .await;
+    h.ready().await;
+    let key = [("QBProxy-Key", KEY)];
+
+    // A read, query values masked.
+    let a = h
+        .send(
+            Method::GET,
+            "/users/by_login.json?login=alice&password=hunter2&flag",
+            &key,
+            "",
+        )
+        .await;
+    // The simulator knows no alice: QuickBlox's 404, passed on.
+    assert_eq!(a.status, StatusCode::NOT_FOUND);
+    let body_len = a.body.len().to_string();
+    let lines = bounded("the read's event", async {
+        loop {
+            let found = events(&logs, &["path=\"/users/by_login.json\""]);
+            if !found.is_empty() {
+                return found;
+            }
+            tokio::task::yield_now().await;
+        }
+    })
+    .await;
+    assert_eq!(lines.len(), 1, "{lines:?}");
+    let line = &lines[0];
+    for field in [
+        "peer=127.0.0.1:",
+        "client=\"billing\"",
+        "identity=\"demo\"",
+        "method=GET",
+        "query=login=*&password=*&*",
+        "status=404",
+        "bytes_in=0",
+        &format!("bytes_out={body_len}"),
+        "replayed=false",
+        "complete=true",
+        "upstream_ms=",
+        "duration_ms=",
+    ] {
+        assert!(line.contains(field), "{field} in {line}");
+    }
+    assert!(!logs.text().contains("hunter2"), "a query value was logged");
+    assert!(!logs.text().contains("alice"), "a query value was logged");
+
+    // A write after an expiry: replayed, bytes in counted, one event.
+    h.sim.expire_all();
+    let body = r#"{"type":1,"name":"access-log-test"}"#;
+    let a = h.send(Method::POST, "/chat/Dialog.json", &key, body).await;
+    assert_eq!(a.status, StatusCode::OK);
+    let lines = bounded("the write's event", async {
+        loop {
+            let found = events(&logs, &["path=\"/chat/Dialog.json\""]);
+            if !found.is_empty() {
+                return found;
+            }
+            tokio::task::yield_now().await;
+        }
+    })
+    .await;
+    assert_eq!(
+        lines.len(),
+        1,
+        "one event for a replayed request: {lines:?}"
+    );
+    assert!(lines[0].contains("replayed=true"), "{}", lines[0]);
+    assert!(
+        lines[0].contains(&format!("bytes_in={}", body.len())),
+        "{}",
+        lines[0]
+    );
+
+    // Refused by qbproxy: its error code.
+    let a = h
+        .send(
+            Method::GET,
+            "/users/1001.json",
+            &[("QBProxy-Key", KEY), ("QBProxy-Identity", "nobody")],
+            "",
+        )
+        .await;
+    assert_eq!(a.status, StatusCode::BAD_REQUEST);
+    let code = a.headers["qbproxy-error"].to_str().unwrap().to_owned();
+    let lines = bounded("the refusal's event", async {
+        loop {
+            let found = events(&logs, &["path=\"/users/1001.json\"", "status=400"]);
+            if !found.is_empty() {
+                return found;
+            }
+            tokio::task::yield_now().await;
+        }
+    })
+    .await;
+    assert!(
+        lines[0].contains(&format!("error=\"{code}\"")),
+        "{}",
+        lines[0]
+    );
+    assert!(lines[0].contains("client=\"billing\""), "{}", lines[0]);
+    assert!(
+        !lines[0].contains("identity="),
+        "no identity was chosen: {}",
+        lines[0]
+    );
+}
+
+#[tokio::test]
+async fn access_false_writes_no_events_and_a_reload_turns_them_on() {
+    let logs = common::capture_logs();
+    let off = setup().set("log", "access", "false");
+    let h = off.start().await;
+    h.ready().await;
+    assert_eq!(h.get("/users/1002.json?quiet").await.status, StatusCode::OK);
+    // The proxy's own line for the same moment is there; no access event.
+    assert!(events(&logs, &["path=\"/users/1002.json\""]).is_empty());
+
+    let on = setup().set("log", "access", "true");
+    let config = Config::from_toml(&on.config_text(&h.sim), Path::new("r.toml")).unwrap();
+    h.handle.reload(config).await.unwrap();
+    assert_eq!(h.get("/users/1002.json?loud").await.status, StatusCode::OK);
+    let lines = bounded("the event after the reload", async {
+        loop {
+            let found = events(&logs, &["path=\"/users/1002.json\""]);
+            if !found.is_empty() {
+                return found;
+            }
+            tokio::task::yield_now().await;
+        }
+    })
+    .await;
+    assert_eq!(lines.len(), 1, "{lines:?}");
+    assert!(lines[0].contains("query=*"), "{}", lines[0]);
+}
