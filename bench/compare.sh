@@ -14,6 +14,17 @@
 #   bench/compare.sh target/release/qbproxy target/release/examples/floor \
 #       "FLOOR_MODE=bound target/release/examples/floor"
 #
+# An argument may also name its config with CONFIG=FILE (default
+# bench/out/compare.toml, the access log on as by default; the script also
+# writes bench/out/compare-no-access.toml, the same with [log] access =
+# false). The access log's cost, off / on but filtered out / on and written:
+#
+#   bench/compare.sh "CONFIG=bench/out/compare-no-access.toml target/release/qbproxy" \
+#       target/release/qbproxy "RUST_LOG=info target/release/qbproxy"
+#
+# qbproxy runs with RUST_LOG=warn unless the argument says otherwise; its
+# log goes to /dev/null.
+#
 # ROUNDS=5 CONNS=50 by default. qbproxy on core 0, wrk and upstream on core 1.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -24,12 +35,14 @@ mkdir -p "$OUT"
 cargo build --release --quiet --example fast-upstream
 source bench/lib.sh
 fast_upstream_config "$OUT/compare.toml" http://127.0.0.1:19000
+{ cat "$OUT/compare.toml"; printf '[log]\naccess = false\n'; } > "$OUT/compare-no-access.toml"
 taskset -c 1 target/release/examples/fast-upstream 127.0.0.1:19000 2>/dev/null & pids+=($!)
 wait_port 19000
 for round in $(seq "$ROUNDS"); do
     for bin in "$@"; do
         # shellcheck disable=SC2086 # split on purpose: VAR=value ... binary
-        RUST_LOG=warn taskset -c 0 env $bin --config "$OUT/compare.toml" 2>/dev/null & qb=$!
+        config=$(sed -n 's/.*CONFIG=\([^ ]*\).*/\1/p' <<< "$bin")
+        RUST_LOG=warn taskset -c 0 env $bin --config "${config:-$OUT/compare.toml}" 2>/dev/null & qb=$!
         wait_port 19100
         taskset -c 1 wrk -t1 -c"$CONNS" -d2s http://127.0.0.1:19100/users.json > /dev/null
         t0=$(cpu_ticks "$qb")

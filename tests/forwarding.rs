@@ -304,7 +304,7 @@ async fn replaced_client_tokens_are_counted_and_logged_once_per_connection() {
     let text = logs.text();
     let logged: Vec<&str> = text
         .lines()
-        .filter(|l| l.contains("sent a QB-Token of its own"))
+        .filter(|l| l.contains("sent credentials of its own") && l.contains("header=\"qb-token\""))
         .collect();
     let on_first = logged
         .iter()
