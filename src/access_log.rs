@@ -47,6 +47,11 @@ pub struct Trace {
     /// A streamed body's counter (read when the event is written, once the
     /// body has gone upstream).
     streamed: OnceLock<Arc<CutFlag>>,
+    /// For [`Unanswered`]: who sent it and who it acts as, once known, and
+    /// whether an answer was made.
+    client: OnceLock<Arc<str>>,
+    who: OnceLock<Who>,
+    answered: AtomicBool,
 }
 
 impl Trace {
@@ -57,7 +62,25 @@ impl Trace {
             replayed: AtomicBool::new(false),
             bytes_in: AtomicU64::new(0),
             streamed: OnceLock::new(),
+            client: OnceLock::new(),
+            who: OnceLock::new(),
+            answered: AtomicBool::new(false),
         }
+    }
+
+    /// The API client that sent it (for [`Unanswered`]).
+    pub fn sent_by(&self, client: &Arc<str>) {
+        let _ = self.client.set(client.clone());
+    }
+
+    /// Who it acts as (for [`Unanswered`]).
+    pub fn acts_as(&self, who: Who) {
+        let _ = self.who.set(who);
+    }
+
+    /// An answer was made: its event comes with its response body.
+    pub fn answered(&self) {
+        self.answered.store(true, Ordering::Relaxed);
     }
 
     /// One exchange with the upstream took `took` to its response head.
@@ -79,6 +102,46 @@ impl Trace {
         let _ = self.streamed.set(flag.clone());
     }
 }
+
+/// Writes the event of a request dropped before it was answered: its
+/// client went away while qbproxy was still waiting (for a session, the
+/// upstream, the body). Status 499, as nginx logs it; `complete=false`.
+pub struct Unanswered<'a> {
+    pub trace: &'a Trace,
+    pub peer: SocketAddr,
+    pub method: Method,
+    pub uri: &'a Uri,
+}
+
+impl Drop for Unanswered<'_> {
+    fn drop(&mut self) {
+        let t = self.trace;
+        if t.answered.load(Ordering::Relaxed) {
+            return;
+        }
+        let who = match t.who.get() {
+            Some(Who::Identity(i)) => Who::Identity(i.clone()),
+            Some(Who::Pool(p)) => Who::Pool(p.clone()),
+            Some(Who::Nobody) | None => Who::Nobody,
+        };
+        Entry::new(
+            t,
+            self.peer,
+            t.client.get().cloned(),
+            who,
+            std::mem::replace(&mut self.method, Method::GET),
+            self.uri.path().to_owned(),
+            self.uri.clone(),
+            CLIENT_CLOSED,
+            None,
+        )
+        .write(0, false);
+    }
+}
+
+/// The status an unanswered request is logged with (nginx's 499, "client
+/// closed request"); never sent.
+pub const CLIENT_CLOSED: u16 = 499;
 
 /// Who a request acted as, as far as it got.
 pub enum Who {

@@ -29,7 +29,7 @@ use hyper::body::Incoming;
 use tokio::time::{timeout_at, Instant};
 
 use crate::access::{self, ApiClient};
-use crate::access_log::{Entry, Logged, Trace, Who};
+use crate::access_log::{Entry, Logged, Trace, Unanswered, Who};
 use crate::body::{
     self, Body, BodyLimits, Budget, Buffered, ClientBody, ClientRead, Cut, CutFlag, ReadError,
     Reservation,
@@ -133,6 +133,14 @@ impl Proxy {
             trace: &trace,
         });
         let log = Log::raw(&parts, access);
+        // If this future is dropped before `finish` (the client went
+        // away), the access event is written all the same.
+        let _unanswered = access.map(|a| Unanswered {
+            trace: a.trace,
+            peer: a.peer,
+            method: parts.method.clone(),
+            uri: a.uri,
+        });
         let client = match live.gate.admit(conn.peer().ip(), &parts.headers) {
             Ok(client) => client,
             Err(e) => {
@@ -169,6 +177,12 @@ impl Proxy {
             deadline,
         };
         let counted = counted_as(&plan.target);
+        if access.is_some() {
+            if let Some(c) = client {
+                trace.sent_by(&c.name);
+            }
+            trace.acts_as(counted.who());
+        }
         if let (Kind::Forward, Some(header)) = (plan.kind, client_credential(&parts.headers)) {
             // A client that made its own session (a legacy client), or
             // sends its own key, acts as the shared identity from here on:
@@ -813,6 +827,7 @@ fn finish(
     match log.access {
         None => resp,
         Some(a) => {
+            a.trace.answered();
             let entry = Entry::new(
                 a.trace,
                 a.peer,

@@ -164,3 +164,46 @@ async fn access_false_writes_no_events_and_a_reload_turns_them_on() {
     assert_eq!(lines.len(), 1, "{lines:?}");
     assert!(lines[0].contains("query=*"), "{}", lines[0]);
 }
+
+/// A client that goes away while qbproxy waits for QuickBlox: the request
+/// is logged all the same, as nginx does it (499, not complete).
+#[tokio::test]
+async fn a_request_whose_client_went_away_is_logged_as_499() {
+    let logs = common::capture_logs();
+    let h = setup().start().await;
+    h.ready().await;
+    let gate = h.sim.gate("/users/7.json");
+    let mut s = tokio::net::TcpStream::connect(h.proxy).await.unwrap();
+    tokio::io::AsyncWriteExt::write_all(
+        &mut s,
+        b"GET /users/7.json?page=3 HTTP/1.1\r\nHost: x\r\n\r\n",
+    )
+    .await
+    .unwrap();
+    bounded(
+        "the request at the gate",
+        h.sim.wait_until(|s| s.held_at_gates() == 1),
+    )
+    .await;
+    drop(s);
+    let lines = bounded("the event of the dropped request", async {
+        loop {
+            let found = events(&logs, &["path=\"/users/7.json\""]);
+            if !found.is_empty() {
+                return found;
+            }
+            tokio::task::yield_now().await;
+        }
+    })
+    .await;
+    gate.add_permits(1);
+    assert_eq!(lines.len(), 1, "{lines:?}");
+    for field in [
+        "status=499",
+        "complete=false",
+        "identity=\"demo\"",
+        "query=page=*",
+    ] {
+        assert!(lines[0].contains(field), "{field} in {}", lines[0]);
+    }
+}
