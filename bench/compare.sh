@@ -32,6 +32,7 @@ ROUNDS=${ROUNDS:-5}
 CONNS=${CONNS:-50}
 OUT=bench/out
 mkdir -p "$OUT"
+command -v wrk >/dev/null || { echo "compare.sh needs wrk (apt-get install wrk)" >&2; exit 1; }
 cargo build --release --quiet --example fast-upstream
 source bench/lib.sh
 fast_upstream_config "$OUT/compare.toml" http://127.0.0.1:19000
