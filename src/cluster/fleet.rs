@@ -245,12 +245,24 @@ impl FleetSource {
     async fn sync_with_fleet(&self, attempt: &Attempt) -> Result<Option<NewSession>, Down> {
         let fp = &self.fingerprint;
         let held = attempt.held.as_ref();
-        let Some(stored) = self.cluster.session(fp).await? else {
-            // The fleet holds nothing (Redis restarted empty, or this
-            // replica ran alone): publish this replica's session.
-            let Some(h) = held else { return Ok(None) };
-            let generation = self.cluster.publish_if_absent(fp, &to_store(h)).await?;
-            return Ok(generation.map(|g| joined(h, g)));
+        let stored = match self.cluster.session(fp).await? {
+            Some(stored) => stored,
+            None => {
+                // The fleet holds nothing (Redis restarted empty, or this
+                // replica ran alone): publish this replica's session.
+                let Some(h) = held else { return Ok(None) };
+                if let Some(g) = self.cluster.publish_if_absent(fp, &to_store(h)).await? {
+                    return Ok(Some(joined(h, g)));
+                }
+                // Another replica published first, between the read and
+                // the write (replicas rejoining together): take its
+                // session as any stored one, now rather than at the next
+                // sync.
+                match self.cluster.session(fp).await? {
+                    Some(stored) => stored,
+                    None => return Ok(None),
+                }
+            }
         };
         let refused = attempt.refused.as_ref().map(|h| h.token.as_str());
         match held {
