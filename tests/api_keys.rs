@@ -221,3 +221,44 @@ async fn a_pool_of_api_keys_takes_turns() {
         assert_eq!(h.metric(&series), 2, "{series}");
     }
 }
+
+/// A client's rules hold for an API-key identity as for any other: the
+/// identities it may use and the paths it may not touch.
+#[tokio::test]
+async fn a_clients_rules_hold_for_an_api_key_identity() {
+    let key = "reporting-key-0123456789";
+    let h = setup()
+        .identity(SVC)
+        .identity("name = \"admin\"\napi_key = \"demo-api-key\"\n")
+        .raw_table(&format!(
+            "[[client]]\nname = \"reporting\"\nkey = \"{key}\"\nidentities = [\"svc\"]\n\
+             deny_paths = [\"DELETE /users/*\"]\n"
+        ))
+        .start()
+        .await;
+    h.ready().await;
+    let a = h
+        .send(
+            Method::DELETE,
+            "/users/1002.json",
+            &[("QBProxy-Key", key)],
+            "",
+        )
+        .await;
+    assert_eq!(a.status, StatusCode::FORBIDDEN, "{}", a.text());
+    let a = h
+        .send(
+            Method::GET,
+            "/users.json",
+            &[("QBProxy-Key", key), ("QBProxy-Identity", "admin")],
+            "",
+        )
+        .await;
+    assert_eq!(a.status, StatusCode::FORBIDDEN, "{}", a.text());
+    assert!(h.sim.requests().is_empty(), "nothing reached QuickBlox");
+    let a = h
+        .send(Method::GET, "/users.json", &[("QBProxy-Key", key)], "")
+        .await;
+    assert_eq!(a.status, StatusCode::OK);
+    assert_eq!(received(&h.sim, "on-behalf-of"), ["1001"], "as svc");
+}

@@ -311,3 +311,54 @@ async fn common_endpoints_answer_in_quickblox_shapes() {
     assert_eq!(info["blob"]["size"], 5);
     assert_eq!(info["blob"]["blob_status"], "complete");
 }
+
+#[tokio::test]
+async fn api_keys_are_accepted_with_the_user_they_act_as() {
+    let sim = common::demo_sim().await;
+    let client = common::client();
+    let call = |headers: Vec<(&'static str, &'static str)>, path: &'static str| {
+        let client = client.clone();
+        let addr = sim.addr();
+        async move { common::send(&client, addr, Method::GET, path, &headers, Bytes::new()).await }
+    };
+    let a = call(
+        vec![("Authorization", "ApiKey demo-api-key")],
+        "/users.json",
+    )
+    .await;
+    assert_eq!(a.status, StatusCode::OK);
+    assert_eq!(a.json()["echo"]["user_id"], 0, "the application");
+    assert_eq!(
+        a.json()["echo"]["headers"]["authorization"],
+        "ApiKey demo-a…",
+        "the key shown as a prefix"
+    );
+    let a = call(
+        vec![
+            ("Authorization", "apikey demo-api-key"),
+            ("On-Behalf-Of", "1002"),
+        ],
+        "/users.json",
+    )
+    .await;
+    assert_eq!(a.json()["echo"]["user_id"], 1002);
+    let a = call(vec![("Authorization", "ApiKey wrong")], "/users.json").await;
+    assert_eq!(a.status, StatusCode::UNAUTHORIZED);
+    let a = call(
+        vec![
+            ("Authorization", "ApiKey demo-api-key"),
+            ("On-Behalf-Of", "99"),
+        ],
+        "/users.json",
+    )
+    .await;
+    assert_eq!(a.status, StatusCode::UNPROCESSABLE_ENTITY);
+    let a = call(
+        vec![("Authorization", "ApiKey demo-api-key")],
+        "/session.json",
+    )
+    .await;
+    assert_eq!(a.status, StatusCode::UNPROCESSABLE_ENTITY, "no session");
+    assert_eq!(sim.attempts(), 0);
+    assert_eq!(sim.requests().len(), 2, "the two accepted calls");
+}
