@@ -47,6 +47,9 @@ start_targets() { # mode: http or https
 
     local ca=""; [[ $mode == https ]] && ca="$PWD/$OUT/upstream-ca.pem"
     fast_upstream_config "$OUT/qbproxy.toml" "$up_url" "$ca" "run-$mode"
+    # Like for like: nginx runs with access_log off, HAProxy logs nothing.
+    # (The access log's own cost: bench/ACCESS-LOG-RESULTS.md.)
+    printf '[log]\naccess = false\n' >> "$OUT/qbproxy.toml"
     RUST_LOG=warn taskset -c 0 "$BIN" --config "$OUT/qbproxy.toml" 2> "$OUT/qbproxy-$mode.log" & pids+=($!)
     QBPROXY_PID=$!
     wait_port 19100
@@ -139,6 +142,7 @@ for mode in http https; do
     run "$mode" "GET small, 50 conns" 50 /users.json
     run "$mode" "GET small, 500 conns" 500 /users.json
     run "$mode" "POST 2 KiB, 50 conns" 50 /data/Note.json -s "$OUT/post2k.lua"
+    run "$mode" "POST 2 KiB, 500 conns" 500 /data/Note.json -s "$OUT/post2k.lua"
     run "$mode" "GET 256 KiB, 50 conns" 50 /big
     # Latency below saturation: a fixed 5,000 GETs/s over 50 connections
     # (open loop, latency from when each request was due).
