@@ -20,8 +20,11 @@ pub enum Format {
     Json,
 }
 
-/// Lines the channel holds before new ones are dropped.
-const BUFFERED_LINES: usize = 128 * 1024;
+/// Lines the channel holds before new ones are dropped: a burst of about
+/// a third of a second of access lines at 50,000 requests/s. Its slots
+/// are allocated (and touched) up front, 32 bytes each, so this is 512 KiB
+/// of resident memory; tracing-appender's default, 128 Ki lines, was 4 MiB.
+const BUFFERED_LINES: usize = 16 * 1024;
 
 static DROPPED: OnceLock<ErrorCounter> = OnceLock::new();
 
