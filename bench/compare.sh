@@ -25,6 +25,10 @@
 # qbproxy runs with RUST_LOG=warn unless the argument says otherwise; its
 # log goes to /dev/null.
 #
+# UPSTREAM=https puts the fast upstream behind TLS, as QuickBlox is (then
+# bench/out/compare-h1.toml is the same config with [upstream] http2 =
+# false); SCENARIO=post2k sends POSTs of 2 KiB of JSON instead of small GETs.
+#
 # ROUNDS=5 CONNS=50 by default. qbproxy on core 0, wrk and upstream on core 1.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -35,19 +39,33 @@ mkdir -p "$OUT"
 command -v wrk >/dev/null || { echo "compare.sh needs wrk (apt-get install wrk)" >&2; exit 1; }
 cargo build --release --quiet --example fast-upstream
 source bench/lib.sh
-fast_upstream_config "$OUT/compare.toml" http://127.0.0.1:19000
+if [[ ${UPSTREAM:-http} == https ]]; then
+    taskset -c 1 target/release/examples/fast-upstream 127.0.0.1:19443 "$OUT/compare-ca.pem" 2>/dev/null & pids+=($!)
+    wait_port 19443
+    fast_upstream_config "$OUT/compare.toml" https://127.0.0.1:19443 "$PWD/$OUT/compare-ca.pem"
+else
+    taskset -c 1 target/release/examples/fast-upstream 127.0.0.1:19000 2>/dev/null & pids+=($!)
+    wait_port 19000
+    fast_upstream_config "$OUT/compare.toml" http://127.0.0.1:19000
+fi
 { cat "$OUT/compare.toml"; printf '[log]\naccess = false\n'; } > "$OUT/compare-no-access.toml"
-taskset -c 1 target/release/examples/fast-upstream 127.0.0.1:19000 2>/dev/null & pids+=($!)
-wait_port 19000
+sed '/^url = /a http2 = false' "$OUT/compare.toml" > "$OUT/compare-h1.toml"
+case ${SCENARIO:-get} in
+    get) load=(http://127.0.0.1:19100/users.json) ;;
+    post2k)
+        printf 'wrk.method = "POST"\nwrk.body = string.rep("x", 2048)\nwrk.headers["Content-Type"] = "application/json"\n' > "$OUT/post2k.lua"
+        load=(-s "$OUT/post2k.lua" http://127.0.0.1:19100/data/Note.json) ;;
+    *) echo "SCENARIO is get or post2k" >&2; exit 1 ;;
+esac
 for round in $(seq "$ROUNDS"); do
     for bin in "$@"; do
         # shellcheck disable=SC2086 # split on purpose: VAR=value ... binary
         config=$(sed -n 's/.*CONFIG=\([^ ]*\).*/\1/p' <<< "$bin")
         RUST_LOG=warn taskset -c 0 env $bin --config "${config:-$OUT/compare.toml}" 2>/dev/null & qb=$!
         wait_port 19100
-        taskset -c 1 wrk -t1 -c"$CONNS" -d2s http://127.0.0.1:19100/users.json > /dev/null
+        taskset -c 1 wrk -t1 -c"$CONNS" -d2s "${load[@]}" > /dev/null
         t0=$(cpu_ticks "$qb")
-        out=$(taskset -c 1 wrk -t1 -c"$CONNS" -d5s http://127.0.0.1:19100/users.json)
+        out=$(taskset -c 1 wrk -t1 -c"$CONNS" -d5s "${load[@]}")
         t1=$(cpu_ticks "$qb")
         kill "$qb"; wait "$qb" 2>/dev/null || true
         reqs=$(echo "$out" | awk '/requests in/ {print $1}')
