@@ -25,6 +25,8 @@
 # qbproxy runs with RUST_LOG=warn unless the argument says otherwise; its
 # log goes to /dev/null.
 #
+# REDIS_URL=redis://... also writes configs for the fleet's costs (below).
+#
 # UPSTREAM=https puts the fast upstream behind TLS, as QuickBlox is (then
 # bench/out/compare-h1.toml is the same config with [upstream] http2 =
 # false); SCENARIO=post2k sends POSTs of 2 KiB of JSON instead of small GETs.
@@ -50,6 +52,15 @@ else
 fi
 { cat "$OUT/compare.toml"; printf '[log]\naccess = false\n'; } > "$OUT/compare-no-access.toml"
 sed '/^url = /a http2 = false' "$OUT/compare.toml" > "$OUT/compare-h1.toml"
+# The fleet's costs: with REDIS_URL (a running Redis), compare-cluster.toml
+# ([cluster], access log off), compare-cluster-rate.toml (plus a fleet-wide
+# upstream.rate too high to wait) and compare-rate.toml (the same rate,
+# local).
+if [[ -n ${REDIS_URL:-} ]]; then
+    { cat "$OUT/compare-no-access.toml"; printf '[cluster]\nredis_url = "%s"\n' "$REDIS_URL"; } > "$OUT/compare-cluster.toml"
+    sed '/^url = /a rate = 1000000' "$OUT/compare-cluster.toml" > "$OUT/compare-cluster-rate.toml"
+    sed '/^url = /a rate = 1000000' "$OUT/compare-no-access.toml" > "$OUT/compare-rate.toml"
+fi
 case ${SCENARIO:-get} in
     get) load=(http://127.0.0.1:19100/users.json) ;;
     post2k)
