@@ -129,6 +129,31 @@ pub struct Endpoint {
     pub metrics: Metrics,
 }
 
+impl Endpoint {
+    /// Sends one of qbproxy's own requests (a session creation, an API
+    /// key's check) and reads the answer whole: they are small.
+    async fn exchange(&self, req: Request<Body>) -> Result<Answer, SessionError> {
+        let resp = self.client.request(req).await.map_err(|e| {
+            if e.is_connect() {
+                SessionError::Unreachable(describe(&e))
+            } else {
+                SessionError::BadResponse(describe(&e))
+            }
+        })?;
+        let (parts, body) = resp.into_parts();
+        let body = Limited::new(body, MAX_SESSION_ANSWER)
+            .collect()
+            .await
+            .map_err(|e| SessionError::BadResponse(format!("reading the answer: {e}")))?
+            .to_bytes();
+        Ok(Answer {
+            status: parts.status,
+            headers: parts.headers,
+            body,
+        })
+    }
+}
+
 /// A session endpoint's answer, body read whole (it is small).
 struct Answer {
     status: StatusCode,
@@ -234,24 +259,7 @@ impl SessionCreator {
             HeaderValue::from_static("0.1.1"),
         );
 
-        let resp = e.client.request(req).await.map_err(|e| {
-            if e.is_connect() {
-                SessionError::Unreachable(describe(&e))
-            } else {
-                SessionError::BadResponse(describe(&e))
-            }
-        })?;
-        let (parts, body) = resp.into_parts();
-        let body = Limited::new(body, MAX_SESSION_ANSWER)
-            .collect()
-            .await
-            .map_err(|e| SessionError::BadResponse(format!("reading the answer: {e}")))?
-            .to_bytes();
-        Ok(Answer {
-            status: parts.status,
-            headers: parts.headers,
-            body,
-        })
+        e.exchange(req).await
     }
 
     async fn create_session(&self) -> Result<NewSession, SessionError> {
@@ -333,23 +341,7 @@ impl SessionCreator {
         if let Some(user) = on_behalf_of {
             h.insert(qb::ON_BEHALF_OF, HeaderValue::from(*user));
         }
-        let answer = async {
-            let resp = e.client.request(req).await.map_err(|e| {
-                if e.is_connect() {
-                    SessionError::Unreachable(describe(&e))
-                } else {
-                    SessionError::BadResponse(describe(&e))
-                }
-            })?;
-            let status = resp.status();
-            let body = Limited::new(resp.into_body(), MAX_SESSION_ANSWER)
-                .collect()
-                .await
-                .map(|b| b.to_bytes())
-                .unwrap_or_default();
-            Ok::<_, SessionError>((status, body))
-        };
-        let (status, body) = timeout_at(Instant::now() + budget, answer)
+        let Answer { status, body, .. } = timeout_at(Instant::now() + budget, e.exchange(req))
             .await
             .map_err(|_| SessionError::Timeout(budget))??;
         if status.is_success() {

@@ -12,6 +12,21 @@ use qbproxy::Config;
 
 const KEY: &str = "billing-key-0123456789";
 
+/// Waits until the access lines holding every fragment are written, and
+/// returns them.
+async fn written(logs: &common::Captured, what: &str, fragments: &[&str]) -> Vec<String> {
+    bounded(what, async {
+        loop {
+            let found = events(logs, fragments);
+            if !found.is_empty() {
+                return found;
+            }
+            tokio::task::yield_now().await;
+        }
+    })
+    .await
+}
+
 /// The access lines that hold every fragment.
 fn events(logs: &common::Captured, fragments: &[&str]) -> Vec<String> {
     logs.text()
@@ -45,15 +60,11 @@ async fn every_request_gets_one_event_with_who_what_and_how_long() {
     // The simulator knows no alice: QuickBlox's 404, passed on.
     assert_eq!(a.status, StatusCode::NOT_FOUND);
     let body_len = a.body.len().to_string();
-    let lines = bounded("the read's event", async {
-        loop {
-            let found = events(&logs, &["path=\"/users/by_login.json\""]);
-            if !found.is_empty() {
-                return found;
-            }
-            tokio::task::yield_now().await;
-        }
-    })
+    let lines = written(
+        &logs,
+        "the read's event",
+        &["path=\"/users/by_login.json\""],
+    )
     .await;
     assert_eq!(lines.len(), 1, "{lines:?}");
     let line = &lines[0];
@@ -81,16 +92,7 @@ async fn every_request_gets_one_event_with_who_what_and_how_long() {
     let body = r#"{"type":1,"name":"access-log-test"}"#;
     let a = h.send(Method::POST, "/chat/Dialog.json", &key, body).await;
     assert_eq!(a.status, StatusCode::OK);
-    let lines = bounded("the write's event", async {
-        loop {
-            let found = events(&logs, &["path=\"/chat/Dialog.json\""]);
-            if !found.is_empty() {
-                return found;
-            }
-            tokio::task::yield_now().await;
-        }
-    })
-    .await;
+    let lines = written(&logs, "the write's event", &["path=\"/chat/Dialog.json\""]).await;
     assert_eq!(
         lines.len(),
         1,
@@ -114,15 +116,11 @@ async fn every_request_gets_one_event_with_who_what_and_how_long() {
         .await;
     assert_eq!(a.status, StatusCode::BAD_REQUEST);
     let code = a.headers["qbproxy-error"].to_str().unwrap().to_owned();
-    let lines = bounded("the refusal's event", async {
-        loop {
-            let found = events(&logs, &["path=\"/users/1001.json\"", "status=400"]);
-            if !found.is_empty() {
-                return found;
-            }
-            tokio::task::yield_now().await;
-        }
-    })
+    let lines = written(
+        &logs,
+        "the refusal's event",
+        &["path=\"/users/1001.json\"", "status=400"],
+    )
     .await;
     assert!(
         lines[0].contains(&format!("error=\"{code}\"")),
@@ -151,15 +149,11 @@ async fn access_false_writes_no_events_and_a_reload_turns_them_on() {
     let config = Config::from_toml(&on.config_text(&h.sim), Path::new("r.toml")).unwrap();
     h.handle.reload(config).await.unwrap();
     assert_eq!(h.get("/users/1002.json?loud").await.status, StatusCode::OK);
-    let lines = bounded("the event after the reload", async {
-        loop {
-            let found = events(&logs, &["path=\"/users/1002.json\""]);
-            if !found.is_empty() {
-                return found;
-            }
-            tokio::task::yield_now().await;
-        }
-    })
+    let lines = written(
+        &logs,
+        "the event after the reload",
+        &["path=\"/users/1002.json\""],
+    )
     .await;
     assert_eq!(lines.len(), 1, "{lines:?}");
     assert!(lines[0].contains("query=*"), "{}", lines[0]);
@@ -186,15 +180,11 @@ async fn a_request_whose_client_went_away_is_logged_as_499() {
     )
     .await;
     drop(s);
-    let lines = bounded("the event of the dropped request", async {
-        loop {
-            let found = events(&logs, &["path=\"/users/7.json\""]);
-            if !found.is_empty() {
-                return found;
-            }
-            tokio::task::yield_now().await;
-        }
-    })
+    let lines = written(
+        &logs,
+        "the event of the dropped request",
+        &["path=\"/users/7.json\""],
+    )
     .await;
     gate.add_permits(1);
     assert_eq!(lines.len(), 1, "{lines:?}");

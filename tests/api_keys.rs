@@ -7,7 +7,7 @@ mod common;
 
 use std::path::Path;
 
-use common::{bounded, setup};
+use common::{bounded, last_received, setup};
 use http::{Method, StatusCode};
 use qbproxy::sim::{Sim, SimConfig};
 use qbproxy::Config;
@@ -18,19 +18,6 @@ async fn sim_with_keys(keys: &[&str]) -> Sim {
     let mut config = SimConfig::demo();
     config.api_keys = keys.iter().map(|k| (*k).to_owned()).collect();
     Sim::start(config).await.unwrap()
-}
-
-/// Every value of `name` in the last request the simulator recorded.
-fn received(sim: &Sim, name: &str) -> Vec<String> {
-    let last = sim
-        .requests()
-        .pop()
-        .expect("the simulator received a request");
-    last.headers
-        .get_all(name)
-        .iter()
-        .map(|v| v.to_str().unwrap().to_owned())
-        .collect()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -49,9 +36,12 @@ async fn an_api_key_identity_sends_its_key_and_user_and_creates_no_session() {
     let a = h.get("/users.json").await;
     assert_eq!(a.status, StatusCode::OK, "{}", a.text());
     assert_eq!(a.json()["echo"]["user_id"], 1001);
-    assert_eq!(received(&h.sim, "authorization"), ["ApiKey demo-api-key"]);
-    assert_eq!(received(&h.sim, "on-behalf-of"), ["1001"]);
-    assert!(received(&h.sim, "qb-token").is_empty());
+    assert_eq!(
+        last_received(&h.sim, "authorization"),
+        ["ApiKey demo-api-key"]
+    );
+    assert_eq!(last_received(&h.sim, "on-behalf-of"), ["1001"]);
+    assert!(last_received(&h.sim, "qb-token").is_empty());
 
     // A write on behalf of a user works; the application's key (no
     // On-Behalf-Of) reads as the application.
@@ -67,8 +57,11 @@ async fn an_api_key_identity_sends_its_key_and_user_and_creates_no_session() {
     let a = h.get_as("admin", "/users.json").await;
     assert_eq!(a.status, StatusCode::OK);
     assert_eq!(a.json()["echo"]["user_id"], 0);
-    assert_eq!(received(&h.sim, "authorization"), ["ApiKey demo-api-key"]);
-    assert!(received(&h.sim, "on-behalf-of").is_empty());
+    assert_eq!(
+        last_received(&h.sim, "authorization"),
+        ["ApiKey demo-api-key"]
+    );
+    assert!(last_received(&h.sim, "on-behalf-of").is_empty());
 
     // No session was ever asked for, and none can expire.
     h.sim.expire_all();
@@ -158,7 +151,7 @@ async fn a_reload_puts_a_new_key_or_user_in_use_before_it_returns() {
     let h = with("key-one", 1001).start().await;
     h.ready().await;
     assert_eq!(h.get("/users.json").await.status, StatusCode::OK);
-    assert_eq!(received(&sim, "authorization"), ["ApiKey key-one"]);
+    assert_eq!(last_received(&sim, "authorization"), ["ApiKey key-one"]);
 
     let reloaded = |s: common::Setup| Config::from_toml(&s.config_text(&sim), Path::new("r.toml"));
     let summary = h
@@ -168,14 +161,14 @@ async fn a_reload_puts_a_new_key_or_user_in_use_before_it_returns() {
         .unwrap();
     assert_eq!(summary.kept, 1, "the identity stays");
     assert_eq!(h.get("/users.json").await.status, StatusCode::OK);
-    assert_eq!(received(&sim, "authorization"), ["ApiKey key-two"]);
+    assert_eq!(last_received(&sim, "authorization"), ["ApiKey key-two"]);
 
     h.handle
         .reload(reloaded(with("key-two", 1002)).unwrap())
         .await
         .unwrap();
     assert_eq!(h.get("/users.json").await.status, StatusCode::OK);
-    assert_eq!(received(&sim, "on-behalf-of"), ["1002"]);
+    assert_eq!(last_received(&sim, "on-behalf-of"), ["1002"]);
 
     // An unchanged key changes nothing: no renewal is counted.
     let forced = "qbproxy_session_renewals_total{identity=\"svc\",pool=\"\",reason=\"forced\"}";
@@ -202,7 +195,7 @@ async fn a_pool_of_api_keys_takes_turns() {
     for _ in 0..4 {
         let a = bounded("a pooled request", h.get("/keys/users.json")).await;
         assert_eq!(a.status, StatusCode::OK);
-        seen.extend(received(&sim, "authorization"));
+        seen.extend(last_received(&sim, "authorization"));
     }
     seen.sort();
     assert_eq!(
@@ -260,5 +253,5 @@ async fn a_clients_rules_hold_for_an_api_key_identity() {
         .send(Method::GET, "/users.json", &[("QBProxy-Key", key)], "")
         .await;
     assert_eq!(a.status, StatusCode::OK);
-    assert_eq!(received(&h.sim, "on-behalf-of"), ["1001"], "as svc");
+    assert_eq!(last_received(&h.sim, "on-behalf-of"), ["1001"], "as svc");
 }

@@ -11,7 +11,7 @@ use hyper_util::rt::{TokioExecutor, TokioIo};
 use hyper_util::server::conn::auto;
 use tokio::net::TcpListener;
 
-use crate::common::setup;
+use crate::common::{last_received, setup};
 use crate::{h2, h2_send, raw, request};
 
 #[tokio::test]
@@ -179,19 +179,6 @@ async fn in_keep_mode_a_token_qbproxy_holds_or_held_is_refused() {
 
 const SVC: &str = "name = \"svc\"\napi_key = \"demo-api-key\"\non_behalf_of = 1001\n";
 
-/// Every value of `name` in the last request the simulator recorded.
-fn upstream_got(sim: &qbproxy::sim::Sim, name: &str) -> Vec<String> {
-    let last = sim
-        .requests()
-        .pop()
-        .expect("the simulator received a request");
-    last.headers
-        .get_all(name)
-        .iter()
-        .map(|v| v.to_str().unwrap().to_owned())
-        .collect()
-}
-
 /// A client's own credentials, in as many spellings and copies as HTTP/1
 /// allows: none of them reaches QuickBlox; the identity's alone does,
 /// whether it is a session or an API key.
@@ -222,9 +209,9 @@ async fn a_clients_own_credentials_never_reach_the_upstream() {
         let a = raw(h.proxy, &request("GET", "/users.json", &headers, "")).await;
         assert_eq!(a.status, 200, "{identity}: {}", a.head);
         let (tokens, keys, users) = (
-            upstream_got(&sim, "qb-token"),
-            upstream_got(&sim, "authorization"),
-            upstream_got(&sim, "on-behalf-of"),
+            last_received(&sim, "qb-token"),
+            last_received(&sim, "authorization"),
+            last_received(&sim, "on-behalf-of"),
         );
         if identity == "demo" {
             assert_eq!(tokens, vec![token.as_str()]);
@@ -245,8 +232,11 @@ async fn a_clients_own_credentials_never_reach_the_upstream() {
     headers.push(("qbproxy-identity", "svc"));
     let (status, _, _) = h2_send(&mut send, h.proxy, "GET", "/users.json", &headers).await;
     assert_eq!(status, StatusCode::OK);
-    assert_eq!(upstream_got(&sim, "authorization"), ["ApiKey demo-api-key"]);
-    assert_eq!(upstream_got(&sim, "on-behalf-of"), ["1001"]);
+    assert_eq!(
+        last_received(&sim, "authorization"),
+        ["ApiKey demo-api-key"]
+    );
+    assert_eq!(last_received(&sim, "on-behalf-of"), ["1001"]);
     // Counted as replaced, like a legacy client's token.
     assert_eq!(
         h.metric("qbproxy_client_tokens_replaced_total{identity=\"svc\",pool=\"\"}"),
@@ -313,10 +303,10 @@ async fn in_keep_mode_an_api_key_qbproxy_holds_is_refused_in_any_spelling() {
     let a = raw(h.proxy, &request("GET", "/users.json", &own, "")).await;
     assert_eq!(a.status, 200, "{}", a.head);
     assert_eq!(
-        upstream_got(&sim, "authorization"),
+        last_received(&sim, "authorization"),
         ["ApiKey clients-own-key"]
     );
-    assert_eq!(upstream_got(&sim, "on-behalf-of"), ["1002"]);
+    assert_eq!(last_received(&sim, "on-behalf-of"), ["1002"]);
     // An On-Behalf-Of alone rides on the identity's key: dropped.
     let a = raw(
         h.proxy,
@@ -324,6 +314,9 @@ async fn in_keep_mode_an_api_key_qbproxy_holds_is_refused_in_any_spelling() {
     )
     .await;
     assert_eq!(a.status, 200, "{}", a.head);
-    assert_eq!(upstream_got(&sim, "authorization"), ["ApiKey demo-api-key"]);
-    assert_eq!(upstream_got(&sim, "on-behalf-of"), ["1001"]);
+    assert_eq!(
+        last_received(&sim, "authorization"),
+        ["ApiKey demo-api-key"]
+    );
+    assert_eq!(last_received(&sim, "on-behalf-of"), ["1001"]);
 }

@@ -472,6 +472,20 @@ impl<'a> tracing_subscriber::fmt::MakeWriter<'a> for Captured {
     }
 }
 
+/// Every value of header `name` in the last request the simulator
+/// recorded: what the upstream received.
+pub fn last_received(sim: &Sim, name: &str) -> Vec<String> {
+    let last = sim
+        .requests()
+        .pop()
+        .expect("the simulator received a request");
+    last.headers
+        .get_all(name)
+        .iter()
+        .map(|v| v.to_str().unwrap().to_owned())
+        .collect()
+}
+
 /// The binary's log buffer, installing the global subscriber on first use.
 pub fn capture_logs() -> Captured {
     static LOGS: std::sync::OnceLock<Captured> = std::sync::OnceLock::new();
