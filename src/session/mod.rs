@@ -32,7 +32,6 @@ pub use self::error::{SessionError, Unavailable};
 pub use self::held::HeldTokens;
 pub use self::source::{
     public_fields, ApiKeySource, Attempt, BoxFuture, Held, NewSession, Scheme, Source,
-    API_KEY_LIFETIME,
 };
 pub use self::status::{SessionState, SessionStatus, Status};
 use self::token::ApiKeyHeaders;
@@ -267,10 +266,9 @@ impl Identity {
         .await
     }
 
-    /// Asks for a renewal now, whatever the state, without waiting for it
-    /// (a reload that brings a new API key); counted as forced. Returns
-    /// its ticket.
-    pub fn renew_now(&self) -> u64 {
+    /// Asks for a renewal now, whatever the state, without waiting for it;
+    /// counted as forced. Returns its ticket.
+    fn renew_now(&self) -> u64 {
         let ticket = self.shared.forced.fetch_add(1, Ordering::AcqRel) + 1;
         if self.started() {
             self.shared.wake.notify_one();
