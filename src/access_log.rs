@@ -119,11 +119,7 @@ impl Drop for Unanswered<'_> {
         if t.answered.load(Ordering::Relaxed) {
             return;
         }
-        let who = match t.who.get() {
-            Some(Who::Identity(i)) => Who::Identity(i.clone()),
-            Some(Who::Pool(p)) => Who::Pool(p.clone()),
-            Some(Who::Nobody) | None => Who::Nobody,
-        };
+        let who = t.who.get().cloned().unwrap_or(Who::Nobody);
         Entry::new(
             t,
             self.peer,
@@ -144,6 +140,7 @@ impl Drop for Unanswered<'_> {
 pub const CLIENT_CLOSED: u16 = 499;
 
 /// Who a request acted as, as far as it got.
+#[derive(Clone)]
 pub enum Who {
     Nobody,
     /// An identity, or the pool member that served it.

@@ -126,10 +126,10 @@ impl Proxy {
         let unrouted = inner.metrics.unrouted();
         let trace = Trace::new(started);
         // Kept for the access event's query (a few reference counts).
-        let uri = parts.uri.clone();
-        let access = live.config.log.access.then_some(Access {
+        let uri = live.config.log.access.then(|| parts.uri.clone());
+        let access = uri.as_ref().map(|uri| Access {
             peer: conn.peer(),
-            uri: &uri,
+            uri,
             trace: &trace,
         });
         let log = Log::raw(&parts, access);

@@ -24,7 +24,7 @@ use crate::credentials::{Credentials, SecretSource};
 use crate::metrics::Metrics;
 use crate::qb;
 use crate::rate::UpstreamRate;
-use crate::session::{Attempt, BoxFuture, NewSession, SessionError, Source};
+use crate::session::{ApiKeyHeaders, Attempt, BoxFuture, NewSession, SessionError, Source};
 use crate::signer::{self, Params};
 
 /// The pooled HTTP client to the upstream.
@@ -332,15 +332,11 @@ impl SessionCreator {
         *req.uri_mut() = uri;
         let h = req.headers_mut();
         h.insert(header::HOST, e.upstream.host.clone());
-        let mut authorization =
-            HeaderValue::from_str(&format!("{} {}", qb::API_KEY_SCHEME, key.expose())).map_err(
-                |_| SessionError::Credentials("the API key is not a valid header value".into()),
-            )?;
-        authorization.set_sensitive(true);
-        h.insert(header::AUTHORIZATION, authorization);
-        if let Some(user) = on_behalf_of {
-            h.insert(qb::ON_BEHALF_OF, HeaderValue::from(*user));
-        }
+        ApiKeyHeaders::new(key.expose().as_bytes(), on_behalf_of.unwrap_or(0))
+            .ok_or_else(|| {
+                SessionError::Credentials("the API key is not a valid header value".into())
+            })?
+            .apply(h);
         let Answer { status, body, .. } = timeout_at(Instant::now() + budget, e.exchange(req))
             .await
             .map_err(|_| SessionError::Timeout(budget))??;

@@ -34,8 +34,7 @@ pub use self::source::{
     public_fields, ApiKeySource, Attempt, BoxFuture, Held, NewSession, Scheme, Source,
 };
 pub use self::status::{SessionState, SessionStatus, Status};
-use self::token::ApiKeyHeaders;
-pub use self::token::Session;
+pub use self::token::{ApiKeyHeaders, Session};
 
 use self::task::{renewal_loop, State};
 

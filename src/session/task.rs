@@ -289,9 +289,11 @@ fn accept(
     let public = public_body(&new, created_at);
     let api_key = match new.scheme {
         Scheme::QbToken => None,
-        Scheme::ApiKey => Some(ApiKeyHeaders::new(&token, new.user_id).ok_or_else(|| {
-            SessionError::Credentials("the API key is not a valid header value".into())
-        })?),
+        Scheme::ApiKey => Some(
+            ApiKeyHeaders::new(token.as_bytes(), new.user_id).ok_or_else(|| {
+                SessionError::Credentials("the API key is not a valid header value".into())
+            })?,
+        ),
     };
     let session = Arc::new(Session {
         api_key,
@@ -323,8 +325,6 @@ fn accept(
             key = %session.token_prefix(),
             "API key in use (no session: nothing to create or renew)"
         );
-        shared.metrics.renewal(reason);
-        shared.renewals[reason.index()].fetch_add(1, Ordering::Relaxed);
     } else {
         tracing::info!(
             identity = name,
@@ -335,6 +335,8 @@ fn accept(
             fleet_generation = new.fleet,
             "session created"
         );
+    }
+    if !new.adopted {
         shared.metrics.renewal(reason);
         shared.renewals[reason.index()].fetch_add(1, Ordering::Relaxed);
     }

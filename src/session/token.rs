@@ -37,25 +37,35 @@ pub struct Session {
     pub(super) api_key: Option<ApiKeyHeaders>,
 }
 
-/// An API key's headers, ready to insert.
-pub(super) struct ApiKeyHeaders {
-    /// `ApiKey <key>`, marked sensitive.
-    pub(super) authorization: HeaderValue,
-    pub(super) on_behalf_of: Option<HeaderValue>,
+/// An API key's headers, made once: `Authorization: ApiKey <key>`
+/// (sensitive) and, when it acts as a user, `On-Behalf-Of`.
+pub struct ApiKeyHeaders {
+    authorization: HeaderValue,
+    on_behalf_of: Option<HeaderValue>,
 }
 
 impl ApiKeyHeaders {
-    pub(super) fn new(key: &HeaderValue, user_id: u64) -> Option<ApiKeyHeaders> {
+    /// `None` if the key cannot go in a header. A `user_id` of 0: the
+    /// application itself, no `On-Behalf-Of`.
+    pub fn new(key: &[u8], user_id: u64) -> Option<ApiKeyHeaders> {
         let mut value = Vec::with_capacity(qb::API_KEY_SCHEME.len() + 1 + key.len());
         value.extend_from_slice(qb::API_KEY_SCHEME.as_bytes());
         value.push(b' ');
-        value.extend_from_slice(key.as_bytes());
+        value.extend_from_slice(key);
         let mut authorization = HeaderValue::from_bytes(&value).ok()?;
         authorization.set_sensitive(true);
         Some(ApiKeyHeaders {
             authorization,
             on_behalf_of: (user_id != 0).then(|| HeaderValue::from(user_id)),
         })
+    }
+
+    /// Puts them on a request.
+    pub fn apply(&self, headers: &mut HeaderMap) {
+        headers.insert(http::header::AUTHORIZATION, self.authorization.clone());
+        if let Some(user) = &self.on_behalf_of {
+            headers.insert(qb::ON_BEHALF_OF, user.clone());
+        }
     }
 }
 
@@ -80,12 +90,7 @@ impl Session {
             None => {
                 headers.insert(qb::QB_TOKEN, self.token.clone());
             }
-            Some(h) => {
-                headers.insert(http::header::AUTHORIZATION, h.authorization.clone());
-                if let Some(user) = &h.on_behalf_of {
-                    headers.insert(qb::ON_BEHALF_OF, user.clone());
-                }
-            }
+            Some(h) => h.apply(headers),
         }
     }
 
