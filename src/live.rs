@@ -85,6 +85,7 @@ impl Live {
 pub fn listener_options(config: &Config) -> server::Options {
     server::Options {
         header_read_timeout: config.limits.header_read_timeout,
+        keepalive_timeout: config.limits.keepalive_timeout,
         max_header_bytes: config.limits.max_header_bytes,
         send_timeout: config.limits.send_timeout,
         max_streams: config.limits.max_streams_per_connection,

@@ -3,12 +3,21 @@
 //! open connections under a grace period.
 //!
 //! Each connection is driven by [`drive`], which also holds it to its
-//! deadlines, whatever the protocol: a connection with no request in flight
-//! for `header_read_timeout` is closed (HTTP/2 with GOAWAY: a client that
-//! only answers PINGs holds no slot for long); a response the client does
-//! not read for `send_timeout` gets the connection closed, which drops the
-//! response and frees its upstream slot; and a handler may ask for the
-//! connection to close after its answer ([`Conn::close`]).
+//! deadlines, whatever the protocol: a request's head must arrive within
+//! `header_read_timeout` of its first byte (of the accept, for the first
+//! request); a connection with no request in flight is closed after
+//! `keepalive_timeout` (HTTP/2 with GOAWAY: a client that only answers
+//! PINGs holds no slot for ever); a response the client does not read for
+//! `send_timeout` gets the connection closed, which drops the response and
+//! frees its upstream slot; and a handler may ask for the connection to
+//! close after its answer ([`Conn::close`]).
+//!
+//! The two first are kept apart on purpose. hyper's own HTTP/1 header
+//! timeout starts when it waits for the next head, so it doubles as a
+//! keep-alive timeout: a short one (slowloris wants seconds) closes idle
+//! connections under clients that are about to reuse them, and the request
+//! they send at that moment is lost. So hyper's is off, and [`Watched`]
+//! marks the first byte read on an idle connection.
 
 use std::convert::Infallible;
 use std::future::Future;
@@ -38,9 +47,12 @@ use crate::limit::ResizableLimit;
 /// [`ResizableLimit`] of its own, so a reload moves it at once.)
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct Options {
-    /// Time to send a request's headers; also how long a connection with
-    /// no request in flight is kept (HTTP/1 keep-alive, HTTP/2 idle).
+    /// Time to send a request's head, from its first byte (from the
+    /// accept, for a connection's first request).
     pub header_read_timeout: Duration,
+    /// How long a connection with no request in flight is kept once it has
+    /// served one (HTTP/1 keep-alive, HTTP/2 idle).
+    pub keepalive_timeout: Duration,
     /// The header limit the handler enforces (431 in JSON); hyper's own
     /// buffers are sized above it so the handler gets to answer.
     pub max_header_bytes: usize,
@@ -107,16 +119,19 @@ struct ConnState {
     tick: AtomicU64,
     /// The tick at which `active` last fell to zero.
     idle_since: AtomicU64,
+    /// The tick at which the next request's head began: the accept (0) for
+    /// the first, then the first byte read with nothing in flight;
+    /// [`NOT_HEARD`] while a request is in flight or the connection idles.
+    heard: AtomicU64,
     /// Response bodies being sent: the tick they were last asked for data.
     sending: Mutex<Vec<Arc<AtomicU64>>>,
     close: AtomicBool,
     wake: Notify,
     /// Requests that arrived on it.
     requests: AtomicU64,
-    /// Set by the first request: whether the connection speaks HTTP/1
-    /// (whose idle keep-alive hyper closes itself, at exactly
-    /// `header_read_timeout`).
-    http1: AtomicBool,
+    /// Whether the connection opened with HTTP/2's preface (its idle
+    /// frames, PING acks among them, are no request's head).
+    http2: AtomicBool,
     /// Events already reported on it (see [`Conn::first`]).
     noted: AtomicU8,
 }
@@ -126,6 +141,13 @@ pub const TOKEN_REPLACED: u8 = 1;
 
 /// A response body's stamp once it is done.
 const DONE: u64 = u64::MAX;
+
+/// [`ConnState::heard`] when no request's head is on its way.
+const NOT_HEARD: u64 = u64::MAX;
+
+/// What HTTP/2 connections open with (RFC 9113, 3.4), as far as it tells
+/// them from HTTP/1.
+const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0";
 
 impl ConnState {
     /// True if a response body has not been asked for data for `limit`
@@ -146,6 +168,7 @@ struct InFlight(Arc<ConnState>);
 impl InFlight {
     fn new(state: &Arc<ConnState>) -> InFlight {
         state.active.fetch_add(1, Ordering::AcqRel);
+        state.heard.store(NOT_HEARD, Ordering::Release);
         InFlight(state.clone())
     }
 }
@@ -298,9 +321,6 @@ where
                     let conn = Conn { peer, local, state: state.clone(), nth: 0 };
                     let handler = handler.clone();
                     let service = service_fn(move |req: Request<Incoming>| {
-                        if req.version() < http::Version::HTTP_2 {
-                            conn.state.http1.store(true, Ordering::Relaxed);
-                        }
                         let in_flight = InFlight::new(&conn.state);
                         let nth = conn.state.requests.fetch_add(1, Ordering::Relaxed) + 1;
                         let response = handler(req, Conn { nth, ..conn.clone() });
@@ -318,7 +338,10 @@ where
                         let _permit = permit;
                         let _open = open;
                         let result = match tls {
-                            None => drive(&builder, TokioIo::new(Sniffed::new(stream, name, peer)), service, &state, shutdown, &options, peer, name).await,
+                            None => {
+                                let io = Watched::new(stream, &state, Some((name, peer)));
+                                drive(&builder, TokioIo::new(io), service, &state, shutdown, &options, peer, name).await
+                            }
                             Some(config) => {
                                 let accept = TlsAcceptor::from(config).accept(stream);
                                 let stream = match tokio::time::timeout(options.header_read_timeout, accept).await {
@@ -332,7 +355,8 @@ where
                                         return;
                                     }
                                 };
-                                drive(&builder, TokioIo::new(stream), service, &state, shutdown, &options, peer, name).await
+                                let io = Watched::new(stream, &state, None);
+                                drive(&builder, TokioIo::new(io), service, &state, shutdown, &options, peer, name).await
                             }
                         };
                         if let Err(e) = result {
@@ -398,11 +422,15 @@ where
     let mut conn = pin!(builder.serve_connection(io, service));
     // Deadlines are checked on a tick: a few per timeout, so a connection
     // closes between one and 1.25 timeouts after it went quiet.
-    let period =
-        (options.header_read_timeout.min(options.send_timeout) / 4).max(Duration::from_millis(5));
+    let period = (options.header_read_timeout)
+        .min(options.keepalive_timeout)
+        .min(options.send_timeout)
+        / 4;
+    let period = period.max(Duration::from_millis(5));
     let ticks = |d: Duration| (d.as_nanos() / period.as_nanos()).max(1) as u64;
-    let (idle_limit, send_limit) = (
+    let (head_limit, idle_limit, send_limit) = (
         ticks(options.header_read_timeout),
+        ticks(options.keepalive_timeout),
         ticks(options.send_timeout),
     );
     let mut ticker = tokio::time::interval_at(tokio::time::Instant::now() + period, period);
@@ -434,20 +462,31 @@ where
                         "the client did not read a response within limits.send_timeout; closing its connection");
                     return Ok(());
                 }
-                let idle = state.active.load(Ordering::Acquire) == 0;
-                // HTTP/1 keep-alive is hyper's to time out (it knows when the
-                // next request's first byte came); a connection that never
-                // sent a request, or speaks HTTP/2, is ours.
-                let ours = !state.http1.load(Ordering::Relaxed);
+                if state.active.load(Ordering::Acquire) != 0 {
+                    continue;
+                }
+                let since = |at: &AtomicU64| now.saturating_sub(at.load(Ordering::Acquire));
+                let served = state.requests.load(Ordering::Relaxed) > 0;
+                let http2 = state.http2.load(Ordering::Relaxed);
                 match closing_since {
-                    None if idle && ours && now.saturating_sub(state.idle_since.load(Ordering::Acquire)) >= idle_limit => {
-                        tracing::debug!(listener = name, %peer, "no request for limits.header_read_timeout; closing the connection");
+                    // A head begun and not finished in time (HTTP/1; an
+                    // HTTP/2 connection's first request, below): dropped,
+                    // with nothing in flight to lose.
+                    None if !http2 && state.heard.load(Ordering::Acquire) != NOT_HEARD
+                        && since(&state.heard) >= head_limit => {
+                        tracing::info!(listener = name, %peer, header_read_timeout_s = options.header_read_timeout.as_secs_f64(),
+                            "no whole request head within limits.header_read_timeout; closing the connection");
+                        return Ok(());
+                    }
+                    None if (http2 && !served && since(&state.idle_since) >= head_limit)
+                        || (served && since(&state.idle_since) >= idle_limit) => {
+                        tracing::debug!(listener = name, %peer, "no request for limits.keepalive_timeout; closing the connection");
                         conn.as_mut().graceful_shutdown();
                         closing_since = Some(now);
                     }
                     // Closing, nothing in flight, and still not closed: the
                     // client is not reading what is left to write.
-                    Some(since) if idle && now.saturating_sub(since) >= send_limit => return Ok(()),
+                    Some(since) if now.saturating_sub(since) >= send_limit => return Ok(()),
                     _ => {}
                 }
             }
@@ -463,7 +502,9 @@ fn connection_builder(options: &Options) -> auto::Builder<TokioExecutor> {
     builder
         .http1()
         .timer(TokioTimer::new())
-        .header_read_timeout(options.header_read_timeout)
+        // `drive` times heads from their first byte (see the module's
+        // documentation); hyper's timer would start at idle.
+        .header_read_timeout(None)
         .max_buf_size(buffer);
     builder
         .http2()
@@ -477,25 +518,44 @@ fn connection_builder(options: &Options) -> auto::Builder<TokioExecutor> {
     builder
 }
 
-/// A plain connection whose first bytes are looked at once: a TLS record
-/// (a handshake, 0x16, which no HTTP/1 method or HTTP/2 preface starts
-/// with) means a client speaks HTTPS to a plain listener, which hyper would
-/// report only as a parse error at debug level, and the client as an
-/// empty answer.
-struct Sniffed<I> {
+/// A client connection (plain, or TLS above the handshake) whose reads are
+/// watched: the first byte read with nothing in flight starts the next
+/// head's clock ([`ConnState::heard`]), and the first bytes tell HTTP/2
+/// from HTTP/1. On a plain listener they are also looked at for a TLS
+/// record (a handshake, 0x16, which no HTTP/1 method or HTTP/2 preface
+/// starts with): a client speaking HTTPS to it, which hyper would report
+/// only as a parse error at debug level, and the client as an empty answer.
+struct Watched<I> {
     io: I,
+    state: Arc<ConnState>,
     looked: bool,
-    listener: &'static str,
-    peer: SocketAddr,
+    /// A plain listener's name and the peer, to say so if TLS arrives.
+    plain: Option<(&'static str, SocketAddr)>,
 }
 
-impl<I> Sniffed<I> {
-    fn new(io: I, listener: &'static str, peer: SocketAddr) -> Sniffed<I> {
-        Sniffed {
+impl<I> Watched<I> {
+    fn new(io: I, state: &Arc<ConnState>, plain: Option<(&'static str, SocketAddr)>) -> Watched<I> {
+        Watched {
             io,
+            state: state.clone(),
             looked: false,
-            listener,
-            peer,
+            plain,
+        }
+    }
+
+    fn first_bytes(&self, bytes: &[u8]) {
+        if bytes.starts_with(H2_PREFACE) {
+            self.state.http2.store(true, Ordering::Relaxed);
+        }
+        if let Some((listener, peer)) = self.plain {
+            if bytes[0] == TLS_HANDSHAKE {
+                tracing::warn!(
+                    listener,
+                    %peer,
+                    "a TLS handshake (ClientHello) arrived on a plain HTTP listener: the client speaks HTTPS; \
+                     give it an http:// URL, or give the listener tls_cert and tls_key (qbproxy demo --tls)"
+                );
+            }
         }
     }
 }
@@ -503,7 +563,7 @@ impl<I> Sniffed<I> {
 /// The first byte of a TLS handshake record (a ClientHello).
 const TLS_HANDSHAKE: u8 = 0x16;
 
-impl<I: AsyncRead + Unpin> AsyncRead for Sniffed<I> {
+impl<I: AsyncRead + Unpin> AsyncRead for Watched<I> {
     fn poll_read(
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
@@ -512,14 +572,19 @@ impl<I: AsyncRead + Unpin> AsyncRead for Sniffed<I> {
         let before = buf.filled().len();
         let this = &mut *self;
         let polled = Pin::new(&mut this.io).poll_read(cx, buf);
-        if !this.looked && buf.filled().len() > before {
-            this.looked = true;
-            if buf.filled()[before] == TLS_HANDSHAKE {
-                tracing::warn!(
-                    listener = this.listener,
-                    peer = %this.peer,
-                    "a TLS handshake (ClientHello) arrived on a plain HTTP listener: the client speaks HTTPS; \
-                     give it an http:// URL, or give the listener tls_cert and tls_key (qbproxy demo --tls)"
+        if buf.filled().len() > before {
+            if !this.looked {
+                this.looked = true;
+                this.first_bytes(&buf.filled()[before..]);
+            }
+            let state = &this.state;
+            if state.active.load(Ordering::Acquire) == 0 {
+                let now = state.tick.load(Ordering::Acquire);
+                let _ = state.heard.compare_exchange(
+                    NOT_HEARD,
+                    now,
+                    Ordering::AcqRel,
+                    Ordering::Relaxed,
                 );
             }
         }
@@ -527,7 +592,7 @@ impl<I: AsyncRead + Unpin> AsyncRead for Sniffed<I> {
     }
 }
 
-impl<I: AsyncWrite + Unpin> AsyncWrite for Sniffed<I> {
+impl<I: AsyncWrite + Unpin> AsyncWrite for Watched<I> {
     fn poll_write(
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,

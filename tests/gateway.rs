@@ -3,7 +3,7 @@
 mod common;
 
 use bytes::Bytes;
-use common::{bounded, raw, setup};
+use common::{bounded, keep_alive_get, raw, setup};
 use http::{Method, StatusCode};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
@@ -327,35 +327,6 @@ async fn an_upstream_slower_than_the_timeout_gives_504() {
     assert_eq!(h.get("/users.json").await.status, StatusCode::OK);
 }
 
-async fn keep_alive_get(conn: &mut TcpStream, path: &str) -> String {
-    conn.write_all(format!("GET {path} HTTP/1.1\r\nHost: x\r\n\r\n").as_bytes())
-        .await
-        .unwrap();
-    let mut buf = vec![0u8; 8192];
-    let mut got = Vec::new();
-    loop {
-        let n = bounded("a keep-alive response", conn.read(&mut buf))
-            .await
-            .unwrap();
-        assert!(n > 0, "connection closed");
-        got.extend_from_slice(&buf[..n]);
-        let text = String::from_utf8_lossy(&got);
-        if let Some((head, body)) = text.split_once("\r\n\r\n") {
-            let len: usize = head
-                .lines()
-                .find_map(|l| {
-                    l.to_ascii_lowercase()
-                        .strip_prefix("content-length: ")
-                        .map(|v| v.parse().unwrap())
-                })
-                .unwrap_or(0);
-            if body.len() >= len {
-                return text.into_owned();
-            }
-        }
-    }
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn connections_past_the_limit_wait_instead_of_being_starved() {
     let h = setup().set("limits", "max_connections", "2").start().await;
@@ -439,19 +410,32 @@ async fn slowloris_and_malformed_clients_are_cut_off_without_harming_others() {
     assert_eq!(h.get("/users.json").await.status, StatusCode::OK);
 }
 
-/// An idle keep-alive connection is closed after `header_read_timeout`.
+/// An idle HTTP/1 keep-alive connection is kept for `keepalive_timeout`,
+/// not `header_read_timeout`: a pooling client that reuses it after a
+/// pause longer than the header timeout is served, and once it stays idle
+/// for the keep-alive timeout the server closes it.
 #[tokio::test]
-async fn idle_keep_alive_connections_are_closed() {
+async fn an_idle_keep_alive_connection_outlives_the_header_timeout_until_keepalive_timeout() {
     let h = setup()
-        .set("limits", "header_read_timeout", "\"300ms\"")
+        .set("limits", "header_read_timeout", "\"150ms\"")
+        .set("limits", "keepalive_timeout", "\"2s\"")
         .start()
         .await;
     h.ready().await;
     let mut conn = TcpStream::connect(h.proxy).await.unwrap();
     assert_eq!(
-        status_of(&keep_alive_get(&mut conn, "/users.json").await),
+        status_of(&keep_alive_get(&mut conn, "/users.json?first").await),
         200
     );
+    // Idle for four header timeouts (the idleness is what is tested), then
+    // reused: hyper's own header timer, which started at idle, closed the
+    // connection here and lost this request.
+    tokio::time::sleep(std::time::Duration::from_millis(600)).await;
+    assert_eq!(
+        status_of(&keep_alive_get(&mut conn, "/users.json?second").await),
+        200
+    );
+    assert_eq!(h.sim.requests_to("/users"), 2);
     // Nothing more is sent: the server closes the connection.
     let mut rest = Vec::new();
     bounded(
@@ -461,6 +445,47 @@ async fn idle_keep_alive_connections_are_closed() {
     .await
     .unwrap();
     assert!(rest.is_empty(), "{}", String::from_utf8_lossy(&rest));
+}
+
+/// On a kept-alive connection a head's clock starts at its first byte: one
+/// trickled slower than `header_read_timeout` is cut off long before the
+/// keep-alive timeout, and never reaches the upstream.
+#[tokio::test]
+async fn a_head_trickled_on_a_kept_alive_connection_is_cut_off_by_the_header_timeout() {
+    let h = setup()
+        .set("limits", "header_read_timeout", "\"300ms\"")
+        .set("limits", "keepalive_timeout", "\"1h\"")
+        .start()
+        .await;
+    h.ready().await;
+    let mut conn = TcpStream::connect(h.proxy).await.unwrap();
+    assert_eq!(
+        status_of(&keep_alive_get(&mut conn, "/users.json?first").await),
+        200
+    );
+    let (mut read, mut write) = conn.into_split();
+    // A header every 50 ms until the server hangs up: bytes keep coming,
+    // the head never ends.
+    let trickle = tokio::spawn(async move {
+        let mut sent = write
+            .write_all(b"GET /users.json?trickled HTTP/1.1\r\nHost: x\r\n")
+            .await;
+        while sent.is_ok() {
+            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+            sent = write.write_all(b"X-Slow: 1\r\n").await;
+        }
+    });
+    // Closed (a reset, with the unread header bytes, is a close too).
+    let mut rest = Vec::new();
+    let _ = bounded(
+        "the trickling connection to be closed",
+        read.read_to_end(&mut rest),
+    )
+    .await;
+    assert!(rest.is_empty(), "{}", String::from_utf8_lossy(&rest));
+    trickle.abort();
+    assert_eq!(h.sim.requests_to("/users"), 1, "only the first request");
+    assert_eq!(h.get("/users.json").await.status, StatusCode::OK);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

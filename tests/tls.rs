@@ -394,3 +394,67 @@ async fn a_tls_client_on_a_plain_listener_is_named_in_the_log() {
     );
     assert_eq!(h.get("/users.json").await.status, http::StatusCode::OK);
 }
+
+/// Over TLS as over plain TCP, an idle HTTP/1 connection is kept past the
+/// header timeout (until `keepalive_timeout`), and a head trickled on it is
+/// cut off `header_read_timeout` after its first byte: the bytes are
+/// watched above the TLS layer.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn over_tls_idle_connections_are_kept_and_trickled_heads_cut_off() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let dir = Dir::new("keepalive");
+    let ca = Ca::new("test CA");
+    let cert = ca.leaf(key(&rcgen::PKCS_ECDSA_P256_SHA256));
+    let h = tls_setup(&dir, &cert, None)
+        .set("limits", "header_read_timeout", "\"150ms\"")
+        .set("limits", "keepalive_timeout", "\"1h\"")
+        .start()
+        .await;
+    h.ready().await;
+    let mut roots = rustls::RootCertStore::empty();
+    roots.add(ca.der()).unwrap();
+    let mut config = rustls::ClientConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .unwrap()
+    .with_root_certificates(roots)
+    .with_no_client_auth();
+    config.alpn_protocols = vec![b"http/1.1".to_vec()];
+    let tcp = tokio::net::TcpStream::connect(h.proxy).await.unwrap();
+    let mut conn = tokio_rustls::TlsConnector::from(Arc::new(config))
+        .connect("localhost".try_into().unwrap(), tcp)
+        .await
+        .unwrap();
+    let status = |resp: &str| resp.split(' ').nth(1).unwrap_or("").to_owned();
+    let first = common::keep_alive_get(&mut conn, "/users.json?first").await;
+    assert_eq!(status(&first), "200");
+    // Idle for four header timeouts (the idleness is what is tested).
+    tokio::time::sleep(std::time::Duration::from_millis(600)).await;
+    let second = common::keep_alive_get(&mut conn, "/users.json?second").await;
+    assert_eq!(status(&second), "200");
+    // Then a head that never ends, a header every 50 ms.
+    conn.write_all(b"GET /users.json?trickled HTTP/1.1\r\nHost: x\r\n")
+        .await
+        .unwrap();
+    let closed = bounded("the trickled head to be cut off", async {
+        let mut buf = [0u8; 1024];
+        loop {
+            tokio::select! {
+                read = conn.read(&mut buf) => break read,
+                () = tokio::time::sleep(std::time::Duration::from_millis(50)) => {
+                    if conn.write_all(b"X-Slow: 1\r\n").await.is_err() {
+                        break Ok(0);
+                    }
+                }
+            }
+        }
+    })
+    .await;
+    assert!(matches!(closed, Ok(0) | Err(_)), "{closed:?}");
+    assert_eq!(
+        h.sim.requests_to("/users"),
+        2,
+        "only the two whole requests"
+    );
+}

@@ -45,9 +45,12 @@ pub struct LimitsConfig {
     /// Open client connections; past it, new ones wait in the kernel's
     /// accept queue.
     pub max_connections: usize,
-    /// Time a client has to send a request's headers, and the longest a
-    /// connection with no request in flight is kept (HTTP/1 and HTTP/2).
+    /// Time a client has to send a request's head, from its first byte
+    /// (from the accept, for a connection's first request).
     pub header_read_timeout: Duration,
+    /// The longest a connection with no request in flight is kept once it
+    /// has served one (HTTP/1 keep-alive, HTTP/2 idle).
+    pub keepalive_timeout: Duration,
     /// The longest wait for a request body's next bytes. Over it: 408.
     pub body_read_timeout: Duration,
     /// Request body bytes held for replays, across every request at once.
@@ -126,6 +129,8 @@ pub(super) struct RawLimits {
     #[serde(with = "humantime_serde")]
     header_read_timeout: Duration,
     #[serde(with = "humantime_serde")]
+    keepalive_timeout: Duration,
+    #[serde(with = "humantime_serde")]
     body_read_timeout: Duration,
     max_buffered_bytes: usize,
     #[serde(with = "humantime_serde")]
@@ -140,6 +145,9 @@ impl Default for RawLimits {
             max_body_bytes: 10 * 1024 * 1024,
             max_connections: 4096,
             header_read_timeout: Duration::from_secs(10),
+            // nginx's: longer than common clients' pool idle timeouts, so
+            // the client, not qbproxy, closes an idle connection.
+            keepalive_timeout: Duration::from_secs(75),
             body_read_timeout: Duration::from_secs(10),
             max_buffered_bytes: 64 * 1024 * 1024,
             send_timeout: Duration::from_secs(30),
@@ -274,6 +282,7 @@ impl Validator<'_> {
             max_connections: raw.max_connections,
             header_read_timeout: self
                 .positive("limits.header_read_timeout", raw.header_read_timeout)?,
+            keepalive_timeout: self.positive("limits.keepalive_timeout", raw.keepalive_timeout)?,
             body_read_timeout: self.positive("limits.body_read_timeout", raw.body_read_timeout)?,
             max_buffered_bytes: raw.max_buffered_bytes,
             send_timeout: self.positive("limits.send_timeout", raw.send_timeout)?,

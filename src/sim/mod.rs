@@ -256,6 +256,7 @@ impl Sim {
         // connection on its deadlines.
         let options = server::Options {
             header_read_timeout: Duration::from_secs(10),
+            keepalive_timeout: Duration::from_secs(75),
             max_header_bytes: 64 * 1024,
             send_timeout: Duration::from_secs(30),
             max_streams: 1000,

@@ -144,6 +144,7 @@ async fn idle_http2_connections_are_closed_and_free_their_slots() {
 async fn an_http2_connection_with_requests_in_flight_is_not_idle() {
     let h = setup()
         .set("limits", "header_read_timeout", "\"200ms\"")
+        .set("limits", "keepalive_timeout", "\"200ms\"")
         .start()
         .await;
     h.ready().await;
