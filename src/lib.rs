@@ -15,6 +15,7 @@ mod admin;
 pub mod body;
 pub mod canonical;
 mod cluster;
+mod coalesce;
 pub mod config;
 pub mod credentials;
 pub mod demo;

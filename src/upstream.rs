@@ -19,6 +19,7 @@ use tokio::sync::Semaphore;
 use tokio::time::{timeout_at, Instant};
 
 use crate::body::Body;
+use crate::coalesce::Coalescing;
 use crate::config::{QuickbloxConfig, UpstreamConfig};
 use crate::credentials::{Credentials, SecretSource};
 use crate::metrics::Metrics;
@@ -28,7 +29,8 @@ use crate::session::{ApiKeyHeaders, Attempt, BoxFuture, NewSession, SessionError
 use crate::signer::{self, Params};
 
 /// The pooled HTTP client to the upstream.
-pub type HttpClient = hyper_util::client::legacy::Client<HttpsConnector<HttpConnector>, Body>;
+pub type HttpClient =
+    hyper_util::client::legacy::Client<Coalescing<HttpsConnector<HttpConnector>>, Body>;
 
 /// Builds the upstream client: HTTP/1.1 or HTTP/2 (by ALPN, unless
 /// `upstream.http2` is off) over rustls for `https://`, plain HTTP/1.1 for
@@ -60,7 +62,7 @@ pub fn client(cfg: &UpstreamConfig) -> Result<HttpClient, std::io::Error> {
             .pool_max_idle_per_host(cfg.pool_max_idle_per_host)
             .pool_timer(TokioTimer::new())
             .timer(TokioTimer::new())
-            .build(connector),
+            .build(Coalescing(connector)),
     )
 }
 

@@ -331,9 +331,13 @@ async fn a_reload_rotates_the_certificate() {
     assert!(https_get(&https_client(&old_ca, None), url).await.is_err());
 }
 
-/// The HTTP version the upstream client speaks to a TLS upstream offering h2
-/// and http/1.1 by ALPN, with `upstream.http2` set to `http2`.
-async fn upstream_version(name: &str, http2: bool) -> http::Version {
+/// qbproxy's upstream client, with `upstream.http2` set to `http2`, and a
+/// TLS upstream offering h2 and http/1.1 by ALPN: a second qbproxy in front
+/// of the simulator (whose answers echo each body's length and SHA-256).
+async fn tls_upstream(
+    name: &str,
+    http2: bool,
+) -> (qbproxy::upstream::HttpClient, String, common::Harness, Dir) {
     let dir = Dir::new(name);
     let ca = Ca::new("upstream CA");
     let cert = ca.leaf(key(&rcgen::PKCS_ECDSA_P256_SHA256));
@@ -350,12 +354,17 @@ async fn upstream_version(name: &str, http2: bool) -> http::Version {
         .config_text(&edge.sim);
     let config = qbproxy::Config::from_toml(&text, Path::new("t.toml")).unwrap();
     let client = qbproxy::upstream::client(&config.upstream).unwrap();
-    let req = http::Request::get(format!(
-        "https://localhost:{}/users.json",
-        edge.proxy.port()
-    ))
-    .body(qbproxy::body::Body::empty())
-    .unwrap();
+    let base = format!("https://localhost:{}", edge.proxy.port());
+    (client, base, edge, dir)
+}
+
+/// The HTTP version the upstream client speaks to a TLS upstream offering h2
+/// and http/1.1 by ALPN, with `upstream.http2` set to `http2`.
+async fn upstream_version(name: &str, http2: bool) -> http::Version {
+    let (client, base, _edge, _dir) = tls_upstream(name, http2).await;
+    let req = http::Request::get(format!("{base}/users.json"))
+        .body(qbproxy::body::Body::empty())
+        .unwrap();
     let resp = bounded("the upstream answer", client.request(req))
         .await
         .unwrap();
@@ -372,6 +381,50 @@ async fn the_upstream_client_uses_http2_when_offered_unless_turned_off() {
         upstream_version("h1up", false).await,
         http::Version::HTTP_11
     );
+}
+
+/// Many POSTs in flight at once on the upstream's one HTTP/2 connection,
+/// whose writes are gathered (`coalesce.rs`): bodies from a few bytes to
+/// past the gathering limit, each received whole and in order.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_posts_over_an_http2_upstream_arrive_whole() {
+    let (client, base, _edge, _dir) = tls_upstream("h2posts", true).await;
+    let sizes = [0usize, 1, 255, 256, 2048, 16_384, 16_385, 70_000];
+    let calls = (0..64usize).map(|i| {
+        let client = client.clone();
+        let len = sizes[i % sizes.len()];
+        let body: Vec<u8> = (0..len).map(|j| (i * 31 + j) as u8).collect();
+        let sha = hex::encode(ring::digest::digest(&ring::digest::SHA256, &body));
+        let req = http::Request::post(format!("{base}/data/Note{i}.json"))
+            .header("content-type", "application/octet-stream")
+            .body(qbproxy::body::Body::full(body))
+            .unwrap();
+        async move {
+            let resp = client.request(req).await.unwrap();
+            assert_eq!(resp.version(), http::Version::HTTP_2);
+            let status = resp.status();
+            let text = resp.into_body().collect().await.unwrap().to_bytes();
+            let json: serde_json::Value = serde_json::from_slice(&text).unwrap();
+            assert_eq!(status, 200, "{json}");
+            assert_eq!(json["echo"]["path"], format!("/data/Note{i}.json"));
+            assert_eq!(json["echo"]["body_bytes"], len, "POST {i}");
+            assert_eq!(json["echo"]["body_sha256"], sha, "POST {i}");
+        }
+    });
+    bounded("64 POSTs", all_at_once(calls)).await;
+}
+
+/// Runs the futures at once.
+async fn all_at_once<F: std::future::Future<Output = ()> + Send + 'static>(
+    calls: impl Iterator<Item = F>,
+) {
+    let mut set = tokio::task::JoinSet::new();
+    for call in calls {
+        set.spawn(call);
+    }
+    while let Some(done) = set.join_next().await {
+        done.unwrap();
+    }
 }
 
 /// An HTTPS client pointed at a plain listener (the official JS SDK speaks
