@@ -187,6 +187,7 @@ pub async fn run(args: DemoArgs, shutdown: impl Future<Output = ()>) -> Result<(
         Listeners {
             proxy: proxy_listener,
             admin: admin_listener,
+            workers: Vec::new(),
         },
         shutdown,
     )

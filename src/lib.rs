@@ -38,6 +38,7 @@ pub mod signer;
 pub mod sim;
 mod tls;
 pub mod upstream;
+pub mod worker;
 
 use std::future::Future;
 use std::path::{Path, PathBuf};
@@ -65,8 +66,12 @@ use crate::upstream::ClockOffset;
 
 /// The listeners qbproxy serves on, bound by the caller (port 0 in tests).
 pub struct Listeners {
+    /// The proxy listener of the main runtime (worker 0).
     pub proxy: TcpListener,
     pub admin: TcpListener,
+    /// The proxy listeners of workers 1.. ([`worker::bind`]), each served
+    /// by a thread of its own; empty for one runtime.
+    pub workers: Vec<std::net::TcpListener>,
 }
 
 /// Errors that stop qbproxy from starting, or a reload from taking effect,
@@ -128,7 +133,15 @@ impl Shared {
 }
 
 impl App {
+    /// An app served by one runtime.
     pub fn new(config: Config) -> Result<App, StartError> {
+        App::with_workers(config, 1)
+    }
+
+    /// An app served by `workers` proxy workers (`worker.rs`): give
+    /// [`App::run`] as many proxy listeners.
+    pub fn with_workers(config: Config, workers: usize) -> Result<App, StartError> {
+        let workers = workers.max(1);
         let metrics = Metrics::new();
         let cluster = match &config.cluster {
             Some(c) => Some(
@@ -146,11 +159,12 @@ impl App {
             held: HeldTokens::default(),
             clock: Arc::new(ClockOffset::default()),
             cluster,
+            workers,
         };
         let max_connections = config.limits.max_connections;
         let built = reload::build(Arc::new(config), &ctx, None)?;
         let live = Arc::new(ArcSwap::from_pointee(built.live));
-        let proxy = Proxy::new(live.clone(), ctx.metrics.clone(), ctx.held.clone());
+        let proxy = Proxy::new(live.clone(), ctx.metrics.clone(), ctx.held.clone(), workers);
         Ok(App {
             handle: Handle {
                 shared: Arc::new(Shared {
@@ -181,28 +195,8 @@ impl App {
         }
         start_standalone(&shared.live.load());
         let (stop, stopping) = watch::channel(false);
-        let proxy = shared.proxy.clone();
-        let live = shared.live.clone();
-        let proxy_server = server::serve(
-            server::Listener {
-                name: "proxy",
-                listener: listeners.proxy,
-                settings: Arc::new(move || {
-                    let live = live.load();
-                    (live.options, live.tls.clone())
-                }),
-                connections: shared.connections.clone(),
-            },
-            move |req, conn| {
-                let proxy = proxy.clone();
-                // Boxed: the request's future is some 5.7 KiB, and hyper and
-                // the server move it two or three times before its first
-                // poll; a pointer moves cheaper than that is allocated
-                // (about 3 % of a GET's CPU, `bench/PROFILE.md`).
-                Box::pin(async move { proxy.handle(req, conn).await })
-            },
-            stopping.clone(),
-        );
+        let proxy_server = serve_proxy(&self.handle.shared, listeners.proxy, stopping.clone());
+        let workers = spawn_workers(&self.handle.shared, listeners.workers, &stopping);
         let admin = admin::Admin {
             handle: self.handle.clone(),
             shutting_down: stopping.clone(),
@@ -228,11 +222,95 @@ impl App {
             let _ = stop.send(true);
         };
         tokio::join!(proxy_server, admin_server, trigger);
+        // Each worker drains as the main runtime does, within the grace.
+        let _ = tokio::task::spawn_blocking(move || {
+            for w in workers {
+                let _ = w.join();
+            }
+        })
+        .await;
         for identity in &shared.live.load().identities {
             identity.stop();
         }
         tracing::info!("stopped");
     }
+}
+
+/// Serves the proxy on `listener` until `stopping` turns true, then drains.
+fn serve_proxy(
+    shared: &Arc<Shared>,
+    listener: TcpListener,
+    stopping: watch::Receiver<bool>,
+) -> impl Future<Output = ()> + Send + 'static {
+    let proxy = shared.proxy.clone();
+    let live = shared.live.clone();
+    server::serve(
+        server::Listener {
+            name: "proxy",
+            listener,
+            settings: Arc::new(move || {
+                let live = live.load();
+                (live.options, live.tls.clone())
+            }),
+            connections: shared.connections.clone(),
+        },
+        move |req, conn| {
+            let proxy = proxy.clone();
+            // Boxed: the request's future is some 5.7 KiB, and hyper and
+            // the server move it two or three times before its first
+            // poll; a pointer moves cheaper than that is allocated
+            // (about 3 % of a GET's CPU, `bench/PROFILE.md`).
+            Box::pin(async move { proxy.handle(req, conn).await })
+        },
+        stopping,
+    )
+}
+
+/// Starts a thread with a current-thread runtime for each of workers 1..
+/// (`worker.rs`), serving its listener until `stopping` turns true. A
+/// worker that cannot start says why; its listener closes, and the kernel
+/// gives its share of new connections to the others.
+fn spawn_workers(
+    shared: &Arc<Shared>,
+    listeners: Vec<std::net::TcpListener>,
+    stopping: &watch::Receiver<bool>,
+) -> Vec<std::thread::JoinHandle<()>> {
+    let mut started = Vec::with_capacity(listeners.len());
+    for (i, listener) in listeners.into_iter().enumerate() {
+        let n = i + 1;
+        let shared = shared.clone();
+        let stopping = stopping.clone();
+        let spawned = std::thread::Builder::new()
+            .name(format!("qbproxy-worker-{n}"))
+            .spawn(move || {
+                worker::enter(n);
+                let runtime = match tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build()
+                {
+                    Ok(r) => r,
+                    Err(e) => {
+                        tracing::error!(worker = n, error = %e, "cannot start the worker's runtime; the other workers serve its share");
+                        return;
+                    }
+                };
+                runtime.block_on(async move {
+                    match TcpListener::from_std(listener) {
+                        Ok(listener) => serve_proxy(&shared, listener, stopping).await,
+                        Err(e) => {
+                            tracing::error!(worker = n, error = %e, "cannot register the worker's listener; the other workers serve its share");
+                        }
+                    }
+                });
+            });
+        match spawned {
+            Ok(handle) => started.push(handle),
+            Err(e) => {
+                tracing::error!(worker = n, error = %e, "cannot start the worker's thread; the other workers serve its share");
+            }
+        }
+    }
+    started
 }
 
 /// Starts the identities outside pools (pool members start on first use).

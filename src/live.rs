@@ -15,12 +15,14 @@ use crate::route::{Router, Target};
 use crate::server;
 use crate::session::Identity;
 use crate::upstream::HttpClient;
+use crate::worker;
 
 pub struct Live {
     pub config: Arc<Config>,
-    /// The pooled client to the upstream; kept across reloads unless
-    /// `[upstream]` changed, so warm (TLS) connections survive them.
-    pub client: HttpClient,
+    /// The pooled clients to the upstream, one per proxy worker
+    /// (`worker.rs`; the first also creates sessions); kept across reloads
+    /// unless `[upstream]` changed, so warm (TLS) connections survive them.
+    pub clients: Arc<[HttpClient]>,
     /// Chooses the identity (or pool) whose session is injected.
     pub router: Router,
     /// Who may send what.
@@ -51,6 +53,11 @@ impl Live {
     /// Where a request that names no identity goes.
     pub fn default_target(&self) -> Target<'_> {
         self.target(self.config.default)
+    }
+
+    /// The upstream client of the worker this thread runs.
+    pub fn client(&self) -> &HttpClient {
+        &self.clients[worker::current() % self.clients.len()]
     }
 
     pub fn upstream(&self) -> &UpstreamConfig {

@@ -43,8 +43,10 @@ struct Cli {
 /// For the commands that serve.
 #[derive(clap::Args, Clone, Copy)]
 struct RuntimeArgs {
-    /// Worker threads [default: the CPUs this process may run on]. With 1,
-    /// everything runs on one thread, which is fastest on a single core.
+    /// Worker threads [default: the CPUs this process may run on]. The
+    /// proxy: one single-threaded runtime per thread, each accepting its
+    /// share of connections (SO_REUSEPORT), as nginx's workers do; with 1,
+    /// everything runs on one thread. demo and sim: a multi-thread runtime.
     #[arg(long, env = "QBPROXY_THREADS")]
     threads: Option<NonZeroUsize>,
 }
@@ -294,7 +296,8 @@ fn serve(threads: usize, path: &std::path::Path) -> ExitCode {
             return ExitCode::from(EXIT_CONFIG);
         }
     };
-    let result = runtime(threads).block_on(async move {
+    // The main runtime is worker 0; workers 1.. start their own.
+    let result = runtime(1).block_on(async move {
         // Handlers first: a signal from now on stops qbproxy cleanly.
         let shutdown = shutdown_signal();
         tracing::info!(threads, "starting");
@@ -303,15 +306,22 @@ fn serve(threads: usize, path: &std::path::Path) -> ExitCode {
         }
         let open_files = raise_open_file_limit();
         check_open_file_limit(open_files, &config);
-        let proxy = TcpListener::bind(config.listen.addr)
-            .await
+        let (proxy, workers) = qbproxy::worker::bind(config.listen.addr, threads)
             .map_err(|e| format!("cannot listen on {} (listen.addr): {e}", config.listen.addr))?;
         let admin = TcpListener::bind(config.admin.addr)
             .await
             .map_err(|e| format!("cannot listen on {} (admin.addr): {e}", config.admin.addr))?;
-        let app = qbproxy::App::new(config).map_err(|e| e.to_string())?;
+        let app = qbproxy::App::with_workers(config, threads).map_err(|e| e.to_string())?;
         tokio::spawn(reload_on_sighup(path.to_owned(), app.handle()));
-        app.run(Listeners { proxy, admin }, shutdown).await;
+        app.run(
+            Listeners {
+                proxy,
+                admin,
+                workers,
+            },
+            shutdown,
+        )
+        .await;
         Ok::<(), String>(())
     });
     exit(result)

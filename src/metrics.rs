@@ -42,6 +42,7 @@ struct Inner {
     upstream_rate_limited: IntCounter,
     upstream_429: IntCounter,
     client_tokens_replaced: IntCounterVec,
+    worker_requests: IntCounterVec,
     /// Brought up to `logging::dropped_lines()` at each render, under the
     /// lock so two renders do not both add the difference.
     log_lines_dropped: std::sync::Mutex<IntCounter>,
@@ -167,6 +168,11 @@ impl Metrics {
             "Requests whose client sent credentials of its own (QB-Token, Authorization, On-Behalf-Of), replaced with the identity's (proxy.client_token = \"replace\").",
             &who,
         );
+        let worker_requests = counter_vec(
+            "qbproxy_worker_requests_total",
+            "Requests by the proxy worker that accepted their connection (--threads; the kernel spreads connections over workers by SO_REUSEPORT).",
+            &["worker"],
+        );
         let log_lines_dropped = IntCounter::new(
             "qbproxy_log_lines_dropped_total",
             "Log lines (access events included) dropped because the log writer fell behind stderr.",
@@ -193,6 +199,7 @@ impl Metrics {
             Box::new(upstream_rate_limited.clone()),
             Box::new(upstream_429.clone()),
             Box::new(client_tokens_replaced.clone()),
+            Box::new(worker_requests.clone()),
             Box::new(log_lines_dropped.clone()),
         ] {
             names.extend(c.desc().iter().map(|d| d.fq_name.clone()));
@@ -220,6 +227,7 @@ impl Metrics {
                 upstream_rate_limited,
                 upstream_429,
                 client_tokens_replaced,
+                worker_requests,
                 log_lines_dropped: std::sync::Mutex::new(log_lines_dropped),
                 names,
                 events: tokio::sync::watch::channel(0).0,
@@ -274,6 +282,17 @@ impl Metrics {
         self.inner
             .unrouted
             .get_or_init(|| Arc::new(self.identity("", None)))
+    }
+
+    /// One request counter per proxy worker, all at zero from the start.
+    pub fn worker_requests(&self, workers: usize) -> Vec<IntCounter> {
+        (0..workers.max(1))
+            .map(|n| {
+                self.inner
+                    .worker_requests
+                    .with_label_values(&[&n.to_string()])
+            })
+            .collect()
     }
 
     pub fn upstream_latency(&self, d: Duration) {

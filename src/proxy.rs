@@ -48,6 +48,7 @@ use crate::route::{self, Target};
 use crate::server::Conn;
 use crate::session::{HeldTokens, Identity, Scheme, Session, Unavailable};
 use crate::upstream;
+use crate::worker;
 
 /// A cheap-to-clone handle on the forwarding state.
 #[derive(Clone)]
@@ -70,6 +71,8 @@ struct Inner {
     held: HeldTokens,
     /// Request body bytes held for replays, across every request.
     budget: Arc<Budget>,
+    /// `qbproxy_worker_requests_total`, by worker (`worker.rs`).
+    worker_requests: Vec<prometheus::IntCounter>,
 }
 
 /// Headers that describe one connection, not the message; never forwarded
@@ -93,10 +96,16 @@ const MAX_REFUSAL_BODY: usize = 64 * 1024;
 
 impl Proxy {
     /// Serves with whatever `live` holds at each request's start.
-    pub fn new(live: Arc<ArcSwap<Live>>, metrics: Metrics, held: HeldTokens) -> Self {
+    pub fn new(
+        live: Arc<ArcSwap<Live>>,
+        metrics: Metrics,
+        held: HeldTokens,
+        workers: usize,
+    ) -> Self {
         Proxy {
             inner: Arc::new(Inner {
                 slots: ResizableLimit::new(live.load().upstream().max_connections),
+                worker_requests: metrics.worker_requests(workers),
                 live,
                 metrics,
                 held,
@@ -119,6 +128,9 @@ impl Proxy {
     /// JSON responses in QuickBlox's shape.
     pub async fn handle(&self, req: Request<Incoming>, conn: Conn) -> Response<Body> {
         let inner = &*self.inner;
+        if let Some(counter) = inner.worker_requests.get(worker::current()) {
+            counter.inc();
+        }
         let (mut parts, body) = req.into_parts();
         let live = inner.live.load_full();
         let started = Instant::now();
@@ -595,7 +607,7 @@ impl Proxy {
             }
         };
         let started = Instant::now();
-        let result = timeout_at(deadline, live.client.request(req)).await;
+        let result = timeout_at(deadline, live.client().request(req)).await;
         let took = started.elapsed();
         self.inner.metrics.upstream_latency(took);
         trace.upstream(took);

@@ -24,7 +24,7 @@ use crate::pool::{Pool, Throttle};
 use crate::rate::UpstreamRate;
 use crate::route::Router;
 use crate::session::{ApiKeySource, HeldTokens, Identity, Info, Policy, Source};
-use crate::upstream::{self, ClockOffset, Endpoint, SessionCreator, Throttled};
+use crate::upstream::{self, ClockOffset, Endpoint, HttpClient, SessionCreator, Throttled};
 use crate::StartError;
 
 /// What lives across reloads besides the published `Live`.
@@ -37,6 +37,8 @@ pub(crate) struct Context {
     /// The fleet's Redis, if `[cluster]` was configured at start (joining
     /// or leaving a fleet takes a restart).
     pub cluster: Option<Cluster>,
+    /// Proxy workers (`worker.rs`), each with an upstream client of its own.
+    pub workers: usize,
 }
 
 /// Why a reload did not take effect; the running configuration stays.
@@ -90,12 +92,16 @@ pub(crate) fn build(
         clients: config.clients.len(),
         ..Summary::default()
     };
-    let client = match previous.filter(|p| p.config.upstream == config.upstream) {
+    let clients: Arc<[HttpClient]> = match previous.filter(|p| p.config.upstream == config.upstream)
+    {
         Some(p) => {
             summary.client_kept = true;
-            p.client.clone()
+            p.clients.clone()
         }
-        None => upstream::client(&config.upstream).map_err(StartError::Tls)?,
+        None => (0..ctx.workers.max(1))
+            .map(|_| upstream::client(&config.upstream))
+            .collect::<Result<_, _>>()
+            .map_err(StartError::Tls)?,
     };
     let tls = match (&config.listen.tls, previous) {
         (Some(new), Some(p))
@@ -132,7 +138,7 @@ pub(crate) fn build(
             || p.config.cluster.is_some() != config.cluster.is_some()
     });
     let endpoint = Arc::new(Endpoint {
-        client: client.clone(),
+        client: clients[0].clone(),
         upstream: config.upstream.clone(),
         quickblox: config.quickblox.clone(),
         clock: ctx.clock.clone(),
@@ -272,7 +278,7 @@ pub(crate) fn build(
         router: Router::new(&config),
         gate: Gate::new(&config, &ctx.metrics),
         options: listener_options(&config),
-        client,
+        clients,
         identities,
         pools,
         tls,

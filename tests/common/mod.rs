@@ -182,6 +182,20 @@ impl Setup {
             .unwrap_or_else(|e| panic!("test config: {e}\n{text}"));
         start_app_on(sim, config, &self.bind).await
     }
+
+    /// Starts qbproxy with `workers` proxy workers (`--threads`).
+    pub async fn start_workers(self, workers: usize) -> Harness {
+        let sim = match &self.sim {
+            Some(s) => s.clone(),
+            None => Sim::start(SimConfig::demo())
+                .await
+                .expect("start simulator"),
+        };
+        let text = self.config_text(&sim);
+        let config = Config::from_toml(&text, Path::new("test.toml"))
+            .unwrap_or_else(|e| panic!("test config: {e}\n{text}"));
+        start_app_workers(sim, config, workers).await
+    }
 }
 
 pub async fn start_app(sim: Sim, config: Config) -> Harness {
@@ -190,16 +204,32 @@ pub async fn start_app(sim: Sim, config: Config) -> Harness {
 
 pub async fn start_app_on(sim: Sim, config: Config, bind: &str) -> Harness {
     let proxy_l = TcpListener::bind(bind).await.unwrap();
+    start_with(sim, App::new(config).expect("app"), proxy_l, Vec::new()).await
+}
+
+/// qbproxy with `workers` proxy workers, as `qbproxy --threads` runs it.
+pub async fn start_app_workers(sim: Sim, config: Config, workers: usize) -> Harness {
+    let (proxy_l, more) = qbproxy::worker::bind("127.0.0.1:0".parse().unwrap(), workers).unwrap();
+    let app = App::with_workers(config, workers).expect("app");
+    start_with(sim, app, proxy_l, more).await
+}
+
+async fn start_with(
+    sim: Sim,
+    app: App,
+    proxy_l: TcpListener,
+    workers: Vec<std::net::TcpListener>,
+) -> Harness {
     let admin_l = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let proxy = proxy_l.local_addr().unwrap();
     let admin = admin_l.local_addr().unwrap();
-    let app = App::new(config).expect("app");
     let handle = app.handle();
     let (stop, stopped) = oneshot::channel::<()>();
     let task = tokio::spawn(app.run(
         Listeners {
             proxy: proxy_l,
             admin: admin_l,
+            workers,
         },
         async move {
             let _ = stopped.await;
