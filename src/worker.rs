@@ -38,29 +38,38 @@ pub(crate) fn enter(n: usize) {
 /// `SO_REUSEPORT`: the first listener for the main runtime, the others for
 /// worker threads (as std listeners, to be registered by their own
 /// runtimes). Port 0 picks one port for all. Call within a runtime.
+///
+/// A port another process holds is refused ("address in use") even if that
+/// process set `SO_REUSEPORT` too, as a second qbproxy would: the address
+/// is first bound once without it, so two instances never silently split
+/// one port's connections.
 pub fn bind(
     addr: SocketAddr,
     workers: usize,
 ) -> std::io::Result<(TcpListener, Vec<std::net::TcpListener>)> {
-    let one = |addr: SocketAddr| -> std::io::Result<TcpListener> {
+    let one = |addr: SocketAddr, reuseport: bool| -> std::io::Result<TcpSocket> {
         let socket = if addr.is_ipv4() {
             TcpSocket::new_v4()?
         } else {
             TcpSocket::new_v6()?
         };
         socket.set_reuseaddr(true)?;
-        if workers > 1 {
-            socket.set_reuseport(true)?;
-        }
+        socket.set_reuseport(reuseport)?;
         socket.bind(addr)?;
-        // std's and tokio's `bind` use 1024 too.
-        socket.listen(1024)
+        Ok(socket)
     };
-    let first = one(addr)?;
-    let bound = first.local_addr()?;
+    // std's and tokio's `bind` listen with a backlog of 1024 too.
+    if workers <= 1 {
+        return Ok((one(addr, false)?.listen(1024)?, Vec::new()));
+    }
+    let bound = {
+        let alone = one(addr, false)?;
+        alone.local_addr()?
+    };
+    let first = one(bound, true)?.listen(1024)?;
     let mut more = Vec::with_capacity(workers.saturating_sub(1));
     for _ in 1..workers {
-        more.push(one(bound)?.into_std()?);
+        more.push(one(bound, true)?.listen(1024)?.into_std()?);
     }
     Ok((first, more))
 }
