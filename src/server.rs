@@ -42,6 +42,7 @@ use tokio_rustls::TlsAcceptor;
 
 use crate::body::{Body, BoxError};
 use crate::limit::ResizableLimit;
+use crate::worker;
 
 /// How a listener treats its connections. (How many it holds open is a
 /// [`ResizableLimit`] of its own, so a reload moves it at once.)
@@ -286,7 +287,7 @@ where
     let open = watch::channel(0usize).0;
     let local = listener.local_addr().ok();
     if let Some(addr) = local {
-        tracing::info!(listener = name, %addr, "listening");
+        tracing::info!(listener = name, worker = worker::current(), %addr, "listening");
     }
     loop {
         // A connection slot first, then accept: beyond the limit, clients
@@ -382,6 +383,7 @@ where
     let grace = settings().0.shutdown_grace;
     tracing::info!(
         listener = name,
+        worker = worker::current(),
         grace_s = grace.as_secs_f64(),
         "stopped accepting; draining connections"
     );
@@ -390,9 +392,14 @@ where
         .await
         .is_ok();
     match drained {
-        true => tracing::info!(listener = name, "all connections drained"),
+        true => tracing::info!(
+            listener = name,
+            worker = worker::current(),
+            "all connections drained"
+        ),
         false => tracing::warn!(
             listener = name,
+            worker = worker::current(),
             "grace period over with requests still in flight; closing them"
         ),
     }

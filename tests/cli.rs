@@ -1,6 +1,8 @@
 //! The binary: `check`, config errors before binding, and a real process
 //! that serves and stops on SIGTERM.
 
+mod common;
+
 use std::path::PathBuf;
 use std::process::{Command, Stdio};
 use std::time::Duration;
@@ -182,8 +184,8 @@ async fn the_binary_serves_then_drains_on_sigterm() {
         .arg("--config")
         .arg(&cfg)
         .args(["--log-format", "json"])
-        // One thread: the current-thread runtime (the other binary tests
-        // run the multi-thread one).
+        // One thread: no proxy workers past the main runtime (the other
+        // binary tests run one per CPU).
         .env("QBPROXY_THREADS", "1")
         .env("RUST_LOG", "info")
         .stderr(Stdio::piped())
@@ -500,6 +502,81 @@ async fn sighup_reloads_a_valid_config_and_refuses_an_invalid_one() {
         "the old configuration serves on"
     );
     assert_eq!(get("client-a-key-0123456789").await, 200);
+}
+
+/// `--threads 2` on the real binary: two proxy workers on one port, each
+/// serving its share of 24 connections (the chance that one gets none is
+/// 2^-23), and each draining on SIGTERM.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn threads_2_runs_two_proxy_workers_on_one_port() {
+    let sim = Sim::start(SimConfig::demo()).await.unwrap();
+    let app = sim.config().clone();
+    let dir = TempDir::new("workers");
+    let cfg = dir.file(
+        "config.toml",
+        &format!(
+            "[listen]\naddr = \"127.0.0.1:0\"\n[admin]\naddr = \"127.0.0.1:0\"\n\
+             [upstream]\nurl = \"{}\"\n[quickblox]\napplication_id = \"{}\"\nauth_key = \"{}\"\nauth_secret = \"{}\"\n",
+            sim.url(),
+            app.application_id,
+            app.auth_key,
+            app.auth_secret,
+        ),
+    );
+    let mut child = tokio::process::Command::new(BIN)
+        .arg("--config")
+        .arg(&cfg)
+        .args(["--threads", "2"])
+        .env("RUST_LOG", "info")
+        .stderr(Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
+    // Both workers and the admin listener say where they listen.
+    let (mut proxies, mut admin) = (Vec::new(), None);
+    while proxies.len() < 2 || admin.is_none() {
+        let line = wait_for(&mut lines, "listening").await;
+        proxies.extend(listening_on(&line, "proxy"));
+        admin = admin.or(listening_on(&line, "admin"));
+    }
+    let (proxy, admin) = (proxies[0], admin.unwrap());
+    assert_eq!(proxies[1], proxy, "one port for both workers");
+    wait_for(&mut lines, "session created").await;
+
+    for i in 0..24 {
+        let request =
+            format!("GET /spread/{i}.json HTTP/1.1\r\nHost: q\r\nConnection: close\r\n\r\n");
+        let answer = common::raw(proxy, request.as_bytes()).await;
+        assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+    }
+    let metrics = common::raw(
+        admin,
+        b"GET /metrics HTTP/1.1\r\nHost: q\r\nConnection: close\r\n\r\n",
+    )
+    .await;
+    let served = |w: u32| {
+        common::metric(
+            &metrics,
+            &format!("qbproxy_worker_requests_total{{worker=\"{w}\"}}"),
+        )
+    };
+    assert_eq!(served(0) + served(1), 24, "{metrics}");
+    assert!(served(0) > 0 && served(1) > 0, "{metrics}");
+
+    signal(&child, "TERM");
+    exits_cleanly(&mut child).await;
+    let mut drained = Vec::new();
+    while let Some(line) = lines.next_line().await.unwrap() {
+        if line.contains("all connections drained") && line.contains(r#"listener="proxy""#) {
+            drained.push(line);
+        }
+    }
+    assert_eq!(drained.len(), 2, "{drained:?}");
+    assert!(
+        drained.iter().any(|l| l.contains("worker=1")),
+        "{drained:?}"
+    );
 }
 
 /// The first log line containing `what`, waiting at most 20 s.
