@@ -443,21 +443,26 @@ async fn demo_as_printed(tls: bool) {
     }
 }
 
-/// SIGHUP on the real binary: a valid new config applies at once (a new
-/// client key works); an invalid one is refused and the old one serves on.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn sighup_reloads_a_valid_config_and_refuses_an_invalid_one() {
-    let sim = Sim::start(SimConfig::demo()).await.unwrap();
-    let app = sim.config().clone();
-    let dir = TempDir::new("sighup");
-    let base = format!(
+/// A config for `sim`, both listeners on port 0 (the binary logs where).
+fn on_port_0(sim: &Sim) -> String {
+    let app = sim.config();
+    format!(
         "[listen]\naddr = \"127.0.0.1:0\"\n[admin]\naddr = \"127.0.0.1:0\"\n\
          [upstream]\nurl = \"{}\"\n[quickblox]\napplication_id = \"{}\"\nauth_key = \"{}\"\nauth_secret = \"{}\"\n",
         sim.url(),
         app.application_id,
         app.auth_key,
         app.auth_secret,
-    );
+    )
+}
+
+/// SIGHUP on the real binary: a valid new config applies at once (a new
+/// client key works); an invalid one is refused and the old one serves on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sighup_reloads_a_valid_config_and_refuses_an_invalid_one() {
+    let sim = Sim::start(SimConfig::demo()).await.unwrap();
+    let dir = TempDir::new("sighup");
+    let base = on_port_0(&sim);
     let key_a = "[[client]]\nname = \"a\"\nkey = \"client-a-key-0123456789\"\n";
     let key_b = "[[client]]\nname = \"b\"\nkey = \"client-b-key-0123456789\"\n";
     let cfg = dir.file("config.toml", &format!("{base}{key_a}"));
@@ -510,19 +515,8 @@ async fn sighup_reloads_a_valid_config_and_refuses_an_invalid_one() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn threads_2_runs_two_proxy_workers_on_one_port() {
     let sim = Sim::start(SimConfig::demo()).await.unwrap();
-    let app = sim.config().clone();
     let dir = TempDir::new("workers");
-    let cfg = dir.file(
-        "config.toml",
-        &format!(
-            "[listen]\naddr = \"127.0.0.1:0\"\n[admin]\naddr = \"127.0.0.1:0\"\n\
-             [upstream]\nurl = \"{}\"\n[quickblox]\napplication_id = \"{}\"\nauth_key = \"{}\"\nauth_secret = \"{}\"\n",
-            sim.url(),
-            app.application_id,
-            app.auth_key,
-            app.auth_secret,
-        ),
-    );
+    let cfg = dir.file("config.toml", &on_port_0(&sim));
     let mut child = tokio::process::Command::new(BIN)
         .arg("--config")
         .arg(&cfg)

@@ -171,20 +171,18 @@ impl Setup {
     /// Starts the simulator (unless given) and the proxy. Does not wait for
     /// the first session.
     pub async fn start(self) -> Harness {
-        let sim = match &self.sim {
-            Some(s) => s.clone(),
-            None => Sim::start(SimConfig::demo())
-                .await
-                .expect("start simulator"),
-        };
-        let text = self.config_text(&sim);
-        let config = Config::from_toml(&text, Path::new("test.toml"))
-            .unwrap_or_else(|e| panic!("test config: {e}\n{text}"));
+        let (sim, config) = self.prepare().await;
         start_app_on(sim, config, &self.bind).await
     }
 
     /// Starts qbproxy with `workers` proxy workers (`--threads`).
     pub async fn start_workers(self, workers: usize) -> Harness {
+        let (sim, config) = self.prepare().await;
+        start_app_workers(sim, config, workers).await
+    }
+
+    /// The simulator (the given one or a new demo one) and the config.
+    async fn prepare(&self) -> (Sim, Config) {
         let sim = match &self.sim {
             Some(s) => s.clone(),
             None => Sim::start(SimConfig::demo())
@@ -194,7 +192,7 @@ impl Setup {
         let text = self.config_text(&sim);
         let config = Config::from_toml(&text, Path::new("test.toml"))
             .unwrap_or_else(|e| panic!("test config: {e}\n{text}"));
-        start_app_workers(sim, config, workers).await
+        (sim, config)
     }
 }
 
