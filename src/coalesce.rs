@@ -146,14 +146,13 @@ impl<T: Write + Unpin> Write for Coalesced<T> {
         data: &[u8],
     ) -> Poll<io::Result<usize>> {
         let this = &mut *self;
+        this.chained = false;
         if !this.on || this.pending() == 0 {
             // Nothing gathered to keep the order of: straight through.
-            this.chained = false;
             return Pin::new(&mut this.io).poll_write(cx, data);
         }
         std::task::ready!(this.poll_room(cx, data.len()))?;
         this.buf.extend_from_slice(data);
-        this.chained = false;
         Poll::Ready(Ok(data.len()))
     }
 
@@ -164,8 +163,8 @@ impl<T: Write + Unpin> Write for Coalesced<T> {
     ) -> Poll<io::Result<usize>> {
         let this = &mut *self;
         let chained = slices.iter().filter(|s| !s.is_empty()).count() > 1;
+        this.chained = chained;
         if !this.on || (this.pending() == 0 && !chained) {
-            this.chained = false;
             return Pin::new(&mut this.io).poll_write_vectored(cx, slices);
         }
         let len = slices.iter().map(|s| s.len()).sum();
@@ -173,7 +172,6 @@ impl<T: Write + Unpin> Write for Coalesced<T> {
         for s in slices {
             this.buf.extend_from_slice(s);
         }
-        this.chained = chained;
         Poll::Ready(Ok(len))
     }
 
@@ -306,38 +304,37 @@ mod tests {
             self.wakes.0.load(Ordering::SeqCst)
         }
 
+        /// Polls the connection once with the counting waker.
+        fn poll<R>(
+            &mut self,
+            f: impl FnOnce(Pin<&mut Coalesced<Socket>>, &mut Context<'_>) -> R,
+        ) -> R {
+            let waker = self.waker.clone();
+            f(Pin::new(&mut self.conn), &mut Context::from_waker(&waker))
+        }
+
         /// A DATA frame as h2 writes one it chained: head and payload.
         fn chained(&mut self, byte: u8, len: usize) -> Poll<io::Result<usize>> {
-            let head = [byte; 9];
-            let payload = vec![byte; len];
-            let waker = self.waker.clone();
-            let mut cx = Context::from_waker(&waker);
-            Pin::new(&mut self.conn).poll_write_vectored(
-                &mut cx,
-                &[io::IoSlice::new(&head), io::IoSlice::new(&payload)],
-            )
+            let (head, payload) = ([byte; 9], vec![byte; len]);
+            self.poll(|c, cx| {
+                c.poll_write_vectored(cx, &[io::IoSlice::new(&head), io::IoSlice::new(&payload)])
+            })
         }
 
         /// Frames h2 copied into its own buffer: one slice.
         fn copied(&mut self, byte: u8, len: usize) -> Poll<io::Result<usize>> {
-            let waker = self.waker.clone();
-            let mut cx = Context::from_waker(&waker);
-            Pin::new(&mut self.conn)
-                .poll_write_vectored(&mut cx, &[io::IoSlice::new(&vec![byte; len])])
+            let frames = vec![byte; len];
+            self.poll(|c, cx| c.poll_write_vectored(cx, &[io::IoSlice::new(&frames)]))
         }
 
         fn flush(&mut self) -> Poll<io::Result<()>> {
-            let waker = self.waker.clone();
-            let mut cx = Context::from_waker(&waker);
-            Pin::new(&mut self.conn).poll_flush(&mut cx)
+            self.poll(|c, cx| c.poll_flush(cx))
         }
 
         fn read(&mut self) -> Poll<io::Result<()>> {
-            let waker = self.waker.clone();
-            let mut cx = Context::from_waker(&waker);
             let mut space = [0u8; 16];
             let mut buf = hyper::rt::ReadBuf::new(&mut space);
-            Pin::new(&mut self.conn).poll_read(&mut cx, buf.unfilled())
+            self.poll(|c, cx| c.poll_read(cx, buf.unfilled()))
         }
 
         fn writes(&self) -> Vec<usize> {

@@ -195,8 +195,8 @@ impl App {
         }
         start_standalone(&shared.live.load());
         let (stop, stopping) = watch::channel(false);
-        let proxy_server = serve_proxy(&self.handle.shared, listeners.proxy, stopping.clone());
-        let workers = spawn_workers(&self.handle.shared, listeners.workers, &stopping);
+        let proxy_server = serve_proxy(shared, listeners.proxy, stopping.clone());
+        let workers = spawn_workers(shared, listeners.workers, &stopping);
         let admin = admin::Admin {
             handle: self.handle.clone(),
             shutting_down: stopping.clone(),

@@ -330,8 +330,9 @@ fn serve(threads: usize, path: &std::path::Path) -> ExitCode {
 /// One thread: a current-thread runtime, where accepting, proxying and
 /// renewing share one thread and no task is ever handed between threads
 /// (measured on one core: about 15% less CPU per request than a one-worker
-/// multi-thread runtime; bench/PROFILE.md). More: a work-stealing runtime
-/// with that many workers.
+/// multi-thread runtime; bench/PROFILE.md); the proxy's main runtime, and
+/// each of its workers' (`worker.rs`). More, for `demo` and `sim`: a
+/// work-stealing runtime with that many workers.
 fn runtime(threads: usize) -> tokio::runtime::Runtime {
     let mut builder = if threads <= 1 {
         tokio::runtime::Builder::new_current_thread()

@@ -286,7 +286,7 @@ impl Metrics {
 
     /// One request counter per proxy worker, all at zero from the start.
     pub fn worker_requests(&self, workers: usize) -> Vec<IntCounter> {
-        (0..workers.max(1))
+        (0..workers)
             .map(|n| {
                 self.inner
                     .worker_requests

@@ -37,7 +37,8 @@ pub(crate) struct Context {
     /// The fleet's Redis, if `[cluster]` was configured at start (joining
     /// or leaving a fleet takes a restart).
     pub cluster: Option<Cluster>,
-    /// Proxy workers (`worker.rs`), each with an upstream client of its own.
+    /// Proxy workers (`worker.rs`), each with an upstream client of its
+    /// own; at least 1 (`App::with_workers`).
     pub workers: usize,
 }
 
@@ -98,7 +99,7 @@ pub(crate) fn build(
             summary.client_kept = true;
             p.clients.clone()
         }
-        None => (0..ctx.workers.max(1))
+        None => (0..ctx.workers)
             .map(|_| upstream::client(&config.upstream))
             .collect::<Result<_, _>>()
             .map_err(StartError::Tls)?,
