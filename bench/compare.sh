@@ -31,6 +31,14 @@
 # bench/out/compare-h1.toml is the same config with [upstream] http2 =
 # false); SCENARIO=post2k sends POSTs of 2 KiB of JSON instead of small GETs.
 #
+# `nginx` and `haproxy` as arguments put those in the same interleaved run,
+# set up as bench/run.sh sets them up (the same job: a static QB-Token; its
+# nginx or HAProxy worker's CPU is the one counted), e.g. the floor over
+# HTTPS beside them:
+#
+#   UPSTREAM=https bench/compare.sh "CONFIG=bench/out/compare-no-access.toml target/release/qbproxy" \
+#       "FLOOR_CA=bench/out/compare-ca.pem target/release/examples/floor" nginx haproxy
+#
 # ROUNDS=5 CONNS=50 by default. qbproxy on core 0, wrk and upstream on core 1.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -62,23 +70,42 @@ if [[ -n ${REDIS_URL:-} ]]; then
     sed '/^url = /a rate = 1000000' "$OUT/compare-no-access.toml" > "$OUT/compare-rate.toml"
 fi
 case ${SCENARIO:-get} in
-    get) load=(http://127.0.0.1:19100/users.json) ;;
+    get) script=(); path=/users.json ;;
     post2k)
         printf 'wrk.method = "POST"\nwrk.body = string.rep("x", 2048)\nwrk.headers["Content-Type"] = "application/json"\n' > "$OUT/post2k.lua"
-        load=(-s "$OUT/post2k.lua" http://127.0.0.1:19100/data/Note.json) ;;
+        script=(-s "$OUT/post2k.lua"); path=/data/Note.json ;;
     *) echo "SCENARIO is get or post2k" >&2; exit 1 ;;
 esac
+# nginx and HAProxy run throughout; each qbproxy-like argument is started
+# and stopped in its turn.
+TOKEN=0123456789abcdef0123456789abcdef01234567
+if [[ ${UPSTREAM:-http} == https ]]; then up_port=19443; else up_port=19000; fi
+for bin in "$@"; do
+    case $bin in
+        nginx) command -v nginx >/dev/null || { echo "nginx: apt-get install nginx-light" >&2; exit 1; }
+               start_nginx "${UPSTREAM:-http}" "$up_port" ;;
+        haproxy) command -v haproxy >/dev/null || { echo "haproxy: apt-get install haproxy" >&2; exit 1; }
+                 start_haproxy "${UPSTREAM:-http}" "$up_port" ;;
+    esac
+done
 for round in $(seq "$ROUNDS"); do
     for bin in "$@"; do
-        # shellcheck disable=SC2086 # split on purpose: VAR=value ... binary
-        config=$(sed -n 's/.*CONFIG=\([^ ]*\).*/\1/p' <<< "$bin")
-        RUST_LOG=warn taskset -c 0 env $bin --config "${config:-$OUT/compare.toml}" 2>/dev/null & qb=$!
-        wait_port 19100
+        case $bin in
+            nginx) qb=$NGINX_WORKER; port=19200 ;;
+            haproxy) qb=$HAPROXY_PID; port=19300 ;;
+            *)
+                # shellcheck disable=SC2086 # split on purpose: VAR=value ... binary
+                config=$(sed -n 's/.*CONFIG=\([^ ]*\).*/\1/p' <<< "$bin")
+                RUST_LOG=warn taskset -c 0 env $bin --config "${config:-$OUT/compare.toml}" 2>/dev/null & qb=$!
+                port=19100
+                wait_port 19100 ;;
+        esac
+        load=("${script[@]}" "http://127.0.0.1:$port$path")
         taskset -c 1 wrk -t1 -c"$CONNS" -d2s "${load[@]}" > /dev/null
         t0=$(cpu_ticks "$qb")
         out=$(taskset -c 1 wrk -t1 -c"$CONNS" -d5s "${load[@]}")
         t1=$(cpu_ticks "$qb")
-        kill "$qb"; wait "$qb" 2>/dev/null || true
+        if [[ $port == 19100 ]]; then kill "$qb"; wait "$qb" 2>/dev/null || true; fi
         reqs=$(echo "$out" | awk '/requests in/ {print $1}')
         rps=$(echo "$out" | awk '/Requests\/sec/ {print $2}')
         tick_us=$((1000000 / $(getconf CLK_TCK)))

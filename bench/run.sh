@@ -55,53 +55,8 @@ start_targets() { # mode: http or https
     wait_port 19100
     curl -fs -o /dev/null http://127.0.0.1:19100/users.json # a session, from the simulator
 
-    local ssl=""; [[ $mode == https ]] && ssl="proxy_ssl_verify off; proxy_ssl_session_reuse on;"
-    cat > "$OUT/nginx.conf" <<NGINX
-worker_processes 1;
-pid $PWD/$OUT/nginx.pid;
-error_log $PWD/$OUT/nginx-error.log warn;
-events { worker_connections 8192; }
-http {
-    access_log off;
-    upstream qb { server 127.0.0.1:$up_port; keepalive 256; }
-    server {
-        listen 127.0.0.1:19200 backlog=4096;
-        location / {
-            proxy_pass $mode://qb;
-            proxy_http_version 1.1;
-            proxy_set_header Connection "";
-            proxy_set_header QB-Token "$TOKEN";
-            proxy_buffering on;
-            $ssl
-        }
-    }
-}
-NGINX
-    taskset -c 0 nginx -p "$PWD/$OUT" -c "$PWD/$OUT/nginx.conf" -g 'daemon off;' 2>/dev/null & pids+=($!)
-    wait_port 19200
-    NGINX_WORKER=$(pgrep -P "$!" | head -1)
-
-    local hssl=""; [[ $mode == https ]] && hssl="ssl verify none alpn http/1.1"
-    cat > "$OUT/haproxy.cfg" <<HAP
-global
-    nbthread 1
-    maxconn 8192
-defaults
-    mode http
-    timeout connect 5s
-    timeout client 60s
-    timeout server 60s
-    http-reuse always
-frontend fe
-    bind 127.0.0.1:19300
-    http-request set-header QB-Token $TOKEN
-    default_backend be
-backend be
-    server up 127.0.0.1:$up_port $hssl
-HAP
-    taskset -c 0 haproxy -f "$OUT/haproxy.cfg" -db 2>/dev/null & pids+=($!)
-    wait_port 19300
-    HAPROXY_PID=$!
+    start_nginx "$mode" "$up_port"
+    start_haproxy "$mode" "$up_port"
 }
 
 port_of() { case $1 in qbproxy) echo 19100;; nginx) echo 19200;; haproxy) echo 19300;; direct) echo "$DIRECT_PORT";; esac; }
