@@ -29,7 +29,8 @@
 #
 # UPSTREAM=https puts the fast upstream behind TLS, as QuickBlox is (then
 # bench/out/compare-h1.toml is the same config with [upstream] http2 =
-# false); SCENARIO=post2k sends POSTs of 2 KiB of JSON instead of small GETs.
+# false); SCENARIO=post2k sends POSTs of 2 KiB of JSON instead of small GETs,
+# SCENARIO=big GETs of 256 KiB.
 #
 # `nginx` and `haproxy` as arguments put those in the same interleaved run,
 # set up as bench/run.sh sets them up (the same job: a static QB-Token; its
@@ -74,7 +75,8 @@ case ${SCENARIO:-get} in
     post2k)
         printf 'wrk.method = "POST"\nwrk.body = string.rep("x", 2048)\nwrk.headers["Content-Type"] = "application/json"\n' > "$OUT/post2k.lua"
         script=(-s "$OUT/post2k.lua"); path=/data/Note.json ;;
-    *) echo "SCENARIO is get or post2k" >&2; exit 1 ;;
+    big) script=(); path=/big ;;
+    *) echo "SCENARIO is get, post2k or big" >&2; exit 1 ;;
 esac
 # nginx and HAProxy run throughout; each qbproxy-like argument is started
 # and stopped in its turn.

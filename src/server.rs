@@ -24,11 +24,12 @@ use std::future::Future;
 use std::net::SocketAddr;
 use std::pin::{pin, Pin};
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, Weak};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
 use bytes::Bytes;
+use futures_util::task::AtomicWaker;
 use http::{Request, Response};
 use http_body::{Body as HttpBody, Frame, SizeHint};
 use hyper::body::Incoming;
@@ -37,7 +38,7 @@ use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpListener;
-use tokio::sync::{watch, Notify};
+use tokio::sync::watch;
 use tokio_rustls::TlsAcceptor;
 
 use crate::body::{Body, BoxError};
@@ -105,8 +106,7 @@ impl Conn {
     /// Closes the connection once the answers in flight are sent
     /// (`Connection: close` on HTTP/1, GOAWAY on HTTP/2).
     pub fn close(&self) {
-        self.state.close.store(true, Ordering::Release);
-        self.state.wake.notify_one();
+        self.state.close();
     }
 }
 
@@ -126,8 +126,10 @@ struct ConnState {
     heard: AtomicU64,
     /// Response bodies being sent: the tick they were last asked for data.
     sending: Mutex<Vec<Arc<AtomicU64>>>,
+    /// Set to close the connection gracefully (by a handler, or by the
+    /// server's shutdown); `wake` then wakes its driver.
     close: AtomicBool,
-    wake: Notify,
+    wake: AtomicWaker,
     /// Requests that arrived on it.
     requests: AtomicU64,
     /// Whether the connection opened with HTTP/2's preface (its idle
@@ -151,6 +153,27 @@ const NOT_HEARD: u64 = u64::MAX;
 const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0";
 
 impl ConnState {
+    fn close(&self) {
+        self.close.store(true, Ordering::Release);
+        self.wake.wake();
+    }
+
+    /// Ready once [`ConnState::close`] was called. Polled at every wake of
+    /// the connection's task, so it costs an atomic load and a waker
+    /// comparison, not a lock (as a `Notify` or a `watch` would).
+    fn close_requested(&self) -> impl Future<Output = ()> + '_ {
+        std::future::poll_fn(move |cx| {
+            if self.close.load(Ordering::Acquire) {
+                return Poll::Ready(());
+            }
+            self.wake.register(cx.waker());
+            match self.close.load(Ordering::Acquire) {
+                true => Poll::Ready(()),
+                false => Poll::Pending,
+            }
+        })
+    }
+
     /// True if a response body has not been asked for data for `limit`
     /// ticks: the client is not reading it.
     fn stalled(&self, now: u64, limit: u64) -> bool {
@@ -285,6 +308,10 @@ where
     let (mut current, _) = settings();
     let mut builder = connection_builder(&current);
     let open = watch::channel(0usize).0;
+    // The connections to close when the server shuts down; only this task
+    // touches it. Dead entries go when it has doubled since the last sweep.
+    let mut conns: Vec<Weak<ConnState>> = Vec::new();
+    let mut sweep_at = 64;
     let local = listener.local_addr().ok();
     if let Some(addr) = local {
         tracing::info!(listener = name, worker = worker::current(), %addr, "listening");
@@ -319,6 +346,11 @@ where
                     let _ = stream.set_nodelay(true);
                     let local = stream.local_addr().ok().or(local).unwrap_or(peer);
                     let state = Arc::new(ConnState::default());
+                    if conns.len() >= sweep_at {
+                        conns.retain(|c| c.strong_count() > 0);
+                        sweep_at = (2 * conns.len()).max(64);
+                    }
+                    conns.push(Arc::downgrade(&state));
                     let conn = Conn { peer, local, state: state.clone(), nth: 0 };
                     let handler = handler.clone();
                     let service = service_fn(move |req: Request<Incoming>| {
@@ -331,7 +363,6 @@ where
                         }
                     });
                     let builder = builder.clone();
-                    let shutdown = shutdown.clone();
                     let tls = tls.clone();
                     let options = current;
                     let open = Open::new(&open);
@@ -341,7 +372,7 @@ where
                         let result = match tls {
                             None => {
                                 let io = Watched::new(stream, &state, Some((name, peer)));
-                                drive(&builder, TokioIo::new(io), service, &state, shutdown, &options, peer, name).await
+                                drive(&builder, TokioIo::new(io), service, &state, &options, peer, name).await
                             }
                             Some(config) => {
                                 let accept = TlsAcceptor::from(config).accept(stream);
@@ -357,7 +388,7 @@ where
                                     }
                                 };
                                 let io = Watched::new(stream, &state, None);
-                                drive(&builder, TokioIo::new(io), service, &state, shutdown, &options, peer, name).await
+                                drive(&builder, TokioIo::new(io), service, &state, &options, peer, name).await
                             }
                         };
                         if let Err(e) = result {
@@ -380,6 +411,9 @@ where
         }
     }
     drop(listener);
+    for state in conns.iter().filter_map(Weak::upgrade) {
+        state.close();
+    }
     let grace = settings().0.shutdown_grace;
     tracing::info!(
         listener = name,
@@ -414,7 +448,6 @@ async fn drive<I, S>(
     io: I,
     service: S,
     state: &Arc<ConnState>,
-    mut shutdown: watch::Receiver<bool>,
     options: &Options,
     peer: SocketAddr,
     name: &'static str,
@@ -443,24 +476,13 @@ where
     let mut ticker = tokio::time::interval_at(tokio::time::Instant::now() + period, period);
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut closing_since: Option<u64> = None;
-    if *shutdown.borrow() {
-        conn.as_mut().graceful_shutdown();
-        closing_since = Some(0);
-    }
     loop {
         tokio::select! {
             result = conn.as_mut() => return result,
-            changed = shutdown.changed(), if closing_since.is_none() => {
-                if changed.is_err() || *shutdown.borrow() {
-                    conn.as_mut().graceful_shutdown();
-                    closing_since = Some(state.tick.load(Ordering::Acquire));
-                }
-            }
-            () = state.wake.notified(), if closing_since.is_none() => {
-                if state.close.load(Ordering::Acquire) {
-                    conn.as_mut().graceful_shutdown();
-                    closing_since = Some(state.tick.load(Ordering::Acquire));
-                }
+            // A handler's Conn::close, or the server shutting down.
+            () = state.close_requested(), if closing_since.is_none() => {
+                conn.as_mut().graceful_shutdown();
+                closing_since = Some(state.tick.load(Ordering::Acquire));
             }
             _ = ticker.tick() => {
                 let now = state.tick.fetch_add(1, Ordering::AcqRel) + 1;

@@ -42,6 +42,10 @@ async fn the_allowlist_admits_ipv4_and_ipv6_sources_and_refuses_others() {
         "qbproxy: 127.0.0.1 is not in listen.allow"
     );
     assert!(h.sim.requests().is_empty(), "nothing was forwarded");
+    // Nothing else is served to that source on the connection: it is
+    // closed after the answer (a kept-alive one would be read to no end).
+    let refused = raw(h.proxy, b"GET /users.json HTTP/1.1\r\nHost: x\r\n\r\n").await;
+    assert_eq!(status_of(&refused), 403, "{refused}");
 
     // IPv6: the proxy on [::1].
     let h = setup()

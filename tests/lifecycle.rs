@@ -2,8 +2,11 @@
 
 mod common;
 
+use bytes::Bytes;
 use common::{bounded, setup};
-use http::{Method, StatusCode};
+use http::{Method, Request, StatusCode};
+use http_body_util::{BodyExt, Empty};
+use hyper_util::rt::TokioIo;
 use tokio::net::TcpStream;
 
 #[tokio::test]
@@ -74,6 +77,65 @@ async fn shutdown_stops_accepting_and_lets_the_request_in_flight_finish() {
     bounded("run() to return after the drain", run)
         .await
         .unwrap();
+}
+
+/// A shutdown closes the connections kept alive with nothing in flight at
+/// once (HTTP/1.1 by closing, HTTP/2 with GOAWAY), rather than leaving them
+/// to hold the drain until the grace period ends. The grace and every
+/// connection deadline are far past the test's bound, so neither the end of
+/// the grace nor a deadline's periodic check can stand in for it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shutdown_closes_idle_keep_alive_connections_at_once() {
+    let mut h = setup()
+        .set("listen", "shutdown_grace", "\"600s\"")
+        .set("limits", "header_read_timeout", "\"600s\"")
+        .set("limits", "keepalive_timeout", "\"600s\"")
+        .set("limits", "send_timeout", "\"600s\"")
+        .start()
+        .await;
+    h.ready().await;
+
+    let tcp = TcpStream::connect(h.proxy).await.unwrap();
+    let (mut h1, h1_conn) = hyper::client::conn::http1::handshake(TokioIo::new(tcp))
+        .await
+        .unwrap();
+    let h1_conn = tokio::spawn(h1_conn);
+    let req = Request::get(format!("http://{}/users.json", h.proxy))
+        .body(Empty::<Bytes>::new())
+        .unwrap();
+    let resp = bounded("the HTTP/1.1 answer", h1.send_request(req))
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), StatusCode::OK);
+    resp.into_body().collect().await.unwrap();
+
+    let tcp = TcpStream::connect(h.proxy).await.unwrap();
+    let (h2, h2_conn) = h2::client::handshake(tcp).await.unwrap();
+    let h2_conn = tokio::spawn(h2_conn);
+    let mut h2 = bounded("the h2 stream", h2.ready()).await.unwrap();
+    let req = Request::get(format!("http://{}/users.json", h.proxy))
+        .body(())
+        .unwrap();
+    let (resp, _) = h2.send_request(req, true).unwrap();
+    let resp = bounded("the HTTP/2 answer", resp).await.unwrap();
+    assert_eq!(resp.status(), StatusCode::OK);
+    let mut body = resp.into_body();
+    while let Some(chunk) = bounded("the HTTP/2 body", body.data()).await {
+        chunk.unwrap();
+    }
+    assert!(!h1_conn.is_finished() && !h2_conn.is_finished());
+
+    let run = h.take_task();
+    h.trigger_shutdown();
+    bounded("the idle HTTP/1.1 connection to be closed", h1_conn)
+        .await
+        .unwrap()
+        .unwrap();
+    bounded("the idle HTTP/2 connection to be closed", h2_conn)
+        .await
+        .unwrap()
+        .unwrap();
+    bounded("run() to return", run).await.unwrap();
 }
 
 /// Logs at TRACE, metrics and error bodies never show a whole token, the
