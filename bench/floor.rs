@@ -6,10 +6,11 @@
 //! no timeouts, no metrics, no logging, no replay.
 //!
 //!   cargo build --release --example floor
-//!   bench/compare.sh target/release/qbproxy bench/out/floor-pool bench/out/floor-bound
+//!   bench/compare.sh target/release/qbproxy target/release/examples/floor \
+//!       "FLOOR_MODE=bound target/release/examples/floor"
 //!
-//! (`bench/compare.sh` passes `--config FILE`, which the floor ignores; the
-//! mode comes from `FLOOR_MODE`, so wrap it in a two-line script.)
+//! (`bench/compare.sh` passes `--config FILE`, which the floor ignores; its
+//! settings come from the environment, which an argument may start with.)
 //!
 //! `FLOOR_MODE=pool` (default): hyper-util's pooled client, as qbproxy uses.
 //! `FLOOR_MODE=bound`: one upstream connection per client connection,
