@@ -80,7 +80,6 @@ case ${SCENARIO:-get} in
 esac
 # nginx and HAProxy run throughout; each qbproxy-like argument is started
 # and stopped in its turn.
-TOKEN=0123456789abcdef0123456789abcdef01234567
 if [[ ${UPSTREAM:-http} == https ]]; then up_port=19443; else up_port=19000; fi
 for bin in "$@"; do
     case $bin in

@@ -92,6 +92,9 @@ TOML
     curl -fs -o /dev/null http://127.0.0.1:19100/users.json
 }
 
+# The static token nginx and HAProxy set (and bench/floor.rs, and `direct`).
+TOKEN=0123456789abcdef0123456789abcdef01234567
+
 # start_nginx MODE UP_PORT: nginx (one worker, core 0) on 127.0.0.1:19200 in
 # front of the fast upstream on UP_PORT (MODE http or https), doing what
 # qbproxy does in the bench: a static QB-Token, upstream keep-alive, access

@@ -27,7 +27,6 @@ fi
 cargo build --release --quiet --bin qbproxy --example fast-upstream --example loadgen
 BIN=target/release/qbproxy
 UPSTREAM=target/release/examples/fast-upstream
-TOKEN=0123456789abcdef0123456789abcdef01234567
 
 source bench/lib.sh
 

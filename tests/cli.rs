@@ -3,7 +3,7 @@
 
 mod common;
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
@@ -149,9 +149,7 @@ fn listening_on(line: &str, listener: &str) -> Option<std::net::SocketAddr> {
 }
 
 /// Reads log lines until both listeners said where they listen.
-async fn listening(
-    lines: &mut tokio::io::Lines<BufReader<tokio::process::ChildStderr>>,
-) -> (std::net::SocketAddr, std::net::SocketAddr) {
+async fn listening(lines: &mut LogLines) -> (std::net::SocketAddr, std::net::SocketAddr) {
     let (mut proxy, mut admin) = (None, None);
     while proxy.is_none() || admin.is_none() {
         let line = wait_for(lines, "listening").await;
@@ -180,19 +178,10 @@ async fn the_binary_serves_then_drains_on_sigterm() {
                 .to_string(),
         ),
     );
-    let mut child = tokio::process::Command::new(BIN)
-        .arg("--config")
-        .arg(&cfg)
-        .args(["--log-format", "json"])
-        // One thread: no proxy workers past the main runtime (the other
-        // binary tests run one per CPU).
-        .env("QBPROXY_THREADS", "1")
-        .env("RUST_LOG", "info")
-        .stderr(Stdio::piped())
-        .kill_on_drop(true)
-        .spawn()
-        .unwrap();
-    let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
+    // One thread: no proxy workers past the main runtime (the other
+    // binary tests run one per CPU).
+    let (mut child, mut lines) =
+        serve(&cfg, &["--log-format", "json"], &[("QBPROXY_THREADS", "1")]);
     let mut log = Vec::new();
     let ready = tokio::time::timeout(Duration::from_secs(20), async {
         while let Some(line) = lines.next_line().await.unwrap() {
@@ -466,15 +455,7 @@ async fn sighup_reloads_a_valid_config_and_refuses_an_invalid_one() {
     let key_a = "[[client]]\nname = \"a\"\nkey = \"client-a-key-0123456789\"\n";
     let key_b = "[[client]]\nname = \"b\"\nkey = \"client-b-key-0123456789\"\n";
     let cfg = dir.file("config.toml", &format!("{base}{key_a}"));
-    let mut child = tokio::process::Command::new(BIN)
-        .arg("--config")
-        .arg(&cfg)
-        .env("RUST_LOG", "info")
-        .stderr(Stdio::piped())
-        .kill_on_drop(true)
-        .spawn()
-        .unwrap();
-    let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
+    let (child, mut lines) = serve(&cfg, &[], &[]);
     let (proxy, _) = listening(&mut lines).await;
     wait_for(&mut lines, "session created").await;
 
@@ -517,16 +498,7 @@ async fn threads_2_runs_two_proxy_workers_on_one_port() {
     let sim = Sim::start(SimConfig::demo()).await.unwrap();
     let dir = TempDir::new("workers");
     let cfg = dir.file("config.toml", &on_port_0(&sim));
-    let mut child = tokio::process::Command::new(BIN)
-        .arg("--config")
-        .arg(&cfg)
-        .args(["--threads", "2"])
-        .env("RUST_LOG", "info")
-        .stderr(Stdio::piped())
-        .kill_on_drop(true)
-        .spawn()
-        .unwrap();
-    let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
+    let (mut child, mut lines) = serve(&cfg, &["--threads", "2"], &[]);
     // Both workers and the admin listener say where they listen.
     let (mut proxies, mut admin) = (Vec::new(), None);
     while proxies.len() < 2 || admin.is_none() {
@@ -573,11 +545,28 @@ async fn threads_2_runs_two_proxy_workers_on_one_port() {
     );
 }
 
+/// qbproxy's log, line by line.
+type LogLines = tokio::io::Lines<BufReader<tokio::process::ChildStderr>>;
+
+/// `qbproxy --config CFG ARGS…` serving at `RUST_LOG=info` with `env` set,
+/// and its log (killed when dropped).
+fn serve(cfg: &Path, args: &[&str], env: &[(&str, &str)]) -> (tokio::process::Child, LogLines) {
+    let mut child = tokio::process::Command::new(BIN)
+        .arg("--config")
+        .arg(cfg)
+        .args(args)
+        .env("RUST_LOG", "info")
+        .envs(env.iter().copied())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let lines = BufReader::new(child.stderr.take().unwrap()).lines();
+    (child, lines)
+}
+
 /// The first log line containing `what`, waiting at most 20 s.
-async fn wait_for(
-    lines: &mut tokio::io::Lines<BufReader<tokio::process::ChildStderr>>,
-    what: &str,
-) -> String {
+async fn wait_for(lines: &mut LogLines, what: &str) -> String {
     tokio::time::timeout(Duration::from_secs(20), async {
         while let Some(line) = lines.next_line().await.unwrap() {
             if line.contains(what) {
@@ -648,10 +637,7 @@ fn config_errors_never_echo_a_secret_and_loose_permissions_are_warned_about() {
 async fn start_with_ulimit(
     ulimit: &str,
     config: &std::path::Path,
-) -> (
-    tokio::process::Child,
-    tokio::io::Lines<BufReader<tokio::process::ChildStderr>>,
-) {
+) -> (tokio::process::Child, LogLines) {
     let mut child = tokio::process::Command::new("sh")
         .arg("-c")
         .arg(format!("{ulimit}; exec \"$0\" --config \"$1\""))
