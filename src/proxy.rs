@@ -451,7 +451,6 @@ impl Proxy {
     ) -> Result<Response<Body>, ProxyError> {
         let mut headers = std::mem::take(&mut parts.headers);
         strip_request_headers(&mut headers);
-        headers.insert(header::HOST, live.upstream().host.clone());
         let req = upstream_request(&parts.method, plan.uri.clone(), headers, body);
         let (resp, slot) = self
             .send(live, req, trace, deadline)
@@ -490,7 +489,6 @@ impl Proxy {
         for name in &CLIENT_CREDENTIALS {
             headers.remove(name);
         }
-        headers.insert(header::HOST, live.upstream().host.clone());
         let uri = plan.uri.clone();
 
         let (replayable, _reserved) = match body {
@@ -1036,10 +1034,18 @@ fn strip_tokens(headers: &mut HeaderMap) {
     }
 }
 
-/// Request side: hop-by-hop headers, `Expect`, and headers addressed to
-/// qbproxy itself (`QBProxy-*`).
+/// Request side: hop-by-hop headers, `Expect`, headers addressed to
+/// qbproxy itself (`QBProxy-*`), and the client's `Host`; `Cookie` fields
+/// joined into one.
+///
+/// The upstream's host travels in the URI: the client writes it as `Host`
+/// on an HTTP/1.1 connection and as `:authority` alone on an HTTP/2 one
+/// (a `host` field beside it is a duplicate that nginx before 1.29
+/// refuses with 400).
 fn strip_request_headers(headers: &mut HeaderMap) {
     strip_hop_by_hop(headers);
+    headers.remove(header::HOST);
+    join_cookies(headers);
     let ours =
         |k: &HeaderName| k == header::EXPECT || k.as_str().starts_with(qb::QBPROXY_HEADER_PREFIX);
     if headers.keys().any(ours) {
@@ -1050,10 +1056,47 @@ fn strip_request_headers(headers: &mut HeaderMap) {
     }
 }
 
+/// An HTTP/2 client may split `Cookie` into one field per cookie (RFC 9113
+/// §8.2.3); an HTTP/1.1 server reads one `Cookie` line and keeps the last
+/// of several. Joined with "; " they reach either protocol whole.
+fn join_cookies(headers: &mut HeaderMap) {
+    let mut values = headers.get_all(header::COOKIE).iter();
+    let (Some(first), Some(_)) = (values.next(), values.next()) else {
+        return;
+    };
+    let mut joined = first.as_bytes().to_vec();
+    for value in headers.get_all(header::COOKIE).iter().skip(1) {
+        joined.extend_from_slice(b"; ");
+        joined.extend_from_slice(value.as_bytes());
+    }
+    // Each part was a valid value, and "; " is too.
+    if let Ok(value) = HeaderValue::from_bytes(&joined) {
+        headers.insert(header::COOKIE, value);
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use http::HeaderValue;
+
+    #[test]
+    fn cookie_fields_are_joined_into_one_and_host_is_dropped() {
+        let mut h = HeaderMap::new();
+        h.append(header::COOKIE, HeaderValue::from_static("a=1"));
+        h.append(header::COOKIE, HeaderValue::from_static("b=2"));
+        h.append(header::COOKIE, HeaderValue::from_static("c=3"));
+        h.insert(header::HOST, HeaderValue::from_static("client.example"));
+        strip_request_headers(&mut h);
+        let cookies: Vec<_> = h.get_all(header::COOKIE).iter().collect();
+        assert_eq!(cookies, ["a=1; b=2; c=3"]);
+        assert!(!h.contains_key(header::HOST));
+
+        let mut one = HeaderMap::new();
+        one.insert(header::COOKIE, HeaderValue::from_static("a=1; b=2"));
+        strip_request_headers(&mut one);
+        assert_eq!(one[header::COOKIE], "a=1; b=2");
+    }
 
     #[test]
     fn hop_by_hop_and_connection_listed_headers_are_removed() {

@@ -250,8 +250,9 @@ impl SessionCreator {
         let mut req = Request::new(Body::full(body));
         *req.method_mut() = Method::POST;
         *req.uri_mut() = uri;
+        // No `Host`: the URI carries the upstream's host (see
+        // `proxy::strip_request_headers`).
         let h = req.headers_mut();
-        h.insert(header::HOST, e.upstream.host.clone());
         h.insert(
             header::CONTENT_TYPE,
             HeaderValue::from_static("application/json"),
@@ -333,7 +334,6 @@ impl SessionCreator {
         let mut req = Request::new(Body::empty());
         *req.uri_mut() = uri;
         let h = req.headers_mut();
-        h.insert(header::HOST, e.upstream.host.clone());
         ApiKeyHeaders::new(key.expose().as_bytes(), on_behalf_of.unwrap_or(0))
             .ok_or_else(|| {
                 SessionError::Credentials("the API key is not a valid header value".into())

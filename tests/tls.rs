@@ -7,65 +7,16 @@ use std::path::Path;
 use std::sync::Arc;
 
 use bytes::Bytes;
+use common::certs::{Ca, Dir};
 use common::{bounded, setup};
 use http_body_util::{BodyExt, Full};
 use hyper_rustls::HttpsConnector;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::TokioExecutor;
-use rcgen::{
-    BasicConstraints, CertificateParams, DnType, IsCa, Issuer, KeyPair, SignatureAlgorithm,
-};
+use rcgen::{KeyPair, SignatureAlgorithm};
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
-
-/// A temporary directory for one test's certificates, removed with it.
-struct Dir(tempfile::TempDir);
-
-impl Dir {
-    fn new(name: &str) -> Dir {
-        Dir(tempfile::Builder::new()
-            .prefix(&format!("qbproxy-tls-{name}-"))
-            .tempdir()
-            .unwrap())
-    }
-    fn write(&self, name: &str, text: &str) -> String {
-        let p = self.0.path().join(name);
-        std::fs::write(&p, text).unwrap();
-        p.display().to_string()
-    }
-}
-
-/// A certificate authority that signs server and client certificates.
-struct Ca {
-    params: CertificateParams,
-    key: KeyPair,
-    pem: String,
-}
-
-impl Ca {
-    fn new(name: &str) -> Ca {
-        let key = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap();
-        let mut params = CertificateParams::new(Vec::<String>::new()).unwrap();
-        params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-        params.distinguished_name.push(DnType::CommonName, name);
-        let pem = params.self_signed(&key).unwrap().pem();
-        Ca { params, key, pem }
-    }
-
-    /// A certificate for `localhost` and 127.0.0.1 with a new key.
-    fn leaf(&self, key: KeyPair) -> (String, String) {
-        let params =
-            CertificateParams::new(vec!["localhost".to_owned(), "127.0.0.1".to_owned()]).unwrap();
-        let issuer = Issuer::from_params(&self.params, &self.key);
-        let cert = params.signed_by(&key, &issuer).unwrap();
-        (cert.pem(), key.serialize_pem())
-    }
-
-    fn der(&self) -> CertificateDer<'static> {
-        CertificateDer::from_pem_slice(self.pem.as_bytes()).unwrap()
-    }
-}
 
 fn key(alg: &'static SignatureAlgorithm) -> KeyPair {
     KeyPair::generate_for(alg).unwrap()

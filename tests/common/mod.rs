@@ -22,6 +22,8 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
 
+pub mod certs;
+pub mod edge;
 pub mod redis_server;
 
 /// Every wait in a test is bounded by this, so a broken build fails
