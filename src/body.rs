@@ -26,13 +26,27 @@ use tokio::time::{sleep_until, timeout_at, Instant, Sleep};
 
 use crate::limit::Permit;
 use crate::overrides::{Found, Scanner};
+use crate::upstream::Lease;
 
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
-/// One of the upstream's connection slots (`upstream.max_connections`),
-/// held by the request that uses it until its response body is done
-/// (`None` once released).
-pub type Slot = Option<Permit>;
+/// A request's hold on the upstream: one of the slots for requests in
+/// flight (`upstream.max_in_flight`) and its connection's [`Lease`], kept
+/// by the response body until it is done (`None` once released).
+pub type Slot = Option<InFlight>;
+
+pub struct InFlight {
+    pub permit: Permit,
+    pub lease: Lease,
+}
+
+impl InFlight {
+    /// The response was read to its end: the connection takes the next
+    /// request. (Dropped otherwise, an HTTP/1.1 connection is closed.)
+    pub fn complete(self) {
+        self.lease.complete();
+    }
+}
 
 pub enum Body {
     /// Whole in memory; `None` once sent.
@@ -270,7 +284,7 @@ impl Body {
     }
 
     /// A response streaming from the upstream, holding `slot` until done.
-    pub fn upstream(body: Incoming, slot: Permit) -> Body {
+    pub fn upstream(body: Incoming, slot: InFlight) -> Body {
         Body::Stream {
             body,
             slot: Some(slot),
@@ -348,8 +362,11 @@ fn release_at_end<T>(
     body: &Incoming,
     slot: &mut Slot,
 ) {
-    if matches!(polled, Poll::Ready(None | Some(Err(_)))) || body.is_end_stream() {
-        slot.take();
+    match polled {
+        Poll::Ready(Some(Err(_))) => drop(slot.take()),
+        Poll::Ready(None) => slot.take().map_or((), InFlight::complete),
+        _ if body.is_end_stream() => slot.take().map_or((), InFlight::complete),
+        _ => {}
     }
 }
 

@@ -25,10 +25,15 @@ pub enum ProxyError {
     UpstreamTimeout(Duration),
     #[error("error talking to QuickBlox: {0}")]
     Upstream(String),
-    #[error(
-        "all {limit} connections to QuickBlox stayed busy for {waited:?} (upstream.max_connections)"
-    )]
-    UpstreamBusy { limit: usize, waited: Duration },
+    #[error("all {limit} {what} stayed busy for {waited:?} ({key})")]
+    UpstreamBusy {
+        /// What ran out: "requests in flight to QuickBlox", or "connections
+        /// to QuickBlox", and the key that sets how many.
+        what: &'static str,
+        key: &'static str,
+        limit: usize,
+        waited: Duration,
+    },
     #[error("QuickBlox may be called {rate} times a second (upstream.rate) and no turn came within {waited:?}")]
     UpstreamRateLimited { rate: f64, waited: Duration },
     #[error("the session is shared by every client of this proxy; refusing to {0}")]

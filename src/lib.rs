@@ -15,7 +15,6 @@ mod admin;
 pub mod body;
 pub mod canonical;
 mod cluster;
-mod coalesce;
 pub mod config;
 pub mod credentials;
 pub mod demo;
@@ -125,8 +124,7 @@ impl Shared {
     /// Makes `live` what every request, connection and admin call reads
     /// from now on; the limits it sets first.
     fn publish(&self, live: Live) {
-        self.proxy
-            .resize_slots(live.config.upstream.max_connections);
+        self.proxy.resize_slots(live.config.upstream.max_in_flight);
         self.connections.resize(live.config.limits.max_connections);
         self.live.store(Arc::new(live));
     }

@@ -14,15 +14,15 @@ use crate::rate::UpstreamRate;
 use crate::route::{Router, Target};
 use crate::server;
 use crate::session::Identity;
-use crate::upstream::HttpClient;
+use crate::upstream::Client;
 use crate::worker;
 
 pub struct Live {
     pub config: Arc<Config>,
-    /// The pooled clients to the upstream, one per proxy worker
-    /// (`worker.rs`; the first also creates sessions); kept across reloads
-    /// unless `[upstream]` changed, so warm (TLS) connections survive them.
-    pub clients: Arc<[HttpClient]>,
+    /// The upstream connections, a pool per proxy worker (`worker.rs`; the
+    /// first also creates sessions); kept across reloads unless
+    /// `[upstream]` changed, so warm (TLS) connections survive them.
+    pub clients: Arc<[Client]>,
     /// Chooses the identity (or pool) whose session is injected.
     pub router: Router,
     /// Who may send what.
@@ -56,7 +56,7 @@ impl Live {
     }
 
     /// The upstream client of the worker this thread runs.
-    pub fn client(&self) -> &HttpClient {
+    pub fn client(&self) -> &Client {
         &self.clients[worker::current() % self.clients.len()]
     }
 

@@ -43,6 +43,7 @@ struct Inner {
     upstream_429: IntCounter,
     client_tokens_replaced: IntCounterVec,
     worker_requests: IntCounterVec,
+    upstream: UpstreamMetrics,
     /// Brought up to `logging::dropped_lines()` at each render, under the
     /// lock so two renders do not both add the difference.
     log_lines_dropped: std::sync::Mutex<IntCounter>,
@@ -123,7 +124,7 @@ impl Metrics {
         .unwrap_or_else(|e| unreachable!("static metric definition: {e}"));
         let upstream_slot_waits = IntCounter::new(
             "qbproxy_upstream_slot_waits_total",
-            "Requests that waited for a free upstream connection (upstream.max_connections).",
+            "Requests that waited for a free upstream slot (upstream.max_in_flight).",
         )
         .unwrap_or_else(|e| unreachable!("static metric definition: {e}"));
 
@@ -173,6 +174,7 @@ impl Metrics {
             "Requests by the proxy worker that accepted their connection (--threads; the kernel spreads connections over workers by SO_REUSEPORT).",
             &["worker"],
         );
+        let upstream = UpstreamMetrics::new();
         let log_lines_dropped = IntCounter::new(
             "qbproxy_log_lines_dropped_total",
             "Log lines (access events included) dropped because the log writer fell behind stderr.",
@@ -201,7 +203,10 @@ impl Metrics {
             Box::new(client_tokens_replaced.clone()),
             Box::new(worker_requests.clone()),
             Box::new(log_lines_dropped.clone()),
-        ] {
+        ]
+        .into_iter()
+        .chain(upstream.collectors())
+        {
             names.extend(c.desc().iter().map(|d| d.fq_name.clone()));
             registry
                 .register(c)
@@ -228,6 +233,7 @@ impl Metrics {
                 upstream_429,
                 client_tokens_replaced,
                 worker_requests,
+                upstream,
                 log_lines_dropped: std::sync::Mutex::new(log_lines_dropped),
                 names,
                 events: tokio::sync::watch::channel(0).0,
@@ -293,6 +299,11 @@ impl Metrics {
                     .with_label_values(&[&n.to_string()])
             })
             .collect()
+    }
+
+    /// The upstream connections' series, shared by every worker's pool.
+    pub fn upstream(&self) -> &UpstreamMetrics {
+        &self.inner.upstream
     }
 
     pub fn upstream_latency(&self, d: Duration) {
@@ -373,6 +384,130 @@ impl Metrics {
 impl Default for Metrics {
     fn default() -> Self {
         Metrics::new()
+    }
+}
+
+/// What an upstream connection speaks, as its ALPN name says it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Protocol {
+    H1,
+    H2,
+}
+
+impl Protocol {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Protocol::H1 => "http/1.1",
+            Protocol::H2 => "h2",
+        }
+    }
+}
+
+/// The upstream connections' series (`upstream/pool.rs`,
+/// `upstream/connect.rs`), resolved once: counting takes no lock.
+#[derive(Clone)]
+pub struct UpstreamMetrics {
+    open: [IntGauge; 2],
+    opened: [IntCounter; 2],
+    /// Requests out on upstream connections right now.
+    pub in_flight: IntGauge,
+    /// GOAWAY frames received.
+    pub goaways: IntCounter,
+    /// Requests sent again on another connection because the upstream
+    /// had not processed them.
+    pub resent: IntCounter,
+    pub connect_errors: IntCounter,
+    /// Requests that waited because every connection a worker may open
+    /// was busy.
+    pub connection_waits: IntCounter,
+    handshakes: [IntCounter; 2],
+    /// The labelled families, for the registry.
+    vecs: (IntGaugeVec, IntCounterVec, IntCounterVec),
+}
+
+impl UpstreamMetrics {
+    fn new() -> UpstreamMetrics {
+        let open = gauge_vec(
+            "qbproxy_upstream_connections",
+            "Connections open to the upstream, by protocol (h2, http/1.1).",
+            &["protocol"],
+        );
+        let opened = counter_vec(
+            "qbproxy_upstream_connections_opened_total",
+            "Connections opened to the upstream, by protocol.",
+            &["protocol"],
+        );
+        let handshakes = counter_vec(
+            "qbproxy_upstream_tls_handshakes_total",
+            "TLS handshakes with the upstream: full, or resumed from an earlier session (a round trip and the key exchange saved).",
+            &["kind"],
+        );
+        let in_flight = IntGauge::new(
+            "qbproxy_upstream_in_flight",
+            "Requests out on upstream connections (HTTP/2 streams and HTTP/1.1 requests), from sending until their response body ends.",
+        )
+        .unwrap_or_else(|e| unreachable!("static metric definition: {e}"));
+        let goaways = IntCounter::new(
+            "qbproxy_upstream_goaways_total",
+            "GOAWAY frames the upstream sent (nginx after keepalive_requests, at its idle timeout, on reload): the connection takes no new requests.",
+        )
+        .unwrap_or_else(|e| unreachable!("static metric definition: {e}"));
+        let resent = IntCounter::new(
+            "qbproxy_upstream_resent_total",
+            "Requests sent again on another connection because the upstream had not processed them (refused by GOAWAY or REFUSED_STREAM, or never written to a connection that closed).",
+        )
+        .unwrap_or_else(|e| unreachable!("static metric definition: {e}"));
+        let connect_errors = IntCounter::new(
+            "qbproxy_upstream_connect_errors_total",
+            "Connections to the upstream that could not be made (TCP, TLS or the HTTP handshake failed or timed out).",
+        )
+        .unwrap_or_else(|e| unreachable!("static metric definition: {e}"));
+        let connection_waits = IntCounter::new(
+            "qbproxy_upstream_connection_waits_total",
+            "Requests that waited for a connection because every one a worker may open (upstream.max_connections) was busy.",
+        )
+        .unwrap_or_else(|e| unreachable!("static metric definition: {e}"));
+        let by_protocol = |v: &IntCounterVec| {
+            [Protocol::H1, Protocol::H2].map(|p| v.with_label_values(&[p.as_str()]))
+        };
+        UpstreamMetrics {
+            open: [Protocol::H1, Protocol::H2].map(|p| open.with_label_values(&[p.as_str()])),
+            opened: by_protocol(&opened),
+            handshakes: ["full", "resumed"].map(|k| handshakes.with_label_values(&[k])),
+            in_flight: in_flight.clone(),
+            goaways: goaways.clone(),
+            resent: resent.clone(),
+            connect_errors: connect_errors.clone(),
+            connection_waits: connection_waits.clone(),
+            vecs: (open, opened, handshakes),
+        }
+    }
+
+    /// Every family, for the registry (clones share their series).
+    fn collectors(&self) -> Vec<Box<dyn prometheus::core::Collector>> {
+        vec![
+            Box::new(self.vecs.0.clone()),
+            Box::new(self.vecs.1.clone()),
+            Box::new(self.vecs.2.clone()),
+            Box::new(self.in_flight.clone()),
+            Box::new(self.goaways.clone()),
+            Box::new(self.resent.clone()),
+            Box::new(self.connect_errors.clone()),
+            Box::new(self.connection_waits.clone()),
+        ]
+    }
+
+    pub fn opened(&self, p: Protocol) {
+        self.opened[p as usize].inc();
+        self.open[p as usize].inc();
+    }
+
+    pub fn closed(&self, p: Protocol) {
+        self.open[p as usize].dec();
+    }
+
+    pub fn handshake(&self, resumed: bool) {
+        self.handshakes[usize::from(resumed)].inc();
     }
 }
 

@@ -74,13 +74,14 @@ pub async fn probe(
     config: &Config,
     mut each: impl FnMut(&Probed),
 ) -> Result<Vec<Probed>, std::io::Error> {
+    let metrics = Metrics::new();
     let endpoint = Arc::new(Endpoint {
-        client: upstream::client(&config.upstream)?,
+        client: upstream::pools(&config.upstream, 1, metrics.upstream())?[0].clone(),
         upstream: config.upstream.clone(),
         quickblox: config.quickblox.clone(),
         clock: Arc::new(ClockOffset::default()),
         rate: None,
-        metrics: Metrics::new(),
+        metrics,
     });
     let mut results = Vec::new();
     for (what, identity) in targets(config) {

@@ -31,14 +31,14 @@ use tokio::time::{timeout_at, Instant};
 use crate::access::{self, ApiClient};
 use crate::access_log::{Entry, Logged, Trace, Unanswered, Who};
 use crate::body::{
-    self, Body, BodyLimits, Budget, Buffered, ClientBody, ClientRead, Cut, CutFlag, ReadError,
-    Reservation,
+    self, Body, BodyLimits, Budget, Buffered, ClientBody, ClientRead, Cut, CutFlag, InFlight,
+    ReadError, Reservation,
 };
 use crate::canonical;
 use crate::config::{ClientToken, TargetId};
 use crate::credentials::IdentityKind;
 use crate::error::ProxyError;
-use crate::limit::{Permit, ResizableLimit};
+use crate::limit::ResizableLimit;
 use crate::live::Live;
 use crate::metrics::{IdentityMetrics, Metrics};
 use crate::overrides::{self, Found};
@@ -47,7 +47,7 @@ use crate::qb;
 use crate::route::{self, Target};
 use crate::server::Conn;
 use crate::session::{HeldTokens, Identity, Scheme, Session, Unavailable};
-use crate::upstream;
+use crate::upstream::SendError;
 use crate::worker;
 
 /// A cheap-to-clone handle on the forwarding state.
@@ -60,7 +60,7 @@ struct Inner {
     /// Loaded once per request, published whole by the reloader: a request
     /// runs start to end with one consistent configuration.
     live: Arc<ArcSwap<Live>>,
-    /// `upstream.max_connections` slots, one per request in flight upstream,
+    /// `upstream.max_in_flight` slots, one per request in flight upstream,
     /// held until its response body is read. One limit for the proxy's
     /// life, resized on reload, so requests in flight across a reload
     /// count against one cap.
@@ -104,7 +104,7 @@ impl Proxy {
     ) -> Self {
         Proxy {
             inner: Arc::new(Inner {
-                slots: ResizableLimit::new(live.load().upstream().max_connections),
+                slots: ResizableLimit::new(live.load().upstream().max_in_flight),
                 worker_requests: metrics.worker_requests(workers),
                 live,
                 metrics,
@@ -115,8 +115,8 @@ impl Proxy {
     }
 
     /// Moves the upstream cap (a reload, before it publishes).
-    pub fn resize_slots(&self, max_connections: usize) {
-        self.inner.slots.resize(max_connections);
+    pub fn resize_slots(&self, max_in_flight: usize) {
+        self.inner.slots.resize(max_in_flight);
     }
 
     /// Bytes of request bodies held for replays right now.
@@ -452,8 +452,9 @@ impl Proxy {
         let mut headers = std::mem::take(&mut parts.headers);
         strip_request_headers(&mut headers);
         let req = upstream_request(&parts.method, plan.uri.clone(), headers, body);
+        // A streaming body goes again only if it never left (hyper's copy).
         let (resp, slot) = self
-            .send(live, req, trace, deadline)
+            .send(live, req, &mut || None, trace, deadline)
             .await
             .map_err(|e| cut_off(e, cut, live))?;
         Ok(resp.map(|b| Body::upstream(b, slot)))
@@ -496,7 +497,7 @@ impl Proxy {
             Prepared::Stream(body, cut) => {
                 let req = with_token(&parts.method, uri, headers, &session, body);
                 let sent = self
-                    .send_checked(live, req, identity, &session, trace, deadline)
+                    .send_checked(live, req, &mut || None, identity, &session, trace, deadline)
                     .await;
                 return match sent.map_err(|e| cut_off(e, &cut, live))? {
                     Checked::Answer(resp) => Ok(resp),
@@ -523,10 +524,20 @@ impl Proxy {
             &session,
             Body::full(replayable.clone()),
         );
-        let refusal = match self
-            .send_checked(live, req, identity, &session, trace, deadline)
-            .await?
-        {
+        // The same request again, should the upstream not process it.
+        let mut again = || {
+            Some(with_token(
+                &parts.method,
+                uri.clone(),
+                replay_headers.clone(),
+                &session,
+                Body::full(replayable.clone()),
+            ))
+        };
+        let sent = self
+            .send_checked(live, req, &mut again, identity, &session, trace, deadline)
+            .await?;
+        let refusal = match sent {
             Checked::Answer(resp) => return Ok(resp),
             Checked::Expired(resp) => resp,
         };
@@ -547,15 +558,19 @@ impl Proxy {
             token = %fresh.token_prefix(),
             "replaying with the renewed session"
         );
-        let req = with_token(
-            &parts.method,
-            uri,
-            replay_headers,
-            &fresh,
-            Body::full(replayable),
-        );
+        let replay = |headers| {
+            with_token(
+                &parts.method,
+                uri.clone(),
+                headers,
+                &fresh,
+                Body::full(replayable.clone()),
+            )
+        };
+        let req = replay(replay_headers.clone());
+        let mut again = || Some(replay(replay_headers.clone()));
         match self
-            .send_checked(live, req, identity, &fresh, trace, deadline)
+            .send_checked(live, req, &mut again, identity, &fresh, trace, deadline)
             .await?
         {
             Checked::Answer(resp) => Ok(resp),
@@ -569,13 +584,16 @@ impl Proxy {
 
     /// Sends a request upstream within the deadline, in one of the
     /// upstream's slots; the caller holds it until the response is read.
+    /// `again` makes the request anew if the upstream did not process it
+    /// (`upstream::Pool::send`).
     async fn send(
         &self,
         live: &Live,
         req: Request<Body>,
+        again: &mut (dyn FnMut() -> Option<Request<Body>> + Send),
         trace: &Trace,
         deadline: Instant,
-    ) -> Result<(Response<Incoming>, Permit), ProxyError> {
+    ) -> Result<(Response<Incoming>, InFlight), ProxyError> {
         // QuickBlox's rate first (fleet-wide with [cluster]): a request
         // waits for its turn only so long.
         if let Some(rate) = &live.rate {
@@ -588,7 +606,7 @@ impl Proxy {
             }
         }
         let slots = &self.inner.slots;
-        let slot = match slots.try_acquire() {
+        let permit = match slots.try_acquire() {
             Some(slot) => slot,
             None => {
                 self.inner.metrics.upstream_slot_wait();
@@ -597,7 +615,9 @@ impl Proxy {
                     // Timed out, or the semaphore is closed (never done).
                     _ => {
                         return Err(ProxyError::UpstreamBusy {
-                            limit: live.upstream().max_connections,
+                            what: "requests in flight to QuickBlox",
+                            key: "upstream.max_in_flight",
+                            limit: live.upstream().max_in_flight,
                             waited: live.timeout(),
                         })
                     }
@@ -605,23 +625,27 @@ impl Proxy {
             }
         };
         let started = Instant::now();
-        let result = timeout_at(deadline, live.client().request(req)).await;
+        let result = timeout_at(deadline, live.client().send(req, deadline, again)).await;
         let took = started.elapsed();
         self.inner.metrics.upstream_latency(took);
         trace.upstream(took);
         match result {
             Err(_) => Err(ProxyError::UpstreamTimeout(live.timeout())),
-            Ok(Err(e)) if e.is_connect() => {
-                Err(ProxyError::UpstreamUnreachable(upstream::describe(&e)))
-            }
-            Ok(Err(e)) => Err(ProxyError::Upstream(upstream::describe(&e))),
-            Ok(Ok(mut resp)) => {
+            Ok(Err(SendError::Connect(e))) => Err(ProxyError::UpstreamUnreachable(e)),
+            Ok(Err(SendError::Busy)) => Err(ProxyError::UpstreamBusy {
+                what: "connections to QuickBlox",
+                key: "upstream.max_connections",
+                limit: live.upstream().max_connections,
+                waited: live.timeout(),
+            }),
+            Ok(Err(SendError::Failed(e))) => Err(ProxyError::Upstream(e)),
+            Ok(Ok((mut resp, lease))) => {
                 if resp.status() == StatusCode::TOO_MANY_REQUESTS {
                     self.inner.metrics.upstream_429();
                 }
                 strip_hop_by_hop(resp.headers_mut());
                 strip_tokens(resp.headers_mut());
-                Ok((resp, slot))
+                Ok((resp, InFlight { permit, lease }))
             }
         }
     }
@@ -629,16 +653,18 @@ impl Proxy {
     /// Sends a request made with `session` and sorts the answer: QuickBlox's
     /// "Required session does not exist", or anything else (which counts as
     /// a use of the session).
+    #[allow(clippy::too_many_arguments)]
     async fn send_checked(
         &self,
         live: &Live,
         req: Request<Body>,
+        again: &mut (dyn FnMut() -> Option<Request<Body>> + Send),
         identity: &Identity,
         session: &Session,
         trace: &Trace,
         deadline: Instant,
     ) -> Result<Checked, ProxyError> {
-        let (resp, slot) = self.send(live, req, trace, deadline).await?;
+        let (resp, slot) = self.send(live, req, again, trace, deadline).await?;
         // An API key has no session to expire: its 401s are the client's.
         if resp.status() != StatusCode::UNAUTHORIZED || session.scheme() == Scheme::ApiKey {
             identity.record_use(session, resp.status(), resp.headers());
@@ -652,7 +678,7 @@ impl Proxy {
         Ok(match read {
             Buffered::Complete(bytes) => {
                 // Read whole: the connection is free again.
-                drop(slot);
+                slot.complete();
                 let expired = qb::is_session_expired(&bytes);
                 let resp = Response::from_parts(parts, Body::full(bytes));
                 if expired {

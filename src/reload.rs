@@ -24,7 +24,7 @@ use crate::pool::{Pool, Throttle};
 use crate::rate::UpstreamRate;
 use crate::route::Router;
 use crate::session::{ApiKeySource, HeldTokens, Identity, Info, Policy, Source};
-use crate::upstream::{self, ClockOffset, Endpoint, HttpClient, SessionCreator, Throttled};
+use crate::upstream::{self, Client, ClockOffset, Endpoint, SessionCreator, Throttled};
 use crate::StartError;
 
 /// What lives across reloads besides the published `Live`.
@@ -93,15 +93,12 @@ pub(crate) fn build(
         clients: config.clients.len(),
         ..Summary::default()
     };
-    let clients: Arc<[HttpClient]> = match previous.filter(|p| p.config.upstream == config.upstream)
-    {
+    let clients: Arc<[Client]> = match previous.filter(|p| p.config.upstream == config.upstream) {
         Some(p) => {
             summary.client_kept = true;
             p.clients.clone()
         }
-        None => (0..ctx.workers)
-            .map(|_| upstream::client(&config.upstream))
-            .collect::<Result<_, _>>()
+        None => upstream::pools(&config.upstream, ctx.workers, ctx.metrics.upstream())
             .map_err(StartError::Tls)?,
     };
     let tls = match (&config.listen.tls, previous) {

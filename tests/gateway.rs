@@ -493,11 +493,8 @@ async fn a_head_trickled_on_a_kept_alive_connection_is_cut_off_by_the_header_tim
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn upstream_connections_are_capped_and_requests_over_the_cap_wait_their_turn() {
-    let h = setup()
-        .set("upstream", "max_connections", "2")
-        .start()
-        .await;
+async fn upstream_requests_in_flight_are_capped_and_requests_over_the_cap_wait_their_turn() {
+    let h = setup().set("upstream", "max_in_flight", "2").start().await;
     h.ready().await;
     let gate = h.sim.gate("/slow");
     let sent: Vec<_> = (0..6)
@@ -516,7 +513,7 @@ async fn upstream_connections_are_capped_and_requests_over_the_cap_wait_their_tu
     assert_eq!(
         h.sim.max_held_at_gates(),
         2,
-        "never more than upstream.max_connections requests upstream at once"
+        "never more than upstream.max_in_flight requests upstream at once"
     );
     assert!(h
         .handle

@@ -131,6 +131,44 @@ async fn every_flow_through_haproxy_over_http2() {
     every_flow_through(Server::Haproxy, true, true, "HTTP/2.0").await;
 }
 
+/// Many POSTs in flight at once over HTTP/2 to nginx, whose writes qbproxy
+/// gathers (`upstream/coalesce.rs`): bodies from none to past the
+/// gathering limit, each received whole behind nginx.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_posts_over_http2_arrive_whole() {
+    let sim = demo_sim().await;
+    let edge = Edge::start(Server::Nginx, sim.addr(), Options::default()).await;
+    let h = through(&edge, sim.clone(), true).await;
+    let sizes = [0usize, 1, 255, 256, 2048, 16_384, 16_385, 70_000];
+    let calls: Vec<_> = (0..64usize)
+        .map(|i| {
+            let len = sizes[i % sizes.len()];
+            let body: Vec<u8> = (0..len).map(|j| (i * 31 + j) as u8).collect();
+            let sha = hex::encode(ring::digest::digest(&ring::digest::SHA256, &body));
+            let call = h.spawn_send(
+                Method::POST,
+                format!("/data/Note{i}.json"),
+                &[("Content-Type", "application/octet-stream")],
+                body,
+            );
+            (i, len, sha, call)
+        })
+        .collect();
+    for (i, len, sha, call) in calls {
+        let a = bounded("a POST", call).await.unwrap();
+        assert_eq!(a.status, 200, "{}\n{}", a.text(), edge.log());
+        let echo = &a.json()["echo"];
+        assert_eq!(echo["path"], format!("/data/Note{i}.json"));
+        assert_eq!(echo["body_bytes"], len, "POST {i}");
+        assert_eq!(echo["body_sha256"], sha, "POST {i}");
+    }
+    assert_eq!(
+        h.metric("qbproxy_upstream_connections_opened_total{protocol=\"h2\"}"),
+        1,
+        "64 streams fit on one connection"
+    );
+}
+
 /// A client's HTTP/2 request may carry one `cookie` field per cookie (RFC
 /// 9113 §8.2.3); an HTTP/1.1 upstream gets them joined into one header,
 /// where it would keep only the last of several.

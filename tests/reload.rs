@@ -177,11 +177,7 @@ async fn slot_waits(h: &common::Harness, n: u64) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn requests_in_flight_across_a_reload_count_against_one_upstream_cap() {
-    let capped = || {
-        setup()
-            .identity(DEMO)
-            .set("upstream", "max_connections", "2")
-    };
+    let capped = || setup().identity(DEMO).set("upstream", "max_in_flight", "2");
     let h = capped().start().await;
     h.ready().await;
     let gate = h.sim.gate("/slow");
@@ -203,7 +199,7 @@ async fn requests_in_flight_across_a_reload_count_against_one_upstream_cap() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_reload_shrinks_and_grows_the_upstream_cap() {
-    let capped = |n: &str| setup().identity(DEMO).set("upstream", "max_connections", n);
+    let capped = |n: &str| setup().identity(DEMO).set("upstream", "max_in_flight", n);
     let h = capped("3").start().await;
     h.ready().await;
     let gate = h.sim.gate("/slow");

@@ -108,13 +108,24 @@ pub struct UpstreamConfig {
     /// Whole-request budget: waiting for a session plus the upstream answer
     /// (to the response headers). Past it the client gets 504.
     pub timeout: Duration,
+    /// For TCP, TLS and the HTTP handshake of a new connection together.
     pub connect_timeout: Duration,
+    /// A connection idle this long is closed.
     pub pool_idle_timeout: Duration,
+    /// Idle HTTP/1.1 connections kept, all workers together.
     pub pool_max_idle_per_host: usize,
-    /// Requests in flight to the upstream at most, from the request being
-    /// sent until its response body has been read (with HTTP/1.1, about
-    /// the connections open to it). More wait, within their timeout.
+    /// Connections open to the upstream at most, all workers together
+    /// (each worker opens its share). A request that finds every one busy
+    /// waits, within its timeout.
     pub max_connections: usize,
+    /// Requests in flight to the upstream at most, from the request being
+    /// sent until its response body has been read. More wait, within
+    /// their timeout.
+    pub max_in_flight: usize,
+    /// HTTP/2 PINGs on a connection quiet this long (`None`: none), and
+    /// how long the answer may take before the connection is closed.
+    pub ping_interval: Option<Duration>,
+    pub ping_timeout: Duration,
     /// Extra roots for the upstream's certificate, besides the system's.
     pub ca: Option<Vec<rustls::pki_types::CertificateDer<'static>>>,
     /// Offer HTTP/2 by ALPN to an `https://` upstream; false: HTTP/1.1 only.
@@ -326,7 +337,10 @@ auth_secret = "secret"
         assert_eq!(c.upstream.authority.as_str(), "api.quickblox.com");
         assert_eq!(c.upstream.scheme, Scheme::HTTPS);
         assert_eq!(c.upstream.timeout, Duration::from_secs(30));
-        assert_eq!(c.upstream.max_connections, 256);
+        assert_eq!(c.upstream.max_connections, 4096);
+        assert_eq!(c.upstream.max_in_flight, 4096);
+        assert_eq!(c.upstream.pool_idle_timeout, Duration::from_secs(30));
+        assert_eq!(c.upstream.ping_interval, Some(Duration::from_secs(10)));
         assert!(c.upstream.http2);
         assert_eq!(c.proxy.client_token, ClientToken::Replace);
         assert_eq!(c.proxy.replay_body_limit, 1 << 20);
@@ -356,6 +370,11 @@ auth_secret = "secret"
             (
                 "[upstream]\nmax_connections = 0\n",
                 "upstream.max_connections",
+            ),
+            ("[upstream]\nmax_in_flight = 0\n", "upstream.max_in_flight"),
+            (
+                "[upstream]\nping_timeout = \"0s\"\n",
+                "upstream.ping_timeout",
             ),
         ];
         for (extra, key) in cases {

@@ -132,6 +132,11 @@ pub(super) struct RawUpstream {
     pub pool_idle_timeout: Duration,
     pub pool_max_idle_per_host: usize,
     pub max_connections: usize,
+    pub max_in_flight: usize,
+    #[serde(with = "humantime_serde")]
+    pub ping_interval: Duration,
+    #[serde(with = "humantime_serde")]
+    pub ping_timeout: Duration,
     pub ca_file: Option<PathBuf>,
     pub http2: bool,
     pub rate: Option<f64>,
@@ -146,9 +151,19 @@ impl Default for RawUpstream {
             url: "https://api.quickblox.com".into(),
             timeout: Duration::from_secs(30),
             connect_timeout: Duration::from_secs(5),
-            pool_idle_timeout: Duration::from_secs(90),
-            pool_max_idle_per_host: 256,
-            max_connections: 256,
+            // Below the idle timeouts of what fronts an upstream (AWS ALB
+            // 60 s, nginx 75 s, HAProxy's usual `timeout client 50s`), so
+            // qbproxy closes an idle connection before they do.
+            pool_idle_timeout: Duration::from_secs(30),
+            pool_max_idle_per_host: 4096,
+            // Over HTTP/1.1 a connection per request in flight; over HTTP/2
+            // far fewer (max_in_flight / the server's stream limit).
+            max_connections: 4096,
+            // As many as limits.max_connections clients keep waiting, each
+            // with one request.
+            max_in_flight: 4096,
+            ping_interval: Duration::from_secs(10),
+            ping_timeout: Duration::from_secs(5),
             ca_file: None,
             http2: true,
             rate: None,

@@ -218,13 +218,11 @@ impl Validator<'_> {
             pool_idle_timeout: self
                 .positive("upstream.pool_idle_timeout", raw.pool_idle_timeout)?,
             pool_max_idle_per_host: raw.pool_max_idle_per_host,
-            max_connections: match raw.max_connections {
-                0 => return Err(self.invalid("upstream.max_connections", "must be at least 1")),
-                n if n > tokio::sync::Semaphore::MAX_PERMITS => {
-                    return Err(self.invalid("upstream.max_connections", "is too large"))
-                }
-                n => n,
-            },
+            max_connections: self.count("upstream.max_connections", raw.max_connections)?,
+            max_in_flight: self.count("upstream.max_in_flight", raw.max_in_flight)?,
+            // 0s: no pings.
+            ping_interval: (!raw.ping_interval.is_zero()).then_some(raw.ping_interval),
+            ping_timeout: self.positive("upstream.ping_timeout", raw.ping_timeout)?,
             ca: raw
                 .ca_file
                 .as_deref()
@@ -233,6 +231,15 @@ impl Validator<'_> {
             http2: raw.http2,
             rate: self.rate(raw)?,
         })
+    }
+
+    /// A cap of at least one, and no more than a semaphore holds.
+    fn count(&self, key: &str, n: usize) -> Result<usize, ConfigError> {
+        match n {
+            0 => Err(self.invalid(key, "must be at least 1")),
+            n if n > tokio::sync::Semaphore::MAX_PERMITS => Err(self.invalid(key, "is too large")),
+            n => Ok(n),
+        }
     }
 
     fn rate(&self, raw: &RawUpstream) -> Result<Option<Rate>, ConfigError> {

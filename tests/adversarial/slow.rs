@@ -192,7 +192,7 @@ async fn a_source_outside_the_allowlist_gets_403_then_loses_the_connection() {
 #[tokio::test]
 async fn a_client_that_does_not_read_loses_its_upstream_slots() {
     let h = setup()
-        .set("upstream", "max_connections", "2")
+        .set("upstream", "max_in_flight", "2")
         .set("upstream", "timeout", "\"10s\"")
         .set("limits", "send_timeout", "\"300ms\"")
         .start()

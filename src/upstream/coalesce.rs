@@ -22,48 +22,17 @@
 //! With nothing gathered, writes that are not chained DATA frames (the
 //! frames `h2` copies into its own buffer: HEADERS, small DATA, WINDOW_UPDATE)
 //! pass straight through, so GETs cost no copy. HTTP/1.1 connections, which
-//! write a request's head and body in one flush anyway, pass straight
-//! through always.
+//! write a request's head and body in one flush anyway, do not use it
+//! (`connect.rs`).
 
-use std::future::Future;
 use std::io;
 use std::pin::Pin;
 use std::task::{Context, Poll};
 
-use http::Uri;
 use hyper::rt::{Read, ReadBufCursor, Write};
-use hyper_util::client::legacy::connect::{Connected, Connection};
 
 /// Bytes gathered before they are written whatever the flushes say.
 pub const LIMIT: usize = 64 * 1024;
-
-/// A connector whose HTTP/2 connections coalesce their writes.
-#[derive(Clone, Debug)]
-pub struct Coalescing<C>(pub C);
-
-impl<C> tower_service::Service<Uri> for Coalescing<C>
-where
-    C: tower_service::Service<Uri>,
-    C::Response: Connection,
-    C::Future: Send + 'static,
-{
-    type Response = Coalesced<C::Response>;
-    type Error = C::Error;
-    type Future = Pin<Box<dyn Future<Output = Result<Self::Response, C::Error>> + Send>>;
-
-    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), C::Error>> {
-        self.0.poll_ready(cx)
-    }
-
-    fn call(&mut self, uri: Uri) -> Self::Future {
-        let connecting = self.0.call(uri);
-        Box::pin(async move {
-            let io = connecting.await?;
-            let h2 = io.connected().is_negotiated_h2();
-            Ok(Coalesced::new(io, h2))
-        })
-    }
-}
 
 /// A connection whose writes are gathered when it speaks HTTP/2 (see the
 /// module's documentation).
@@ -199,12 +168,6 @@ impl<T: Write + Unpin> Write for Coalesced<T> {
         let this = &mut *self;
         std::task::ready!(this.poll_drain(cx))?;
         Pin::new(&mut this.io).poll_shutdown(cx)
-    }
-}
-
-impl<T: Connection> Connection for Coalesced<T> {
-    fn connected(&self) -> Connected {
-        self.io.connected()
     }
 }
 

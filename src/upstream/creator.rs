@@ -1,25 +1,20 @@
-//! The connection to QuickBlox: one pooled, keep-alive HTTP client shared by
-//! forwarding and session creation, and [`SessionCreator`], the real
-//! [`Source`] of sessions (signed `POST /session.json`, with clock-skew
-//! correction).
+//! [`SessionCreator`], the real [`Source`] of sessions: a signed `POST
+//! /session.json` over the worker's [`Client`], with clock-skew correction;
+//! and what every identity's creator shares ([`Endpoint`]).
 
-use std::error::Error as _;
 use std::sync::atomic::{AtomicI64, Ordering};
 use std::sync::Arc;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::{SystemTime, UNIX_EPOCH};
 
 use bytes::Bytes;
 use http::{header, HeaderMap, HeaderValue, Method, Request, StatusCode};
 use http_body_util::{BodyExt, Limited};
-use hyper_rustls::HttpsConnector;
-use hyper_util::client::legacy::connect::HttpConnector;
-use hyper_util::rt::{TokioExecutor, TokioTimer};
 use rand::Rng;
 use tokio::sync::Semaphore;
 use tokio::time::{timeout_at, Instant};
 
+use super::{Client, SendError};
 use crate::body::Body;
-use crate::coalesce::Coalescing;
 use crate::config::{QuickbloxConfig, UpstreamConfig};
 use crate::credentials::{Credentials, SecretSource};
 use crate::metrics::Metrics;
@@ -27,57 +22,6 @@ use crate::qb;
 use crate::rate::UpstreamRate;
 use crate::session::{ApiKeyHeaders, Attempt, BoxFuture, NewSession, SessionError, Source};
 use crate::signer::{self, Params};
-
-/// The pooled HTTP client to the upstream.
-pub type HttpClient =
-    hyper_util::client::legacy::Client<Coalescing<HttpsConnector<HttpConnector>>, Body>;
-
-/// Builds the upstream client: HTTP/1.1 or HTTP/2 (by ALPN, unless
-/// `upstream.http2` is off) over rustls for `https://`, plain HTTP/1.1 for
-/// `http://`; pooled and kept alive.
-/// An `https://` upstream needs the system's root certificates.
-pub fn client(cfg: &UpstreamConfig) -> Result<HttpClient, std::io::Error> {
-    let mut http = HttpConnector::new();
-    http.enforce_http(false);
-    http.set_nodelay(true);
-    http.set_connect_timeout(Some(cfg.connect_timeout));
-    http.set_keepalive(Some(Duration::from_secs(60)));
-
-    // The system's roots for an https:// upstream (a plain-HTTP upstream,
-    // the simulator or a sidecar, needs none), plus upstream.ca_file.
-    let https = cfg.scheme == http::uri::Scheme::HTTPS;
-    let roots = crate::tls::upstream_roots(https, cfg.ca.as_deref().unwrap_or(&[]))?;
-    let tls = hyper_rustls::HttpsConnectorBuilder::new()
-        .with_tls_config(crate::tls::client_config(roots)?);
-    let connector = if cfg.http2 {
-        tls.https_or_http()
-            .enable_all_versions()
-            .wrap_connector(http)
-    } else {
-        tls.https_or_http().enable_http1().wrap_connector(http)
-    };
-    Ok(
-        hyper_util::client::legacy::Client::builder(TokioExecutor::new())
-            .pool_idle_timeout(cfg.pool_idle_timeout)
-            .pool_max_idle_per_host(cfg.pool_max_idle_per_host)
-            .pool_timer(TokioTimer::new())
-            .timer(TokioTimer::new())
-            .build(Coalescing(connector)),
-    )
-}
-
-/// A client error as one line: the error and its causes, e.g.
-/// `client error (Connect): tcp connect error: Connection refused`.
-pub fn describe(e: &hyper_util::client::legacy::Error) -> String {
-    let mut msg = e.to_string();
-    let mut source = e.source();
-    while let Some(s) = source {
-        msg.push_str(": ");
-        msg.push_str(&s.to_string());
-        source = s.source();
-    }
-    msg
-}
 
 /// The offset between QuickBlox's clock and ours, in seconds, learnt from a
 /// "Bad timestamp" answer. Shared by every identity: it is a property of
@@ -122,7 +66,8 @@ pub struct SessionCreator {
 /// What every identity's creator shares: the client, the configuration,
 /// QuickBlox's clock, the rate it may be called at.
 pub struct Endpoint {
-    pub client: HttpClient,
+    /// Worker 0's pool (the renewal tasks run on its runtime).
+    pub client: Client,
     pub upstream: Arc<UpstreamConfig>,
     pub quickblox: Arc<QuickbloxConfig>,
     pub clock: Arc<ClockOffset>,
@@ -133,21 +78,32 @@ pub struct Endpoint {
 
 impl Endpoint {
     /// Sends one of qbproxy's own requests (a session creation, an API
-    /// key's check) and reads the answer whole: they are small.
-    async fn exchange(&self, req: Request<Body>) -> Result<Answer, SessionError> {
-        let resp = self.client.request(req).await.map_err(|e| {
-            if e.is_connect() {
-                SessionError::Unreachable(describe(&e))
-            } else {
-                SessionError::BadResponse(describe(&e))
-            }
-        })?;
+    /// key's check) and reads the answer whole: they are small. `make`
+    /// builds the request, again if the upstream did not process it.
+    async fn exchange(
+        &self,
+        make: impl Fn() -> Request<Body> + Send + Sync,
+        deadline: Instant,
+    ) -> Result<Answer, SessionError> {
+        let mut again = || Some(make());
+        let (resp, lease) = self
+            .client
+            .send(make(), deadline, &mut again)
+            .await
+            .map_err(|e| match e {
+                SendError::Connect(e) => SessionError::Unreachable(e),
+                SendError::Busy => SessionError::Unreachable(
+                    "every upstream connection stayed busy (upstream.max_connections)".into(),
+                ),
+                SendError::Failed(e) => SessionError::BadResponse(e),
+            })?;
         let (parts, body) = resp.into_parts();
         let body = Limited::new(body, MAX_SESSION_ANSWER)
             .collect()
             .await
             .map_err(|e| SessionError::BadResponse(format!("reading the answer: {e}")))?
             .to_bytes();
+        lease.complete();
         Ok(Answer {
             status: parts.status,
             headers: parts.headers,
@@ -247,22 +203,25 @@ impl SessionCreator {
             .upstream
             .uri_for(crate::qb::SESSION_CREATE_PATH, None)
             .map_err(|e| SessionError::BadResponse(e.to_string()))?;
-        let mut req = Request::new(Body::full(body));
-        *req.method_mut() = Method::POST;
-        *req.uri_mut() = uri;
-        // No `Host`: the URI carries the upstream's host (see
-        // `proxy::strip_request_headers`).
-        let h = req.headers_mut();
-        h.insert(
-            header::CONTENT_TYPE,
-            HeaderValue::from_static("application/json"),
-        );
-        h.insert(
-            "quickblox-rest-api-version",
-            HeaderValue::from_static("0.1.1"),
-        );
-
-        e.exchange(req).await
+        let body = Bytes::from(body);
+        // No `Host`: the URI carries the upstream's host, which the pool
+        // sends as HTTP/1.1's `Host` or HTTP/2's `:authority`.
+        let make = || {
+            let mut req = Request::new(Body::full(body.clone()));
+            *req.method_mut() = Method::POST;
+            *req.uri_mut() = uri.clone();
+            let h = req.headers_mut();
+            h.insert(
+                header::CONTENT_TYPE,
+                HeaderValue::from_static("application/json"),
+            );
+            h.insert(
+                "quickblox-rest-api-version",
+                HeaderValue::from_static("0.1.1"),
+            );
+            req
+        };
+        e.exchange(make, deadline).await
     }
 
     async fn create_session(&self) -> Result<NewSession, SessionError> {
@@ -331,15 +290,18 @@ impl SessionCreator {
             .upstream
             .uri_for(&path, query)
             .map_err(|e| SessionError::BadResponse(e.to_string()))?;
-        let mut req = Request::new(Body::empty());
-        *req.uri_mut() = uri;
-        let h = req.headers_mut();
-        ApiKeyHeaders::new(key.expose().as_bytes(), on_behalf_of.unwrap_or(0))
+        let headers = ApiKeyHeaders::new(key.expose().as_bytes(), on_behalf_of.unwrap_or(0))
             .ok_or_else(|| {
                 SessionError::Credentials("the API key is not a valid header value".into())
-            })?
-            .apply(h);
-        let Answer { status, body, .. } = timeout_at(Instant::now() + budget, e.exchange(req))
+            })?;
+        let make = || {
+            let mut req = Request::new(Body::empty());
+            *req.uri_mut() = uri.clone();
+            headers.apply(req.headers_mut());
+            req
+        };
+        let deadline = Instant::now() + budget;
+        let Answer { status, body, .. } = timeout_at(deadline, e.exchange(make, deadline))
             .await
             .map_err(|_| SessionError::Timeout(budget))??;
         if status.is_success() {

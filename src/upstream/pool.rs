@@ -1,0 +1,686 @@
+//! One proxy worker's connections to the upstream.
+//!
+//! Over HTTP/2 a connection carries as many requests at once as the server
+//! allows (`SETTINGS_MAX_CONCURRENT_STREAMS`, 128 by default in nginx and
+//! AWS ALB); a new request goes on the least loaded connection with room,
+//! and when every one is full another is opened, up to the worker's share
+//! of `upstream.max_connections`. Over HTTP/1.1 a connection carries one
+//! request at a time and is kept alive for the next (the most recently
+//! used first, so the rest age out). Idle connections of either kind are
+//! closed after `upstream.pool_idle_timeout`, below the idle timeouts of
+//! common load balancers, so the upstream never closes one under a request
+//! it is sending.
+//!
+//! Built on hyper's `client::conn` rather than hyper-util's pooled client,
+//! which keeps one HTTP/2 connection per host and queues requests past the
+//! server's stream limit (hyperium/hyper#2197, #3623); hyper-util's newer
+//! `client::pool::singleton` also makes one connection.
+//!
+//! Connections being made count as capacity to come: while one is being
+//! made for HTTP/2, up to as many requests as the last connection allowed
+//! streams wait for it instead of each opening their own.
+
+use std::collections::VecDeque;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, Weak};
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use http::{header, HeaderValue, Request, Response, Uri};
+use hyper::body::Incoming;
+use hyper::client::conn::{http1, http2};
+use hyper::rt::{Read, Write};
+use hyper_util::rt::{TokioExecutor, TokioTimer};
+use tokio::sync::Notify;
+use tokio::time::{timeout_at, Instant};
+
+use super::connect::{Connected, Connector};
+use super::SendError;
+use crate::body::Body;
+use crate::config::UpstreamConfig;
+use crate::metrics::{Protocol, UpstreamMetrics};
+
+/// Streams a new HTTP/2 connection is taken to allow until its server's
+/// SETTINGS say otherwise (hyper's initial value; RFC 9113 §6.5.2 advises
+/// servers to allow at least 100).
+const ASSUMED_STREAMS: usize = 100;
+
+/// Times one request is sent when the upstream did not process it.
+const MAX_ATTEMPTS: usize = 4;
+
+/// One worker's share of `[upstream]`.
+#[derive(Clone, Debug)]
+pub struct Settings {
+    pub max_connections: usize,
+    pub max_idle: usize,
+    pub idle_timeout: Duration,
+    pub ping_interval: Option<Duration>,
+    pub ping_timeout: Duration,
+}
+
+impl Settings {
+    /// A worker's share: `max_connections` and the idle connections kept
+    /// are divided between the workers (rounded up).
+    pub fn share_of(cfg: &UpstreamConfig, workers: usize) -> Settings {
+        Settings {
+            max_connections: cfg.max_connections.div_ceil(workers),
+            max_idle: cfg.pool_max_idle_per_host.div_ceil(workers),
+            idle_timeout: cfg.pool_idle_timeout,
+            ping_interval: cfg.ping_interval,
+            ping_timeout: cfg.ping_timeout,
+        }
+    }
+}
+
+/// One worker's client to the upstream: a cheap-to-clone handle on its
+/// connections.
+#[derive(Clone)]
+pub struct Client {
+    shared: Arc<Shared>,
+}
+
+struct Shared {
+    connector: Connector,
+    /// `Host` of HTTP/1.1 requests (HTTP/2 sends the URI's authority).
+    host: HeaderValue,
+    settings: Settings,
+    state: Mutex<State>,
+    /// Signalled when a stream, a connection or room for one frees up.
+    room: Notify,
+    metrics: UpstreamMetrics,
+}
+
+#[derive(Default)]
+struct State {
+    next_id: u64,
+    h2: Vec<H2Conn>,
+    /// Idle HTTP/1.1 connections, the most recently used last.
+    idle: VecDeque<Idle>,
+    /// Connections whose task runs (HTTP/1.1 busy or idle, HTTP/2).
+    open: usize,
+    /// Connections being made.
+    connecting: usize,
+    /// Requests waiting for a connection being made.
+    waiting: usize,
+    /// Whether the last connection made spoke HTTP/2 (what the next one
+    /// will most likely speak), and the streams it allowed.
+    likely_h2: bool,
+    expected_streams: usize,
+    reaper: bool,
+}
+
+struct H2Conn {
+    id: u64,
+    send: http2::SendRequest<Body>,
+    in_flight: usize,
+    /// The server's current stream limit, kept by the connection's task.
+    max: Arc<AtomicUsize>,
+    /// Since when nothing has been in flight.
+    idle_since: Instant,
+}
+
+struct Idle {
+    id: u64,
+    send: http1::SendRequest<Body>,
+    since: Instant,
+}
+
+/// What a request was given to go out on.
+enum Checkout {
+    H2(u64, http2::SendRequest<Body>),
+    H1(u64, http1::SendRequest<Body>),
+}
+
+impl Client {
+    pub fn new(
+        connector: Connector,
+        host: HeaderValue,
+        settings: Settings,
+        metrics: UpstreamMetrics,
+    ) -> Client {
+        let likely_h2 = connector.offers_h2();
+        Client {
+            shared: Arc::new(Shared {
+                connector,
+                host,
+                settings,
+                state: Mutex::new(State {
+                    likely_h2,
+                    expected_streams: ASSUMED_STREAMS,
+                    ..State::default()
+                }),
+                room: Notify::new(),
+                metrics,
+            }),
+        }
+    }
+
+    /// Sends `req` and returns the response with the [`Lease`] on its
+    /// connection, which the response body holds until it ends. A request
+    /// the upstream did not process is sent again on another connection:
+    /// hyper's own copy when it never left (a connection that closed first),
+    /// else `again()`'s (a stream refused by GOAWAY or `REFUSED_STREAM`),
+    /// if it can make one. Waiting for a connection ends at `deadline`.
+    pub async fn send(
+        &self,
+        mut req: Request<Body>,
+        deadline: Instant,
+        again: &mut (dyn FnMut() -> Option<Request<Body>> + Send),
+    ) -> Result<(Response<Incoming>, Lease), SendError> {
+        let mut attempt = 1;
+        loop {
+            let checkout = self.checkout(deadline).await?;
+            let (mut lease, result) = match checkout {
+                Checkout::H2(id, mut send) => {
+                    let lease = self.lease(Leased::H2(id));
+                    for_h2(&mut req);
+                    (lease, send.try_send_request(req).await)
+                }
+                Checkout::H1(id, mut send) => {
+                    for_h1(&mut req, &self.shared.host);
+                    let sent = send.try_send_request(req).await;
+                    (self.lease(Leased::H1(id, Some(send))), sent)
+                }
+            };
+            let mut e = match result {
+                Ok(resp) => return Ok((resp, lease)),
+                Err(e) => e,
+            };
+            lease.broken();
+            drop(lease);
+            let next = match e.take_message() {
+                // Never written: hyper gives it back.
+                Some(message) => Some(message),
+                None if not_processed(e.error()) => again(),
+                None => None,
+            };
+            match next {
+                Some(next) if attempt < MAX_ATTEMPTS => {
+                    self.shared.metrics.resent.inc();
+                    tracing::debug!(
+                        error = %super::describe(e.error()),
+                        "the upstream did not process a request; sending it on another connection"
+                    );
+                    attempt += 1;
+                    req = next;
+                }
+                _ => return Err(SendError::Failed(super::describe(&e.into_error()))),
+            }
+        }
+    }
+
+    fn lease(&self, conn: Leased) -> Lease {
+        self.shared.metrics.in_flight.inc();
+        Lease {
+            shared: self.shared.clone(),
+            conn,
+            complete: false,
+        }
+    }
+
+    /// A stream or an idle connection, else a new connection, else a wait
+    /// for one of those until `deadline`.
+    async fn checkout(&self, deadline: Instant) -> Result<Checkout, SendError> {
+        let shared = &*self.shared;
+        loop {
+            let notified = shared.room.notified();
+            tokio::pin!(notified);
+            // Registered before looking, so a release in between wakes it.
+            notified.as_mut().enable();
+            let next = {
+                let mut st = shared.lock();
+                if let Some((id, send)) = st.take_stream() {
+                    return Ok(Checkout::H2(id, send));
+                }
+                if let Some((id, send)) = st.take_idle(Instant::now(), shared.settings.idle_timeout)
+                {
+                    return Ok(Checkout::H1(id, send));
+                }
+                let per_connection = if st.likely_h2 { st.expected_streams } else { 1 };
+                if st.waiting < st.connecting * per_connection {
+                    st.waiting += 1;
+                    Next::AwaitConnection
+                } else if st.open + st.connecting < shared.settings.max_connections {
+                    st.connecting += 1;
+                    Next::Connect
+                } else {
+                    Next::AwaitRoom
+                }
+            };
+            match next {
+                Next::Connect => return self.connect(deadline).await,
+                Next::AwaitConnection => {
+                    let _waiting = Waiting(shared);
+                    timeout_at(deadline, notified)
+                        .await
+                        .map_err(|_| SendError::Busy)?;
+                }
+                Next::AwaitRoom => {
+                    shared.metrics.connection_waits.inc();
+                    timeout_at(deadline, notified)
+                        .await
+                        .map_err(|_| SendError::Busy)?;
+                }
+            }
+        }
+    }
+
+    /// Opens a connection and takes its first stream (HTTP/2) or the
+    /// connection itself (HTTP/1.1). The caller counted it in `connecting`.
+    async fn connect(&self, deadline: Instant) -> Result<Checkout, SendError> {
+        let shared = &self.shared;
+        let mut connecting = Connecting {
+            shared,
+            done: false,
+        };
+        let until = deadline.min(Instant::now() + shared.connector.timeout);
+        let io = match timeout_at(until, shared.connector.connect()).await {
+            Ok(Ok(io)) => io,
+            Ok(Err(e)) => {
+                shared.metrics.connect_errors.inc();
+                return Err(SendError::Connect(e));
+            }
+            Err(_) => {
+                shared.metrics.connect_errors.inc();
+                return Err(SendError::Connect(format!(
+                    "no connection within {:?} (upstream.connect_timeout)",
+                    shared.connector.timeout
+                )));
+            }
+        };
+        let handshake = async {
+            Ok(match io {
+                Connected::H2(io) => {
+                    let (send, conn) = self.h2_builder().handshake(io).await?;
+                    let max = Arc::new(AtomicUsize::new(ASSUMED_STREAMS));
+                    let id = self.register_h2(send.clone(), max.clone());
+                    self.watch(id, Protocol::H2, Streams { conn, max });
+                    Checkout::H2(id, send)
+                }
+                Connected::Tls(io) => self.h1(io).await?,
+                Connected::Plain(io) => self.h1(io).await?,
+            })
+        };
+        let checkout = timeout_at(until, handshake)
+            .await
+            .map_err(|_| {
+                SendError::Connect(format!(
+                    "no HTTP handshake within {:?} (upstream.connect_timeout)",
+                    shared.connector.timeout
+                ))
+            })?
+            .map_err(|e: hyper::Error| SendError::Connect(super::describe(&e)))?;
+        connecting.done = true;
+        // New streams for those waiting (HTTP/2); or, if the connection
+        // speaks HTTP/1.1 where HTTP/2 was expected, no capacity to wait
+        // for: they look again.
+        shared.room.notify_waiters();
+        Ok(checkout)
+    }
+
+    fn h2_builder(&self) -> http2::Builder<TokioExecutor> {
+        let s = &self.shared.settings;
+        let mut b = http2::Builder::new(TokioExecutor::new());
+        b.timer(TokioTimer::new());
+        if let Some(interval) = s.ping_interval {
+            b.keep_alive_interval(interval)
+                .keep_alive_timeout(s.ping_timeout)
+                .keep_alive_while_idle(true);
+        }
+        b
+    }
+
+    async fn h1<T>(&self, io: T) -> Result<Checkout, hyper::Error>
+    where
+        T: Read + Write + Unpin + Send + 'static,
+    {
+        let (send, conn) = http1::Builder::new().handshake(io).await?;
+        let id = {
+            let mut st = self.shared.lock();
+            st.connecting -= 1;
+            st.open += 1;
+            st.likely_h2 = false;
+            st.next_id += 1;
+            st.next_id
+        };
+        self.shared.metrics.opened(Protocol::H1);
+        self.watch(id, Protocol::H1, conn);
+        Ok(Checkout::H1(id, send))
+    }
+
+    /// Adds a new HTTP/2 connection, its first stream taken.
+    fn register_h2(&self, send: http2::SendRequest<Body>, max: Arc<AtomicUsize>) -> u64 {
+        let mut st = self.shared.lock();
+        st.connecting -= 1;
+        st.open += 1;
+        st.likely_h2 = true;
+        st.next_id += 1;
+        let id = st.next_id;
+        st.h2.push(H2Conn {
+            id,
+            send,
+            in_flight: 1,
+            max,
+            idle_since: Instant::now(),
+        });
+        drop(st);
+        self.shared.metrics.opened(Protocol::H2);
+        id
+    }
+
+    /// Runs a connection's task on this runtime; when it ends the
+    /// connection leaves the pool. The first connection also starts the
+    /// task that closes idle ones.
+    fn watch<F>(&self, id: u64, protocol: Protocol, conn: F)
+    where
+        F: Future<Output = hyper::Result<()>> + Send + 'static,
+    {
+        let weak = Arc::downgrade(&self.shared);
+        tokio::spawn(async move {
+            if let Err(e) = conn.await {
+                tracing::debug!(error = %super::describe(&e), "upstream connection closed");
+            }
+            if let Some(shared) = weak.upgrade() {
+                shared.closed(id, protocol);
+            }
+        });
+        let start_reaper = !std::mem::replace(&mut self.shared.lock().reaper, true);
+        if start_reaper {
+            tokio::spawn(reap(Arc::downgrade(&self.shared)));
+        }
+    }
+}
+
+enum Next {
+    Connect,
+    AwaitConnection,
+    AwaitRoom,
+}
+
+impl Shared {
+    fn lock(&self) -> MutexGuard<'_, State> {
+        // The state is consistent after every statement that changes it.
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// A connection's task ended: it leaves the pool.
+    fn closed(&self, id: u64, protocol: Protocol) {
+        let gone = {
+            let mut st = self.lock();
+            st.open -= 1;
+            match protocol {
+                Protocol::H2 => st
+                    .h2
+                    .iter()
+                    .position(|c| c.id == id)
+                    .map(|i| Gone::H2(st.h2.swap_remove(i))),
+                Protocol::H1 => st
+                    .idle
+                    .iter()
+                    .position(|c| c.id == id)
+                    .and_then(|i| st.idle.remove(i))
+                    .map(Gone::H1),
+            }
+        };
+        drop(gone);
+        self.metrics.closed(protocol);
+        self.room.notify_waiters();
+    }
+
+    /// A stream of connection `id` ended.
+    fn release_stream(&self, id: u64) {
+        {
+            let mut st = self.lock();
+            if let Some(c) = st.h2.iter_mut().find(|c| c.id == id) {
+                c.in_flight -= 1;
+                if c.in_flight == 0 {
+                    c.idle_since = Instant::now();
+                }
+            }
+        }
+        self.room.notify_one();
+    }
+
+    /// An HTTP/1.1 connection's response ended: it takes the next request,
+    /// unless enough are idle already.
+    fn release_connection(&self, id: u64, send: http1::SendRequest<Body>) {
+        if send.is_closed() {
+            return;
+        }
+        let surplus = {
+            let mut st = self.lock();
+            if st.idle.len() < self.settings.max_idle {
+                st.idle.push_back(Idle {
+                    id,
+                    send,
+                    since: Instant::now(),
+                });
+                None
+            } else {
+                Some(send)
+            }
+        };
+        // Dropped outside the lock: the connection closes.
+        drop(surplus);
+        self.room.notify_one();
+    }
+
+    /// Closes the connections idle for `idle_timeout`.
+    fn reap(&self, now: Instant) {
+        let timeout = self.settings.idle_timeout;
+        let mut gone = Vec::new();
+        {
+            let mut st = self.lock();
+            while st
+                .idle
+                .front()
+                .is_some_and(|c| now.duration_since(c.since) >= timeout)
+            {
+                gone.extend(st.idle.pop_front().map(Gone::H1));
+            }
+            let mut i = 0;
+            while i < st.h2.len() {
+                let c = &st.h2[i];
+                if c.in_flight == 0 && now.duration_since(c.idle_since) >= timeout {
+                    gone.push(Gone::H2(st.h2.swap_remove(i)));
+                } else {
+                    i += 1;
+                }
+            }
+        }
+        if !gone.is_empty() {
+            tracing::debug!(
+                connections = gone.len(),
+                idle_timeout = ?timeout,
+                "closing idle upstream connections"
+            );
+        }
+    }
+}
+
+/// A connection taken out of the pool, dropped (and so closed) outside its
+/// lock.
+#[allow(dead_code)]
+enum Gone {
+    H2(H2Conn),
+    H1(Idle),
+}
+
+impl State {
+    /// A stream on the least loaded HTTP/2 connection with room.
+    fn take_stream(&mut self) -> Option<(u64, http2::SendRequest<Body>)> {
+        let mut best: Option<usize> = None;
+        for (i, c) in self.h2.iter().enumerate() {
+            if c.in_flight >= c.max.load(Ordering::Relaxed) || c.send.is_closed() {
+                continue;
+            }
+            if best.is_none_or(|b| c.in_flight < self.h2[b].in_flight) {
+                best = Some(i);
+            }
+        }
+        let c = &mut self.h2[best?];
+        c.in_flight += 1;
+        self.expected_streams = c.max.load(Ordering::Relaxed).max(1);
+        Some((c.id, c.send.clone()))
+    }
+
+    /// The most recently used idle HTTP/1.1 connection that is still open
+    /// and not past its idle time.
+    fn take_idle(
+        &mut self,
+        now: Instant,
+        timeout: Duration,
+    ) -> Option<(u64, http1::SendRequest<Body>)> {
+        while let Some(c) = self.idle.pop_back() {
+            if !c.send.is_closed() && now.duration_since(c.since) < timeout {
+                return Some((c.id, c.send));
+            }
+        }
+        None
+    }
+}
+
+/// The connection a request went out on, held by its response body until
+/// it ends: then the stream counts free again (HTTP/2), or the connection
+/// takes the next request (HTTP/1.1, if the response was read whole).
+pub struct Lease {
+    shared: Arc<Shared>,
+    conn: Leased,
+    complete: bool,
+}
+
+enum Leased {
+    H2(u64),
+    H1(u64, Option<http1::SendRequest<Body>>),
+}
+
+impl Lease {
+    /// The response was read to its end.
+    pub fn complete(mut self) {
+        self.complete = true;
+    }
+
+    /// The exchange failed: an HTTP/1.1 connection is not used again.
+    fn broken(&mut self) {
+        self.complete = false;
+    }
+}
+
+impl Drop for Lease {
+    fn drop(&mut self) {
+        self.shared.metrics.in_flight.dec();
+        match &mut self.conn {
+            Leased::H2(id) => self.shared.release_stream(*id),
+            Leased::H1(id, send) => {
+                if let (true, Some(send)) = (self.complete, send.take()) {
+                    self.shared.release_connection(*id, send);
+                }
+                // Otherwise the connection is dropped here, and closes.
+            }
+        }
+    }
+}
+
+/// Counts a request among those waiting for a connection being made, as
+/// long as it waits.
+struct Waiting<'a>(&'a Shared);
+
+impl Drop for Waiting<'_> {
+    fn drop(&mut self) {
+        self.0.lock().waiting -= 1;
+    }
+}
+
+/// A connection being made; if it is not made (an error, or the request
+/// went away), the count goes down and waiters look again.
+struct Connecting<'a> {
+    shared: &'a Shared,
+    done: bool,
+}
+
+impl Drop for Connecting<'_> {
+    fn drop(&mut self) {
+        if !self.done {
+            self.shared.lock().connecting -= 1;
+            self.shared.room.notify_waiters();
+        }
+    }
+}
+
+/// An HTTP/2 connection's task, publishing the server's stream limit each
+/// time it is polled (a SETTINGS frame can change it at any time).
+struct Streams<T: Read + Write + Unpin + Send + 'static> {
+    conn: http2::Connection<T, Body, TokioExecutor>,
+    max: Arc<AtomicUsize>,
+}
+
+impl<T: Read + Write + Unpin + Send + 'static> Future for Streams<T> {
+    type Output = hyper::Result<()>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let this = self.get_mut();
+        let polled = Pin::new(&mut this.conn).poll(cx);
+        this.max
+            .store(this.conn.current_max_send_streams(), Ordering::Relaxed);
+        polled
+    }
+}
+
+/// Closes idle connections every quarter of the idle timeout (at least
+/// every second), until the pool is gone.
+async fn reap(shared: Weak<Shared>) {
+    let every = match shared.upgrade() {
+        Some(s) => (s.settings.idle_timeout / 4).max(Duration::from_secs(1)),
+        None => return,
+    };
+    let mut tick = tokio::time::interval(every);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    tick.tick().await;
+    loop {
+        tick.tick().await;
+        match shared.upgrade() {
+            Some(s) => s.reap(Instant::now()),
+            None => return,
+        }
+    }
+}
+
+/// Whether an error says the upstream did not process the request: a
+/// stream above the last one a GOAWAY lets finish, or refused with
+/// `REFUSED_STREAM` (RFC 9113 §8.7). Streams the upstream may have begun
+/// fail otherwise (a reset with another code, a connection that broke).
+fn not_processed(e: &hyper::Error) -> bool {
+    let mut source: Option<&(dyn std::error::Error + 'static)> = Some(e);
+    while let Some(s) = source {
+        if let Some(h2) = s.downcast_ref::<h2::Error>() {
+            return h2.is_remote()
+                && (h2.is_go_away() || h2.reason() == Some(h2::Reason::REFUSED_STREAM));
+        }
+        source = s.source();
+    }
+    false
+}
+
+/// HTTP/1.1: the origin-form target and `Host`.
+fn for_h1(req: &mut Request<Body>, host: &HeaderValue) {
+    if req.uri().scheme().is_some() {
+        let target = req
+            .uri()
+            .path_and_query()
+            .cloned()
+            .map_or_else(|| Uri::from_static("/"), Uri::from);
+        *req.uri_mut() = target;
+    }
+    if !req.headers().contains_key(header::HOST) {
+        req.headers_mut().insert(header::HOST, host.clone());
+    }
+}
+
+/// HTTP/2: the URI's scheme and authority become `:scheme` and
+/// `:authority`; no `host` beside them.
+fn for_h2(req: &mut Request<Body>) {
+    req.headers_mut().remove(header::HOST);
+    *req.version_mut() = http::Version::HTTP_2;
+}
