@@ -52,7 +52,7 @@ struct Inner {
     names: Vec<String>,
     /// Bumped by the rare events a test may wait for (a request waiting for
     /// an upstream slot, a body past the buffer budget), so it need not poll.
-    events: tokio::sync::watch::Sender<u64>,
+    events: Events,
     /// Requests answered before an identity was chosen (bad identity name).
     unrouted: OnceLock<Arc<IdentityMetrics>>,
 }
@@ -174,7 +174,8 @@ impl Metrics {
             "Requests by the proxy worker that accepted their connection (--threads; the kernel spreads connections over workers by SO_REUSEPORT).",
             &["worker"],
         );
-        let upstream = UpstreamMetrics::new();
+        let events = Events::default();
+        let upstream = UpstreamMetrics::new(events.clone());
         let log_lines_dropped = IntCounter::new(
             "qbproxy_log_lines_dropped_total",
             "Log lines (access events included) dropped because the log writer fell behind stderr.",
@@ -236,7 +237,7 @@ impl Metrics {
                 upstream,
                 log_lines_dropped: std::sync::Mutex::new(log_lines_dropped),
                 names,
-                events: tokio::sync::watch::channel(0).0,
+                events,
                 unrouted: OnceLock::new(),
             }),
         }
@@ -346,19 +347,16 @@ impl Metrics {
         self.inner.upstream_429.inc();
     }
 
-    /// Counts an event for [`Metrics::events`]. Without a receiver (no test
-    /// waiting) it does nothing: a receiver sees the changes made after it
-    /// subscribed, and waking no one would still visit every waiter list.
+    /// Counts an event for [`Metrics::events`].
     fn event(&self) {
-        if self.inner.events.receiver_count() > 0 {
-            self.inner.events.send_modify(|n| *n += 1);
-        }
+        self.inner.events.bump();
     }
 
-    /// Changes with every slot wait, every unbuffered body and every
-    /// change of the `qbproxy_cluster_*` gauges.
+    /// Changes with every slot wait, every unbuffered body, every change
+    /// of the `qbproxy_cluster_*` gauges and of the upstream connections
+    /// open.
     pub fn events(&self) -> tokio::sync::watch::Receiver<u64> {
-        self.inner.events.subscribe()
+        self.inner.events.0.subscribe()
     }
 
     /// The Prometheus text exposition of every metric.
@@ -384,6 +382,28 @@ impl Metrics {
 impl Default for Metrics {
     fn default() -> Self {
         Metrics::new()
+    }
+}
+
+/// The channel behind [`Metrics::events`], shared with the series that
+/// bump it.
+#[derive(Clone)]
+struct Events(Arc<tokio::sync::watch::Sender<u64>>);
+
+impl Default for Events {
+    fn default() -> Self {
+        Events(Arc::new(tokio::sync::watch::channel(0).0))
+    }
+}
+
+impl Events {
+    /// Without a receiver (no test waiting) it does nothing: a receiver
+    /// sees the changes made after it subscribed, and waking no one would
+    /// still visit every waiter list.
+    fn bump(&self) {
+        if self.0.receiver_count() > 0 {
+            self.0.send_modify(|n| *n += 1);
+        }
     }
 }
 
@@ -417,16 +437,15 @@ pub struct UpstreamMetrics {
     /// had not processed them.
     pub resent: IntCounter,
     pub connect_errors: IntCounter,
-    /// Requests that waited because every connection a worker may open
-    /// was busy.
-    pub connection_waits: IntCounter,
+    connection_waits: IntCounter,
     handshakes: [IntCounter; 2],
+    events: Events,
     /// The labelled families, for the registry.
     vecs: (IntGaugeVec, IntCounterVec, IntCounterVec),
 }
 
 impl UpstreamMetrics {
-    fn new() -> UpstreamMetrics {
+    fn new(events: Events) -> UpstreamMetrics {
         let open = gauge_vec(
             "qbproxy_upstream_connections",
             "Connections open to the upstream, by protocol (h2, http/1.1).",
@@ -479,6 +498,7 @@ impl UpstreamMetrics {
             resent: resent.clone(),
             connect_errors: connect_errors.clone(),
             connection_waits: connection_waits.clone(),
+            events,
             vecs: (open, opened, handshakes),
         }
     }
@@ -500,10 +520,19 @@ impl UpstreamMetrics {
     pub fn opened(&self, p: Protocol) {
         self.opened[p as usize].inc();
         self.open[p as usize].inc();
+        self.events.bump();
     }
 
     pub fn closed(&self, p: Protocol) {
         self.open[p as usize].dec();
+        self.events.bump();
+    }
+
+    /// A request waits because every connection a worker may open is
+    /// busy.
+    pub fn connection_wait(&self) {
+        self.connection_waits.inc();
+        self.events.bump();
     }
 
     pub fn handshake(&self, resumed: bool) {

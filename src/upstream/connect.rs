@@ -10,6 +10,7 @@
 
 use std::io;
 use std::pin::Pin;
+use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
@@ -35,8 +36,30 @@ pub enum Connected {
     Plain(TokioIo<TcpStream>),
     /// TLS, HTTP/1.1.
     Tls(TokioIo<TlsStream<TcpStream>>),
-    /// TLS, HTTP/2 by ALPN.
-    H2(Coalesced<TokioIo<FrameWatch<TlsStream<TcpStream>>>>),
+    /// TLS, HTTP/2 by ALPN; the GOAWAY its server sends, when it does.
+    H2(
+        Coalesced<TokioIo<FrameWatch<TlsStream<TcpStream>>>>,
+        Arc<Goaway>,
+    ),
+}
+
+/// The last stream a server's GOAWAY lets finish: every stream it names
+/// or one below was or will be processed, none above it was.
+#[derive(Debug, Default)]
+pub struct Goaway(AtomicU32);
+
+impl Goaway {
+    /// Stream ids are 31 bits; this marks "no GOAWAY yet".
+    const NONE: u32 = u32::MAX;
+
+    /// How many of the streams this client opened the server processed
+    /// (client streams are 1, 3, 5...), if it sent a GOAWAY.
+    pub fn processed(&self) -> Option<u64> {
+        match self.0.load(Ordering::Relaxed) {
+            Goaway::NONE => None,
+            last => Some(u64::from(last).div_ceil(2)),
+        }
+    }
 }
 
 /// Makes connections to one upstream.
@@ -122,8 +145,9 @@ impl Connector {
         self.metrics
             .handshake(session.handshake_kind() == Some(rustls::HandshakeKind::Resumed));
         Ok(if session.alpn_protocol() == Some(b"h2") {
-            let watched = FrameWatch::new(stream, self.metrics.goaways.clone());
-            Connected::H2(Coalesced::new(TokioIo::new(watched), true))
+            let goaway = Arc::new(Goaway(AtomicU32::new(Goaway::NONE)));
+            let watched = FrameWatch::new(stream, self.metrics.goaways.clone(), goaway.clone());
+            Connected::H2(Coalesced::new(TokioIo::new(watched), true), goaway)
         } else {
             Connected::Tls(TokioIo::new(stream))
         })
@@ -131,32 +155,40 @@ impl Connector {
 }
 
 /// An HTTP/2 connection's byte stream, read frame header by frame header
-/// to count the GOAWAY frames the server sends: it sends one before it
-/// closes (nginx after `keepalive_requests`, at its idle timeout, on
-/// reload), and hyper only says that the connection ended.
+/// for the GOAWAY frames the server sends: it sends one before it closes
+/// (nginx after `keepalive_requests`, at its idle timeout, on reload), and
+/// hyper only says that the connection ended. Each is counted, and the
+/// last stream it lets finish is kept (the pool learns from it how many
+/// requests the server takes on one connection).
 pub struct FrameWatch<T> {
     io: T,
     scan: FrameScan,
     goaways: IntCounter,
+    goaway: Arc<Goaway>,
 }
 
 impl<T> FrameWatch<T> {
-    fn new(io: T, goaways: IntCounter) -> Self {
+    fn new(io: T, goaways: IntCounter, goaway: Arc<Goaway>) -> Self {
         FrameWatch {
             io,
             scan: FrameScan::default(),
             goaways,
+            goaway,
         }
     }
 }
 
 /// Where the reader is in the server's frames (RFC 9113 §4.1: a 9-byte
 /// header whose first three bytes are the payload's length, the fourth its
-/// type). The server's side of a connection starts with a frame.
+/// type). The server's side of a connection starts with a frame. A
+/// GOAWAY's payload opens with the last stream id (31 bits, §6.8).
 #[derive(Default)]
 struct FrameScan {
-    header: [u8; 9],
+    /// A frame header, then a GOAWAY's last stream id, as they arrive.
+    bytes: [u8; 9],
     have: usize,
+    /// Reading a GOAWAY's last stream id rather than a header.
+    in_goaway: bool,
     /// Payload bytes still to pass over.
     skip: usize,
 }
@@ -165,31 +197,37 @@ struct FrameScan {
 const GOAWAY: u8 = 0x7;
 
 impl FrameScan {
-    /// Reads `data`, the next bytes of the stream; returns how many GOAWAY
-    /// frame headers it completed.
-    fn feed(&mut self, mut data: &[u8]) -> u64 {
-        let mut goaways = 0;
+    /// Reads `data`, the next bytes of the stream; returns the last stream
+    /// id of every GOAWAY frame it completed.
+    fn feed(&mut self, mut data: &[u8], mut goaway: impl FnMut(u32)) {
         while !data.is_empty() {
-            if self.skip > 0 {
+            let want = if self.in_goaway { 4 } else { 9 };
+            if self.skip > 0 && !self.in_goaway {
                 let n = self.skip.min(data.len());
                 self.skip -= n;
                 data = &data[n..];
                 continue;
             }
-            let n = (9 - self.have).min(data.len());
-            self.header[self.have..self.have + n].copy_from_slice(&data[..n]);
+            let n = (want - self.have).min(data.len());
+            self.bytes[self.have..self.have + n].copy_from_slice(&data[..n]);
             self.have += n;
             data = &data[n..];
-            if self.have == 9 {
-                let h = &self.header;
-                self.skip = usize::from(h[0]) << 16 | usize::from(h[1]) << 8 | usize::from(h[2]);
-                if h[3] == GOAWAY {
-                    goaways += 1;
-                }
-                self.have = 0;
+            if self.have < want {
+                continue;
+            }
+            self.have = 0;
+            let b = &self.bytes;
+            if self.in_goaway {
+                self.in_goaway = false;
+                self.skip -= 4;
+                goaway(u32::from_be_bytes([b[0], b[1], b[2], b[3]]) & 0x7fff_ffff);
+            } else {
+                self.skip = usize::from(b[0]) << 16 | usize::from(b[1]) << 8 | usize::from(b[2]);
+                // A GOAWAY shorter than its fixed 8 bytes is a protocol
+                // error that h2 reports; it is passed over here.
+                self.in_goaway = b[3] == GOAWAY && self.skip >= 8;
             }
         }
-        goaways
     }
 }
 
@@ -203,11 +241,15 @@ impl<T: AsyncRead + Unpin> AsyncRead for FrameWatch<T> {
         let before = buf.filled().len();
         let polled = Pin::new(&mut this.io).poll_read(cx, buf);
         if let Poll::Ready(Ok(())) = polled {
-            let seen = this.scan.feed(&buf.filled()[before..]);
-            if seen > 0 {
-                this.goaways.inc_by(seen);
-                tracing::debug!("the upstream sent GOAWAY: no new requests go on this connection");
-            }
+            let (goaways, goaway) = (&this.goaways, &this.goaway);
+            this.scan.feed(&buf.filled()[before..], |last| {
+                goaways.inc();
+                goaway.0.store(last, Ordering::Relaxed);
+                tracing::debug!(
+                    last_stream = last,
+                    "the upstream sent GOAWAY: no new requests go on this connection"
+                );
+            });
         }
         polled
     }
@@ -247,11 +289,12 @@ impl<T: AsyncWrite + Unpin> AsyncWrite for FrameWatch<T> {
 mod tests {
     use super::*;
 
-    fn frame(kind: u8, payload: usize) -> Vec<u8> {
+    fn frame(kind: u8, payload: &[u8]) -> Vec<u8> {
+        let len = payload.len();
         let mut f = vec![
-            (payload >> 16) as u8,
-            (payload >> 8) as u8,
-            payload as u8,
+            (len >> 16) as u8,
+            (len >> 8) as u8,
+            len as u8,
             kind,
             0,
             0,
@@ -259,25 +302,46 @@ mod tests {
             0,
             0,
         ];
-        f.resize(9 + payload, 0x7);
+        f.extend_from_slice(payload);
         f
     }
 
-    /// GOAWAY frames are counted wherever the reads split the stream, and
-    /// a payload byte that looks like GOAWAY's type is not one.
+    fn goaway(last: u32, debug: &[u8]) -> Vec<u8> {
+        let mut payload = last.to_be_bytes().to_vec();
+        payload.extend_from_slice(&[0, 0, 0, 0]); // NO_ERROR
+        payload.extend_from_slice(debug);
+        frame(GOAWAY, &payload)
+    }
+
+    /// GOAWAY frames and their last stream ids are read wherever the reads
+    /// split the stream, and payload bytes that look like a GOAWAY's type
+    /// are not one.
     #[test]
-    fn goaway_frames_are_counted_across_any_split() {
+    fn goaway_frames_are_read_across_any_split() {
         let mut stream = Vec::new();
-        stream.extend(frame(0x4, 18)); // SETTINGS
-        stream.extend(frame(0x1, 40)); // HEADERS (payload of 0x07 bytes)
-        stream.extend(frame(GOAWAY, 8));
-        stream.extend(frame(0x0, 70_000)); // DATA, a long one
-        stream.extend(frame(GOAWAY, 8));
-        for chunk in [1, 2, 5, 9, 10, 4096, stream.len()] {
+        stream.extend(frame(0x4, &[0x7; 18])); // SETTINGS
+        stream.extend(frame(0x1, &[0x7; 40])); // HEADERS
+        stream.extend(goaway(0x8000_0000 | 2_147_483_647, b""));
+        stream.extend(frame(0x0, &vec![0x7; 70_000])); // DATA, a long one
+        stream.extend(goaway(19, b"too many requests"));
+        for chunk in [1, 2, 5, 9, 10, 13, 4096, stream.len()] {
             let mut scan = FrameScan::default();
-            let seen: u64 = stream.chunks(chunk).map(|c| scan.feed(c)).sum();
-            assert_eq!(seen, 2, "read {chunk} bytes at a time");
-            assert_eq!((scan.have, scan.skip), (0, 0));
+            let mut seen = Vec::new();
+            for c in stream.chunks(chunk) {
+                scan.feed(c, |last| seen.push(last));
+            }
+            assert_eq!(seen, [2_147_483_647, 19], "read {chunk} bytes at a time");
+            assert_eq!((scan.have, scan.skip, scan.in_goaway), (0, 0, false));
         }
+    }
+
+    #[test]
+    fn a_goaway_says_how_many_client_streams_were_processed() {
+        let g = Goaway(AtomicU32::new(Goaway::NONE));
+        assert_eq!(g.processed(), None);
+        g.0.store(19, Ordering::Relaxed);
+        assert_eq!(g.processed(), Some(10));
+        g.0.store(0, Ordering::Relaxed);
+        assert_eq!(g.processed(), Some(0));
     }
 }

@@ -54,7 +54,7 @@ pub fn pools(
         .map(|_| {
             Client::new(
                 connect::Connector::new(cfg, tls.clone(), metrics.clone()),
-                cfg.host.clone(),
+                cfg,
                 settings.clone(),
                 metrics.clone(),
             )

@@ -28,6 +28,7 @@ use std::sync::{Arc, Mutex, MutexGuard, Weak};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
+use http::uri::{Authority, Scheme};
 use http::{header, HeaderValue, Request, Response, Uri};
 use hyper::body::Incoming;
 use hyper::client::conn::{http1, http2};
@@ -36,7 +37,7 @@ use hyper_util::rt::{TokioExecutor, TokioTimer};
 use tokio::sync::Notify;
 use tokio::time::{timeout_at, Instant};
 
-use super::connect::{Connected, Connector};
+use super::connect::{Connected, Connector, Goaway};
 use super::SendError;
 use crate::body::Body;
 use crate::config::UpstreamConfig;
@@ -47,8 +48,10 @@ use crate::metrics::{Protocol, UpstreamMetrics};
 /// servers to allow at least 100).
 const ASSUMED_STREAMS: usize = 100;
 
-/// Times one request is sent when the upstream did not process it.
-const MAX_ATTEMPTS: usize = 4;
+/// Times one request is sent when the upstream did not process it: a
+/// refusal costs the upstream nothing, but a server that refuses
+/// everything must not keep a request going round until its deadline.
+const MAX_ATTEMPTS: usize = 10;
 
 /// One worker's share of `[upstream]`.
 #[derive(Clone, Debug)]
@@ -85,6 +88,9 @@ struct Shared {
     connector: Connector,
     /// `Host` of HTTP/1.1 requests (HTTP/2 sends the URI's authority).
     host: HeaderValue,
+    /// The upstream's scheme and authority, for an HTTP/2 request whose
+    /// target an HTTP/1.1 attempt made origin-form.
+    origin: (Scheme, Authority),
     settings: Settings,
     state: Mutex<State>,
     /// Signalled when a stream, a connection or room for one frees up.
@@ -108,6 +114,12 @@ struct State {
     /// will most likely speak), and the streams it allowed.
     likely_h2: bool,
     expected_streams: usize,
+    /// Requests the server takes on one HTTP/2 connection before it sends
+    /// GOAWAY (nginx's `keepalive_requests`, 1000 by default), learnt from
+    /// a GOAWAY that refused streams: a connection that has carried that
+    /// many takes no more, so none is refused again. Forgotten when a
+    /// connection that reached it idles out without a GOAWAY.
+    budget: Option<u64>,
     reaper: bool,
 }
 
@@ -115,6 +127,9 @@ struct H2Conn {
     id: u64,
     send: http2::SendRequest<Body>,
     in_flight: usize,
+    /// Streams opened on it, ever.
+    sent: u64,
+    goaway: Arc<Goaway>,
     /// The server's current stream limit, kept by the connection's task.
     max: Arc<AtomicUsize>,
     /// Since when nothing has been in flight.
@@ -136,7 +151,7 @@ enum Checkout {
 impl Client {
     pub fn new(
         connector: Connector,
-        host: HeaderValue,
+        cfg: &UpstreamConfig,
         settings: Settings,
         metrics: UpstreamMetrics,
     ) -> Client {
@@ -144,7 +159,8 @@ impl Client {
         Client {
             shared: Arc::new(Shared {
                 connector,
-                host,
+                host: cfg.host.clone(),
+                origin: (cfg.scheme.clone(), cfg.authority.clone()),
                 settings,
                 state: Mutex::new(State {
                     likely_h2,
@@ -175,7 +191,7 @@ impl Client {
             let (mut lease, result) = match checkout {
                 Checkout::H2(id, mut send) => {
                     let lease = self.lease(Leased::H2(id));
-                    for_h2(&mut req);
+                    for_h2(&mut req, &self.shared.origin);
                     (lease, send.try_send_request(req).await)
                 }
                 Checkout::H1(id, mut send) => {
@@ -206,7 +222,9 @@ impl Client {
                     attempt += 1;
                     req = next;
                 }
-                _ => return Err(SendError::Failed(super::describe(&e.into_error()))),
+                _ => {
+                    return Err(SendError::Failed(super::describe(&e.into_error())));
+                }
             }
         }
     }
@@ -238,7 +256,12 @@ impl Client {
                 {
                     return Ok(Checkout::H1(id, send));
                 }
-                let per_connection = if st.likely_h2 { st.expected_streams } else { 1 };
+                let per_connection = if st.likely_h2 {
+                    let budget = st.budget.map_or(usize::MAX, |b| b as usize);
+                    st.expected_streams.min(budget)
+                } else {
+                    1
+                };
                 if st.waiting < st.connecting * per_connection {
                     st.waiting += 1;
                     Next::AwaitConnection
@@ -258,7 +281,7 @@ impl Client {
                         .map_err(|_| SendError::Busy)?;
                 }
                 Next::AwaitRoom => {
-                    shared.metrics.connection_waits.inc();
+                    shared.metrics.connection_wait();
                     timeout_at(deadline, notified)
                         .await
                         .map_err(|_| SendError::Busy)?;
@@ -292,10 +315,13 @@ impl Client {
         };
         let handshake = async {
             Ok(match io {
-                Connected::H2(io) => {
-                    let (send, conn) = self.h2_builder().handshake(io).await?;
-                    let max = Arc::new(AtomicUsize::new(ASSUMED_STREAMS));
-                    let id = self.register_h2(send.clone(), max.clone());
+                Connected::H2(io, goaway) => {
+                    // The last connection's limit until this one's SETTINGS
+                    // say (h2 itself keeps to it until then).
+                    let expected = self.shared.lock().expected_streams;
+                    let (send, conn) = self.h2_builder(expected).handshake(io).await?;
+                    let max = Arc::new(AtomicUsize::new(expected));
+                    let id = self.register_h2(send.clone(), max.clone(), goaway);
                     self.watch(id, Protocol::H2, Streams { conn, max });
                     Checkout::H2(id, send)
                 }
@@ -320,10 +346,11 @@ impl Client {
         Ok(checkout)
     }
 
-    fn h2_builder(&self) -> http2::Builder<TokioExecutor> {
+    fn h2_builder(&self, expected_streams: usize) -> http2::Builder<TokioExecutor> {
         let s = &self.shared.settings;
         let mut b = http2::Builder::new(TokioExecutor::new());
-        b.timer(TokioTimer::new());
+        b.timer(TokioTimer::new())
+            .initial_max_send_streams(expected_streams);
         if let Some(interval) = s.ping_interval {
             b.keep_alive_interval(interval)
                 .keep_alive_timeout(s.ping_timeout)
@@ -351,7 +378,12 @@ impl Client {
     }
 
     /// Adds a new HTTP/2 connection, its first stream taken.
-    fn register_h2(&self, send: http2::SendRequest<Body>, max: Arc<AtomicUsize>) -> u64 {
+    fn register_h2(
+        &self,
+        send: http2::SendRequest<Body>,
+        max: Arc<AtomicUsize>,
+        goaway: Arc<Goaway>,
+    ) -> u64 {
         let mut st = self.shared.lock();
         st.connecting -= 1;
         st.open += 1;
@@ -362,6 +394,8 @@ impl Client {
             id,
             send,
             in_flight: 1,
+            sent: 1,
+            goaway,
             max,
             idle_since: Instant::now(),
         });
@@ -411,11 +445,17 @@ impl Shared {
             let mut st = self.lock();
             st.open -= 1;
             match protocol {
-                Protocol::H2 => st
-                    .h2
-                    .iter()
-                    .position(|c| c.id == id)
-                    .map(|i| Gone::H2(st.h2.swap_remove(i))),
+                Protocol::H2 => {
+                    let gone = st
+                        .h2
+                        .iter()
+                        .position(|c| c.id == id)
+                        .map(|i| st.h2.swap_remove(i));
+                    if let Some(c) = &gone {
+                        st.learn_budget(c);
+                    }
+                    gone.map(Gone::H2)
+                }
                 Protocol::H1 => st
                     .idle
                     .iter()
@@ -484,6 +524,11 @@ impl Shared {
             while i < st.h2.len() {
                 let c = &st.h2[i];
                 if c.in_flight == 0 && now.duration_since(c.idle_since) >= timeout {
+                    if st.budget.is_some_and(|b| c.sent >= b) {
+                        // It took no more requests, and the server never
+                        // said it would refuse them: the budget was low.
+                        st.budget = None;
+                    }
                     gone.push(Gone::H2(st.h2.swap_remove(i)));
                 } else {
                     i += 1;
@@ -509,11 +554,16 @@ enum Gone {
 }
 
 impl State {
-    /// A stream on the least loaded HTTP/2 connection with room.
+    /// A stream on the least loaded HTTP/2 connection with room (under the
+    /// server's stream limit and, if one was learnt, its budget).
     fn take_stream(&mut self) -> Option<(u64, http2::SendRequest<Body>)> {
         let mut best: Option<usize> = None;
+        let budget = self.budget.unwrap_or(u64::MAX);
         for (i, c) in self.h2.iter().enumerate() {
-            if c.in_flight >= c.max.load(Ordering::Relaxed) || c.send.is_closed() {
+            if c.in_flight >= c.max.load(Ordering::Relaxed)
+                || c.sent >= budget
+                || c.send.is_closed()
+            {
                 continue;
             }
             if best.is_none_or(|b| c.in_flight < self.h2[b].in_flight) {
@@ -522,8 +572,25 @@ impl State {
         }
         let c = &mut self.h2[best?];
         c.in_flight += 1;
+        c.sent += 1;
         self.expected_streams = c.max.load(Ordering::Relaxed).max(1);
         Some((c.id, c.send.clone()))
+    }
+
+    /// A connection that a GOAWAY closed after refusing streams tells how
+    /// many requests the server takes on one connection.
+    fn learn_budget(&mut self, c: &H2Conn) {
+        let Some(processed) = c.goaway.processed() else {
+            return;
+        };
+        if c.sent > processed && self.budget != Some(processed.max(1)) {
+            self.budget = Some(processed.max(1));
+            tracing::info!(
+                requests = processed,
+                "the upstream sends GOAWAY after this many requests on an HTTP/2 connection; \
+                 qbproxy opens the next connection before, so no request is refused"
+            );
+        }
     }
 
     /// The most recently used idle HTTP/1.1 connection that is still open
@@ -680,7 +747,15 @@ fn for_h1(req: &mut Request<Body>, host: &HeaderValue) {
 
 /// HTTP/2: the URI's scheme and authority become `:scheme` and
 /// `:authority`; no `host` beside them.
-fn for_h2(req: &mut Request<Body>) {
+fn for_h2(req: &mut Request<Body>, (scheme, authority): &(Scheme, Authority)) {
     req.headers_mut().remove(header::HOST);
     *req.version_mut() = http::Version::HTTP_2;
+    if req.uri().scheme().is_none() {
+        let mut parts = std::mem::take(req.uri_mut()).into_parts();
+        parts.scheme = Some(scheme.clone());
+        parts.authority = Some(authority.clone());
+        if let Ok(uri) = Uri::from_parts(parts) {
+            *req.uri_mut() = uri;
+        }
+    }
 }

@@ -146,7 +146,8 @@ impl Edge {
         logs
     }
 
-    /// The edge's access log lines (nginx: one per request).
+    /// The edge's access log lines (nginx: one per request: connection
+    /// number, its request count, protocol, method, target, status).
     pub fn access_lines(&self) -> Vec<String> {
         std::fs::read_to_string(self.dir.path().join("access.log"))
             .unwrap_or_default()
@@ -208,7 +209,8 @@ pid {d}/nginx.pid;
 error_log {d}/error.log info;
 events {{ worker_connections 4096; }}
 http {{
-    access_log {d}/access.log;
+    log_format qb '$connection $connection_requests $server_protocol $request_method $request_uri $status';
+    access_log {d}/access.log qb;
     client_body_temp_path {d}/body;
     proxy_temp_path {d}/proxy;
     fastcgi_temp_path {d}/fastcgi;

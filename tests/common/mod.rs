@@ -25,6 +25,7 @@ use tokio::task::JoinHandle;
 pub mod certs;
 pub mod edge;
 pub mod redis_server;
+pub mod relay;
 
 /// Every wait in a test is bounded by this, so a broken build fails
 /// instead of hanging. It is not a measure of speed.

@@ -1,0 +1,303 @@
+//! qbproxy's connections to the upstream (`upstream/pool.rs`), against a
+//! real nginx where the behaviour is nginx's (stream limits, GOAWAY after
+//! `keepalive_requests`, idle closes, TLS session tickets), and against the
+//! simulator where only the count of connections matters. Every test
+//! asserts what the upstream received, not only what the client saw.
+
+mod common;
+
+use std::collections::BTreeMap;
+
+use bytes::Bytes;
+use common::edge::{Edge, Options, Server};
+use common::relay::Relay;
+use common::{bounded, demo_sim, setup, Harness, Setup};
+use http::Method;
+
+const H2_OPEN: &str = "qbproxy_upstream_connections{protocol=\"h2\"}";
+const H1_OPEN: &str = "qbproxy_upstream_connections{protocol=\"http/1.1\"}";
+const H2_OPENED: &str = "qbproxy_upstream_connections_opened_total{protocol=\"h2\"}";
+const H1_OPENED: &str = "qbproxy_upstream_connections_opened_total{protocol=\"http/1.1\"}";
+
+/// qbproxy in front of `url` (an edge, or a relay in front of one), trusting
+/// the edge's CA; the user "demo" is the identity.
+fn in_front_of(url: &str, edge: &Edge) -> Setup {
+    setup()
+        .upstream_url(url)
+        .set("upstream", "ca_file", &format!("{:?}", edge.ca_file()))
+}
+
+async fn nginx(sim: &qbproxy::sim::Sim, options: Options) -> Edge {
+    Edge::start(Server::Nginx, sim.addr(), options).await
+}
+
+/// nginx allows 4 streams per connection: ten requests in flight at once
+/// take three connections (hyper-util's pool kept one and queued six), and
+/// none is refused for going past the limit.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn more_http2_connections_open_when_the_servers_streams_run_out() {
+    let sim = demo_sim().await;
+    let edge = nginx(
+        &sim,
+        Options {
+            max_streams: 4,
+            ..Options::default()
+        },
+    )
+    .await;
+    let h = in_front_of(&edge.url(), &edge)
+        .sim(sim.clone())
+        .start()
+        .await;
+    h.ready().await;
+    assert_eq!(h.metric(H2_OPENED), 1, "the session's connection");
+    let gate = sim.gate("/slow");
+    let sent: Vec<_> = (0..10)
+        .map(|i| h.spawn_send(Method::GET, format!("/slow{i}.json"), &[], ""))
+        .collect();
+    bounded(
+        "ten requests held",
+        sim.wait_until(|s| s.held_at_gates() == 10),
+    )
+    .await;
+    assert_eq!(h.metric(H2_OPENED), 3, "{}", edge.log());
+    assert_eq!(h.metric(H2_OPEN), 3);
+    assert_eq!(h.metric("qbproxy_upstream_in_flight"), 10);
+    gate.add_permits(10);
+    for s in sent {
+        let a = bounded("a held request", s).await.unwrap();
+        assert_eq!(a.status, 200, "{}", a.text());
+    }
+    assert_eq!(h.metric("qbproxy_upstream_resent_total"), 0);
+    assert_eq!(h.metric("qbproxy_upstream_in_flight"), 0);
+    // nginx's own record: no connection carried more than four of them.
+    let mut per_connection: BTreeMap<String, usize> = BTreeMap::new();
+    for line in edge.access_lines() {
+        if line.contains("/slow") {
+            *per_connection
+                .entry(line.split(' ').next().unwrap().to_owned())
+                .or_default() += 1;
+        }
+    }
+    assert_eq!(per_connection.values().sum::<usize>(), 10);
+    assert!(
+        per_connection.values().all(|n| *n <= 4),
+        "{per_connection:?}"
+    );
+}
+
+/// nginx sends GOAWAY after every 10 requests on a connection; 300
+/// requests (GETs and POSTs) 30 at a time all succeed, each reaches the
+/// upstream exactly once, and the refused ones were sent again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn goaway_after_keepalive_requests_loses_no_request_and_sends_none_twice() {
+    let sim = demo_sim().await;
+    let edge = nginx(
+        &sim,
+        Options {
+            keepalive_requests: 10,
+            ..Options::default()
+        },
+    )
+    .await;
+    let h = in_front_of(&edge.url(), &edge)
+        .sim(sim.clone())
+        .start()
+        .await;
+    h.ready().await;
+    churn(&h, 300, 30).await;
+    let m = metrics(&h);
+    assert!(h.metric("qbproxy_upstream_goaways_total") >= 29, "{m}");
+    assert!(
+        h.metric("qbproxy_upstream_goaways_total") >= h.metric(H2_OPENED) - h.metric(H2_OPEN),
+        "a GOAWAY for every connection closed: {m}"
+    );
+    // Refused streams went again; once the budget of 10 requests per
+    // connection was learnt, no more were refused.
+    let resent = h.metric("qbproxy_upstream_resent_total");
+    assert!((1..=60).contains(&resent), "{m}");
+}
+
+/// Sends `n` requests, `at_once` at a time, half of them POSTs; asserts
+/// every one succeeded and reached the simulator exactly once.
+async fn churn(h: &Harness, n: usize, at_once: usize) {
+    let mut ids = (0..n).peekable();
+    let mut running = tokio::task::JoinSet::new();
+    while ids.peek().is_some() || !running.is_empty() {
+        while running.len() < at_once {
+            let Some(i) = ids.next() else { break };
+            let (method, body) = if i % 2 == 0 {
+                (Method::GET, Bytes::new())
+            } else {
+                (Method::POST, Bytes::from(format!("{{\"n\":{i}}}")))
+            };
+            let call = h.spawn_send(
+                method,
+                format!("/data/Churn.json?n={i}"),
+                &[("Content-Type", "application/json")],
+                body,
+            );
+            running.spawn(async move { (i, call.await.unwrap()) });
+        }
+        if let Some(done) = bounded("a request", running.join_next()).await {
+            let (i, a) = done.unwrap();
+            assert_eq!(a.status, 200, "request {i}: {}", a.text());
+        }
+    }
+    let mut seen = vec![0usize; n];
+    for r in h.sim.requests() {
+        if let Some(i) = r.path_and_query.strip_prefix("/data/Churn.json?n=") {
+            seen[i.parse::<usize>().unwrap()] += 1;
+        }
+    }
+    let twice: Vec<_> = (0..n).filter(|i| seen[*i] != 1).collect();
+    assert!(twice.is_empty(), "not received exactly once: {twice:?}");
+}
+
+fn metrics(h: &Harness) -> String {
+    h.handle
+        .metrics_text()
+        .lines()
+        .filter(|l| l.starts_with("qbproxy_upstream"))
+        .collect::<Vec<_>>()
+        .join("\n")
+}
+
+/// nginx closes connections idle for a second (HTTP/2 with GOAWAY,
+/// HTTP/1.1 with a FIN); qbproxy sees each close, and the next request goes
+/// on a new connection without an error.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_upstream_idle_close_costs_no_request() {
+    for (http2, open) in [(true, H2_OPEN), (false, H1_OPEN)] {
+        let sim = demo_sim().await;
+        let edge = nginx(
+            &sim,
+            Options {
+                keepalive_timeout: 1,
+                http2,
+                ..Options::default()
+            },
+        )
+        .await;
+        let h = in_front_of(&edge.url(), &edge)
+            .sim(sim.clone())
+            .start()
+            .await;
+        h.ready().await;
+        for round in 0..2 {
+            let a = h.get("/users.json").await;
+            assert_eq!(a.status, 200, "round {round}: {}", a.text());
+            // nginx closes the idle connection; nothing was sent on it.
+            h.metric_becomes(open, 0).await;
+        }
+        assert_eq!(sim.requests_to("/users"), 2);
+        assert_eq!(h.metric("qbproxy_upstream_resent_total"), 0);
+    }
+}
+
+/// A load balancer that drops idle connections without a word (AWS ALB, a
+/// NAT gateway): HTTP/2 PINGs go unanswered, qbproxy closes the connection
+/// before any request meets it, and the next request opens a new one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pings_find_a_connection_a_load_balancer_dropped_silently() {
+    let sim = demo_sim().await;
+    let edge = nginx(&sim, Options::default()).await;
+    let relay = Relay::start(([127, 0, 0, 1], edge.port).into()).await;
+    let h = in_front_of(&format!("https://localhost:{}", relay.addr.port()), &edge)
+        .set("upstream", "ping_interval", "\"200ms\"")
+        .set("upstream", "ping_timeout", "\"300ms\"")
+        .sim(sim.clone())
+        .start()
+        .await;
+    h.ready().await;
+    assert_eq!(h.get("/users.json").await.status, 200);
+    assert_eq!(h.metric(H2_OPEN), 1);
+    relay.drop_open_connections_silently();
+    // The unanswered PING closes it, with no request involved.
+    h.metric_becomes(H2_OPEN, 0).await;
+    assert_eq!(sim.requests_to("/users"), 1);
+    let a = h.get("/users.json").await;
+    assert_eq!(a.status, 200, "{}", a.text());
+    assert_eq!(relay.accepted(), 2);
+    assert_eq!(sim.requests_to("/users"), 2);
+}
+
+/// Every connection after the first resumes a TLS session (nginx's session
+/// tickets), over HTTP/2 and HTTP/1.1: nginx closes each connection after
+/// one request, so each request makes a new one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn new_connections_resume_tls_sessions() {
+    for http2 in [true, false] {
+        let sim = demo_sim().await;
+        let edge = nginx(
+            &sim,
+            Options {
+                keepalive_requests: 1,
+                http2,
+                ..Options::default()
+            },
+        )
+        .await;
+        let h = in_front_of(&edge.url(), &edge)
+            .sim(sim.clone())
+            .start()
+            .await;
+        h.ready().await;
+        for _ in 0..3 {
+            assert_eq!(h.get("/users.json").await.status, 200);
+        }
+        let full = h.metric("qbproxy_upstream_tls_handshakes_total{kind=\"full\"}");
+        let resumed = h.metric("qbproxy_upstream_tls_handshakes_total{kind=\"resumed\"}");
+        assert_eq!(full, 1, "http2 {http2}: {}", metrics(&h));
+        assert_eq!(resumed, 3, "http2 {http2}: {}", metrics(&h));
+    }
+}
+
+/// Over HTTP/1.1 a connection carries one request at a time: with
+/// `upstream.max_connections = 2`, six requests in flight take two
+/// connections, the rest wait their turn, and all succeed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn http1_connections_are_capped_and_kept_alive() {
+    let h = setup()
+        .set("upstream", "max_connections", "2")
+        .start()
+        .await;
+    h.ready().await;
+    let gate = h.sim.gate("/slow");
+    let sent: Vec<_> = (0..6)
+        .map(|i| h.spawn_send(Method::GET, format!("/slow{i}.json"), &[], ""))
+        .collect();
+    bounded(
+        "two requests held",
+        h.sim.wait_until(|s| s.held_at_gates() == 2),
+    )
+    .await;
+    h.metric_reaches("qbproxy_upstream_connection_waits_total", 4)
+        .await;
+    gate.add_permits(6);
+    for s in sent {
+        assert_eq!(bounded("a request", s).await.unwrap().status, 200);
+    }
+    assert_eq!(h.sim.max_held_at_gates(), 2);
+    assert_eq!(h.metric(H1_OPENED), 2, "{}", metrics(&h));
+    assert!(
+        h.sim.connections() <= 2,
+        "kept alive: {}",
+        h.sim.connections()
+    );
+}
+
+/// Idle connections are closed after `upstream.pool_idle_timeout`, before
+/// the upstream's own idle timeout would close them under a request.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idle_connections_close_after_pool_idle_timeout() {
+    let h = setup()
+        .set("upstream", "pool_idle_timeout", "\"1s\"")
+        .start()
+        .await;
+    h.ready().await;
+    assert_eq!(h.get("/users.json").await.status, 200);
+    h.metric_becomes(H1_OPEN, 0).await;
+    assert_eq!(h.get("/users.json").await.status, 200);
+    assert_eq!(h.metric(H1_OPENED), 2);
+}
