@@ -301,3 +301,125 @@ async fn idle_connections_close_after_pool_idle_timeout() {
     assert_eq!(h.get("/users.json").await.status, 200);
     assert_eq!(h.metric(H1_OPENED), 2);
 }
+
+/// What the scripted HTTP/2 server does with each request, in turn.
+#[derive(Clone, Copy, Debug)]
+enum Then {
+    /// `RST_STREAM(REFUSED_STREAM)`: not processed (RFC 9113 §8.7).
+    Refuse,
+    /// `RST_STREAM(INTERNAL_ERROR)` once the request arrived: it may have
+    /// been processed.
+    Reset,
+    Answer,
+}
+
+/// An HTTP/2 server over TLS that treats requests as scripted, recording
+/// each (method, path, what it did). A stand-in only for what nginx does
+/// not do on demand: refuse or reset one given stream.
+async fn scripted_h2(
+    script: Vec<Then>,
+) -> (
+    std::net::SocketAddr,
+    common::certs::Ca,
+    std::sync::Arc<std::sync::Mutex<Vec<(String, Then)>>>,
+) {
+    use rustls::pki_types::pem::PemObject;
+    use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+    let ca = common::certs::Ca::new("scripted");
+    let (cert, key) = ca.ecdsa_leaf();
+    let mut tls = rustls::ServerConfig::builder_with_provider(std::sync::Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .unwrap()
+    .with_no_client_auth()
+    .with_single_cert(
+        vec![CertificateDer::from_pem_slice(cert.as_bytes()).unwrap()],
+        PrivateKeyDer::from_pem_slice(key.as_bytes()).unwrap(),
+    )
+    .unwrap();
+    tls.alpn_protocols = vec![b"h2".to_vec()];
+    let acceptor = tokio_rustls::TlsAcceptor::from(std::sync::Arc::new(tls));
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let seen = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let script = std::sync::Arc::new(std::sync::Mutex::new(script.into_iter()));
+    let (log, steps) = (seen.clone(), script.clone());
+    tokio::spawn(async move {
+        while let Ok((tcp, _)) = listener.accept().await {
+            let Ok(tls) = acceptor.accept(tcp).await else {
+                continue;
+            };
+            let (log, steps) = (log.clone(), steps.clone());
+            tokio::spawn(async move {
+                let mut conn = h2::server::handshake(tls).await.unwrap();
+                while let Some(Ok((req, mut respond))) = conn.accept().await {
+                    let then = steps.lock().unwrap().next().unwrap_or(Then::Answer);
+                    log.lock()
+                        .unwrap()
+                        .push((format!("{} {}", req.method(), req.uri().path()), then));
+                    match then {
+                        Then::Refuse => respond.send_reset(h2::Reason::REFUSED_STREAM),
+                        Then::Reset => respond.send_reset(h2::Reason::INTERNAL_ERROR),
+                        Then::Answer => {
+                            let resp = http::Response::builder()
+                                .header("content-type", "application/json")
+                                .body(())
+                                .unwrap();
+                            let mut body = respond.send_response(resp, false).unwrap();
+                            let _ = body.send_data(Bytes::from_static(b"{\"ok\":true}"), true);
+                        }
+                    }
+                }
+            });
+        }
+    });
+    (addr, ca, seen)
+}
+
+/// A stream the upstream refused unprocessed is sent again and answered;
+/// one it reset after taking it is not sent again: the client gets 502,
+/// and the upstream saw that request once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refused_stream_is_sent_again_and_a_reset_one_is_not() {
+    let (addr, ca, seen) = scripted_h2(vec![Then::Refuse, Then::Answer, Then::Reset]).await;
+    let dir = common::certs::Dir::new("scripted");
+    let h = setup()
+        .upstream_url(&format!("https://localhost:{}", addr.port()))
+        .set(
+            "upstream",
+            "ca_file",
+            &format!("{:?}", dir.write("ca.crt", &ca.pem)),
+        )
+        .identity("name = \"svc\"\napi_key = \"demo-api-key\"\n")
+        .start()
+        .await;
+    h.ready().await;
+    let a = h.get("/users.json").await;
+    assert_eq!(a.status, 200, "{}", a.text());
+    assert_eq!(h.metric("qbproxy_upstream_resent_total"), 1);
+    let a = h
+        .send(Method::POST, "/chat/Message.json", &[], "{\"body\":\"hi\"}")
+        .await;
+    assert_eq!(a.status, 502, "{}", a.text());
+    assert!(
+        a.text().contains("INTERNAL_ERROR") || a.text().contains("internal error"),
+        "{}",
+        a.text()
+    );
+    assert_eq!(h.metric("qbproxy_upstream_resent_total"), 1);
+    let seen: Vec<_> = seen
+        .lock()
+        .unwrap()
+        .iter()
+        .map(|(r, t)| format!("{r} {t:?}"))
+        .collect();
+    assert_eq!(
+        seen,
+        [
+            "GET /users.json Refuse",
+            "GET /users.json Answer",
+            "POST /chat/Message.json Reset"
+        ]
+    );
+}
