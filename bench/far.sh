@@ -37,7 +37,8 @@ if ((${#need[@]})); then
 fi
 cargo build --release --quiet --bin qbproxy
 BIN=target/release/qbproxy
-ulimit -n 65536
+# 2,500 clients, as many upstream connections, and the proxies' own.
+ulimit -n "$(ulimit -Hn)"
 
 source bench/lib.sh
 
@@ -61,7 +62,7 @@ start_far() {
 load_module /usr/lib/nginx/modules/ngx_http_echo_module.so;
 worker_processes 1;
 pid $PWD/$OUT/far.pid;
-error_log $PWD/$OUT/far-error.log warn;
+error_log $PWD/$OUT/far-error.log ${FAR_LOG:-warn};
 events { worker_connections 16384; }
 http {
     log_format far '\$connection \$connection_requests \$ssl_session_reused \$server_protocol \$status';
@@ -103,7 +104,7 @@ max_connections = 8192
 access = false
 $(sim_quickblox far)
 TOML
-    RUST_LOG=warn taskset -c 0 "$BIN" --config "$OUT/qbproxy.toml" 2> "$OUT/qbproxy.log" & pids+=($!)
+    RUST_LOG=${QBPROXY_LOG:-warn} taskset -c 0 "$BIN" --config "$OUT/qbproxy.toml" 2> "$OUT/qbproxy.log" & pids+=($!)
     QBPROXY_PID=$!
     wait_port 19100
     curl -fs -o /dev/null http://127.0.0.1:19100/users.json
@@ -112,7 +113,6 @@ TOML
 start_nginx_proxy() {
     cat > "$OUT/nginx.conf" <<NGINX
 worker_processes 1;
-worker_rlimit_nofile 65536;
 pid $PWD/$OUT/nginx.pid;
 error_log $PWD/$OUT/nginx-error.log warn;
 events { worker_connections 16384; }
@@ -141,7 +141,7 @@ start_haproxy_proxy() {
     cat > "$OUT/haproxy.cfg" <<HAP
 global
     nbthread 1
-    maxconn 16384
+    maxconn 9000
 defaults
     mode http
     timeout connect 5s

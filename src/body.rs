@@ -24,29 +24,15 @@ use http_body_util::BodyExt;
 use hyper::body::Incoming;
 use tokio::time::{sleep_until, timeout_at, Instant, Sleep};
 
-use crate::limit::Permit;
 use crate::overrides::{Found, Scanner};
 use crate::upstream::Lease;
 
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
-/// A request's hold on the upstream: one of the slots for requests in
-/// flight (`upstream.max_in_flight`) and its connection's [`Lease`], kept
-/// by the response body until it is done (`None` once released).
-pub type Slot = Option<InFlight>;
-
-pub struct InFlight {
-    pub permit: Permit,
-    pub lease: Lease,
-}
-
-impl InFlight {
-    /// The response was read to its end: the connection takes the next
-    /// request. (Dropped otherwise, an HTTP/1.1 connection is closed.)
-    pub fn complete(self) {
-        self.lease.complete();
-    }
-}
+/// A request's hold on the upstream: its connection's [`Lease`] (with its
+/// slot among the requests in flight, `upstream.max_in_flight`), kept by
+/// the response body until it is done (`None` once released).
+pub type Slot = Option<Lease>;
 
 pub enum Body {
     /// Whole in memory; `None` once sent.
@@ -284,7 +270,7 @@ impl Body {
     }
 
     /// A response streaming from the upstream, holding `slot` until done.
-    pub fn upstream(body: Incoming, slot: InFlight) -> Body {
+    pub fn upstream(body: Incoming, slot: Lease) -> Body {
         Body::Stream {
             body,
             slot: Some(slot),
@@ -364,8 +350,8 @@ fn release_at_end<T>(
 ) {
     match polled {
         Poll::Ready(Some(Err(_))) => drop(slot.take()),
-        Poll::Ready(None) => slot.take().map_or((), InFlight::complete),
-        _ if body.is_end_stream() => slot.take().map_or((), InFlight::complete),
+        Poll::Ready(None) => slot.take().map_or((), Lease::complete),
+        _ if body.is_end_stream() => slot.take().map_or((), Lease::complete),
         _ => {}
     }
 }

@@ -438,6 +438,7 @@ pub struct UpstreamMetrics {
     pub resent: IntCounter,
     pub connect_errors: IntCounter,
     connection_waits: IntCounter,
+    abandoned: IntCounter,
     handshakes: [IntCounter; 2],
     events: Events,
     /// The labelled families, for the registry.
@@ -486,6 +487,11 @@ impl UpstreamMetrics {
             "Requests that waited for a connection because every one a worker may open (upstream.max_connections) was busy.",
         )
         .unwrap_or_else(|e| unreachable!("static metric definition: {e}"));
+        let abandoned = IntCounter::new(
+            "qbproxy_upstream_abandoned_total",
+            "Requests whose client went away before the upstream answered: the answer is read to its end (within the request's deadline) rather than the stream reset.",
+        )
+        .unwrap_or_else(|e| unreachable!("static metric definition: {e}"));
         let by_protocol = |v: &IntCounterVec| {
             [Protocol::H1, Protocol::H2].map(|p| v.with_label_values(&[p.as_str()]))
         };
@@ -498,6 +504,7 @@ impl UpstreamMetrics {
             resent: resent.clone(),
             connect_errors: connect_errors.clone(),
             connection_waits: connection_waits.clone(),
+            abandoned: abandoned.clone(),
             events,
             vecs: (open, opened, handshakes),
         }
@@ -514,6 +521,7 @@ impl UpstreamMetrics {
             Box::new(self.resent.clone()),
             Box::new(self.connect_errors.clone()),
             Box::new(self.connection_waits.clone()),
+            Box::new(self.abandoned.clone()),
         ]
     }
 
@@ -532,6 +540,12 @@ impl UpstreamMetrics {
     /// busy.
     pub fn connection_wait(&self) {
         self.connection_waits.inc();
+        self.events.bump();
+    }
+
+    /// A request's client went away before the upstream answered.
+    pub fn abandoned(&self) {
+        self.abandoned.inc();
         self.events.bump();
     }
 

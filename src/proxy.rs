@@ -31,8 +31,8 @@ use tokio::time::{timeout_at, Instant};
 use crate::access::{self, ApiClient};
 use crate::access_log::{Entry, Logged, Trace, Unanswered, Who};
 use crate::body::{
-    self, Body, BodyLimits, Budget, Buffered, ClientBody, ClientRead, Cut, CutFlag, InFlight,
-    ReadError, Reservation,
+    self, Body, BodyLimits, Budget, Buffered, ClientBody, ClientRead, Cut, CutFlag, ReadError,
+    Reservation,
 };
 use crate::canonical;
 use crate::config::{ClientToken, TargetId};
@@ -47,7 +47,7 @@ use crate::qb;
 use crate::route::{self, Target};
 use crate::server::Conn;
 use crate::session::{HeldTokens, Identity, Scheme, Session, Unavailable};
-use crate::upstream::SendError;
+use crate::upstream::{Lease, SendError};
 use crate::worker;
 
 /// A cheap-to-clone handle on the forwarding state.
@@ -593,7 +593,7 @@ impl Proxy {
         again: &mut (dyn FnMut() -> Option<Request<Body>> + Send),
         trace: &Trace,
         deadline: Instant,
-    ) -> Result<(Response<Incoming>, InFlight), ProxyError> {
+    ) -> Result<(Response<Incoming>, Lease), ProxyError> {
         // QuickBlox's rate first (fleet-wide with [cluster]): a request
         // waits for its turn only so long.
         if let Some(rate) = &live.rate {
@@ -625,7 +625,8 @@ impl Proxy {
             }
         };
         let started = Instant::now();
-        let result = timeout_at(deadline, live.client().send(req, deadline, again)).await;
+        let sent = live.client().send(req, deadline, again, Some(permit));
+        let result = timeout_at(deadline, sent).await;
         let took = started.elapsed();
         self.inner.metrics.upstream_latency(took);
         trace.upstream(took);
@@ -645,7 +646,7 @@ impl Proxy {
                 }
                 strip_hop_by_hop(resp.headers_mut());
                 strip_tokens(resp.headers_mut());
-                Ok((resp, InFlight { permit, lease }))
+                Ok((resp, lease))
             }
         }
     }

@@ -423,3 +423,58 @@ async fn a_refused_stream_is_sent_again_and_a_reset_one_is_not() {
         ]
     );
 }
+
+/// A client that goes away while its request waits for the upstream does
+/// not make qbproxy reset the stream: the upstream finishes the request and
+/// qbproxy reads the answer (nginx logs 200, not 499 "client closed
+/// request"). A burst of resets looks like an attack to nginx, and a reset
+/// stream holds nginx's slot until its handler is done.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_request_whose_client_went_away_is_finished_upstream_not_reset() {
+    use tokio::io::AsyncWriteExt;
+    let sim = demo_sim().await;
+    let edge = nginx(&sim, Options::default()).await;
+    let h = in_front_of(&edge.url(), &edge)
+        .sim(sim.clone())
+        .start()
+        .await;
+    h.ready().await;
+    let gate = sim.gate("/slow");
+    let mut client = tokio::net::TcpStream::connect(h.proxy).await.unwrap();
+    client
+        .write_all(b"GET /slow.json HTTP/1.1\r\nHost: x\r\n\r\n")
+        .await
+        .unwrap();
+    bounded(
+        "the request held",
+        sim.wait_until(|s| s.held_at_gates() == 1),
+    )
+    .await;
+    drop(client);
+    h.metric_reaches("qbproxy_upstream_abandoned_total", 1)
+        .await;
+    gate.add_permits(1);
+    let line = bounded("nginx's access line", async {
+        loop {
+            if let Some(l) = edge
+                .access_lines()
+                .into_iter()
+                .find(|l| l.contains("/slow"))
+            {
+                return l;
+            }
+            // nginx writes its log line when the request ends: nothing to
+            // wait on but the file.
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        }
+    })
+    .await;
+    assert!(line.ends_with(" 200"), "{line}\n{}", edge.log());
+    assert!(
+        !edge.log().contains("client canceled stream"),
+        "{}",
+        edge.log()
+    );
+    assert_eq!(h.get("/users.json").await.status, 200);
+    assert_eq!(h.metric(H2_OPENED), 1);
+}

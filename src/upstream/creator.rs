@@ -88,7 +88,7 @@ impl Endpoint {
         let mut again = || Some(make());
         let (resp, lease) = self
             .client
-            .send(make(), deadline, &mut again)
+            .send(make(), deadline, &mut again, None)
             .await
             .map_err(|e| match e {
                 SendError::Connect(e) => SessionError::Unreachable(e),

@@ -31,7 +31,7 @@ use std::time::Duration;
 use http::uri::{Authority, Scheme};
 use http::{header, HeaderValue, Request, Response, Uri};
 use hyper::body::Incoming;
-use hyper::client::conn::{http1, http2};
+use hyper::client::conn::{http1, http2, TrySendError};
 use hyper::rt::{Read, Write};
 use hyper_util::rt::{TokioExecutor, TokioTimer};
 use tokio::sync::Notify;
@@ -41,6 +41,7 @@ use super::connect::{Connected, Connector, Goaway};
 use super::SendError;
 use crate::body::Body;
 use crate::config::UpstreamConfig;
+use crate::limit::Permit;
 use crate::metrics::{Protocol, UpstreamMetrics};
 
 /// Streams a new HTTP/2 connection is taken to allow until its server's
@@ -116,10 +117,14 @@ struct State {
     expected_streams: usize,
     /// Requests the server takes on one HTTP/2 connection before it sends
     /// GOAWAY (nginx's `keepalive_requests`, 1000 by default), learnt from
-    /// a GOAWAY that refused streams: a connection that has carried that
-    /// many takes no more, so none is refused again. Forgotten when a
-    /// connection that reached it idles out without a GOAWAY.
+    /// two GOAWAYs in a row that refused streams after the same count (a
+    /// GOAWAY for another reason, a reload or too many refusals, does not
+    /// repeat a count): a connection that has carried that many takes no
+    /// more, so none is refused again. Forgotten when a connection that
+    /// reached it idles out without a GOAWAY.
     budget: Option<u64>,
+    /// The count of the last such GOAWAY, awaiting its repeat.
+    budget_seen: Option<u64>,
     reaper: bool,
 }
 
@@ -174,37 +179,49 @@ impl Client {
     }
 
     /// Sends `req` and returns the response with the [`Lease`] on its
-    /// connection, which the response body holds until it ends. A request
-    /// the upstream did not process is sent again on another connection:
-    /// hyper's own copy when it never left (a connection that closed first),
-    /// else `again()`'s (a stream refused by GOAWAY or `REFUSED_STREAM`),
-    /// if it can make one. Waiting for a connection ends at `deadline`.
+    /// connection, which the response body holds until it ends (with
+    /// `permit`, the request's slot among those in flight). A request the
+    /// upstream did not process is sent again on another connection:
+    /// hyper's own copy when it never left (a connection that closed
+    /// first), else `again()`'s (a stream refused by GOAWAY or
+    /// `REFUSED_STREAM`), if it can make one. Waiting for a connection ends
+    /// at `deadline`. Dropped while the request is out, the exchange goes
+    /// on to its end without the caller ([`Outstanding`]).
     pub async fn send(
         &self,
         mut req: Request<Body>,
         deadline: Instant,
         again: &mut (dyn FnMut() -> Option<Request<Body>> + Send),
+        mut permit: Option<Permit>,
     ) -> Result<(Response<Incoming>, Lease), SendError> {
         let mut attempt = 1;
         loop {
             let checkout = self.checkout(deadline).await?;
-            let (mut lease, result) = match checkout {
+            let (answer, conn): (Answer, _) = match checkout {
                 Checkout::H2(id, mut send) => {
-                    let lease = self.lease(Leased::H2(id));
                     for_h2(&mut req, &self.shared.origin);
-                    (lease, send.try_send_request(req).await)
+                    (Box::pin(send.try_send_request(req)), Leased::H2(id))
                 }
                 Checkout::H1(id, mut send) => {
                     for_h1(&mut req, &self.shared.host);
-                    let sent = send.try_send_request(req).await;
-                    (self.lease(Leased::H1(id, Some(send))), sent)
+                    (
+                        Box::pin(send.try_send_request(req)),
+                        Leased::H1(id, Some(send)),
+                    )
                 }
             };
+            let lease = self.lease(conn, permit.take());
+            let (result, mut lease) = Outstanding {
+                answer: Some(answer),
+                lease: Some(lease),
+                deadline,
+            }
+            .await;
             let mut e = match result {
                 Ok(resp) => return Ok((resp, lease)),
                 Err(e) => e,
             };
-            lease.broken();
+            permit = lease.permit.take();
             drop(lease);
             let next = match e.take_message() {
                 // Never written: hyper gives it back.
@@ -222,19 +239,18 @@ impl Client {
                     attempt += 1;
                     req = next;
                 }
-                _ => {
-                    return Err(SendError::Failed(super::describe(&e.into_error())));
-                }
+                _ => return Err(SendError::Failed(super::describe(&e.into_error()))),
             }
         }
     }
 
-    fn lease(&self, conn: Leased) -> Lease {
+    fn lease(&self, conn: Leased, permit: Option<Permit>) -> Lease {
         self.shared.metrics.in_flight.inc();
         Lease {
             shared: self.shared.clone(),
             conn,
             complete: false,
+            permit,
         }
     }
 
@@ -577,14 +593,20 @@ impl State {
         Some((c.id, c.send.clone()))
     }
 
-    /// A connection that a GOAWAY closed after refusing streams tells how
-    /// many requests the server takes on one connection.
+    /// Connections that a GOAWAY closed after refusing streams, twice
+    /// after the same count, tell how many requests the server takes on
+    /// one connection.
     fn learn_budget(&mut self, c: &H2Conn) {
         let Some(processed) = c.goaway.processed() else {
             return;
         };
-        if c.sent > processed && self.budget != Some(processed.max(1)) {
-            self.budget = Some(processed.max(1));
+        if c.sent <= processed {
+            return;
+        }
+        let processed = processed.max(1);
+        let seen = self.budget_seen.replace(processed);
+        if seen == Some(processed) && self.budget != Some(processed) {
+            self.budget = Some(processed);
             tracing::info!(
                 requests = processed,
                 "the upstream sends GOAWAY after this many requests on an HTTP/2 connection; \
@@ -616,6 +638,9 @@ pub struct Lease {
     shared: Arc<Shared>,
     conn: Leased,
     complete: bool,
+    /// The request's slot among those in flight (`upstream.max_in_flight`),
+    /// held as long as the connection is.
+    permit: Option<Permit>,
 }
 
 enum Leased {
@@ -624,14 +649,10 @@ enum Leased {
 }
 
 impl Lease {
-    /// The response was read to its end.
+    /// The response was read to its end: the connection takes the next
+    /// request. (Dropped otherwise, an HTTP/1.1 connection is closed.)
     pub fn complete(mut self) {
         self.complete = true;
-    }
-
-    /// The exchange failed: an HTTP/1.1 connection is not used again.
-    fn broken(&mut self) {
-        self.complete = false;
     }
 }
 
@@ -647,6 +668,86 @@ impl Drop for Lease {
                 // Otherwise the connection is dropped here, and closes.
             }
         }
+    }
+}
+
+/// A request's answer to come, as hyper returns it.
+type Answer =
+    Pin<Box<dyn Future<Output = Result<Response<Incoming>, TrySendError<Request<Body>>>> + Send>>;
+
+/// The most of a response [`Outstanding`] reads to let its stream end; a
+/// longer one is reset.
+const DRAIN_LIMIT: usize = 1 << 20;
+
+/// A request out on a connection until its response head arrives. Dropped
+/// before (its client went away), the request is not reset: a task waits
+/// for the answer and reads it to its end, within the request's deadline,
+/// and only then lets the connection go. A reset stream can hold the
+/// server's slot until its handler is done, so streams opened meanwhile go
+/// past the server's limit and are refused; and a server that sees many
+/// resets and refusals takes them for an attack (nginx closes the
+/// connection, under the requests on it). An HTTP/1.1 connection stays
+/// usable too.
+struct Outstanding {
+    answer: Option<Answer>,
+    lease: Option<Lease>,
+    deadline: Instant,
+}
+
+impl Future for Outstanding {
+    type Output = (
+        Result<Response<Incoming>, TrySendError<Request<Body>>>,
+        Lease,
+    );
+
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let this = &mut *self;
+        let Some(answer) = this.answer.as_mut() else {
+            unreachable!("polled after it resolved");
+        };
+        let result = std::task::ready!(answer.as_mut().poll(cx));
+        this.answer = None;
+        let lease = this
+            .lease
+            .take()
+            .unwrap_or_else(|| unreachable!("the lease goes with the answer"));
+        Poll::Ready((result, lease))
+    }
+}
+
+impl Drop for Outstanding {
+    fn drop(&mut self) {
+        let (Some(answer), Some(lease)) = (self.answer.take(), self.lease.take()) else {
+            return;
+        };
+        if let Ok(runtime) = tokio::runtime::Handle::try_current() {
+            lease.shared.metrics.abandoned();
+            runtime.spawn(drain(answer, lease, self.deadline));
+        }
+    }
+}
+
+/// Waits for an abandoned request's answer and reads it to its end.
+async fn drain(answer: Answer, lease: Lease, deadline: Instant) {
+    let read_whole = async {
+        let Ok(resp) = answer.await else {
+            return false;
+        };
+        let mut body = resp.into_body();
+        let mut read = 0;
+        while let Some(frame) = http_body_util::BodyExt::frame(&mut body).await {
+            match frame {
+                Ok(f) => read += f.data_ref().map_or(0, |d| d.len()),
+                Err(_) => return false,
+            }
+            if read > DRAIN_LIMIT {
+                return false;
+            }
+        }
+        true
+    };
+    if let Ok(true) = timeout_at(deadline, read_whole).await {
+        lease.complete();
     }
 }
 
