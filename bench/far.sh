@@ -14,7 +14,8 @@
 # 2,500 client connections, L = 50 ms and 150 ms; the runs are interleaved.
 # The upstream logs the connection, its request count and whether its TLS
 # session was resumed for every request, so connections and handshakes are
-# counted the same way for every proxy. Writes bench/FAR-RESULTS.md.
+# counted the same way for every proxy. Writes bench/FAR-RESULTS.md, and the
+# same table as the last section of bench/RESULTS.md.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -213,4 +214,6 @@ for latency in $LATENCIES; do
 done
 
 python3 bench/far_report.py "$OUT/runs.tsv" --duration "$DURATION" --rounds "$ROUNDS" > bench/FAR-RESULTS.md
+# The same table as the last section of bench/RESULTS.md (bench/run.sh keeps it).
+python3 bench/far_report.py --section bench/RESULTS.md bench/FAR-RESULTS.md
 cat bench/FAR-RESULTS.md

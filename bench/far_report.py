@@ -12,12 +12,35 @@ from report import parse, version
 TICKS = os.sysconf("SC_CLK_TCK")
 
 
+SECTION = "## Far upstream (`bench/far.sh`)"
+
+
+def far_section(results):
+    """bench/FAR-RESULTS.md's text as a section of bench/RESULTS.md."""
+    body = results.split("\n", 1)[1] if results.startswith("# ") else results
+    return f"{SECTION}\n{body.rstrip()}\n"
+
+
+def replace_section(path, results):
+    """Puts the far section at the end of `path`, replacing the old one."""
+    with open(path) as f:
+        text = f.read()
+    head = text.split("\n" + SECTION, 1)[0].rstrip("\n")
+    with open(path, "w") as f:
+        f.write(f"{head}\n\n{far_section(results)}")
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("runs")
     ap.add_argument("--duration")
     ap.add_argument("--rounds")
+    ap.add_argument("--section", help="rewrite this file's far section from RUNS (a FAR-RESULTS.md)")
     args = ap.parse_args()
+    if args.section:
+        with open(args.runs) as f:
+            replace_section(args.section, f.read())
+        return
 
     cells = defaultdict(list)  # (latency, clients, target) -> [run]
     order = []

@@ -168,6 +168,13 @@ def main():
           f"after the idle reading): {int(c1000) / 1024:.1f} MiB")
     print(f"- before / after {reqs} more requests (`wrk -c50`): {int(before) / 1024:.1f} MiB / {int(after) / 1024:.1f} MiB")
 
+    # bench/far.sh's table, kept when this file is written anew.
+    far = os.path.join(os.path.dirname(__file__), "FAR-RESULTS.md")
+    if os.path.exists(far):
+        from far_report import far_section
+        print()
+        print(far_section(open(far).read()), end="")
+
 
 if __name__ == "__main__":
     main()

@@ -118,6 +118,33 @@ async fn goaway_after_keepalive_requests_loses_no_request_and_sends_none_twice()
     assert!((1..=60).contains(&resent), "{m}");
 }
 
+/// Over HTTP/1.1 nginx closes each connection after 10 requests (saying
+/// `Connection: close` on the last answer): 300 requests 30 at a time all
+/// succeed, each reaching the upstream exactly once, on new connections as
+/// the old ones close.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn http1_closes_after_keepalive_requests_lose_no_request_and_send_none_twice() {
+    let sim = demo_sim().await;
+    let edge = nginx(
+        &sim,
+        Options {
+            keepalive_requests: 10,
+            http2: false,
+            ..Options::default()
+        },
+    )
+    .await;
+    let h = in_front_of(&edge.url(), &edge)
+        .sim(sim.clone())
+        .start()
+        .await;
+    h.ready().await;
+    churn(&h, 300, 30).await;
+    let m = metrics(&h);
+    assert!(h.metric(H1_OPENED) >= 30, "{m}");
+    assert_eq!(h.metric(H2_OPENED), 0, "{m}");
+}
+
 /// Sends `n` requests, `at_once` at a time, half of them POSTs; asserts
 /// every one succeeded and reached the simulator exactly once.
 async fn churn(h: &Harness, n: usize, at_once: usize) {

@@ -421,24 +421,42 @@ impl Client {
     }
 
     /// Runs a connection's task on this runtime; when it ends the
-    /// connection leaves the pool. The first connection also starts the
-    /// task that closes idle ones.
+    /// connection leaves the pool (also if the runtime drops the task: a
+    /// worker that stops). The first connection also starts the task that
+    /// closes idle ones, again if that task was dropped.
     fn watch<F>(&self, id: u64, protocol: Protocol, conn: F)
     where
         F: Future<Output = hyper::Result<()>> + Send + 'static,
     {
-        let weak = Arc::downgrade(&self.shared);
+        let leaves = Leaves {
+            shared: Arc::downgrade(&self.shared),
+            id,
+            protocol,
+        };
         tokio::spawn(async move {
+            let _leaves = leaves;
             if let Err(e) = conn.await {
                 tracing::debug!(error = %super::describe(&e), "upstream connection closed");
-            }
-            if let Some(shared) = weak.upgrade() {
-                shared.closed(id, protocol);
             }
         });
         let start_reaper = !std::mem::replace(&mut self.shared.lock().reaper, true);
         if start_reaper {
             tokio::spawn(reap(Arc::downgrade(&self.shared)));
+        }
+    }
+}
+
+/// Takes a connection out of the pool when its task ends or is dropped.
+struct Leaves {
+    shared: Weak<Shared>,
+    id: u64,
+    protocol: Protocol,
+}
+
+impl Drop for Leaves {
+    fn drop(&mut self) {
+        if let Some(shared) = self.shared.upgrade() {
+            shared.closed(self.id, self.protocol);
         }
     }
 }
@@ -799,6 +817,16 @@ impl<T: Read + Write + Unpin + Send + 'static> Future for Streams<T> {
 /// Closes idle connections every quarter of the idle timeout (at least
 /// every second), until the pool is gone.
 async fn reap(shared: Weak<Shared>) {
+    /// Lets the next connection start another if this task is dropped.
+    struct Reaping(Weak<Shared>);
+    impl Drop for Reaping {
+        fn drop(&mut self) {
+            if let Some(s) = self.0.upgrade() {
+                s.lock().reaper = false;
+            }
+        }
+    }
+    let _reaping = Reaping(shared.clone());
     let every = match shared.upgrade() {
         Some(s) => (s.settings.idle_timeout / 4).max(Duration::from_secs(1)),
         None => return,
@@ -858,5 +886,102 @@ fn for_h2(req: &mut Request<Body>, (scheme, authority): &(Scheme, Authority)) {
         if let Ok(uri) = Uri::from_parts(parts) {
             *req.uri_mut() = uri;
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::convert::Infallible;
+    use std::path::Path;
+
+    use http_body_util::BodyExt;
+    use hyper::service::service_fn;
+    use hyper_util::rt::TokioIo;
+    use tokio::sync::Semaphore;
+
+    use super::*;
+    use crate::config::Config;
+    use crate::metrics::Metrics;
+
+    /// An HTTP/1.1 server on loopback that answers each request once a
+    /// permit is added to the returned semaphore, and counts the requests
+    /// it received.
+    async fn gated_server() -> (std::net::SocketAddr, Arc<Semaphore>, Arc<AtomicUsize>) {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let gate = Arc::new(Semaphore::new(0));
+        let received = Arc::new(AtomicUsize::new(0));
+        let (g, r) = (gate.clone(), received.clone());
+        tokio::spawn(async move {
+            while let Ok((tcp, _)) = listener.accept().await {
+                let (g, r) = (g.clone(), r.clone());
+                tokio::spawn(async move {
+                    let service = service_fn(move |_req| {
+                        let (g, r) = (g.clone(), r.clone());
+                        async move {
+                            r.fetch_add(1, Ordering::SeqCst);
+                            g.acquire().await.unwrap().forget();
+                            Ok::<_, Infallible>(http::Response::new(Body::full("ok")))
+                        }
+                    });
+                    let _ = hyper::server::conn::http1::Builder::new()
+                        .serve_connection(TokioIo::new(tcp), service)
+                        .await;
+                });
+            }
+        });
+        (addr, gate, received)
+    }
+
+    fn client(addr: std::net::SocketAddr, upstream: &str) -> (Client, Metrics) {
+        let text = format!(
+            "[quickblox]\napplication_id = \"1\"\nauth_key = \"k\"\nauth_secret = \"s\"\n\
+             [upstream]\nurl = \"http://{addr}\"\n{upstream}\n"
+        );
+        let config = Config::from_toml(&text, Path::new("t.toml")).unwrap();
+        let metrics = Metrics::new();
+        let pools = super::super::pools(&config.upstream, 1, metrics.upstream()).unwrap();
+        (pools[0].clone(), metrics)
+    }
+
+    fn get(addr: std::net::SocketAddr) -> Request<Body> {
+        Request::get(format!("http://{addr}/x"))
+            .body(Body::empty())
+            .unwrap()
+    }
+
+    /// With every connection busy, a request waits for one until its
+    /// deadline, then gets `Busy` without having been sent; a connection
+    /// that comes free is taken by the next request in line and kept
+    /// alive.
+    #[tokio::test]
+    async fn past_max_connections_a_request_waits_until_its_deadline_unsent() {
+        let (addr, gate, received) = gated_server().await;
+        let (client, _metrics) = client(addr, "max_connections = 1");
+        let far = Instant::now() + Duration::from_secs(20);
+        let first = tokio::spawn({
+            let c = client.clone();
+            async move {
+                let (resp, lease) = c.send(get(addr), far, &mut || None, None).await.unwrap();
+                let body = resp.into_body().collect().await.unwrap().to_bytes();
+                lease.complete();
+                body
+            }
+        });
+        while received.load(Ordering::SeqCst) == 0 {
+            tokio::task::yield_now().await;
+        }
+        let soon = Instant::now() + Duration::from_millis(100);
+        let busy = client.send(get(addr), soon, &mut || None, None).await;
+        assert!(matches!(busy, Err(SendError::Busy)), "{:?}", busy.err());
+        assert_eq!(received.load(Ordering::SeqCst), 1, "never sent");
+        gate.add_permits(2);
+        assert_eq!(first.await.unwrap(), "ok");
+        let (resp, _lease) = client
+            .send(get(addr), far, &mut || None, None)
+            .await
+            .unwrap();
+        assert_eq!(resp.status(), 200);
+        assert_eq!(client.shared.lock().open, 1, "one connection, kept alive");
     }
 }
