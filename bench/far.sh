@@ -23,6 +23,7 @@ DURATION=${DURATION:-15s}
 ROUNDS=${ROUNDS:-2}
 LATENCIES=${LATENCIES:-"0.05 0.15"}
 CLIENTS=${CLIENTS:-"1000 2500"}
+# Add `floor` for bench/floor.rs, the least a hyper-based proxy does.
 TARGETS=${TARGETS:-"qbproxy nginx haproxy"}
 OUT=bench/out/far
 mkdir -p "$OUT"
@@ -37,6 +38,7 @@ if ((${#need[@]})); then
     apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${need[@]}"
 fi
 cargo build --release --quiet --bin qbproxy
+[[ " $TARGETS " == *" floor "* ]] && cargo build --release --quiet --example floor
 BIN=target/release/qbproxy
 # 2,500 clients, as many upstream connections, and the proxies' own.
 ulimit -n "$(ulimit -Hn)"
@@ -161,8 +163,18 @@ HAP
     HAPROXY_PID=$!
 }
 
-port_of() { case $1 in qbproxy) echo 19100;; nginx) echo 19200;; haproxy) echo 19300;; esac; }
-pid_of() { case $1 in qbproxy) echo "$QBPROXY_PID";; nginx) echo "$NGINX_WORKER";; haproxy) echo "$HAPROXY_PID";; esac; }
+# The floor (bench/floor.rs: hyper and hyper-util's pooled client doing
+# nothing but set the token), over HTTP/1.1 to the upstream: hyper-util's
+# pool would hold HTTP/2 to one connection. Only with TARGETS=... floor.
+start_floor() {
+    FLOOR_LISTEN=127.0.0.1:19400 FLOOR_UPSTREAM=127.0.0.1:$UP_PORT FLOOR_CA=$OUT/ca.crt FLOOR_H1=1 \
+        taskset -c 0 target/release/examples/floor 2>/dev/null & pids+=($!)
+    FLOOR_PID=$!
+    wait_port 19400
+}
+
+port_of() { case $1 in qbproxy) echo 19100;; nginx) echo 19200;; haproxy) echo 19300;; floor) echo 19400;; esac; }
+pid_of() { case $1 in qbproxy) echo "$QBPROXY_PID";; nginx) echo "$NGINX_WORKER";; haproxy) echo "$HAPROXY_PID";; floor) echo "$FLOOR_PID";; esac; }
 
 # Connections, resumed handshakes and requests the far upstream logged
 # since line FROM (a connection counts once, resumed if its first request
@@ -184,6 +196,7 @@ for latency in $LATENCIES; do
             qbproxy) start_qbproxy;;
             nginx) start_nginx_proxy;;
             haproxy) start_haproxy_proxy;;
+            floor) start_floor;;
         esac
     done
     # Warm each proxy (connections, TLS sessions) before anything counts.

@@ -23,6 +23,9 @@
 //! hyper-rustls over rustls with ring, HTTP/2 by ALPN unless
 //! `FLOOR_H1=1`. What the hyper stack costs for the real case, before
 //! qbproxy adds anything.
+//!
+//! `FLOOR_LISTEN=ADDR` and `FLOOR_UPSTREAM=HOST:PORT` (`pool` only) move
+//! it, as `bench/far.sh` does to put it in front of its far upstream.
 
 use std::convert::Infallible;
 use std::sync::Arc;
@@ -96,11 +99,13 @@ fn bad_gateway() -> Response<Body> {
 }
 
 async fn serve(bound: bool, tls: Option<Tls>) -> std::io::Result<()> {
-    let listener = TcpListener::bind(LISTEN).await?;
+    let listen = std::env::var("FLOOR_LISTEN").unwrap_or_else(|_| LISTEN.to_owned());
+    let listener = TcpListener::bind(listen).await?;
     let token = HeaderValue::from_static("0123456789abcdef0123456789abcdef01234567");
+    let upstream = std::env::var("FLOOR_UPSTREAM").ok();
     let base = match tls {
-        Some(_) => format!("https://{TLS_UPSTREAM}"),
-        None => format!("http://{UPSTREAM}"),
+        Some(_) => format!("https://{}", upstream.as_deref().unwrap_or(TLS_UPSTREAM)),
+        None => format!("http://{}", upstream.as_deref().unwrap_or(UPSTREAM)),
     };
     let base: &'static str = Box::leak(base.into_boxed_str());
     let client = Client::new(tls);
