@@ -113,55 +113,11 @@ TOML
     curl -fs -o /dev/null http://127.0.0.1:19100/users.json
 }
 
-start_nginx_proxy() {
-    cat > "$OUT/nginx.conf" <<NGINX
-worker_processes 1;
-pid $PWD/$OUT/nginx.pid;
-error_log $PWD/$OUT/nginx-error.log warn;
-events { worker_connections 16384; }
-http {
-    access_log off;
-    upstream qb { server 127.0.0.1:$UP_PORT; keepalive 4096; }
-    server {
-        listen 127.0.0.1:19200 backlog=16384;
-        location / {
-            proxy_pass https://qb;
-            proxy_http_version 1.1;
-            proxy_set_header Connection "";
-            proxy_set_header QB-Token "$TOKEN";
-            proxy_ssl_session_reuse on;
-            proxy_ssl_verify off;
-        }
-    }
-}
-NGINX
-    taskset -c 0 nginx -p "$PWD/$OUT" -c "$PWD/$OUT/nginx.conf" -g 'daemon off;' 2>/dev/null & pids+=($!)
-    wait_port 19200
-    NGINX_WORKER=$(pgrep -P "$!" | head -1)
-}
-
-start_haproxy_proxy() {
-    cat > "$OUT/haproxy.cfg" <<HAP
-global
-    nbthread 1
-    maxconn 9000
-defaults
-    mode http
-    timeout connect 5s
-    timeout client 60s
-    timeout server 60s
-    http-reuse always
-frontend fe
-    bind 127.0.0.1:19300 backlog 16384
-    http-request set-header QB-Token $TOKEN
-    default_backend be
-backend be
-    server up 127.0.0.1:$UP_PORT ssl verify none alpn h2,http/1.1
-HAP
-    taskset -c 0 haproxy -f "$OUT/haproxy.cfg" -db 2>/dev/null & pids+=($!)
-    wait_port 19300
-    HAPROXY_PID=$!
-}
+# nginx with an upstream keep-alive pool as large as the clients (nginx
+# speaks HTTP/1.1 to upstreams: a connection per request in flight), and
+# HAProxy offering h2 to the backend (bench/lib.sh).
+start_nginx_proxy() { NGINX_KEEPALIVE=4096 NGINX_CONNECTIONS=16384 start_nginx https "$UP_PORT"; }
+start_haproxy_proxy() { HAPROXY_ALPN=h2,http/1.1 start_haproxy https "$UP_PORT"; }
 
 # The floor (bench/floor.rs: hyper and hyper-util's pooled client doing
 # nothing but set the token), over HTTP/1.1 to the upstream: hyper-util's

@@ -98,7 +98,9 @@ TOKEN=0123456789abcdef0123456789abcdef01234567
 # start_nginx MODE UP_PORT: nginx (one worker, core 0) on 127.0.0.1:19200 in
 # front of the fast upstream on UP_PORT (MODE http or https), doing what
 # qbproxy does in the bench: a static QB-Token, upstream keep-alive, access
-# log off. Sets NGINX_WORKER (the process doing the proxying).
+# log off. $NGINX_KEEPALIVE idle upstream connections kept (256) and
+# $NGINX_CONNECTIONS connections in all (8192). Sets NGINX_WORKER (the
+# process doing the proxying).
 start_nginx() {
     local mode=$1 up_port=$2 ssl=""
     [[ $mode == https ]] && ssl="proxy_ssl_verify off; proxy_ssl_session_reuse on;"
@@ -106,10 +108,10 @@ start_nginx() {
 worker_processes 1;
 pid $PWD/$OUT/nginx.pid;
 error_log $PWD/$OUT/nginx-error.log warn;
-events { worker_connections 8192; }
+events { worker_connections ${NGINX_CONNECTIONS:-8192}; }
 http {
     access_log off;
-    upstream qb { server 127.0.0.1:$up_port; keepalive 256; }
+    upstream qb { server 127.0.0.1:$up_port; keepalive ${NGINX_KEEPALIVE:-256}; }
     server {
         listen 127.0.0.1:19200 backlog=4096;
         location / {
@@ -129,10 +131,11 @@ NGINX
 }
 
 # start_haproxy MODE UP_PORT: HAProxy (one thread, core 0) on
-# 127.0.0.1:19300, the same job as start_nginx. Sets HAPROXY_PID.
+# 127.0.0.1:19300, the same job as start_nginx; to an HTTPS upstream with
+# ALPN $HAPROXY_ALPN (http/1.1). Sets HAPROXY_PID.
 start_haproxy() {
     local mode=$1 up_port=$2 hssl=""
-    [[ $mode == https ]] && hssl="ssl verify none alpn http/1.1"
+    [[ $mode == https ]] && hssl="ssl verify none alpn ${HAPROXY_ALPN:-http/1.1}"
     cat > "$OUT/haproxy.cfg" <<HAP
 global
     nbthread 1

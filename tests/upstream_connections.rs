@@ -31,25 +31,29 @@ async fn nginx(sim: &qbproxy::sim::Sim, options: Options) -> Edge {
     Edge::start(Server::Nginx, sim.addr(), options).await
 }
 
-/// nginx allows 4 streams per connection: ten requests in flight at once
-/// take three connections (hyper-util's pool kept one and queued six), and
-/// none is refused for going past the limit.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn more_http2_connections_open_when_the_servers_streams_run_out() {
+/// The simulator, nginx in front of it set up with `options`, and qbproxy
+/// in front of nginx, its first session made.
+async fn through_nginx(options: Options) -> (qbproxy::sim::Sim, Edge, Harness) {
     let sim = demo_sim().await;
-    let edge = nginx(
-        &sim,
-        Options {
-            max_streams: 4,
-            ..Options::default()
-        },
-    )
-    .await;
+    let edge = nginx(&sim, options).await;
     let h = in_front_of(&edge.url(), &edge)
         .sim(sim.clone())
         .start()
         .await;
     h.ready().await;
+    (sim, edge, h)
+}
+
+/// nginx allows 4 streams per connection: ten requests in flight at once
+/// take three connections (hyper-util's pool kept one and queued six), and
+/// none is refused for going past the limit.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn more_http2_connections_open_when_the_servers_streams_run_out() {
+    let (sim, edge, h) = through_nginx(Options {
+        max_streams: 4,
+        ..Options::default()
+    })
+    .await;
     assert_eq!(h.metric(H2_OPENED), 1, "the session's connection");
     let gate = sim.gate("/slow");
     let sent: Vec<_> = (0..10)
@@ -91,20 +95,11 @@ async fn more_http2_connections_open_when_the_servers_streams_run_out() {
 /// upstream exactly once, and the refused ones were sent again.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn goaway_after_keepalive_requests_loses_no_request_and_sends_none_twice() {
-    let sim = demo_sim().await;
-    let edge = nginx(
-        &sim,
-        Options {
-            keepalive_requests: 10,
-            ..Options::default()
-        },
-    )
+    let (_sim, _edge, h) = through_nginx(Options {
+        keepalive_requests: 10,
+        ..Options::default()
+    })
     .await;
-    let h = in_front_of(&edge.url(), &edge)
-        .sim(sim.clone())
-        .start()
-        .await;
-    h.ready().await;
     churn(&h, 0..300, 30).await;
     let m = metrics(&h);
     assert!(h.metric("qbproxy_upstream_goaways_total") >= 29, "{m}");
@@ -127,21 +122,12 @@ async fn goaway_after_keepalive_requests_loses_no_request_and_sends_none_twice()
 /// the old ones close.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn http1_closes_after_keepalive_requests_lose_no_request_and_send_none_twice() {
-    let sim = demo_sim().await;
-    let edge = nginx(
-        &sim,
-        Options {
-            keepalive_requests: 10,
-            http2: false,
-            ..Options::default()
-        },
-    )
+    let (_sim, _edge, h) = through_nginx(Options {
+        keepalive_requests: 10,
+        http2: false,
+        ..Options::default()
+    })
     .await;
-    let h = in_front_of(&edge.url(), &edge)
-        .sim(sim.clone())
-        .start()
-        .await;
-    h.ready().await;
     churn(&h, 0..300, 30).await;
     let m = metrics(&h);
     assert!(h.metric(H1_OPENED) >= 30, "{m}");
@@ -201,21 +187,12 @@ fn metrics(h: &Harness) -> String {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_upstream_idle_close_costs_no_request() {
     for (http2, open) in [(true, H2_OPEN), (false, H1_OPEN)] {
-        let sim = demo_sim().await;
-        let edge = nginx(
-            &sim,
-            Options {
-                keepalive_timeout: 1,
-                http2,
-                ..Options::default()
-            },
-        )
+        let (sim, _edge, h) = through_nginx(Options {
+            keepalive_timeout: 1,
+            http2,
+            ..Options::default()
+        })
         .await;
-        let h = in_front_of(&edge.url(), &edge)
-            .sim(sim.clone())
-            .start()
-            .await;
-        h.ready().await;
         for round in 0..2 {
             let a = h.get("/users.json").await;
             assert_eq!(a.status, 200, "round {round}: {}", a.text());
@@ -260,21 +237,12 @@ async fn pings_find_a_connection_a_load_balancer_dropped_silently() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn new_connections_resume_tls_sessions() {
     for http2 in [true, false] {
-        let sim = demo_sim().await;
-        let edge = nginx(
-            &sim,
-            Options {
-                keepalive_requests: 1,
-                http2,
-                ..Options::default()
-            },
-        )
+        let (_sim, _edge, h) = through_nginx(Options {
+            keepalive_requests: 1,
+            http2,
+            ..Options::default()
+        })
         .await;
-        let h = in_front_of(&edge.url(), &edge)
-            .sim(sim.clone())
-            .start()
-            .await;
-        h.ready().await;
         for _ in 0..3 {
             assert_eq!(h.get("/users.json").await.status, 200);
         }
@@ -464,13 +432,7 @@ async fn a_refused_stream_is_sent_again_and_a_reset_one_is_not() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_request_whose_client_went_away_is_finished_upstream_not_reset() {
     use tokio::io::AsyncWriteExt;
-    let sim = demo_sim().await;
-    let edge = nginx(&sim, Options::default()).await;
-    let h = in_front_of(&edge.url(), &edge)
-        .sim(sim.clone())
-        .start()
-        .await;
-    h.ready().await;
+    let (sim, edge, h) = through_nginx(Options::default()).await;
     let gate = sim.gate("/slow");
     let mut client = tokio::net::TcpStream::connect(h.proxy).await.unwrap();
     client
