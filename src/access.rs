@@ -62,16 +62,18 @@ impl Gate {
 
     /// Checks a request's source, headers and key; returns its client when
     /// keys are configured.
+    /// `size`: the request's headers as sent ([`header_bytes`]), before
+    /// hop-by-hop ones were removed.
     pub fn admit(
         &self,
         peer: IpAddr,
         headers: &HeaderMap,
+        size: usize,
     ) -> Result<Option<&ApiClient>, ProxyError> {
         let peer = peer.to_canonical();
         if !self.allow.is_empty() && !self.allow.iter().any(|net| net.contains(&peer)) {
             return Err(ProxyError::SourceNotAllowed(peer));
         }
-        let size = header_bytes(headers);
         if size > self.max_header_bytes {
             return Err(ProxyError::HeaderTooLarge {
                 size,

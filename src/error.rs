@@ -10,6 +10,7 @@ use http::{header, HeaderValue, Method, Response, StatusCode};
 
 use crate::body::Body;
 use crate::canonical::{self, BadPath};
+use crate::headers::HeaderError;
 use crate::qb;
 use crate::session::SessionError;
 
@@ -72,6 +73,8 @@ pub enum ProxyError {
     HeaderTooLarge { size: usize, limit: usize },
     #[error("request body is over the limit of {0} bytes")]
     BodyTooLarge(u64),
+    #[error("{0}")]
+    Header(#[from] HeaderError),
 }
 
 impl ProxyError {
@@ -90,6 +93,7 @@ impl ProxyError {
             ProxyError::UpstreamUnreachable(_) | ProxyError::Upstream(_) => StatusCode::BAD_GATEWAY,
             ProxyError::SharedSession(_) | ProxyError::HeldToken => StatusCode::FORBIDDEN,
             ProxyError::BadRequest(_)
+            | ProxyError::Header(_)
             | ProxyError::UnknownIdentity { .. }
             | ProxyError::MethodOverride(_)
             | ProxyError::BadPath(_) => StatusCode::BAD_REQUEST,
@@ -125,6 +129,7 @@ impl ProxyError {
             ProxyError::BadPath(_) => "bad-path",
             ProxyError::BodyTimeout(_) => "body-timeout",
             ProxyError::BadRequest(_) => "bad-request",
+            ProxyError::Header(_) => "bad-header",
             ProxyError::UnknownIdentity { .. } => "unknown-identity",
             ProxyError::PoolBusy { .. } => "pool-busy",
             ProxyError::PoolUnavailable { .. } => "pool-unavailable",

@@ -19,6 +19,7 @@ pub mod config;
 pub mod credentials;
 pub mod demo;
 mod error;
+mod headers;
 mod limit;
 mod live;
 pub mod logging;

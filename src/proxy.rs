@@ -1,11 +1,13 @@
 //! Forwarding: the request handler of the proxy listener.
 //!
-//! For each request: admit it (the gate), decide on its canonical form
-//! (`canonical`: method, overrides, path, identity, the client's rules, the
-//! guard on calls that would touch the shared session), read its body
-//! within its limits, then strip hop-by-hop headers and the client's own
-//! credentials (`QB-Token`, `Authorization`, `On-Behalf-Of`), set `Host`,
-//! inject the session's `QB-Token` (or an API key identity's
+//! For each request: make its headers what will be forwarded
+//! (`headers::inbound`: hop-by-hop ones removed, a `Connection` naming an
+//! end-to-end header or two `Content-Type`s refused), admit it (the gate),
+//! decide on its canonical form (`canonical`: method, overrides, path,
+//! identity, the client's rules, the guard on calls that would touch the
+//! shared session), read its body within its limits, then strip the
+//! client's own credentials (`QB-Token`, `Authorization`, `On-Behalf-Of`)
+//! and `Host`, inject the session's `QB-Token` (or an API key identity's
 //! `Authorization: ApiKey` and `On-Behalf-Of`), and send the canonical path
 //! (query as sent) upstream. When QuickBlox answers 401 "Required session does not exist",
 //! ask the identity for the single renewal and replay the request once
@@ -38,6 +40,7 @@ use crate::canonical;
 use crate::config::{ClientToken, TargetId};
 use crate::credentials::IdentityKind;
 use crate::error::ProxyError;
+use crate::headers;
 use crate::limit::ResizableLimit;
 use crate::live::Live;
 use crate::metrics::{IdentityMetrics, Metrics};
@@ -74,21 +77,6 @@ struct Inner {
     /// `qbproxy_worker_requests_total`, by worker (`worker.rs`).
     worker_requests: Vec<prometheus::IntCounter>,
 }
-
-/// Headers that describe one connection, not the message; never forwarded
-/// in either direction (RFC 9110 §7.6.1), plus `Expect`, which qbproxy
-/// answers itself when it reads the body.
-const HOP_BY_HOP: [HeaderName; 9] = [
-    header::CONNECTION,
-    HeaderName::from_static("keep-alive"),
-    HeaderName::from_static("proxy-connection"),
-    header::PROXY_AUTHENTICATE,
-    header::PROXY_AUTHORIZATION,
-    header::TE,
-    header::TRAILER,
-    header::TRANSFER_ENCODING,
-    header::UPGRADE,
-];
 
 /// A 401 body longer than this is not QuickBlox's expiry message; it is
 /// passed on without being inspected further.
@@ -132,6 +120,10 @@ impl Proxy {
             counter.inc();
         }
         let (mut parts, body) = req.into_parts();
+        // The headers as sent count against the size limit; then, before
+        // anything is decided, they become what will be forwarded.
+        let sent_bytes = access::header_bytes(&parts.headers);
+        let forwardable = headers::inbound(&mut parts.headers);
         let live = inner.live.load_full();
         let started = Instant::now();
         let deadline = started + live.timeout();
@@ -153,7 +145,10 @@ impl Proxy {
             method: parts.method.clone(),
             uri: a.uri,
         });
-        let client = match live.gate.admit(conn.peer().ip(), &parts.headers) {
+        let client = match live
+            .gate
+            .admit(conn.peer().ip(), &parts.headers, sent_bytes)
+        {
             Ok(client) => client,
             Err(e) => {
                 if matches!(e, ProxyError::SourceNotAllowed(_)) {
@@ -164,6 +159,9 @@ impl Proxy {
                 return finish(&log, Err(e), Counted::nobody(unrouted), None);
             }
         };
+        if let Err(e) = forwardable {
+            return finish(&log, Err(e.into()), Counted::nobody(unrouted), client);
+        }
         let plan = match self.decide(&live, &parts, client) {
             Ok(plan) => plan,
             // Counted under the identity or pool it was refused for, if it
@@ -176,7 +174,7 @@ impl Proxy {
             }
         };
         // Decided on; now nothing spelt with '_' goes any further.
-        strip_underscored(&mut parts.headers);
+        headers::strip_underscored(&mut parts.headers);
         let method = parts.method.clone();
         let log = Log {
             method: &method,
@@ -450,7 +448,7 @@ impl Proxy {
         deadline: Instant,
     ) -> Result<Response<Body>, ProxyError> {
         let mut headers = std::mem::take(&mut parts.headers);
-        strip_request_headers(&mut headers);
+        headers::outbound_request(&mut headers);
         let req = upstream_request(&parts.method, plan.uri.clone(), headers, body);
         // A streaming body goes again only if it never left (hyper's copy).
         let (resp, slot) = self
@@ -485,7 +483,7 @@ impl Proxy {
             return Ok(session_answer(&parts.method, &plan.path, &session));
         }
         let mut headers = std::mem::take(&mut parts.headers);
-        strip_request_headers(&mut headers);
+        headers::outbound_request(&mut headers);
         // The request acts as the identity, with its credential alone.
         for name in &CLIENT_CREDENTIALS {
             headers.remove(name);
@@ -644,8 +642,7 @@ impl Proxy {
                 if resp.status() == StatusCode::TOO_MANY_REQUESTS {
                     self.inner.metrics.upstream_429();
                 }
-                strip_hop_by_hop(resp.headers_mut());
-                strip_tokens(resp.headers_mut());
+                headers::outbound_response(resp.headers_mut());
                 Ok((resp, lease))
             }
         }
@@ -713,13 +710,11 @@ fn cut_off(e: ProxyError, cut: &CutFlag, live: &Live) -> ProxyError {
 
 fn override_error(found: Found) -> ProxyError {
     match found {
-        Found::MethodParam => {
-            ProxyError::MethodOverride("a _method parameter in the form body".into())
-        }
-        Found::Unreadable => ProxyError::BadRequest(format!(
-            "a multipart part's headers are over {} bytes and cannot be inspected",
-            overrides::MAX_PART_HEADERS
-        )),
+        Found::MethodParam => ProxyError::MethodOverride(
+            "_method in a POST body that is not JSON (Rack reads it as the method; \
+             send JSON, or the method itself)"
+                .into(),
+        ),
     }
 }
 
@@ -947,26 +942,6 @@ fn session_answer(method: &Method, path: &str, session: &Session) -> Response<Bo
     resp
 }
 
-/// Removes request headers whose names hold `_`, as nginx does by default
-/// (`underscores_in_headers off`): a server that reads `_` as `-` (CGI,
-/// Rack, PHP) would otherwise see a second `QB-Token`, `Transfer-Encoding`
-/// or `QBProxy-Key` that qbproxy never looked at. (Method overrides in any
-/// spelling were refused before this.)
-fn strip_underscored(headers: &mut HeaderMap) {
-    if !headers.keys().any(|k| k.as_str().contains('_')) {
-        return;
-    }
-    let names: Vec<HeaderName> = headers
-        .keys()
-        .filter(|k| k.as_str().contains('_'))
-        .cloned()
-        .collect();
-    for name in &names {
-        headers.remove(name);
-    }
-    tracing::debug!(headers = ?names, "dropped request headers with '_' in their names");
-}
-
 /// Points a client that sent `QBProxy_Key` (which is never read, and
 /// never forwarded) at the spelling it meant.
 fn hint_misspelt_key(e: ProxyError, headers: &HeaderMap) -> ProxyError {
@@ -1024,122 +999,4 @@ static CLIENT_CREDENTIALS: [HeaderName; 3] =
 /// The first credential header the client sent, if any.
 fn client_credential(headers: &HeaderMap) -> Option<&'static HeaderName> {
     CLIENT_CREDENTIALS.iter().find(|h| headers.contains_key(*h))
-}
-
-/// Removes the connection-level headers, including any named in
-/// `Connection`. Most messages have none: one pass over the names finds
-/// that, without a lookup per hop-by-hop name.
-fn strip_hop_by_hop(headers: &mut HeaderMap) {
-    if !headers.keys().any(|k| HOP_BY_HOP.contains(k)) {
-        return;
-    }
-    if let Some(listed) = headers.get(header::CONNECTION) {
-        let named: Vec<HeaderName> = listed
-            .to_str()
-            .unwrap_or("")
-            .split(',')
-            .filter_map(|n| HeaderName::from_bytes(n.trim().as_bytes()).ok())
-            .collect();
-        for name in named {
-            headers.remove(name);
-        }
-    }
-    for name in &HOP_BY_HOP {
-        headers.remove(name);
-    }
-}
-
-/// Response side: a `QB-Token` header (in any spelling) never reaches a
-/// client; it could be one qbproxy holds.
-fn strip_tokens(headers: &mut HeaderMap) {
-    let token = |k: &HeaderName| canonical::same_header_name(k.as_str(), qb::QB_TOKEN.as_str());
-    if headers.keys().any(token) {
-        let names: Vec<HeaderName> = headers.keys().filter(|k| token(k)).cloned().collect();
-        for name in names {
-            headers.remove(name);
-        }
-    }
-}
-
-/// Request side: hop-by-hop headers, `Expect`, headers addressed to
-/// qbproxy itself (`QBProxy-*`), and the client's `Host`; `Cookie` fields
-/// joined into one.
-///
-/// The upstream's host travels in the URI: the client writes it as `Host`
-/// on an HTTP/1.1 connection and as `:authority` alone on an HTTP/2 one
-/// (a `host` field beside it is a duplicate that nginx before 1.29
-/// refuses with 400).
-fn strip_request_headers(headers: &mut HeaderMap) {
-    strip_hop_by_hop(headers);
-    headers.remove(header::HOST);
-    join_cookies(headers);
-    let ours =
-        |k: &HeaderName| k == header::EXPECT || k.as_str().starts_with(qb::QBPROXY_HEADER_PREFIX);
-    if headers.keys().any(ours) {
-        let names: Vec<HeaderName> = headers.keys().filter(|k| ours(k)).cloned().collect();
-        for name in names {
-            headers.remove(name);
-        }
-    }
-}
-
-/// An HTTP/2 client may split `Cookie` into one field per cookie (RFC 9113
-/// §8.2.3); an HTTP/1.1 server reads one `Cookie` line and keeps the last
-/// of several. Joined with "; " they reach either protocol whole.
-fn join_cookies(headers: &mut HeaderMap) {
-    let mut values = headers.get_all(header::COOKIE).iter();
-    let (Some(first), Some(_)) = (values.next(), values.next()) else {
-        return;
-    };
-    let mut joined = first.as_bytes().to_vec();
-    for value in headers.get_all(header::COOKIE).iter().skip(1) {
-        joined.extend_from_slice(b"; ");
-        joined.extend_from_slice(value.as_bytes());
-    }
-    // Each part was a valid value, and "; " is too.
-    if let Ok(value) = HeaderValue::from_bytes(&joined) {
-        headers.insert(header::COOKIE, value);
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use http::HeaderValue;
-
-    #[test]
-    fn cookie_fields_are_joined_into_one_and_host_is_dropped() {
-        let mut h = HeaderMap::new();
-        h.append(header::COOKIE, HeaderValue::from_static("a=1"));
-        h.append(header::COOKIE, HeaderValue::from_static("b=2"));
-        h.append(header::COOKIE, HeaderValue::from_static("c=3"));
-        h.insert(header::HOST, HeaderValue::from_static("client.example"));
-        strip_request_headers(&mut h);
-        let cookies: Vec<_> = h.get_all(header::COOKIE).iter().collect();
-        assert_eq!(cookies, ["a=1; b=2; c=3"]);
-        assert!(!h.contains_key(header::HOST));
-
-        let mut one = HeaderMap::new();
-        one.insert(header::COOKIE, HeaderValue::from_static("a=1; b=2"));
-        strip_request_headers(&mut one);
-        assert_eq!(one[header::COOKIE], "a=1; b=2");
-    }
-
-    #[test]
-    fn hop_by_hop_and_connection_listed_headers_are_removed() {
-        let mut h = HeaderMap::new();
-        h.insert(
-            header::CONNECTION,
-            HeaderValue::from_static("keep-alive, X-Hop"),
-        );
-        h.insert("x-hop", HeaderValue::from_static("1"));
-        h.insert("keep-alive", HeaderValue::from_static("timeout=5"));
-        h.insert(header::TE, HeaderValue::from_static("trailers"));
-        h.insert(header::EXPECT, HeaderValue::from_static("100-continue"));
-        h.insert("qbproxy-identity", HeaderValue::from_static("bot"));
-        h.insert("x-keep", HeaderValue::from_static("yes"));
-        strip_request_headers(&mut h);
-        assert_eq!(h.len(), 1, "{h:?}");
-        assert_eq!(h["x-keep"], "yes");
-    }
 }

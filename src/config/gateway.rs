@@ -67,8 +67,9 @@ pub struct LimitsConfig {
 /// `*` matches any run of characters, slashes included. The pattern is
 /// kept in route-key form (lowercase, no format suffix, no trailing
 /// slash) and compared with a request's route key, so `"DELETE /users/*"`
-/// holds for `/Users/5.xml` and `//users/5` as well. A `GET` rule also
-/// holds for `HEAD`, which servers route as `GET`.
+/// holds for `/Users/5.xml` and `//users/5` as well. A rule holds for the
+/// methods Rails routes to the same action: a `GET` rule for `HEAD`, a
+/// `PUT` rule for `PATCH` and a `PATCH` rule for `PUT` (both `#update`).
 #[derive(Debug, Clone)]
 pub struct PathRule {
     pub text: String,
@@ -81,10 +82,20 @@ impl PathRule {
     pub fn matches(&self, method: &Method, key: &str) -> bool {
         let method_matches = match &self.method {
             None => true,
-            Some(m) => m == method || (*m == Method::GET && method == Method::HEAD),
+            Some(m) => m == method || same_route(m, method),
         };
         method_matches && glob(&self.pattern, key)
     }
+}
+
+/// Whether Rails routes `method` to the action a rule for `rule` names.
+fn same_route(rule: &Method, method: &Method) -> bool {
+    matches!(
+        (rule, method),
+        (&Method::GET, &Method::HEAD)
+            | (&Method::PUT, &Method::PATCH)
+            | (&Method::PATCH, &Method::PUT)
+    )
 }
 
 /// `*` matches any run of characters; everything else itself.
@@ -468,5 +479,18 @@ mod tests {
             "HEAD is routed as GET"
         );
         assert!(!rule.matches(&Method::DELETE, "/users/5"));
+        for (rule, other) in [(Method::PUT, Method::PATCH), (Method::PATCH, Method::PUT)] {
+            let rule = PathRule {
+                text: format!("{rule} /users/*"),
+                method: Some(rule),
+                pattern: "/users/*".into(),
+            };
+            assert!(
+                rule.matches(&other, "/users/5"),
+                "{} holds for {other}",
+                rule.text
+            );
+            assert!(!rule.matches(&Method::POST, "/users/5"));
+        }
     }
 }

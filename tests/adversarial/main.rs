@@ -9,6 +9,7 @@ mod common;
 
 mod methods;
 mod paths;
+mod rack;
 mod secrets;
 mod slow;
 mod tokens;
