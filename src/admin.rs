@@ -33,6 +33,11 @@ pub struct Admin {
 impl Admin {
     pub async fn handle(&self, req: Request<Incoming>, conn: Conn) -> Response<Body> {
         let path = req.uri().path();
+        let allowed = self.handle.config(|c| c.admin.hosts.clone());
+        if let Err(host) = own_host(&req, conn.local(), &allowed) {
+            tracing::warn!(peer = %conn.peer(), path, host, "admin request for another host refused (421)");
+            return AdminError::MisdirectedHost(conn.local().to_string()).into_response();
+        }
         let probe = matches!(path, "/healthz" | "/readyz")
             && matches!(*req.method(), Method::GET | Method::HEAD);
         if !probe {
@@ -147,6 +152,37 @@ fn bearer_matches(headers: &HeaderMap, token: &Secret) -> bool {
 /// Refused: `Sec-Fetch-Site: cross-site`, and an `Origin` whose host and
 /// port are not the address the request arrived on. Tools that send
 /// neither (curl, scripts) pass.
+/// Whether the request names this listener: its address, `localhost`, or
+/// one of `[admin] hosts` (any port; a request with no host at all is not
+/// a browser's). A web page that rebinds its own name to this address
+/// sends that name, and is refused. Returns the name it sent otherwise.
+fn own_host<B>(req: &Request<B>, local: SocketAddr, hosts: &[String]) -> Result<(), String> {
+    let named = match req.uri().authority() {
+        Some(a) => Some(a.host().to_owned()),
+        None => match req.headers().get(header::HOST) {
+            None => None,
+            Some(v) => Some(
+                v.to_str()
+                    .ok()
+                    .and_then(|v| v.parse::<http::uri::Authority>().ok())
+                    .map(|a| a.host().to_owned())
+                    .ok_or_else(|| String::from_utf8_lossy(v.as_bytes()).into_owned())?,
+            ),
+        },
+    };
+    let Some(host) = named else { return Ok(()) };
+    let host = host.to_ascii_lowercase();
+    let bare = host.trim_start_matches('[').trim_end_matches(']');
+    let own_ip = bare
+        .parse::<std::net::IpAddr>()
+        .is_ok_and(|ip| ip.to_canonical() == local.ip().to_canonical());
+    if own_ip || host == "localhost" || hosts.contains(&host) {
+        Ok(())
+    } else {
+        Err(host)
+    }
+}
+
 fn same_origin(headers: &HeaderMap, local: SocketAddr) -> Result<(), &'static str> {
     if headers
         .get("sec-fetch-site")

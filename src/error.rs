@@ -171,6 +171,11 @@ pub enum AdminError {
     Unauthorized,
     #[error("{0}")]
     CrossSite(&'static str),
+    #[error(
+        "this is the admin listener of {0}, not of the host this request names; \
+         add a name it should answer to in [admin] hosts"
+    )]
+    MisdirectedHost(String),
     #[error("not found; try /healthz, /readyz, /metrics, /sessions")]
     NotFound,
     #[error("POST only to /sessions/{{name}}/renew")]
@@ -194,6 +199,7 @@ impl AdminError {
         match self {
             AdminError::Unauthorized => StatusCode::UNAUTHORIZED,
             AdminError::CrossSite(_) => StatusCode::FORBIDDEN,
+            AdminError::MisdirectedHost(_) => StatusCode::MISDIRECTED_REQUEST,
             AdminError::NotFound | AdminError::NoSuchAction | AdminError::UnknownIdentity(_) => {
                 StatusCode::NOT_FOUND
             }
@@ -207,6 +213,7 @@ impl AdminError {
         match self {
             AdminError::Unauthorized => "unauthorized",
             AdminError::CrossSite(_) => "forbidden",
+            AdminError::MisdirectedHost(_) => "misdirected-host",
             AdminError::NotFound | AdminError::NoSuchAction => "not-found",
             AdminError::UnknownIdentity(_) => "unknown-identity",
             AdminError::MethodNotAllowed => "method-not-allowed",

@@ -118,9 +118,18 @@ enum LogFormat {
 }
 
 fn main() -> ExitCode {
+    // Before any secret is read: no core dump, no reading of this
+    // process's memory by another of the same user.
+    let dumpable = qbproxy::hardening::not_dumpable();
     let cli = Cli::parse();
     // Held to the end of main: dropping it writes out buffered lines.
     let _log = init_logging(cli.log_format);
+    match dumpable {
+        Ok(()) => tracing::debug!(
+            "not dumpable: no core file, and no other process of this user may read this one's memory"
+        ),
+        Err(e) => tracing::warn!(error = %e, "could not mark the process not dumpable (PR_SET_DUMPABLE); a core dump could hold tokens"),
+    }
     // What was given before a subcommand belongs to running the proxy.
     let root_only = |command: &str| -> Option<String> {
         let given = match (&cli.config, cli.runtime.threads) {

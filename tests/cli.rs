@@ -78,6 +78,24 @@ fn check_accepts_a_good_config() {
     assert!(!stdout.contains("s3cr3t"));
 }
 
+/// The process marks itself not dumpable before it reads a secret (no core
+/// file, no reading of its memory by another process of the same user).
+#[test]
+fn the_process_is_not_dumpable() {
+    let dir = TempDir::new("dumpable");
+    let out = Command::new(BIN)
+        .args(["check", "--config"])
+        .arg(dir.file("config.toml", GOOD))
+        .env("QBPROXY_CLI_TEST_SECRET", "s3cr3t")
+        .env("QBPROXY_CLI_TEST_PASSWORD", "pw")
+        .env("RUST_LOG", "debug")
+        .output()
+        .unwrap();
+    let log = String::from_utf8_lossy(&out.stderr);
+    assert!(log.contains("not dumpable: no core file"), "{log}");
+    assert!(!log.contains("could not mark the process"), "{log}");
+}
+
 #[test]
 fn check_names_the_key_and_exits_64() {
     let dir = TempDir::new("bad");
@@ -518,7 +536,7 @@ async fn threads_2_runs_two_proxy_workers_on_one_port() {
     }
     let metrics = common::raw(
         admin,
-        b"GET /metrics HTTP/1.1\r\nHost: q\r\nConnection: close\r\n\r\n",
+        format!("GET /metrics HTTP/1.1\r\nHost: {admin}\r\nConnection: close\r\n\r\n").as_bytes(),
     )
     .await;
     let served = |w: u32| {
@@ -875,4 +893,50 @@ async fn check_probe_creates_one_session_per_identity_and_says_each_result() {
     assert!(said.contains("probe: 2 of 6 failed"), "{said}");
     assert!(!said.contains("demo-pasword"), "no password in the output");
     assert!(!said.contains("revoked-api-key"), "no key in the output");
+}
+
+/// `deploy/qbproxy.service` stays valid and hardened: `systemd-analyze
+/// verify` accepts it (with this build as the binary), and `systemd-analyze
+/// security` rates its exposure at 1.5 or less (of 10).
+#[test]
+fn the_systemd_unit_verifies_and_stays_hardened() {
+    let dir = TempDir::new("systemd");
+    let unit = std::fs::read_to_string(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/deploy/qbproxy.service"
+    ))
+    .unwrap();
+    for needed in [
+        "LimitCORE=0",
+        "NoNewPrivileges=yes",
+        "ProtectSystem=strict",
+        "PrivateTmp=yes",
+        "CapabilityBoundingSet=\n",
+        "LoadCredential=",
+    ] {
+        assert!(unit.contains(needed), "{needed}");
+    }
+    let path = dir.file(
+        "qbproxy.service",
+        &unit.replace("/usr/local/bin/qbproxy", BIN),
+    );
+    let run = |args: &[&str]| {
+        Command::new("systemd-analyze")
+            .args(args)
+            .arg(&path)
+            .output()
+            .expect("systemd-analyze: install Debian's systemd (.ci/run does)")
+    };
+    let verify = run(&["verify"]);
+    assert!(
+        verify.status.success() && verify.stderr.is_empty(),
+        "{}",
+        String::from_utf8_lossy(&verify.stderr)
+    );
+    let security = run(&["security", "--offline=true", "--threshold=15"]);
+    assert!(
+        security.status.success(),
+        "{}",
+        String::from_utf8_lossy(&security.stdout)
+    );
 }

@@ -92,6 +92,10 @@ pub struct ListenConfig {
 #[derive(Debug, Clone)]
 pub struct AdminConfig {
     pub addr: SocketAddr,
+    /// Names the admin listener answers to besides its own address and
+    /// `localhost`, lowercase (a `Host` naming anything else gets 421: a
+    /// page that rebinds its own name to this address reads nothing).
+    pub hosts: Vec<String>,
     /// When set, every endpoint but `/healthz` and `/readyz` needs
     /// `Authorization: Bearer <token>`.
     pub token: Option<Secret>,

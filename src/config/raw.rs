@@ -104,6 +104,7 @@ impl Default for RawListen {
 #[serde(deny_unknown_fields, default)]
 pub(super) struct RawAdmin {
     pub addr: String,
+    pub hosts: Vec<String>,
     pub token: Option<String>,
     pub token_env: Option<String>,
     pub token_file: Option<PathBuf>,
@@ -113,6 +114,7 @@ impl Default for RawAdmin {
     fn default() -> Self {
         RawAdmin {
             addr: "127.0.0.1:9090".into(),
+            hosts: Vec::new(),
             token: None,
             token_env: None,
             token_file: None,

@@ -93,6 +93,18 @@ impl Validator<'_> {
         };
         let admin = AdminConfig {
             addr: self.addr("admin.addr", &raw.admin.addr)?,
+            hosts: raw
+                .admin
+                .hosts
+                .iter()
+                .map(|h| match http::uri::Authority::try_from(h.as_str()) {
+                    Ok(a) if a.port().is_none() && !h.is_empty() => Ok(h.to_ascii_lowercase()),
+                    _ => Err(self.invalid(
+                        "admin.hosts",
+                        format!("{h:?} is not a host name (no port, no scheme)"),
+                    )),
+                })
+                .collect::<Result<_, _>>()?,
             token: self.secret(
                 "admin.token",
                 raw.admin.token,

@@ -193,3 +193,50 @@ async fn an_unknown_identity_lists_only_what_the_client_may_use() {
     );
     assert!(!a.text().contains("internal-admin") && !a.text().contains("demo"));
 }
+
+/// A page whose own name was rebound to the admin address (DNS rebinding)
+/// sends that name as `Host`: the admin listener answers only its address,
+/// `localhost` and `[admin] hosts`, so the page reads nothing.
+#[tokio::test]
+async fn the_admin_listener_answers_only_its_own_names() {
+    let h = setup()
+        .set("admin", "hosts", "[\"qbproxy-admin\"]")
+        .start()
+        .await;
+    h.ready().await;
+    let port = h.admin.port();
+    let get = |path: &'static str, host: String| {
+        let addr = h.admin;
+        async move {
+            let req = format!("GET {path} HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n");
+            crate::raw(addr, req.as_bytes()).await
+        }
+    };
+    for path in ["/sessions", "/metrics", "/readyz", "/healthz"] {
+        for host in [
+            format!("rebind.attacker.example:{port}"),
+            "rebind.attacker.example".to_owned(),
+            format!("127.0.0.2:{port}"),
+            format!("localhost.attacker.example:{port}"),
+        ] {
+            let a = get(path, host.clone()).await;
+            assert_eq!(a.status, 421, "{path} for {host}: {a:?}");
+            assert_eq!(a.error_code(), "misdirected-host");
+            assert!(
+                !a.body.contains("qbproxy_") && !a.body.contains("identities"),
+                "{}",
+                a.body
+            );
+        }
+        for host in [
+            format!("127.0.0.1:{port}"),
+            format!("localhost:{port}"),
+            "LocalHost".to_owned(),
+            format!("qbproxy-admin:{port}"),
+            "QBProxy-Admin".to_owned(),
+        ] {
+            let a = get(path, host.clone()).await;
+            assert_eq!(a.status, 200, "{path} for {host}: {a:?}");
+        }
+    }
+}
