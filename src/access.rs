@@ -44,6 +44,8 @@ pub struct ApiClient {
     deny_paths: Vec<PathRule>,
     bucket: Option<Mutex<Bucket>>,
     pub metrics: CodeCounter,
+    /// Upstream slots it holds at most (`fair.rs`).
+    pub max_in_flight: usize,
 }
 
 impl Gate {
@@ -128,6 +130,7 @@ impl ApiClient {
                 .rate
                 .map(|(rate, burst)| Mutex::new(Bucket::new(rate, burst))),
             metrics: metrics.client(&c.name),
+            max_in_flight: c.max_in_flight,
         }
     }
 

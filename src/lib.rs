@@ -19,6 +19,7 @@ pub mod config;
 pub mod credentials;
 pub mod demo;
 mod error;
+mod fair;
 pub mod hardening;
 mod headers;
 mod limit;

@@ -1,6 +1,6 @@
 //! A cap on things in use at once that a reload can move: open client
-//! connections (`limits.max_connections`) and requests in flight upstream
-//! (`upstream.max_connections`).
+//! connections (`limits.max_connections`). (Requests in flight upstream
+//! have a fair allocator of their own, `fair.rs`.)
 //!
 //! One [`ResizableLimit`] lives for the proxy's life, so what was taken
 //! before a reload and after it counts against one cap. Growing adds
@@ -102,6 +102,7 @@ impl ResizableLimit {
     }
 
     /// A unit now, if one is free.
+    #[cfg(test)]
     pub fn try_acquire(&self) -> Option<Permit> {
         let permit = self.inner.semaphore.clone().try_acquire_owned().ok()?;
         Some(self.wrap(permit))

@@ -40,8 +40,8 @@ use crate::canonical;
 use crate::config::{ClientToken, TargetId};
 use crate::credentials::IdentityKind;
 use crate::error::ProxyError;
+use crate::fair::{FairSlots, Holder};
 use crate::headers;
-use crate::limit::ResizableLimit;
 use crate::live::Live;
 use crate::metrics::{IdentityMetrics, Metrics};
 use crate::overrides::{self, Found};
@@ -64,10 +64,11 @@ struct Inner {
     /// runs start to end with one consistent configuration.
     live: Arc<ArcSwap<Live>>,
     /// `upstream.max_in_flight` slots, one per request in flight upstream,
+    /// shared fairly between API clients (`fair.rs`),
     /// held until its response body is read. One limit for the proxy's
     /// life, resized on reload, so requests in flight across a reload
     /// count against one cap.
-    slots: ResizableLimit,
+    slots: FairSlots,
     metrics: Metrics,
     /// Every token the identities hold or held recently, to refuse one a
     /// client sends back (`client_token = "keep"`).
@@ -92,7 +93,7 @@ impl Proxy {
     ) -> Self {
         Proxy {
             inner: Arc::new(Inner {
-                slots: ResizableLimit::new(live.load().upstream().max_in_flight),
+                slots: FairSlots::new(live.load().upstream().max_in_flight),
                 worker_requests: metrics.worker_requests(workers),
                 live,
                 metrics,
@@ -209,14 +210,18 @@ impl Proxy {
                 );
             }
         }
+        let ctx = Ctx {
+            live: &live,
+            trace: &trace,
+            deadline,
+            share: Share::of(client),
+        };
         // The client's own session or token: no identity is involved.
         if matches!(plan.kind, Kind::OwnSessionCreate | Kind::OwnToken) {
             let scanner = overrides::body_scanner(&parts.method, &parts.headers);
             let (body, cut) = ClientBody::stream(Vec::new(), body, limits, scanner, None);
             trace.body_streams(&cut);
-            let result = self
-                .pass_through(&live, &mut parts, &plan, body, &cut, &trace, deadline)
-                .await;
+            let result = self.pass_through(&ctx, &mut parts, &plan, body, &cut).await;
             return finish(&log, result, counted, client);
         }
         // The body first: a client slow to send it holds no session, no
@@ -236,9 +241,7 @@ impl Proxy {
             Target::Identity(identity) => {
                 identity.start();
                 let result = self
-                    .exchange(
-                        &live, &mut parts, &plan, body, identity, None, &trace, deadline,
-                    )
+                    .exchange(&ctx, &mut parts, &plan, body, identity, None)
                     .await;
                 finish(&log, result, Counted::identity(identity), client)
             }
@@ -248,16 +251,7 @@ impl Proxy {
                     Ok((lease, session)) => {
                         let identity = lease.identity();
                         let result = self
-                            .exchange(
-                                &live,
-                                &mut parts,
-                                &plan,
-                                body,
-                                identity,
-                                Some(session),
-                                &trace,
-                                deadline,
-                            )
+                            .exchange(&ctx, &mut parts, &plan, body, identity, Some(session))
                             .await;
                         finish(&log, result, Counted::identity(identity), client)
                     }
@@ -436,25 +430,22 @@ impl Proxy {
     /// Forwards the client's own session creation, or a request with its
     /// own token (`client_token = "keep"`), untouched: no token is added,
     /// nothing is renewed.
-    #[allow(clippy::too_many_arguments)]
     async fn pass_through(
         &self,
-        live: &Live,
+        ctx: &Ctx<'_>,
         parts: &mut Parts,
         plan: &Plan<'_>,
         body: Body,
         cut: &CutFlag,
-        trace: &Trace,
-        deadline: Instant,
     ) -> Result<Response<Body>, ProxyError> {
         let mut headers = std::mem::take(&mut parts.headers);
         headers::outbound_request(&mut headers);
         let req = upstream_request(&parts.method, plan.uri.clone(), headers, body);
         // A streaming body goes again only if it never left (hyper's copy).
         let (resp, slot) = self
-            .send(live, req, &mut || None, trace, deadline)
+            .send(ctx, req, &mut || None)
             .await
-            .map_err(|e| cut_off(e, cut, live))?;
+            .map_err(|e| cut_off(e, cut, ctx.live))?;
         Ok(resp.map(|b| Body::upstream(b, slot)))
     }
 
@@ -462,18 +453,16 @@ impl Proxy {
     /// forwards with the session's token and replays once if QuickBlox says
     /// the session does not exist. `session`: the outcome of asking for the
     /// identity's session, if the caller already did (pools do).
-    #[allow(clippy::too_many_arguments)]
     async fn exchange(
         &self,
-        live: &Live,
+        ctx: &Ctx<'_>,
         parts: &mut Parts,
         plan: &Plan<'_>,
         body: Prepared,
         identity: &Identity,
         session: Option<Result<Arc<Session>, Unavailable>>,
-        trace: &Trace,
-        deadline: Instant,
     ) -> Result<Response<Body>, ProxyError> {
+        let (live, trace, deadline) = (ctx.live, ctx.trace, ctx.deadline);
         let session = match session {
             Some(s) => s,
             None => identity.session(deadline).await,
@@ -495,7 +484,7 @@ impl Proxy {
             Prepared::Stream(body, cut) => {
                 let req = with_token(&parts.method, uri, headers, &session, body);
                 let sent = self
-                    .send_checked(live, req, &mut || None, identity, &session, trace, deadline)
+                    .send_checked(ctx, req, &mut || None, identity, &session)
                     .await;
                 return match sent.map_err(|e| cut_off(e, &cut, live))? {
                     Checked::Answer(resp) => Ok(resp),
@@ -533,7 +522,7 @@ impl Proxy {
             ))
         };
         let sent = self
-            .send_checked(live, req, &mut again, identity, &session, trace, deadline)
+            .send_checked(ctx, req, &mut again, identity, &session)
             .await?;
         let refusal = match sent {
             Checked::Answer(resp) => return Ok(resp),
@@ -568,7 +557,7 @@ impl Proxy {
         let req = replay(replay_headers.clone());
         let mut again = || Some(replay(replay_headers.clone()));
         match self
-            .send_checked(live, req, &mut again, identity, &fresh, trace, deadline)
+            .send_checked(ctx, req, &mut again, identity, &fresh)
             .await?
         {
             Checked::Answer(resp) => Ok(resp),
@@ -586,12 +575,11 @@ impl Proxy {
     /// (`upstream::Pool::send`).
     async fn send(
         &self,
-        live: &Live,
+        ctx: &Ctx<'_>,
         req: Request<Body>,
         again: &mut (dyn FnMut() -> Option<Request<Body>> + Send),
-        trace: &Trace,
-        deadline: Instant,
     ) -> Result<(Response<Incoming>, Lease), ProxyError> {
+        let (live, trace, deadline) = (ctx.live, ctx.trace, ctx.deadline);
         // QuickBlox's rate first (fleet-wide with [cluster]): a request
         // waits for its turn only so long.
         if let Some(rate) = &live.rate {
@@ -604,18 +592,18 @@ impl Proxy {
             }
         }
         let slots = &self.inner.slots;
-        let permit = match slots.try_acquire() {
+        let share = &ctx.share;
+        let permit = match slots.try_acquire(&share.holder, share.cap) {
             Some(slot) => slot,
             None => {
                 self.inner.metrics.upstream_slot_wait();
-                match timeout_at(deadline, slots.acquire()).await {
-                    Ok(Some(slot)) => slot,
-                    // Timed out, or the semaphore is closed (never done).
-                    _ => {
+                match slots.acquire(&share.holder, share.cap, deadline).await {
+                    Ok(slot) => slot,
+                    Err(_) => {
                         return Err(ProxyError::UpstreamBusy {
                             what: "requests in flight to QuickBlox",
-                            key: "upstream.max_in_flight",
-                            limit: live.upstream().max_in_flight,
+                            key: "upstream.max_in_flight, or the client's max_in_flight",
+                            limit: share.cap.min(live.upstream().max_in_flight),
                             waited: live.timeout(),
                         })
                     }
@@ -651,18 +639,16 @@ impl Proxy {
     /// Sends a request made with `session` and sorts the answer: QuickBlox's
     /// "Required session does not exist", or anything else (which counts as
     /// a use of the session).
-    #[allow(clippy::too_many_arguments)]
     async fn send_checked(
         &self,
-        live: &Live,
+        ctx: &Ctx<'_>,
         req: Request<Body>,
         again: &mut (dyn FnMut() -> Option<Request<Body>> + Send),
         identity: &Identity,
         session: &Session,
-        trace: &Trace,
-        deadline: Instant,
     ) -> Result<Checked, ProxyError> {
-        let (resp, slot) = self.send(live, req, again, trace, deadline).await?;
+        let (live, deadline) = (ctx.live, ctx.deadline);
+        let (resp, slot) = self.send(ctx, req, again).await?;
         // An API key has no session to expire: its 401s are the client's.
         if resp.status() != StatusCode::UNAUTHORIZED || session.scheme() == Scheme::ApiKey {
             identity.record_use(session, resp.status(), resp.headers());
@@ -887,6 +873,41 @@ enum Kind {
     OwnToken,
     /// `GET`/`HEAD /session.json`: answered by qbproxy, token left out.
     SessionRead,
+}
+
+/// What every stage of one request reads.
+struct Ctx<'a> {
+    /// The configuration it started with.
+    live: &'a Live,
+    /// What its access event will say.
+    trace: &'a Trace,
+    /// The whole request's: session wait, upstream, replay.
+    deadline: Instant,
+    /// Whose share of the upstream's slots it takes.
+    share: Share,
+}
+
+/// A request's client and its cap on slots in flight (`fair.rs`).
+struct Share {
+    holder: Holder,
+    cap: usize,
+}
+
+impl Share {
+    /// An API client's share, or the one of requests without a client (no
+    /// cap of their own: there is nobody to be fair to).
+    fn of(client: Option<&ApiClient>) -> Share {
+        match client {
+            Some(c) => Share {
+                holder: Some(c.name.clone()),
+                cap: c.max_in_flight,
+            },
+            None => Share {
+                holder: None,
+                cap: usize::MAX,
+            },
+        }
+    }
 }
 
 /// The series a request for `target` is counted in, and who it acts as.

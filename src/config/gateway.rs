@@ -61,6 +61,10 @@ pub struct LimitsConfig {
     pub send_timeout: Duration,
     /// Requests in flight on one connection at most (HTTP/2 streams).
     pub max_streams_per_connection: u32,
+    /// Upstream slots one API client holds at most unless its own
+    /// `max_in_flight` says otherwise (default: half of
+    /// `upstream.max_in_flight`).
+    pub client_max_in_flight: usize,
 }
 
 /// A path rule: `"DELETE /users/*"`, `"/chat/*"` (any method), `"GET *"`.
@@ -129,6 +133,8 @@ pub struct ClientConfig {
     pub deny_paths: Vec<PathRule>,
     /// Requests per second, and the burst above it.
     pub rate: Option<(f64, f64)>,
+    /// Upstream slots it holds at most (`fair.rs`).
+    pub max_in_flight: usize,
 }
 
 #[derive(Debug, Deserialize)]
@@ -147,6 +153,7 @@ pub(super) struct RawLimits {
     #[serde(with = "humantime_serde")]
     send_timeout: Duration,
     max_streams_per_connection: u32,
+    client_max_in_flight: Option<usize>,
 }
 
 impl Default for RawLimits {
@@ -163,6 +170,7 @@ impl Default for RawLimits {
             max_buffered_bytes: 64 * 1024 * 1024,
             send_timeout: Duration::from_secs(30),
             max_streams_per_connection: 100,
+            client_max_in_flight: None,
         }
     }
 }
@@ -181,6 +189,7 @@ pub(super) struct RawClient {
     deny_paths: Vec<String>,
     rate: Option<f64>,
     burst: Option<f64>,
+    max_in_flight: Option<usize>,
 }
 
 /// Largest header limit hyper's buffers are sized for.
@@ -268,7 +277,13 @@ impl Validator<'_> {
         Ok(certs)
     }
 
-    pub(super) fn limits(&self, raw: &RawLimits) -> Result<LimitsConfig, ConfigError> {
+    /// `upstream_in_flight`: `upstream.max_in_flight`, which a client's
+    /// default share is half of.
+    pub(super) fn limits(
+        &self,
+        raw: &RawLimits,
+        upstream_in_flight: usize,
+    ) -> Result<LimitsConfig, ConfigError> {
         if raw.max_header_bytes < 1024 || raw.max_header_bytes > MAX_HEADER_LIMIT {
             return Err(self.invalid(
                 "limits.max_header_bytes",
@@ -298,6 +313,13 @@ impl Validator<'_> {
             max_buffered_bytes: raw.max_buffered_bytes,
             send_timeout: self.positive("limits.send_timeout", raw.send_timeout)?,
             max_streams_per_connection: raw.max_streams_per_connection,
+            client_max_in_flight: match raw.client_max_in_flight {
+                Some(0) => {
+                    return Err(self.invalid("limits.client_max_in_flight", "must be at least 1"))
+                }
+                Some(n) => n,
+                None => (upstream_in_flight / 2).max(1),
+            },
         })
     }
 
@@ -305,6 +327,7 @@ impl Validator<'_> {
         &self,
         raw: Vec<RawClient>,
         names: &HashMap<String, TargetId>,
+        default_in_flight: usize,
     ) -> Result<Vec<ClientConfig>, ConfigError> {
         let mut out: Vec<ClientConfig> = Vec::with_capacity(raw.len());
         for (i, r) in raw.into_iter().enumerate() {
@@ -357,7 +380,13 @@ impl Validator<'_> {
                     Some((rate, burst))
                 }
             };
+            let max_in_flight = match r.max_in_flight {
+                Some(0) => return Err(self.invalid(&at("max_in_flight"), "must be at least 1")),
+                Some(n) => n,
+                None => default_in_flight,
+            };
             out.push(ClientConfig {
+                max_in_flight,
                 allow_paths: rules("allow_paths", &r.allow_paths)?,
                 deny_paths: rules("deny_paths", &r.deny_paths)?,
                 name: r.name,

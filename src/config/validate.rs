@@ -139,8 +139,8 @@ impl Validator<'_> {
         let quickblox = self.quickblox(raw.quickblox)?;
         let cluster = self.cluster(raw.cluster, &quickblox)?;
         let resolved = self.identities_and_pools(raw.identity, raw.pool)?;
-        let limits = self.limits(&raw.limits)?;
-        let clients = self.clients(raw.client, &resolved.names)?;
+        let limits = self.limits(&raw.limits, upstream.max_in_flight)?;
+        let clients = self.clients(raw.client, &resolved.names, limits.client_max_in_flight)?;
         let notes = self.notes.take();
         let warnings = notes
             .secret_files

@@ -41,7 +41,7 @@ use super::connect::{Connected, Connector, Goaway};
 use super::SendError;
 use crate::body::Body;
 use crate::config::UpstreamConfig;
-use crate::limit::Permit;
+use crate::fair::Slot as Permit;
 use crate::metrics::{Protocol, UpstreamMetrics};
 
 /// Streams a new HTTP/2 connection is taken to allow until its server's

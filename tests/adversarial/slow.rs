@@ -282,3 +282,124 @@ async fn a_connection_that_never_sends_a_byte_is_closed() {
     let a = answer_of(silent).await;
     assert_eq!(a.status, 0, "closed without an answer: {a:?}");
 }
+
+const GREEDY: &str = "greedy-key-0123456789";
+const POLITE: &str = "polite-key-0123456789";
+
+/// Two API clients on an upstream of 8 slots; `greedy` with `greedy_cap`
+/// as its own `max_in_flight` (none: the default, half the slots).
+fn two_clients(greedy_cap: Option<usize>) -> crate::common::Setup {
+    let cap = greedy_cap.map_or(String::new(), |n| format!("max_in_flight = {n}\n"));
+    setup()
+        .identity(DEMO)
+        .set("upstream", "max_in_flight", "8")
+        .raw_table(&format!(
+            "[[client]]\nname = \"greedy\"\nkey = \"{GREEDY}\"\nrate = 30\n{cap}\
+             [[client]]\nname = \"polite\"\nkey = \"{POLITE}\"\n"
+        ))
+}
+
+/// A client keeping 24 slow requests in flight, within its rate, holds
+/// only its share (half the slots by default): another client's request
+/// is answered while every one of the greedy client's still waits, as if
+/// the upstream were idle.
+#[tokio::test]
+async fn a_greedy_client_holds_only_its_share_of_the_upstream() {
+    let h = two_clients(None).start().await;
+    h.ready().await;
+    let gate = h.sim.gate("/slow");
+    let greedy: Vec<_> = (0..24)
+        .map(|i| {
+            h.spawn_send(
+                http::Method::GET,
+                format!("/slow{i}.json"),
+                &[("QBProxy-Key", GREEDY)],
+                "",
+            )
+        })
+        .collect();
+    bounded(
+        "the greedy share held",
+        h.sim.wait_until(|s| s.held_at_gates() == 4),
+    )
+    .await;
+    let a = h
+        .send(
+            http::Method::GET,
+            "/users.json",
+            &[("QBProxy-Key", POLITE)],
+            "",
+        )
+        .await;
+    assert_eq!(a.status, StatusCode::OK, "{}", a.text());
+    // Answered with every greedy request still held or waiting.
+    assert_eq!(h.sim.held_at_gates(), 4);
+    assert_eq!(h.sim.requests_to("/slow"), 4);
+    gate.add_permits(24);
+    for g in greedy {
+        assert_eq!(
+            bounded("a greedy request", g).await.unwrap().status,
+            StatusCode::OK
+        );
+    }
+    assert_eq!(h.sim.max_held_at_gates(), 4, "never more than its share");
+}
+
+/// Even a client allowed every slot yields the next free one to a client
+/// holding fewer, though its own requests queued first.
+#[tokio::test]
+async fn a_free_slot_goes_to_the_client_holding_fewer() {
+    let h = two_clients(Some(8)).start().await;
+    h.ready().await;
+    let gate = h.sim.gate("/slow");
+    let greedy: Vec<_> = (0..24)
+        .map(|i| {
+            h.spawn_send(
+                http::Method::GET,
+                format!("/slow{i}.json"),
+                &[("QBProxy-Key", GREEDY)],
+                "",
+            )
+        })
+        .collect();
+    bounded(
+        "every slot held",
+        h.sim.wait_until(|s| s.held_at_gates() == 8),
+    )
+    .await;
+    // The greedy client's 16 others queue for slots.
+    h.metric_reaches("qbproxy_upstream_slot_waits_total", 16)
+        .await;
+    let polite = h.spawn_send(
+        http::Method::GET,
+        "/users.json",
+        &[("QBProxy-Key", POLITE)],
+        "",
+    );
+    h.metric_reaches("qbproxy_upstream_slot_waits_total", 17)
+        .await;
+    // One greedy request ends: its slot goes to the polite client.
+    gate.add_permits(1);
+    let a = bounded("the polite request", polite).await.unwrap();
+    assert_eq!(a.status, StatusCode::OK, "{}", a.text());
+    // The upstream saw it before any greedy request that queued earlier.
+    let order: Vec<String> = h
+        .sim
+        .requests()
+        .iter()
+        .map(|r| r.path_and_query.clone())
+        .collect();
+    let polite_at = order.iter().position(|p| p == "/users.json").unwrap();
+    let slow_before = order[..polite_at]
+        .iter()
+        .filter(|p| p.starts_with("/slow"))
+        .count();
+    assert_eq!(slow_before, 8, "{order:?}");
+    gate.add_permits(23);
+    for g in greedy {
+        assert_eq!(
+            bounded("a greedy request", g).await.unwrap().status,
+            StatusCode::OK
+        );
+    }
+}
