@@ -13,6 +13,7 @@
 
 use std::collections::HashMap;
 use std::sync::Arc;
+use std::time::Duration;
 
 use crate::access::Gate;
 use crate::cluster::{fingerprint, Cluster, FleetSource};
@@ -173,7 +174,12 @@ pub(crate) fn build(
                     cluster.clone(),
                     fingerprint(&config, id),
                     pool.is_some(),
-                    config.quickblox.session_timeout,
+                    // A request waits for another replica's creation no
+                    // longer than it would wait for a retry of its own.
+                    config
+                        .quickblox
+                        .session_timeout
+                        .min(config.quickblox.retry_wait.max(Duration::from_secs(1))),
                 )),
                 None => own,
             }

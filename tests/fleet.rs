@@ -19,13 +19,10 @@ use tokio::task::JoinHandle;
 use tokio::time::Instant;
 
 /// A replica of the fleet: `[cluster]` on `redis`, in front of `sim`.
-/// The lock's lease (6 s) exceeds `session_timeout` (5 s), as the config
-/// requires.
 fn replica(sim: &Sim, redis: &RedisServer) -> Setup {
     setup()
         .sim(sim.clone())
         .set("cluster", "redis_url", &format!("{:?}", redis.url()))
-        .set("cluster", "lock_ttl", "\"6s\"")
         .set("quickblox", "session_timeout", "\"5s\"")
 }
 
@@ -806,11 +803,9 @@ fn a_lock_holder_that_dies_mid_creation_is_taken_over_after_its_lease() {
     rt.block_on(async {
         let redis = RedisServer::start().await;
         let sim = demo_sim().await;
-        // Short: the lease must run out within the test's bounds.
-        let short = |s: Setup| {
-            s.set("cluster", "lock_ttl", "\"2s\"")
-                .set("quickblox", "session_timeout", "\"1s\"")
-        };
+        // The default lease (3 s): renewed while A lives, out 3 s after A
+        // dies. Creation may take up to 10 s, longer than the lease.
+        let short = |s: Setup| s.set("quickblox", "session_timeout", "\"10s\"");
         let a = a_rt
             .spawn(short(replica(&sim, &redis)).start())
             .await
@@ -838,8 +833,28 @@ fn a_lock_holder_that_dies_mid_creation_is_taken_over_after_its_lease() {
             keys(&dump)
         );
 
-        // A dies.
+        // A dies, and with it the watchdog renewing its lease.
         a_rt.shutdown_background();
+        let died = Instant::now();
+
+        // Readiness, sampled on B and C throughout: it never drops.
+        let watching = Arc::new(AtomicBool::new(true));
+        let not_ready = Arc::new(std::sync::Mutex::new(Vec::new()));
+        let monitor = tokio::spawn({
+            let (b, c) = (b.handle.clone(), c.handle.clone());
+            let (watching, not_ready) = (watching.clone(), not_ready.clone());
+            async move {
+                while watching.load(Ordering::SeqCst) {
+                    for (name, h) in [("B", &b), ("C", &c)] {
+                        if let Err(why) = h.is_ready() {
+                            not_ready.lock().unwrap().push(format!("{name}: {why}"));
+                        }
+                    }
+                    // Sampling, not synchronisation: nothing to wait on.
+                    tokio::time::sleep(Duration::from_millis(5)).await;
+                }
+            }
+        });
 
         // B and C see the expiry; they wait for A's lease, then one of
         // them renews. No request fails.
@@ -852,10 +867,53 @@ fn a_lock_holder_that_dies_mid_creation_is_taken_over_after_its_lease() {
             let answer = t.await.unwrap();
             assert_eq!(answer.status, StatusCode::OK, "{}", answer.text());
         }
+        let took = died.elapsed();
+        watching.store(false, Ordering::SeqCst);
+        monitor.await.unwrap();
         assert_eq!(sim.creations(), 2, "one renewal after the lease");
         assert_eq!(b.token(), c.token());
+        assert!(
+            not_ready.lock().unwrap().is_empty(),
+            "{:?}",
+            not_ready.lock().unwrap()
+        );
+        // Released within the lease (3 s) and a creation, not lock_ttl's
+        // old 20 s: the requests waited no longer.
+        assert!(took < Duration::from_secs(8), "{took:?}");
         drop(a);
     });
+}
+
+/// A creation slower than the lock's lease keeps its lock (a watchdog
+/// renews the lease while it runs): the other replica waits and adopts,
+/// and the fleet makes one session, not two.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_creation_slower_than_the_lease_keeps_its_lock() {
+    let redis = RedisServer::start().await;
+    let sim = demo_sim().await;
+    let slow = |s: Setup| s.set("cluster", "lock_ttl", "\"900ms\"");
+    let (a, b) = tokio::join!(
+        slow(replica(&sim, &redis)).start(),
+        slow(replica(&sim, &redis)).start()
+    );
+    a.ready().await;
+    b.ready().await;
+    assert_eq!(sim.creations(), 1);
+    // Each creation now takes more than two leases.
+    sim.set_creation_delay(Duration::from_millis(2500));
+    sim.expire_all();
+    let answers: Vec<_> = (0..20)
+        .map(|i| {
+            let h = if i % 2 == 0 { &a } else { &b };
+            h.spawn_send(Method::GET, format!("/users.json?i={i}"), &[], Bytes::new())
+        })
+        .collect();
+    for t in answers {
+        let answer = bounded("an answer", t).await.unwrap();
+        assert_eq!(answer.status, StatusCode::OK, "{}", answer.text());
+    }
+    assert_eq!(sim.creations(), 2, "one renewal for the fleet");
+    assert_eq!(a.token(), b.token());
 }
 
 // 8 -------------------------------------------------------------------------
@@ -948,7 +1006,6 @@ async fn the_redis_password_never_shows() {
             "redis_url",
             "\"redis://:hunter2-redis-pw@127.0.0.1:9/0\"",
         )
-        .set("cluster", "lock_ttl", "\"40s\"")
         .start()
         .await;
     h.ready().await;

@@ -13,17 +13,21 @@
 //!    idle replica does not renew what busy ones keep alive.
 //! 3. A pool member the fleet set aside is not tried (unless forced, which
 //!    clears the mark).
-//! 4. Otherwise the replica takes the lock (`SET NX PX`, a unique owner,
-//!    `lock_ttl`); under it, looks again (step 1), creates, stores the next
-//!    generation only while it still holds the lock, and releases it by
-//!    compare-and-delete. A creation refused for its credentials sets a pool
-//!    member aside for the fleet.
-//! 5. A replica that finds the lock held waits for the new session until
-//!    `session_timeout`, woken by the message the storing script publishes
-//!    (`P:n:F`) or, should that be lost, by a poll (every 500 ms while
-//!    subscribed, every 50 ms while not), and adopts
-//!    it; if the lock disappears without one (its holder died and the lease
-//!    ran out) it takes the lock itself.
+//! 4. Otherwise the replica takes the lock (`SET NX PX`, a unique owner, a
+//!    short lease: `lock_ttl`, 3 s), renewed every third of it while the
+//!    creation runs (a watchdog task: a slow creation never loses its lock,
+//!    and a holder that dies releases the fleet within one lease); under
+//!    it, looks again (step 1), creates, stores the next generation only
+//!    while it still holds the lock, and releases it by compare-and-delete.
+//!    A creation refused for its credentials sets a pool member aside for
+//!    the fleet.
+//! 5. A replica that finds the lock held waits for the new session, woken
+//!    by the message the storing script publishes (`P:n:F`) or, should that
+//!    be lost, by a poll (every 500 ms while subscribed, every 50 ms while
+//!    not), and adopts it; if the lock disappears without one (its holder
+//!    died and its lease ran out) it takes the lock itself. It waits no
+//!    longer than `quickblox.retry_wait` nor `session_timeout`: then it
+//!    creates a session alone, as with Redis away.
 //!
 //! Whenever Redis does not answer in time, the replica creates its session
 //! alone, as without `[cluster]`: at most one creation per replica per
@@ -55,7 +59,8 @@ pub struct FleetSource {
     fingerprint: String,
     /// A pool member: a refusal of its credentials sets it aside fleet-wide.
     pool_member: bool,
-    /// How long to wait for another replica's renewal.
+    /// How long to wait for another replica's renewal: the least of
+    /// `quickblox.session_timeout` and `retry_wait`.
     session_timeout: Duration,
 }
 
@@ -116,9 +121,11 @@ impl FleetSource {
         loop {
             let owner = cluster.new_owner();
             if cluster.try_lock(fp, &owner).await? {
+                let watchdog = self.keep_lock(&owner);
                 let outcome = self
                     .create_locked(attempt, &owner, forced, dead_token)
                     .await;
+                watchdog.abort();
                 let _ = cluster.unlock(fp, &owner).await;
                 return outcome;
             }
@@ -138,7 +145,14 @@ impl FleetSource {
                     break;
                 }
                 if Instant::now() >= deadline {
-                    return Ok(Err(SessionError::Timeout(self.session_timeout)));
+                    // The holder is alive but slow, or the fleet's state
+                    // is stuck: this replica does not keep its requests
+                    // waiting longer, and creates its own.
+                    tracing::warn!(
+                        waited = ?self.session_timeout,
+                        "another replica's session creation did not finish in time; creating one here"
+                    );
+                    return Ok(self.inner.create(attempt.clone()).await);
                 }
                 let poll = if cluster.subscribed() {
                     POLL_SUBSCRIBED
@@ -151,6 +165,38 @@ impl FleetSource {
                 }
             }
         }
+    }
+
+    /// Renews the lock's lease every third of it until aborted (the
+    /// creation ended): a creation slower than the lease keeps its lock,
+    /// and if this replica dies, the lease runs out within `lock_ttl`.
+    fn keep_lock(&self, owner: &str) -> tokio::task::JoinHandle<()> {
+        let (cluster, fp, owner) = (
+            self.cluster.clone(),
+            self.fingerprint.clone(),
+            owner.to_owned(),
+        );
+        let every = cluster.lock_ttl() / 3;
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(every);
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            tick.tick().await;
+            loop {
+                tick.tick().await;
+                match cluster.prolong(&fp, &owner).await {
+                    Ok(true) => {}
+                    Ok(false) => {
+                        tracing::warn!(
+                            "the renewal lock's lease ran out during a session creation; \
+                             the creation goes on and its session is kept here"
+                        );
+                        return;
+                    }
+                    // Redis away: nothing to renew; the store will say.
+                    Err(Down) => {}
+                }
+            }
+        })
     }
 
     /// Under the lock: adopt what appeared meanwhile, else create and store.

@@ -7,7 +7,7 @@
 //! | key | type | holds |
 //! |---|---|---|
 //! | `P:s:F` | hash | `gen` (the session's fleet generation), `exp` (when it lapses, Unix ms), `blob` (token, user id and public fields, sealed: `crypto.rs`); expires with the session |
-//! | `P:l:F` | string | the renewal lock: its owner, with a lease of `cluster.lock_ttl` |
+//! | `P:l:F` | string | the renewal lock: its owner, with a lease of `cluster.lock_ttl`, renewed while its holder creates |
 //! | `P:a:F` | string | set aside: QuickBlox refused this pool member's credentials |
 //! | `P:rate` | string | the fleet's `upstream.rate` (GCRA: the theoretical arrival time, µs) |
 //! | `P:replicas` | sorted set | replica id → last heartbeat (ms), for the rate's fallback share |
@@ -430,6 +430,27 @@ impl Cluster {
         self.run(async move { conn.exists(&key).await }).await
     }
 
+    /// Renews the lock's lease (`lock_ttl` from now) if `owner` still holds
+    /// it. False: the lock is gone (its lease ran out) or another's.
+    pub async fn prolong(&self, fingerprint: &str, owner: &str) -> Result<bool, Down> {
+        let key = self.key(&format!("l:{fingerprint}"));
+        let script = self.inner.scripts.prolong.clone();
+        let owner = owner.to_owned();
+        let ttl = self.inner.lock_ttl.as_millis() as u64;
+        let mut conn = self.inner.conn.clone();
+        let renewed: i64 = self
+            .run(async move {
+                script
+                    .key(&key)
+                    .arg(&owner)
+                    .arg(ttl)
+                    .invoke_async(&mut conn)
+                    .await
+            })
+            .await?;
+        Ok(renewed == 1)
+    }
+
     /// Releases the lock if `owner` still holds it (compare and delete).
     pub async fn unlock(&self, fingerprint: &str, owner: &str) -> Result<(), Down> {
         let key = self.key(&format!("l:{fingerprint}"));
@@ -644,6 +665,7 @@ struct Sealed {
 /// The Lua scripts, each one round trip and atomic.
 struct Scripts {
     unlock: Arc<Script>,
+    prolong: Arc<Script>,
     store: Arc<Script>,
     publish: Arc<Script>,
     replace: Arc<Script>,
@@ -658,6 +680,13 @@ impl Default for Scripts {
             unlock: Arc::new(Script::new(
                 r"if redis.call('GET', KEYS[1]) == ARGV[1] then
                     return redis.call('DEL', KEYS[1])
+                  end
+                  return 0",
+            )),
+            // Renew the lock's lease only if it is still ours.
+            prolong: Arc::new(Script::new(
+                r"if redis.call('GET', KEYS[1]) == ARGV[1] then
+                    return redis.call('PEXPIRE', KEYS[1], ARGV[2])
                   end
                   return 0",
             )),

@@ -518,7 +518,7 @@ auth_secret = "secret"
         let cluster = c.cluster.as_ref().unwrap();
         assert_eq!(cluster.key_prefix, "qbproxy");
         assert_eq!(cluster.redis_timeout, Duration::from_millis(250));
-        assert_eq!(cluster.lock_ttl, Duration::from_secs(20));
+        assert_eq!(cluster.lock_ttl, Duration::from_secs(3));
         let rate = c.upstream.rate.unwrap();
         assert_eq!(
             (rate.per_second, rate.burst),
@@ -542,9 +542,10 @@ auth_secret = "secret"
                 "[cluster]\nredis_url = \"redis://x\"\nredis_timeout = \"0s\"\n",
                 "cluster.redis_timeout",
             ),
-            // The lock must outlive the creation it guards (session_timeout, 10 s by default).
+            // The lease is renewed every third of it, each renewal taking
+            // up to redis_timeout (250 ms by default).
             (
-                "[cluster]\nredis_url = \"redis://x\"\nlock_ttl = \"5s\"\n",
+                "[cluster]\nredis_url = \"redis://x\"\nlock_ttl = \"500ms\"\n",
                 "cluster.lock_ttl",
             ),
             ("[upstream]\nrate = 0\n", "upstream.rate"),

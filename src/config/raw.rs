@@ -70,7 +70,9 @@ impl Default for RawCluster {
             redis_url_file: None,
             key_prefix: "qbproxy".into(),
             redis_timeout: Duration::from_millis(250),
-            lock_ttl: Duration::from_secs(20),
+            // Short: a holder that dies holds the fleet up no longer. A
+            // live holder renews it every second.
+            lock_ttl: Duration::from_secs(3),
         }
     }
 }

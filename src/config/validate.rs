@@ -137,7 +137,7 @@ impl Validator<'_> {
             replay_body_limit: raw.proxy.replay_body_limit,
         };
         let quickblox = self.quickblox(raw.quickblox)?;
-        let cluster = self.cluster(raw.cluster, &quickblox)?;
+        let cluster = self.cluster(raw.cluster)?;
         let resolved = self.identities_and_pools(raw.identity, raw.pool)?;
         let limits = self.limits(&raw.limits, upstream.max_in_flight)?;
         let clients = self.clients(raw.client, &resolved.names, limits.client_max_in_flight)?;
@@ -274,11 +274,7 @@ impl Validator<'_> {
         }))
     }
 
-    fn cluster(
-        &self,
-        raw: Option<RawCluster>,
-        quickblox: &QuickbloxConfig,
-    ) -> Result<Option<ClusterConfig>, ConfigError> {
+    fn cluster(&self, raw: Option<RawCluster>) -> Result<Option<ClusterConfig>, ConfigError> {
         let Some(raw) = raw else { return Ok(None) };
         let url = self
             .secret(
@@ -310,12 +306,14 @@ impl Validator<'_> {
             return Err(self.invalid("cluster.key_prefix", "must not be empty or hold spaces"));
         }
         let redis_timeout = self.positive("cluster.redis_timeout", raw.redis_timeout)?;
-        if raw.lock_ttl <= quickblox.session_timeout {
+        // The watchdog renews the lease every third of it, each renewal
+        // taking up to redis_timeout.
+        if raw.lock_ttl < redis_timeout * 3 || raw.lock_ttl < Duration::from_millis(300) {
             return Err(self.invalid(
                 "cluster.lock_ttl",
                 format!(
-                    "must exceed quickblox.session_timeout ({:?}): the lock must outlive the creation it guards",
-                    quickblox.session_timeout
+                    "must be at least three times cluster.redis_timeout ({redis_timeout:?}), and 300ms: \
+                     the lease is renewed every third of it while a creation runs"
                 ),
             ));
         }
