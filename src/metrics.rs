@@ -39,6 +39,7 @@ struct Inner {
     cluster_up: IntGauge,
     cluster_replicas: IntGauge,
     cluster_subscribed: IntGauge,
+    cluster_reconnects: IntCounter,
     upstream_rate_limited: IntCounter,
     upstream_429: IntCounter,
     client_tokens_replaced: IntCounterVec,
@@ -154,6 +155,11 @@ impl Metrics {
             "1 while this replica hears of sessions other replicas store (Redis pub/sub, [cluster]); 0: it polls for them every 50 ms.",
         )
         .unwrap_or_else(|e| unreachable!("static metric definition: {e}"));
+        let cluster_reconnects = IntCounter::new(
+            "qbproxy_cluster_reconnects_total",
+            "Redis calls made again on a new connection after theirs dropped (Redis restarted, CLIENT KILL), before Redis counted as down ([cluster]).",
+        )
+        .unwrap_or_else(|e| unreachable!("static metric definition: {e}"));
         let upstream_rate_limited = IntCounter::new(
             "qbproxy_upstream_rate_limited_total",
             "Requests refused (429 upstream-rate-limited) because upstream.rate had no room within upstream.rate_wait.",
@@ -199,6 +205,7 @@ impl Metrics {
             Box::new(cluster_up.clone()),
             Box::new(cluster_replicas.clone()),
             Box::new(cluster_subscribed.clone()),
+            Box::new(cluster_reconnects.clone()),
             Box::new(upstream_rate_limited.clone()),
             Box::new(upstream_429.clone()),
             Box::new(client_tokens_replaced.clone()),
@@ -230,6 +237,7 @@ impl Metrics {
                 cluster_up,
                 cluster_replicas,
                 cluster_subscribed,
+                cluster_reconnects,
                 upstream_rate_limited,
                 upstream_429,
                 client_tokens_replaced,
@@ -336,6 +344,11 @@ impl Metrics {
 
     pub fn cluster_subscribed(&self, on: bool) {
         self.inner.cluster_subscribed.set(i64::from(on));
+        self.event();
+    }
+
+    pub fn cluster_reconnect(&self) {
+        self.inner.cluster_reconnects.inc();
         self.event();
     }
 

@@ -916,6 +916,51 @@ async fn a_creation_slower_than_the_lease_keeps_its_lock() {
     assert_eq!(a.token(), b.token());
 }
 
+/// A dropped Redis connection (Redis restarted empty, or `CLIENT KILL` of
+/// every client) followed at once by an expiry: each replica's first call
+/// fails on its dead connection and is made again on a new one, so the
+/// fleet still makes one creation, not one per replica.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dropped_redis_connection_costs_no_extra_creation() {
+    let mut redis = RedisServer::start().await;
+    let sim = demo_sim().await;
+    let fleet = fleet_of_three(&sim, &redis).await;
+    assert_eq!(sim.creations(), 1);
+    for (round, how) in ["restart empty", "CLIENT KILL"].into_iter().enumerate() {
+        match how {
+            "restart empty" => redis.restart_empty().await,
+            _ => {
+                let mut conn = redis.connection().await;
+                for kind in ["normal", "pubsub"] {
+                    let _: i64 = redis::cmd("CLIENT")
+                        .arg("KILL")
+                        .arg("TYPE")
+                        .arg(kind)
+                        .query_async(&mut conn)
+                        .await
+                        .unwrap();
+                }
+            }
+        }
+        let started = Instant::now();
+        sim.expire_all();
+        let answers = burst_of_300(&fleet).await;
+        assert_all_ok(&answers);
+        assert!(started.elapsed() < BOUND);
+        assert_eq!(
+            sim.creations(),
+            2 + round as u64,
+            "after {how}: one creation"
+        );
+        assert_eq!(tokens(&fleet).len(), 1, "after {how}");
+    }
+    let reconnects: u64 = fleet
+        .iter()
+        .map(|h| h.metric("qbproxy_cluster_reconnects_total"))
+        .sum();
+    assert!(reconnects >= 3, "{reconnects}");
+}
+
 // 8 -------------------------------------------------------------------------
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

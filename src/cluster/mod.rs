@@ -262,13 +262,13 @@ impl Cluster {
         let now = unix_ms(SystemTime::now());
         let stale = now.saturating_sub(ALIVE_WINDOW.as_millis() as u64);
         let replica = self.inner.replica.clone();
-        let mut conn = self.inner.conn.clone();
+        let (key, replica) = (&key, &replica);
         let counted = self
-            .attempt(async move {
+            .attempt(|mut conn| async move {
                 let (_, _, alive): (i64, i64, usize) = redis::pipe()
-                    .zadd(&key, &replica, now)
-                    .zrembyscore(&key, "-inf", stale)
-                    .zcard(&key)
+                    .zadd(key, replica, now)
+                    .zrembyscore(key, "-inf", stale)
+                    .zcard(key)
                     .query_async(&mut conn)
                     .await?;
                 Ok(alive)
@@ -313,7 +313,12 @@ impl Cluster {
     /// Runs one Redis call within `redis_timeout`, unless Redis is known
     /// to be down: then callers fall back at once rather than each wait
     /// `redis_timeout`, and the heartbeat's probe is what brings it back.
-    async fn run<T>(&self, call: impl Future<Output = RedisResult<T>>) -> Result<T, Down> {
+    /// `call` makes the call on a connection it is given.
+    async fn run<T, F, Fut>(&self, call: F) -> Result<T, Down>
+    where
+        F: Fn(ConnectionManager) -> Fut,
+        Fut: Future<Output = RedisResult<T>>,
+    {
         if self.inner.state.load(Ordering::Relaxed) == DOWN {
             return Err(Down);
         }
@@ -322,8 +327,24 @@ impl Cluster {
 
     /// Runs one Redis call within `redis_timeout`, whatever the state,
     /// keeping the up/down state (and its log line and metric) up to date.
-    async fn attempt<T>(&self, call: impl Future<Output = RedisResult<T>>) -> Result<T, Down> {
-        let outcome = tokio::time::timeout(self.inner.timeout, call).await;
+    /// A call that fails because its connection dropped (Redis restarted,
+    /// `CLIENT KILL`, an idle connection a proxy closed) is made once more
+    /// on a fresh one before Redis counts as down: a dropped connection
+    /// alone must not make every replica renew on its own.
+    async fn attempt<T, F, Fut>(&self, call: F) -> Result<T, Down>
+    where
+        F: Fn(ConnectionManager) -> Fut,
+        Fut: Future<Output = RedisResult<T>>,
+    {
+        let timeout = self.inner.timeout;
+        let mut outcome = tokio::time::timeout(timeout, call(self.inner.conn.clone())).await;
+        if let Ok(Err(e)) = &outcome {
+            if e.is_connection_dropped() || e.is_io_error() || e.is_connection_refusal() {
+                tracing::debug!(error = %e, "the Redis connection dropped; trying once more on a new one");
+                self.inner.metrics.cluster_reconnect();
+                outcome = tokio::time::timeout(timeout, call(self.inner.conn.clone())).await;
+            }
+        }
         let (up, why) = match &outcome {
             Ok(Ok(_)) => (true, String::new()),
             Ok(Err(e)) => (false, format!("{:?}", e.kind())),
@@ -361,12 +382,12 @@ impl Cluster {
     /// this application's key and has not lapsed.
     pub async fn session(&self, fingerprint: &str) -> Result<Option<Stored>, Down> {
         let key = self.session_key(fingerprint);
-        let mut conn = self.inner.conn.clone();
-        let k = key.clone();
+        let key = &key;
+        let k = &key;
         let fields: Vec<Option<Vec<u8>>> = self
-            .run(async move {
+            .run(|mut conn| async move {
                 redis::cmd("HMGET")
-                    .arg(&k)
+                    .arg(k)
                     .arg("gen")
                     .arg("exp")
                     .arg("blob")
@@ -407,12 +428,12 @@ impl Cluster {
         let key = self.key(&format!("l:{fingerprint}"));
         let ttl = self.inner.lock_ttl.as_millis() as u64;
         let owner = owner.to_owned();
-        let mut conn = self.inner.conn.clone();
+        let (key, owner) = (&key, &owner);
         let set: Option<String> = self
-            .run(async move {
+            .run(|mut conn| async move {
                 redis::cmd("SET")
-                    .arg(&key)
-                    .arg(&owner)
+                    .arg(key)
+                    .arg(owner)
                     .arg("NX")
                     .arg("PX")
                     .arg(ttl)
@@ -426,8 +447,9 @@ impl Cluster {
     /// True while someone holds the renewal lock.
     pub async fn locked(&self, fingerprint: &str) -> Result<bool, Down> {
         let key = self.key(&format!("l:{fingerprint}"));
-        let mut conn = self.inner.conn.clone();
-        self.run(async move { conn.exists(&key).await }).await
+        let key = &key;
+        self.run(|mut conn| async move { conn.exists(key).await })
+            .await
     }
 
     /// Renews the lock's lease (`lock_ttl` from now) if `owner` still holds
@@ -437,12 +459,12 @@ impl Cluster {
         let script = self.inner.scripts.prolong.clone();
         let owner = owner.to_owned();
         let ttl = self.inner.lock_ttl.as_millis() as u64;
-        let mut conn = self.inner.conn.clone();
+        let (key, owner, script) = (&key, &owner, &script);
         let renewed: i64 = self
-            .run(async move {
+            .run(|mut conn| async move {
                 script
-                    .key(&key)
-                    .arg(&owner)
+                    .key(key)
+                    .arg(owner)
                     .arg(ttl)
                     .invoke_async(&mut conn)
                     .await
@@ -456,9 +478,9 @@ impl Cluster {
         let key = self.key(&format!("l:{fingerprint}"));
         let script = self.inner.scripts.unlock.clone();
         let owner = owner.to_owned();
-        let mut conn = self.inner.conn.clone();
+        let (key, owner, script) = (&key, &owner, &script);
         let _: i64 = self
-            .run(async move { script.key(&key).arg(&owner).invoke_async(&mut conn).await })
+            .run(|mut conn| async move { script.key(key).arg(owner).invoke_async(&mut conn).await })
             .await?;
         Ok(())
     }
@@ -532,8 +554,10 @@ impl Cluster {
             .arg(unix_ms(session.expires))
             .arg(blob)
             .arg(&channel);
-        let mut conn = self.inner.conn.clone();
-        let generation: u64 = self.run(invocation.invoke_async(&mut conn)).await?;
+        let invocation = &invocation;
+        let generation: u64 = self
+            .run(|mut conn| async move { invocation.invoke_async(&mut conn).await })
+            .await?;
         Ok((generation > 0).then_some(generation))
     }
 
@@ -548,11 +572,11 @@ impl Cluster {
     ) -> Result<Option<SystemTime>, Down> {
         let key = self.session_key(fingerprint);
         let script = self.inner.scripts.extend.clone();
-        let mut conn = self.inner.conn.clone();
+        let (key, script) = (&key, &script);
         let held: u64 = self
-            .run(async move {
+            .run(|mut conn| async move {
                 script
-                    .key(&key)
+                    .key(key)
                     .arg(generation)
                     .arg(unix_ms(expires))
                     .invoke_async(&mut conn)
@@ -565,21 +589,24 @@ impl Cluster {
     /// Marks a pool member set aside for the whole fleet.
     pub async fn set_aside(&self, fingerprint: &str) -> Result<(), Down> {
         let key = self.key(&format!("a:{fingerprint}"));
-        let mut conn = self.inner.conn.clone();
-        self.run(async move { conn.set(&key, 1).await }).await
+        let key = &key;
+        self.run(|mut conn| async move { conn.set(key, 1).await })
+            .await
     }
 
     /// Clears a set-aside (a forced renewal on any replica).
     pub async fn clear_aside(&self, fingerprint: &str) -> Result<(), Down> {
         let key = self.key(&format!("a:{fingerprint}"));
-        let mut conn = self.inner.conn.clone();
-        self.run(async move { conn.del(&key).await }).await
+        let key = &key;
+        self.run(|mut conn| async move { conn.del(key).await })
+            .await
     }
 
     pub async fn is_aside(&self, fingerprint: &str) -> Result<bool, Down> {
         let key = self.key(&format!("a:{fingerprint}"));
-        let mut conn = self.inner.conn.clone();
-        self.run(async move { conn.exists(&key).await }).await
+        let key = &key;
+        self.run(|mut conn| async move { conn.exists(key).await })
+            .await
     }
 
     /// One request's place in the fleet's `upstream.rate` (GCRA, one round
@@ -596,11 +623,11 @@ impl Cluster {
         let interval_us = interval.as_micros().max(1) as u64;
         let tolerance_us = (burst * interval_us as f64) as u64;
         let max_wait_us = max_wait.as_micros() as u64;
-        let mut conn = self.inner.conn.clone();
+        let (key, script) = (&key, &script);
         let delay: i64 = self
-            .run(async move {
+            .run(|mut conn| async move {
                 script
-                    .key(&key)
+                    .key(key)
                     .arg(interval_us)
                     .arg(tolerance_us)
                     .arg(max_wait_us)
