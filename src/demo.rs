@@ -121,6 +121,8 @@ pub fn config(
 [listen]
 addr = "{listen}"
 shutdown_grace = "2s"
+# Ctrl-C stops the demo at once; a deployment keeps /readyz at 503 first.
+shutdown_delay = "0s"
 {tls}
 [admin]
 addr = "{admin}"

@@ -195,12 +195,19 @@ impl App {
             cluster.start_listener();
         }
         start_standalone(&shared.live.load());
+        // Shutdown in three steps: /readyz says 503 at once (while the
+        // proxy still serves, for listen.shutdown_delay); then the proxy
+        // listeners stop accepting and drain; then the admin listener
+        // stops, so that probes get 503, never "connection refused", while
+        // requests finish.
+        let (unready, draining) = watch::channel(false);
         let (stop, stopping) = watch::channel(false);
+        let (stop_admin, admin_stopping) = watch::channel(false);
         let proxy_server = serve_proxy(shared, listeners.proxy, stopping.clone());
         let workers = spawn_workers(shared, listeners.workers, &stopping);
         let admin = admin::Admin {
             handle: self.handle.clone(),
-            shutting_down: stopping.clone(),
+            shutting_down: draining,
         };
         let admin_options = shared.live.load().options;
         let admin_server = server::serve(
@@ -215,21 +222,36 @@ impl App {
                 let admin = admin.clone();
                 async move { admin.handle(req, conn).await }
             },
-            stopping,
+            admin_stopping,
         );
+        let live = shared.live.clone();
         let trigger = async move {
             shutdown.await;
-            tracing::info!("shutting down");
+            let _ = unready.send(true);
+            let delay = live.load().config.listen.shutdown_delay;
+            if !delay.is_zero() {
+                tracing::info!(
+                    delay_s = delay.as_secs_f64(),
+                    "shutting down: /readyz answers 503 while the proxy still serves, \
+                     so load balancers stop sending new requests (listen.shutdown_delay)"
+                );
+                tokio::time::sleep(delay).await;
+            }
+            tracing::info!("shutting down: no new connections; requests in flight finish");
             let _ = stop.send(true);
         };
-        tokio::join!(proxy_server, admin_server, trigger);
-        // Each worker drains as the main runtime does, within the grace.
-        let _ = tokio::task::spawn_blocking(move || {
-            for w in workers {
-                let _ = w.join();
-            }
-        })
-        .await;
+        let proxies = async move {
+            tokio::join!(proxy_server, trigger);
+            // Each worker drains as the main runtime does, within the grace.
+            let _ = tokio::task::spawn_blocking(move || {
+                for w in workers {
+                    let _ = w.join();
+                }
+            })
+            .await;
+            let _ = stop_admin.send(true);
+        };
+        tokio::join!(proxies, admin_server);
         for identity in &shared.live.load().identities {
             identity.stop();
         }

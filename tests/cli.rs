@@ -454,7 +454,7 @@ async fn demo_as_printed(tls: bool) {
 fn on_port_0(sim: &Sim) -> String {
     let app = sim.config();
     format!(
-        "[listen]\naddr = \"127.0.0.1:0\"\n[admin]\naddr = \"127.0.0.1:0\"\n\
+        "[listen]\naddr = \"127.0.0.1:0\"\nshutdown_delay = \"0s\"\n[admin]\naddr = \"127.0.0.1:0\"\n\
          [upstream]\nurl = \"{}\"\n[quickblox]\napplication_id = \"{}\"\nauth_key = \"{}\"\nauth_secret = \"{}\"\n",
         sim.url(),
         app.application_id,

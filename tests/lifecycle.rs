@@ -138,6 +138,94 @@ async fn shutdown_closes_idle_keep_alive_connections_at_once() {
     bounded("run() to return", run).await.unwrap();
 }
 
+/// A shutdown first answers `/readyz` with 503 for `listen.shutdown_delay`
+/// while the proxy still serves (so load balancers stop sending); then
+/// stops accepting; requests in flight finish, an HTTP/1.1 connection's
+/// with `Connection: close`, an HTTP/2 connection's after a GOAWAY; and
+/// the admin listener answers 503, not "connection refused", until the
+/// proxy has drained.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_shutdown_says_not_ready_first_then_drains_busy_connections() {
+    let mut h = setup()
+        .set("listen", "shutdown_delay", "\"1s\"")
+        .start()
+        .await;
+    h.ready().await;
+    let gate = h.sim.gate("/slow");
+    let tcp = TcpStream::connect(h.proxy).await.unwrap();
+    let (mut h1, h1_conn) = hyper::client::conn::http1::handshake(TokioIo::new(tcp))
+        .await
+        .unwrap();
+    let h1_conn = tokio::spawn(h1_conn);
+    let req = Request::get(format!("http://{}/slow1.json", h.proxy))
+        .body(Empty::<Bytes>::new())
+        .unwrap();
+    let h1_answer = tokio::spawn(h1.send_request(req));
+    let tcp = TcpStream::connect(h.proxy).await.unwrap();
+    let (h2, h2_conn) = h2::client::handshake(tcp).await.unwrap();
+    let h2_conn = tokio::spawn(h2_conn);
+    let mut h2 = bounded("the h2 stream", h2.ready()).await.unwrap();
+    let req = Request::get(format!("http://{}/slow2.json", h.proxy))
+        .body(())
+        .unwrap();
+    let (h2_answer, _) = h2.send_request(req, true).unwrap();
+    bounded(
+        "both requests held upstream",
+        h.sim.wait_until(|s| s.held_at_gates() == 2),
+    )
+    .await;
+
+    let run = h.take_task();
+    h.trigger_shutdown();
+    // Not ready at once, while a new connection is still served.
+    bounded("/readyz to say 503", async {
+        while h.admin_get("/readyz").await.status != StatusCode::SERVICE_UNAVAILABLE {
+            tokio::task::yield_now().await;
+        }
+    })
+    .await;
+    assert_eq!(h.admin_get("/readyz").await.text(), "shutting down\n");
+    assert_eq!(h.get("/users.json").await.status, StatusCode::OK);
+    // Then the listener closes, with both requests still in flight, and
+    // the admin listener still answers.
+    let proxy = h.proxy;
+    bounded("the listener to close", async {
+        while TcpStream::connect(proxy).await.is_ok() {
+            tokio::task::yield_now().await;
+        }
+    })
+    .await;
+    assert_eq!(h.sim.held_at_gates(), 2);
+    assert_eq!(
+        h.admin_get("/readyz").await.status,
+        StatusCode::SERVICE_UNAVAILABLE
+    );
+
+    gate.add_permits(2);
+    let resp = bounded("the HTTP/1.1 answer", h1_answer)
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(resp.status(), StatusCode::OK);
+    assert_eq!(resp.headers()["connection"], "close");
+    resp.into_body().collect().await.unwrap();
+    let resp = bounded("the HTTP/2 answer", h2_answer).await.unwrap();
+    assert_eq!(resp.status(), StatusCode::OK);
+    let mut body = resp.into_body();
+    while let Some(chunk) = bounded("the HTTP/2 body", body.data()).await {
+        chunk.unwrap();
+    }
+    bounded("the HTTP/1.1 connection to close", h1_conn)
+        .await
+        .unwrap()
+        .unwrap();
+    bounded("the HTTP/2 connection to end on GOAWAY", h2_conn)
+        .await
+        .unwrap()
+        .unwrap();
+    bounded("run() to return", run).await.unwrap();
+}
+
 /// Logs at TRACE, metrics and error bodies never show a whole token, the
 /// auth secret or a password. (Single-threaded runtime: the thread-local
 /// subscriber sees every task.)

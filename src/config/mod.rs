@@ -83,6 +83,10 @@ pub struct ListenConfig {
     pub addr: SocketAddr,
     /// How long in-flight requests may take to finish after SIGTERM/SIGINT.
     pub shutdown_grace: Duration,
+    /// After SIGTERM/SIGINT and before it stops accepting, how long qbproxy
+    /// answers `/readyz` with 503 while it still serves, so that load
+    /// balancers stop sending new traffic first. Zero: stop at once.
+    pub shutdown_delay: Duration,
     /// Source addresses allowed to use the proxy; empty: everyone.
     pub allow: Vec<ipnet::IpNet>,
     /// Serve HTTPS (and require client certificates with a client CA).

@@ -83,6 +83,8 @@ pub(super) struct RawListen {
     pub addr: String,
     #[serde(with = "humantime_serde")]
     pub shutdown_grace: Duration,
+    #[serde(with = "humantime_serde")]
+    pub shutdown_delay: Duration,
     pub allow: Vec<String>,
     pub tls_cert: Option<PathBuf>,
     pub tls_key: Option<PathBuf>,
@@ -94,6 +96,10 @@ impl Default for RawListen {
         RawListen {
             addr: "127.0.0.1:8080".into(),
             shutdown_grace: Duration::from_secs(10),
+            // Long enough for a load balancer's health check (Kubernetes
+            // probes every 10 s by default; endpoints go at the first
+            // failure) or its deregistration to stop new traffic.
+            shutdown_delay: Duration::from_secs(5),
             allow: Vec::new(),
             tls_cert: None,
             tls_key: None,

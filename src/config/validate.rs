@@ -84,6 +84,7 @@ impl Validator<'_> {
         let listen = ListenConfig {
             addr: self.addr("listen.addr", &raw.listen.addr)?,
             shutdown_grace: raw.listen.shutdown_grace,
+            shutdown_delay: raw.listen.shutdown_delay,
             allow: self.allow(&raw.listen.allow)?,
             tls: self.tls(
                 raw.listen.tls_cert.as_deref(),

@@ -67,7 +67,10 @@ pub fn setup() -> Setup {
         .set("quickblox", "retry_initial", "\"20ms\"")
         .set("quickblox", "retry_max", "\"100ms\"")
         .set("quickblox", "session_timeout", "\"30s\"")
-        .set("listen", "shutdown_grace", "\"10s\"");
+        .set("listen", "shutdown_grace", "\"10s\"")
+        // Tests that stop a proxy stop it at once unless they test the
+        // delay.
+        .set("listen", "shutdown_delay", "\"0s\"");
     s
 }
 
