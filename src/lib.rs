@@ -203,8 +203,8 @@ impl App {
         let (unready, draining) = watch::channel(false);
         let (stop, stopping) = watch::channel(false);
         let (stop_admin, admin_stopping) = watch::channel(false);
-        let proxy_server = serve_proxy(shared, listeners.proxy, stopping.clone());
-        let workers = spawn_workers(shared, listeners.workers, &stopping);
+        let proxy_server = serve_proxy(shared, listeners.proxy, &draining, stopping.clone());
+        let workers = spawn_workers(shared, listeners.workers, &draining, &stopping);
         let admin = admin::Admin {
             handle: self.handle.clone(),
             shutting_down: draining,
@@ -217,6 +217,7 @@ impl App {
                 settings: Arc::new(move || (admin_options, None)),
                 // The admin port is for probes and operators: a few connections.
                 connections: ResizableLimit::new(64),
+                lame_duck: None,
             },
             move |req, conn| {
                 let admin = admin.clone();
@@ -259,10 +260,12 @@ impl App {
     }
 }
 
-/// Serves the proxy on `listener` until `stopping` turns true, then drains.
+/// Serves the proxy on `listener` (lame duck once `draining` turns true)
+/// until `stopping` turns true, then drains.
 fn serve_proxy(
     shared: &Arc<Shared>,
     listener: TcpListener,
+    draining: &watch::Receiver<bool>,
     stopping: watch::Receiver<bool>,
 ) -> impl Future<Output = ()> + Send + 'static {
     let proxy = shared.proxy.clone();
@@ -276,6 +279,7 @@ fn serve_proxy(
                 (live.options, live.tls.clone())
             }),
             connections: shared.connections.clone(),
+            lame_duck: Some(draining.clone()),
         },
         move |req, conn| {
             let proxy = proxy.clone();
@@ -296,13 +300,14 @@ fn serve_proxy(
 fn spawn_workers(
     shared: &Arc<Shared>,
     listeners: Vec<std::net::TcpListener>,
+    draining: &watch::Receiver<bool>,
     stopping: &watch::Receiver<bool>,
 ) -> Vec<std::thread::JoinHandle<()>> {
     let mut started = Vec::with_capacity(listeners.len());
     for (i, listener) in listeners.into_iter().enumerate() {
         let n = i + 1;
         let shared = shared.clone();
-        let stopping = stopping.clone();
+        let (draining, stopping) = (draining.clone(), stopping.clone());
         let spawned = std::thread::Builder::new()
             .name(format!("qbproxy-worker-{n}"))
             .spawn(move || {
@@ -319,7 +324,7 @@ fn spawn_workers(
                 };
                 runtime.block_on(async move {
                     match TcpListener::from_std(listener) {
-                        Ok(listener) => serve_proxy(&shared, listener, stopping).await,
+                        Ok(listener) => serve_proxy(&shared, listener, &draining, stopping).await,
                         Err(e) => {
                             tracing::error!(worker = n, error = %e, "cannot register the worker's listener; the other workers serve its share");
                         }

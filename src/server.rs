@@ -290,6 +290,44 @@ pub struct Listener {
     /// Open connections at most; past it, new ones wait in the kernel's
     /// accept queue rather than being accepted and starved.
     pub connections: ResizableLimit,
+    /// Turns true when the server goes "lame duck" ahead of its shutdown:
+    /// it still accepts and serves, but every HTTP/1.1 response says
+    /// `Connection: close` and HTTP/2 connections get GOAWAY, so clients
+    /// move to new connections (another replica, or the process taking
+    /// over) while nothing is closed under a request they are sending.
+    pub lame_duck: Option<watch::Receiver<bool>>,
+}
+
+/// Resolves once `signal` turns true (then never again); pending forever
+/// without one.
+async fn turned_on(signal: &mut Option<watch::Receiver<bool>>) {
+    let Some(rx) = signal else {
+        return std::future::pending().await;
+    };
+    if rx.wait_for(|on| *on).await.is_err() {
+        // Its sender is gone: no lame duck to come.
+        *signal = None;
+        return std::future::pending().await;
+    }
+    *signal = None;
+}
+
+/// Goes lame duck: HTTP/1.1 responses say `Connection: close` from now on
+/// (an idle connection is left to its next request rather than closed
+/// under it), and HTTP/2 connections get GOAWAY (which tells the client
+/// what it may send again).
+fn go_lame(name: &str, lame: &AtomicBool, conns: &[Weak<ConnState>]) {
+    lame.store(true, Ordering::Relaxed);
+    for state in conns.iter().filter_map(Weak::upgrade) {
+        if state.http2.load(Ordering::Relaxed) {
+            state.close();
+        }
+    }
+    tracing::info!(
+        listener = name,
+        worker = worker::current(),
+        "lame duck: still serving, every HTTP/1.1 response closes its connection, HTTP/2 ones got GOAWAY"
+    );
 }
 
 /// Serves `handler` on `listener` until `shutdown` turns true, then drains
@@ -304,7 +342,9 @@ where
         listener,
         settings,
         connections,
+        mut lame_duck,
     } = listener;
+    let lame = Arc::new(AtomicBool::new(false));
     let (mut current, _) = settings();
     let mut builder = connection_builder(&current);
     let open = watch::channel(0usize).0;
@@ -331,6 +371,10 @@ where
                 }
                 continue;
             }
+            () = turned_on(&mut lame_duck) => {
+                go_lame(name, &lame, &conns);
+                continue;
+            }
         };
         tokio::select! {
             accepted = listener.accept() => match accepted {
@@ -353,12 +397,21 @@ where
                     conns.push(Arc::downgrade(&state));
                     let conn = Conn { peer, local, state: state.clone(), nth: 0 };
                     let handler = handler.clone();
+                    let lame = lame.clone();
                     let service = service_fn(move |req: Request<Incoming>| {
                         let in_flight = InFlight::new(&conn.state);
                         let nth = conn.state.requests.fetch_add(1, Ordering::Relaxed) + 1;
+                        let http1 = req.version() != http::Version::HTTP_2;
                         let response = handler(req, Conn { nth, ..conn.clone() });
+                        let lame = lame.clone();
                         async move {
-                            let response = response.await;
+                            let mut response = response.await;
+                            if http1 && lame.load(Ordering::Relaxed) {
+                                response.headers_mut().insert(
+                                    http::header::CONNECTION,
+                                    http::HeaderValue::from_static("close"),
+                                );
+                            }
                             Ok::<_, Infallible>(response.map(|b| Tracked::new(b, in_flight)))
                         }
                     });
@@ -408,6 +461,7 @@ where
                     break;
                 }
             }
+            () = turned_on(&mut lame_duck) => go_lame(name, &lame, &conns),
         }
     }
     drop(listener);

@@ -226,6 +226,72 @@ async fn a_shutdown_says_not_ready_first_then_drains_busy_connections() {
     bounded("run() to return", run).await.unwrap();
 }
 
+/// During the shutdown delay the proxy goes lame duck: an idle HTTP/1.1
+/// connection is not closed under the request its client may be sending;
+/// its next request is answered, with `Connection: close`; an HTTP/2
+/// connection gets GOAWAY at once (its client knows what to send again);
+/// new connections are still accepted meanwhile.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn during_the_shutdown_delay_clients_are_moved_off_without_a_close_under_a_request() {
+    let mut h = setup()
+        .set("listen", "shutdown_delay", "\"2s\"")
+        .start()
+        .await;
+    h.ready().await;
+    let tcp = TcpStream::connect(h.proxy).await.unwrap();
+    let (mut h1, h1_conn) = hyper::client::conn::http1::handshake(TokioIo::new(tcp))
+        .await
+        .unwrap();
+    let h1_conn = tokio::spawn(h1_conn);
+    let proxy = h.proxy;
+    let get = move |path: &str| {
+        Request::get(format!("http://{proxy}{path}"))
+            .body(Empty::<Bytes>::new())
+            .unwrap()
+    };
+    let resp = bounded("a first answer", h1.send_request(get("/users.json")))
+        .await
+        .unwrap();
+    assert!(resp.headers().get("connection").is_none());
+    resp.into_body().collect().await.unwrap();
+    let tcp = TcpStream::connect(h.proxy).await.unwrap();
+    let (h2, h2_conn) = h2::client::handshake(tcp).await.unwrap();
+    let h2_conn = tokio::spawn(h2_conn);
+    bounded("the h2 stream", h2.ready()).await.unwrap();
+
+    let run = h.take_task();
+    h.trigger_shutdown();
+    bounded("/readyz to say 503", async {
+        while h.admin_get("/readyz").await.status != StatusCode::SERVICE_UNAVAILABLE {
+            tokio::task::yield_now().await;
+        }
+    })
+    .await;
+    // HTTP/2: GOAWAY, while the listener still accepts.
+    bounded("the h2 connection to end on GOAWAY", h2_conn)
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(TcpStream::connect(h.proxy).await.is_ok(), "still accepting");
+    // HTTP/1.1: the idle connection still takes a request, and says close.
+    assert!(!h1_conn.is_finished());
+    let resp = bounded(
+        "the answer in the delay",
+        h1.send_request(get("/users.json")),
+    )
+    .await
+    .unwrap();
+    assert_eq!(resp.status(), StatusCode::OK);
+    assert_eq!(resp.headers()["connection"], "close");
+    resp.into_body().collect().await.unwrap();
+    bounded("the HTTP/1.1 connection to close", h1_conn)
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(h.sim.requests_to("/users"), 2);
+    bounded("run() to return", run).await.unwrap();
+}
+
 /// Logs at TRACE, metrics and error bodies never show a whole token, the
 /// auth secret or a password. (Single-threaded runtime: the thread-local
 /// subscriber sees every task.)

@@ -269,6 +269,7 @@ impl Sim {
                 listener,
                 settings: Arc::new(move || (options, None)),
                 connections: ResizableLimit::new(1 << 16),
+                lame_duck: None,
             },
             move |req, conn| {
                 let sim = handler_sim.clone();
