@@ -38,6 +38,7 @@ mod server;
 pub mod session;
 pub mod signer;
 pub mod sim;
+mod state;
 mod tls;
 pub mod upstream;
 pub mod worker;
@@ -64,6 +65,7 @@ use crate::proxy::Proxy;
 use crate::reload::Context;
 use crate::route::Target;
 use crate::session::{HeldTokens, Identity};
+use crate::state::StateFile;
 use crate::upstream::ClockOffset;
 
 /// The listeners qbproxy serves on, bound by the caller (port 0 in tests).
@@ -155,12 +157,27 @@ impl App {
             ),
             None => None,
         };
+        let state = config
+            .state_file
+            .as_deref()
+            .map(|path| StateFile::new(path, config.quickblox.auth_secret.expose().as_bytes()))
+            .map(Arc::new);
+        let restored = state.as_ref().map(|s| s.load()).unwrap_or_default();
+        if let Some(state) = &state {
+            tracing::info!(
+                file = %state.path().display(),
+                sessions = restored.len(),
+                "[state] file: sessions kept from the last run are used instead of logging in again"
+            );
+        }
         let ctx = Context {
             metrics,
             held: HeldTokens::default(),
             clock: Arc::new(ClockOffset::default()),
             cluster,
             workers,
+            state,
+            restored: Arc::new(std::sync::Mutex::new(restored)),
         };
         let max_connections = config.limits.max_connections;
         let built = reload::build(Arc::new(config), &ctx, None)?;
@@ -253,10 +270,35 @@ impl App {
             let _ = stop_admin.send(true);
         };
         tokio::join!(proxies, admin_server);
-        for identity in &shared.live.load().identities {
+        let live = shared.live.load();
+        for identity in &live.identities {
             identity.stop();
         }
+        if let Some(state) = &shared.ctx.state {
+            save_state(state, &live);
+        }
         tracing::info!("stopped");
+    }
+}
+
+/// Writes the sessions the identities hold to the state file.
+fn save_state(state: &StateFile, live: &Live) {
+    let sessions: Vec<(String, session::Held)> = live
+        .config
+        .identities
+        .iter()
+        .zip(&live.identities)
+        .filter_map(|(config, identity)| {
+            Some((cluster::fingerprint(&live.config, config), identity.held()?))
+        })
+        .collect();
+    match state.save(&sessions) {
+        Ok(n) => {
+            tracing::info!(file = %state.path().display(), sessions = n, "sessions kept in the state file for the next start")
+        }
+        Err(e) => {
+            tracing::warn!(file = %state.path().display(), error = %e, "cannot write the state file ([state] file); the next start logs in again")
+        }
     }
 }
 

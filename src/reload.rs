@@ -24,7 +24,8 @@ use crate::metrics::Metrics;
 use crate::pool::{Pool, Throttle};
 use crate::rate::UpstreamRate;
 use crate::route::Router;
-use crate::session::{ApiKeySource, HeldTokens, Identity, Info, Policy, Source};
+use crate::session::{ApiKeySource, Held, HeldTokens, Identity, Info, Policy, Source};
+use crate::state::{Restored, StateFile};
 use crate::upstream::{self, Client, ClockOffset, Endpoint, SessionCreator, Throttled};
 use crate::StartError;
 
@@ -41,6 +42,11 @@ pub(crate) struct Context {
     /// Proxy workers (`worker.rs`), each with an upstream client of its
     /// own; at least 1 (`App::with_workers`).
     pub workers: usize,
+    /// `[state] file`, if configured at start.
+    pub state: Option<Arc<StateFile>>,
+    /// Sessions read from it at start, by fingerprint; each is taken by the
+    /// first build that makes its identity.
+    pub restored: Arc<std::sync::Mutex<HashMap<String, Held>>>,
 }
 
 /// Why a reload did not take effect; the running configuration stays.
@@ -164,10 +170,18 @@ pub(crate) fn build(
                 return Box::new(ApiKeySource::new(key.clone(), *on_behalf_of));
             }
             let creator = SessionCreator::new(endpoint.clone(), id.credentials.clone());
-            let own: Box<dyn Source> = match throttle {
+            let mut own: Box<dyn Source> = match throttle {
                 Some(t) => Box::new(Throttled::new(creator, t.permits.clone())),
                 None => Box::new(creator),
             };
+            let restored = ctx
+                .restored
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .remove(&fingerprint(&config, id));
+            if let Some(held) = restored {
+                own = Box::new(Restored::new(own, held));
+            }
             match fleet {
                 Some(cluster) => Box::new(FleetSource::new(
                     own,

@@ -292,6 +292,59 @@ async fn during_the_shutdown_delay_clients_are_moved_off_without_a_close_under_a
     bounded("run() to return", run).await.unwrap();
 }
 
+/// With `[state] file`, a restart logs nobody in again: the sessions held
+/// at shutdown (a standalone identity's and a pool member's) are written,
+/// sealed, and the next start uses them; the one that lapsed meanwhile is
+/// created anew.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restart_with_a_state_file_logs_nobody_in_again() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("sessions.json");
+    let sim = common::demo_sim().await;
+    let with_state = || {
+        setup()
+            .sim(sim.clone())
+            .set(
+                "state",
+                "file",
+                &format!("{:?}", file.display().to_string()),
+            )
+            .identity("name = \"demo\"\nlogin = \"demo\"\npassword = \"demo-password\"\n")
+            .identity("name = \"other\"\nlogin = \"other\"\npassword = \"other-password\"\n")
+            .pool_table("name = \"p\"\nidentities = [\"other\"]\n")
+    };
+    let mut first = with_state().start().await;
+    first.ready().await;
+    assert_eq!(
+        first.get_as("p", "/users.json").await.status,
+        StatusCode::OK
+    );
+    assert_eq!(sim.creations(), 2);
+    let token = first.token();
+    first.shutdown().await;
+    let saved = std::fs::read_to_string(&file).unwrap();
+    assert!(!saved.contains(&token), "sealed, not in the clear");
+
+    let mut second = with_state().start().await;
+    second.ready().await;
+    assert_eq!(second.token(), token, "the same session");
+    assert_eq!(second.get("/users.json").await.status, StatusCode::OK);
+    assert_eq!(
+        second.get_as("p", "/users.json").await.status,
+        StatusCode::OK
+    );
+    assert_eq!(sim.creations(), 2, "no login at the restart");
+    second.shutdown().await;
+
+    // The sessions lapse (QuickBlox forgets them): the next start finds
+    // them refused and creates new ones, once.
+    sim.expire_all();
+    let third = with_state().start().await;
+    third.ready().await;
+    assert_eq!(third.get("/users.json").await.status, StatusCode::OK);
+    assert_eq!(sim.creations(), 3);
+}
+
 /// Logs at TRACE, metrics and error bodies never show a whole token, the
 /// auth secret or a password. (Single-threaded runtime: the thread-local
 /// subscriber sees every task.)

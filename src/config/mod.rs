@@ -70,6 +70,8 @@ pub struct Config {
     pub clients: Vec<ClientConfig>,
     /// Replicas share sessions and the upstream rate through Redis.
     pub cluster: Option<ClusterConfig>,
+    /// `[state] file`: sessions kept across a restart without Redis.
+    pub state_file: Option<std::path::PathBuf>,
     pub log: LogConfig,
     /// What is worth a warning but does not stop qbproxy (files others may
     /// read or write); logged at start and on every reload.
@@ -558,6 +560,10 @@ auth_secret = "secret"
                 "upstream.burst: needs upstream.rate",
             ),
             ("[upstream]\nrate = 10\nburst = 0.5\n", "upstream.burst"),
+            (
+                "[state]\nfile = \"/nonexistent-qbproxy-dir/sessions.json\"\n",
+                "state.file: its directory /nonexistent-qbproxy-dir does not exist",
+            ),
         ] {
             let msg = problem(&format!("{MINIMAL}{extra}"));
             assert!(msg.contains(key), "{key}: {msg}");

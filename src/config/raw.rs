@@ -34,6 +34,8 @@ pub(super) struct RawConfig {
     pub client: Vec<RawClient>,
     pub cluster: Option<RawCluster>,
     #[serde(default)]
+    pub state: RawState,
+    #[serde(default)]
     pub log: RawLog,
 }
 
@@ -128,6 +130,12 @@ impl Default for RawAdmin {
             token_file: None,
         }
     }
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub(super) struct RawState {
+    pub file: Option<PathBuf>,
 }
 
 #[derive(Debug, Deserialize)]

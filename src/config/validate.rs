@@ -160,6 +160,22 @@ impl Validator<'_> {
                 access: raw.log.access,
             },
             cluster,
+            state_file: match raw.state.file {
+                Some(file) => {
+                    let dir = file
+                        .parent()
+                        .filter(|d| !d.as_os_str().is_empty())
+                        .unwrap_or(Path::new("."));
+                    if !dir.is_dir() {
+                        return Err(self.invalid(
+                            "state.file",
+                            format!("its directory {} does not exist", dir.display()),
+                        ));
+                    }
+                    Some(file)
+                }
+                None => None,
+            },
             warnings,
             runs_commands: notes.commands,
             limits,

@@ -228,6 +228,14 @@ impl Identity {
         self.shared.task.get().is_some()
     }
 
+    /// The session it holds, if one is usable (not reported dead), as the
+    /// fleet and the state file keep it: its token, user, public fields and
+    /// when it lapses unless used.
+    pub fn held(&self) -> Option<Held> {
+        let session = self.usable()?;
+        (session.scheme() == Scheme::QbToken).then(|| task::held_of(&self.shared, &session))
+    }
+
     /// Stops the renewal task (at shutdown, or when a reload removes the
     /// identity). Its token counts as recently held from now on.
     pub fn stop(&self) {

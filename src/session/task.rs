@@ -219,7 +219,7 @@ fn attempt_for(shared: &Shared, reason: Reason, refused: &mut Option<Held>) -> A
     }
 }
 
-fn held_of(shared: &Shared, s: &Session) -> Held {
+pub(super) fn held_of(shared: &Shared, s: &Session) -> Held {
     let now = Instant::now();
     Held {
         token: s.token.to_str().unwrap_or("").to_owned(),
