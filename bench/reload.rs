@@ -81,7 +81,7 @@ fn main() {
         let proxy = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let admin = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = proxy.local_addr().unwrap();
-        tokio::spawn(app.run(Listeners { proxy, admin, workers: Vec::new() }, std::future::pending()));
+        tokio::spawn(app.run(Listeners { proxy, admin, workers: Vec::new(), handover: None }, std::future::pending()));
         handle.ready().await;
 
         // A client sending GETs back to back, recording those sent while a

@@ -137,7 +137,7 @@ fn start_proxy() -> SocketAddr {
             let app = qbproxy::App::new(config).unwrap();
             let handle = app.handle();
             tokio::spawn(app.run(
-                qbproxy::Listeners { proxy, admin, workers: Vec::new() },
+                qbproxy::Listeners { proxy, admin, workers: Vec::new(), handover: None },
                 std::future::pending::<()>(),
             ));
             handle.ready().await;

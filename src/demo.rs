@@ -187,6 +187,7 @@ pub async fn run(args: DemoArgs, shutdown: impl Future<Output = ()>) -> Result<(
     });
     app.run(
         Listeners {
+            handover: None,
             proxy: proxy_listener,
             admin: admin_listener,
             workers: Vec::new(),

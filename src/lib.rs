@@ -20,6 +20,7 @@ pub mod credentials;
 pub mod demo;
 mod error;
 mod fair;
+pub mod handover;
 pub mod hardening;
 mod headers;
 mod limit;
@@ -76,6 +77,9 @@ pub struct Listeners {
     /// The proxy listeners of workers 1.. ([`worker::bind`]), each served
     /// by a thread of its own; empty for one runtime.
     pub workers: Vec<std::net::TcpListener>,
+    /// `listen.handover_socket`: where a new qbproxy takes these sockets
+    /// over from this one (`handover.rs`).
+    pub handover: Option<handover::Offer>,
 }
 
 /// Errors that stop qbproxy from starting, or a reload from taking effect,
@@ -112,6 +116,10 @@ struct Shared {
     running: AtomicBool,
     /// The reloader task's queue, started with the first reload.
     reloader: OnceLock<mpsc::Sender<Request>>,
+    /// Set when a new process took over the listening sockets
+    /// (`handover.rs`); then `handed_over` is notified and this one drains.
+    handed_over: AtomicBool,
+    handover_done: tokio::sync::Notify,
 }
 
 /// A reload asked of the reloader task.
@@ -192,6 +200,8 @@ impl App {
                     connections: ResizableLimit::new(max_connections),
                     running: AtomicBool::new(false),
                     reloader: OnceLock::new(),
+                    handed_over: AtomicBool::new(false),
+                    handover_done: tokio::sync::Notify::new(),
                 }),
             },
         })
@@ -212,19 +222,41 @@ impl App {
             cluster.start_listener();
         }
         start_standalone(&shared.live.load());
-        // Shutdown in three steps: /readyz says 503 at once (while the
-        // proxy still serves, for listen.shutdown_delay); then the proxy
-        // listeners stop accepting and drain; then the admin listener
-        // stops, so that probes get 503, never "connection refused", while
-        // requests finish.
-        let (unready, draining) = watch::channel(false);
+        // Shutdown in three steps: /readyz says 503 at once and the proxy
+        // goes lame duck (while it still serves, for listen.shutdown_delay);
+        // then the proxy listeners stop accepting and drain; then the admin
+        // listener stops, so that probes get 503, never "connection
+        // refused", while requests finish. After a handover the new process
+        // answers probes on the same sockets: the admin listener stops at
+        // once instead, and /readyz never says 503.
+        let (unready, unready_rx) = watch::channel(false);
+        let (lame, lame_duck) = watch::channel(server::Leaving::No);
         let (stop, stopping) = watch::channel(false);
         let (stop_admin, admin_stopping) = watch::channel(false);
-        let proxy_server = serve_proxy(shared, listeners.proxy, &draining, stopping.clone());
-        let workers = spawn_workers(shared, listeners.workers, &draining, &stopping);
+        let stop_admin = &stop_admin;
+        let (leave, leaving) = watch::channel(false);
+        let proxy_server = serve_proxy(shared, listeners.proxy, &lame_duck, stopping.clone());
+        let workers = spawn_workers(shared, listeners.workers, &lame_duck, &stopping);
+        if let Some(offer) = listeners.handover {
+            let handle = self.handle.clone();
+            let (saving, handing) = (shared.clone(), shared.clone());
+            tokio::spawn(offer.serve(
+                async move { handle.ready().await },
+                move || {
+                    if let Some(state) = &saving.ctx.state {
+                        save_state(state, &saving.live.load());
+                    }
+                },
+                move |_| {
+                    handing.handed_over.store(true, Ordering::SeqCst);
+                    handing.handover_done.notify_one();
+                },
+                leaving,
+            ));
+        }
         let admin = admin::Admin {
             handle: self.handle.clone(),
-            shutting_down: draining,
+            shutting_down: unready_rx,
         };
         let admin_options = shared.live.load().options;
         let admin_server = server::serve(
@@ -244,15 +276,35 @@ impl App {
         );
         let live = shared.live.clone();
         let trigger = async move {
-            shutdown.await;
-            let _ = unready.send(true);
+            let handed_over = tokio::select! {
+                () = shutdown => false,
+                () = shared.handover_done.notified() => true,
+            };
+            let _ = leave.send(true);
+            if handed_over {
+                let _ = stop_admin.send(true);
+            } else {
+                let _ = unready.send(true);
+            }
+            let _ = lame.send(match handed_over {
+                true => server::Leaving::HandedOver,
+                false => server::Leaving::LameDuck,
+            });
             let delay = live.load().config.listen.shutdown_delay;
             if !delay.is_zero() {
-                tracing::info!(
-                    delay_s = delay.as_secs_f64(),
-                    "shutting down: /readyz answers 503 while the proxy still serves, \
-                     so load balancers stop sending new requests (listen.shutdown_delay)"
-                );
+                if handed_over {
+                    tracing::info!(
+                        delay_s = delay.as_secs_f64(),
+                        "handed over: open connections are moved to the new process \
+                         (HTTP/1.1 Connection: close, HTTP/2 GOAWAY) for listen.shutdown_delay"
+                    );
+                } else {
+                    tracing::info!(
+                        delay_s = delay.as_secs_f64(),
+                        "shutting down: /readyz answers 503 while the proxy still serves, \
+                         so load balancers stop sending new requests (listen.shutdown_delay)"
+                    );
+                }
                 tokio::time::sleep(delay).await;
             }
             tracing::info!("shutting down: no new connections; requests in flight finish");
@@ -274,7 +326,10 @@ impl App {
         for identity in &live.identities {
             identity.stop();
         }
-        if let Some(state) = &shared.ctx.state {
+        // After a handover the new process owns the state file (the old
+        // one wrote it before handing over).
+        if let (Some(state), false) = (&shared.ctx.state, shared.handed_over.load(Ordering::SeqCst))
+        {
             save_state(state, &live);
         }
         tracing::info!("stopped");
@@ -307,7 +362,7 @@ fn save_state(state: &StateFile, live: &Live) {
 fn serve_proxy(
     shared: &Arc<Shared>,
     listener: TcpListener,
-    draining: &watch::Receiver<bool>,
+    draining: &watch::Receiver<server::Leaving>,
     stopping: watch::Receiver<bool>,
 ) -> impl Future<Output = ()> + Send + 'static {
     let proxy = shared.proxy.clone();
@@ -342,7 +397,7 @@ fn serve_proxy(
 fn spawn_workers(
     shared: &Arc<Shared>,
     listeners: Vec<std::net::TcpListener>,
-    draining: &watch::Receiver<bool>,
+    draining: &watch::Receiver<server::Leaving>,
     stopping: &watch::Receiver<bool>,
 ) -> Vec<std::thread::JoinHandle<()>> {
     let mut started = Vec::with_capacity(listeners.len());
@@ -431,6 +486,9 @@ async fn reload_once(shared: &Shared, source: Source) -> Result<Summary, ReloadE
     let (old, new) = (&previous.config, &built.live.config);
     if new.listen.addr != old.listen.addr {
         tracing::warn!(old = %old.listen.addr, new = %new.listen.addr, "listen.addr changed; restart qbproxy to move the proxy listener");
+    }
+    if new.listen.handover_socket != old.listen.handover_socket {
+        tracing::warn!("listen.handover_socket changed; restart qbproxy to move it");
     }
     if new.cluster != old.cluster {
         tracing::warn!("[cluster] changed; restart qbproxy to join, leave or move the fleet");

@@ -10,6 +10,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand, ValueEnum};
+use qbproxy::handover::{Offer, Predecessor, Sockets};
 use qbproxy::{Config, Listeners};
 use tokio::net::TcpListener;
 
@@ -121,6 +122,8 @@ fn main() -> ExitCode {
     // Before any secret is read: no core dump, no reading of this
     // process's memory by another of the same user.
     let dumpable = qbproxy::hardening::not_dumpable();
+    // Before any other thread starts: it clears LISTEN_FDS and the like.
+    let activated = qbproxy::handover::from_systemd();
     let cli = Cli::parse();
     // Held to the end of main: dropping it writes out buffered lines.
     let _log = init_logging(cli.log_format);
@@ -196,7 +199,7 @@ fn main() -> ExitCode {
         }
         None => {
             let path = cli.config.clone().unwrap_or_else(|| DEFAULT_CONFIG.into());
-            serve(cli.runtime.threads(), &path)
+            serve(cli.runtime.threads(), &path, activated)
         }
     }
 }
@@ -297,7 +300,11 @@ fn summary(config: &Config) -> String {
     parts.join("; ")
 }
 
-fn serve(threads: usize, path: &std::path::Path) -> ExitCode {
+fn serve(
+    threads: usize,
+    path: &std::path::Path,
+    activated: std::io::Result<Option<Sockets>>,
+) -> ExitCode {
     let config = match Config::load(path) {
         Ok(c) => c,
         Err(e) => {
@@ -315,18 +322,29 @@ fn serve(threads: usize, path: &std::path::Path) -> ExitCode {
         }
         let open_files = raise_open_file_limit();
         check_open_file_limit(open_files, &config);
-        let (proxy, workers) = qbproxy::worker::bind(config.listen.addr, threads)
-            .map_err(|e| format!("cannot listen on {} (listen.addr): {e}", config.listen.addr))?;
-        let admin = TcpListener::bind(config.admin.addr)
-            .await
-            .map_err(|e| format!("cannot listen on {} (admin.addr): {e}", config.admin.addr))?;
-        let app = qbproxy::App::with_workers(config, threads).map_err(|e| e.to_string())?;
+        let activated = activated.map_err(|e| e.to_string())?;
+        let (sockets, predecessor) = sockets(&config, threads, activated)?;
+        let handover = match &config.listen.handover_socket {
+            Some(path) => {
+                let copies = sockets.try_clone().map_err(|e| e.to_string())?;
+                let offer = Offer::bind(path, copies, predecessor).map_err(|e| {
+                    format!(
+                        "cannot bind {} (listen.handover_socket): {e}",
+                        path.display()
+                    )
+                })?;
+                Some(offer)
+            }
+            None => None,
+        };
+        let workers = sockets.proxy.len();
+        let listeners = listeners(sockets)?;
+        let app = qbproxy::App::with_workers(config, workers).map_err(|e| e.to_string())?;
         tokio::spawn(reload_on_sighup(path.to_owned(), app.handle()));
         app.run(
             Listeners {
-                proxy,
-                admin,
-                workers,
+                handover,
+                ..listeners
             },
             shutdown,
         )
@@ -334,6 +352,90 @@ fn serve(threads: usize, path: &std::path::Path) -> ExitCode {
         Ok::<(), String>(())
     });
     exit(result)
+}
+
+/// Where the listening sockets come from: systemd (socket activation), the
+/// running qbproxy this one takes over from (`listen.handover_socket`), or
+/// binding `listen.addr` once per worker. One proxy socket (systemd's) is
+/// served by every worker; several (a predecessor's) by one worker each.
+fn sockets(
+    config: &Config,
+    threads: usize,
+    activated: Option<Sockets>,
+) -> Result<(Sockets, Option<Predecessor>), String> {
+    let taken_over = match (&activated, &config.listen.handover_socket) {
+        (None, Some(path)) => qbproxy::handover::take_over(path).map_err(|e| {
+            format!(
+                "cannot take over through {} (listen.handover_socket): {e}",
+                path.display()
+            )
+        })?,
+        _ => None,
+    };
+    let (mut sockets, predecessor) = if let Some(sockets) = activated {
+        tracing::info!(
+            proxy = sockets.proxy.len(),
+            admin = sockets.admin.is_some(),
+            "serving on the sockets systemd passed (socket activation); listen.addr is not bound"
+        );
+        (sockets, None)
+    } else if let Some((sockets, predecessor)) = taken_over {
+        tracing::info!(
+            pid = predecessor.pid,
+            proxy = sockets.proxy.len(),
+            "taking over the listening sockets of the running qbproxy (an upgrade): \
+             it drains once this one is ready"
+        );
+        if sockets.proxy.len() != threads {
+            tracing::info!(
+                workers = sockets.proxy.len(),
+                "one proxy worker per socket taken over; --threads {threads} applies at the next cold start"
+            );
+        }
+        (sockets, Some(predecessor))
+    } else {
+        let addr = config.listen.addr;
+        let (first, more) = qbproxy::worker::bind(addr, threads)
+            .map_err(|e| format!("cannot listen on {addr} (listen.addr): {e}"))?;
+        let first = first.into_std().map_err(|e| e.to_string())?;
+        let proxy = std::iter::once(first).chain(more).collect();
+        (Sockets { proxy, admin: None }, None)
+    };
+    if sockets.admin.is_none() {
+        let addr = config.admin.addr;
+        let admin = std::net::TcpListener::bind(addr)
+            .map_err(|e| format!("cannot listen on {addr} (admin.addr): {e}"))?;
+        sockets.admin = Some(admin);
+    }
+    if sockets.proxy.len() == 1 && threads > 1 {
+        for _ in 1..threads {
+            let copy = sockets.proxy[0].try_clone().map_err(|e| e.to_string())?;
+            sockets.proxy.push(copy);
+        }
+    }
+    Ok((sockets, predecessor))
+}
+
+/// The listeners to serve, registered with this runtime.
+fn listeners(sockets: Sockets) -> Result<Listeners, String> {
+    let tokio_listener = |l: std::net::TcpListener| {
+        l.set_nonblocking(true)?;
+        TcpListener::from_std(l)
+    };
+    let admin = sockets.admin.ok_or("no admin socket")?;
+    let admin = tokio_listener(admin).map_err(|e| e.to_string())?;
+    let mut proxy = sockets.proxy.into_iter();
+    let first = proxy.next().ok_or("no proxy socket")?;
+    let workers = proxy
+        .map(|l| l.set_nonblocking(true).map(|()| l))
+        .collect::<std::io::Result<_>>()
+        .map_err(|e| e.to_string())?;
+    Ok(Listeners {
+        proxy: tokio_listener(first).map_err(|e| e.to_string())?,
+        admin,
+        workers,
+        handover: None,
+    })
 }
 
 /// One thread: a current-thread runtime, where accepting, proxying and

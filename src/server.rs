@@ -37,7 +37,7 @@ use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
-use tokio::net::TcpListener;
+use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
 use tokio_rustls::TlsAcceptor;
 
@@ -290,26 +290,75 @@ pub struct Listener {
     /// Open connections at most; past it, new ones wait in the kernel's
     /// accept queue rather than being accepted and starved.
     pub connections: ResizableLimit,
-    /// Turns true when the server goes "lame duck" ahead of its shutdown:
-    /// it still accepts and serves, but every HTTP/1.1 response says
-    /// `Connection: close` and HTTP/2 connections get GOAWAY, so clients
-    /// move to new connections (another replica, or the process taking
-    /// over) while nothing is closed under a request they are sending.
-    pub lame_duck: Option<watch::Receiver<bool>>,
+    /// How the server leaves ahead of its shutdown ([`Leaving`]).
+    pub lame_duck: Option<watch::Receiver<Leaving>>,
 }
 
-/// Resolves once `signal` turns true (then never again); pending forever
-/// without one.
-async fn turned_on(signal: &mut Option<watch::Receiver<bool>>) {
+/// How a server leaves ahead of its shutdown.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Leaving {
+    #[default]
+    No,
+    /// "Lame duck": it still accepts and serves, but every HTTP/1.1
+    /// response says `Connection: close` and HTTP/2 connections get
+    /// GOAWAY, so clients move to new connections (to another replica)
+    /// while nothing is closed under a request they are sending.
+    LameDuck,
+    /// Lame duck, and another process took the listening socket over
+    /// (`handover.rs`): it stops accepting at once, so that no new
+    /// connection comes here to be closed at the drain.
+    HandedOver,
+}
+
+/// Resolves with the next step past `now` (then `now` is it); pending
+/// forever without a signal or once the last step was taken.
+async fn leaving(signal: &mut Option<watch::Receiver<Leaving>>, now: &mut Leaving) -> Leaving {
     let Some(rx) = signal else {
         return std::future::pending().await;
     };
-    if rx.wait_for(|on| *on).await.is_err() {
-        // Its sender is gone: no lame duck to come.
+    let seen = *now;
+    let waited = rx.wait_for(|step| *step > seen).await.map(|step| *step);
+    let next = match waited {
+        Ok(step) => step,
+        Err(_) => {
+            // Its sender is gone: no step to come.
+            *signal = None;
+            return std::future::pending().await;
+        }
+    };
+    *now = next;
+    if next == Leaving::HandedOver {
         *signal = None;
-        return std::future::pending().await;
     }
-    *signal = None;
+    next
+}
+
+/// Accepts on `listener`; pending forever once it is gone.
+async fn accept(listener: &Option<TcpListener>) -> std::io::Result<(TcpStream, SocketAddr)> {
+    match listener {
+        Some(l) => l.accept().await,
+        None => std::future::pending().await,
+    }
+}
+
+/// Takes a step of [`Leaving`].
+fn step_down(
+    name: &str,
+    step: Leaving,
+    lame: &AtomicBool,
+    conns: &[Weak<ConnState>],
+    listener: &mut Option<TcpListener>,
+) {
+    if !lame.load(Ordering::Relaxed) {
+        go_lame(name, lame, conns);
+    }
+    if step == Leaving::HandedOver && listener.take().is_some() {
+        tracing::info!(
+            listener = name,
+            worker = worker::current(),
+            "stopped accepting: the process taking over accepts on this socket"
+        );
+    }
 }
 
 /// Goes lame duck: HTTP/1.1 responses say `Connection: close` from now on
@@ -344,6 +393,9 @@ where
         connections,
         mut lame_duck,
     } = listener;
+    let local = listener.local_addr().ok();
+    let mut listener = Some(listener);
+    let mut left = Leaving::No;
     let lame = Arc::new(AtomicBool::new(false));
     let (mut current, _) = settings();
     let mut builder = connection_builder(&current);
@@ -352,7 +404,6 @@ where
     // touches it. Dead entries go when it has doubled since the last sweep.
     let mut conns: Vec<Weak<ConnState>> = Vec::new();
     let mut sweep_at = 64;
-    let local = listener.local_addr().ok();
     if let Some(addr) = local {
         tracing::info!(listener = name, worker = worker::current(), %addr, "listening");
     }
@@ -371,13 +422,13 @@ where
                 }
                 continue;
             }
-            () = turned_on(&mut lame_duck) => {
-                go_lame(name, &lame, &conns);
+            step = leaving(&mut lame_duck, &mut left) => {
+                step_down(name, step, &lame, &conns, &mut listener);
                 continue;
             }
         };
         tokio::select! {
-            accepted = listener.accept() => match accepted {
+            accepted = accept(&listener) => match accepted {
                 Ok((stream, peer)) => {
                     // The settings in force when the connection came:
                     // a reload applies to every later one.
@@ -461,7 +512,9 @@ where
                     break;
                 }
             }
-            () = turned_on(&mut lame_duck) => go_lame(name, &lame, &conns),
+            step = leaving(&mut lame_duck, &mut left) => {
+                step_down(name, step, &lame, &conns, &mut listener);
+            }
         }
     }
     drop(listener);

@@ -20,7 +20,7 @@ use std::sync::Mutex;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use crate::cluster::Vault;
-use crate::session::{Attempt, BoxFuture, Held, NewSession, Reason, SessionError, Source};
+use crate::session::{Attempt, BoxFuture, Held, NewSession, Origin, Reason, SessionError, Source};
 
 /// A restored session is used only if it has at least this long to live.
 const MIN_LEFT: Duration = Duration::from_secs(60);
@@ -168,10 +168,6 @@ impl Source for Restored {
             .filter(|_| attempt.reason == Reason::Startup);
         match restored {
             Some(held) if held.expires_at > SystemTime::now() + MIN_LEFT => {
-                tracing::info!(
-                    user_id = held.user_id,
-                    "session restored from the state file ([state] file): no login"
-                );
                 let session = NewSession {
                     token: held.token,
                     user_id: held.user_id,
@@ -180,7 +176,7 @@ impl Source for Restored {
                         .duration_since(SystemTime::now())
                         .unwrap_or_default(),
                     public: held.public,
-                    adopted: true,
+                    origin: Origin::StateFile,
                     ..NewSession::default()
                 };
                 Box::pin(async move { Ok(session) })

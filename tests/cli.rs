@@ -597,6 +597,23 @@ async fn wait_for(lines: &mut LogLines, what: &str) -> String {
     .unwrap_or_else(|_| panic!("no log line {what:?}"))
 }
 
+/// Waits (at most 20 s) until a line containing each of `what` was
+/// logged, in any order.
+async fn wait_for_all(lines: &mut LogLines, what: &[&str]) {
+    let mut missing: Vec<&str> = what.to_vec();
+    tokio::time::timeout(Duration::from_secs(20), async {
+        while let Some(line) = lines.next_line().await.unwrap() {
+            missing.retain(|w| !line.contains(w));
+            if missing.is_empty() {
+                return;
+            }
+        }
+        panic!("qbproxy exited before logging {missing:?}");
+    })
+    .await
+    .unwrap_or_else(|_| panic!("no log lines {what:?}"))
+}
+
 /// Sends `kill -SIG` to the child.
 fn signal(child: &tokio::process::Child, sig: &str) {
     let pid = child.id().expect("running").to_string();
@@ -939,4 +956,354 @@ fn the_systemd_unit_verifies_and_stays_hardened() {
         "{}",
         String::from_utf8_lossy(&security.stdout)
     );
+}
+
+/// Requests sent without pause by `clients` tasks until stopped: each
+/// task alternates a kept-alive client (hyper's pool) and a new connection
+/// per request. Counts answers 200 and everything else.
+struct Load {
+    ok: std::sync::Arc<std::sync::atomic::AtomicU64>,
+    failed: std::sync::Arc<std::sync::Mutex<Vec<String>>>,
+    stop: tokio::sync::watch::Sender<bool>,
+    tasks: Vec<tokio::task::JoinHandle<()>>,
+}
+
+/// One request on a new connection, its whole answer; errors returned.
+async fn raw(addr: std::net::SocketAddr, request: &[u8]) -> std::io::Result<String> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut s = tokio::net::TcpStream::connect(addr).await?;
+    s.write_all(request).await?;
+    let mut out = Vec::new();
+    tokio::time::timeout(Duration::from_secs(20), s.read_to_end(&mut out)).await??;
+    Ok(String::from_utf8_lossy(&out).into_owned())
+}
+
+impl Load {
+    fn start(proxy: std::net::SocketAddr, clients: usize) -> Load {
+        let ok = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
+        let failed = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let (stop, stopping) = tokio::sync::watch::channel(false);
+        let tasks = (0..clients)
+            .map(|i| {
+                let (ok, failed, stopping) = (ok.clone(), failed.clone(), stopping.clone());
+                tokio::spawn(async move {
+                    let kept: hyper_util::client::legacy::Client<_, http_body_util::Empty<bytes::Bytes>> =
+                        hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
+                            .build(hyper_util::client::legacy::connect::HttpConnector::new());
+                    let mut n = 0u64;
+                    while !*stopping.borrow() {
+                        n += 1;
+                        let outcome = if (n + i as u64) % 2 == 0 {
+                            let uri: http::Uri =
+                                format!("http://{proxy}/users.json?c={i}&n={n}").parse().unwrap();
+                            match kept.get(uri).await {
+                                Ok(r) if r.status() == 200 => {
+                                    use http_body_util::BodyExt;
+                                    r.into_body().collect().await.map(|_| ()).map_err(|e| e.to_string())
+                                }
+                                Ok(r) => Err(format!("status {}", r.status())),
+                                Err(e) => Err(format!("{e:?}")),
+                            }
+                        } else {
+                            let request = format!(
+                                "GET /users.json?c={i}&n={n} HTTP/1.1\r\nHost: q\r\nConnection: close\r\n\r\n"
+                            );
+                            match raw(proxy, request.as_bytes()).await {
+                                Ok(a) if a.starts_with("HTTP/1.1 200") => Ok(()),
+                                Ok(a) => Err(a.lines().next().unwrap_or("no answer").to_owned()),
+                                Err(e) => Err(format!("new connection: {e}")),
+                            }
+                        };
+                        match outcome {
+                            Ok(()) => ok.fetch_add(1, std::sync::atomic::Ordering::Relaxed),
+                            Err(e) => {
+                                failed.lock().unwrap().push(e);
+                                0
+                            }
+                        };
+                    }
+                })
+            })
+            .collect();
+        Load {
+            ok,
+            failed,
+            stop,
+            tasks,
+        }
+    }
+
+    fn ok(&self) -> u64 {
+        self.ok.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// Waits until `more` further requests were answered 200.
+    async fn answered(&self, more: u64) {
+        let until = self.ok() + more;
+        tokio::time::timeout(Duration::from_secs(20), async {
+            while self.ok() < until {
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+        })
+        .await
+        .expect("requests go on being answered");
+    }
+
+    /// Stops and returns (answered 200, failures).
+    async fn stop(self) -> (u64, Vec<String>) {
+        let _ = self.stop.send(true);
+        let ok = self.ok();
+        for t in self.tasks {
+            t.await.unwrap();
+        }
+        let failed = self.failed.lock().unwrap().clone();
+        (
+            ok.max(self.ok.load(std::sync::atomic::Ordering::Relaxed)),
+            failed,
+        )
+    }
+}
+
+/// The in-place upgrade: a second qbproxy started with the same config
+/// takes the listening sockets over through `listen.handover_socket` while
+/// requests keep coming; the first writes its sessions to the state file,
+/// hands over, drains and exits 0. No request fails, no session is created
+/// for the new process, and the new one serves on the same port.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_upgrade_takes_the_sockets_over_and_loses_no_request() {
+    let sim = Sim::start(SimConfig::demo()).await.unwrap();
+    let app = sim.config().clone();
+    let dir = TempDir::new("upgrade");
+    let socket = dir.path().join("handover.sock");
+    let state = dir.path().join("sessions.json");
+    let cfg = dir.file(
+        "config.toml",
+        &format!(
+            "[listen]\naddr = \"127.0.0.1:0\"\nshutdown_delay = \"1s\"\nhandover_socket = {:?}\n\
+             [admin]\naddr = \"127.0.0.1:0\"\n[state]\nfile = {:?}\n\
+             [upstream]\nurl = \"{}\"\n[quickblox]\napplication_id = \"{}\"\nauth_key = \"{}\"\nauth_secret = \"{}\"\n",
+            socket.display().to_string(),
+            state.display().to_string(),
+            sim.url(),
+            app.application_id,
+            app.auth_key,
+            app.auth_secret,
+        ),
+    );
+    let (mut old, mut old_log) = serve(&cfg, &["--threads", "2"], &[]);
+    let (proxy, admin) = listening(&mut old_log).await;
+    wait_for_all(
+        &mut old_log,
+        &["session created", "takes over from this one"],
+    )
+    .await;
+    let mode = std::fs::metadata(&socket).unwrap().permissions();
+    assert_eq!(
+        std::os::unix::fs::PermissionsExt::mode(&mode) & 0o077,
+        0,
+        "only its user may connect"
+    );
+
+    let load = Load::start(proxy, 8);
+    load.answered(200).await;
+    let (mut new, mut new_log) = serve(&cfg, &["--threads", "2"], &[]);
+    let took = wait_for(&mut new_log, "taking over the listening sockets").await;
+    assert!(
+        took.contains(&format!("pid={}", old.id().unwrap())),
+        "{took}"
+    );
+    let (new_proxy, new_admin) = listening(&mut new_log).await;
+    assert_eq!((new_proxy, new_admin), (proxy, admin), "the same sockets");
+    // In the order its tasks log them: no line is skipped looking for another.
+    wait_for_all(
+        &mut new_log,
+        &[
+            "restored from the state file",
+            "ready: the process taken over from",
+            "takes over from this one",
+        ],
+    )
+    .await;
+    wait_for(&mut old_log, "handed over").await;
+    exits_cleanly(&mut old).await;
+    let mut rest = Vec::new();
+    while let Some(line) = old_log.next_line().await.unwrap() {
+        rest.push(line);
+    }
+    assert!(
+        rest.iter()
+            .any(|l| l.contains("all connections drained") && l.contains("\"proxy\"")),
+        "{rest:#?}"
+    );
+    // The old process is gone: what is answered now, the new one answers.
+    load.answered(200).await;
+    let (ok, failed) = load.stop().await;
+    assert!(
+        failed.is_empty(),
+        "{} of {} failed: {failed:?}",
+        failed.len(),
+        ok as usize + failed.len()
+    );
+    assert_eq!(sim.creations(), 1, "the new process logged nobody in");
+    // The new process offers the handover in turn, on the same path.
+    assert!(socket.exists());
+    signal(&new, "TERM");
+    exits_cleanly(&mut new).await;
+    assert!(!socket.exists(), "removed by its last owner");
+}
+
+/// A handover that does not complete changes nothing: a peer that sends
+/// something else is refused, and one that takes the sockets but goes away
+/// before `READY` leaves the old process serving (and offering) as before.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_handover_not_completed_leaves_the_old_process_serving() {
+    use std::io::{Read, Write};
+    let sim = Sim::start(SimConfig::demo()).await.unwrap();
+    let dir = TempDir::new("half-handover");
+    let socket = dir.path().join("handover.sock");
+    let base = on_port_0(&sim).replacen(
+        "[listen]\n",
+        &format!(
+            "[listen]\nhandover_socket = {:?}\n",
+            socket.display().to_string()
+        ),
+        1,
+    );
+    let cfg = dir.file("config.toml", &base);
+    let (mut child, mut lines) = serve(&cfg, &["--threads", "1"], &[]);
+    let (proxy, _) = listening(&mut lines).await;
+    wait_for_all(&mut lines, &["session created", "takes over from this one"]).await;
+
+    let mut wrong = std::os::unix::net::UnixStream::connect(&socket).unwrap();
+    wrong.write_all(b"HELLO\n").unwrap();
+    let mut answer = String::new();
+    wrong.read_to_string(&mut answer).unwrap();
+    assert!(answer.contains("\"refused\""), "{answer}");
+    wait_for(&mut lines, "handover not done").await;
+
+    // Takes the sockets (the descriptors are dropped with the message) and
+    // leaves without READY.
+    let mut quitter = std::os::unix::net::UnixStream::connect(&socket).unwrap();
+    quitter.write_all(b"QBPROXY-HANDOVER 1\n").unwrap();
+    let mut header = [0u8; 256];
+    let n = quitter.read(&mut header).unwrap();
+    let header: serde_json::Value = serde_json::from_slice(header[..n].trim_ascii_end()).unwrap();
+    assert_eq!(header["pid"], child.id().unwrap(), "{header}");
+    assert_eq!(header["proxy"], 1, "{header}");
+    assert_eq!(header["admin"], true, "{header}");
+    drop(quitter);
+    let gone = wait_for(&mut lines, "handover not done").await;
+    assert!(gone.contains("went away before it was ready"), "{gone}");
+
+    let answer = common::raw(
+        proxy,
+        b"GET /users.json HTTP/1.1\r\nHost: q\r\nConnection: close\r\n\r\n",
+    )
+    .await;
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+    assert!(socket.exists(), "still offered");
+    signal(&child, "TERM");
+    exits_cleanly(&mut child).await;
+}
+
+/// Two free loopback ports, for a program that cannot bind port 0 and
+/// say which it got (`systemd-socket-activate`).
+fn free_ports() -> (u16, u16) {
+    let a = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let b = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    (
+        a.local_addr().unwrap().port(),
+        b.local_addr().unwrap().port(),
+    )
+}
+
+/// systemd socket activation, with systemd's own `systemd-socket-activate`:
+/// it holds the sockets, starts qbproxy on the first connection and passes
+/// them as LISTEN_FDS named proxy and admin. That first request, sent
+/// before qbproxy ran, waits in the kernel's queue and is answered; the
+/// admin listener is the one passed, not admin.addr; both workers serve
+/// the one proxy socket.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn socket_activation_serves_on_the_sockets_systemd_passes() {
+    let sim = Sim::start(SimConfig::demo()).await.unwrap();
+    let dir = TempDir::new("activation");
+    let cfg = dir.file("config.toml", &on_port_0(&sim));
+    // A port taken between free_ports and the bind: try others.
+    let (mut child, mut lines, proxy, admin) = 'bound: {
+        for _ in 0..5 {
+            let (p, a) = free_ports();
+            let mut child = tokio::process::Command::new("systemd-socket-activate")
+                .args([
+                    "-l",
+                    &format!("127.0.0.1:{p}"),
+                    "-l",
+                    &format!("127.0.0.1:{a}"),
+                ])
+                .args([
+                    "--fdname=proxy:admin",
+                    "-E",
+                    "RUST_LOG=info",
+                    BIN,
+                    "--threads",
+                    "2",
+                    "--config",
+                ])
+                .arg(&cfg)
+                .stderr(Stdio::piped())
+                .kill_on_drop(true)
+                .spawn()
+                .expect("systemd-socket-activate (Debian package systemd; .ci/run installs it)");
+            let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
+            // It says "Listening on ADDR as 4." once both are bound, and
+            // exits when a bind fails.
+            let both = tokio::time::timeout(Duration::from_secs(20), async {
+                while let Some(line) = lines.next_line().await.unwrap() {
+                    if line.contains(&format!(":{a} as 4.")) {
+                        return true;
+                    }
+                }
+                false
+            })
+            .await
+            .expect("systemd-socket-activate said nothing for 20 s");
+            if both {
+                break 'bound (
+                    child,
+                    lines,
+                    format!("127.0.0.1:{p}").parse().unwrap(),
+                    format!("127.0.0.1:{a}"),
+                );
+            }
+            let _ = child.wait().await;
+        }
+        panic!("no two free ports in five tries");
+    };
+    let proxy: std::net::SocketAddr = proxy;
+    // qbproxy does not run yet: systemd-socket-activate waits for this.
+    let answer = common::raw(
+        proxy,
+        b"GET /users.json HTTP/1.1\r\nHost: q\r\nConnection: close\r\n\r\n",
+    )
+    .await;
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+    let passed = wait_for(&mut lines, "socket activation").await;
+    assert!(
+        passed.contains("proxy=1") && passed.contains("admin=true"),
+        "{passed}"
+    );
+    let ready = common::raw(
+        admin.parse().unwrap(),
+        format!("GET /readyz HTTP/1.1\r\nHost: {admin}\r\nConnection: close\r\n\r\n").as_bytes(),
+    )
+    .await;
+    assert!(ready.starts_with("HTTP/1.1 200"), "{ready}");
+    let mut workers = Vec::new();
+    while workers.len() < 2 {
+        let line = wait_for(&mut lines, "listening").await;
+        if listening_on(&line, "proxy") == Some(proxy) {
+            workers.push(line);
+        }
+    }
+    signal(&child, "TERM");
+    exits_cleanly(&mut child).await;
 }

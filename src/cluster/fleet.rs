@@ -42,7 +42,9 @@ use std::time::{Duration, SystemTime};
 use tokio::time::Instant;
 
 use super::{Cluster, Down, Stored};
-use crate::session::{Attempt, BoxFuture, Held, NewSession, Reason, Scheme, SessionError, Source};
+use crate::session::{
+    Attempt, BoxFuture, Held, NewSession, Origin, Reason, Scheme, SessionError, Source,
+};
 
 /// How often a running identity syncs with the fleet.
 const SYNC_EVERY: Duration = Duration::from_secs(30);
@@ -363,7 +365,7 @@ fn joined(h: &Held, generation: u64) -> NewSession {
             .unwrap_or_default(),
         public: h.public.clone(),
         fleet: generation,
-        adopted: false,
+        origin: Origin::Created,
         // The fleet shares sessions only; API keys are never wrapped.
         scheme: Scheme::QbToken,
     }
@@ -380,7 +382,7 @@ fn adopt(stored: &Stored) -> NewSession {
             .unwrap_or_default(),
         public: stored.public.clone(),
         fleet: stored.generation,
-        adopted: true,
+        origin: Origin::Fleet,
         scheme: Scheme::QbToken,
     }
 }

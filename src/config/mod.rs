@@ -89,6 +89,9 @@ pub struct ListenConfig {
     /// answers `/readyz` with 503 while it still serves, so that load
     /// balancers stop sending new traffic first. Zero: stop at once.
     pub shutdown_delay: Duration,
+    /// `listen.handover_socket`: the Unix socket through which a new
+    /// qbproxy takes over this one's listening sockets (`handover.rs`).
+    pub handover_socket: Option<std::path::PathBuf>,
     /// Source addresses allowed to use the proxy; empty: everyone.
     pub allow: Vec<ipnet::IpNet>,
     /// Serve HTTPS (and require client certificates with a client CA).

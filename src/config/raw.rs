@@ -87,6 +87,7 @@ pub(super) struct RawListen {
     pub shutdown_grace: Duration,
     #[serde(with = "humantime_serde")]
     pub shutdown_delay: Duration,
+    pub handover_socket: Option<PathBuf>,
     pub allow: Vec<String>,
     pub tls_cert: Option<PathBuf>,
     pub tls_key: Option<PathBuf>,
@@ -102,6 +103,7 @@ impl Default for RawListen {
             // probes every 10 s by default; endpoints go at the first
             // failure) or its deregistration to stop new traffic.
             shutdown_delay: Duration::from_secs(5),
+            handover_socket: None,
             allow: Vec::new(),
             tls_cert: None,
             tls_key: None,

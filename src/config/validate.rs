@@ -80,11 +80,30 @@ impl Validator<'_> {
         }
     }
 
+    /// A file qbproxy creates: its directory must exist.
+    fn in_existing_dir(&self, key: &str, file: PathBuf) -> Result<PathBuf, ConfigError> {
+        let dir = file
+            .parent()
+            .filter(|d| !d.as_os_str().is_empty())
+            .unwrap_or(Path::new("."));
+        if !dir.is_dir() {
+            return Err(self.invalid(
+                key,
+                format!("its directory {} does not exist", dir.display()),
+            ));
+        }
+        Ok(file)
+    }
+
     pub(super) fn validate(&self, raw: RawConfig) -> Result<Config, ConfigError> {
         let listen = ListenConfig {
             addr: self.addr("listen.addr", &raw.listen.addr)?,
             shutdown_grace: raw.listen.shutdown_grace,
             shutdown_delay: raw.listen.shutdown_delay,
+            handover_socket: match raw.listen.handover_socket {
+                Some(path) => Some(self.in_existing_dir("listen.handover_socket", path)?),
+                None => None,
+            },
             allow: self.allow(&raw.listen.allow)?,
             tls: self.tls(
                 raw.listen.tls_cert.as_deref(),
@@ -161,19 +180,7 @@ impl Validator<'_> {
             },
             cluster,
             state_file: match raw.state.file {
-                Some(file) => {
-                    let dir = file
-                        .parent()
-                        .filter(|d| !d.as_os_str().is_empty())
-                        .unwrap_or(Path::new("."));
-                    if !dir.is_dir() {
-                        return Err(self.invalid(
-                            "state.file",
-                            format!("its directory {} does not exist", dir.display()),
-                        ));
-                    }
-                    Some(file)
-                }
+                Some(file) => Some(self.in_existing_dir("state.file", file)?),
                 None => None,
             },
             warnings,

@@ -31,7 +31,7 @@ mod token;
 pub use self::error::{SessionError, Unavailable};
 pub use self::held::HeldTokens;
 pub use self::source::{
-    public_fields, ApiKeySource, Attempt, BoxFuture, Held, NewSession, Scheme, Source,
+    public_fields, ApiKeySource, Attempt, BoxFuture, Held, NewSession, Origin, Scheme, Source,
 };
 pub use self::status::{SessionState, SessionStatus, Status};
 pub use self::token::{ApiKeyHeaders, Session};

@@ -77,10 +77,22 @@ pub struct NewSession {
     pub public: serde_json::Map<String, serde_json::Value>,
     /// Its generation in the fleet (`[cluster]`); 0: this replica's own.
     pub fleet: u64,
-    /// Another replica created it; this one adopted it.
-    pub adopted: bool,
+    /// Created now, or taken from elsewhere (no creation).
+    pub origin: Origin,
     /// How the token goes on a request.
     pub scheme: Scheme,
+}
+
+/// Where a session a [`Source`] returns comes from.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum Origin {
+    /// QuickBlox created it for this replica now.
+    #[default]
+    Created,
+    /// Another replica created it; this one adopted it (`[cluster]`).
+    Fleet,
+    /// This replica held it before its restart (`[state] file`).
+    StateFile,
 }
 
 /// How a session's token is sent to QuickBlox.

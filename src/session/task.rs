@@ -307,16 +307,22 @@ fn accept(
         touched_ms: AtomicU64::new(now_ms),
         fleet: AtomicU64::new(new.fleet),
     });
-    if new.adopted {
+    if new.origin != Origin::Created {
+        let from = match new.origin {
+            Origin::StateFile => "session restored from the state file ([state] file)",
+            _ => "session adopted from the fleet",
+        };
         tracing::info!(
             identity = name,
             reason = reason.as_str(),
             user_id = new.user_id,
             token = %session.token_prefix(),
             fleet_generation = new.fleet,
-            "session adopted from the fleet"
+            "{from}"
         );
-        shared.metrics.adoption();
+        if new.origin == Origin::Fleet {
+            shared.metrics.adoption();
+        }
     } else if new.scheme == Scheme::ApiKey {
         tracing::info!(
             identity = name,
@@ -336,7 +342,7 @@ fn accept(
             "session created"
         );
     }
-    if !new.adopted {
+    if new.origin == Origin::Created {
         shared.metrics.renewal(reason);
         shared.renewals[reason.index()].fetch_add(1, Ordering::Relaxed);
     }

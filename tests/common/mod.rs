@@ -234,6 +234,7 @@ async fn start_with(
             proxy: proxy_l,
             admin: admin_l,
             workers,
+            handover: None,
         },
         async move {
             let _ = stopped.await;
