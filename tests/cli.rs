@@ -937,20 +937,36 @@ fn the_systemd_unit_verifies_and_stays_hardened() {
         "qbproxy.service",
         &unit.replace("/usr/local/bin/qbproxy", BIN),
     );
-    let run = |args: &[&str]| {
+    // The socket units (socket activation) name the proxy's and the admin's
+    // descriptors as qbproxy tells them apart, and start this service.
+    let mut sockets = Vec::new();
+    for (name, fd_name) in [
+        ("qbproxy.socket", "proxy"),
+        ("qbproxy-admin.socket", "admin"),
+    ] {
+        let text = std::fs::read_to_string(format!("{}/deploy/{name}", env!("CARGO_MANIFEST_DIR")))
+            .unwrap();
+        assert!(
+            text.contains(&format!("\nFileDescriptorName={fd_name}\n")),
+            "{name}"
+        );
+        assert!(text.contains("\nService=qbproxy.service\n"), "{name}");
+        sockets.push(dir.file(name, &text));
+    }
+    let run = |args: &[&str], units: &[&std::path::Path]| {
         Command::new("systemd-analyze")
             .args(args)
-            .arg(&path)
+            .args(units)
             .output()
             .expect("systemd-analyze: install Debian's systemd (.ci/run does)")
     };
-    let verify = run(&["verify"]);
+    let verify = run(&["verify"], &[&path, &sockets[0], &sockets[1]]);
     assert!(
         verify.status.success() && verify.stderr.is_empty(),
         "{}",
         String::from_utf8_lossy(&verify.stderr)
     );
-    let security = run(&["security", "--offline=true", "--threshold=15"]);
+    let security = run(&["security", "--offline=true", "--threshold=15"], &[&path]);
     assert!(
         security.status.success(),
         "{}",
