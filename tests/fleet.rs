@@ -5,17 +5,16 @@
 mod common;
 
 use std::collections::{BTreeMap, HashSet};
-use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
+use common::fleet::{assert_all_ok, burst_of_300, proxies, statuses, tokens, Load};
 use common::redis_server::RedisServer;
 use common::{bounded, demo_sim, setup, Harness, Setup, BOUND};
 use http::{Method, StatusCode};
 use qbproxy::sim::{Fault, Sim, SimConfig};
-use tokio::task::JoinHandle;
 use tokio::time::Instant;
 
 /// A replica of the fleet: `[cluster]` on `redis`, in front of `sim`.
@@ -45,10 +44,6 @@ async fn fleet_of_three(sim: &Sim, redis: &RedisServer) -> [Harness; 3] {
     .await
 }
 
-fn tokens(fleet: &[Harness]) -> HashSet<String> {
-    fleet.iter().map(Harness::token).collect()
-}
-
 fn adoptions(fleet: &[Harness]) -> u64 {
     fleet
         .iter()
@@ -67,100 +62,6 @@ async fn source(h: &Harness, name: &str) -> String {
         .unwrap_or_else(|| panic!("no {name} in {sessions}"))
         .clone();
     identity["source"].as_str().unwrap_or("none").to_owned()
-}
-
-/// 300 requests at once, 100 through each replica.
-async fn burst_of_300(fleet: &[Harness]) -> Vec<common::Answer> {
-    let mut tasks = Vec::new();
-    for i in 0..300 {
-        let h = &fleet[i % fleet.len()];
-        tasks.push(h.spawn_send(Method::GET, format!("/users.json?i={i}"), &[], Bytes::new()));
-    }
-    let mut answers = Vec::new();
-    for t in tasks {
-        answers.push(t.await.unwrap());
-    }
-    answers
-}
-
-fn assert_all_ok(answers: &[common::Answer]) {
-    let failed: Vec<_> = answers
-        .iter()
-        .filter(|a| a.status != StatusCode::OK)
-        .map(|a| format!("{} {}", a.status, a.text()))
-        .collect();
-    assert!(failed.is_empty(), "{} failed: {:?}", failed.len(), failed);
-}
-
-/// Requests sent without pause through the given proxies by `workers`
-/// tasks each, until stopped; what each got back.
-struct Load {
-    stop: Arc<AtomicBool>,
-    tasks: Vec<JoinHandle<Vec<(StatusCode, String)>>>,
-    started: Instant,
-}
-
-impl Load {
-    fn start(proxies: &[SocketAddr], workers: usize) -> Load {
-        let stop = Arc::new(AtomicBool::new(false));
-        let mut tasks = Vec::new();
-        for (p, proxy) in proxies.iter().enumerate() {
-            for w in 0..workers {
-                let (stop, proxy) = (stop.clone(), *proxy);
-                tasks.push(tokio::spawn(async move {
-                    let client = common::client();
-                    let mut seen = Vec::new();
-                    let mut i = 0;
-                    while !stop.load(Ordering::Relaxed) {
-                        let a = common::send(
-                            &client,
-                            proxy,
-                            Method::GET,
-                            &format!("/users.json?p={p}&w={w}&i={i}"),
-                            &[],
-                            Bytes::new(),
-                        )
-                        .await;
-                        let error = a
-                            .headers
-                            .get("qbproxy-error")
-                            .map(|v| v.to_str().unwrap().to_owned())
-                            .unwrap_or_default();
-                        seen.push((a.status, error));
-                        i += 1;
-                    }
-                    seen
-                }));
-            }
-        }
-        Load {
-            stop,
-            tasks,
-            started: Instant::now(),
-        }
-    }
-
-    /// Stops the load; every answer, and how long it ran until the last.
-    async fn stop(self) -> (Vec<(StatusCode, String)>, Duration) {
-        self.stop.store(true, Ordering::Relaxed);
-        let mut all = Vec::new();
-        for t in self.tasks {
-            all.extend(bounded("the load to stop", t).await.unwrap());
-        }
-        (all, self.started.elapsed())
-    }
-}
-
-fn statuses(answers: &[(StatusCode, String)]) -> BTreeMap<String, usize> {
-    let mut counts = BTreeMap::new();
-    for (status, error) in answers {
-        *counts.entry(format!("{status} {error}")).or_default() += 1;
-    }
-    counts
-}
-
-fn proxies(fleet: &[Harness]) -> Vec<SocketAddr> {
-    fleet.iter().map(|h| h.proxy).collect()
 }
 
 /// Waits until the replica's default identity holds a session `check`

@@ -22,7 +22,7 @@
 //!    A creation refused for its credentials sets a pool member aside for
 //!    the fleet.
 //! 5. A replica that finds the lock held waits for the new session, woken
-//!    by the message the storing script publishes (`P:n:F`) or, should that
+//!    by the message the storing script publishes (`P:n:{F}`) or, should that
 //!    be lost, by a poll (every 500 ms while subscribed, every 50 ms while
 //!    not), and adopts it; if the lock disappears without one (its holder
 //!    died and its lease ran out) it takes the lock itself. It waits no

@@ -2,16 +2,17 @@
 //! through Redis, so a fleet behaves like one proxy.
 //!
 //! Key layout (`P` is `cluster.key_prefix`; `F` an identity's fingerprint,
-//! see [`fingerprint`]):
+//! see [`fingerprint`], in braces: the hash tag that puts an identity's keys
+//! in one Redis Cluster slot):
 //!
 //! | key | type | holds |
 //! |---|---|---|
-//! | `P:s:F` | hash | `gen` (the session's fleet generation), `exp` (when it lapses, Unix ms), `blob` (token, user id and public fields, sealed: `crypto.rs`); expires with the session |
-//! | `P:l:F` | string | the renewal lock: its owner, with a lease of `cluster.lock_ttl`, renewed while its holder creates |
-//! | `P:a:F` | string | set aside: QuickBlox refused this pool member's credentials |
+//! | `P:s:{F}` | hash | `gen` (the session's fleet generation), `exp` (when it lapses, Unix ms), `blob` (token, user id and public fields, sealed: `crypto.rs`); expires with the session |
+//! | `P:l:{F}` | string | the renewal lock: its owner, with a lease of `cluster.lock_ttl`, renewed while its holder creates |
+//! | `P:a:{F}` | string | set aside: QuickBlox refused this pool member's credentials |
 //! | `P:rate` | string | the fleet's `upstream.rate` (GCRA: the theoretical arrival time, µs) |
 //! | `P:replicas` | sorted set | replica id → last heartbeat (ms), for the rate's fallback share |
-//! | `P:n:F` | pub/sub channel | the generation just stored: wakes replicas waiting for it |
+//! | `P:n:{F}` | pub/sub channel | the generation just stored: wakes replicas waiting for it |
 //!
 //! Every call is bounded by `cluster.redis_timeout`. A call that fails or
 //! times out marks Redis down (logged once per change, `qbproxy_cluster_up`)
@@ -23,6 +24,7 @@
 
 mod crypto;
 mod fleet;
+mod link;
 
 use std::collections::HashMap;
 use std::future::Future;
@@ -32,11 +34,12 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use futures_util::StreamExt;
 use rand::Rng;
-use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use redis::{AsyncCommands, RedisResult, Script};
 
 pub use self::crypto::Vault;
 pub use self::fleet::FleetSource;
+use self::link::{Conn, Link};
+pub use self::link::{RedisTls, Topology};
 
 use crate::config::{ClusterConfig, Config, IdentityConfig};
 use crate::credentials::Credentials;
@@ -49,9 +52,7 @@ pub struct Cluster {
 }
 
 struct Inner {
-    /// For the pub/sub connection (`ConnectionManager` cannot subscribe).
-    client: redis::Client,
-    conn: ConnectionManager,
+    link: Link,
     prefix: String,
     timeout: Duration,
     lock_ttl: Duration,
@@ -114,22 +115,15 @@ impl Cluster {
         auth_secret: &[u8],
         metrics: &Metrics,
     ) -> Result<Cluster, redis::RedisError> {
-        let client = redis::Client::open(config.redis_url.expose())?;
-        // Where, for the log: host and port or socket path, no password.
-        let server = client.get_connection_info().addr().to_string();
-        let manager = ConnectionManagerConfig::new()
-            .set_connection_timeout(Some(config.redis_timeout))
-            .set_response_timeout(Some(config.redis_timeout))
-            .set_number_of_retries(1)
-            .set_max_delay(Duration::from_secs(1));
-        let conn = ConnectionManager::new_lazy_with_config(client.clone(), manager)?;
+        let link = Link::new(&config.topology, &config.tls, config.redis_timeout)?;
+        // Where, for the log: addresses, no password.
+        let server = config.topology.describe();
         let replica: u64 = rand::rng().random();
         metrics.cluster_up(false);
         metrics.cluster_replicas(1);
         Ok(Cluster {
             inner: Arc::new(Inner {
-                client,
-                conn,
+                link,
                 prefix: config.key_prefix.clone(),
                 timeout: config.redis_timeout,
                 lock_ttl: config.lock_ttl,
@@ -189,15 +183,40 @@ impl Cluster {
         let mut gone = self.inner.rejoins.subscribe();
         let pattern = self.key("n:*");
         let prefix = self.key("n:");
-        let (client, timeout) = (self.inner.client.clone(), self.inner.timeout);
+        let timeout = self.inner.timeout;
         tokio::spawn(async move {
+            // Why the last subscription failed: logged once per change.
+            let mut refused: Option<String> = None;
             loop {
+                let Some(inner) = weak.upgrade() else { return };
                 let subscribed = tokio::time::timeout(timeout, async {
-                    let mut pubsub = client.get_async_pubsub().await?;
+                    let mut pubsub = inner.link.pubsub().await?;
                     pubsub.psubscribe(&pattern).await?;
                     RedisResult::Ok(pubsub)
                 })
                 .await;
+                drop(inner);
+                let why = match &subscribed {
+                    Ok(Ok(_)) => None,
+                    Ok(Err(e)) => Some(redis_error(e)),
+                    Err(_) => Some(format!("no answer within {timeout:?}")),
+                };
+                if why != refused {
+                    match &why {
+                        Some(why) => tracing::warn!(
+                            error = %why,
+                            pattern = %pattern,
+                            "cannot subscribe to the fleet's announcements (PSUBSCRIBE): replicas \
+                             waiting for another's session poll for it instead \
+                             (qbproxy_cluster_subscribed 0)"
+                        ),
+                        None if refused.is_some() => {
+                            tracing::info!("subscribed to the fleet's announcements again")
+                        }
+                        None => {}
+                    }
+                    refused = why;
+                }
                 if let Ok(Ok(pubsub)) = subscribed {
                     let mut messages = pubsub.into_on_message();
                     set_subscribed(&weak, true);
@@ -211,7 +230,11 @@ impl Cluster {
                         };
                         let Some(message) = message else { break };
                         let Some(inner) = weak.upgrade() else { return };
-                        if let Some(fp) = message.get_channel_name().strip_prefix(&prefix) {
+                        let channel = message.get_channel_name();
+                        let fp = channel
+                            .strip_prefix(&prefix)
+                            .and_then(|c| c.strip_prefix('{')?.strip_suffix('}'));
+                        if let Some(fp) = fp {
                             let waiting = inner.waiting.lock().unwrap_or_else(|p| p.into_inner());
                             if let Some(signal) = waiting.get(fp) {
                                 signal.notify_waiters();
@@ -254,7 +277,7 @@ impl Cluster {
     }
 
     fn stored_channel(&self, fingerprint: &str) -> String {
-        self.key(&format!("n:{fingerprint}"))
+        self.tagged("n", fingerprint)
     }
 
     async fn heartbeat(&self) {
@@ -310,13 +333,20 @@ impl Cluster {
         format!("{}:{suffix}", self.inner.prefix)
     }
 
+    /// An identity's key of `kind`: `P:kind:{F}`. The fingerprint is the
+    /// hash tag, so a Redis Cluster keeps an identity's session and lock
+    /// in one slot (a script may touch both).
+    fn tagged(&self, kind: &str, fingerprint: &str) -> String {
+        format!("{}:{kind}:{{{fingerprint}}}", self.inner.prefix)
+    }
+
     /// Runs one Redis call within `redis_timeout`, unless Redis is known
     /// to be down: then callers fall back at once rather than each wait
     /// `redis_timeout`, and the heartbeat's probe is what brings it back.
     /// `call` makes the call on a connection it is given.
     async fn run<T, F, Fut>(&self, call: F) -> Result<T, Down>
     where
-        F: Fn(ConnectionManager) -> Fut,
+        F: Fn(Conn) -> Fut,
         Fut: Future<Output = RedisResult<T>>,
     {
         if self.inner.state.load(Ordering::Relaxed) == DOWN {
@@ -333,21 +363,27 @@ impl Cluster {
     /// alone must not make every replica renew on its own.
     async fn attempt<T, F, Fut>(&self, call: F) -> Result<T, Down>
     where
-        F: Fn(ConnectionManager) -> Fut,
+        F: Fn(Conn) -> Fut,
         Fut: Future<Output = RedisResult<T>>,
     {
         let timeout = self.inner.timeout;
-        let mut outcome = tokio::time::timeout(timeout, call(self.inner.conn.clone())).await;
+        let once = || async {
+            let conn = self.inner.link.conn().await?;
+            call(conn).await
+        };
+        let mut outcome = tokio::time::timeout(timeout, once()).await;
         if let Ok(Err(e)) = &outcome {
-            if e.is_connection_dropped() || e.is_io_error() || e.is_connection_refusal() {
-                tracing::debug!(error = %e, "the Redis connection dropped; trying once more on a new one");
+            let moved = e.kind() == redis::ErrorKind::Server(redis::ServerErrorKind::ReadOnly);
+            if e.is_connection_dropped() || e.is_io_error() || e.is_connection_refusal() || moved {
+                tracing::debug!(error = %e, "the Redis connection dropped (or its server is no longer the master); trying once more on a new one");
+                self.inner.link.reset();
                 self.inner.metrics.cluster_reconnect();
-                outcome = tokio::time::timeout(timeout, call(self.inner.conn.clone())).await;
+                outcome = tokio::time::timeout(timeout, once()).await;
             }
         }
         let (up, why) = match &outcome {
             Ok(Ok(_)) => (true, String::new()),
-            Ok(Err(e)) => (false, format!("{:?}", e.kind())),
+            Ok(Err(e)) => (false, redis_error(e)),
             Err(_) => (false, format!("no answer within {:?}", self.inner.timeout)),
         };
         let new = if up { UP } else { DOWN };
@@ -375,7 +411,7 @@ impl Cluster {
     }
 
     fn session_key(&self, fingerprint: &str) -> String {
-        self.key(&format!("s:{fingerprint}"))
+        self.tagged("s", fingerprint)
     }
 
     /// The session the fleet holds for an identity, if any that opens with
@@ -425,7 +461,7 @@ impl Cluster {
 
     /// Takes the renewal lock for `lock_ttl`, if nobody holds it.
     pub async fn try_lock(&self, fingerprint: &str, owner: &str) -> Result<bool, Down> {
-        let key = self.key(&format!("l:{fingerprint}"));
+        let key = self.tagged("l", fingerprint);
         let ttl = self.inner.lock_ttl.as_millis() as u64;
         let owner = owner.to_owned();
         let (key, owner) = (&key, &owner);
@@ -446,7 +482,7 @@ impl Cluster {
 
     /// True while someone holds the renewal lock.
     pub async fn locked(&self, fingerprint: &str) -> Result<bool, Down> {
-        let key = self.key(&format!("l:{fingerprint}"));
+        let key = self.tagged("l", fingerprint);
         let key = &key;
         self.run(|mut conn| async move { conn.exists(key).await })
             .await
@@ -455,7 +491,7 @@ impl Cluster {
     /// Renews the lock's lease (`lock_ttl` from now) if `owner` still holds
     /// it. False: the lock is gone (its lease ran out) or another's.
     pub async fn prolong(&self, fingerprint: &str, owner: &str) -> Result<bool, Down> {
-        let key = self.key(&format!("l:{fingerprint}"));
+        let key = self.tagged("l", fingerprint);
         let script = self.inner.scripts.prolong.clone();
         let owner = owner.to_owned();
         let ttl = self.inner.lock_ttl.as_millis() as u64;
@@ -475,7 +511,7 @@ impl Cluster {
 
     /// Releases the lock if `owner` still holds it (compare and delete).
     pub async fn unlock(&self, fingerprint: &str, owner: &str) -> Result<(), Down> {
-        let key = self.key(&format!("l:{fingerprint}"));
+        let key = self.tagged("l", fingerprint);
         let script = self.inner.scripts.unlock.clone();
         let owner = owner.to_owned();
         let (key, owner, script) = (&key, &owner, &script);
@@ -494,7 +530,7 @@ impl Cluster {
         owner: &str,
         session: &Stored,
     ) -> Result<Option<u64>, Down> {
-        let lock = self.key(&format!("l:{fingerprint}"));
+        let lock = self.tagged("l", fingerprint);
         let script = &self.inner.scripts.store;
         self.put(script, fingerprint, session, Some(&lock), &[owner])
             .await
@@ -588,7 +624,7 @@ impl Cluster {
 
     /// Marks a pool member set aside for the whole fleet.
     pub async fn set_aside(&self, fingerprint: &str) -> Result<(), Down> {
-        let key = self.key(&format!("a:{fingerprint}"));
+        let key = self.tagged("a", fingerprint);
         let key = &key;
         self.run(|mut conn| async move { conn.set(key, 1).await })
             .await
@@ -596,14 +632,14 @@ impl Cluster {
 
     /// Clears a set-aside (a forced renewal on any replica).
     pub async fn clear_aside(&self, fingerprint: &str) -> Result<(), Down> {
-        let key = self.key(&format!("a:{fingerprint}"));
+        let key = self.tagged("a", fingerprint);
         let key = &key;
         self.run(|mut conn| async move { conn.del(key).await })
             .await
     }
 
     pub async fn is_aside(&self, fingerprint: &str) -> Result<bool, Down> {
-        let key = self.key(&format!("a:{fingerprint}"));
+        let key = self.tagged("a", fingerprint);
         let key = &key;
         self.run(|mut conn| async move { conn.exists(key).await })
             .await
@@ -646,6 +682,19 @@ impl Cluster {
         })
         .ok()?;
         self.inner.vault.seal(&plain, key.as_bytes())
+    }
+}
+
+/// A Redis error for the log: its kind, and the server's words for an
+/// authentication or permission refusal (never a password: the server's
+/// messages hold none).
+fn redis_error(e: &redis::RedisError) -> String {
+    match (e.kind(), e.code(), e.detail()) {
+        (redis::ErrorKind::AuthenticationFailed, _, _) => {
+            "AuthenticationFailed: Redis refused the user or password of cluster.redis_url".into()
+        }
+        (_, Some(code), Some(detail)) => format!("{code}: {detail}"),
+        (kind, _, _) => format!("{kind:?}"),
     }
 }
 

@@ -163,6 +163,10 @@ pub struct ClusterConfig {
     /// `redis://`, `rediss://` (TLS) or `redis+unix://`; may hold a
     /// password, so it is a secret: never logged.
     pub redis_url: Secret,
+    /// What the URL names: one server, Sentinels, or a Redis Cluster.
+    pub topology: crate::cluster::Topology,
+    /// `ca_file`, `cert_file` and `key_file`, read.
+    pub tls: crate::cluster::RedisTls,
     /// Every key starts with it.
     pub key_prefix: String,
     /// The most any request waits on one Redis call.

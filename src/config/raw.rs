@@ -57,6 +57,9 @@ pub(super) struct RawCluster {
     pub redis_url: Option<String>,
     pub redis_url_env: Option<String>,
     pub redis_url_file: Option<PathBuf>,
+    pub ca_file: Option<PathBuf>,
+    pub cert_file: Option<PathBuf>,
+    pub key_file: Option<PathBuf>,
     pub key_prefix: String,
     #[serde(with = "humantime_serde")]
     pub redis_timeout: Duration,
@@ -70,6 +73,9 @@ impl Default for RawCluster {
             redis_url: None,
             redis_url_env: None,
             redis_url_file: None,
+            ca_file: None,
+            cert_file: None,
+            key_file: None,
             key_prefix: "qbproxy".into(),
             redis_timeout: Duration::from_millis(250),
             // Short: a holder that dies holds the fleet up no longer. A

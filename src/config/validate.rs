@@ -299,13 +299,13 @@ impl Validator<'_> {
     }
 
     fn cluster(&self, raw: Option<RawCluster>) -> Result<Option<ClusterConfig>, ConfigError> {
-        let Some(raw) = raw else { return Ok(None) };
+        let Some(mut raw) = raw else { return Ok(None) };
         let url = self
             .secret(
                 "cluster.redis_url",
-                raw.redis_url,
-                raw.redis_url_env,
-                raw.redis_url_file,
+                raw.redis_url.take(),
+                raw.redis_url_env.take(),
+                raw.redis_url_file.take(),
             )?
             .ok_or_else(|| {
                 self.invalid(
@@ -313,21 +313,18 @@ impl Validator<'_> {
                     "missing: set redis_url, redis_url_env or redis_url_file",
                 )
             })?;
-        let scheme_ok = ["redis://", "rediss://", "redis+unix://", "unix://"]
-            .iter()
-            .any(|s| url.expose().starts_with(s));
-        if !scheme_ok {
-            // Not the value: it may carry a password.
+        // The problem, never the value: it may carry a password.
+        let topology = crate::cluster::Topology::parse(url.expose())
+            .map_err(|problem| self.invalid("cluster.redis_url", problem))?;
+        let tls = self.redis_tls(&raw, &topology)?;
+        if raw.key_prefix.is_empty()
+            || raw.key_prefix.contains(char::is_whitespace)
+            || raw.key_prefix.contains(['{', '}'])
+        {
             return Err(self.invalid(
-                "cluster.redis_url",
-                "must start with redis://, rediss:// (TLS) or redis+unix://",
+                "cluster.key_prefix",
+                "must not be empty or hold spaces or braces (keys carry a Redis Cluster hash tag)",
             ));
-        }
-        if redis::IntoConnectionInfo::into_connection_info(url.expose()).is_err() {
-            return Err(self.invalid("cluster.redis_url", "is not a Redis URL"));
-        }
-        if raw.key_prefix.is_empty() || raw.key_prefix.contains(char::is_whitespace) {
-            return Err(self.invalid("cluster.key_prefix", "must not be empty or hold spaces"));
         }
         let redis_timeout = self.positive("cluster.redis_timeout", raw.redis_timeout)?;
         // The watchdog renews the lease every third of it, each renewal
@@ -343,10 +340,70 @@ impl Validator<'_> {
         }
         Ok(Some(ClusterConfig {
             redis_url: url,
+            topology,
+            tls,
             key_prefix: raw.key_prefix,
             redis_timeout,
             lock_ttl: raw.lock_ttl,
         }))
+    }
+
+    /// `cluster.ca_file`, `cert_file` and `key_file`: read and checked now
+    /// (a bad file is a config error, not a Redis outage later).
+    fn redis_tls(
+        &self,
+        raw: &RawCluster,
+        topology: &crate::cluster::Topology,
+    ) -> Result<crate::cluster::RedisTls, ConfigError> {
+        use rustls::pki_types::pem::PemObject;
+        let mut tls = crate::cluster::RedisTls::default();
+        if let Some(ca) = &raw.ca_file {
+            self.certs("cluster.ca_file", ca)?;
+            tls.ca = Some(std::fs::read(ca).map_err(|e| {
+                self.invalid(
+                    "cluster.ca_file",
+                    format!("cannot read {}: {e}", ca.display()),
+                )
+            })?);
+        }
+        match (&raw.cert_file, &raw.key_file) {
+            (None, None) => {}
+            (Some(cert), Some(key)) => {
+                self.certs("cluster.cert_file", cert)?;
+                self.note_secret_file("cluster.key_file", key);
+                rustls::pki_types::PrivateKeyDer::from_pem_file(key).map_err(|e| {
+                    self.invalid(
+                        "cluster.key_file",
+                        format!(
+                            "{}: no usable private key (PKCS#8, PKCS#1 or SEC1 PEM): {e}",
+                            key.display()
+                        ),
+                    )
+                })?;
+                let read = |k: &str, p: &std::path::Path| {
+                    std::fs::read(p)
+                        .map_err(|e| self.invalid(k, format!("cannot read {}: {e}", p.display())))
+                };
+                tls.client = Some((
+                    read("cluster.cert_file", cert)?,
+                    read("cluster.key_file", key)?,
+                ));
+            }
+            (Some(_), None) => {
+                return Err(self.invalid("cluster.key_file", "missing: cert_file needs key_file"))
+            }
+            (None, Some(_)) => {
+                return Err(self.invalid("cluster.cert_file", "missing: key_file needs cert_file"))
+            }
+        }
+        if (tls.ca.is_some() || tls.client.is_some()) && !topology.is_tls() {
+            return Err(self.invalid(
+                "cluster.ca_file",
+                "ca_file, cert_file and key_file apply to TLS only: use rediss:// \
+                 (rediss+sentinel://, rediss+cluster://)",
+            ));
+        }
+        Ok(tls)
     }
 
     pub(super) fn quickblox(&self, raw: RawQuickblox) -> Result<QuickbloxConfig, ConfigError> {

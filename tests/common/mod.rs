@@ -24,6 +24,7 @@ use tokio::task::JoinHandle;
 
 pub mod certs;
 pub mod edge;
+pub mod fleet;
 pub mod redis_server;
 pub mod relay;
 
