@@ -404,6 +404,33 @@ async fn no_secret_reaches_logs_metrics_or_errors() {
     );
 }
 
+/// The README's error tables name every `QBProxy-Error` code the proxy and
+/// the admin API send (the codes are read from `src/error.rs`, where each
+/// error's code is defined).
+#[test]
+fn every_error_code_is_in_the_readme_tables() {
+    let source = include_str!("../src/error.rs");
+    let codes: std::collections::BTreeSet<&str> = source
+        .lines()
+        .filter_map(|l| l.trim().split_once("=> \"")?.1.split_once("\",").map(|c| c.0))
+        .collect();
+    assert!(codes.len() > 20, "{codes:?}");
+    let readme = include_str!("../README.md");
+    let documented: std::collections::BTreeSet<&str> = readme
+        .lines()
+        .filter(|l| l.starts_with("| ") && l.trim_end().ends_with('|'))
+        .filter_map(|l| l.trim_end().trim_end_matches('|').rsplit_once('|'))
+        .flat_map(|(_, last)| last.split('/'))
+        .map(|c| c.trim().trim_matches('`'))
+        .collect();
+    for code in &codes {
+        assert!(
+            documented.contains(code),
+            "QBProxy-Error {code} is in no README error table"
+        );
+    }
+}
+
 /// The README's metrics table names every metric family qbproxy exports,
 /// and nothing that is not one.
 #[tokio::test]
