@@ -203,6 +203,14 @@ async fn send(
     headers: &[(http::HeaderName, http::HeaderValue)],
     body: Bytes,
 ) -> Result<(StatusCode, Bytes), String> {
+    // A kept-alive connection the server closed between requests (its last
+    // response said `Connection: close`, or it timed out idle) is replaced
+    // before sending, as a client's pool does: nothing was sent on it.
+    if let Some(s) = sender.as_mut() {
+        if s.ready().await.is_err() {
+            *sender = None;
+        }
+    }
     if sender.is_none() {
         let stream = TcpStream::connect(target)
             .await
