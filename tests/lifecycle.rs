@@ -412,7 +412,13 @@ fn every_error_code_is_in_the_readme_tables() {
     let source = include_str!("../src/error.rs");
     let codes: std::collections::BTreeSet<&str> = source
         .lines()
-        .filter_map(|l| l.trim().split_once("=> \"")?.1.split_once("\",").map(|c| c.0))
+        .filter_map(|l| {
+            l.trim()
+                .split_once("=> \"")?
+                .1
+                .split_once("\",")
+                .map(|c| c.0)
+        })
         .collect();
     assert!(codes.len() > 20, "{codes:?}");
     let readme = include_str!("../README.md");
