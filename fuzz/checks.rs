@@ -1,5 +1,5 @@
 //! What each fuzz target asserts, shared by the cargo-fuzz targets in
-//! `fuzz_targets/` and by `tests/fuzz_regressions.rs`, which replays every
+//! `fuzz_targets/` and by `tests/it/fuzz_regressions.rs`, which replays every
 //! input kept in `fuzz/regressions/<target>/` on each `cargo test`.
 //!
 //! Every check is "no panic" plus the property named in its comment.

@@ -1,4 +1,4 @@
-# The oracle for tests/rack_oracle.rs: real Rack (Debian's ruby-rack, 2.2)
+# The oracle for tests/it/rack_oracle.rs: real Rack (Debian's ruby-rack, 2.2)
 # reading POST requests through Rack::MethodOverride, as Rails does.
 #
 # Each line of stdin is one request: its Content-Type (empty: none) and its

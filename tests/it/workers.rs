@@ -3,11 +3,11 @@
 //! opens 24 connections: the kernel spreads them by a hash of their ports,
 //! so the chance that one worker gets none is 2^-23.
 
-mod common;
+use crate::common;
 
 use std::path::Path;
 
-use common::{bounded, raw, setup};
+use crate::common::{bounded, raw, setup};
 use qbproxy::sim::{Sim, SimConfig};
 
 const CONNECTIONS: usize = 24;

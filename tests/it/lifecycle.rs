@@ -1,9 +1,9 @@
 //! Start-up, admin endpoints, graceful shutdown, and what logs may show.
 
-mod common;
+use crate::common;
 
+use crate::common::{bounded, setup};
 use bytes::Bytes;
-use common::{bounded, setup};
 use http::{Method, Request, StatusCode};
 use http_body_util::{BodyExt, Empty};
 use hyper_util::rt::TokioIo;
@@ -409,7 +409,7 @@ async fn no_secret_reaches_logs_metrics_or_errors() {
 /// error's code is defined).
 #[test]
 fn every_error_code_is_in_the_readme_tables() {
-    let source = include_str!("../src/error.rs");
+    let source = include_str!("../../src/error.rs");
     let codes: std::collections::BTreeSet<&str> = source
         .lines()
         .filter_map(|l| {
@@ -421,7 +421,7 @@ fn every_error_code_is_in_the_readme_tables() {
         })
         .collect();
     assert!(codes.len() > 20, "{codes:?}");
-    let readme = include_str!("../README.md");
+    let readme = include_str!("../../README.md");
     let documented: std::collections::BTreeSet<&str> = readme
         .lines()
         .filter(|l| l.starts_with("| ") && l.trim_end().ends_with('|'))

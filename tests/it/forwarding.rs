@@ -1,9 +1,9 @@
 //! Forwarding: what reaches QuickBlox, byte for byte.
 
-mod common;
+use crate::common;
 
+use crate::common::{bounded, raw, setup};
 use bytes::Bytes;
-use common::{bounded, raw, setup};
 use http::{Method, StatusCode};
 use http_body_util::{BodyExt, Full};
 use hyper_util::client::legacy::connect::HttpConnector;
@@ -27,7 +27,7 @@ async fn injects_the_current_session_token() {
 }
 
 /// The query goes byte for byte; the path goes in its canonical form (see
-/// tests/adversarial.rs), which for an ordinary path is itself.
+/// tests/it/adversarial.rs), which for an ordinary path is itself.
 #[tokio::test]
 async fn host_is_rewritten_and_queries_go_byte_for_byte() {
     let h = setup().start().await;

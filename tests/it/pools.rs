@@ -1,13 +1,13 @@
 //! Pools: round robin, sticky, lazy throttled creation, set-aside members,
 //! max_in_flight.
 
-mod common;
+use crate::common;
 
 use std::collections::{HashMap, HashSet};
 use std::time::Duration;
 
+use crate::common::{bounded, setup};
 use bytes::Bytes;
-use common::{bounded, setup};
 use http::{Method, StatusCode};
 use qbproxy::sim::{Fault, Sim, SimConfig};
 

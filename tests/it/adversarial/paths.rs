@@ -9,8 +9,8 @@ use qbproxy::canonical::{self, path, route_key, BadPath};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 
+use super::{h2, h2_send, raw, request, DEMO, KEY};
 use crate::common::setup;
-use crate::{h2, h2_send, raw, request, DEMO, KEY};
 
 fn keyed(rules: &str) -> crate::common::Setup {
     setup().identity(DEMO).raw_table(&format!(

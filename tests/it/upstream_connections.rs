@@ -4,14 +4,14 @@
 //! simulator where only the count of connections matters. Every test
 //! asserts what the upstream received, not only what the client saw.
 
-mod common;
+use crate::common;
 
 use std::collections::BTreeMap;
 
+use crate::common::edge::{Edge, Options, Server};
+use crate::common::relay::Relay;
+use crate::common::{bounded, demo_sim, setup, Harness, Setup};
 use bytes::Bytes;
-use common::edge::{Edge, Options, Server};
-use common::relay::Relay;
-use common::{bounded, demo_sim, setup, Harness, Setup};
 use http::Method;
 
 const H2_OPEN: &str = "qbproxy_upstream_connections{protocol=\"h2\"}";

@@ -3,14 +3,14 @@
 //! script that answers `POST /session.json` properly and misbehaves on
 //! everything else as told.
 
-mod common;
+use crate::common;
 
 use std::path::Path;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 
+use crate::common::setup;
 use bytes::Bytes;
-use common::setup;
 use http::{Method, StatusCode};
 use qbproxy::Config;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};

@@ -8,14 +8,12 @@
 //! provide the binaries; `.ci/run` installs them. A missing binary fails
 //! the test with that instruction: nothing here skips quietly.
 
-mod common;
-
 use std::process::Stdio;
 use std::time::Duration;
 
-use common::certs::{Ca, Dir};
-use common::fleet::{assert_all_ok, burst_of_300, proxies, statuses, tokens, Load};
-use common::{bounded, capture_logs, demo_sim, setup, Harness, Setup};
+use crate::common::certs::{Ca, Dir};
+use crate::common::fleet::{assert_all_ok, burst_of_300, proxies, statuses, tokens, Load};
+use crate::common::{bounded, capture_logs, demo_sim, setup, Harness, Setup};
 use http::StatusCode;
 use qbproxy::sim::Sim;
 use tokio::io::{AsyncBufReadExt, BufReader, Lines};
@@ -549,7 +547,7 @@ async fn the_documented_least_acl_suffices_and_refusals_are_logged_once() {
 /// The least ACL for `key_prefix` `prefix`, read from the README (so the
 /// README's is what is tested).
 fn least_acl(prefix: &str) -> String {
-    let readme = include_str!("../README.md");
+    let readme = include_str!("../../README.md");
     let line = readme
         .lines()
         .find(|l| l.contains("ACL SETUSER qbproxy"))

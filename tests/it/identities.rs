@@ -1,12 +1,12 @@
 //! Several identities behind one proxy: kinds, selection, token commands,
 //! the admin API.
 
-mod common;
+use crate::common;
 
 use std::collections::HashMap;
 
+use crate::common::{bounded, setup};
 use bytes::Bytes;
-use common::{bounded, setup};
 use http::{Method, StatusCode};
 use qbproxy::sim::{ProviderToken, Sim, SimConfig};
 

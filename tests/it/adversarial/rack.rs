@@ -1,13 +1,13 @@
 //! What Rack (Rails' `MethodOverride`) would read as another method: every
 //! class a hostile client got through, over HTTP/1.1 and HTTP/2, from a
 //! client denied `DELETE /users/*`. Each request is refused, and the
-//! upstream receives nothing. (`tests/rack_oracle.rs` asks real Rack.)
+//! upstream receives nothing. (`tests/it/rack_oracle.rs` asks real Rack.)
 
 use bytes::Bytes;
 use http::{Method, Request};
 
+use super::{h2, raw, Raw, DEMO, KEY};
 use crate::common::{bounded, setup, Harness, Setup};
-use crate::{h2, raw, Raw, DEMO, KEY};
 
 const FORM: &str = "application/x-www-form-urlencoded";
 
@@ -302,7 +302,7 @@ async fn put_and_patch_rules_hold_for_each_other() {
         h.ready().await;
         let a = raw(
             h.proxy,
-            &crate::request(tried, "/users/5.json", &[("QBProxy-Key", KEY)], "{}"),
+            &super::request(tried, "/users/5.json", &[("QBProxy-Key", KEY)], "{}"),
         )
         .await;
         assert_eq!(a.status, 403, "{denied} rule, {tried}: {a:?}");

@@ -1,10 +1,10 @@
 //! Sessions: reactive renewal with replay, single flight, failures, skew.
 
-mod common;
+use crate::common;
 
 use std::collections::HashSet;
 
-use common::{bounded, setup};
+use crate::common::{bounded, setup};
 use http::{Method, StatusCode};
 use qbproxy::sim::Fault;
 

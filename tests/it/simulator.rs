@@ -1,6 +1,6 @@
 //! The simulator behaves as the real API where qbproxy depends on it.
 
-mod common;
+use crate::common;
 
 use bytes::Bytes;
 use http::{Method, StatusCode};

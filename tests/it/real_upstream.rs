@@ -4,11 +4,9 @@
 //! Session creation, forwarding, expiry with replay, API keys and large
 //! bodies, each asserted on what the simulator received behind the edge.
 
-mod common;
-
+use crate::common::edge::{Edge, Options, Server};
+use crate::common::{bounded, demo_sim, last_received, setup, Harness};
 use bytes::Bytes;
-use common::edge::{Edge, Options, Server};
-use common::{bounded, demo_sim, last_received, setup, Harness};
 use http::Method;
 
 /// qbproxy (`upstream.http2 = http2`) in front of `edge`, the simulator

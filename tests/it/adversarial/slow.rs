@@ -8,9 +8,9 @@ use std::time::Duration;
 use http::StatusCode;
 use tokio::io::AsyncWriteExt;
 
+use super::frames;
+use super::{answer_of, h2, h2_send, stall, DEMO};
 use crate::common::{bounded, setup};
-use crate::frames;
-use crate::{answer_of, h2, h2_send, stall, DEMO};
 
 #[tokio::test]
 async fn a_stalled_body_gets_408_and_holds_no_pool_member_meanwhile() {

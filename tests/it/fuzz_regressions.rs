@@ -3,7 +3,7 @@
 //! the same checks the targets run, so a fixed bug stays fixed without
 //! a nightly toolchain. Fuzzing itself: fuzz/README.md.
 
-#[path = "../fuzz/checks.rs"]
+#[path = "../../fuzz/checks.rs"]
 mod checks;
 
 use std::path::Path;

@@ -2,11 +2,11 @@
 //! who called what, as whom, and how long QuickBlox took; query values
 //! never logged.
 
-mod common;
+use crate::common;
 
 use std::path::Path;
 
-use common::{bounded, setup};
+use crate::common::{bounded, setup};
 use http::{Method, StatusCode};
 use qbproxy::Config;
 

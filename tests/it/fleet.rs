@@ -2,17 +2,17 @@
 //! simulator, sharing sessions and the upstream rate through a real
 //! `redis-server` that the tests start, kill, pause and restart empty.
 
-mod common;
+use crate::common;
 
 use std::collections::{BTreeMap, HashSet};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
+use crate::common::fleet::{assert_all_ok, burst_of_300, proxies, statuses, tokens, Load};
+use crate::common::redis_server::RedisServer;
+use crate::common::{bounded, demo_sim, setup, Harness, Setup, BOUND};
 use bytes::Bytes;
-use common::fleet::{assert_all_ok, burst_of_300, proxies, statuses, tokens, Load};
-use common::redis_server::RedisServer;
-use common::{bounded, demo_sim, setup, Harness, Setup, BOUND};
 use http::{Method, StatusCode};
 use qbproxy::sim::{Fault, Sim, SimConfig};
 use tokio::time::Instant;

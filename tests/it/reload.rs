@@ -1,12 +1,12 @@
 //! Reloading the configuration in place (what SIGHUP does; the signal
 //! itself is tested on the binary in `cli.rs`).
 
-mod common;
+use crate::common;
 
 use std::path::Path;
 
+use crate::common::{bounded, setup};
 use bytes::Bytes;
-use common::{bounded, setup};
 use http::{Method, StatusCode};
 use qbproxy::sim::Fault;
 use qbproxy::Config;

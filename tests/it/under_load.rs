@@ -2,14 +2,14 @@
 //! clients, every session expired several times mid-run. Zero failed
 //! requests, one session creation per expiry.
 
-mod common;
+use crate::common;
 
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
+use crate::common::setup;
 use bytes::Bytes;
-use common::setup;
 use http::{Method, StatusCode};
 
 const WORKERS: usize = 32;

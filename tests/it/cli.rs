@@ -1,7 +1,7 @@
 //! The binary: `check`, config errors before binding, and a real process
 //! that serves and stops on SIGTERM.
 
-mod common;
+use crate::common;
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};

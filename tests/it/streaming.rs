@@ -3,13 +3,13 @@
 //! scripted by the test (it answers `POST /session.json` with a canned
 //! session) so that it can observe and pace the bytes.
 
-mod common;
+use crate::common;
 
 use std::convert::Infallible;
 use std::path::Path;
 
+use crate::common::{bounded, setup};
 use bytes::Bytes;
-use common::{bounded, setup};
 use http::{Request, Response, StatusCode};
 use http_body_util::{BodyExt, Channel, Full};
 use hyper::body::Incoming;

@@ -7,7 +7,7 @@
 //! The generator's seed is fixed, so a failure is reproduced by running the
 //! test again; `RACK_ORACLE_SEED` and `RACK_ORACLE_CASES` explore further.
 
-mod common;
+use crate::common;
 
 use std::io::Write;
 use std::process::{Command, Stdio};

@@ -4,9 +4,6 @@
 //! given), and assert what the upstream received, not only what the client
 //! saw. Each module is one class of attack from issue 10.
 
-#[path = "../common/mod.rs"]
-mod common;
-
 mod methods;
 mod paths;
 mod rack;
@@ -16,8 +13,8 @@ mod tokens;
 
 use std::net::SocketAddr;
 
+use crate::common::bounded;
 use bytes::Bytes;
-use common::bounded;
 use http::{HeaderMap, Method, Request, StatusCode};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
@@ -50,7 +47,7 @@ impl Raw {
 /// Sends `request` (raw bytes, which should say `Connection: close`) on a
 /// new connection and reads the answer until the server closes.
 pub async fn raw(addr: SocketAddr, request: &[u8]) -> Raw {
-    parse(&common::raw(addr, request).await)
+    parse(&crate::common::raw(addr, request).await)
 }
 
 pub fn parse(text: &str) -> Raw {
@@ -153,7 +150,6 @@ pub mod frames {
     pub const HEADERS: u8 = 1;
     pub const RST_STREAM: u8 = 3;
     pub const SETTINGS: u8 = 4;
-    pub const GOAWAY: u8 = 7;
     pub const END_STREAM: u8 = 1;
     pub const END_HEADERS: u8 = 4;
     pub const ACK: u8 = 1;

@@ -1,14 +1,14 @@
 //! Inbound TLS and mTLS, and the upstream's extra roots. Certificates are
 //! made here at run time (rcgen; RSA keys with the openssl command).
 
-mod common;
+use crate::common;
 
 use std::path::Path;
 use std::sync::Arc;
 
+use crate::common::certs::{Ca, Dir};
+use crate::common::{bounded, setup};
 use bytes::Bytes;
-use common::certs::{Ca, Dir};
-use common::{bounded, setup};
 use http_body_util::{BodyExt, Full};
 use hyper_rustls::HttpsConnector;
 use hyper_util::client::legacy::connect::HttpConnector;

@@ -3,11 +3,11 @@
 //! identity (the guard, pools, metrics, `/sessions`, reload). Every test
 //! asserts what the simulator received.
 
-mod common;
+use crate::common;
 
 use std::path::Path;
 
-use common::{bounded, last_received, setup};
+use crate::common::{bounded, last_received, setup};
 use http::{Method, StatusCode};
 use qbproxy::sim::{Sim, SimConfig};
 use qbproxy::Config;

@@ -11,8 +11,8 @@ use hyper_util::rt::{TokioExecutor, TokioIo};
 use hyper_util::server::conn::auto;
 use tokio::net::TcpListener;
 
+use super::{h2, h2_send, raw, request};
 use crate::common::{last_received, setup};
-use crate::{h2, h2_send, raw, request};
 
 #[tokio::test]
 async fn get_session_is_answered_by_qbproxy_without_the_token() {
@@ -189,7 +189,7 @@ async fn a_clients_own_credentials_never_reach_the_upstream() {
     let sim = qbproxy::sim::Sim::start(sim_config).await.unwrap();
     let h = setup()
         .sim(sim.clone())
-        .identity(crate::DEMO)
+        .identity(super::DEMO)
         .identity(SVC)
         .start()
         .await;

@@ -3,8 +3,8 @@
 
 use tokio::io::AsyncWriteExt;
 
+use super::{answer_of, h2, h2_send, raw, request, DEMO, KEY};
 use crate::common::setup;
-use crate::{answer_of, h2, h2_send, raw, request, DEMO, KEY};
 
 #[tokio::test]
 async fn only_the_seven_methods_in_upper_case_are_forwarded() {

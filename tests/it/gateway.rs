@@ -1,9 +1,9 @@
 //! The gateway's access control and limits.
 
-mod common;
+use crate::common;
 
+use crate::common::{bounded, keep_alive_get, raw, setup};
 use bytes::Bytes;
-use common::{bounded, keep_alive_get, raw, setup};
 use http::{Method, StatusCode};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;

@@ -5,8 +5,8 @@ use bytes::Bytes;
 use http::{Method, StatusCode};
 use qbproxy::sim::{ProviderToken, Sim, SimConfig};
 
+use super::{DEMO, KEY};
 use crate::common::{self, capture_logs, setup};
-use crate::{DEMO, KEY};
 
 fn fb(token: &str) -> ProviderToken {
     ProviderToken {
@@ -209,7 +209,7 @@ async fn the_admin_listener_answers_only_its_own_names() {
         let addr = h.admin;
         async move {
             let req = format!("GET {path} HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n");
-            crate::raw(addr, req.as_bytes()).await
+            super::raw(addr, req.as_bytes()).await
         }
     };
     for path in ["/sessions", "/metrics", "/readyz", "/healthz"] {
