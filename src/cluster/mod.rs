@@ -42,8 +42,8 @@ use self::link::{Conn, Link};
 pub use self::link::{RedisTls, Topology};
 
 use crate::config::{ClusterConfig, Config, IdentityConfig};
-use crate::credentials::Credentials;
-use crate::metrics::Metrics;
+use crate::quickblox::credentials::Credentials;
+use crate::telemetry::metrics::Metrics;
 
 /// A cheap-to-clone handle on the fleet's Redis.
 #[derive(Clone)]

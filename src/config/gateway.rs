@@ -82,7 +82,7 @@ pub struct PathRule {
 }
 
 impl PathRule {
-    /// `key` is a route key ([`crate::canonical::route_key`]).
+    /// `key` is a route key ([`crate::gateway::canonical::route_key`]).
     pub fn matches(&self, method: &Method, key: &str) -> bool {
         let method_matches = match &self.method {
             None => true,
@@ -253,7 +253,7 @@ impl Validator<'_> {
         }
         digest.update(key.secret_der());
         let fingerprint = digest.finalize().into();
-        let server = crate::tls::server_config(cert_chain, key, client_ca.as_deref())
+        let server = crate::net::tls::server_config(cert_chain, key, client_ca.as_deref())
             .map_err(|e| self.invalid("listen.tls_key", e.to_string()))?;
         Ok(Some(TlsConfig {
             server,
@@ -404,11 +404,14 @@ impl Validator<'_> {
             Some((m, p)) => {
                 let method = Method::from_bytes(m.as_bytes())
                     .ok()
-                    .filter(crate::canonical::method_allowed)
+                    .filter(crate::gateway::canonical::method_allowed)
                     .ok_or_else(|| {
                         self.invalid(
                             key,
-                            format!("{text:?}: {m:?} is not one of {}", crate::canonical::ALLOW),
+                            format!(
+                                "{text:?}: {m:?} is not one of {}",
+                                crate::gateway::canonical::ALLOW
+                            ),
                         )
                     })?;
                 (Some(method), p.trim())
@@ -424,7 +427,7 @@ impl Validator<'_> {
         // Rules are written as the canonical paths they compare against.
         let canonical = pattern == "*"
             || (!pattern.contains(['%', '\\', '?', '#'])
-                && crate::canonical::path(pattern).is_ok_and(|c| c == pattern));
+                && crate::gateway::canonical::path(pattern).is_ok_and(|c| c == pattern));
         if !canonical {
             return Err(self.invalid(
                 key,

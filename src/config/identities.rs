@@ -9,7 +9,7 @@ use serde::Deserialize;
 
 use super::validate::Validator;
 use super::ConfigError;
-use crate::credentials::{Command, Credentials, Secret, SecretSource};
+use crate::quickblox::credentials::{Command, Credentials, Secret, SecretSource};
 
 /// One identity: its own session, renewal, backoff and expiry tracking.
 #[derive(Debug, Clone)]
@@ -591,7 +591,7 @@ mod tests {
     use std::path::Path;
 
     use crate::config::{Config, Strategy};
-    use crate::credentials::{Credentials, SecretSource};
+    use crate::quickblox::credentials::{Credentials, SecretSource};
 
     const APP: &str = "[quickblox]\napplication_id = 1\nauth_key = \"k\"\nauth_secret = \"s\"\n";
 

@@ -27,7 +27,7 @@ use self::validate::{is_secret_key, mode, Validator, OTHERS_WRITE};
 
 pub use self::gateway::{ClientConfig, LimitsConfig, PathRule, TlsConfig};
 pub use self::identities::{IdentityConfig, IdentityId, PoolConfig, PoolId, Strategy, TargetId};
-use crate::credentials::Secret;
+use crate::quickblox::credentials::Secret;
 
 /// What went wrong while loading the configuration. Each message is one line.
 #[derive(Debug, thiserror::Error)]
@@ -236,7 +236,7 @@ pub enum ClientToken {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct LogConfig {
     /// One event per request, at the end of its response
-    /// (`qbproxy::access` target).
+    /// (`qbproxy::gateway::access` target).
     pub access: bool,
 }
 
@@ -329,7 +329,7 @@ impl Config {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::credentials::Credentials;
+    use crate::quickblox::credentials::Credentials;
 
     const MINIMAL: &str = r#"
 [quickblox]

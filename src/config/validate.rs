@@ -455,7 +455,7 @@ impl Validator<'_> {
             ));
         }
         let renew_before = raw.renew_before;
-        if renew_before >= crate::qb::SESSION_LIFETIME {
+        if renew_before >= crate::quickblox::SESSION_LIFETIME {
             return Err(self.invalid(
                 "quickblox.renew_before",
                 "must be less than the 2h session lifetime",

@@ -6,7 +6,7 @@ use std::sync::{Arc, Mutex};
 use sha1::{Digest, Sha1};
 use tokio::time::Instant;
 
-use crate::qb;
+use crate::quickblox;
 
 /// Every token qbproxy holds, and those it held within a session's
 /// lifetime, as SHA-1 digests, across all identities. With
@@ -52,7 +52,7 @@ impl HeldTokens {
     /// `token` is no longer used; it may still be alive at QuickBlox for a
     /// session's lifetime.
     pub(super) fn release(&self, token: &[u8]) {
-        let until = Instant::now() + qb::SESSION_LIFETIME;
+        let until = Instant::now() + quickblox::SESSION_LIFETIME;
         if let Some(entry) = self.lock().tokens.get_mut(&Self::digest(token)) {
             *entry = Some(until);
         }

@@ -19,6 +19,8 @@
 //! `source.rs` the [`Source`] of sessions; `error.rs` why there is none;
 //! `status.rs` what the admin API shows; `held.rs` the [`HeldTokens`].
 
+pub(crate) mod pool;
+
 mod error;
 mod held;
 mod source;
@@ -48,9 +50,9 @@ use tokio::sync::{watch, Notify};
 use tokio::task::AbortHandle;
 use tokio::time::{timeout_at, Instant};
 
-use crate::credentials::IdentityKind;
-use crate::metrics::{IdentityMetrics, Metrics};
-use crate::qb;
+use crate::quickblox;
+use crate::quickblox::credentials::IdentityKind;
+use crate::telemetry::metrics::{IdentityMetrics, Metrics};
 
 /// Why a session was created; the `reason` label of
 /// `qbproxy_session_renewals_total`, of the log line and of `/sessions`.
@@ -457,16 +459,16 @@ impl Identity {
         if now < touched.saturating_add(1000) {
             return;
         }
-        let left = qb::remaining_lifetime(
+        let left = quickblox::remaining_lifetime(
             headers
-                .get(qb::QB_TOKEN_EXPIRATION)
+                .get(quickblox::QB_TOKEN_EXPIRATION)
                 .map(HeaderValue::as_bytes),
             headers.get(http::header::DATE).map(HeaderValue::as_bytes),
             SystemTime::now(),
         );
         let left = match left {
             Some(left) => left,
-            None if status.is_success() => qb::SESSION_LIFETIME,
+            None if status.is_success() => quickblox::SESSION_LIFETIME,
             None => return,
         };
         session.touched_ms.store(now, Ordering::Relaxed);

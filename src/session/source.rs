@@ -117,12 +117,12 @@ pub const API_KEY_LIFETIME: Duration = Duration::from_secs(100 * 365 * 24 * 3600
 /// renewal task publishes it on start and never again (unless a reload
 /// brings a new key, or an operator forces a renewal).
 pub struct ApiKeySource {
-    key: crate::credentials::Secret,
+    key: crate::quickblox::credentials::Secret,
     on_behalf_of: Option<u64>,
 }
 
 impl ApiKeySource {
-    pub fn new(key: crate::credentials::Secret, on_behalf_of: Option<u64>) -> Self {
+    pub fn new(key: crate::quickblox::credentials::Secret, on_behalf_of: Option<u64>) -> Self {
         ApiKeySource { key, on_behalf_of }
     }
 }

@@ -2,7 +2,7 @@
 
 use std::time::SystemTime;
 
-use crate::credentials::IdentityKind;
+use crate::quickblox::credentials::IdentityKind;
 
 use super::Reason;
 

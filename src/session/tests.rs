@@ -11,9 +11,9 @@ use tokio::time::Instant;
 
 use super::task::Backoff;
 use super::*;
-use crate::credentials::IdentityKind;
-use crate::metrics::Metrics;
-use crate::qb;
+use crate::quickblox;
+use crate::quickblox::credentials::IdentityKind;
+use crate::telemetry::metrics::Metrics;
 
 /// A scripted source: each call pops the next outcome (or succeeds), and
 /// optionally waits for a permit first, so a test can hold a creation.
@@ -38,7 +38,7 @@ impl Source for Arc<Script> {
                 .lock()
                 .unwrap()
                 .pop_front()
-                .unwrap_or(Ok(qb::SESSION_LIFETIME));
+                .unwrap_or(Ok(quickblox::SESSION_LIFETIME));
             outcome.map(|lifetime| NewSession {
                 token: format!("token-{n}"),
                 user_id: 7,
@@ -113,7 +113,10 @@ async fn proactive_renewal_fires_renew_before_expiry() {
 
     // Paused time jumps straight to the renewal timer.
     next_change(&id).await;
-    assert_eq!(start.elapsed(), qb::SESSION_LIFETIME - POLICY.renew_before);
+    assert_eq!(
+        start.elapsed(),
+        quickblox::SESSION_LIFETIME - POLICY.renew_before
+    );
     assert_eq!(script.calls.load(Ordering::SeqCst), 2);
     assert_eq!(token(&id.current().unwrap()), "token-2");
     // The holder of the old session still has its token.
@@ -136,7 +139,7 @@ async fn use_slides_the_proactive_renewal() {
     next_change(&id).await;
     assert_eq!(
         start.elapsed(),
-        Duration::from_secs(3600) + qb::SESSION_LIFETIME - POLICY.renew_before
+        Duration::from_secs(3600) + quickblox::SESSION_LIFETIME - POLICY.renew_before
     );
     assert_eq!(script.calls.load(Ordering::SeqCst), 2);
 }
@@ -150,13 +153,13 @@ async fn an_error_without_expiry_header_does_not_extend_the_session() {
     let s = id.current().unwrap();
     tokio::time::advance(Duration::from_secs(3600)).await;
     id.record_use(&s, StatusCode::BAD_GATEWAY, &HeaderMap::new());
-    assert_eq!(id.expires_at(&s), start + qb::SESSION_LIFETIME);
+    assert_eq!(id.expires_at(&s), start + quickblox::SESSION_LIFETIME);
     // With the header, any status counts: QuickBlox saw the token.
     let mut h = HeaderMap::new();
     let in_90_min = SystemTime::now() + Duration::from_secs(5400);
     h.insert(
-        qb::QB_TOKEN_EXPIRATION,
-        qb::format_expiration(in_90_min).parse().unwrap(),
+        quickblox::QB_TOKEN_EXPIRATION,
+        quickblox::format_expiration(in_90_min).parse().unwrap(),
     );
     h.insert(
         http::header::DATE,
@@ -298,7 +301,7 @@ async fn refusals_and_retries_past_retry_wait_are_answered_at_once() {
 #[tokio::test(start_paused = true)]
 async fn failed_proactive_renewal_keeps_the_old_session() {
     let down = SessionError::Unreachable("connection refused".into());
-    let (id, script) = identity(vec![Ok(qb::SESSION_LIFETIME), Err(down)], None);
+    let (id, script) = identity(vec![Ok(quickblox::SESSION_LIFETIME), Err(down)], None);
     id.start();
     id.ready().await;
     next_change(&id).await; // the failed proactive attempt
@@ -367,8 +370,8 @@ async fn forced_renewal_replaces_a_healthy_session_and_reports_failure() {
     let down = SessionError::Unreachable("refused".into());
     let (id, _script) = identity(
         vec![
-            Ok(qb::SESSION_LIFETIME),
-            Ok(qb::SESSION_LIFETIME),
+            Ok(quickblox::SESSION_LIFETIME),
+            Ok(quickblox::SESSION_LIFETIME),
             Err(down.clone()),
         ],
         None,
@@ -408,7 +411,7 @@ async fn a_new_policy_reschedules_the_proactive_renewal_at_once() {
         ..POLICY
     });
     next_change(&id).await;
-    assert_eq!(start.elapsed(), qb::SESSION_LIFETIME - hour);
+    assert_eq!(start.elapsed(), quickblox::SESSION_LIFETIME - hour);
     assert_eq!(script.calls.load(Ordering::SeqCst), 2);
     assert_eq!(id.status().renewals, [1, 0, 1, 0]);
 }
@@ -437,7 +440,10 @@ async fn a_new_policy_changes_how_long_requests_wait_through_failures() {
 #[tokio::test(start_paused = true)]
 async fn a_failed_forced_renewal_keeps_a_working_session() {
     let down = SessionError::Unreachable("connection refused".into());
-    let (id, _script) = identity(vec![Ok(qb::SESSION_LIFETIME), Err(down.clone())], None);
+    let (id, _script) = identity(
+        vec![Ok(quickblox::SESSION_LIFETIME), Err(down.clone())],
+        None,
+    );
     id.start();
     id.ready().await;
     match id.force_renewal(far()).await {
@@ -459,9 +465,9 @@ async fn a_forced_renewal_reports_its_own_attempt() {
     let gate = Arc::new(Semaphore::new(1));
     let (id, script) = identity(
         vec![
-            Ok(qb::SESSION_LIFETIME),
+            Ok(quickblox::SESSION_LIFETIME),
             Err(down),
-            Ok(qb::SESSION_LIFETIME),
+            Ok(quickblox::SESSION_LIFETIME),
         ],
         Some(gate.clone()),
     );

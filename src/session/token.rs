@@ -7,7 +7,7 @@ use bytes::Bytes;
 use http::{HeaderMap, HeaderValue};
 
 use super::Scheme;
-use crate::qb;
+use crate::quickblox;
 
 /// A session token and what is known of it. Immutable but for its expiry,
 /// which every use pushes forward.
@@ -48,8 +48,8 @@ impl ApiKeyHeaders {
     /// `None` if the key cannot go in a header. A `user_id` of 0: the
     /// application itself, no `On-Behalf-Of`.
     pub fn new(key: &[u8], user_id: u64) -> Option<ApiKeyHeaders> {
-        let mut value = Vec::with_capacity(qb::API_KEY_SCHEME.len() + 1 + key.len());
-        value.extend_from_slice(qb::API_KEY_SCHEME.as_bytes());
+        let mut value = Vec::with_capacity(quickblox::API_KEY_SCHEME.len() + 1 + key.len());
+        value.extend_from_slice(quickblox::API_KEY_SCHEME.as_bytes());
         value.push(b' ');
         value.extend_from_slice(key);
         let mut authorization = HeaderValue::from_bytes(&value).ok()?;
@@ -64,7 +64,7 @@ impl ApiKeyHeaders {
     pub fn apply(&self, headers: &mut HeaderMap) {
         headers.insert(http::header::AUTHORIZATION, self.authorization.clone());
         if let Some(user) = &self.on_behalf_of {
-            headers.insert(qb::ON_BEHALF_OF, user.clone());
+            headers.insert(quickblox::ON_BEHALF_OF, user.clone());
         }
     }
 }
@@ -88,7 +88,7 @@ impl Session {
     pub fn authorize(&self, headers: &mut HeaderMap) {
         match &self.api_key {
             None => {
-                headers.insert(qb::QB_TOKEN, self.token.clone());
+                headers.insert(quickblox::QB_TOKEN, self.token.clone());
             }
             Some(h) => h.apply(headers),
         }
@@ -119,7 +119,7 @@ impl Session {
 
     /// A short prefix of the token, safe for logs.
     pub fn token_prefix(&self) -> String {
-        qb::token_prefix(self.token.to_str().unwrap_or(""))
+        quickblox::token_prefix(self.token.to_str().unwrap_or(""))
     }
 }
 

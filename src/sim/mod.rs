@@ -26,10 +26,10 @@ use hyper::body::Incoming;
 use tokio::net::TcpListener;
 use tokio::sync::{watch, Semaphore};
 
-use crate::body::Body;
-use crate::limit::ResizableLimit;
-use crate::qb;
-use crate::server::{self, Conn};
+use crate::net::body::Body;
+use crate::net::limit::ResizableLimit;
+use crate::net::server::{self, Conn};
+use crate::quickblox;
 
 mod api;
 mod params;
@@ -92,7 +92,7 @@ impl SimConfig {
                     password: "other-password".into(),
                 },
             ],
-            session_lifetime: qb::SESSION_LIFETIME,
+            session_lifetime: quickblox::SESSION_LIFETIME,
             provider_tokens: Vec::new(),
             api_keys: vec!["demo-api-key".into()],
         }
@@ -513,9 +513,9 @@ impl Sim {
             h.insert(header::DATE, date);
         }
         if let Some(exp) =
-            expires_at.and_then(|t| HeaderValue::from_str(&qb::format_expiration(t)).ok())
+            expires_at.and_then(|t| HeaderValue::from_str(&quickblox::format_expiration(t)).ok())
         {
-            h.insert(qb::QB_TOKEN_EXPIRATION, exp);
+            h.insert(quickblox::QB_TOKEN_EXPIRATION, exp);
         }
         resp
     }

@@ -6,8 +6,8 @@ use std::time::{SystemTime, UNIX_EPOCH};
 use http::{HeaderMap, Response, StatusCode};
 use rand::Rng;
 
-use crate::body::Body;
-use crate::signer;
+use crate::net::body::Body;
+use crate::quickblox::signer;
 
 use super::params::parse_params;
 use super::*;

@@ -28,7 +28,7 @@ use tokio_rustls::TlsConnector;
 
 use super::coalesce::Coalesced;
 use crate::config::UpstreamConfig;
-use crate::metrics::UpstreamMetrics;
+use crate::telemetry::metrics::UpstreamMetrics;
 
 /// A new connection, by what it will speak.
 pub enum Connected {
@@ -80,8 +80,8 @@ pub struct Connector {
 /// `upstream.http2` is off.
 pub fn tls_config(cfg: &UpstreamConfig) -> Result<Arc<ClientConfig>, io::Error> {
     let https = cfg.scheme == http::uri::Scheme::HTTPS;
-    let roots = crate::tls::upstream_roots(https, cfg.ca.as_deref().unwrap_or(&[]))?;
-    let mut config = crate::tls::client_config(roots)?;
+    let roots = crate::net::tls::upstream_roots(https, cfg.ca.as_deref().unwrap_or(&[]))?;
+    let mut config = crate::net::tls::client_config(roots)?;
     config.alpn_protocols = if cfg.http2 {
         vec![b"h2".to_vec(), b"http/1.1".to_vec()]
     } else {

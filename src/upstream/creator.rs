@@ -14,14 +14,14 @@ use tokio::sync::Semaphore;
 use tokio::time::{timeout_at, Instant};
 
 use super::{Client, SendError};
-use crate::body::Body;
 use crate::config::{QuickbloxConfig, UpstreamConfig};
-use crate::credentials::{Credentials, SecretSource};
-use crate::metrics::Metrics;
-use crate::qb;
-use crate::rate::UpstreamRate;
+use crate::net::body::Body;
+use crate::quickblox;
+use crate::quickblox::credentials::{Credentials, SecretSource};
+use crate::quickblox::signer::{self, Params};
 use crate::session::{ApiKeyHeaders, Attempt, BoxFuture, NewSession, SessionError, Source};
-use crate::signer::{self, Params};
+use crate::telemetry::metrics::Metrics;
+use crate::upstream::rate::UpstreamRate;
 
 /// The offset between QuickBlox's clock and ours, in seconds, learnt from a
 /// "Bad timestamp" answer. Shared by every identity: it is a property of
@@ -201,7 +201,7 @@ impl SessionCreator {
         let body = self.params().await?.to_json().to_string();
         let uri = e
             .upstream
-            .uri_for(crate::qb::SESSION_CREATE_PATH, None)
+            .uri_for(crate::quickblox::SESSION_CREATE_PATH, None)
             .map_err(|e| SessionError::BadResponse(e.to_string()))?;
         let body = Bytes::from(body);
         // No `Host`: the URI carries the upstream's host, which the pool
@@ -238,7 +238,7 @@ impl SessionCreator {
             if answer.status.is_success() {
                 return parse_session(&answer);
             }
-            let message = qb::error_message(&answer.body).unwrap_or_else(|| {
+            let message = quickblox::error_message(&answer.body).unwrap_or_else(|| {
                 answer
                     .status
                     .canonical_reason()
@@ -250,7 +250,7 @@ impl SessionCreator {
             let upstream_date = answer
                 .headers
                 .get(header::DATE)
-                .and_then(|d| qb::parse_http_date(d.as_bytes()));
+                .and_then(|d| quickblox::parse_http_date(d.as_bytes()));
             match upstream_date {
                 Some(date) if bad_timestamp && !corrected => {
                     let offset = self.endpoint.clock.learn(date);
@@ -307,7 +307,7 @@ impl SessionCreator {
         if status.is_success() {
             return Ok(on_behalf_of.unwrap_or(0));
         }
-        let message = qb::error_message(&body)
+        let message = quickblox::error_message(&body)
             .unwrap_or_else(|| status.canonical_reason().unwrap_or("no message").to_owned());
         Err(SessionError::Refused {
             status: status.as_u16(),
@@ -322,7 +322,9 @@ impl Source for SessionCreator {
     }
 }
 
-async fn read_token(source: &SecretSource) -> Result<crate::credentials::Secret, SessionError> {
+async fn read_token(
+    source: &SecretSource,
+) -> Result<crate::quickblox::credentials::Secret, SessionError> {
     source
         .read()
         .await
@@ -351,15 +353,15 @@ fn parse_session(answer: &Answer) -> Result<NewSession, SessionError> {
     if env.session.token.is_empty() {
         return Err(SessionError::BadResponse("empty token".into()));
     }
-    let lifetime = qb::remaining_lifetime(
+    let lifetime = quickblox::remaining_lifetime(
         answer
             .headers
-            .get(qb::QB_TOKEN_EXPIRATION)
+            .get(quickblox::QB_TOKEN_EXPIRATION)
             .map(HeaderValue::as_bytes),
         answer.headers.get(header::DATE).map(HeaderValue::as_bytes),
         SystemTime::now(),
     )
-    .unwrap_or(qb::SESSION_LIFETIME);
+    .unwrap_or(quickblox::SESSION_LIFETIME);
     let user_id = env.session.user_id.unwrap_or(0);
     let mut public = crate::session::public_fields(&env.session.rest);
     public.insert("user_id".into(), user_id.into());

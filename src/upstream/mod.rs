@@ -9,6 +9,9 @@
 //! `REFUSED_STREAM`, or never written to a connection that closed) is
 //! sent again on another connection; one it may have processed never is.
 
+pub(crate) mod fair;
+pub(crate) mod rate;
+
 mod coalesce;
 mod connect;
 mod creator;
@@ -20,7 +23,7 @@ pub use creator::{ClockOffset, Endpoint, SessionCreator, Throttled};
 pub use pool::{Client, Lease};
 
 use crate::config::UpstreamConfig;
-use crate::metrics::UpstreamMetrics;
+use crate::telemetry::metrics::UpstreamMetrics;
 
 /// Why a request got no answer from the upstream.
 #[derive(Debug, thiserror::Error)]

@@ -39,10 +39,10 @@ use tokio::time::{timeout_at, Instant};
 
 use super::connect::{Connected, Connector, Goaway};
 use super::SendError;
-use crate::body::Body;
 use crate::config::UpstreamConfig;
-use crate::fair::Slot as Permit;
-use crate::metrics::{Protocol, UpstreamMetrics};
+use crate::net::body::Body;
+use crate::telemetry::metrics::{Protocol, UpstreamMetrics};
+use crate::upstream::fair::Slot as Permit;
 
 /// Streams a new HTTP/2 connection is taken to allow until its server's
 /// SETTINGS say otherwise (hyper's initial value; RFC 9113 §6.5.2 advises
@@ -901,7 +901,7 @@ mod tests {
 
     use super::*;
     use crate::config::Config;
-    use crate::metrics::Metrics;
+    use crate::telemetry::metrics::Metrics;
 
     /// An HTTP/1.1 server on loopback that answers each request once a
     /// permit is added to the returned semaphore, and counts the requests

@@ -31,7 +31,9 @@ async fn written(logs: &common::Captured, what: &str, fragments: &[&str]) -> Vec
 fn events(logs: &common::Captured, fragments: &[&str]) -> Vec<String> {
     logs.text()
         .lines()
-        .filter(|l| l.contains("qbproxy::access") && fragments.iter().all(|f| l.contains(f)))
+        .filter(|l| {
+            l.contains("qbproxy::gateway::access") && fragments.iter().all(|f| l.contains(f))
+        })
         .map(str::to_owned)
         .collect()
 }

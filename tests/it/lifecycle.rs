@@ -409,7 +409,7 @@ async fn no_secret_reaches_logs_metrics_or_errors() {
 /// error's code is defined).
 #[test]
 fn every_error_code_is_in_the_readme_tables() {
-    let source = include_str!("../../src/error.rs");
+    let source = include_str!("../../src/proxy/error.rs");
     let codes: std::collections::BTreeSet<&str> = source
         .lines()
         .filter_map(|l| {

@@ -8,10 +8,10 @@ use std::time::Duration;
 
 use http::{header, HeaderValue, Method, Response, StatusCode};
 
-use crate::body::Body;
-use crate::canonical::{self, BadPath};
-use crate::headers::HeaderError;
-use crate::qb;
+use crate::gateway::canonical::{self, BadPath};
+use crate::net::body::Body;
+use crate::proxy::headers::HeaderError;
+use crate::quickblox;
 use crate::session::SessionError;
 
 #[derive(Debug, thiserror::Error)]
@@ -259,7 +259,7 @@ fn respond(
         header::CONTENT_TYPE,
         HeaderValue::from_static("application/json"),
     );
-    headers.insert(qb::QBPROXY_ERROR, HeaderValue::from_static(code));
+    headers.insert(quickblox::QBPROXY_ERROR, HeaderValue::from_static(code));
     resp
 }
 
@@ -284,7 +284,10 @@ mod tests {
         for (e, status) in cases {
             let resp = ProxyError::Session(Arc::new(e)).into_response();
             assert_eq!(resp.status().as_u16(), status);
-            assert_eq!(resp.headers()[qb::QBPROXY_ERROR], "session-unavailable");
+            assert_eq!(
+                resp.headers()[quickblox::QBPROXY_ERROR],
+                "session-unavailable"
+            );
             let body = resp.into_body().collect().await.unwrap().to_bytes();
             let v: serde_json::Value = serde_json::from_slice(&body).unwrap();
             let msg = v["errors"][0].as_str().unwrap();

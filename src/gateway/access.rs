@@ -15,10 +15,10 @@ use ipnet::IpNet;
 use sha1::{Digest, Sha1};
 use subtle::ConstantTimeEq;
 
-use crate::canonical;
 use crate::config::{ClientConfig, Config, PathRule, TargetId};
-use crate::error::ProxyError;
-use crate::metrics::{CodeCounter, Metrics};
+use crate::gateway::canonical;
+use crate::proxy::error::ProxyError;
+use crate::telemetry::metrics::{CodeCounter, Metrics};
 
 /// The client's API key; stripped before forwarding like every `QBProxy-*`.
 pub const KEY_HEADER: HeaderName = HeaderName::from_static("qbproxy-key");

@@ -9,9 +9,9 @@
 use std::sync::Arc;
 
 use crate::config::{Config, IdentityConfig};
-use crate::credentials::IdentityKind;
-use crate::metrics::Metrics;
+use crate::quickblox::credentials::IdentityKind;
 use crate::session::{Attempt, Reason, SessionError, Source};
+use crate::telemetry::metrics::Metrics;
 use crate::upstream::{self, ClockOffset, Endpoint, SessionCreator};
 
 /// One identity's result.

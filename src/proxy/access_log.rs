@@ -1,5 +1,5 @@
 //! The access log: one event per request, written when its response body
-//! is done (or dropped), on the `qbproxy::access` target, in the format of
+//! is done (or dropped), on the `qbproxy::gateway::access` target, in the format of
 //! the rest of the log (`--log-format`). It answers "who called what, as
 //! whom, and how long did QuickBlox take": source address, API client,
 //! identity (or pool member), method, canonical path, query with its values
@@ -7,7 +7,7 @@
 //! upstream time, and whether the request was replayed.
 //!
 //! `[log] access = false` turns it off (a reload applies at once); so does
-//! `RUST_LOG=info,qbproxy::access=off`. What it costs is measured in
+//! `RUST_LOG=info,qbproxy::gateway::access=off`. What it costs is measured in
 //! `bench/compare.sh`.
 //!
 //! Cheap by construction: a request gathers its facts in a [`Trace`] of
@@ -28,12 +28,12 @@ use http::{HeaderValue, Method, Uri};
 use http_body::{Body as HttpBody, Frame, SizeHint};
 use tokio::time::Instant;
 
-use crate::body::{Body, BoxError, CutFlag};
-use crate::pool::Pool;
+use crate::net::body::{Body, BoxError, CutFlag};
+use crate::session::pool::Pool;
 use crate::session::Identity;
 
 /// The log target of access events.
-pub const TARGET: &str = "qbproxy::access";
+pub const TARGET: &str = "qbproxy::gateway::access";
 
 /// What a request learns about itself while it is served, for its access
 /// event. Lives on the handler's stack; the forwarding code fills it in.

@@ -380,7 +380,7 @@ impl Metrics {
                 .log_lines_dropped
                 .lock()
                 .unwrap_or_else(|p| p.into_inner());
-            let now = crate::logging::dropped_lines();
+            let now = crate::telemetry::logging::dropped_lines();
             if now > dropped.get() {
                 dropped.inc_by(now - dropped.get());
             }

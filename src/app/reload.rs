@@ -15,17 +15,17 @@ use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
-use crate::access::Gate;
+use crate::app::live::{listener_options, Live};
+use crate::app::state::{Restored, StateFile};
 use crate::cluster::{fingerprint, Cluster, FleetSource};
 use crate::config::{Config, ConfigError, TargetId};
-use crate::credentials::{Credentials, IdentityKind};
-use crate::live::{listener_options, Live};
-use crate::metrics::Metrics;
-use crate::pool::{Pool, Throttle};
-use crate::rate::UpstreamRate;
-use crate::route::Router;
+use crate::gateway::access::Gate;
+use crate::gateway::route::Router;
+use crate::quickblox::credentials::{Credentials, IdentityKind};
+use crate::session::pool::{Pool, Throttle};
 use crate::session::{ApiKeySource, Held, HeldTokens, Identity, Info, Policy, Source};
-use crate::state::{Restored, StateFile};
+use crate::telemetry::metrics::Metrics;
+use crate::upstream::rate::UpstreamRate;
 use crate::upstream::{self, Client, ClockOffset, Endpoint, SessionCreator, Throttled};
 use crate::StartError;
 

@@ -14,10 +14,10 @@ use subtle::ConstantTimeEq;
 use tokio::sync::watch;
 use tokio::time::Instant;
 
-use crate::body::Body;
-use crate::credentials::Secret;
-use crate::error::AdminError;
-use crate::server::Conn;
+use crate::net::body::Body;
+use crate::net::server::Conn;
+use crate::proxy::error::AdminError;
+use crate::quickblox::credentials::Secret;
 use crate::session::{Reason, Status, Unavailable};
 use crate::Handle;
 

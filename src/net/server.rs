@@ -41,9 +41,9 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
 use tokio_rustls::TlsAcceptor;
 
-use crate::body::{Body, BoxError};
-use crate::limit::ResizableLimit;
-use crate::worker;
+use crate::app::worker;
+use crate::net::body::{Body, BoxError};
+use crate::net::limit::ResizableLimit;
 
 /// How a listener treats its connections. (How many it holds open is a
 /// [`ResizableLimit`] of its own, so a reload moves it at once.)

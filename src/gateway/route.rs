@@ -9,8 +9,8 @@ use std::sync::Arc;
 use http::{HeaderName, HeaderValue};
 
 use crate::config::{Config, TargetId};
-use crate::error::ProxyError;
-use crate::pool::Pool;
+use crate::proxy::error::ProxyError;
+use crate::session::pool::Pool;
 use crate::session::Identity;
 
 /// Names an identity or a pool; stripped before forwarding (as every

@@ -7,15 +7,15 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use crate::access::Gate;
+use crate::app::worker;
 use crate::config::{ClientToken, Config, TargetId, UpstreamConfig};
-use crate::pool::Pool;
-use crate::rate::UpstreamRate;
-use crate::route::{Router, Target};
-use crate::server;
+use crate::gateway::access::Gate;
+use crate::gateway::route::{Router, Target};
+use crate::net::server;
+use crate::session::pool::Pool;
 use crate::session::Identity;
+use crate::upstream::rate::UpstreamRate;
 use crate::upstream::Client;
-use crate::worker;
 
 pub struct Live {
     pub config: Arc<Config>,

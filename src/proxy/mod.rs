@@ -18,6 +18,10 @@
 //! requests. It reads the session lock-free and never waits for a
 //! proactive renewal.
 
+pub(crate) mod access_log;
+pub(crate) mod error;
+pub(crate) mod headers;
+
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -30,28 +34,28 @@ use http::{
 use hyper::body::Incoming;
 use tokio::time::{timeout_at, Instant};
 
-use crate::access::{self, ApiClient};
-use crate::access_log::{Entry, Logged, Trace, Unanswered, Who};
-use crate::body::{
+use crate::config::{ClientToken, TargetId};
+use crate::gateway::access::{self, ApiClient};
+use crate::gateway::canonical;
+use crate::net::body::{
     self, Body, BodyLimits, Budget, Buffered, ClientBody, ClientRead, Cut, CutFlag, ReadError,
     Reservation,
 };
-use crate::canonical;
-use crate::config::{ClientToken, TargetId};
-use crate::credentials::IdentityKind;
-use crate::error::ProxyError;
-use crate::fair::{FairSlots, Holder};
-use crate::headers;
-use crate::live::Live;
-use crate::metrics::{IdentityMetrics, Metrics};
-use crate::overrides::{self, Found};
-use crate::pool::Pool;
-use crate::qb;
-use crate::route::{self, Target};
-use crate::server::Conn;
+use crate::proxy::access_log::{Entry, Logged, Trace, Unanswered, Who};
+use crate::proxy::error::ProxyError;
+use crate::quickblox::credentials::IdentityKind;
+use crate::upstream::fair::{FairSlots, Holder};
+
+use crate::app::live::Live;
+use crate::app::worker;
+use crate::gateway::overrides::{self, Found};
+use crate::gateway::route::{self, Target};
+use crate::net::server::Conn;
+use crate::quickblox;
+use crate::session::pool::Pool;
 use crate::session::{HeldTokens, Identity, Scheme, Session, Unavailable};
+use crate::telemetry::metrics::{IdentityMetrics, Metrics};
 use crate::upstream::{Lease, SendError};
-use crate::worker;
 
 /// A cheap-to-clone handle on the forwarding state.
 #[derive(Clone)]
@@ -199,7 +203,7 @@ impl Proxy {
             // sends its own key, acts as the shared identity from here on:
             // make that visible.
             counted.metrics.client_token_replaced();
-            if conn.first(crate::server::TOKEN_REPLACED) {
+            if conn.first(crate::net::server::TOKEN_REPLACED) {
                 tracing::info!(
                     peer = %conn.peer(),
                     client = client.map_or("", |c| &*c.name),
@@ -286,23 +290,23 @@ impl Proxy {
                 }
                 // The client's own session token or API key; an
                 // `On-Behalf-Of` alone is no credential (and is dropped).
-                parts.headers.contains_key(qb::QB_TOKEN)
+                parts.headers.contains_key(quickblox::QB_TOKEN)
                     || parts
                         .headers
                         .get_all(header::AUTHORIZATION)
                         .iter()
-                        .any(|v| qb::api_key(v.as_bytes()).is_some())
+                        .any(|v| quickblox::api_key(v.as_bytes()).is_some())
             }
             ClientToken::Replace => false,
         };
-        let kind = if method == Method::POST && rest == qb::SESSION_CREATE_PATH {
+        let kind = if method == Method::POST && rest == quickblox::SESSION_CREATE_PATH {
             Kind::OwnSessionCreate
         } else if own_token {
             Kind::OwnToken
-        } else if let Some(what) = qb::shared_session_call(method, &rest) {
+        } else if let Some(what) = quickblox::shared_session_call(method, &rest) {
             return Err(refuse(ProxyError::SharedSession(what)));
         } else if matches!(*method, Method::GET | Method::HEAD)
-            && canonical::key_is(&rest, qb::SESSION_KEY)
+            && canonical::key_is(&rest, quickblox::SESSION_KEY)
         {
             Kind::SessionRead
         } else {
@@ -663,7 +667,7 @@ impl Proxy {
             Buffered::Complete(bytes) => {
                 // Read whole: the connection is free again.
                 slot.complete();
-                let expired = qb::is_session_expired(&bytes);
+                let expired = quickblox::is_session_expired(&bytes);
                 let resp = Response::from_parts(parts, Body::full(bytes));
                 if expired {
                     Checked::Expired(resp)
@@ -855,7 +859,7 @@ fn finish(
                 log.path.to_owned(),
                 a.uri.clone(),
                 status.as_u16(),
-                resp.headers().get(qb::QBPROXY_ERROR).cloned(),
+                resp.headers().get(quickblox::QBPROXY_ERROR).cloned(),
             );
             resp.map(|body| Body::Logged(Box::new(Logged::new(body, entry))))
         }
@@ -944,7 +948,7 @@ fn session_answer(method: &Method, path: &str, session: &Session) -> Response<Bo
     let xml = path.to_ascii_lowercase().ends_with(".xml");
     let (body, content_type) = if xml {
         (
-            Bytes::from(qb::session_xml(session.public_json())),
+            Bytes::from(quickblox::session_xml(session.public_json())),
             "application/xml",
         )
     } else {
@@ -959,7 +963,10 @@ fn session_answer(method: &Method, path: &str, session: &Session) -> Response<Bo
     let h = resp.headers_mut();
     h.insert(header::CONTENT_TYPE, HeaderValue::from_static(content_type));
     h.insert(header::CONTENT_LENGTH, HeaderValue::from(len));
-    h.insert(qb::QBPROXY_ANSWERED, HeaderValue::from_static("session"));
+    h.insert(
+        quickblox::QBPROXY_ANSWERED,
+        HeaderValue::from_static("session"),
+    );
     resp
 }
 
@@ -1014,8 +1021,11 @@ fn with_token(
 /// an API key (`Authorization`), and the user an API key acts as. A
 /// forwarded request carries the identity's alone; with `client_token =
 /// "keep"` a client's own pass through untouched (never one qbproxy holds).
-static CLIENT_CREDENTIALS: [HeaderName; 3] =
-    [qb::QB_TOKEN, header::AUTHORIZATION, qb::ON_BEHALF_OF];
+static CLIENT_CREDENTIALS: [HeaderName; 3] = [
+    quickblox::QB_TOKEN,
+    header::AUTHORIZATION,
+    quickblox::ON_BEHALF_OF,
+];
 
 /// The first credential header the client sent, if any.
 fn client_credential(headers: &HeaderMap) -> Option<&'static HeaderName> {

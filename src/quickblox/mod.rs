@@ -4,11 +4,14 @@
 //!
 //! Nothing here does I/O; `proxy`, `upstream` and `sim` all build on it.
 
+pub mod credentials;
+pub mod signer;
+
 use std::time::{Duration, SystemTime};
 
 use http::{HeaderName, Method};
 
-use crate::canonical;
+use crate::gateway::canonical;
 
 pub const QB_TOKEN: HeaderName = HeaderName::from_static("qb-token");
 /// With an API key (`Authorization: ApiKey <key>`), the user the request

@@ -124,7 +124,7 @@ mod tests {
     /// `../shared/signature-vectors.jsonl` into `tests/data/`).
     #[test]
     fn reproduces_every_sdk_vector() {
-        let text = include_str!("../tests/data/signature-vectors.jsonl");
+        let text = include_str!("../../tests/data/signature-vectors.jsonl");
         let mut n = 0;
         for line in text.lines().filter(|l| !l.trim().is_empty()) {
             let v: serde_json::Value = serde_json::from_str(line).unwrap();

@@ -18,8 +18,8 @@
 
 use http::{header, HeaderMap, HeaderName, HeaderValue};
 
-use crate::canonical;
-use crate::qb;
+use crate::gateway::canonical;
+use crate::quickblox;
 
 /// Headers that describe one connection, not the message; never forwarded
 /// in either direction (RFC 9110 §7.6.1), plus `Expect`'s kin that hyper
@@ -93,8 +93,9 @@ pub fn inbound(headers: &mut HeaderMap) -> Result<(), HeaderError> {
 /// `host` field beside it is a duplicate that nginx before 1.29 refuses
 /// with 400).
 pub fn outbound_request(headers: &mut HeaderMap) {
-    let ours =
-        |k: &HeaderName| k == header::EXPECT || k.as_str().starts_with(qb::QBPROXY_HEADER_PREFIX);
+    let ours = |k: &HeaderName| {
+        k == header::EXPECT || k.as_str().starts_with(quickblox::QBPROXY_HEADER_PREFIX)
+    };
     if headers.keys().any(ours) {
         let names: Vec<HeaderName> = headers.keys().filter(|k| ours(k)).cloned().collect();
         for name in names {
@@ -125,7 +126,8 @@ pub fn outbound_response(headers: &mut HeaderMap) {
             headers.remove(name);
         }
     }
-    let token = |k: &HeaderName| canonical::same_header_name(k.as_str(), qb::QB_TOKEN.as_str());
+    let token =
+        |k: &HeaderName| canonical::same_header_name(k.as_str(), quickblox::QB_TOKEN.as_str());
     if headers.keys().any(token) {
         let names: Vec<HeaderName> = headers.keys().filter(|k| token(k)).cloned().collect();
         for name in names {

@@ -16,9 +16,9 @@ use tokio::sync::{Notify, Semaphore};
 use tokio::time::{timeout_at, Instant};
 
 use crate::config::Strategy;
-use crate::error::ProxyError;
-use crate::metrics::IdentityMetrics;
+use crate::proxy::error::ProxyError;
 use crate::session::{Identity, Session, Unavailable};
+use crate::telemetry::metrics::IdentityMetrics;
 
 pub struct Pool {
     name: String,
@@ -341,11 +341,11 @@ fn sticky_index(client: &HeaderValue, n: usize) -> usize {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::credentials::IdentityKind;
-    use crate::metrics::Metrics;
+    use crate::quickblox::credentials::IdentityKind;
     use crate::session::{
         Attempt, BoxFuture, HeldTokens, Info, NewSession, Policy, SessionError, Source,
     };
+    use crate::telemetry::metrics::Metrics;
     use std::time::Duration;
 
     #[test]

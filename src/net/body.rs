@@ -24,7 +24,7 @@ use http_body_util::BodyExt;
 use hyper::body::Incoming;
 use tokio::time::{sleep_until, timeout_at, Instant, Sleep};
 
-use crate::overrides::{Found, Scanner};
+use crate::gateway::overrides::{Found, Scanner};
 use crate::upstream::Lease;
 
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
@@ -50,7 +50,7 @@ pub enum Body {
     /// a replay): bounded in size and time, and scanned for `_method`.
     Client(Box<ClientBody>),
     /// A response whose access event is written when it is done.
-    Logged(Box<crate::access_log::Logged>),
+    Logged(Box<crate::proxy::access_log::Logged>),
 }
 
 /// Why a client's body was cut off on its way upstream. The upstream
