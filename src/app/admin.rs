@@ -236,7 +236,7 @@ fn status_json(s: &Status) -> serde_json::Value {
         "user_id": s.session.as_ref().map(|x| x.user_id),
         "token": s.session.as_ref().map(|x| x.token.clone()),
         // Shared with the fleet ([cluster]), or this replica's own.
-        "source": s.session.as_ref().map(|x| if x.fleet > 0 { "cluster" } else { "local" }),
+        "source": s.session.as_ref().map(|x| if x.fleet.is_some() { "cluster" } else { "local" }),
         "created_at": s.session.as_ref().map(|x| rfc3339(x.created_at)),
         "expires_at": s.session.as_ref().and_then(|x| x.expires_at).map(rfc3339),
         "renewals": renewals,

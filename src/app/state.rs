@@ -20,6 +20,7 @@ use std::sync::Mutex;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use crate::cluster::Vault;
+use crate::quickblox::credentials::Secret;
 use crate::session::{Attempt, BoxFuture, Held, NewSession, Origin, Reason, SessionError, Source};
 
 /// A restored session is used only if it has at least this long to live.
@@ -96,8 +97,8 @@ impl StateFile {
             out.insert(
                 fingerprint,
                 Held {
-                    token: e.token,
-                    fleet: 0,
+                    token: Secret::new(e.token),
+                    fleet: None,
                     expires_at,
                     user_id: e.user_id,
                     public: e.public,
@@ -115,7 +116,7 @@ impl StateFile {
         };
         for (fingerprint, held) in sessions {
             let entry = Entry {
-                token: held.token.clone(),
+                token: held.token.expose().to_owned(),
                 user_id: held.user_id,
                 expires_ms: crate::cluster::unix_ms(held.expires_at),
                 public: held.public.clone(),
@@ -204,8 +205,8 @@ mod tests {
 
     fn held(token: &str, left: Duration) -> Held {
         Held {
-            token: token.into(),
-            fleet: 0,
+            token: Secret::new(token),
+            fleet: None,
             expires_at: SystemTime::now() + left,
             user_id: 7,
             public: serde_json::Map::new(),
@@ -241,7 +242,7 @@ mod tests {
 
         let loaded = file.load();
         assert_eq!(loaded.len(), 1, "the lapsing one is dropped");
-        assert_eq!(loaded["fp-a"].token, "tok-aaaaaaaaaaaa");
+        assert_eq!(loaded["fp-a"].token.expose(), "tok-aaaaaaaaaaaa");
         assert_eq!(loaded["fp-a"].user_id, 7);
 
         assert!(StateFile::new(&path, b"another secret").load().is_empty());

@@ -37,6 +37,7 @@
 //! expiry to the fleet, adopts a newer session, and publishes its own when
 //! the fleet holds none, so the fleet converges after Redis comes back.
 
+use std::num::NonZeroU64;
 use std::time::{Duration, SystemTime};
 
 use tokio::time::Instant;
@@ -97,7 +98,7 @@ impl FleetSource {
     ) -> Result<Result<NewSession, SessionError>, Down> {
         let fp = &self.fingerprint;
         let cluster = &self.cluster;
-        let dead_token = attempt.refused.as_ref().map(|h| h.token.as_str());
+        let dead_token = attempt.refused.as_ref().map(|h| h.token.expose());
         let forced = attempt.reason == Reason::Forced;
         if forced {
             cluster.clear_aside(fp).await?;
@@ -237,7 +238,7 @@ impl FleetSource {
         // If Redis fails here the session is still good: this replica keeps
         // it as its own.
         if let Ok(Some(generation)) = self.cluster.store(fp, owner, &stored).await {
-            new.fleet = generation;
+            new.fleet = NonZeroU64::new(generation);
         }
         Ok(Ok(new))
     }
@@ -250,8 +251,9 @@ impl FleetSource {
         stored: &Stored,
         dead_token: Option<&str>,
     ) -> Option<NewSession> {
-        let held = attempt.held.as_ref().map(|h| h.token.as_str());
-        let other = dead_token != Some(stored.token.as_str()) && held != Some(&stored.token);
+        let held = attempt.held.as_ref().map(|h| h.token.expose());
+        let stored_token = stored.token.expose();
+        let other = dead_token != Some(stored_token) && held != Some(stored_token);
         other.then(|| adopt(stored))
     }
 
@@ -312,7 +314,7 @@ impl FleetSource {
                 }
             }
         };
-        let refused = attempt.refused.as_ref().map(|h| h.token.as_str());
+        let refused = attempt.refused.as_ref().map(|h| h.token.expose());
         match held {
             // The same session: the latest expiry any replica saw wins.
             Some(h) if h.token == stored.token => {
@@ -331,7 +333,7 @@ impl FleetSource {
             // QuickBlox refused the stored session here, and this replica
             // made its own meanwhile (Redis was away): its own replaces the
             // stored one, unless another replica's did first.
-            Some(h) if refused == Some(stored.token.as_str()) => {
+            Some(h) if refused == Some(stored.token.expose()) => {
                 let generation = self
                     .cluster
                     .replace(fp, stored.generation, &to_store(h))
@@ -364,7 +366,7 @@ fn joined(h: &Held, generation: u64) -> NewSession {
             .duration_since(SystemTime::now())
             .unwrap_or_default(),
         public: h.public.clone(),
-        fleet: generation,
+        fleet: NonZeroU64::new(generation),
         origin: Origin::Created,
         // The fleet shares sessions only; API keys are never wrapped.
         scheme: Scheme::QbToken,
@@ -381,7 +383,7 @@ fn adopt(stored: &Stored) -> NewSession {
             .duration_since(SystemTime::now())
             .unwrap_or_default(),
         public: stored.public.clone(),
-        fleet: stored.generation,
+        fleet: NonZeroU64::new(stored.generation),
         origin: Origin::Fleet,
         scheme: Scheme::QbToken,
     }

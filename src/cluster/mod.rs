@@ -94,7 +94,7 @@ pub struct Stored {
     pub generation: u64,
     /// When it lapses unless used again (the latest any replica saw).
     pub expires: SystemTime,
-    pub token: String,
+    pub token: crate::quickblox::credentials::Secret,
     pub user_id: u64,
     pub public: serde_json::Map<String, serde_json::Value>,
 }
@@ -453,7 +453,7 @@ impl Cluster {
         Ok(Some(Stored {
             generation,
             expires,
-            token: sealed.token,
+            token: crate::quickblox::credentials::Secret::new(sealed.token),
             user_id: sealed.user_id,
             public: sealed.public,
         }))
@@ -676,7 +676,7 @@ impl Cluster {
 
     fn seal(&self, key: &str, session: &Stored) -> Option<Vec<u8>> {
         let plain = serde_json::to_vec(&Sealed {
-            token: session.token.clone(),
+            token: session.token.expose().to_owned(),
             user_id: session.user_id,
             public: session.public.clone(),
         })

@@ -13,7 +13,7 @@ use std::time::Duration;
 
 /// A credential read from the config, the environment, a file or a command.
 /// Its `Debug` never shows the value.
-#[derive(Clone, PartialEq, Eq)]
+#[derive(Clone, Default, PartialEq, Eq)]
 pub struct Secret(String);
 
 impl Secret {

@@ -2,10 +2,12 @@
 //! it answers.
 
 use std::future::Future;
+use std::num::NonZeroU64;
 use std::pin::Pin;
 use std::time::{Duration, SystemTime};
 
 use super::{Reason, SessionError};
+use crate::quickblox::credentials::Secret;
 
 pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
 
@@ -28,8 +30,9 @@ pub struct Attempt {
 /// What a source may know of the session a replica holds.
 #[derive(Debug, Clone)]
 pub struct Held {
-    pub token: String,
-    pub fleet: u64,
+    pub token: Secret,
+    /// Its generation in the fleet (`[cluster]`); `None`: this replica's own.
+    pub fleet: Option<NonZeroU64>,
     pub expires_at: SystemTime,
     pub user_id: u64,
     /// QuickBlox's public fields of it.
@@ -68,15 +71,16 @@ pub trait Source: Send + Sync + 'static {
 /// What a [`Source`] returns: a fresh token and what QuickBlox said of it.
 #[derive(Debug, Clone, Default)]
 pub struct NewSession {
-    pub token: String,
+    /// Redacted in `Debug`, as every credential.
+    pub token: Secret,
     pub user_id: u64,
     /// Time left before the session lapses if unused.
     pub lifetime: Duration,
     /// The session object QuickBlox returned, without its token (see
     /// [`public_fields`]): what `GET /session.json` is answered with.
     pub public: serde_json::Map<String, serde_json::Value>,
-    /// Its generation in the fleet (`[cluster]`); 0: this replica's own.
-    pub fleet: u64,
+    /// Its generation in the fleet (`[cluster]`); `None`: this replica's own.
+    pub fleet: Option<NonZeroU64>,
     /// Created now, or taken from elsewhere (no creation).
     pub origin: Origin,
     /// How the token goes on a request.
@@ -130,7 +134,7 @@ impl ApiKeySource {
 impl Source for ApiKeySource {
     fn create(&self, _attempt: Attempt) -> BoxFuture<'_, Result<NewSession, SessionError>> {
         let session = NewSession {
-            token: self.key.expose().to_owned(),
+            token: self.key.clone(),
             user_id: self.on_behalf_of.unwrap_or(0),
             lifetime: API_KEY_LIFETIME,
             scheme: Scheme::ApiKey,

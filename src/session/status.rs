@@ -56,8 +56,8 @@ pub struct SessionStatus {
     /// A prefix only.
     pub token: String,
     pub generation: u64,
-    /// Its fleet generation; 0: this replica's own.
-    pub fleet: u64,
+    /// Its fleet generation; `None`: this replica's own.
+    pub fleet: Option<std::num::NonZeroU64>,
     pub created_at: SystemTime,
     /// When it lapses unless used; `None` for an API key, which never does.
     pub expires_at: Option<SystemTime>,

@@ -11,6 +11,8 @@ use http::HeaderValue;
 use rand::Rng;
 use tokio::time::{sleep_until, Instant};
 
+use crate::quickblox::credentials::Secret;
+
 use super::*;
 
 /// What readers see: a usable session, the last failure, or both (a
@@ -222,7 +224,7 @@ fn attempt_for(shared: &Shared, reason: Reason, refused: &mut Option<Held>) -> A
 pub(super) fn held_of(shared: &Shared, s: &Session) -> Held {
     let now = Instant::now();
     Held {
-        token: s.token.to_str().unwrap_or("").to_owned(),
+        token: Secret::new(s.token.to_str().unwrap_or("")),
         fleet: s.fleet(),
         expires_at: SystemTime::now() + expires(shared, s).saturating_duration_since(now),
         user_id: s.user_id,
@@ -251,7 +253,7 @@ fn accept(
     let name = shared.info.name.as_str();
     let now_ms = millis(shared.epoch.elapsed());
     if let Some(held) = old.session.as_ref().filter(|s| {
-        s.token.as_bytes() == new.token.as_bytes()
+        s.token.as_bytes() == new.token.expose().as_bytes()
             && s.user_id == new.user_id
             && s.scheme() == new.scheme
             && shared.dead.load(Ordering::Acquire) < s.generation
@@ -260,8 +262,8 @@ fn accept(
             now_ms.saturating_add(millis(new.lifetime)),
             Ordering::AcqRel,
         );
-        if new.fleet != 0 {
-            held.fleet.store(new.fleet, Ordering::Release);
+        if let Some(fleet) = new.fleet {
+            held.fleet.store(fleet.get(), Ordering::Release);
         }
         tracing::debug!(
             identity = name,
@@ -281,7 +283,7 @@ fn accept(
         );
         return Ok(());
     }
-    let mut token = HeaderValue::from_str(&new.token)
+    let mut token = HeaderValue::from_str(new.token.expose())
         .map_err(|_| SessionError::BadResponse("the token is not a valid header value".into()))?;
     token.set_sensitive(true);
     *generation += 1;
@@ -305,7 +307,7 @@ fn accept(
         created_ms: now_ms,
         expires_at_ms: AtomicU64::new(now_ms.saturating_add(millis(new.lifetime))),
         touched_ms: AtomicU64::new(now_ms),
-        fleet: AtomicU64::new(new.fleet),
+        fleet: AtomicU64::new(new.fleet.map_or(0, |g| g.get())),
     });
     if new.origin != Origin::Created {
         let from = match new.origin {

@@ -40,7 +40,7 @@ impl Source for Arc<Script> {
                 .pop_front()
                 .unwrap_or(Ok(quickblox::SESSION_LIFETIME));
             outcome.map(|lifetime| NewSession {
-                token: format!("token-{n}"),
+                token: crate::quickblox::credentials::Secret::new(format!("token-{n}")),
                 user_id: 7,
                 lifetime,
                 ..NewSession::default()

@@ -112,9 +112,10 @@ impl Session {
         &self.public
     }
 
-    /// Its generation in the fleet; 0: this replica's own.
-    pub fn fleet(&self) -> u64 {
-        self.fleet.load(Ordering::Acquire)
+    /// Its generation in the fleet; `None`: this replica's own (held as 0 in
+    /// the atomic, which a fleet generation never is).
+    pub fn fleet(&self) -> Option<std::num::NonZeroU64> {
+        std::num::NonZeroU64::new(self.fleet.load(Ordering::Acquire))
     }
 
     /// A short prefix of the token, safe for logs.

@@ -17,6 +17,7 @@ use super::{Client, SendError};
 use crate::config::{QuickbloxConfig, UpstreamConfig};
 use crate::net::body::Body;
 use crate::quickblox;
+use crate::quickblox::credentials::Secret;
 use crate::quickblox::credentials::{Credentials, SecretSource};
 use crate::quickblox::signer::{self, Params};
 use crate::session::{ApiKeyHeaders, Attempt, BoxFuture, NewSession, SessionError, Source};
@@ -366,7 +367,7 @@ fn parse_session(answer: &Answer) -> Result<NewSession, SessionError> {
     let mut public = crate::session::public_fields(&env.session.rest);
     public.insert("user_id".into(), user_id.into());
     Ok(NewSession {
-        token: env.session.token,
+        token: Secret::new(env.session.token),
         user_id,
         lifetime,
         public,
