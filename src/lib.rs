@@ -22,6 +22,6 @@ pub mod telemetry;
 pub mod upstream;
 
 pub use app::reload::{ReloadError, Summary};
-pub use app::{App, Handle, Listeners, StartError};
+pub use app::{App, Handle, Listeners, NotReady, StartError};
 pub use config::Config;
 pub use session::pool::Pool;

@@ -57,10 +57,26 @@ pub struct Listeners {
 /// after the config itself was accepted.
 #[derive(Debug, thiserror::Error)]
 pub enum StartError {
+    /// The Redis client could not be made from `[cluster]` (its errors
+    /// never hold the URL: it is parsed and checked at load).
     #[error("cannot set up the cluster's Redis client: {0}")]
-    Cluster(String),
+    Cluster(#[source] redis::RedisError),
     #[error("cannot set up TLS to the upstream: {0}")]
     Tls(std::io::Error),
+}
+
+/// Why the default target cannot serve now: what `/readyz` answers 503 with.
+#[derive(Debug, thiserror::Error)]
+pub enum NotReady {
+    /// The default identity holds no session; the last creation's failure,
+    /// if one failed.
+    #[error("no session yet: {}", match .0 {
+        Some(e) => e.to_string(),
+        None => "creating one".to_owned(),
+    })]
+    NoSession(Option<Arc<crate::session::SessionError>>),
+    #[error("every member of pool {0:?} is set aside")]
+    PoolSetAside(String),
 }
 
 /// A configured proxy, not yet serving.
@@ -132,7 +148,7 @@ impl App {
                     config.quickblox.auth_secret.expose().as_bytes(),
                     &metrics,
                 )
-                .map_err(|e| StartError::Cluster(format!("{:?}", e.kind())))?,
+                .map_err(StartError::Cluster)?,
             ),
             None => None,
         };
@@ -543,19 +559,13 @@ impl Handle {
         }
     }
 
-    /// Whether the default target can serve now (`/readyz`).
-    pub fn is_ready(&self) -> Result<(), String> {
+    /// Whether the default target can serve now (`/readyz`), or why not.
+    pub fn is_ready(&self) -> Result<(), NotReady> {
         match self.shared.live.load().default_target() {
             Target::Identity(identity) if identity.current().is_some() => Ok(()),
-            Target::Identity(identity) => Err(match identity.last_failure() {
-                Some(e) => format!("no session yet: {e}"),
-                None => "no session yet: creating one".to_owned(),
-            }),
+            Target::Identity(identity) => Err(NotReady::NoSession(identity.last_failure())),
             Target::Pool(pool) if pool.serviceable() => Ok(()),
-            Target::Pool(pool) => Err(format!(
-                "every member of pool {:?} is set aside",
-                pool.name()
-            )),
+            Target::Pool(pool) => Err(NotReady::PoolSetAside(pool.name().to_owned())),
         }
     }
 

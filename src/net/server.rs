@@ -96,11 +96,10 @@ impl Conn {
         self.local
     }
 
-    /// True the first time `event` (one of the `*_ONCE` bits, such as
-    /// [`TOKEN_REPLACED`]) is reported on this connection: for what is
-    /// logged once per connection.
-    pub fn first(&self, event: u8) -> bool {
-        self.state.noted.fetch_or(event, Ordering::AcqRel) & event == 0
+    /// True the first time `event` is reported on this connection: for
+    /// what a handler logs once per connection.
+    pub fn first(&self, event: OncePerConnection) -> bool {
+        self.state.noted.fetch_or(event.0, Ordering::AcqRel) & event.0 == 0
     }
 
     /// Closes the connection once the answers in flight are sent
@@ -139,8 +138,18 @@ struct ConnState {
     noted: AtomicU8,
 }
 
-/// A client's own `QB-Token` was replaced (see [`Conn::first`]).
-pub const TOKEN_REPLACED: u8 = 1;
+/// An event a handler reports at most once per connection
+/// ([`Conn::first`]): one of eight bits, each handler naming its own.
+#[derive(Debug, Clone, Copy)]
+pub struct OncePerConnection(u8);
+
+impl OncePerConnection {
+    /// Event number `n`, below 8.
+    pub const fn nth(n: u8) -> Self {
+        assert!(n < 8, "a connection notes eight events");
+        OncePerConnection(1 << n)
+    }
+}
 
 /// A response body's stamp once it is done.
 const DONE: u64 = u64::MAX;

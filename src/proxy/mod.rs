@@ -50,12 +50,16 @@ use crate::app::live::Live;
 use crate::app::worker;
 use crate::gateway::overrides::{self, Found};
 use crate::gateway::route::{self, Target};
-use crate::net::server::Conn;
+use crate::net::server::{Conn, OncePerConnection};
 use crate::quickblox;
 use crate::session::pool::Pool;
 use crate::session::{HeldTokens, Identity, Scheme, Session, Unavailable};
 use crate::telemetry::metrics::{IdentityMetrics, Metrics};
 use crate::upstream::{Lease, SendError};
+
+/// A client sent credentials of its own, which were replaced: logged once
+/// per connection.
+const TOKEN_REPLACED: OncePerConnection = OncePerConnection::nth(0);
 
 /// A cheap-to-clone handle on the forwarding state.
 #[derive(Clone)]
@@ -203,7 +207,7 @@ impl Proxy {
             // sends its own key, acts as the shared identity from here on:
             // make that visible.
             counted.metrics.client_token_replaced();
-            if conn.first(crate::net::server::TOKEN_REPLACED) {
+            if conn.first(TOKEN_REPLACED) {
                 tracing::info!(
                     peer = %conn.peer(),
                     client = client.map_or("", |c| &*c.name),
