@@ -17,7 +17,6 @@ use subtle::ConstantTimeEq;
 
 use crate::config::{ClientConfig, Config, PathRule, TargetId};
 use crate::gateway::canonical;
-use crate::proxy::error::ProxyError;
 use crate::telemetry::metrics::{CodeCounter, Metrics};
 
 /// The client's API key; stripped before forwarding like every `QBProxy-*`.
@@ -71,13 +70,13 @@ impl Gate {
         peer: IpAddr,
         headers: &HeaderMap,
         size: usize,
-    ) -> Result<Option<&ApiClient>, ProxyError> {
+    ) -> Result<Option<&ApiClient>, Refusal> {
         let peer = peer.to_canonical();
         if !self.allow.is_empty() && !self.allow.iter().any(|net| net.contains(&peer)) {
-            return Err(ProxyError::SourceNotAllowed(peer));
+            return Err(Refusal::SourceNotAllowed(peer));
         }
         if size > self.max_header_bytes {
-            return Err(ProxyError::HeaderTooLarge {
+            return Err(Refusal::HeaderTooLarge {
                 size,
                 limit: self.max_header_bytes,
             });
@@ -85,10 +84,13 @@ impl Gate {
         if self.clients.is_empty() {
             return Ok(None);
         }
+        // `QBProxy_Key` is never read (nor forwarded): point its sender at
+        // the spelling it meant.
+        let misspelt = headers.keys().any(|n| {
+            n.as_str().contains('_') && canonical::same_header_name(n.as_str(), KEY_HEADER.as_str())
+        });
         let Some(key) = headers.get(KEY_HEADER) else {
-            return Err(ProxyError::Unauthorized(
-                "this proxy needs a QBProxy-Key header".into(),
-            ));
+            return Err(Refusal::NoKey { misspelt });
         };
         let digest: [u8; 20] = Sha1::digest(key.as_bytes()).into();
         // Every client is compared, so the time taken does not say which
@@ -99,12 +101,11 @@ impl Gate {
                 found = Some(client);
             }
         }
-        let client =
-            found.ok_or_else(|| ProxyError::Unauthorized("the QBProxy-Key is not valid".into()))?;
+        let client = found.ok_or(Refusal::BadKey { misspelt })?;
         if let Some(bucket) = &client.bucket {
             let mut bucket = bucket.lock().unwrap_or_else(|p| p.into_inner());
             if let Err(retry_after) = bucket.take(Instant::now()) {
-                return Err(ProxyError::RateLimited {
+                return Err(Refusal::RateLimited {
                     client: client.name.to_string(),
                     retry_after,
                 });
@@ -161,14 +162,14 @@ impl ApiClient {
         name: &str,
         method: &Method,
         path: &str,
-    ) -> Result<(), ProxyError> {
+    ) -> Result<(), Refusal> {
         if let Some(ids) = &self.identities {
             if !ids.iter().any(|(t, _)| *t == target) {
-                return Err(ProxyError::Forbidden(format!(
-                    "client {:?} may not use identity {name:?}; it may use: {}",
-                    self.name,
-                    self.allowed_names().unwrap_or_default()
-                )));
+                return Err(Refusal::Identity {
+                    client: self.name.to_string(),
+                    target: name.to_owned(),
+                    allowed: self.allowed_names().unwrap_or_default(),
+                });
             }
         }
         if self.deny_paths.is_empty() && self.allow_paths.is_empty() {
@@ -176,19 +177,66 @@ impl ApiClient {
         }
         let key = canonical::route_key(path);
         if let Some(rule) = self.deny_paths.iter().find(|r| r.matches(method, &key)) {
-            return Err(ProxyError::Forbidden(format!(
-                "client {:?} may not {method} {path} (deny_paths rule {:?})",
-                self.name, rule.text
-            )));
+            return Err(Refusal::DeniedPath {
+                client: self.name.to_string(),
+                method: method.clone(),
+                path: path.to_owned(),
+                rule: rule.text.clone(),
+            });
         }
         if !self.allow_paths.is_empty() && !self.allow_paths.iter().any(|r| r.matches(method, &key))
         {
-            return Err(ProxyError::Forbidden(format!(
-                "client {:?} may not {method} {path} (no allow_paths rule matches)",
-                self.name
-            )));
+            return Err(Refusal::NoAllowedPath {
+                client: self.name.to_string(),
+                method: method.clone(),
+                path: path.to_owned(),
+            });
         }
         Ok(())
+    }
+}
+
+/// Why the gate refused a request; the proxy's edge (`proxy::error`) turns
+/// it into a status and a `QBProxy-Error` code.
+#[derive(Debug, thiserror::Error)]
+pub enum Refusal {
+    #[error("{0} is not in listen.allow")]
+    SourceNotAllowed(IpAddr),
+    #[error("request headers are {size} bytes; the limit is {limit}")]
+    HeaderTooLarge { size: usize, limit: usize },
+    /// `misspelt`: a `QBProxy_Key` header was sent (and ignored).
+    #[error("this proxy needs a QBProxy-Key header{}", misspelt_hint(*.misspelt))]
+    NoKey { misspelt: bool },
+    #[error("the QBProxy-Key is not valid{}", misspelt_hint(*.misspelt))]
+    BadKey { misspelt: bool },
+    #[error("client {client:?} is over its rate limit; retry in {retry_after}s")]
+    RateLimited { client: String, retry_after: u64 },
+    #[error("client {client:?} may not use identity {target:?}; it may use: {allowed}")]
+    Identity {
+        client: String,
+        target: String,
+        allowed: String,
+    },
+    #[error("client {client:?} may not {method} {path} (deny_paths rule {rule:?})")]
+    DeniedPath {
+        client: String,
+        method: Method,
+        path: String,
+        rule: String,
+    },
+    #[error("client {client:?} may not {method} {path} (no allow_paths rule matches)")]
+    NoAllowedPath {
+        client: String,
+        method: Method,
+        path: String,
+    },
+}
+
+fn misspelt_hint(misspelt: bool) -> &'static str {
+    if misspelt {
+        " (a header spelt with '_' was ignored: write QBProxy-Key)"
+    } else {
+        ""
     }
 }
 

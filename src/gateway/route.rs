@@ -9,7 +9,6 @@ use std::sync::Arc;
 use http::{HeaderName, HeaderValue};
 
 use crate::config::{Config, TargetId};
-use crate::proxy::error::ProxyError;
 use crate::session::pool::Pool;
 use crate::session::Identity;
 
@@ -34,6 +33,14 @@ impl Target<'_> {
             Target::Pool(p) => p.name(),
         }
     }
+}
+
+/// A `QBProxy-Identity` that names no identity or pool: the name sent (at
+/// most 64 characters) and every valid one.
+#[derive(Debug)]
+pub struct UnknownTarget {
+    pub name: String,
+    pub valid: String,
 }
 
 pub struct Router {
@@ -80,12 +87,12 @@ impl Router {
         &self,
         named: Option<&HeaderValue>,
         path: &'p str,
-    ) -> Result<(TargetId, &'p str), ProxyError> {
+    ) -> Result<(TargetId, &'p str), UnknownTarget> {
         if let Some(name) = named {
             let name = name.to_str().unwrap_or("");
             return match self.names.get(name) {
                 Some(t) => Ok((*t, path)),
-                None => Err(ProxyError::UnknownIdentity {
+                None => Err(UnknownTarget {
                     name: name.chars().take(64).collect(),
                     valid: self.valid.clone(),
                 }),

@@ -8,11 +8,12 @@ use std::time::Duration;
 
 use http::{header, HeaderValue, Method, Response, StatusCode};
 
+use crate::gateway::access;
 use crate::gateway::canonical::{self, BadPath};
 use crate::net::body::Body;
 use crate::proxy::headers::HeaderError;
 use crate::quickblox;
-use crate::session::SessionError;
+use crate::session::{pool, SessionError};
 
 #[derive(Debug, thiserror::Error)]
 pub enum ProxyError {
@@ -55,22 +56,12 @@ pub enum ProxyError {
     BadRequest(String),
     #[error("unknown identity {name:?}; valid names: {valid}")]
     UnknownIdentity { name: String, valid: String },
-    #[error("all {size} members of pool {pool:?} are busy")]
-    PoolBusy { pool: String, size: usize },
-    #[error(
-        "every member of pool {pool:?} ({size}) is set aside: QuickBlox refused their credentials"
-    )]
-    PoolUnavailable { pool: String, size: usize },
-    #[error("{0}")]
-    Forbidden(String),
-    #[error("{0} is not in listen.allow")]
-    SourceNotAllowed(std::net::IpAddr),
-    #[error("{0}")]
-    Unauthorized(String),
-    #[error("client {client:?} is over its rate limit; retry in {retry_after}s")]
-    RateLimited { client: String, retry_after: u64 },
-    #[error("request headers are {size} bytes; the limit is {limit}")]
-    HeaderTooLarge { size: usize, limit: usize },
+    /// Refused by a pool (`session::pool`).
+    #[error(transparent)]
+    Pool(#[from] pool::Refusal),
+    /// Refused at the gate (`gateway::access`).
+    #[error(transparent)]
+    Access(#[from] access::Refusal),
     #[error("request body is over the limit of {0} bytes")]
     BodyTooLarge(u64),
     #[error("{0}")]
@@ -99,15 +90,23 @@ impl ProxyError {
             | ProxyError::BadPath(_) => StatusCode::BAD_REQUEST,
             ProxyError::MethodNotAllowed(_) => StatusCode::METHOD_NOT_ALLOWED,
             ProxyError::BodyTimeout(_) => StatusCode::REQUEST_TIMEOUT,
-            ProxyError::PoolBusy { .. }
-            | ProxyError::PoolUnavailable { .. }
-            | ProxyError::UpstreamBusy { .. } => StatusCode::SERVICE_UNAVAILABLE,
-            ProxyError::Forbidden(_) | ProxyError::SourceNotAllowed(_) => StatusCode::FORBIDDEN,
-            ProxyError::Unauthorized(_) => StatusCode::UNAUTHORIZED,
-            ProxyError::RateLimited { .. } | ProxyError::UpstreamRateLimited { .. } => {
-                StatusCode::TOO_MANY_REQUESTS
+            ProxyError::Pool(_) | ProxyError::UpstreamBusy { .. } => {
+                StatusCode::SERVICE_UNAVAILABLE
             }
-            ProxyError::HeaderTooLarge { .. } => StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
+            ProxyError::Access(r) => match r {
+                access::Refusal::SourceNotAllowed(_)
+                | access::Refusal::Identity { .. }
+                | access::Refusal::DeniedPath { .. }
+                | access::Refusal::NoAllowedPath { .. } => StatusCode::FORBIDDEN,
+                access::Refusal::NoKey { .. } | access::Refusal::BadKey { .. } => {
+                    StatusCode::UNAUTHORIZED
+                }
+                access::Refusal::RateLimited { .. } => StatusCode::TOO_MANY_REQUESTS,
+                access::Refusal::HeaderTooLarge { .. } => {
+                    StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE
+                }
+            },
+            ProxyError::UpstreamRateLimited { .. } => StatusCode::TOO_MANY_REQUESTS,
             ProxyError::BodyTooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
         }
     }
@@ -131,19 +130,26 @@ impl ProxyError {
             ProxyError::BadRequest(_) => "bad-request",
             ProxyError::Header(_) => "bad-header",
             ProxyError::UnknownIdentity { .. } => "unknown-identity",
-            ProxyError::PoolBusy { .. } => "pool-busy",
-            ProxyError::PoolUnavailable { .. } => "pool-unavailable",
-            ProxyError::Forbidden(_) | ProxyError::SourceNotAllowed(_) => "forbidden",
-            ProxyError::Unauthorized(_) => "unauthorized",
-            ProxyError::RateLimited { .. } => "rate-limited",
-            ProxyError::HeaderTooLarge { .. } => "header-too-large",
+            ProxyError::Pool(pool::Refusal::Busy { .. }) => "pool-busy",
+            ProxyError::Pool(pool::Refusal::Unavailable { .. }) => "pool-unavailable",
+            ProxyError::Access(r) => match r {
+                access::Refusal::SourceNotAllowed(_)
+                | access::Refusal::Identity { .. }
+                | access::Refusal::DeniedPath { .. }
+                | access::Refusal::NoAllowedPath { .. } => "forbidden",
+                access::Refusal::NoKey { .. } | access::Refusal::BadKey { .. } => "unauthorized",
+                access::Refusal::RateLimited { .. } => "rate-limited",
+                access::Refusal::HeaderTooLarge { .. } => "header-too-large",
+            },
             ProxyError::BodyTooLarge(_) => "body-too-large",
         }
     }
 
     pub fn into_response(self) -> Response<Body> {
         let retry_after = match &self {
-            ProxyError::RateLimited { retry_after, .. } => Some(*retry_after),
+            ProxyError::Access(access::Refusal::RateLimited { retry_after, .. }) => {
+                Some(*retry_after)
+            }
             ProxyError::UpstreamRateLimited { .. } => Some(1),
             _ => None,
         };

@@ -160,12 +160,11 @@ impl Proxy {
         {
             Ok(client) => client,
             Err(e) => {
-                if matches!(e, ProxyError::SourceNotAllowed(_)) {
+                if matches!(e, access::Refusal::SourceNotAllowed(_)) {
                     // Nothing else will be served on this connection.
                     conn.close();
                 }
-                let e = hint_misspelt_key(e, &parts.headers);
-                return finish(&log, Err(e), Counted::nobody(unrouted), None);
+                return finish(&log, Err(e.into()), Counted::nobody(unrouted), None);
             }
         };
         if let Err(e) = forwardable {
@@ -263,7 +262,7 @@ impl Proxy {
                             .await;
                         finish(&log, result, Counted::identity(identity), client)
                     }
-                    Err(e) => finish(&log, Err(e), Counted::pool(pool), client),
+                    Err(e) => finish(&log, Err(e.into()), Counted::pool(pool), client),
                 }
             }
         }
@@ -284,7 +283,7 @@ impl Proxy {
         let refuse = |e: ProxyError| (e, Some(target));
         if let Some(c) = client {
             c.permit(id, target.name(), &parts.method, &rest)
-                .map_err(refuse)?;
+                .map_err(|e| refuse(e.into()))?;
         }
         let method = &parts.method;
         let own_token = match live.client_token() {
@@ -374,15 +373,14 @@ impl Proxy {
             return Err(ProxyError::BodyTooLarge(live.gate.max_body_bytes));
         }
         let named = parts.headers.get(route::IDENTITY_HEADER);
-        let (mut target, rest) = live.router.route(named, &path).map_err(|e| {
-            match (e, client.and_then(|c| c.allowed_names())) {
-                // The names a restricted client may use, not every name.
-                (ProxyError::UnknownIdentity { name, .. }, Some(valid)) => {
-                    ProxyError::UnknownIdentity { name, valid }
-                }
-                (e, _) => e,
-            }
-        })?;
+        let (mut target, rest) =
+            live.router
+                .route(named, &path)
+                .map_err(|e| ProxyError::UnknownIdentity {
+                    // The names a restricted client may use, not every name.
+                    valid: client.and_then(|c| c.allowed_names()).unwrap_or(e.valid),
+                    name: e.name,
+                })?;
         let prefixed = rest.len() != path.len();
         // A client limited to some identities acts as its first one unless
         // the request names another.
@@ -972,21 +970,6 @@ fn session_answer(method: &Method, path: &str, session: &Session) -> Response<Bo
         HeaderValue::from_static("session"),
     );
     resp
-}
-
-/// Points a client that sent `QBProxy_Key` (which is never read, and
-/// never forwarded) at the spelling it meant.
-fn hint_misspelt_key(e: ProxyError, headers: &HeaderMap) -> ProxyError {
-    let misspelt = |n: &HeaderName| {
-        n.as_str().contains('_')
-            && canonical::same_header_name(n.as_str(), access::KEY_HEADER.as_str())
-    };
-    match e {
-        ProxyError::Unauthorized(msg) if headers.keys().any(misspelt) => ProxyError::Unauthorized(
-            format!("{msg} (a header spelt with '_' was ignored: write QBProxy-Key)"),
-        ),
-        e => e,
-    }
 }
 
 enum Checked {

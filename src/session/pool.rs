@@ -16,7 +16,6 @@ use tokio::sync::{Notify, Semaphore};
 use tokio::time::{timeout_at, Instant};
 
 use crate::config::Strategy;
-use crate::proxy::error::ProxyError;
 use crate::session::{Identity, Session, Unavailable};
 use crate::telemetry::metrics::IdentityMetrics;
 
@@ -45,6 +44,18 @@ struct Member {
     in_flight: AtomicUsize,
     /// Wakes one sticky waiter for this member when it frees a slot.
     released: Notify,
+}
+
+/// Why a pool could not lend a member to a request; the proxy's edge
+/// (`proxy::error`) turns it into a 503 and a `QBProxy-Error` code.
+#[derive(Debug, thiserror::Error)]
+pub enum Refusal {
+    #[error("all {size} members of pool {pool:?} are busy")]
+    Busy { pool: String, size: usize },
+    #[error(
+        "every member of pool {pool:?} ({size}) is set aside: QuickBlox refused their credentials"
+    )]
+    Unavailable { pool: String, size: usize },
 }
 
 /// A pool's limit on session creations in flight at once
@@ -176,7 +187,7 @@ impl Pool {
         self: &Arc<Self>,
         client: Option<&HeaderValue>,
         deadline: Instant,
-    ) -> Result<Lease, ProxyError> {
+    ) -> Result<Lease, Refusal> {
         loop {
             let busy = match self.claimed(self.try_claim(client))? {
                 Ok(lease) => return Ok(lease),
@@ -195,7 +206,7 @@ impl Pool {
                 return Ok(lease);
             }
             if timeout_at(deadline, released).await.is_err() {
-                return Err(ProxyError::PoolBusy {
+                return Err(Refusal::Busy {
                     pool: self.name.clone(),
                     size: self.members.len(),
                 });
@@ -205,7 +216,7 @@ impl Pool {
 
     /// A lease for a claimed member (started if it was idle), the member a
     /// busy request waits for, or the pool's refusal.
-    fn claimed(self: &Arc<Self>, claim: Claim) -> Result<Result<Lease, Option<usize>>, ProxyError> {
+    fn claimed(self: &Arc<Self>, claim: Claim) -> Result<Result<Lease, Option<usize>>, Refusal> {
         match claim {
             Claim::Got(index) => {
                 self.members[index].identity.start();
@@ -215,7 +226,7 @@ impl Pool {
                 }))
             }
             Claim::Busy(member) => Ok(Err(member)),
-            Claim::AllSetAside => Err(ProxyError::PoolUnavailable {
+            Claim::AllSetAside => Err(Refusal::Unavailable {
                 pool: self.name.clone(),
                 size: self.members.len(),
             }),
@@ -230,7 +241,7 @@ impl Pool {
         self: &Arc<Self>,
         client: Option<&HeaderValue>,
         deadline: Instant,
-    ) -> Result<(Lease, Result<Arc<Session>, Unavailable>), ProxyError> {
+    ) -> Result<(Lease, Result<Arc<Session>, Unavailable>), Refusal> {
         // Each move follows a member turning set aside (never claimed again)
         // or failing (claimed only when all are); the bound is a backstop.
         let mut moves = self.members.len();
