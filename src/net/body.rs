@@ -49,8 +49,71 @@ pub enum Body {
     /// A client's request body streaming upstream (it was not buffered for
     /// a replay): bounded in size and time, and scanned for `_method`.
     Client(Box<ClientBody>),
-    /// A response whose access event is written when it is done.
-    Logged(Box<crate::proxy::access_log::Logged>),
+    /// A body whose end is reported to a hook ([`Body::on_end`]).
+    Watched(Box<Watched>),
+}
+
+/// How a [`Body::on_end`] body ended.
+#[derive(Debug, Clone, Copy)]
+pub struct Ended {
+    /// Data bytes it yielded.
+    pub bytes: u64,
+    /// It reached its end; false if it was dropped first (the peer went
+    /// away) or failed.
+    pub complete: bool,
+}
+
+/// A body and the hook told how it ended, once: at its end or when it is
+/// dropped (a body never polled but empty, as for HEAD, 204 or 304, is
+/// complete).
+pub struct Watched {
+    body: Body,
+    bytes: u64,
+    ended: bool,
+    hook: Option<Box<dyn FnOnce(Ended) + Send>>,
+}
+
+impl Watched {
+    fn poll_frame(&mut self, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        let polled = Pin::new(&mut self.body).poll_frame(cx);
+        match &polled {
+            Poll::Ready(Some(Ok(frame))) => {
+                if let Some(data) = frame.data_ref() {
+                    self.bytes += data.len() as u64;
+                }
+                if self.body.is_end_stream() {
+                    self.ended = true;
+                }
+            }
+            Poll::Ready(None) => self.ended = true,
+            Poll::Ready(Some(Err(_))) | Poll::Pending => {}
+        }
+        polled
+    }
+}
+
+impl Drop for Watched {
+    fn drop(&mut self) {
+        if let Some(hook) = self.hook.take() {
+            hook(Ended {
+                bytes: self.bytes,
+                complete: self.ended || self.body.is_end_stream(),
+            });
+        }
+    }
+}
+
+impl Body {
+    /// This body, telling `hook` how it ended (the access log writes a
+    /// request's event then).
+    pub fn on_end(self, hook: impl FnOnce(Ended) + Send + 'static) -> Body {
+        Body::Watched(Box::new(Watched {
+            body: self,
+            bytes: 0,
+            ended: false,
+            hook: Some(Box::new(hook)),
+        }))
+    }
 }
 
 /// Why a client's body was cut off on its way upstream. The upstream
@@ -304,7 +367,7 @@ impl HttpBody for Body {
                 }
             },
             Body::Client(c) => c.poll_next(cx),
-            Body::Logged(l) => l.poll_frame(cx),
+            Body::Watched(w) => w.poll_frame(cx),
         }
     }
 
@@ -314,7 +377,7 @@ impl HttpBody for Body {
             Body::Stream { body, .. } => body.is_end_stream(),
             Body::Chain { head, tail, .. } => head.is_none() && tail.is_end_stream(),
             Body::Client(c) => c.head.is_empty() && c.tail.is_end_stream(),
-            Body::Logged(l) => l.is_end_stream(),
+            Body::Watched(w) => w.body.is_end_stream(),
         }
     }
 
@@ -324,7 +387,7 @@ impl HttpBody for Body {
             Body::Stream { body, .. } => body.size_hint(),
             Body::Chain { head, tail, .. } => size_hint(head.iter(), tail),
             Body::Client(c) => size_hint(c.head.iter(), &c.tail),
-            Body::Logged(l) => l.size_hint(),
+            Body::Watched(w) => w.body.size_hint(),
         }
     }
 }

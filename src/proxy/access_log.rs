@@ -17,18 +17,15 @@
 
 use std::fmt;
 use std::net::SocketAddr;
-use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, OnceLock};
-use std::task::{Context, Poll};
+
 use std::time::Duration;
 
-use bytes::Bytes;
 use http::{HeaderValue, Method, Uri};
-use http_body::{Body as HttpBody, Frame, SizeHint};
 use tokio::time::Instant;
 
-use crate::net::body::{Body, BoxError, CutFlag};
+use crate::net::body::CutFlag;
 use crate::session::pool::Pool;
 use crate::session::Identity;
 
@@ -199,7 +196,7 @@ impl Entry {
         }
     }
 
-    fn write(&self, bytes_out: u64, complete: bool) {
+    pub fn write(&self, bytes_out: u64, complete: bool) {
         let (identity, pool) = match &self.who {
             Who::Nobody => (None, None),
             Who::Identity(i) => (Some(i.name()), i.info().pool.as_deref()),
@@ -261,63 +258,6 @@ impl fmt::Display for Masked<'_> {
             }
         }
         Ok(())
-    }
-}
-
-/// A response body that writes the request's access event when it is
-/// done: at its end, or when dropped early (the client went away:
-/// `complete=false`).
-pub struct Logged {
-    body: Body,
-    entry: Entry,
-    bytes_out: u64,
-    ended: bool,
-}
-
-impl Logged {
-    pub fn new(body: Body, entry: Entry) -> Logged {
-        Logged {
-            body,
-            entry,
-            bytes_out: 0,
-            ended: false,
-        }
-    }
-
-    pub fn poll_frame(
-        &mut self,
-        cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
-        let polled = Pin::new(&mut self.body).poll_frame(cx);
-        match &polled {
-            Poll::Ready(Some(Ok(frame))) => {
-                if let Some(data) = frame.data_ref() {
-                    self.bytes_out += data.len() as u64;
-                }
-                if self.body.is_end_stream() {
-                    self.ended = true;
-                }
-            }
-            Poll::Ready(None) => self.ended = true,
-            Poll::Ready(Some(Err(_))) | Poll::Pending => {}
-        }
-        polled
-    }
-
-    pub fn is_end_stream(&self) -> bool {
-        self.body.is_end_stream()
-    }
-
-    pub fn size_hint(&self) -> SizeHint {
-        self.body.size_hint()
-    }
-}
-
-impl Drop for Logged {
-    fn drop(&mut self) {
-        // A body never polled (HEAD, 204, 304) but empty is complete too.
-        let complete = self.ended || self.body.is_end_stream();
-        self.entry.write(self.bytes_out, complete);
     }
 }
 

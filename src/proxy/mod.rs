@@ -41,7 +41,7 @@ use crate::net::body::{
     self, Body, BodyLimits, Budget, Buffered, ClientBody, ClientRead, Cut, CutFlag, ReadError,
     Reservation,
 };
-use crate::proxy::access_log::{Entry, Logged, Trace, Unanswered, Who};
+use crate::proxy::access_log::{Entry, Trace, Unanswered, Who};
 use crate::proxy::error::ProxyError;
 use crate::quickblox::credentials::IdentityKind;
 use crate::upstream::fair::{FairSlots, Holder};
@@ -863,7 +863,7 @@ fn finish(
                 status.as_u16(),
                 resp.headers().get(quickblox::QBPROXY_ERROR).cloned(),
             );
-            resp.map(|body| Body::Logged(Box::new(Logged::new(body, entry))))
+            resp.map(|body| body.on_end(move |end| entry.write(end.bytes, end.complete)))
         }
     }
 }
