@@ -140,14 +140,14 @@ async fn every_request_gets_one_event_with_who_what_and_how_long() {
 #[tokio::test]
 async fn access_false_writes_no_events_and_a_reload_turns_them_on() {
     let logs = common::capture_logs();
-    let off = setup().set("log", "access", "false");
+    let off = setup().set("log", "access", false);
     let h = off.start().await;
     h.ready().await;
     assert_eq!(h.get("/users/1002.json?quiet").await.status, StatusCode::OK);
     // The proxy's own line for the same moment is there; no access event.
     assert!(events(&logs, &["path=\"/users/1002.json\""]).is_empty());
 
-    let on = setup().set("log", "access", "true");
+    let on = setup().set("log", "access", true);
     let config = Config::from_toml(&on.config_text(&h.sim), Path::new("r.toml")).unwrap();
     h.handle.reload(config).await.unwrap();
     assert_eq!(h.get("/users/1002.json?loud").await.status, StatusCode::OK);

@@ -21,8 +21,8 @@ use tokio::time::Instant;
 fn replica(sim: &Sim, redis: &RedisServer) -> Setup {
     setup()
         .sim(sim.clone())
-        .set("cluster", "redis_url", &format!("{:?}", redis.url()))
-        .set("quickblox", "session_timeout", "\"5s\"")
+        .set("cluster", "redis_url", redis.url())
+        .set("quickblox", "session_timeout", Duration::from_secs(5))
 }
 
 async fn three(setups: [Setup; 3]) -> [Harness; 3] {
@@ -157,7 +157,7 @@ async fn short_lived_sim() -> Sim {
 }
 
 fn renewing_replica(sim: &Sim, redis: &RedisServer) -> Setup {
-    replica(sim, redis).set("quickblox", "renew_before", "\"3s\"")
+    replica(sim, redis).set("quickblox", "renew_before", Duration::from_secs(3))
 }
 
 async fn renewing_fleet(sim: &Sim, redis: &RedisServer) -> [Harness; 3] {
@@ -426,9 +426,9 @@ async fn upstream_rate_is_enforced_fleet_wide() {
     let redis = RedisServer::start().await;
     let sim = demo_sim().await;
     let rated = |s: Setup| {
-        s.set("upstream", "rate", "100")
-            .set("upstream", "burst", "20")
-            .set("upstream", "rate_wait", "\"200ms\"")
+        s.set("upstream", "rate", 100)
+            .set("upstream", "burst", 20)
+            .set("upstream", "rate_wait", Duration::from_millis(200))
     };
     let fleet = three([
         rated(replica(&sim, &redis)),
@@ -485,9 +485,9 @@ async fn upstream_rate_is_enforced_fleet_wide() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn without_cluster_the_rate_is_enforced_locally() {
     let h = setup()
-        .set("upstream", "rate", "50")
-        .set("upstream", "burst", "10")
-        .set("upstream", "rate_wait", "\"100ms\"")
+        .set("upstream", "rate", 50)
+        .set("upstream", "burst", 10)
+        .set("upstream", "rate_wait", Duration::from_millis(100))
         .start()
         .await;
     h.ready().await;
@@ -515,9 +515,9 @@ async fn session_creations_count_against_the_rate() {
     // One request every ten seconds, no burst: the first session creation
     // takes the only turn there is.
     let h = setup()
-        .set("upstream", "rate", "0.1")
-        .set("upstream", "burst", "1")
-        .set("upstream", "rate_wait", "\"1s\"")
+        .set("upstream", "rate", 0.1)
+        .set("upstream", "burst", 1)
+        .set("upstream", "rate_wait", Duration::from_secs(1))
         .start()
         .await;
     h.ready().await;
@@ -618,8 +618,8 @@ async fn a_hung_redis_costs_requests_at_most_redis_timeout() {
     // A rate (far above the load) puts Redis on every request's path;
     // requests time out after 3 s, far above redis_timeout (250 ms).
     let rated = |s: Setup| {
-        s.set("upstream", "rate", "100000")
-            .set("upstream", "timeout", "\"3s\"")
+        s.set("upstream", "rate", 100000)
+            .set("upstream", "timeout", Duration::from_secs(3))
     };
     let fleet = three([
         rated(replica(&sim, &redis)),
@@ -652,9 +652,9 @@ async fn without_redis_each_replica_keeps_its_share_of_the_rate() {
     let mut redis = RedisServer::start().await;
     let sim = demo_sim().await;
     let rated = |s: Setup| {
-        s.set("upstream", "rate", "30")
-            .set("upstream", "burst", "3")
-            .set("upstream", "rate_wait", "\"100ms\"")
+        s.set("upstream", "rate", 30)
+            .set("upstream", "burst", 3)
+            .set("upstream", "rate_wait", Duration::from_millis(100))
     };
     let fleet = three([
         rated(replica(&sim, &redis)),
@@ -706,7 +706,7 @@ fn a_lock_holder_that_dies_mid_creation_is_taken_over_after_its_lease() {
         let sim = demo_sim().await;
         // The default lease (3 s): renewed while A lives, out 3 s after A
         // dies. Creation may take up to 10 s, longer than the lease.
-        let short = |s: Setup| s.set("quickblox", "session_timeout", "\"10s\"");
+        let short = |s: Setup| s.set("quickblox", "session_timeout", Duration::from_secs(10));
         let a = a_rt
             .spawn(short(replica(&sim, &redis)).start())
             .await
@@ -792,7 +792,7 @@ fn a_lock_holder_that_dies_mid_creation_is_taken_over_after_its_lease() {
 async fn a_creation_slower_than_the_lease_keeps_its_lock() {
     let redis = RedisServer::start().await;
     let sim = demo_sim().await;
-    let slow = |s: Setup| s.set("cluster", "lock_ttl", "\"900ms\"");
+    let slow = |s: Setup| s.set("cluster", "lock_ttl", Duration::from_millis(900));
     let (a, b) = tokio::join!(
         slow(replica(&sim, &redis)).start(),
         slow(replica(&sim, &redis)).start()
@@ -950,7 +950,7 @@ async fn the_redis_password_never_shows() {
         .set(
             "cluster",
             "redis_url",
-            "\"redis://:hunter2-redis-pw@127.0.0.1:9/0\"",
+            "redis://:hunter2-redis-pw@127.0.0.1:9/0",
         )
         .start()
         .await;

@@ -1,6 +1,7 @@
 //! The gateway's access control and limits.
 
 use crate::common;
+use std::time::Duration;
 
 use crate::common::{bounded, keep_alive_get, raw, setup};
 use bytes::Bytes;
@@ -23,14 +24,14 @@ fn status_of(resp: &str) -> u16 {
 #[tokio::test]
 async fn the_allowlist_admits_ipv4_and_ipv6_sources_and_refuses_others() {
     let h = setup()
-        .set("listen", "allow", "[\"10.0.0.0/8\", \"127.0.0.1/32\"]")
+        .set("listen", "allow", ["10.0.0.0/8", "127.0.0.1/32"])
         .start()
         .await;
     h.ready().await;
     assert_eq!(h.get("/users.json").await.status, StatusCode::OK);
 
     let h = setup()
-        .set("listen", "allow", "[\"10.0.0.0/8\", \"fd00::/8\"]")
+        .set("listen", "allow", ["10.0.0.0/8", "fd00::/8"])
         .start()
         .await;
     h.ready().await;
@@ -50,14 +51,14 @@ async fn the_allowlist_admits_ipv4_and_ipv6_sources_and_refuses_others() {
     // IPv6: the proxy on [::1].
     let h = setup()
         .bind("[::1]:0")
-        .set("listen", "allow", "[\"::1/128\"]")
+        .set("listen", "allow", ["::1/128"])
         .start()
         .await;
     h.ready().await;
     assert_eq!(h.get("/users.json").await.status, StatusCode::OK);
     let h = setup()
         .bind("[::1]:0")
-        .set("listen", "allow", "[\"127.0.0.0/8\", \"fd00::/8\"]")
+        .set("listen", "allow", ["127.0.0.0/8", "fd00::/8"])
         .start()
         .await;
     h.ready().await;
@@ -236,7 +237,7 @@ fn request_with_header_bytes(total: usize) -> String {
 #[tokio::test]
 async fn header_size_limit_at_the_boundary() {
     let h = setup()
-        .set("limits", "max_header_bytes", "2048")
+        .set("limits", "max_header_bytes", 2048)
         .start()
         .await;
     h.ready().await;
@@ -256,8 +257,8 @@ async fn header_size_limit_at_the_boundary() {
 #[tokio::test]
 async fn body_size_limit_at_the_boundary_declared_or_streamed() {
     let h = setup()
-        .set("limits", "max_body_bytes", "4096")
-        .set("proxy", "replay_body_limit", "1024")
+        .set("limits", "max_body_bytes", 4096)
+        .set("proxy", "replay_body_limit", 1024)
         .start()
         .await;
     h.ready().await;
@@ -297,8 +298,8 @@ async fn body_size_limit_at_the_boundary_declared_or_streamed() {
 
     // ...and when the replay buffer is larger than the limit, refused whole.
     let h = setup()
-        .set("limits", "max_body_bytes", "4096")
-        .set("proxy", "replay_body_limit", "65536")
+        .set("limits", "max_body_bytes", 4096)
+        .set("proxy", "replay_body_limit", 65536)
         .start()
         .await;
     h.ready().await;
@@ -316,7 +317,7 @@ async fn body_size_limit_at_the_boundary_declared_or_streamed() {
 #[tokio::test]
 async fn an_upstream_slower_than_the_timeout_gives_504() {
     let h = setup()
-        .set("upstream", "timeout", "\"300ms\"")
+        .set("upstream", "timeout", Duration::from_millis(300))
         .start()
         .await;
     h.ready().await;
@@ -333,7 +334,7 @@ async fn an_upstream_slower_than_the_timeout_gives_504() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn connections_past_the_limit_wait_instead_of_being_starved() {
-    let h = setup().set("limits", "max_connections", "2").start().await;
+    let h = setup().set("limits", "max_connections", 2).start().await;
     h.ready().await;
     let mut a = TcpStream::connect(h.proxy).await.unwrap();
     let mut b = TcpStream::connect(h.proxy).await.unwrap();
@@ -362,7 +363,7 @@ async fn connections_past_the_limit_wait_instead_of_being_starved() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn slowloris_and_malformed_clients_are_cut_off_without_harming_others() {
     let h = setup()
-        .set("limits", "header_read_timeout", "\"300ms\"")
+        .set("limits", "header_read_timeout", Duration::from_millis(300))
         .start()
         .await;
     h.ready().await;
@@ -421,8 +422,8 @@ async fn slowloris_and_malformed_clients_are_cut_off_without_harming_others() {
 #[tokio::test]
 async fn an_idle_keep_alive_connection_outlives_the_header_timeout_until_keepalive_timeout() {
     let h = setup()
-        .set("limits", "header_read_timeout", "\"150ms\"")
-        .set("limits", "keepalive_timeout", "\"2s\"")
+        .set("limits", "header_read_timeout", Duration::from_millis(150))
+        .set("limits", "keepalive_timeout", Duration::from_secs(2))
         .start()
         .await;
     h.ready().await;
@@ -457,8 +458,8 @@ async fn an_idle_keep_alive_connection_outlives_the_header_timeout_until_keepali
 #[tokio::test]
 async fn a_head_trickled_on_a_kept_alive_connection_is_cut_off_by_the_header_timeout() {
     let h = setup()
-        .set("limits", "header_read_timeout", "\"300ms\"")
-        .set("limits", "keepalive_timeout", "\"1h\"")
+        .set("limits", "header_read_timeout", Duration::from_millis(300))
+        .set("limits", "keepalive_timeout", Duration::from_secs(3600))
         .start()
         .await;
     h.ready().await;
@@ -494,7 +495,7 @@ async fn a_head_trickled_on_a_kept_alive_connection_is_cut_off_by_the_header_tim
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn upstream_requests_in_flight_are_capped_and_requests_over_the_cap_wait_their_turn() {
-    let h = setup().set("upstream", "max_in_flight", "2").start().await;
+    let h = setup().set("upstream", "max_in_flight", 2).start().await;
     h.ready().await;
     let gate = h.sim.gate("/slow");
     let sent: Vec<_> = (0..6)

@@ -1,6 +1,7 @@
 //! Start-up, admin endpoints, graceful shutdown, and what logs may show.
 
 use crate::common;
+use std::time::Duration;
 
 use crate::common::{bounded, setup};
 use bytes::Bytes;
@@ -87,10 +88,10 @@ async fn shutdown_stops_accepting_and_lets_the_request_in_flight_finish() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn shutdown_closes_idle_keep_alive_connections_at_once() {
     let mut h = setup()
-        .set("listen", "shutdown_grace", "\"600s\"")
-        .set("limits", "header_read_timeout", "\"600s\"")
-        .set("limits", "keepalive_timeout", "\"600s\"")
-        .set("limits", "send_timeout", "\"600s\"")
+        .set("listen", "shutdown_grace", Duration::from_secs(600))
+        .set("limits", "header_read_timeout", Duration::from_secs(600))
+        .set("limits", "keepalive_timeout", Duration::from_secs(600))
+        .set("limits", "send_timeout", Duration::from_secs(600))
         .start()
         .await;
     h.ready().await;
@@ -147,7 +148,7 @@ async fn shutdown_closes_idle_keep_alive_connections_at_once() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_shutdown_says_not_ready_first_then_drains_busy_connections() {
     let mut h = setup()
-        .set("listen", "shutdown_delay", "\"1s\"")
+        .set("listen", "shutdown_delay", Duration::from_secs(1))
         .start()
         .await;
     h.ready().await;
@@ -234,7 +235,7 @@ async fn a_shutdown_says_not_ready_first_then_drains_busy_connections() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn during_the_shutdown_delay_clients_are_moved_off_without_a_close_under_a_request() {
     let mut h = setup()
-        .set("listen", "shutdown_delay", "\"2s\"")
+        .set("listen", "shutdown_delay", Duration::from_secs(2))
         .start()
         .await;
     h.ready().await;
@@ -304,11 +305,7 @@ async fn a_restart_with_a_state_file_logs_nobody_in_again() {
     let with_state = || {
         setup()
             .sim(sim.clone())
-            .set(
-                "state",
-                "file",
-                &format!("{:?}", file.display().to_string()),
-            )
+            .set("state", "file", &file)
             .identity("name = \"demo\"\nlogin = \"demo\"\npassword = \"demo-password\"\n")
             .identity("name = \"other\"\nlogin = \"other\"\npassword = \"other-password\"\n")
             .pool_table("name = \"p\"\nidentities = [\"other\"]\n")

@@ -228,7 +228,7 @@ async fn max_in_flight_spreads_load_and_busy_pools_answer_503() {
         .sim(sim)
         .identity(DEMO)
         .pool_table("name = \"load\"\nlogin = \"loadtest-{n}\"\ncount = 2\npassword = \"pw-{n}\"\nmax_in_flight = 1\n")
-        .set("upstream", "timeout", "\"1s\"")
+        .set("upstream", "timeout", Duration::from_secs(1))
         .start()
         .await;
     h.ready().await;
@@ -283,7 +283,7 @@ async fn max_in_flight_spreads_load_and_busy_pools_answer_503() {
 }
 
 /// A pool of three listed members; "flaky" is loadtest-2 (user 100,002).
-async fn pool_with_a_flaky_member(retry: &str) -> common::Harness {
+async fn pool_with_a_flaky_member(retry: Duration) -> common::Harness {
     let h = setup()
         .sim(sim_with_users(3).await)
         .identity(DEMO)
@@ -314,7 +314,7 @@ fn served_by(sim: &Sim, query: &str) -> u64 {
 #[tokio::test]
 async fn a_failing_member_is_passed_over_while_the_others_serve() {
     // No retry within the test: "flaky" stays failing throughout.
-    let h = pool_with_a_flaky_member("\"1h\"").await;
+    let h = pool_with_a_flaky_member(Duration::from_secs(3600)).await;
     for i in 1..=30 {
         let a = h.get_as("load", &format!("/users.json?i={i}")).await;
         assert_eq!(a.status, StatusCode::OK, "request {i}: {}", a.text());
@@ -343,7 +343,7 @@ async fn a_failing_member_is_passed_over_while_the_others_serve() {
 async fn a_request_on_a_failing_member_moves_on_rather_than_wait_for_its_retry() {
     // "flaky" retries after 100 ms and then succeeds, well within retry_wait
     // (10 s): a lone identity's request would wait for that retry.
-    let h = pool_with_a_flaky_member("\"100ms\"").await;
+    let h = pool_with_a_flaky_member(Duration::from_millis(100)).await;
     let a = h.get_as("load", "/users.json?i=1").await;
     assert_eq!(a.status, StatusCode::OK, "{}", a.text());
     assert_eq!(served_by(&h.sim, "i=1"), 100_003);
@@ -364,8 +364,8 @@ async fn when_every_member_is_failing_the_request_gets_the_failure() {
         .sim(sim_with_users(2).await)
         .identity(DEMO)
         .pool_table("name = \"load\"\nlogin = \"loadtest-{n}\"\ncount = 2\npassword = \"pw-{n}\"\n")
-        .set("quickblox", "retry_initial", "\"1h\"")
-        .set("quickblox", "retry_max", "\"1h\"")
+        .set("quickblox", "retry_initial", Duration::from_secs(3600))
+        .set("quickblox", "retry_max", Duration::from_secs(3600))
         .start()
         .await;
     h.ready().await;

@@ -131,9 +131,9 @@ async fn redis(dir: &Dir, extra: &[&str]) -> Proc {
 fn replica_of(sim: &Sim, url: &str, prefix: &str) -> Setup {
     setup()
         .sim(sim.clone())
-        .set("cluster", "redis_url", &format!("{url:?}"))
-        .set("cluster", "key_prefix", &format!("{prefix:?}"))
-        .set("quickblox", "session_timeout", "\"5s\"")
+        .set("cluster", "redis_url", url)
+        .set("cluster", "key_prefix", prefix)
+        .set("quickblox", "session_timeout", Duration::from_secs(5))
 }
 
 async fn three(sim: &Sim, url: &str, prefix: &str) -> [Harness; 3] {
@@ -394,9 +394,9 @@ async fn redis_over_tls_with_a_client_certificate() {
     let sim = demo_sim().await;
     let with_certs = |prefix: &str| {
         replica_of(&sim, &url, prefix)
-            .set("cluster", "ca_file", &format!("{ca_file:?}"))
-            .set("cluster", "cert_file", &format!("{client_cert:?}"))
-            .set("cluster", "key_file", &format!("{client_key:?}"))
+            .set("cluster", "ca_file", &ca_file)
+            .set("cluster", "cert_file", &client_cert)
+            .set("cluster", "key_file", &client_key)
     };
     let (a, b, c) = tokio::join!(
         with_certs("tls-test").start(),
@@ -414,7 +414,7 @@ async fn redis_over_tls_with_a_client_certificate() {
     // The CA but no client certificate: refused by Redis; the replica
     // still serves, alone.
     let alone = replica_of(&sim, &url, "tls-no-cert")
-        .set("cluster", "ca_file", &format!("{ca_file:?}"))
+        .set("cluster", "ca_file", &ca_file)
         .start()
         .await;
     alone.ready().await;

@@ -2,6 +2,7 @@
 //! itself is tested on the binary in `cli.rs`).
 
 use crate::common;
+use std::time::Duration;
 
 use std::path::Path;
 
@@ -77,7 +78,7 @@ async fn client_keys_allowlist_and_limits_change_at_once() {
     // Key B added, key A removed, bodies limited.
     let next = setup()
         .raw_table(&client("b", KEY_B))
-        .set("limits", "max_body_bytes", "100");
+        .set("limits", "max_body_bytes", 100);
     h.handle.reload(config(&h, next)).await.unwrap();
     assert_eq!(
         h.send(Method::GET, "/x.json", &with(KEY_B), Bytes::new())
@@ -99,7 +100,7 @@ async fn client_keys_allowlist_and_limits_change_at_once() {
     // Only other hosts allowed.
     let closed = setup()
         .raw_table(&client("b", KEY_B))
-        .set("listen", "allow", "[\"10.0.0.0/8\"]");
+        .set("listen", "allow", ["10.0.0.0/8"]);
     h.handle.reload(config(&h, closed)).await.unwrap();
     assert_eq!(
         h.send(Method::GET, "/x.json", &with(KEY_B), Bytes::new())
@@ -157,7 +158,7 @@ async fn a_moved_listen_address_is_logged_as_needing_a_restart() {
     let h = setup().start().await;
     h.ready().await;
     h.handle
-        .reload(config(&h, setup().set("listen", "addr", "\"127.0.0.1:3\"")))
+        .reload(config(&h, setup().set("listen", "addr", "127.0.0.1:3")))
         .await
         .unwrap();
     assert!(
@@ -171,13 +172,13 @@ async fn a_moved_listen_address_is_logged_as_needing_a_restart() {
 
 /// Resolves once `n` requests in all have had to wait for an upstream slot.
 async fn slot_waits(h: &common::Harness, n: u64) {
-    h.metric_reaches("qbproxy_upstream_slot_waits_total ", n)
+    h.metric_reaches("qbproxy_upstream_slot_waits_total", n)
         .await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn requests_in_flight_across_a_reload_count_against_one_upstream_cap() {
-    let capped = || setup().identity(DEMO).set("upstream", "max_in_flight", "2");
+    let capped = || setup().identity(DEMO).set("upstream", "max_in_flight", 2);
     let h = capped().start().await;
     h.ready().await;
     let gate = h.sim.gate("/slow");
@@ -199,8 +200,8 @@ async fn requests_in_flight_across_a_reload_count_against_one_upstream_cap() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_reload_shrinks_and_grows_the_upstream_cap() {
-    let capped = |n: &str| setup().identity(DEMO).set("upstream", "max_in_flight", n);
-    let h = capped("3").start().await;
+    let capped = |n: u64| setup().identity(DEMO).set("upstream", "max_in_flight", n);
+    let h = capped(3).start().await;
     h.ready().await;
     let gate = h.sim.gate("/slow");
     let held: Vec<_> = (0..3)
@@ -208,7 +209,7 @@ async fn a_reload_shrinks_and_grows_the_upstream_cap() {
         .collect();
     h.sim.wait_until(|s| s.requests_to("/slow") >= 3).await;
     // Down to 1 while all 3 slots are taken: they go as their requests end.
-    h.handle.reload(config(&h, capped("1"))).await.unwrap();
+    h.handle.reload(config(&h, capped(1))).await.unwrap();
     gate.add_permits(3);
     for s in held {
         assert_eq!(bounded("a held request", s).await.unwrap().status, 200);
@@ -227,7 +228,7 @@ async fn a_reload_shrinks_and_grows_the_upstream_cap() {
     .await;
     assert_eq!(h.sim.requests_to("/later"), 1, "one slot left");
     // Up to 2: the next waiting request goes at once.
-    h.handle.reload(config(&h, capped("2"))).await.unwrap();
+    h.handle.reload(config(&h, capped(2))).await.unwrap();
     bounded(
         "a second slot",
         h.sim.wait_until(|s| s.requests_to("/later") >= 2),
@@ -247,16 +248,16 @@ async fn a_reload_shrinks_and_grows_the_upstream_cap() {
 
 #[tokio::test]
 async fn a_reload_applies_the_retry_policy_to_identities_that_stay() {
-    let with_wait = |wait: &str| {
+    let with_wait = |wait: Duration| {
         setup()
             .identity(DEMO)
-            .set("quickblox", "retry_initial", "\"50ms\"")
+            .set("quickblox", "retry_initial", Duration::from_millis(50))
             .set("quickblox", "retry_wait", wait)
     };
-    let h = with_wait("\"0s\"").start().await;
+    let h = with_wait(Duration::ZERO).start().await;
     h.ready().await;
     h.handle
-        .reload(config(&h, with_wait("\"10s\"")))
+        .reload(config(&h, with_wait(Duration::from_secs(10))))
         .await
         .unwrap();
     // The session dies and the next two creations fail: with the reloaded
@@ -276,7 +277,7 @@ async fn a_reload_applies_the_retry_policy_to_identities_that_stay() {
 /// could not be taken back at once used to return to the pool).
 #[tokio::test]
 async fn a_smaller_connection_cap_holds_once_busy_connections_finish() {
-    let h = setup().set("limits", "max_connections", "4").start().await;
+    let h = setup().set("limits", "max_connections", 4).start().await;
     h.ready().await;
     let gate = h.sim.gate("/held");
     let held = |proxy| {
@@ -288,7 +289,7 @@ async fn a_smaller_connection_cap_holds_once_busy_connections_finish() {
     let busy: Vec<_> = (0..3).map(|_| held(h.proxy)).collect();
     h.sim.wait_until(|s| s.held_at_gates() == 3).await;
     h.handle
-        .reload(config(&h, setup().set("limits", "max_connections", "1")))
+        .reload(config(&h, setup().set("limits", "max_connections", 1)))
         .await
         .unwrap();
     // The fourth slot was taken before the reload, waiting for a client:
@@ -322,7 +323,7 @@ async fn a_smaller_connection_cap_holds_once_busy_connections_finish() {
 /// slot is busy (the accept loop used to see it only after one freed).
 #[tokio::test]
 async fn a_larger_connection_cap_applies_while_every_slot_is_busy() {
-    let h = setup().set("limits", "max_connections", "1").start().await;
+    let h = setup().set("limits", "max_connections", 1).start().await;
     h.ready().await;
     let gate = h.sim.gate("/held");
     let held = |proxy| {
@@ -335,7 +336,7 @@ async fn a_larger_connection_cap_applies_while_every_slot_is_busy() {
     h.sim.wait_until(|s| s.held_at_gates() == 1).await;
     let second = held(h.proxy);
     h.handle
-        .reload(config(&h, setup().set("limits", "max_connections", "2")))
+        .reload(config(&h, setup().set("limits", "max_connections", 2)))
         .await
         .unwrap();
     // The second client is served while the first is still held.
@@ -363,10 +364,7 @@ async fn the_upstream_client_and_its_connections_survive_a_reload() {
     let connections = h.sim.connections();
     let summary = h
         .handle
-        .reload(config(
-            &h,
-            setup().set("limits", "max_header_bytes", "4096"),
-        ))
+        .reload(config(&h, setup().set("limits", "max_header_bytes", 4096)))
         .await
         .unwrap();
     assert!(summary.client_kept);
@@ -382,7 +380,7 @@ async fn the_upstream_client_and_its_connections_survive_a_reload() {
         .handle
         .reload(config(
             &h,
-            setup().set("upstream", "pool_idle_timeout", "\"60s\""),
+            setup().set("upstream", "pool_idle_timeout", Duration::from_secs(60)),
         ))
         .await
         .unwrap();
@@ -410,13 +408,9 @@ async fn requests_are_answered_during_a_reload_and_reloads_run_one_at_a_time() {
     let secret = h.sim.config().auth_secret.clone();
     let first = setup()
         .pool_table("name = \"load\"\nlogin = \"lt-{n}\"\ncount = 20000\npassword = \"pw\"\n")
-        .set("limits", "max_header_bytes", "4096")
-        .set(
-            "quickblox",
-            "auth_secret_file",
-            &format!("{:?}", fifo.display().to_string()),
-        )
-        .set("quickblox", "auth_secret", "\"unused\"")
+        .set("limits", "max_header_bytes", 4096)
+        .set("quickblox", "auth_secret_file", &fifo)
+        .set("quickblox", "auth_secret", "unused")
         .config_text(&h.sim)
         .replace("auth_secret = \"unused\"\n", "");
     let file = dir.path().join("config.toml");
@@ -427,7 +421,7 @@ async fn requests_are_answered_during_a_reload_and_reloads_run_one_at_a_time() {
     });
     let second = tokio::spawn({
         let handle = h.handle.clone();
-        let next = config(&h, setup().set("limits", "max_header_bytes", "2048"));
+        let next = config(&h, setup().set("limits", "max_header_bytes", 2048));
         async move { handle.reload(next).await }
     });
     // The first reload is blocked reading the FIFO; traffic goes on.

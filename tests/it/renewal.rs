@@ -1,6 +1,7 @@
 //! Sessions: reactive renewal with replay, single flight, failures, skew.
 
 use crate::common;
+use std::time::Duration;
 
 use std::collections::HashSet;
 
@@ -72,7 +73,7 @@ async fn expiry_under_100_concurrent_requests_renews_once_and_loses_nothing() {
 #[tokio::test]
 async fn an_oversized_body_is_not_replayed_but_the_session_is_renewed() {
     let h = setup()
-        .set("proxy", "replay_body_limit", "1024")
+        .set("proxy", "replay_body_limit", 1024)
         .start()
         .await;
     h.ready().await;
@@ -116,7 +117,7 @@ async fn an_oversized_body_is_not_replayed_but_the_session_is_renewed() {
 #[tokio::test]
 async fn a_body_at_the_limit_is_replayed() {
     let h = setup()
-        .set("proxy", "replay_body_limit", "1024")
+        .set("proxy", "replay_body_limit", 1024)
         .start()
         .await;
     h.ready().await;
@@ -166,7 +167,7 @@ async fn with_retry_wait_zero_a_failing_session_endpoint_gives_a_prompt_503_then
     // did not wait for it.
     let h = setup()
         .sim(sim)
-        .set("quickblox", "retry_wait", "\"0s\"")
+        .set("quickblox", "retry_wait", Duration::from_secs(0))
         .start()
         .await;
     let a = h.get("/users.json").await;
@@ -200,7 +201,7 @@ async fn with_retry_wait_zero_a_failing_session_endpoint_gives_a_prompt_503_then
 #[tokio::test]
 async fn renewal_failing_after_expiry_explains_instead_of_passing_the_401_on() {
     let h = setup()
-        .set("quickblox", "retry_wait", "\"0s\"")
+        .set("quickblox", "retry_wait", Duration::from_secs(0))
         .start()
         .await;
     h.ready().await;
@@ -233,7 +234,7 @@ async fn each_kind_of_session_failure_has_its_status() {
 
     // A wrong auth secret: QuickBlox's "Unexpected signature".
     let h = setup()
-        .set("quickblox", "auth_secret", "\"not-the-secret\"")
+        .set("quickblox", "auth_secret", "not-the-secret")
         .start()
         .await;
     let a = h.get("/users.json").await;
@@ -254,7 +255,7 @@ async fn each_kind_of_session_failure_has_its_status() {
     };
     let h = setup()
         .upstream_url(&format!("http://{closed}"))
-        .set("quickblox", "retry_wait", "\"0s\"")
+        .set("quickblox", "retry_wait", Duration::from_secs(0))
         .start()
         .await;
     let a = h.get("/users.json").await;
@@ -270,8 +271,8 @@ async fn each_kind_of_session_failure_has_its_status() {
     sim.push_fault(Fault::Hang);
     let h = setup()
         .sim(sim)
-        .set("quickblox", "session_timeout", "\"300ms\"")
-        .set("quickblox", "retry_wait", "\"0s\"")
+        .set("quickblox", "session_timeout", Duration::from_millis(300))
+        .set("quickblox", "retry_wait", Duration::from_secs(0))
         .start()
         .await;
     let a = h.get("/users.json").await;
@@ -291,7 +292,7 @@ async fn a_request_never_waits_past_its_timeout_for_a_session() {
     sim.push_fault(Fault::Hang);
     let h = setup()
         .sim(sim)
-        .set("upstream", "timeout", "\"200ms\"")
+        .set("upstream", "timeout", Duration::from_millis(200))
         .start()
         .await;
     let a = h.get("/users.json").await;
@@ -344,7 +345,7 @@ async fn a_stale_refusal_does_not_renew_again() {
 #[tokio::test]
 async fn a_token_known_dead_is_not_injected_again() {
     let h = setup()
-        .set("proxy", "replay_body_limit", "1024")
+        .set("proxy", "replay_body_limit", 1024)
         .start()
         .await;
     h.ready().await;

@@ -98,7 +98,7 @@ async fn request_and_response_bodies_stream_through() {
     let sim = Sim::start(SimConfig::demo()).await.unwrap();
     let text = setup()
         .upstream_url(&url)
-        .set("proxy", "replay_body_limit", "1024")
+        .set("proxy", "replay_body_limit", 1024)
         .config_text(&sim);
     let h = common::start_app(sim, Config::from_toml(&text, Path::new("t")).unwrap()).await;
     h.ready().await;

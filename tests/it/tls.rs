@@ -2,6 +2,7 @@
 //! made here at run time (rcgen; RSA keys with the openssl command).
 
 use crate::common;
+use std::time::Duration;
 
 use std::path::Path;
 use std::sync::Arc;
@@ -92,22 +93,10 @@ async fn https_get(
 
 fn tls_setup(dir: &Dir, cert: &(String, String), client_ca: Option<&Ca>) -> common::Setup {
     let mut s = setup()
-        .set(
-            "listen",
-            "tls_cert",
-            &format!("{:?}", dir.write("server.crt", &cert.0)),
-        )
-        .set(
-            "listen",
-            "tls_key",
-            &format!("{:?}", dir.write("server.key", &cert.1)),
-        );
+        .set("listen", "tls_cert", dir.write("server.crt", &cert.0))
+        .set("listen", "tls_key", dir.write("server.key", &cert.1));
     if let Some(ca) = client_ca {
-        s = s.set(
-            "listen",
-            "client_ca",
-            &format!("{:?}", dir.write("client-ca.crt", &ca.pem)),
-        );
+        s = s.set("listen", "client_ca", dir.write("client-ca.crt", &ca.pem));
     }
     s
 }
@@ -217,7 +206,7 @@ async fn upstream_ca_file_trusts_a_private_upstream() {
     let ca = Ca::new("private upstream CA");
     let cert = ca.leaf(key(&rcgen::PKCS_ECDSA_P256_SHA256));
     let edge = tls_setup(&dir, &cert, None)
-        .set("proxy", "client_token", "\"keep\"")
+        .set("proxy", "client_token", "keep")
         .start()
         .await;
     edge.ready().await;
@@ -226,11 +215,7 @@ async fn upstream_ca_file_trusts_a_private_upstream() {
     let trusting = setup()
         .sim(edge.sim.clone())
         .upstream_url(&upstream)
-        .set(
-            "upstream",
-            "ca_file",
-            &format!("{:?}", dir.write("ca.crt", &ca.pem)),
-        )
+        .set("upstream", "ca_file", dir.write("ca.crt", &ca.pem))
         .start()
         .await;
     trusting.ready().await;
@@ -314,8 +299,8 @@ async fn over_tls_idle_connections_are_kept_and_trickled_heads_cut_off() {
     let ca = Ca::new("test CA");
     let cert = ca.leaf(key(&rcgen::PKCS_ECDSA_P256_SHA256));
     let h = tls_setup(&dir, &cert, None)
-        .set("limits", "header_read_timeout", "\"150ms\"")
-        .set("limits", "keepalive_timeout", "\"1h\"")
+        .set("limits", "header_read_timeout", Duration::from_millis(150))
+        .set("limits", "keepalive_timeout", Duration::from_secs(3600))
         .start()
         .await;
     h.ready().await;

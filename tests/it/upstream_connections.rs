@@ -5,6 +5,7 @@
 //! asserts what the upstream received, not only what the client saw.
 
 use crate::common;
+use std::time::Duration;
 
 use std::collections::BTreeMap;
 
@@ -24,7 +25,7 @@ const H1_OPENED: &str = "qbproxy_upstream_connections_opened_total{protocol=\"ht
 fn in_front_of(url: &str, edge: &Edge) -> Setup {
     setup()
         .upstream_url(url)
-        .set("upstream", "ca_file", &format!("{:?}", edge.ca_file()))
+        .set("upstream", "ca_file", edge.ca_file())
 }
 
 async fn nginx(sim: &qbproxy::sim::Sim, options: Options) -> Edge {
@@ -218,8 +219,8 @@ async fn pings_find_a_connection_a_load_balancer_dropped_silently() {
     let edge = nginx(&sim, Options::default()).await;
     let relay = Relay::start(([127, 0, 0, 1], edge.port).into()).await;
     let h = in_front_of(&format!("https://localhost:{}", relay.addr.port()), &edge)
-        .set("upstream", "ping_interval", "\"200ms\"")
-        .set("upstream", "ping_timeout", "\"300ms\"")
+        .set("upstream", "ping_interval", Duration::from_millis(200))
+        .set("upstream", "ping_timeout", Duration::from_millis(300))
         .sim(sim.clone())
         .start()
         .await;
@@ -263,10 +264,7 @@ async fn new_connections_resume_tls_sessions() {
 /// connections, the rest wait their turn, and all succeed.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn http1_connections_are_capped_and_kept_alive() {
-    let h = setup()
-        .set("upstream", "max_connections", "2")
-        .start()
-        .await;
+    let h = setup().set("upstream", "max_connections", 2).start().await;
     h.ready().await;
     let gate = h.sim.gate("/slow");
     let sent: Vec<_> = (0..6)
@@ -297,7 +295,7 @@ async fn http1_connections_are_capped_and_kept_alive() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn idle_connections_close_after_pool_idle_timeout() {
     let h = setup()
-        .set("upstream", "pool_idle_timeout", "\"1s\"")
+        .set("upstream", "pool_idle_timeout", Duration::from_secs(1))
         .start()
         .await;
     h.ready().await;
@@ -391,11 +389,7 @@ async fn a_refused_stream_is_sent_again_and_a_reset_one_is_not() {
     let dir = common::certs::Dir::new("scripted");
     let h = setup()
         .upstream_url(&format!("https://localhost:{}", addr.port()))
-        .set(
-            "upstream",
-            "ca_file",
-            &format!("{:?}", dir.write("ca.crt", &ca.pem)),
-        )
+        .set("upstream", "ca_file", dir.write("ca.crt", &ca.pem))
         .identity("name = \"svc\"\napi_key = \"demo-api-key\"\n")
         .start()
         .await;

@@ -72,7 +72,7 @@ async fn method_override_headers_are_refused_in_any_spelling() {
 #[tokio::test]
 async fn method_parameters_are_refused_in_the_query_and_in_form_bodies() {
     let h = setup()
-        .set("proxy", "replay_body_limit", "1024")
+        .set("proxy", "replay_body_limit", 1024)
         .start()
         .await;
     h.ready().await;
@@ -114,7 +114,7 @@ async fn a_method_parameter_deep_in_a_streamed_form_never_reaches_the_upstream_w
     // Past the replay limit the body streams; the scan goes with it and
     // cuts the request off before the chunk that holds `_method=`.
     let h = setup()
-        .set("proxy", "replay_body_limit", "1024")
+        .set("proxy", "replay_body_limit", 1024)
         .start()
         .await;
     h.ready().await;

@@ -76,7 +76,7 @@ async fn token_commands_run_without_qbproxys_environment() {
 }
 
 fn with_admin_token() -> common::Setup {
-    setup().set("admin", "token", "\"admin-token-0123456789\"")
+    setup().set("admin", "token", "admin-token-0123456789")
 }
 
 #[tokio::test]
@@ -200,7 +200,7 @@ async fn an_unknown_identity_lists_only_what_the_client_may_use() {
 #[tokio::test]
 async fn the_admin_listener_answers_only_its_own_names() {
     let h = setup()
-        .set("admin", "hosts", "[\"qbproxy-admin\"]")
+        .set("admin", "hosts", ["qbproxy-admin"])
         .start()
         .await;
     h.ready().await;

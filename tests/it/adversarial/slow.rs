@@ -17,7 +17,7 @@ async fn a_stalled_body_gets_408_and_holds_no_pool_member_meanwhile() {
     let h = setup()
         .identity(DEMO)
         .pool_table("name = \"load\"\nidentities = [\"demo\"]\nmax_in_flight = 1\n")
-        .set("limits", "body_read_timeout", "\"400ms\"")
+        .set("limits", "body_read_timeout", Duration::from_millis(400))
         .start()
         .await;
     // Headers and 2 bytes of a 100-byte body, then nothing.
@@ -45,8 +45,8 @@ async fn a_trickling_body_is_cut_off_at_the_request_deadline() {
     // Each byte comes well within body_read_timeout, but the whole request
     // must fit in upstream.timeout.
     let h = setup()
-        .set("limits", "body_read_timeout", "\"5s\"")
-        .set("upstream", "timeout", "\"600ms\"")
+        .set("limits", "body_read_timeout", Duration::from_secs(5))
+        .set("upstream", "timeout", Duration::from_millis(600))
         .start()
         .await;
     h.ready().await;
@@ -73,8 +73,8 @@ async fn a_streaming_body_that_stalls_is_cut_off_too() {
     // Over the replay limit the body streams upstream; a stall there ends
     // the same way, and the upstream never gets a whole request.
     let h = setup()
-        .set("proxy", "replay_body_limit", "1024")
-        .set("limits", "body_read_timeout", "\"400ms\"")
+        .set("proxy", "replay_body_limit", 1024)
+        .set("limits", "body_read_timeout", Duration::from_millis(400))
         .start()
         .await;
     h.ready().await;
@@ -90,9 +90,9 @@ async fn a_streaming_body_that_stalls_is_cut_off_too() {
 #[tokio::test]
 async fn body_memory_is_bounded_across_all_connections() {
     let h = setup()
-        .set("limits", "max_buffered_bytes", "10000")
-        .set("limits", "body_read_timeout", "\"30s\"")
-        .set("proxy", "replay_body_limit", "8000")
+        .set("limits", "max_buffered_bytes", 10000)
+        .set("limits", "body_read_timeout", Duration::from_secs(30))
+        .set("proxy", "replay_body_limit", 8000)
         .start()
         .await;
     h.ready().await;
@@ -121,8 +121,8 @@ async fn body_memory_is_bounded_across_all_connections() {
 #[tokio::test]
 async fn idle_http2_connections_are_closed_and_free_their_slots() {
     let h = setup()
-        .set("limits", "max_connections", "2")
-        .set("limits", "header_read_timeout", "\"300ms\"")
+        .set("limits", "max_connections", 2)
+        .set("limits", "header_read_timeout", Duration::from_millis(300))
         .start()
         .await;
     h.ready().await;
@@ -143,8 +143,8 @@ async fn idle_http2_connections_are_closed_and_free_their_slots() {
 #[tokio::test]
 async fn an_http2_connection_with_requests_in_flight_is_not_idle() {
     let h = setup()
-        .set("limits", "header_read_timeout", "\"200ms\"")
-        .set("limits", "keepalive_timeout", "\"200ms\"")
+        .set("limits", "header_read_timeout", Duration::from_millis(200))
+        .set("limits", "keepalive_timeout", Duration::from_millis(200))
         .start()
         .await;
     h.ready().await;
@@ -166,10 +166,7 @@ async fn an_http2_connection_with_requests_in_flight_is_not_idle() {
 
 #[tokio::test]
 async fn a_source_outside_the_allowlist_gets_403_then_loses_the_connection() {
-    let h = setup()
-        .set("listen", "allow", "[\"10.0.0.0/8\"]")
-        .start()
-        .await;
+    let h = setup().set("listen", "allow", ["10.0.0.0/8"]).start().await;
     h.ready().await;
     let (mut send, conn) = h2(h.proxy, h2::client::Builder::new()).await;
     let (status, headers, _) = h2_send(&mut send, h.proxy, "GET", "/users.json", &[]).await;
@@ -192,9 +189,9 @@ async fn a_source_outside_the_allowlist_gets_403_then_loses_the_connection() {
 #[tokio::test]
 async fn a_client_that_does_not_read_loses_its_upstream_slots() {
     let h = setup()
-        .set("upstream", "max_in_flight", "2")
-        .set("upstream", "timeout", "\"10s\"")
-        .set("limits", "send_timeout", "\"300ms\"")
+        .set("upstream", "max_in_flight", 2)
+        .set("upstream", "timeout", Duration::from_secs(10))
+        .set("limits", "send_timeout", Duration::from_millis(300))
         .start()
         .await;
     h.ready().await;
@@ -228,7 +225,7 @@ async fn a_client_that_does_not_read_loses_its_upstream_slots() {
 #[tokio::test]
 async fn one_connection_holds_at_most_max_streams_requests() {
     let h = setup()
-        .set("limits", "max_streams_per_connection", "2")
+        .set("limits", "max_streams_per_connection", 2)
         .start()
         .await;
     h.ready().await;
@@ -275,7 +272,7 @@ async fn one_connection_holds_at_most_max_streams_requests() {
 #[tokio::test]
 async fn a_connection_that_never_sends_a_byte_is_closed() {
     let h = setup()
-        .set("limits", "header_read_timeout", "\"300ms\"")
+        .set("limits", "header_read_timeout", Duration::from_millis(300))
         .start()
         .await;
     let silent = tokio::net::TcpStream::connect(h.proxy).await.unwrap();
@@ -292,7 +289,7 @@ fn two_clients(greedy_cap: Option<usize>) -> crate::common::Setup {
     let cap = greedy_cap.map_or(String::new(), |n| format!("max_in_flight = {n}\n"));
     setup()
         .identity(DEMO)
-        .set("upstream", "max_in_flight", "8")
+        .set("upstream", "max_in_flight", 8)
         .raw_table(&format!(
             "[[client]]\nname = \"greedy\"\nkey = \"{GREEDY}\"\nrate = 30\n{cap}\
              [[client]]\nname = \"polite\"\nkey = \"{POLITE}\"\n"

@@ -124,10 +124,7 @@ async fn qb_token_response_headers_never_reach_a_client() {
 
 #[tokio::test]
 async fn in_keep_mode_a_token_qbproxy_holds_or_held_is_refused() {
-    let h = setup()
-        .set("proxy", "client_token", "\"keep\"")
-        .start()
-        .await;
+    let h = setup().set("proxy", "client_token", "keep").start().await;
     h.ready().await;
     let current = h.token();
     // The current token, sent back: 403, and the session stays.
@@ -259,7 +256,7 @@ async fn in_keep_mode_an_api_key_qbproxy_holds_is_refused_in_any_spelling() {
     let h = setup()
         .sim(sim.clone())
         .identity(SVC)
-        .set("proxy", "client_token", "\"keep\"")
+        .set("proxy", "client_token", "keep")
         .start()
         .await;
     h.ready().await;

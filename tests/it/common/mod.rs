@@ -64,24 +64,24 @@ pub fn setup() -> Setup {
     // Short retries keep failure tests quick; timeouts are generous, so a
     // test that "fails promptly" proves it did not wait for one.
     s = s
-        .set("upstream", "timeout", "\"60s\"")
-        .set("quickblox", "retry_initial", "\"20ms\"")
-        .set("quickblox", "retry_max", "\"100ms\"")
-        .set("quickblox", "session_timeout", "\"30s\"")
-        .set("listen", "shutdown_grace", "\"10s\"")
+        .set("upstream", "timeout", Duration::from_secs(60))
+        .set("quickblox", "retry_initial", Duration::from_millis(20))
+        .set("quickblox", "retry_max", Duration::from_millis(100))
+        .set("quickblox", "session_timeout", Duration::from_secs(30))
+        .set("listen", "shutdown_grace", Duration::from_secs(10))
         // Tests that stop a proxy stop it at once unless they test the
         // delay.
-        .set("listen", "shutdown_delay", "\"0s\"");
+        .set("listen", "shutdown_delay", Duration::from_secs(0));
     s
 }
 
 impl Setup {
     /// Sets `[section] key = literal` (a TOML literal: quote strings).
-    pub fn set(mut self, section: &str, key: &str, literal: &str) -> Self {
+    pub fn set(mut self, section: &str, key: &str, value: impl ToToml) -> Self {
         self.values
             .entry(section.to_owned())
             .or_default()
-            .insert(key.to_owned(), literal.to_owned());
+            .insert(key.to_owned(), value.to_toml());
         self
     }
 
@@ -200,6 +200,73 @@ impl Setup {
         let config = Config::from_toml(&text, Path::new("test.toml"))
             .unwrap_or_else(|e| panic!("test config: {e}\n{text}"));
         (sim, config)
+    }
+}
+
+/// A value for [`Setup::set`], written as TOML: text quoted, a `Duration`
+/// as the config writes one (`"300ms"`), numbers and booleans as they are,
+/// and arrays of these.
+pub trait ToToml {
+    fn to_toml(&self) -> String;
+}
+
+impl<T: ToToml + ?Sized> ToToml for &T {
+    fn to_toml(&self) -> String {
+        (**self).to_toml()
+    }
+}
+
+impl ToToml for str {
+    fn to_toml(&self) -> String {
+        toml::Value::String(self.to_owned()).to_string()
+    }
+}
+
+impl ToToml for String {
+    fn to_toml(&self) -> String {
+        self.as_str().to_toml()
+    }
+}
+
+impl ToToml for Path {
+    fn to_toml(&self) -> String {
+        self.to_str().expect("a UTF-8 path").to_toml()
+    }
+}
+
+impl ToToml for std::path::PathBuf {
+    fn to_toml(&self) -> String {
+        self.as_path().to_toml()
+    }
+}
+
+impl ToToml for Duration {
+    fn to_toml(&self) -> String {
+        humantime::format_duration(*self).to_string().to_toml()
+    }
+}
+
+macro_rules! plain_toml {
+    ($($t:ty),*) => {$(
+        impl ToToml for $t {
+            fn to_toml(&self) -> String {
+                self.to_string()
+            }
+        }
+    )*};
+}
+plain_toml!(bool, i32, u32, u64, usize, i64, f64);
+
+impl<T: ToToml> ToToml for [T] {
+    fn to_toml(&self) -> String {
+        let items: Vec<String> = self.iter().map(ToToml::to_toml).collect();
+        format!("[{}]", items.join(", "))
+    }
+}
+
+impl<T: ToToml, const N: usize> ToToml for [T; N] {
+    fn to_toml(&self) -> String {
+        self.as_slice().to_toml()
     }
 }
 
@@ -424,13 +491,79 @@ impl Harness {
     }
 }
 
-/// The value of the metric line starting with `line_prefix` (0 if absent).
-pub fn metric(text: &str, line_prefix: &str) -> u64 {
-    text.lines()
-        .find(|l| l.starts_with(line_prefix))
-        .and_then(|l| l.rsplit(' ').next())
-        .map(|v| v.parse::<f64>().unwrap() as u64)
-        .unwrap_or(0)
+/// A metric's value in Prometheus text: the sum of the series named as in
+/// `selector` whose labels include every label it gives, in any order
+/// (`name`, or `name{a="x",b="y"}`; the closing brace may be left out);
+/// 0 if there is none. The text is parsed: a name is never matched as a
+/// prefix of another, nor labels by their order.
+pub fn metric(text: &str, selector: &str) -> u64 {
+    let selector = selector.trim();
+    let (name, wanted) = match selector.split_once('{') {
+        Some((name, labels)) => (name, labels_of(labels.trim_end_matches('}'))),
+        None => (selector, Vec::new()),
+    };
+    let mut sum = 0.0;
+    for line in text
+        .lines()
+        .filter(|l| !l.starts_with('#') && !l.is_empty())
+    {
+        let (series, value) = line.rsplit_once(' ').expect("a sample line: series value");
+        let (series_name, labels) = match series.split_once('{') {
+            Some((n, l)) => (
+                n,
+                labels_of(l.strip_suffix('}').expect("labels end with }")),
+            ),
+            None => (series, Vec::new()),
+        };
+        if series_name == name && wanted.iter().all(|w| labels.contains(w)) {
+            sum += value.parse::<f64>().expect("a sample's value");
+        }
+    }
+    sum as u64
+}
+
+#[test]
+fn metrics_are_parsed_not_matched_by_prefix() {
+    let text = "# HELP qbproxy_a_total x\n\
+                qbproxy_a_total{pool=\"\",identity=\"demo\"} 3\n\
+                qbproxy_a_total_extra 9\n\
+                qbproxy_a_total{identity=\"o\\\"ther\",pool=\"\"} 4\n";
+    assert_eq!(
+        metric(text, "qbproxy_a_total{identity=\"demo\",pool=\"\"}"),
+        3
+    );
+    assert_eq!(metric(text, "qbproxy_a_total{identity=\"demo\""), 3);
+    assert_eq!(metric(text, "qbproxy_a_total{identity=\"o\\\"ther\"}"), 4);
+    assert_eq!(metric(text, "qbproxy_a_total"), 7);
+    assert_eq!(metric(text, "qbproxy_a"), 0);
+}
+
+/// `a="x",b="y"` as pairs (values unescaped: `\"`, `\\`, `\n`).
+fn labels_of(text: &str) -> Vec<(String, String)> {
+    let mut out = Vec::new();
+    let mut rest = text;
+    while let Some((name, after)) = rest.split_once("=\"") {
+        let mut value = String::new();
+        let mut chars = after.char_indices();
+        let mut end = after.len();
+        while let Some((i, c)) = chars.next() {
+            match c {
+                '\\' => match chars.next() {
+                    Some((_, 'n')) => value.push('\n'),
+                    Some((_, other)) => value.push(other),
+                    None => {}
+                },
+                '"' => {
+                    end = i + 1;
+                    break;
+                }
+                c => value.push(c),
+            }
+        }
+        out.push((name.trim_start_matches(',').trim().to_owned(), value));
+        rest = &after[end..];
+    }
+    out
 }
 
 pub async fn send(
