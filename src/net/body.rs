@@ -14,7 +14,7 @@
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
@@ -134,20 +134,19 @@ pub enum Cut {
 /// also counts the body's bytes passed on, for the access log.
 #[derive(Default)]
 pub struct CutFlag {
-    cut: Mutex<Option<Cut>>,
+    /// Set once, by the first cut; read without a lock.
+    cut: std::sync::OnceLock<Cut>,
     passed: AtomicU64,
 }
 
 impl CutFlag {
     pub fn get(&self) -> Option<Cut> {
-        *self.cut.lock().unwrap_or_else(|p| p.into_inner())
+        self.cut.get().copied()
     }
 
+    /// The first cut is the one reported.
     fn set(&self, cut: Cut) {
-        self.cut
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .get_or_insert(cut);
+        let _ = self.cut.set(cut);
     }
 
     /// Bytes of the body passed on so far.

@@ -286,6 +286,10 @@ async fn each_kind_of_session_failure_has_its_status() {
     assert_eq!(h.get("/users.json").await.status, StatusCode::OK);
 }
 
+/// The creation hangs (and `session_timeout` is 30 s here): the request
+/// is answered at its own `upstream.timeout` (200 ms), not later. The
+/// upper bound leaves room for a loaded machine and is still far below
+/// the 30 s it would take without the deadline.
 #[tokio::test]
 async fn a_request_never_waits_past_its_timeout_for_a_session() {
     let sim = common::demo_sim().await;
@@ -295,9 +299,15 @@ async fn a_request_never_waits_past_its_timeout_for_a_session() {
         .set("upstream", "timeout", Duration::from_millis(200))
         .start()
         .await;
+    let started = std::time::Instant::now();
     let a = h.get("/users.json").await;
+    let waited = started.elapsed();
     assert_eq!(a.status, StatusCode::GATEWAY_TIMEOUT);
     assert_eq!(a.headers["qbproxy-error"], "session-timeout");
+    assert!(
+        waited >= Duration::from_millis(200) && waited < Duration::from_secs(3),
+        "answered after {waited:?}, not at its 200 ms deadline"
+    );
 }
 
 #[tokio::test]

@@ -269,15 +269,23 @@ async fn one_connection_holds_at_most_max_streams_requests() {
     assert_eq!(h.sim.requests_to("/held"), 2);
 }
 
+/// Closed at `header_read_timeout` (300 ms here), not at the default
+/// 10 s: the upper bound leaves room for a loaded machine.
 #[tokio::test]
 async fn a_connection_that_never_sends_a_byte_is_closed() {
     let h = setup()
         .set("limits", "header_read_timeout", Duration::from_millis(300))
         .start()
         .await;
+    let started = std::time::Instant::now();
     let silent = tokio::net::TcpStream::connect(h.proxy).await.unwrap();
     let a = answer_of(silent).await;
+    let closed = started.elapsed();
     assert_eq!(a.status, 0, "closed without an answer: {a:?}");
+    assert!(
+        closed >= Duration::from_millis(300) && closed < Duration::from_secs(3),
+        "closed after {closed:?}, not at header_read_timeout (300 ms)"
+    );
 }
 
 const GREEDY: &str = "greedy-key-0123456789";
