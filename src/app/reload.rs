@@ -1,12 +1,14 @@
 //! One owner for reload: a reconciler from one validated [`Config`] to the
 //! [`Live`] requests are served with.
 //!
-//! [`build`] diffs the new config against the `Live` in force, by name and
-//! with maps (O(n) for a pool of 100,000 members), and reuses what did not
-//! change: identities and their sessions (a new source or policy only where
-//! theirs changed), pools (and their in-flight counts), the upstream client
-//! and its warm connections (unless `[upstream]` changed), the listener's
-//! TLS (unless its files changed). The reloader task (`lib.rs`) runs
+//! [`plan`] diffs the new config against the one in force, by name and
+//! with maps (O(n) for a pool of 100,000 members), and decides to reuse what
+//! did not change: identities and their sessions (a new source or policy
+//! only where theirs changed), pools (and their in-flight counts), the
+//! upstream client and its warm connections (unless `[upstream]` changed),
+//! the listener's TLS (unless its files changed); it is pure. [`build`]
+//! carries the plan out against the running `Live`. The reloader task
+//! (`app/mod.rs`) runs
 //! reloads one at a time, does the blocking part (reading files, loading
 //! certificates, building) off the async threads, then publishes the new
 //! `Live` with one store.
@@ -18,7 +20,7 @@ use std::time::Duration;
 use crate::app::live::{listener_options, Live};
 use crate::app::state::{Restored, StateFile};
 use crate::cluster::{fingerprint, Cluster, FleetSource};
-use crate::config::{Config, ConfigError, TargetId};
+use crate::config::{Config, ConfigError, IdentityId, PoolId, TargetId};
 use crate::gateway::access::Gate;
 use crate::gateway::route::Router;
 use crate::quickblox::credentials::{Credentials, IdentityKind};
@@ -87,61 +89,193 @@ pub(crate) struct Built {
     pub summary: Summary,
 }
 
-/// Builds the `Live` for `config`, reusing what `previous` has that did not
-/// change. Blocking (it may read certificates); call it off the runtime.
+/// What a reload keeps, makes and drops, decided from the two configs
+/// alone: pure, tested without a runtime ([`plan`]); [`build`] carries it
+/// out.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub(crate) struct Plan {
+    /// `[upstream]` is unchanged: the upstream clients (and their warm
+    /// connections) are kept.
+    pub client_kept: bool,
+    /// The listener's TLS files are unchanged.
+    pub tls_kept: bool,
+    /// `upstream.rate` is unchanged: its limiter (and its state) is kept.
+    pub rate_kept: bool,
+    /// Session sources are rebuilt for every kept identity (the upstream,
+    /// `[quickblox]`, the rate or the fleet changed).
+    pub sources_changed: bool,
+    /// Per new identity, in config order.
+    pub identities: Vec<IdentityPlan>,
+    /// Per new pool: the old pool whose creation semaphore it keeps (same
+    /// name and `create_concurrency`).
+    pub throttles: Vec<Option<PoolId>>,
+    /// Per new pool: the old pool kept whole (cursor and in-flight counts),
+    /// when nothing about it changed.
+    pub pools: Vec<Option<PoolId>>,
+    /// Old identities not kept: stopped once the new `Live` is published.
+    pub removed: Vec<IdentityId>,
+}
+
+/// What becomes of one identity of the new config.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum IdentityPlan {
+    /// New (or its kind or pool changed): made afresh, no session yet.
+    Create,
+    /// The same name, kind and pool: the old identity, session and all.
+    Keep {
+        old: IdentityId,
+        /// Its source is rebuilt (credentials, semaphore or the sources'
+        /// settings changed); the session stays until its next renewal.
+        new_source: bool,
+        /// An API key whose key or user changed: renewed before publishing.
+        rekey: bool,
+        /// Its renewal policy changed.
+        new_policy: bool,
+    },
+}
+
+/// The plan from `old` (the config in force, if any) to `new`. O(n): names
+/// are looked up in maps.
+pub(crate) fn plan(old: Option<&Config>, new: &Config) -> Plan {
+    let Some(old) = old else {
+        return Plan {
+            sources_changed: true,
+            identities: vec![IdentityPlan::Create; new.identities.len()],
+            throttles: vec![None; new.pools.len()],
+            pools: vec![None; new.pools.len()],
+            ..Plan::default()
+        };
+    };
+    let client_kept = old.upstream == new.upstream;
+    let tls_kept = matches!(
+        (&old.listen.tls, &new.listen.tls),
+        (Some(a), Some(b)) if a.fingerprint == b.fingerprint
+    );
+    let rate_kept = old.upstream.rate.is_some() && old.upstream.rate == new.upstream.rate;
+    let sources_changed = !client_kept
+        || old.quickblox != new.quickblox
+        || old.upstream.rate != new.upstream.rate
+        || old.cluster.is_some() != new.cluster.is_some();
+    let new_policy = old.quickblox.renew_before != new.quickblox.renew_before
+        || old.quickblox.retry_initial != new.quickblox.retry_initial
+        || old.quickblox.retry_max != new.quickblox.retry_max
+        || old.quickblox.retry_wait != new.quickblox.retry_wait;
+    let old_pool = |name: &str| match old.target(name)? {
+        TargetId::Pool(p) => Some(p),
+        TargetId::Identity(_) => None,
+    };
+    let throttles: Vec<Option<PoolId>> = new
+        .pools
+        .iter()
+        .map(|p| {
+            old_pool(&p.name).filter(|o| old.pool(*o).create_concurrency == p.create_concurrency)
+        })
+        .collect();
+    let mut kept = vec![false; old.identities.len()];
+    let identities: Vec<IdentityPlan> = new
+        .identities
+        .iter()
+        .map(|id| {
+            let new_pool = id.pool.map(|p| new.pool(p).name.as_str());
+            let Some(TargetId::Identity(o)) = old.target(&id.name) else {
+                return IdentityPlan::Create;
+            };
+            let was = old.identity(o);
+            let old_pool_name = was.pool.map(|p| old.pool(p).name.as_str());
+            if was.credentials.kind() != id.credentials.kind() || old_pool_name != new_pool {
+                return IdentityPlan::Create;
+            }
+            kept[o.index()] = true;
+            let same_throttle = match (was.pool, id.pool) {
+                (None, None) => true,
+                (Some(op), Some(np)) => throttles[np.index()] == Some(op),
+                _ => false,
+            };
+            let credentials_changed = was.credentials != id.credentials;
+            IdentityPlan::Keep {
+                old: o,
+                new_source: sources_changed || credentials_changed || !same_throttle,
+                rekey: credentials_changed && id.credentials.kind() == IdentityKind::ApiKey,
+                new_policy,
+            }
+        })
+        .collect();
+    let pools = new
+        .pools
+        .iter()
+        .enumerate()
+        .map(|(i, p)| {
+            let o = old_pool(&p.name)?;
+            let was = old.pool(o);
+            let same_members = was.members.len() == p.members.len()
+                && was.members.iter().zip(&p.members).all(|(a, b)| {
+                    matches!(identities[b.index()], IdentityPlan::Keep { old, .. } if old == *a)
+                });
+            (was.strategy == p.strategy
+                && was.max_in_flight == p.max_in_flight
+                && throttles[i] == Some(o)
+                && same_members)
+                .then_some(o)
+        })
+        .collect();
+    let removed = kept
+        .iter()
+        .enumerate()
+        .filter(|(_, k)| !**k)
+        .map(|(i, _)| IdentityId::from_index(i))
+        .collect();
+    Plan {
+        client_kept,
+        tls_kept,
+        rate_kept,
+        sources_changed,
+        identities,
+        throttles,
+        pools,
+        removed,
+    }
+}
+
+/// Builds the `Live` for `config` as [`plan`] says, reusing what
+/// `previous` has. Blocking (it may read certificates); call it off the
+/// runtime.
 pub(crate) fn build(
     config: Arc<Config>,
     ctx: &Context,
     previous: Option<&Live>,
 ) -> Result<Built, StartError> {
+    let plan = plan(previous.map(|p| &*p.config), &config);
     let mut summary = Summary {
         identities: config.identities.len(),
         pools: config.pools.len(),
         clients: config.clients.len(),
+        client_kept: plan.client_kept,
+        tls_kept: plan.tls_kept,
         ..Summary::default()
     };
-    let clients: Arc<[Client]> = match previous.filter(|p| p.config.upstream == config.upstream) {
-        Some(p) => {
-            summary.client_kept = true;
-            p.clients.clone()
-        }
+    let clients: Arc<[Client]> = match previous.filter(|_| plan.client_kept) {
+        Some(p) => p.clients.clone(),
         None => upstream::pools(&config.upstream, ctx.workers, ctx.metrics.upstream())
             .map_err(StartError::Tls)?,
     };
-    let tls = match (&config.listen.tls, previous) {
-        (Some(new), Some(p))
-            if p.config.listen.tls.as_ref().map(|t| t.fingerprint) == Some(new.fingerprint) =>
-        {
-            summary.tls_kept = true;
-            p.tls.clone()
-        }
-        (new, _) => new.as_ref().map(|t| t.server.clone()),
+    let tls = match previous.filter(|_| plan.tls_kept) {
+        Some(p) => p.tls.clone(),
+        None => config.listen.tls.as_ref().map(|t| t.server.clone()),
     };
-    // A pool's creation semaphore, kept when its concurrency is.
-    let old_pools: HashMap<&str, &Arc<Pool>> = previous
-        .map(|p| p.pools.iter().map(|pool| (pool.name(), pool)).collect())
-        .unwrap_or_default();
     let throttles: Vec<Throttle> = config
         .pools
         .iter()
-        .map(|p| match old_pools.get(p.name.as_str()) {
-            Some(old) if old.throttle().size == p.create_concurrency => old.throttle().clone(),
+        .zip(&plan.throttles)
+        .map(|(p, keep)| match (keep, previous) {
+            (Some(old), Some(prev)) => prev.pools[old.index()].throttle().clone(),
             _ => Throttle::new(p.create_concurrency),
         })
         .collect();
-
-    // The fleet-wide rate: kept (with its state) unless it changed.
-    let rate = match (config.upstream.rate, previous) {
+    let rate = match (config.upstream.rate, previous.filter(|_| plan.rate_kept)) {
         (None, _) => None,
-        (Some(r), Some(p)) if p.rate.as_ref().is_some_and(|old| old.rate() == r) => p.rate.clone(),
-        (Some(r), _) => Some(Arc::new(UpstreamRate::new(r, ctx.cluster.clone()))),
+        (Some(_), Some(p)) => p.rate.clone(),
+        (Some(r), None) => Some(Arc::new(UpstreamRate::new(r, ctx.cluster.clone()))),
     };
-    let sources_changed = previous.is_none_or(|p| {
-        !summary.client_kept
-            || p.config.quickblox != config.quickblox
-            || p.config.upstream.rate != config.upstream.rate
-            || p.config.cluster.is_some() != config.cluster.is_some()
-    });
     let endpoint = Arc::new(Endpoint {
         client: clients[0].clone(),
         upstream: config.upstream.clone(),
@@ -151,10 +285,9 @@ pub(crate) fn build(
         metrics: ctx.metrics.clone(),
     });
     let fleet = ctx.cluster.as_ref().filter(|_| config.cluster.is_some());
-    let mut kept = vec![false; previous.map_or(0, |p| p.identities.len())];
     let mut rekeyed = Vec::new();
     let mut identities = Vec::with_capacity(config.identities.len());
-    for id in &config.identities {
+    for (id, what) in config.identities.iter().zip(&plan.identities) {
         let pool = id.pool.map(|p| config.pool(p));
         let throttle = id.pool.map(|p| &throttles[p.index()]);
         let policy = Policy {
@@ -198,44 +331,33 @@ pub(crate) fn build(
                 None => own,
             }
         };
-        // The same name, kind and pool: the same identity, session and all.
-        let old = previous.and_then(|p| match p.config.target(&id.name)? {
-            TargetId::Identity(old) => {
+        let identity = match (*what, previous) {
+            (
+                IdentityPlan::Keep {
+                    old,
+                    new_source,
+                    rekey,
+                    new_policy,
+                },
+                Some(p),
+            ) => {
                 let identity = &p.identities[old.index()];
-                let info = identity.info();
-                let same = info.kind == id.credentials.kind()
-                    && info.pool.as_deref() == pool.map(|p| p.name.as_str());
-                same.then_some((old, identity, p))
-            }
-            TargetId::Pool(_) => None,
-        });
-        let identity = match old {
-            Some((old_id, identity, p)) => {
-                kept[old_id.index()] = true;
-                let old_config = p.config.identity(old_id);
-                let old_throttle = old_config.pool.map(|op| p.pools[op.index()].throttle());
-                let same_throttle = match (old_throttle, throttle) {
-                    (None, None) => true,
-                    (Some(a), Some(b)) => a.same(b),
-                    _ => false,
-                };
-                let credentials_changed = old_config.credentials != id.credentials;
-                if sources_changed || credentials_changed || !same_throttle {
+                if new_source {
                     identity.set_source(source());
                 }
                 // A session-based identity takes new credentials at its
                 // next creation; an API key has none, so the reloader puts
                 // the new key (or user) in use before it publishes.
-                if credentials_changed && id.credentials.kind() == IdentityKind::ApiKey {
+                if rekey {
                     rekeyed.push(identity.clone());
                 }
-                if identity.policy() != policy {
+                if new_policy {
                     identity.set_policy(policy);
                 }
                 summary.kept += 1;
                 identity.clone()
             }
-            None => {
+            _ => {
                 summary.added += 1;
                 let info = Info {
                     name: id.name.clone(),
@@ -252,23 +374,16 @@ pub(crate) fn build(
         .pools
         .iter()
         .zip(throttles)
-        .map(|(p, throttle)| {
+        .zip(&plan.pools)
+        .map(|((p, throttle), keep)| {
+            if let (Some(old), Some(prev)) = (keep, previous) {
+                return Arc::clone(&prev.pools[old.index()]);
+            }
             let members: Vec<Identity> = p
                 .members
                 .iter()
                 .map(|m| identities[m.index()].clone())
                 .collect();
-            // An unchanged pool is kept, with its cursor and in-flight counts.
-            if let Some(old) = old_pools.get(p.name.as_str()) {
-                if old.strategy() == p.strategy
-                    && old.max_in_flight() == p.max_in_flight
-                    && old.throttle().same(&throttle)
-                    && old.members().len() == members.len()
-                    && old.members().zip(&members).all(|(a, b)| a.same(b))
-                {
-                    return Arc::clone(old);
-                }
-            }
             Arc::new(Pool::new(
                 p.name.clone(),
                 members,
@@ -280,16 +395,14 @@ pub(crate) fn build(
         })
         .collect();
 
-    let removed: Vec<Identity> = previous
-        .map(|p| {
-            p.identities
-                .iter()
-                .zip(&kept)
-                .filter(|(_, kept)| !**kept)
-                .map(|(i, _)| i.clone())
-                .collect()
-        })
-        .unwrap_or_default();
+    let removed: Vec<Identity> = match previous {
+        Some(p) => plan
+            .removed
+            .iter()
+            .map(|id| p.identities[id.index()].clone())
+            .collect(),
+        None => Vec::new(),
+    };
     summary.removed = removed.len();
     let live = Live {
         rate,
@@ -308,4 +421,157 @@ pub(crate) fn build(
         rekeyed,
         summary,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use std::path::Path;
+
+    use super::*;
+
+    const APP: &str =
+        "[quickblox]\napplication_id = \"1\"\nauth_key = \"key\"\nauth_secret = \"secret\"\n";
+
+    fn config(rest: &str) -> Config {
+        Config::from_toml(&format!("{APP}{rest}"), Path::new("test.toml")).unwrap()
+    }
+
+    fn pool(concurrency: usize, password: &str) -> String {
+        format!(
+            "[[pool]]\nname = \"load\"\nlogin = \"u-{{n}}\"\npassword = \"{password}-{{n}}\"\n\
+             count = 3\ncreate_concurrency = {concurrency}\n"
+        )
+    }
+
+    const BOT: &str = "[[identity]]\nname = \"bot\"\nlogin = \"bot\"\npassword = \"pw\"\n";
+
+    fn keep(old: usize) -> IdentityPlan {
+        IdentityPlan::Keep {
+            old: IdentityId::from_index(old),
+            new_source: false,
+            rekey: false,
+            new_policy: false,
+        }
+    }
+
+    #[test]
+    fn a_first_build_makes_everything() {
+        let new = config(&format!("{BOT}{}", pool(2, "p")));
+        let plan = plan(None, &new);
+        assert!(!plan.client_kept && plan.sources_changed);
+        assert_eq!(plan.identities, vec![IdentityPlan::Create; 4]);
+        assert_eq!(plan.pools, vec![None]);
+        assert!(plan.removed.is_empty());
+    }
+
+    #[test]
+    fn an_unchanged_config_keeps_everything() {
+        let text = format!("{BOT}{}", pool(2, "p"));
+        let plan = plan(Some(&config(&text)), &config(&text));
+        assert!(plan.client_kept && !plan.sources_changed);
+        assert_eq!(plan.identities, (0..4).map(keep).collect::<Vec<_>>());
+        let load = Some(PoolId::from_index(0));
+        assert_eq!((plan.throttles, plan.pools), (vec![load], vec![load]));
+        assert!(plan.removed.is_empty());
+    }
+
+    #[test]
+    fn new_credentials_rebuild_a_source_and_keep_the_identity() {
+        let old = config(&format!("{BOT}{}", pool(2, "p")));
+        let new = config(&format!(
+            "{}{}",
+            BOT.replace("\"pw\"", "\"pw2\""),
+            pool(2, "q")
+        ));
+        let plan = plan(Some(&old), &new);
+        for (i, p) in plan.identities.iter().enumerate() {
+            let IdentityPlan::Keep {
+                old,
+                new_source,
+                rekey,
+                ..
+            } = *p
+            else {
+                panic!("{i} kept: {p:?}")
+            };
+            assert_eq!((old.index(), new_source, rekey), (i, true, false));
+        }
+        // The pool's members are the same identities: it is kept.
+        assert_eq!(plan.pools, vec![Some(PoolId::from_index(0))]);
+    }
+
+    #[test]
+    fn a_new_concurrency_gives_a_pool_a_new_semaphore_and_its_members_new_sources() {
+        let old = config(&pool(2, "p"));
+        let new = config(&pool(5, "p"));
+        let plan = plan(Some(&old), &new);
+        assert_eq!(
+            (plan.throttles.clone(), plan.pools.clone()),
+            (vec![None], vec![None])
+        );
+        assert!(plan.identities.iter().all(|p| matches!(
+            p,
+            IdentityPlan::Keep {
+                new_source: true,
+                ..
+            }
+        )));
+    }
+
+    #[test]
+    fn a_changed_kind_or_pool_makes_a_new_identity_and_drops_the_old() {
+        let old = config(BOT);
+        let api_key = "[[identity]]\nname = \"bot\"\napi_key = \"k-0123456789\"\n";
+        let plan = plan(Some(&old), &config(api_key));
+        assert_eq!(plan.identities, vec![IdentityPlan::Create]);
+        assert_eq!(plan.removed, vec![IdentityId::from_index(0)]);
+        // A pool member that leaves its pool is another identity too.
+        let pooled = config(&format!(
+            "{BOT}[[pool]]\nname = \"bots\"\nidentities = [\"bot\"]\n"
+        ));
+        let plan = super::plan(Some(&pooled), &config(BOT));
+        assert_eq!(plan.identities, vec![IdentityPlan::Create]);
+        assert_eq!(plan.removed, vec![IdentityId::from_index(0)]);
+    }
+
+    #[test]
+    fn a_new_api_key_is_put_in_use_before_publishing() {
+        let with = |key: &str| {
+            config(&format!(
+                "[[identity]]\nname = \"svc\"\napi_key = \"{key}\"\n"
+            ))
+        };
+        let plan = plan(Some(&with("key-a-0123456789")), &with("key-b-0123456789"));
+        assert!(matches!(
+            plan.identities[0],
+            IdentityPlan::Keep {
+                rekey: true,
+                new_source: true,
+                ..
+            }
+        ));
+    }
+
+    #[test]
+    fn new_retry_settings_are_a_new_policy_and_a_new_upstream_new_sources() {
+        let old = config(BOT);
+        let text =
+            format!("{APP}{BOT}").replace("[quickblox]\n", "[quickblox]\nretry_max = \"5s\"\n");
+        let retry = Config::from_toml(&text, Path::new("test.toml")).unwrap();
+        let plan = plan(Some(&old), &retry);
+        assert!(
+            matches!(
+                plan.identities[0],
+                IdentityPlan::Keep {
+                    new_policy: true,
+                    new_source: true,
+                    ..
+                }
+            ),
+            "[quickblox] changed: sources too"
+        );
+        let upstream = config(&format!("{BOT}[upstream]\nmax_in_flight = 7\n"));
+        let plan = super::plan(Some(&old), &upstream);
+        assert!(!plan.client_kept && plan.sources_changed);
+    }
 }

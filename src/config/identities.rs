@@ -38,11 +38,22 @@ impl IdentityId {
     pub fn index(self) -> usize {
         self.0
     }
+
+    /// The identity at `index` of the config it was counted in.
+    pub(crate) fn from_index(index: usize) -> IdentityId {
+        IdentityId(index)
+    }
 }
 
 impl PoolId {
     pub fn index(self) -> usize {
         self.0
+    }
+
+    /// The pool at `index` of the config it was counted in.
+    #[cfg(test)]
+    pub(crate) fn from_index(index: usize) -> PoolId {
+        PoolId(index)
     }
 }
 
