@@ -34,6 +34,31 @@ pub enum Found {
     MethodParam,
 }
 
+/// Where a method override was found; each is refused (400
+/// `method-override`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Override {
+    /// A header such as `X-HTTP-Method-Override`, as sent.
+    Header(String),
+    /// `_method` in the query.
+    Query,
+    /// `_method` in a POST body that is not JSON.
+    Body,
+}
+
+impl std::fmt::Display for Override {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Override::Header(name) => write!(f, "the {name} header"),
+            Override::Query => f.write_str("a _method parameter in the query"),
+            Override::Body => f.write_str(
+                "_method in a POST body that is not JSON (Rack reads it as the method; \
+                 send JSON, or the method itself)",
+            ),
+        }
+    }
+}
+
 /// True if a query string spells `_method` anywhere.
 pub fn query_has_method(query: &str) -> bool {
     let mut scan = Scanner::new();

@@ -10,6 +10,7 @@ use http::{header, HeaderValue, Method, Response, StatusCode};
 
 use crate::gateway::access;
 use crate::gateway::canonical::{self, BadPath};
+use crate::gateway::overrides::Override;
 use crate::net::body::Body;
 use crate::proxy::headers::HeaderError;
 use crate::quickblox;
@@ -47,13 +48,15 @@ pub enum ProxyError {
     #[error("method {0} is not forwarded; use one of {allow}", allow = canonical::ALLOW)]
     MethodNotAllowed(Method),
     #[error("method overrides are refused ({0}): send the method itself")]
-    MethodOverride(String),
+    MethodOverride(Override),
     #[error("bad path: {0}")]
     BadPath(BadPath),
     #[error("the request body did not arrive in time (limits.body_read_timeout is {0:?}, and the whole request must fit in upstream.timeout)")]
     BodyTimeout(Duration),
-    #[error("bad request: {0}")]
-    BadRequest(String),
+    #[error("bad request: cannot forward this path: {0}")]
+    Unforwardable(http::Error),
+    #[error("bad request: could not read the request body: {0}")]
+    BodyUnreadable(hyper::Error),
     #[error("unknown identity {name:?}; valid names: {valid}")]
     UnknownIdentity { name: String, valid: String },
     /// Refused by a pool (`session::pool`).
@@ -83,7 +86,8 @@ impl ProxyError {
             }
             ProxyError::UpstreamUnreachable(_) | ProxyError::Upstream(_) => StatusCode::BAD_GATEWAY,
             ProxyError::SharedSession(_) | ProxyError::HeldToken => StatusCode::FORBIDDEN,
-            ProxyError::BadRequest(_)
+            ProxyError::Unforwardable(_)
+            | ProxyError::BodyUnreadable(_)
             | ProxyError::Header(_)
             | ProxyError::UnknownIdentity { .. }
             | ProxyError::MethodOverride(_)
@@ -127,7 +131,7 @@ impl ProxyError {
             ProxyError::MethodOverride(_) => "method-override",
             ProxyError::BadPath(_) => "bad-path",
             ProxyError::BodyTimeout(_) => "body-timeout",
-            ProxyError::BadRequest(_) => "bad-request",
+            ProxyError::Unforwardable(_) | ProxyError::BodyUnreadable(_) => "bad-request",
             ProxyError::Header(_) => "bad-header",
             ProxyError::UnknownIdentity { .. } => "unknown-identity",
             ProxyError::Pool(pool::Refusal::Busy { .. }) => "pool-busy",

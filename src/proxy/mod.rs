@@ -48,7 +48,7 @@ use crate::upstream::fair::{FairSlots, Holder};
 
 use crate::app::live::Live;
 use crate::app::worker;
-use crate::gateway::overrides::{self, Found};
+use crate::gateway::overrides::{self, Found, Override};
 use crate::gateway::route::{self, Target};
 use crate::net::server::{Conn, OncePerConnection};
 use crate::quickblox;
@@ -315,11 +315,10 @@ impl Proxy {
         } else {
             Kind::Forward
         };
-        let uri = live.upstream().uri_for(&rest, query).map_err(|e| {
-            refuse(ProxyError::BadRequest(format!(
-                "cannot forward this path: {e}"
-            )))
-        })?;
+        let uri = live
+            .upstream()
+            .uri_for(&rest, query)
+            .map_err(|e| refuse(ProxyError::Unforwardable(e)))?;
         Ok(Plan {
             target,
             path: rest,
@@ -360,13 +359,13 @@ impl Proxy {
             return Err(ProxyError::MethodNotAllowed(method.clone()));
         }
         if let Some(name) = canonical::override_header(&parts.headers) {
-            return Err(ProxyError::MethodOverride(format!("the {name} header")));
+            return Err(ProxyError::MethodOverride(Override::Header(
+                name.to_owned(),
+            )));
         }
         let query = parts.uri.query();
         if query.is_some_and(overrides::query_has_method) {
-            return Err(ProxyError::MethodOverride(
-                "a _method parameter in the query".into(),
-            ));
+            return Err(ProxyError::MethodOverride(Override::Query));
         }
         let path = canonical::path(parts.uri.path()).map_err(ProxyError::BadPath)?;
         if content_length(&parts.headers).is_some_and(|n| n > live.gate.max_body_bytes) {
@@ -702,11 +701,7 @@ fn cut_off(e: ProxyError, cut: &CutFlag, live: &Live) -> ProxyError {
 
 fn override_error(found: Found) -> ProxyError {
     match found {
-        Found::MethodParam => ProxyError::MethodOverride(
-            "_method in a POST body that is not JSON (Rack reads it as the method; \
-             send JSON, or the method itself)"
-                .into(),
-        ),
+        Found::MethodParam => ProxyError::MethodOverride(Override::Body),
     }
 }
 
@@ -715,9 +710,7 @@ fn read_error(e: ReadError, live: &Live) -> ProxyError {
         ReadError::TimedOut => ProxyError::BodyTimeout(live.body_read_timeout()),
         ReadError::TooLarge(limit) => ProxyError::BodyTooLarge(limit),
         ReadError::Override(found) => override_error(found),
-        ReadError::Body(e) => {
-            ProxyError::BadRequest(format!("could not read the request body: {e}"))
-        }
+        ReadError::Body(e) => ProxyError::BodyUnreadable(e),
     }
 }
 
