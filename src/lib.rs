@@ -19,7 +19,7 @@ pub mod quickblox;
 pub mod session;
 pub mod sim;
 pub mod telemetry;
-pub mod upstream;
+pub(crate) mod upstream;
 
 pub use app::reload::{ReloadError, Summary};
 pub use app::{App, Handle, Listeners, NotReady, StartError};

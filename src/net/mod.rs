@@ -2,7 +2,7 @@
 //! connection driver (`server`), inbound TLS, resizable limits, the one
 //! body type, and the listening sockets across a restart (`handover`).
 
-pub mod body;
+pub(crate) mod body;
 pub mod handover;
 pub(crate) mod limit;
 pub(crate) mod server;
