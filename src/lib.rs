@@ -6,6 +6,10 @@
 //! and call [`App::run`] with a shutdown future. See `ARCHITECTURE.md`.
 
 #![forbid(unsafe_code)]
+// The request handler's future nests deeply (the handler, the exchange and
+// replay, the pool's wait, hyper's service): computing its layout takes
+// more than the default 128 query levels on a build with no cache.
+#![recursion_limit = "256"]
 
 // Folders by concern; what the binary, the tests, the fuzz targets and the
 // benches use is public, everything else is the crate's own.
