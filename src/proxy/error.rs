@@ -15,6 +15,7 @@ use crate::net::body::Body;
 use crate::proxy::headers::HeaderError;
 use crate::quickblox;
 use crate::session::{pool, SessionError};
+use crate::upstream::{describe, ConnectError};
 
 #[derive(Debug, thiserror::Error)]
 pub enum ProxyError {
@@ -23,11 +24,15 @@ pub enum ProxyError {
     #[error("no QuickBlox session became available within {0:?}")]
     SessionTimeout(Duration),
     #[error("QuickBlox is unreachable: {0}")]
-    UpstreamUnreachable(String),
+    UpstreamUnreachable(ConnectError),
     #[error("QuickBlox did not answer within {0:?}")]
     UpstreamTimeout(Duration),
-    #[error("error talking to QuickBlox: {0}")]
-    Upstream(String),
+    /// The exchange failed after the request may have reached QuickBlox.
+    #[error("error talking to QuickBlox: {}", describe(.0))]
+    Upstream(hyper::Error),
+    /// A 401's body, read to see whether the session expired, broke off.
+    #[error("error talking to QuickBlox: reading a 401 answer: {0}")]
+    RefusalUnread(hyper::Error),
     #[error("all {limit} {what} stayed busy for {waited:?} ({key})")]
     UpstreamBusy {
         /// What ran out: "requests in flight to QuickBlox", or "connections
@@ -84,7 +89,9 @@ impl ProxyError {
             ProxyError::SessionTimeout(_) | ProxyError::UpstreamTimeout(_) => {
                 StatusCode::GATEWAY_TIMEOUT
             }
-            ProxyError::UpstreamUnreachable(_) | ProxyError::Upstream(_) => StatusCode::BAD_GATEWAY,
+            ProxyError::UpstreamUnreachable(_)
+            | ProxyError::Upstream(_)
+            | ProxyError::RefusalUnread(_) => StatusCode::BAD_GATEWAY,
             ProxyError::SharedSession(_) | ProxyError::HeldToken => StatusCode::FORBIDDEN,
             ProxyError::Unforwardable(_)
             | ProxyError::BodyUnreadable(_)
@@ -122,7 +129,7 @@ impl ProxyError {
             ProxyError::SessionTimeout(_) => "session-timeout",
             ProxyError::UpstreamUnreachable(_) => "upstream-unreachable",
             ProxyError::UpstreamTimeout(_) => "upstream-timeout",
-            ProxyError::Upstream(_) => "upstream-error",
+            ProxyError::Upstream(_) | ProxyError::RefusalUnread(_) => "upstream-error",
             ProxyError::UpstreamBusy { .. } => "upstream-busy",
             ProxyError::UpstreamRateLimited { .. } => "upstream-rate-limited",
             ProxyError::SharedSession(_) => "shared-session",

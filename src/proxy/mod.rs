@@ -663,7 +663,7 @@ impl Proxy {
         let read = timeout_at(deadline, body::buffer(body, MAX_REFUSAL_BODY))
             .await
             .map_err(|_| ProxyError::UpstreamTimeout(live.timeout()))?
-            .map_err(|e| ProxyError::Upstream(format!("reading a 401 answer: {e}")))?;
+            .map_err(ProxyError::RefusalUnread)?;
         Ok(match read {
             Buffered::Complete(bytes) => {
                 // Read whole: the connection is free again.

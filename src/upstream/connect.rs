@@ -27,6 +27,7 @@ use tokio_rustls::client::TlsStream;
 use tokio_rustls::TlsConnector;
 
 use super::coalesce::Coalesced;
+use super::ConnectError;
 use crate::config::UpstreamConfig;
 use crate::telemetry::metrics::UpstreamMetrics;
 
@@ -128,11 +129,11 @@ impl Connector {
 
     /// One new connection, TLS handshake done. The caller bounds the time
     /// (TCP alone is bounded by `upstream.connect_timeout` here).
-    pub async fn connect(&self) -> Result<Connected, String> {
+    pub async fn connect(&self) -> Result<Connected, ConnectError> {
         let mut tcp = self.tcp.clone();
         let tcp = tower_service::Service::call(&mut tcp, self.target.clone())
             .await
-            .map_err(|e| super::describe(&e))?
+            .map_err(|e| ConnectError::Tcp(e.into()))?
             .into_inner();
         let Some((tls, name)) = &self.tls else {
             return Ok(Connected::Plain(TokioIo::new(tcp)));
@@ -140,7 +141,7 @@ impl Connector {
         let stream = tls
             .connect(name.clone(), tcp)
             .await
-            .map_err(|e| format!("TLS handshake: {e}"))?;
+            .map_err(ConnectError::Tls)?;
         let session = stream.get_ref().1;
         self.metrics
             .handshake(session.handshake_kind() == Some(rustls::HandshakeKind::Resumed));

@@ -13,7 +13,7 @@ use rand::Rng;
 use tokio::sync::Semaphore;
 use tokio::time::{timeout_at, Instant};
 
-use super::{Client, SendError};
+use super::{describe, Client, SendError};
 use crate::config::{QuickbloxConfig, UpstreamConfig};
 use crate::net::body::Body;
 use crate::quickblox;
@@ -92,11 +92,11 @@ impl Endpoint {
             .send(make(), deadline, &mut again, None)
             .await
             .map_err(|e| match e {
-                SendError::Connect(e) => SessionError::Unreachable(e),
+                SendError::Connect(e) => SessionError::Unreachable(e.to_string()),
                 SendError::Busy => SessionError::Unreachable(
                     "every upstream connection stayed busy (upstream.max_connections)".into(),
                 ),
-                SendError::Failed(e) => SessionError::BadResponse(e),
+                SendError::Failed(e) => SessionError::BadResponse(describe(&e)),
             })?;
         let (parts, body) = resp.into_parts();
         let body = Limited::new(body, MAX_SESSION_ANSWER)

@@ -25,20 +25,37 @@ pub use pool::{Client, Lease};
 use crate::config::UpstreamConfig;
 use crate::telemetry::metrics::UpstreamMetrics;
 
+/// Why no connection to the upstream could be made (nothing was sent).
+#[derive(Debug, thiserror::Error)]
+pub enum ConnectError {
+    /// TCP (hyper-util's connector, whose error type is not public: DNS,
+    /// connect).
+    #[error("{}", describe(&**.0))]
+    Tcp(Box<dyn std::error::Error + Send + Sync>),
+    #[error("TLS handshake: {0}")]
+    Tls(std::io::Error),
+    #[error("no connection within {0:?} (upstream.connect_timeout)")]
+    Timeout(std::time::Duration),
+    #[error("{}", describe(.0))]
+    Handshake(hyper::Error),
+    #[error("no HTTP handshake within {0:?} (upstream.connect_timeout)")]
+    HandshakeTimeout(std::time::Duration),
+}
+
 /// Why a request got no answer from the upstream.
 #[derive(Debug, thiserror::Error)]
 pub enum SendError {
     /// No connection could be made (nothing was sent).
-    #[error("{0}")]
-    Connect(String),
+    #[error(transparent)]
+    Connect(ConnectError),
     /// Every connection this worker may open (`upstream.max_connections`)
     /// stayed busy until the request's deadline (nothing was sent).
     #[error("every upstream connection stayed busy")]
     Busy,
     /// The exchange failed after the request may have reached the
     /// upstream: it is not sent again.
-    #[error("{0}")]
-    Failed(String),
+    #[error("{}", describe(.0))]
+    Failed(hyper::Error),
 }
 
 /// The upstream clients of every proxy worker, built from one

@@ -38,6 +38,7 @@ use tokio::sync::Notify;
 use tokio::time::{timeout_at, Instant};
 
 use super::connect::{Connected, Connector, Goaway};
+use super::ConnectError;
 use super::SendError;
 use crate::config::UpstreamConfig;
 use crate::net::body::Body;
@@ -239,7 +240,7 @@ impl Client {
                     attempt += 1;
                     req = next;
                 }
-                _ => return Err(SendError::Failed(super::describe(&e.into_error()))),
+                _ => return Err(SendError::Failed(e.into_error())),
             }
         }
     }
@@ -323,9 +324,8 @@ impl Client {
             }
             Err(_) => {
                 shared.metrics.connect_errors.inc();
-                return Err(SendError::Connect(format!(
-                    "no connection within {:?} (upstream.connect_timeout)",
-                    shared.connector.timeout
+                return Err(SendError::Connect(ConnectError::Timeout(
+                    shared.connector.timeout,
                 )));
             }
         };
@@ -348,12 +348,9 @@ impl Client {
         let checkout = timeout_at(until, handshake)
             .await
             .map_err(|_| {
-                SendError::Connect(format!(
-                    "no HTTP handshake within {:?} (upstream.connect_timeout)",
-                    shared.connector.timeout
-                ))
+                SendError::Connect(ConnectError::HandshakeTimeout(shared.connector.timeout))
             })?
-            .map_err(|e: hyper::Error| SendError::Connect(super::describe(&e)))?;
+            .map_err(|e: hyper::Error| SendError::Connect(ConnectError::Handshake(e)))?;
         connecting.done = true;
         // New streams for those waiting (HTTP/2); or, if the connection
         // speaks HTTP/1.1 where HTTP/2 was expected, no capacity to wait
