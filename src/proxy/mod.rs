@@ -145,7 +145,6 @@ impl Proxy {
             uri,
             trace: &trace,
         });
-        let log = Log::raw(&parts, access);
         // If this future is dropped before `finish` (the client went
         // away), the access event is written all the same.
         let _unanswered = access.map(|a| Unanswered {
@@ -154,6 +153,58 @@ impl Proxy {
             method: parts.method.clone(),
             uri: a.uri,
         });
+        // One logging phase: every request, answered or refused at any
+        // stage, ends in the one `finish` below, with the path as sent
+        // until a plan exists and the canonical path after.
+        let (plan, method);
+        let (log, counted, client, result) =
+            match self.admit_and_decide(&live, &conn, &parts, sent_bytes, forwardable, unrouted) {
+                Err(refused) => {
+                    let Refused {
+                        error,
+                        counted,
+                        client,
+                    } = *refused;
+                    (Log::raw(&parts, access), counted, client, Err(error))
+                }
+                Ok((client, decided)) => {
+                    plan = decided;
+                    method = parts.method.clone();
+                    let log = Log {
+                        method: &method,
+                        path: &plan.path,
+                        access,
+                    };
+                    let mut counted = counted_as(&plan.target);
+                    let ctx = Ctx {
+                        live: &live,
+                        conn: &conn,
+                        client,
+                        trace: &trace,
+                        traced: access.is_some(),
+                        deadline,
+                        share: Share::of(client),
+                    };
+                    let result = self
+                        .respond(&ctx, &mut parts, body, &plan, &mut counted)
+                        .await;
+                    (log, counted, client, result)
+                }
+            };
+        finish(&log, result, counted, client)
+    }
+
+    /// The gate, then every decision: the client (if keys are configured)
+    /// and the plan, or the refusal with who it counts under.
+    fn admit_and_decide<'l>(
+        &self,
+        live: &'l Live,
+        conn: &Conn,
+        parts: &Parts,
+        sent_bytes: usize,
+        forwardable: Result<(), headers::HeaderError>,
+        unrouted: &'l IdentityMetrics,
+    ) -> Result<(Option<&'l ApiClient>, Plan<'l>), Box<Refused<'l>>> {
         let client = match live
             .gate
             .admit(conn.peer().ip(), &parts.headers, sent_bytes)
@@ -164,38 +215,52 @@ impl Proxy {
                     // Nothing else will be served on this connection.
                     conn.close();
                 }
-                return finish(&log, Err(e.into()), Counted::nobody(unrouted), None);
+                return Err(Refused::new(e.into(), Counted::nobody(unrouted), None));
             }
         };
         if let Err(e) = forwardable {
-            return finish(&log, Err(e.into()), Counted::nobody(unrouted), client);
+            return Err(Refused::new(e.into(), Counted::nobody(unrouted), client));
         }
-        let plan = match self.decide(&live, &parts, client) {
-            Ok(plan) => plan,
+        match self.decide(live, parts, client) {
+            Ok(plan) => Ok((client, plan)),
             // Counted under the identity or pool it was refused for, if it
             // got that far.
             Err((e, target)) => {
                 let counted = target
                     .as_ref()
                     .map_or(Counted::nobody(unrouted), counted_as);
-                return finish(&log, Err(e), counted, client);
+                Err(Refused::new(e, counted, client))
             }
-        };
+        }
+    }
+
+    /// A decided request: its body, its session, the exchange. `counted`
+    /// becomes the pool member that served it.
+    async fn respond<'l>(
+        &self,
+        ctx: &Ctx<'l>,
+        parts: &mut Parts,
+        body: Incoming,
+        plan: &Plan<'l>,
+        counted: &mut Counted<'l>,
+    ) -> Result<Response<Body>, ProxyError> {
+        let Ctx {
+            live,
+            conn,
+            client,
+            trace,
+            traced,
+            deadline,
+            ..
+        } = *ctx;
         // Decided on; now nothing spelt with '_' goes any further.
         headers::strip_underscored(&mut parts.headers);
-        let method = parts.method.clone();
-        let log = Log {
-            method: &method,
-            path: &plan.path,
-            access,
-        };
         let limits = BodyLimits {
             max_bytes: live.gate.max_body_bytes,
             idle: live.body_read_timeout(),
             deadline,
         };
-        let counted = counted_as(&plan.target);
-        if access.is_some() {
+        if traced {
             if let Some(c) = client {
                 trace.sent_by(&c.name);
             }
@@ -217,28 +282,18 @@ impl Proxy {
                 );
             }
         }
-        let ctx = Ctx {
-            live: &live,
-            trace: &trace,
-            deadline,
-            share: Share::of(client),
-        };
         // The client's own session or token: no identity is involved.
         if matches!(plan.kind, Kind::OwnSessionCreate | Kind::OwnToken) {
             let scanner = overrides::body_scanner(&parts.method, &parts.headers);
             let (body, cut) = ClientBody::stream(Vec::new(), body, limits, scanner, None);
             trace.body_streams(&cut);
-            let result = self.pass_through(&ctx, &mut parts, &plan, body, &cut).await;
-            return finish(&log, result, counted, client);
+            return self.pass_through(ctx, parts, plan, body, &cut).await;
         }
         // The body first: a client slow to send it holds no session, no
         // pool member and no upstream slot meanwhile.
         let body = match plan.kind {
             Kind::SessionRead => Prepared::Whole(Bytes::new(), None),
-            _ => match self.read_body(&live, &parts, body, limits).await {
-                Ok(b) => b,
-                Err(e) => return finish(&log, Err(e), counted, client),
-            },
+            _ => self.read_body(live, parts, body, limits).await?,
         };
         match &body {
             Prepared::Whole(bytes, _) => trace.body_read(bytes.len()),
@@ -247,23 +302,20 @@ impl Proxy {
         match plan.target {
             Target::Identity(identity) => {
                 identity.start();
-                let result = self
-                    .exchange(&ctx, &mut parts, &plan, body, identity, None)
-                    .await;
-                finish(&log, result, Counted::identity(identity), client)
+                *counted = Counted::identity(identity);
+                self.exchange(ctx, parts, plan, body, identity, None).await
             }
             Target::Pool(pool) => {
                 let sticky = parts.headers.get(route::CLIENT_HEADER).cloned();
-                match pool.acquire_session(sticky.as_ref(), deadline).await {
-                    Ok((lease, session)) => {
-                        let identity = lease.identity();
-                        let result = self
-                            .exchange(&ctx, &mut parts, &plan, body, identity, Some(session))
-                            .await;
-                        finish(&log, result, Counted::identity(identity), client)
-                    }
-                    Err(e) => finish(&log, Err(e.into()), Counted::pool(pool), client),
-                }
+                let (lease, session) = pool.acquire_session(sticky.as_ref(), deadline).await?;
+                let identity = lease.member_of(pool);
+                *counted = Counted::identity(identity);
+                let answer = self
+                    .exchange(ctx, parts, plan, body, identity, Some(session))
+                    .await;
+                // Held until the exchange is over.
+                drop(lease);
+                answer
             }
         }
     }
@@ -874,12 +926,36 @@ enum Kind {
     SessionRead,
 }
 
-/// What every stage of one request reads.
+/// A request refused before it was decided: why, and who it counts under.
+/// Boxed: refusals are the rare path, and the error is large.
+struct Refused<'a> {
+    error: ProxyError,
+    counted: Counted<'a>,
+    client: Option<&'a ApiClient>,
+}
+
+impl<'a> Refused<'a> {
+    fn new(error: ProxyError, counted: Counted<'a>, client: Option<&'a ApiClient>) -> Box<Self> {
+        Box::new(Refused {
+            error,
+            counted,
+            client,
+        })
+    }
+}
+
+/// What every stage of one decided request reads: who sent it, on what,
+/// under which configuration, and by when.
 struct Ctx<'a> {
     /// The configuration it started with.
     live: &'a Live,
-    /// What its access event will say.
+    /// The client connection it came on.
+    conn: &'a Conn,
+    /// Its API client, when keys are configured.
+    client: Option<&'a ApiClient>,
+    /// What its access event will say, if the access log is on.
     trace: &'a Trace,
+    traced: bool,
     /// The whole request's: session wait, upstream, replay.
     deadline: Instant,
     /// Whose share of the upstream's slots it takes.

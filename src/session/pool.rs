@@ -92,6 +92,13 @@ impl Lease {
     pub fn identity(&self) -> &Identity {
         &self.pool.members[self.index].identity
     }
+
+    /// Its member as found in `pool` (the pool it was taken from): a
+    /// borrow that may outlive the lease, for what is counted after it.
+    pub fn member_of<'p>(&self, pool: &'p Pool) -> &'p Identity {
+        debug_assert!(std::ptr::eq(pool, &*self.pool), "a lease of another pool");
+        &pool.members[self.index].identity
+    }
 }
 
 impl Drop for Lease {
