@@ -22,21 +22,17 @@ use arc_swap::ArcSwap;
 use tokio::net::TcpListener;
 use tokio::sync::{mpsc, oneshot, watch};
 
-use crate::config::Config;
-use crate::session::pool::Pool;
-use reload::{ReloadError, Summary};
-
-use crate::app::live::Live;
-use crate::app::reload::Context;
-use crate::app::state::StateFile;
+use self::live::Live;
+use self::reload::{Context, ReloadError, Summary};
+use self::state::StateFile;
 use crate::cluster::{self, Cluster};
-use crate::config;
+use crate::config::{self, Config};
 use crate::gateway::route::Target;
 use crate::net::limit::ResizableLimit;
 use crate::net::{handover, server};
 use crate::proxy::Proxy;
-use crate::session;
-use crate::session::{HeldTokens, Identity};
+use crate::session::pool::Pool;
+use crate::session::{self, HeldTokens, Identity, SessionError};
 use crate::telemetry::metrics::Metrics;
 use crate::upstream::ClockOffset;
 
@@ -74,7 +70,7 @@ pub enum NotReady {
         Some(e) => e.to_string(),
         None => "creating one".to_owned(),
     })]
-    NoSession(Option<Arc<crate::session::SessionError>>),
+    NoSession(Option<Arc<SessionError>>),
     #[error("every member of pool {0:?} is set aside")]
     PoolSetAside(String),
 }
@@ -103,10 +99,6 @@ struct Shared {
     running: AtomicBool,
     /// The reloader task's queue, started with the first reload.
     reloader: OnceLock<mpsc::Sender<Request>>,
-    /// Set when a new process took over the listening sockets
-    /// (`handover.rs`); then `handed_over` is notified and this one drains.
-    handed_over: AtomicBool,
-    handover_done: tokio::sync::Notify,
 }
 
 /// A reload asked of the reloader task.
@@ -187,8 +179,6 @@ impl App {
                     connections: ResizableLimit::new(max_connections),
                     running: AtomicBool::new(false),
                     reloader: OnceLock::new(),
-                    handed_over: AtomicBool::new(false),
-                    handover_done: tokio::sync::Notify::new(),
                 }),
             },
         })
@@ -222,11 +212,14 @@ impl App {
         let (stop_admin, admin_stopping) = watch::channel(false);
         let stop_admin = &stop_admin;
         let (leave, leaving) = watch::channel(false);
+        // Sent once a new process took the listening sockets over
+        // (`handover.rs`); then this one drains.
+        let (handed, handed_over) = tokio::sync::oneshot::channel::<()>();
         let proxy_server = serve_proxy(shared, listeners.proxy, &lame_duck, stopping.clone());
         let workers = spawn_workers(shared, listeners.workers, &lame_duck, &stopping);
         if let Some(offer) = listeners.handover {
             let handle = self.handle.clone();
-            let (saving, handing) = (shared.clone(), shared.clone());
+            let saving = shared.clone();
             tokio::spawn(offer.serve(
                 async move { handle.ready().await },
                 move || {
@@ -235,8 +228,7 @@ impl App {
                     }
                 },
                 move |_| {
-                    handing.handed_over.store(true, Ordering::SeqCst);
-                    handing.handover_done.notify_one();
+                    let _ = handed.send(());
                 },
                 leaving,
             ));
@@ -263,9 +255,11 @@ impl App {
         );
         let live = shared.live.clone();
         let trigger = async move {
+            // Without an offer (or once it ended unused) the sender is
+            // gone: only `shutdown` remains.
             let handed_over = tokio::select! {
                 () = shutdown => false,
-                () = shared.handover_done.notified() => true,
+                Ok(()) = handed_over => true,
             };
             let _ = leave.send(true);
             if handed_over {
@@ -296,9 +290,10 @@ impl App {
             }
             tracing::info!("shutting down: no new connections; requests in flight finish");
             let _ = stop.send(true);
+            handed_over
         };
         let proxies = async move {
-            tokio::join!(proxy_server, trigger);
+            let ((), handed_over) = tokio::join!(proxy_server, trigger);
             // Each worker drains as the main runtime does, within the grace.
             let _ = tokio::task::spawn_blocking(move || {
                 for w in workers {
@@ -307,16 +302,16 @@ impl App {
             })
             .await;
             let _ = stop_admin.send(true);
+            handed_over
         };
-        tokio::join!(proxies, admin_server);
+        let (handed_over, ()) = tokio::join!(proxies, admin_server);
         let live = shared.live.load();
         for identity in &live.identities {
             identity.stop();
         }
         // After a handover the new process owns the state file (the old
         // one wrote it before handing over).
-        if let (Some(state), false) = (&shared.ctx.state, shared.handed_over.load(Ordering::SeqCst))
-        {
+        if let (Some(state), false) = (&shared.ctx.state, handed_over) {
             save_state(state, &live);
         }
         tracing::info!("stopped");

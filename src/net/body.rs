@@ -63,17 +63,30 @@ pub struct Ended {
     pub complete: bool,
 }
 
+/// What [`Body::on_end`] tells how a body ended: a closure, called once.
+pub trait EndHook: Send {
+    fn ended(&mut self, end: Ended);
+}
+
+impl<F: FnOnce(Ended) + Send> EndHook for Option<F> {
+    fn ended(&mut self, end: Ended) {
+        if let Some(hook) = self.take() {
+            hook(end);
+        }
+    }
+}
+
 /// A body and the hook told how it ended, once: at its end or when it is
 /// dropped (a body never polled but empty, as for HEAD, 204 or 304, is
-/// complete).
-pub struct Watched {
+/// complete). The hook is its last field, so one allocation holds both.
+pub struct Watched<H: EndHook + ?Sized = dyn EndHook> {
     body: Body,
     bytes: u64,
     ended: bool,
-    hook: Option<Box<dyn FnOnce(Ended) + Send>>,
+    hook: H,
 }
 
-impl Watched {
+impl<H: EndHook + ?Sized> Watched<H> {
     fn poll_frame(&mut self, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
         let polled = Pin::new(&mut self.body).poll_frame(cx);
         match &polled {
@@ -92,14 +105,13 @@ impl Watched {
     }
 }
 
-impl Drop for Watched {
+impl<H: EndHook + ?Sized> Drop for Watched<H> {
     fn drop(&mut self) {
-        if let Some(hook) = self.hook.take() {
-            hook(Ended {
-                bytes: self.bytes,
-                complete: self.ended || self.body.is_end_stream(),
-            });
-        }
+        let end = Ended {
+            bytes: self.bytes,
+            complete: self.ended || self.body.is_end_stream(),
+        };
+        self.hook.ended(end);
     }
 }
 
@@ -111,7 +123,7 @@ impl Body {
             body: self,
             bytes: 0,
             ended: false,
-            hook: Some(Box::new(hook)),
+            hook: Some(hook),
         }))
     }
 }

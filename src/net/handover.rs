@@ -80,10 +80,6 @@ impl Sockets {
                 .transpose()?,
         })
     }
-
-    fn count(&self) -> usize {
-        self.proxy.len() + usize::from(self.admin.is_some())
-    }
 }
 
 /// The sockets systemd passed (`LISTEN_FDS`, `LISTEN_PID`,
@@ -285,8 +281,8 @@ impl Offer {
             mut sockets,
             predecessor,
         } = self;
-        if let Some(predecessor) = predecessor {
-            let pid = predecessor.pid;
+        // A process that took over publishes its socket once it serves.
+        if predecessor.is_some() {
             tokio::select! {
                 () = ready => {}
                 () = left(&mut leaving) => {
@@ -294,7 +290,12 @@ impl Offer {
                     return;
                 }
             }
-            let published = std::fs::rename(&bound_at, &path);
+        }
+        // Published before the predecessor is told, so that its own socket
+        // file, replaced, is not removed when it stops (`Published`).
+        let published = std::fs::rename(&bound_at, &path);
+        if let Some(predecessor) = predecessor {
+            let pid = predecessor.pid;
             match tokio::task::spawn_blocking(move || predecessor.ready()).await {
                 Ok(Ok(())) => tracing::info!(
                     pid,
@@ -306,11 +307,8 @@ impl Offer {
                      if it still runs, both serve: stop it with SIGTERM"
                 ),
             }
-            if let Err(e) = published {
-                tracing::warn!(path = %path.display(), error = %e, "cannot publish the handover socket; no later upgrade can take over from this process");
-                return;
-            }
-        } else if let Err(e) = std::fs::rename(&bound_at, &path) {
+        }
+        if let Err(e) = published {
             tracing::warn!(path = %path.display(), error = %e, "cannot publish the handover socket; no upgrade can take over from this process");
             return;
         }
@@ -412,7 +410,7 @@ fn exchange(mut stream: UnixStream, sockets: &Sockets, save: &dyn Fn()) -> io::R
         .chain(&sockets.admin)
         .map(AsFd::as_fd)
         .collect();
-    if fds.len() > MAX_SOCKETS || fds.len() != sockets.count() {
+    if fds.len() > MAX_SOCKETS {
         refuse(&mut stream, "too many sockets")?;
         return Err(io::Error::other("too many sockets to hand over"));
     }

@@ -9,7 +9,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use crate::common::fleet::{assert_all_ok, burst_of_300, proxies, statuses, tokens, Load};
+use crate::common::fleet::{assert_all_ok, burst_of_300, proxies, statuses, three, tokens, Load};
 use crate::common::redis_server::RedisServer;
 use crate::common::{bounded, demo_sim, setup, Harness, Setup, BOUND};
 use bytes::Bytes;
@@ -23,16 +23,6 @@ fn replica(sim: &Sim, redis: &RedisServer) -> Setup {
         .sim(sim.clone())
         .set("cluster", "redis_url", redis.url())
         .set("quickblox", "session_timeout", Duration::from_secs(5))
-}
-
-async fn three(setups: [Setup; 3]) -> [Harness; 3] {
-    let [a, b, c] = setups;
-    let (a, b, c) = tokio::join!(a.start(), b.start(), c.start());
-    let fleet = [a, b, c];
-    for h in &fleet {
-        h.ready().await;
-    }
-    fleet
 }
 
 async fn fleet_of_three(sim: &Sim, redis: &RedisServer) -> [Harness; 3] {

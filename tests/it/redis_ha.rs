@@ -12,7 +12,7 @@ use std::process::Stdio;
 use std::time::Duration;
 
 use crate::common::certs::{Ca, Dir};
-use crate::common::fleet::{assert_all_ok, burst_of_300, proxies, statuses, tokens, Load};
+use crate::common::fleet::{self, assert_all_ok, burst_of_300, proxies, statuses, tokens, Load};
 use crate::common::{bounded, capture_logs, demo_sim, setup, Harness, Setup};
 use http::StatusCode;
 use qbproxy::sim::Sim;
@@ -28,19 +28,15 @@ struct Proc {
 }
 
 impl Proc {
-    /// Starts `program` with `args` and waits for a log line holding
-    /// `ready`. `{port}` in an argument is the port chosen.
-    async fn start(program: &str, args: &[String], ready: &str) -> Proc {
+    /// Starts `program` with the arguments `args` gives for a free port,
+    /// and waits for a log line holding `ready`.
+    async fn start(program: &str, args: impl Fn(u16) -> Vec<String>, ready: &str) -> Proc {
         // A port another process took between the probe and the bind: try
         // another.
         for _ in 0..5 {
             let port = free_port();
-            let args: Vec<String> = args
-                .iter()
-                .map(|a| a.replace("{port}", &port.to_string()))
-                .collect();
             let mut child = Command::new(program)
-                .args(&args)
+                .args(args(port))
                 .stdout(Stdio::piped())
                 .stderr(Stdio::null())
                 .stdin(Stdio::null())
@@ -125,7 +121,12 @@ async fn redis(dir: &Dir, extra: &[&str]) -> Proc {
         args.extend(["--port".into(), "{port}".into()]);
     }
     args.extend(extra.iter().map(|s| s.to_string()));
-    Proc::start("redis-server", &args, "eady to accept connections").await
+    let with_port = |port: u16| {
+        args.iter()
+            .map(|a| a.replace("{port}", &port.to_string()))
+            .collect()
+    };
+    Proc::start("redis-server", with_port, "eady to accept connections").await
 }
 
 fn replica_of(sim: &Sim, url: &str, prefix: &str) -> Setup {
@@ -137,16 +138,7 @@ fn replica_of(sim: &Sim, url: &str, prefix: &str) -> Setup {
 }
 
 async fn three(sim: &Sim, url: &str, prefix: &str) -> [Harness; 3] {
-    let (a, b, c) = tokio::join!(
-        replica_of(sim, url, prefix).start(),
-        replica_of(sim, url, prefix).start(),
-        replica_of(sim, url, prefix).start(),
-    );
-    let fleet = [a, b, c];
-    for h in &fleet {
-        h.ready().await;
-    }
-    fleet
+    fleet::three([0, 1, 2].map(|_| replica_of(sim, url, prefix))).await
 }
 
 /// An expiry of the fleet's session, then 300 requests: all answered, one
@@ -179,40 +171,19 @@ async fn a_sentinel_failover_under_load_fails_no_request_and_the_fleet_follows()
     )
     .await;
     replica.expect("MASTER <-> REPLICA sync: Finished").await;
-    let conf = dir.write(
-        "sentinel.conf",
-        &format!(
-            "bind 127.0.0.1\nport {{port}}\ndir {}\n\
+    // redis-sentinel rewrites its file: a file per port tried.
+    let conf = |port: u16| {
+        let text = format!(
+            "bind 127.0.0.1\nport {port}\ndir {}\n\
              sentinel monitor qbha 127.0.0.1 {} 1\n\
              sentinel down-after-milliseconds qbha 500\n\
              sentinel failover-timeout qbha 5000\n",
             dir.path().display(),
             master.port
-        ),
-    );
-    // redis-sentinel rewrites its file, so each start gets the port set in
-    // a copy.
-    let mut sentinel = 'started: {
-        for _ in 0..5 {
-            let port = free_port();
-            let text = std::fs::read_to_string(&conf)
-                .unwrap()
-                .replace("{port}", &port.to_string());
-            let file = dir.write(&format!("sentinel-{port}.conf"), &text);
-            let mut child = Command::new("redis-sentinel")
-                .arg(&file)
-                .stdout(Stdio::piped())
-                .stderr(Stdio::null())
-                .kill_on_drop(true)
-                .spawn()
-                .expect("redis-sentinel: install the Debian package redis-sentinel (.ci/run does)");
-            let mut log = BufReader::new(child.stdout.take().unwrap()).lines();
-            if wait_line(&mut log, "+monitor master qbha").await.is_some() {
-                break 'started Proc { child, log, port };
-            }
-        }
-        panic!("redis-sentinel did not start in five tries");
+        );
+        vec![dir.write(&format!("sentinel-{port}.conf"), &text)]
     };
+    let mut sentinel = Proc::start("redis-sentinel", conf, "+monitor master qbha").await;
     // The Sentinel knows the replica it will promote.
     sentinel.expect("+slave slave").await;
 
@@ -398,14 +369,8 @@ async fn redis_over_tls_with_a_client_certificate() {
             .set("cluster", "cert_file", &client_cert)
             .set("cluster", "key_file", &client_key)
     };
-    let (a, b, c) = tokio::join!(
-        with_certs("tls-test").start(),
-        with_certs("tls-test").start(),
-        with_certs("tls-test").start()
-    );
-    let fleet = [a, b, c];
+    let fleet = fleet::three([0, 1, 2].map(|_| with_certs("tls-test"))).await;
     for h in &fleet {
-        h.ready().await;
         h.metric_becomes("qbproxy_cluster_up", 1).await;
     }
     assert_eq!(sim.creations(), 1, "one creation for the fleet over TLS");

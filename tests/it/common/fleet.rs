@@ -12,7 +12,18 @@ use http::{Method, StatusCode};
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
 
-use super::{bounded, Harness};
+use super::{bounded, Harness, Setup};
+
+/// Three replicas started together, each ready.
+pub async fn three(setups: [Setup; 3]) -> [Harness; 3] {
+    let [a, b, c] = setups;
+    let (a, b, c) = tokio::join!(a.start(), b.start(), c.start());
+    let fleet = [a, b, c];
+    for h in &fleet {
+        h.ready().await;
+    }
+    fleet
+}
 
 pub fn tokens(fleet: &[Harness]) -> HashSet<String> {
     fleet.iter().map(Harness::token).collect()
