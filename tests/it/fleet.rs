@@ -807,6 +807,42 @@ async fn a_creation_slower_than_the_lease_keeps_its_lock() {
     assert_eq!(a.token(), b.token());
 }
 
+/// A lock holder that lives but whose creation hangs: another replica
+/// waits for it no longer than `retry_wait` (1 s here; the hang lasts up to
+/// the holder's `session_timeout`, 10 s), then creates a session of its own
+/// and answers its request.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_waiting_replica_creates_its_own_after_retry_wait() {
+    let redis = RedisServer::start().await;
+    let sim = demo_sim().await;
+    let patient = |s: Setup| {
+        s.set("quickblox", "session_timeout", Duration::from_secs(10))
+            .set("quickblox", "retry_wait", Duration::from_secs(1))
+    };
+    let [a, b] = [0, 1].map(|_| patient(replica(&sim, &redis)));
+    let (a, b) = tokio::join!(a.start(), b.start());
+    a.ready().await;
+    b.ready().await;
+    assert_eq!(sim.creations(), 1);
+
+    // A takes the lock; its creation hangs at QuickBlox (A lives on).
+    sim.push_fault(Fault::Hang);
+    sim.expire_all();
+    let attempts = sim.attempts();
+    let _held = a.spawn_send(Method::GET, "/users.json", &[], Bytes::new());
+    sim.wait_until(|s| s.attempts() > attempts).await;
+
+    let started = Instant::now();
+    let answer = b.get("/users.json").await;
+    let waited = started.elapsed();
+    assert_eq!(answer.status, StatusCode::OK, "{}", answer.text());
+    assert_eq!(sim.creations(), 2, "B made its own");
+    assert!(
+        waited >= Duration::from_secs(1) && waited < Duration::from_secs(5),
+        "B answered after {waited:?}: it should wait retry_wait (1 s), not A's hang (10 s)"
+    );
+}
+
 /// A dropped Redis connection (Redis restarted empty, or `CLIENT KILL` of
 /// every client) followed at once by an expiry: each replica's first call
 /// fails on its dead connection and is made again on a new one, so the
