@@ -18,8 +18,8 @@ use http_body_util::{BodyExt, Empty};
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::TokioExecutor;
-use qbproxy::sim::{Sim, SimConfig};
 use qbproxy::{App, Config, Listeners};
+use qbproxy_sim::{Sim, SimConfig};
 use tokio::net::TcpListener;
 
 fn config(sim: &Sim, members: usize, password: &str) -> Config {

@@ -118,7 +118,7 @@ fn start_proxy() -> SocketAddr {
             .build()
             .unwrap();
         rt.block_on(async move {
-            let sim = qbproxy::sim::Sim::start(qbproxy::sim::SimConfig::demo())
+            let sim = qbproxy_sim::Sim::start(qbproxy_sim::SimConfig::demo())
                 .await
                 .unwrap();
             let c = sim.config();

@@ -21,7 +21,6 @@ pub mod net;
 mod proxy;
 pub mod quickblox;
 pub mod session;
-pub mod sim;
 pub mod telemetry;
 pub(crate) mod upstream;
 

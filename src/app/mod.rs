@@ -1,10 +1,9 @@
 //! The application: `App` (built from a `Config`) and `App::run`, the
 //! `Handle` tests and the admin API use, the reloader, and the worker
 //! threads. Also here: what runs beside it (admin listener, probe, state
-//! file, process hardening, the demo).
+//! file, process hardening). The demo is the binary's (`src/bin/qbproxy/`).
 
 pub(crate) mod admin;
-pub mod demo;
 pub mod hardening;
 pub(crate) mod live;
 pub mod probe;

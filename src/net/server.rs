@@ -77,16 +77,9 @@ pub struct Conn {
     peer: SocketAddr,
     local: SocketAddr,
     state: Arc<ConnState>,
-    /// This request's number on its connection, from 1.
-    nth: u64,
 }
 
 impl Conn {
-    /// This request's number on its connection, from 1.
-    pub fn nth_request(&self) -> u64 {
-        self.nth
-    }
-
     pub fn peer(&self) -> SocketAddr {
         self.peer
     }
@@ -455,14 +448,14 @@ where
                         sweep_at = (2 * conns.len()).max(64);
                     }
                     conns.push(Arc::downgrade(&state));
-                    let conn = Conn { peer, local, state: state.clone(), nth: 0 };
+                    let conn = Conn { peer, local, state: state.clone() };
                     let handler = handler.clone();
                     let lame = lame.clone();
                     let service = service_fn(move |req: Request<Incoming>| {
                         let in_flight = InFlight::new(&conn.state);
-                        let nth = conn.state.requests.fetch_add(1, Ordering::Relaxed) + 1;
+                        conn.state.requests.fetch_add(1, Ordering::Relaxed);
                         let http1 = req.version() != http::Version::HTTP_2;
-                        let response = handler(req, Conn { nth, ..conn.clone() });
+                        let response = handler(req, conn.clone());
                         let lame = lame.clone();
                         async move {
                             let mut response = response.await;

@@ -9,8 +9,8 @@ use std::path::Path;
 
 use crate::common::{bounded, last_received, setup};
 use http::{Method, StatusCode};
-use qbproxy::sim::{Sim, SimConfig};
 use qbproxy::Config;
+use qbproxy_sim::{Sim, SimConfig};
 
 const SVC: &str = "name = \"svc\"\napi_key = \"demo-api-key\"\non_behalf_of = 1001\n";
 

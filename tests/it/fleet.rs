@@ -14,7 +14,7 @@ use crate::common::redis_server::RedisServer;
 use crate::common::{bounded, demo_sim, setup, Harness, Setup, BOUND};
 use bytes::Bytes;
 use http::{Method, StatusCode};
-use qbproxy::sim::{Fault, Sim, SimConfig};
+use qbproxy_sim::{Fault, Sim, SimConfig};
 use tokio::time::Instant;
 
 /// A replica of the fleet: `[cluster]` on `redis`, in front of `sim`.

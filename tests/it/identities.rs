@@ -8,7 +8,7 @@ use std::collections::HashMap;
 use crate::common::{bounded, setup};
 use bytes::Bytes;
 use http::{Method, StatusCode};
-use qbproxy::sim::{ProviderToken, Sim, SimConfig};
+use qbproxy_sim::{ProviderToken, Sim, SimConfig};
 
 fn fb(token: &str, user_id: u64) -> ProviderToken {
     ProviderToken {

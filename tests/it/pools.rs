@@ -9,7 +9,7 @@ use std::time::Duration;
 use crate::common::{bounded, setup};
 use bytes::Bytes;
 use http::{Method, StatusCode};
-use qbproxy::sim::{Fault, Sim, SimConfig};
+use qbproxy_sim::{Fault, Sim, SimConfig};
 
 const DEMO: &str = "name = \"demo\"\nlogin = \"demo\"\npassword = \"demo-password\"\n";
 

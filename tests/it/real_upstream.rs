@@ -11,7 +11,7 @@ use http::Method;
 
 /// qbproxy (`upstream.http2 = http2`) in front of `edge`, the simulator
 /// behind it; identities: the user "demo" (default) and the API key "svc".
-async fn through(edge: &Edge, sim: qbproxy::sim::Sim, http2: bool) -> Harness {
+async fn through(edge: &Edge, sim: qbproxy_sim::Sim, http2: bool) -> Harness {
     let h = setup()
         .sim(sim)
         .upstream_url(&edge.url())

@@ -15,7 +15,7 @@ use crate::common::certs::{Ca, Dir};
 use crate::common::fleet::{self, assert_all_ok, burst_of_300, proxies, statuses, tokens, Load};
 use crate::common::{bounded, capture_logs, demo_sim, setup, Harness, Setup};
 use http::StatusCode;
-use qbproxy::sim::Sim;
+use qbproxy_sim::Sim;
 use tokio::io::{AsyncBufReadExt, BufReader, Lines};
 use tokio::process::{Child, ChildStdout, Command};
 

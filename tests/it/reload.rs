@@ -9,8 +9,8 @@ use std::path::Path;
 use crate::common::{bounded, setup};
 use bytes::Bytes;
 use http::{Method, StatusCode};
-use qbproxy::sim::Fault;
 use qbproxy::Config;
+use qbproxy_sim::Fault;
 
 const KEY_A: &str = "client-a-key-0123456789";
 const KEY_B: &str = "client-b-key-0123456789";

@@ -7,7 +7,7 @@ use std::collections::HashSet;
 
 use crate::common::{bounded, setup};
 use http::{Method, StatusCode};
-use qbproxy::sim::Fault;
+use qbproxy_sim::Fault;
 
 /// 100 concurrent requests after every session expired, a third of them
 /// POSTs with distinct bodies: one new session, all succeed, every body

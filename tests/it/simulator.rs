@@ -5,7 +5,7 @@ use crate::common;
 use bytes::Bytes;
 use http::{Method, StatusCode};
 use qbproxy::quickblox::signer::{self, Params};
-use qbproxy::sim::Sim;
+use qbproxy_sim::Sim;
 
 fn now() -> u64 {
     std::time::SystemTime::now()

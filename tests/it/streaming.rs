@@ -16,8 +16,8 @@ use hyper::body::Incoming;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use hyper_util::server::conn::auto;
-use qbproxy::sim::{Sim, SimConfig};
 use qbproxy::Config;
+use qbproxy_sim::{Sim, SimConfig};
 use tokio::net::TcpListener;
 use tokio::sync::{mpsc, oneshot, Mutex};
 

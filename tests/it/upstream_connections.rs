@@ -28,13 +28,13 @@ fn in_front_of(url: &str, edge: &Edge) -> Setup {
         .set("upstream", "ca_file", edge.ca_file())
 }
 
-async fn nginx(sim: &qbproxy::sim::Sim, options: Options) -> Edge {
+async fn nginx(sim: &qbproxy_sim::Sim, options: Options) -> Edge {
     Edge::start(Server::Nginx, sim.addr(), options).await
 }
 
 /// The simulator, nginx in front of it set up with `options`, and qbproxy
 /// in front of nginx, its first session made.
-async fn through_nginx(options: Options) -> (qbproxy::sim::Sim, Edge, Harness) {
+async fn through_nginx(options: Options) -> (qbproxy_sim::Sim, Edge, Harness) {
     let sim = demo_sim().await;
     let edge = nginx(&sim, options).await;
     let h = in_front_of(&edge.url(), &edge)

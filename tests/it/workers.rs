@@ -8,7 +8,7 @@ use crate::common;
 use std::path::Path;
 
 use crate::common::{bounded, raw, setup};
-use qbproxy::sim::{Sim, SimConfig};
+use qbproxy_sim::{Sim, SimConfig};
 
 const CONNECTIONS: usize = 24;
 

@@ -3,7 +3,7 @@
 
 use bytes::Bytes;
 use http::{Method, StatusCode};
-use qbproxy::sim::{ProviderToken, Sim, SimConfig};
+use qbproxy_sim::{ProviderToken, Sim, SimConfig};
 
 use super::{DEMO, KEY};
 use crate::common::{self, capture_logs, setup};

@@ -181,9 +181,9 @@ const SVC: &str = "name = \"svc\"\napi_key = \"demo-api-key\"\non_behalf_of = 10
 /// whether it is a session or an API key.
 #[tokio::test]
 async fn a_clients_own_credentials_never_reach_the_upstream() {
-    let mut sim_config = qbproxy::sim::SimConfig::demo();
+    let mut sim_config = qbproxy_sim::SimConfig::demo();
     sim_config.api_keys.push("stolen-key".into());
-    let sim = qbproxy::sim::Sim::start(sim_config).await.unwrap();
+    let sim = qbproxy_sim::Sim::start(sim_config).await.unwrap();
     let h = setup()
         .sim(sim.clone())
         .identity(super::DEMO)
@@ -250,9 +250,9 @@ async fn a_clients_own_credentials_never_reach_the_upstream() {
 /// hidden among other values; an `On-Behalf-Of` alone is no credential.
 #[tokio::test]
 async fn in_keep_mode_an_api_key_qbproxy_holds_is_refused_in_any_spelling() {
-    let mut sim_config = qbproxy::sim::SimConfig::demo();
+    let mut sim_config = qbproxy_sim::SimConfig::demo();
     sim_config.api_keys.push("clients-own-key".into());
-    let sim = qbproxy::sim::Sim::start(sim_config).await.unwrap();
+    let sim = qbproxy_sim::Sim::start(sim_config).await.unwrap();
     let h = setup()
         .sim(sim.clone())
         .identity(SVC)

@@ -14,6 +14,8 @@ use qbproxy::net::handover::{Offer, Predecessor, Sockets};
 use qbproxy::{Config, Listeners};
 use tokio::net::TcpListener;
 
+mod demo;
+
 /// EX_USAGE from sysexits.h: the configuration is wrong.
 const EXIT_CONFIG: u8 = 64;
 /// Arguments that do not go together (clap's own code for usage errors).
@@ -171,11 +173,7 @@ fn main() -> ExitCode {
                 return usage(m);
             }
             let result = self::runtime(runtime.threads()).block_on(async move {
-                qbproxy::app::demo::run(
-                    qbproxy::app::demo::DemoArgs { listen, admin, tls },
-                    shutdown_signal(),
-                )
-                .await
+                demo::run(demo::DemoArgs { listen, admin, tls }, shutdown_signal()).await
             });
             exit(result)
         }
@@ -216,11 +214,11 @@ fn sim(
         let listener = TcpListener::bind(listen)
             .await
             .map_err(|e| format!("cannot listen on {listen}: {e}"))?;
-        let mut config = qbproxy::sim::SimConfig::demo();
+        let mut config = qbproxy_sim::SimConfig::demo();
         if users > 0 {
             config = config.with_users("loadtest-{n}", "pw-{n}", 1..=users);
         }
-        let sim = qbproxy::sim::Sim::start_on(listener, config.clone()).map_err(|e| e.to_string())?;
+        let sim = qbproxy_sim::Sim::start_on(listener, config.clone()).map_err(|e| e.to_string())?;
         sim.set_creation_delay(creation_delay);
         sim.set_fail_before_success(fail_before_success);
         println!(

@@ -26,15 +26,17 @@ use hyper::body::Incoming;
 use tokio::net::TcpListener;
 use tokio::sync::{watch, Semaphore};
 
-use crate::net::body::Body;
-use crate::net::limit::ResizableLimit;
-use crate::net::server::{self, Conn};
-use crate::quickblox;
-
 mod api;
 mod params;
+mod protocol;
 mod resources;
+mod server;
 mod sessions;
+
+pub use protocol::SESSION_LIFETIME;
+
+/// Every answer is whole before it is sent.
+type Body = http_body_util::Full<Bytes>;
 
 /// The application and users the simulator knows.
 #[derive(Debug, Clone)]
@@ -92,7 +94,7 @@ impl SimConfig {
                     password: "other-password".into(),
                 },
             ],
-            session_lifetime: quickblox::SESSION_LIFETIME,
+            session_lifetime: SESSION_LIFETIME,
             provider_tokens: Vec::new(),
             api_keys: vec!["demo-api-key".into()],
         }
@@ -252,29 +254,10 @@ impl Sim {
             }),
             addr,
         };
-        // The same server qbproxy serves with: HTTP/1.1 and HTTP/2, every
-        // connection on its deadlines.
-        let options = server::Options {
-            header_read_timeout: Duration::from_secs(10),
-            keepalive_timeout: Duration::from_secs(75),
-            max_header_bytes: 64 * 1024,
-            send_timeout: Duration::from_secs(30),
-            max_streams: 1000,
-            shutdown_grace: Duration::from_secs(1),
-        };
-        let handler_sim = sim.clone();
         tokio::spawn(server::serve(
-            server::Listener {
-                name: "sim",
-                listener,
-                settings: Arc::new(move || (options, None)),
-                connections: ResizableLimit::new(1 << 16),
-                lame_duck: None,
-            },
-            move |req, conn| {
-                let sim = handler_sim.clone();
-                async move { sim.handle(req, conn).await }
-            },
+            listener,
+            addr,
+            Arc::downgrade(&sim.shared),
             stopping,
         ));
         Ok(sim)
@@ -459,10 +442,13 @@ impl Sim {
         }
     }
 
-    async fn handle(&self, req: Request<Incoming>, conn: Conn) -> Response<Body> {
-        if conn.nth_request() == 1 {
-            self.state().connections += 1;
-        }
+    /// A connection's first request: counted, as QuickBlox's balancer would
+    /// see a new connection.
+    fn connected(&self) {
+        self.state().connections += 1;
+    }
+
+    async fn handle(&self, req: Request<Incoming>) -> Response<Body> {
         let (parts, body) = req.into_parts();
         let body = match body.collect().await {
             Ok(b) => b.to_bytes(),
@@ -481,7 +467,7 @@ impl Sim {
             (&Method::POST, "/_sim/upload") => {
                 let query = parts.uri.query().unwrap_or("");
                 let (status, xml) = self.state().resources.upload(query, &body);
-                let mut resp = Response::new(Body::full(xml));
+                let mut resp = Response::new(Body::from(xml));
                 *resp.status_mut() = status;
                 resp.headers_mut().insert(
                     header::CONTENT_TYPE,
@@ -502,7 +488,7 @@ impl Sim {
         body: String,
         expires_at: Option<SystemTime>,
     ) -> Response<Body> {
-        let mut resp = Response::new(Body::full(body));
+        let mut resp = Response::new(Body::from(body));
         *resp.status_mut() = status;
         let h = resp.headers_mut();
         h.insert(
@@ -513,9 +499,9 @@ impl Sim {
             h.insert(header::DATE, date);
         }
         if let Some(exp) =
-            expires_at.and_then(|t| HeaderValue::from_str(&quickblox::format_expiration(t)).ok())
+            expires_at.and_then(|t| HeaderValue::from_str(&protocol::format_expiration(t)).ok())
         {
-            h.insert(quickblox::QB_TOKEN_EXPIRATION, exp);
+            h.insert(protocol::QB_TOKEN_EXPIRATION, exp);
         }
         resp
     }

@@ -6,8 +6,8 @@ use std::time::{SystemTime, UNIX_EPOCH};
 use http::{HeaderMap, Response, StatusCode};
 use rand::Rng;
 
-use crate::net::body::Body;
-use crate::quickblox::signer;
+use crate::protocol;
+use crate::Body;
 
 use super::params::parse_params;
 use super::*;
@@ -82,13 +82,7 @@ impl Sim {
         {
             return self.error(StatusCode::UNAUTHORIZED, r#"{"errors":["Unauthorized"]}"#);
         }
-        let mut signed: Vec<String> = params
-            .iter()
-            .filter(|(k, _)| k != "signature")
-            .map(|(k, v)| format!("{k}={v}"))
-            .collect();
-        signed.sort();
-        let expected = signer::hmac_sha1_hex(&cfg.auth_secret, &signed.join("&"));
+        let expected = protocol::signature(&cfg.auth_secret, &params);
         if get("signature") != Some(expected.as_str()) {
             return self.error(
                 StatusCode::UNPROCESSABLE_ENTITY,

@@ -10,9 +10,9 @@ use std::path::{Path, PathBuf};
 
 use tokio::net::TcpListener;
 
-use crate::config::{Config, ConfigError};
-use crate::sim::{Sim, SimConfig};
-use crate::{App, Listeners, StartError};
+use qbproxy::config::{Config, ConfigError};
+use qbproxy::{App, Listeners, StartError};
+use qbproxy_sim::{Sim, SimConfig};
 
 #[derive(Debug, thiserror::Error)]
 pub enum DemoError {

@@ -4,8 +4,8 @@
 use bytes::Bytes;
 use http::{Method, Response, StatusCode};
 
-use crate::net::body::Body;
-use crate::quickblox;
+use crate::protocol;
+use crate::Body;
 
 use super::resources::Call;
 use super::sessions::session_json;
@@ -19,13 +19,13 @@ impl Sim {
     ) -> Response<Body> {
         let Some(token) = parts
             .headers
-            .get(quickblox::QB_TOKEN)
+            .get(protocol::QB_TOKEN)
             .and_then(|t| t.to_str().ok())
         else {
             let key = parts
                 .headers
                 .get(http::header::AUTHORIZATION)
-                .and_then(|v| quickblox::api_key(v.as_bytes()))
+                .and_then(|v| protocol::api_key(v.as_bytes()))
                 .map(|k| String::from_utf8_lossy(k).into_owned());
             return match key {
                 Some(key) => self.with_api_key(parts, body, key).await,
@@ -140,7 +140,7 @@ impl Sim {
         if !self.shared.config.api_keys.contains(&key) {
             return self.error(StatusCode::UNAUTHORIZED, r#"{"errors":["Unauthorized"]}"#);
         }
-        let user_id = match parts.headers.get(quickblox::ON_BEHALF_OF) {
+        let user_id = match parts.headers.get(protocol::ON_BEHALF_OF) {
             None => 0,
             Some(v) => {
                 let id = std::str::from_utf8(v.as_bytes())
@@ -168,7 +168,7 @@ impl Sim {
             st.admit(
                 &parts,
                 &body,
-                format!("{} {key}", quickblox::API_KEY_SCHEME),
+                format!("{} {key}", protocol::API_KEY_SCHEME),
                 user_id,
             )
         };
@@ -275,10 +275,10 @@ fn echo(parts: &http::request::Parts, body: &[u8], user_id: u64) -> serde_json::
     for (name, value) in &parts.headers {
         let value = String::from_utf8_lossy(value.as_bytes());
         let shown = match name.as_str() {
-            "qb-token" => quickblox::token_prefix(&value),
+            "qb-token" => protocol::token_prefix(&value),
             "authorization" => match value.split_once(' ') {
-                Some((scheme, secret)) => format!("{scheme} {}", quickblox::token_prefix(secret)),
-                None => quickblox::token_prefix(&value),
+                Some((scheme, secret)) => format!("{scheme} {}", protocol::token_prefix(secret)),
+                None => protocol::token_prefix(&value),
             },
             _ => value.into_owned(),
         };
