@@ -32,8 +32,8 @@ pub fn config(data: &[u8]) {
 /// answer without panicking; an expiry is only ever seen in a body that
 /// says "Required session does not exist".
 pub fn expiry(data: &[u8]) {
-    let expired = qbproxy::quickblox::is_session_expired(data);
-    let _ = qbproxy::quickblox::error_message(data);
+    let expired = qbproxy::protocol::is_session_expired(data);
+    let _ = qbproxy::protocol::error_message(data);
     if expired {
         let text = String::from_utf8_lossy(data).to_ascii_lowercase();
         assert!(text.contains("required session does not exist"), "{text:?}");
@@ -48,17 +48,17 @@ pub fn dates(data: &[u8]) {
         Some(i) => (&data[..i], Some(&data[i + 1..])),
         None => (data, None),
     };
-    let _ = qbproxy::quickblox::parse_expiration(expiration);
+    let _ = qbproxy::protocol::parse_expiration(expiration);
     if let Some(date) = date {
-        let _ = qbproxy::quickblox::parse_http_date(date);
+        let _ = qbproxy::protocol::parse_http_date(date);
     }
     for now in [
         SystemTime::now(),
         UNIX_EPOCH,
         UNIX_EPOCH + Duration::from_secs(u32::MAX as u64),
     ] {
-        if let Some(left) = qbproxy::quickblox::remaining_lifetime(Some(expiration), date, now) {
-            assert!(left <= qbproxy::quickblox::SESSION_LIFETIME, "{left:?}");
+        if let Some(left) = qbproxy::protocol::remaining_lifetime(Some(expiration), date, now) {
+            assert!(left <= qbproxy::protocol::SESSION_LIFETIME, "{left:?}");
         }
     }
 }
@@ -157,7 +157,7 @@ pub fn canonical(data: &[u8]) {
     let Ok(raw) = std::str::from_utf8(data) else {
         return;
     };
-    use qbproxy::gateway::canonical::{key_is, path, route_key};
+    use qbproxy::rules::{key_is, path, route_key};
     let Ok(c) = path(raw) else {
         return;
     };
@@ -182,7 +182,7 @@ pub fn canonical(data: &[u8]) {
 /// body, percent-decoded once with backslashes dropped, spells `_method` in
 /// any case (a reading of the whole body, not streamed).
 pub fn form(data: &[u8]) {
-    use qbproxy::gateway::overrides::Scanner;
+    use qbproxy::rules::Scanner;
     let split = data.first().map_or(1, |b| (*b as usize % 17) + 1);
     let scan = |size: usize| {
         let mut s = Scanner::new();

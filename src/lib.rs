@@ -11,20 +11,49 @@
 // more than the default 128 query levels on a build with no cache.
 #![recursion_limit = "256"]
 
-// Folders by concern; what the binary, the tests, the fuzz targets and the
-// benches use is public, everything else is the crate's own.
-pub mod app;
+// Folders by concern, all private: the surface below is what the binary,
+// the tests (`tests/it/`), the fuzz targets and the benches use, nothing
+// more.
+mod app;
 mod cluster;
-pub mod config;
-pub mod gateway;
-pub mod net;
+mod config;
+mod gateway;
+mod net;
 mod proxy;
-pub mod quickblox;
-pub mod session;
-pub mod telemetry;
-pub(crate) mod upstream;
+mod quickblox;
+mod session;
+mod telemetry;
+mod upstream;
 
 pub use app::reload::{ReloadError, Summary};
 pub use app::{App, Handle, Listeners, NotReady, StartError};
-pub use config::Config;
-pub use session::pool::Pool;
+pub use config::{Config, ConfigError};
+pub use session::Session;
+
+/// What the binary does for its process besides running an [`App`]:
+/// hardening, binding the workers' sockets, taking sockets over (systemd,
+/// an upgrade), logging, and `check --probe`.
+pub mod process {
+    pub use crate::app::hardening::not_dumpable;
+    pub use crate::app::probe::{probe, Created, Probed};
+    pub use crate::app::worker::bind;
+    pub use crate::net::handover::{from_systemd, take_over, Offer, Predecessor, Sockets};
+    pub use crate::telemetry::logging::{init as init_logging, Format as LogFormat};
+}
+
+/// QuickBlox's protocol, pure functions the tests and fuzz targets check
+/// directly: the signature, the expiry answer and dates.
+pub mod protocol {
+    pub use crate::quickblox::signer::{sign, Params};
+    pub use crate::quickblox::{
+        error_message, is_session_expired, parse_expiration, parse_http_date, remaining_lifetime,
+        token_prefix, SESSION_LIFETIME,
+    };
+}
+
+/// The request rules, pure: path canonicalisation, route keys, and the
+/// `_method` body scanner.
+pub mod rules {
+    pub use crate::gateway::canonical::{key_is, path, route_key, BadPath};
+    pub use crate::gateway::overrides::Scanner;
+}

@@ -68,7 +68,8 @@ pub fn parse_expiration(value: &[u8]) -> Option<SystemTime> {
     Some(t.assume_utc().into())
 }
 
-/// Formats a time as `QB-Token-ExpirationDate` does.
+/// Formats a time as `QB-Token-ExpirationDate` does (for the tests' answers).
+#[cfg(test)]
 pub fn format_expiration(t: SystemTime) -> String {
     let fmt =
         time::macros::format_description!("[year]-[month]-[day] [hour]:[minute]:[second] UTC");

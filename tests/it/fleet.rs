@@ -56,7 +56,7 @@ async fn source(h: &Harness, name: &str) -> String {
 
 /// Waits until the replica's default identity holds a session `check`
 /// accepts.
-async fn session_where(h: &Harness, check: impl FnMut(&qbproxy::session::Session) -> bool) {
+async fn session_where(h: &Harness, check: impl FnMut(&qbproxy::Session) -> bool) {
     h.handle
         .default_identity()
         .session_where(Instant::now() + BOUND, check)

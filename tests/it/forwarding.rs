@@ -9,7 +9,7 @@ use http_body_util::{BodyExt, Full};
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::TokioExecutor;
-use qbproxy::quickblox::signer::{self, Params};
+use qbproxy::protocol::{self as signer, Params};
 
 #[tokio::test]
 async fn injects_the_current_session_token() {

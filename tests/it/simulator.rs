@@ -4,7 +4,7 @@ use crate::common;
 
 use bytes::Bytes;
 use http::{Method, StatusCode};
-use qbproxy::quickblox::signer::{self, Params};
+use qbproxy::protocol::{self as signer, Params};
 use qbproxy_sim::Sim;
 
 fn now() -> u64 {
@@ -182,7 +182,7 @@ async fn the_echo_shows_the_headers_with_the_token_as_a_prefix_and_the_body_hash
     assert_eq!(echo["headers"]["content-type"], "application/json");
     assert_eq!(
         echo["headers"]["qb-token"],
-        qbproxy::quickblox::token_prefix(&token)
+        qbproxy::protocol::token_prefix(&token)
     );
     assert!(!a.text().contains(&token), "the whole token never shows");
     assert_eq!(echo["body_bytes"], body.len());

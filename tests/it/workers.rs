@@ -146,12 +146,12 @@ async fn workers_refuse_a_port_another_process_shares_by_reuseport() {
     other.bind("127.0.0.1:0".parse().unwrap()).unwrap();
     let other = other.listen(16).unwrap();
     let taken = other.local_addr().unwrap();
-    let e = qbproxy::app::worker::bind(taken, 2).unwrap_err();
+    let e = qbproxy::process::bind(taken, 2).unwrap_err();
     assert_eq!(e.kind(), std::io::ErrorKind::AddrInUse, "{e}");
-    let e = qbproxy::app::worker::bind(taken, 1).unwrap_err();
+    let e = qbproxy::process::bind(taken, 1).unwrap_err();
     assert_eq!(e.kind(), std::io::ErrorKind::AddrInUse, "{e}");
     // A free port: every listener on the same one.
-    let (first, more) = qbproxy::app::worker::bind("127.0.0.1:0".parse().unwrap(), 3).unwrap();
+    let (first, more) = qbproxy::process::bind("127.0.0.1:0".parse().unwrap(), 3).unwrap();
     let port = first.local_addr().unwrap().port();
     assert_eq!(more.len(), 2);
     assert!(more.iter().all(|l| l.local_addr().unwrap().port() == port));

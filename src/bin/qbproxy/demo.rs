@@ -10,8 +10,8 @@ use std::path::{Path, PathBuf};
 
 use tokio::net::TcpListener;
 
-use qbproxy::config::{Config, ConfigError};
 use qbproxy::{App, Listeners, StartError};
+use qbproxy::{Config, ConfigError};
 use qbproxy_sim::{Sim, SimConfig};
 
 #[derive(Debug, thiserror::Error)]

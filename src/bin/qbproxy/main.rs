@@ -10,7 +10,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand, ValueEnum};
-use qbproxy::net::handover::{Offer, Predecessor, Sockets};
+use qbproxy::process::{Offer, Predecessor, Sockets};
 use qbproxy::{Config, Listeners};
 use tokio::net::TcpListener;
 
@@ -123,9 +123,9 @@ enum LogFormat {
 fn main() -> ExitCode {
     // Before any secret is read: no core dump, no reading of this
     // process's memory by another of the same user.
-    let dumpable = qbproxy::app::hardening::not_dumpable();
+    let dumpable = qbproxy::process::not_dumpable();
     // Before any other thread starts: it clears LISTEN_FDS and the like.
-    let activated = qbproxy::net::handover::from_systemd();
+    let activated = qbproxy::process::from_systemd();
     let cli = Cli::parse();
     // Held to the end of main: dropping it writes out buffered lines.
     let _log = init_logging(cli.log_format);
@@ -258,9 +258,7 @@ fn check(path: &std::path::Path, probe: bool) -> ExitCode {
     if !probe {
         return ExitCode::SUCCESS;
     }
-    let probed = runtime(1).block_on(qbproxy::app::probe::probe(&config, |p| {
-        println!("probe {p}")
-    }));
+    let probed = runtime(1).block_on(qbproxy::process::probe(&config, |p| println!("probe {p}")));
     match probed {
         Ok(results) => {
             let failed = results.iter().filter(|p| p.outcome.is_err()).count();
@@ -364,7 +362,7 @@ fn sockets(
     activated: Option<Sockets>,
 ) -> Result<(Sockets, Option<Predecessor>), String> {
     let taken_over = match (&activated, &config.listen.handover_socket) {
-        (None, Some(path)) => qbproxy::net::handover::take_over(path).map_err(|e| {
+        (None, Some(path)) => qbproxy::process::take_over(path).map_err(|e| {
             format!(
                 "cannot take over through {} (listen.handover_socket): {e}",
                 path.display()
@@ -395,7 +393,7 @@ fn sockets(
         (sockets, Some(predecessor))
     } else {
         let addr = config.listen.addr;
-        let (first, more) = qbproxy::app::worker::bind(addr, threads)
+        let (first, more) = qbproxy::process::bind(addr, threads)
             .map_err(|e| format!("cannot listen on {addr} (listen.addr): {e}"))?;
         let first = first.into_std().map_err(|e| e.to_string())?;
         let proxy = std::iter::once(first).chain(more).collect();
@@ -459,9 +457,9 @@ fn runtime(threads: usize) -> tokio::runtime::Runtime {
 }
 
 fn init_logging(format: LogFormat) -> tracing_appender::non_blocking::WorkerGuard {
-    qbproxy::telemetry::logging::init(match format {
-        LogFormat::Text => qbproxy::telemetry::logging::Format::Text,
-        LogFormat::Json => qbproxy::telemetry::logging::Format::Json,
+    qbproxy::process::init_logging(match format {
+        LogFormat::Text => qbproxy::process::LogFormat::Text,
+        LogFormat::Json => qbproxy::process::LogFormat::Json,
     })
 }
 

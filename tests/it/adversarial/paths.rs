@@ -5,7 +5,7 @@
 
 use http::StatusCode;
 use proptest::prelude::*;
-use qbproxy::gateway::canonical::{self, path, route_key, BadPath};
+use qbproxy::rules::{self as canonical, path, route_key, BadPath};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 

@@ -281,8 +281,7 @@ pub async fn start_app_on(sim: Sim, config: Config, bind: &str) -> Harness {
 
 /// qbproxy with `workers` proxy workers, as `qbproxy --threads` runs it.
 pub async fn start_app_workers(sim: Sim, config: Config, workers: usize) -> Harness {
-    let (proxy_l, more) =
-        qbproxy::app::worker::bind("127.0.0.1:0".parse().unwrap(), workers).unwrap();
+    let (proxy_l, more) = qbproxy::process::bind("127.0.0.1:0".parse().unwrap(), workers).unwrap();
     let app = App::with_workers(config, workers).expect("app");
     start_with(sim, app, proxy_l, more).await
 }
