@@ -236,7 +236,7 @@ pub enum ClientToken {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct LogConfig {
     /// One event per request, at the end of its response
-    /// (`qbproxy::gateway::access` target).
+    /// (`qbproxy::access` target).
     pub access: bool,
 }
 

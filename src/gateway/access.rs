@@ -101,21 +101,27 @@ impl Gate {
                 found = Some(client);
             }
         }
-        let client = found.ok_or(Refusal::BadKey { misspelt })?;
-        if let Some(bucket) = &client.bucket {
-            let mut bucket = bucket.lock().unwrap_or_else(|p| p.into_inner());
-            if let Err(retry_after) = bucket.take(Instant::now()) {
-                return Err(Refusal::RateLimited {
-                    client: client.name.to_string(),
-                    retry_after,
-                });
-            }
-        }
-        Ok(Some(client))
+        found.map(Some).ok_or(Refusal::BadKey { misspelt })
     }
 }
 
 impl ApiClient {
+    /// Takes a token from the client's rate bucket, if it has a `rate`.
+    /// Apart from [`Gate::admit`] so that a refusal here is counted and
+    /// logged under the client it identified.
+    pub fn within_rate(&self) -> Result<(), Refusal> {
+        let Some(bucket) = &self.bucket else {
+            return Ok(());
+        };
+        let mut bucket = bucket.lock().unwrap_or_else(|p| p.into_inner());
+        bucket
+            .take(Instant::now())
+            .map_err(|retry_after| Refusal::RateLimited {
+                client: self.name.to_string(),
+                retry_after,
+            })
+    }
+
     fn new(c: &ClientConfig, config: &Config, metrics: &Metrics) -> ApiClient {
         ApiClient {
             name: c.name.as_str().into(),

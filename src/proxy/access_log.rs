@@ -1,5 +1,5 @@
 //! The access log: one event per request, written when its response body
-//! is done (or dropped), on the `qbproxy::gateway::access` target, in the format of
+//! is done (or dropped), on the `qbproxy::access` target, in the format of
 //! the rest of the log (`--log-format`). It answers "who called what, as
 //! whom, and how long did QuickBlox take": source address, API client,
 //! identity (or pool member), method, canonical path, query with its values
@@ -7,7 +7,7 @@
 //! upstream time, and whether the request was replayed.
 //!
 //! `[log] access = false` turns it off (a reload applies at once); so does
-//! `RUST_LOG=info,qbproxy::gateway::access=off`. What it costs is measured in
+//! `RUST_LOG=info,qbproxy::access=off`. What it costs is measured in
 //! `bench/compare.sh`.
 //!
 //! Cheap by construction: a request gathers its facts in a [`Trace`] of
@@ -22,20 +22,30 @@ use std::sync::{Arc, OnceLock};
 
 use std::time::Duration;
 
-use http::{HeaderValue, Method, Uri};
+use http::{HeaderValue, Method, Response, Uri};
 use tokio::time::Instant;
 
-use crate::net::body::CutFlag;
+use crate::net::body::{Body, CutFlag};
 use crate::session::pool::Pool;
 use crate::session::Identity;
 
-/// The log target of access events.
-pub const TARGET: &str = "qbproxy::gateway::access";
+/// The log target of access events: a name operators filter on
+/// (`RUST_LOG=info,qbproxy::access=off`), kept whatever module writes them.
+pub const TARGET: &str = "qbproxy::access";
 
-/// What a request learns about itself while it is served, for its access
-/// event. Lives on the handler's stack; the forwarding code fills it in.
+/// One request's record, from its head to its access event: what it was,
+/// who sent it and who it acts as once known, and what happened. Lives on
+/// the handler's stack; the stages fill it in. With the access log on, the
+/// answer's body writes the event when it is done ([`Trace::answer`]),
+/// and a request dropped unanswered (its client went away while qbproxy
+/// waited for a session, the upstream or the body) writes its event when
+/// the record drops: status 499, as nginx logs it, `complete=false`.
 pub struct Trace {
     started: Instant,
+    method: Method,
+    /// With the access log on: the peer, and the URI as sent (kept, a few
+    /// reference counts, for its path and masked query).
+    access: Option<(SocketAddr, Uri)>,
     /// Time spent waiting for the upstream's response heads, all attempts.
     upstream_us: AtomicU64,
     replayed: AtomicBool,
@@ -44,17 +54,20 @@ pub struct Trace {
     /// A streamed body's counter (read when the event is written, once the
     /// body has gone upstream).
     streamed: OnceLock<Arc<CutFlag>>,
-    /// For [`Unanswered`]: who sent it and who it acts as, once known, and
-    /// whether an answer was made.
+    /// Who sent it and who it acts as, once known, for an unanswered
+    /// request's event.
     client: OnceLock<Arc<str>>,
     who: OnceLock<Who>,
     answered: AtomicBool,
 }
 
 impl Trace {
-    pub fn new(started: Instant) -> Trace {
+    /// `access`: the peer and the URI, when the access log is on.
+    pub fn new(started: Instant, method: Method, access: Option<(SocketAddr, Uri)>) -> Trace {
         Trace {
             started,
+            method,
+            access,
             upstream_us: AtomicU64::new(0),
             replayed: AtomicBool::new(false),
             bytes_in: AtomicU64::new(0),
@@ -65,19 +78,24 @@ impl Trace {
         }
     }
 
-    /// The API client that sent it (for [`Unanswered`]).
-    pub fn sent_by(&self, client: &Arc<str>) {
-        let _ = self.client.set(client.clone());
+    /// True when the access log is on for this request.
+    pub fn on(&self) -> bool {
+        self.access.is_some()
     }
 
-    /// Who it acts as (for [`Unanswered`]).
-    pub fn acts_as(&self, who: Who) {
-        let _ = self.who.set(who);
+    pub fn method(&self) -> &Method {
+        &self.method
     }
 
-    /// An answer was made: its event comes with its response body.
-    pub fn answered(&self) {
-        self.answered.store(true, Ordering::Relaxed);
+    /// Who sent it and who it acts as, for the event of a request dropped
+    /// before its answer.
+    pub fn known(&self, client: Option<&Arc<str>>, who: impl FnOnce() -> Who) {
+        if self.on() {
+            if let Some(c) = client {
+                let _ = self.client.set(c.clone());
+            }
+            let _ = self.who.set(who());
+        }
     }
 
     /// One exchange with the upstream took `took` to its response head.
@@ -98,38 +116,82 @@ impl Trace {
     pub fn body_streams(&self, flag: &Arc<CutFlag>) {
         let _ = self.streamed.set(flag.clone());
     }
+
+    /// The request's answer: with the access log on, its body writes the
+    /// event, with what `outcome` says, when it is done.
+    pub fn answer(
+        &self,
+        resp: Response<Body>,
+        outcome: impl FnOnce() -> Outcome,
+    ) -> Response<Body> {
+        let Some((peer, uri)) = &self.access else {
+            return resp;
+        };
+        self.answered.store(true, Ordering::Relaxed);
+        let entry = self.entry(
+            *peer,
+            uri,
+            outcome(),
+            resp.status().as_u16(),
+            resp.headers(),
+        );
+        resp.map(|body| body.on_end(move |end| entry.write(end.bytes, end.complete)))
+    }
+
+    fn entry(
+        &self,
+        peer: SocketAddr,
+        uri: &Uri,
+        outcome: Outcome,
+        status: u16,
+        headers: &http::HeaderMap,
+    ) -> Entry {
+        Entry {
+            peer,
+            client: outcome.client,
+            who: outcome.who,
+            method: self.method.clone(),
+            path: outcome.path.unwrap_or_else(|| uri.path().to_owned()),
+            uri: uri.clone(),
+            status,
+            error: headers.get(crate::quickblox::QBPROXY_ERROR).cloned(),
+            reason: outcome.reason,
+            started: self.started,
+            upstream_us: self.upstream_us.load(Ordering::Relaxed),
+            replayed: self.replayed.load(Ordering::Relaxed),
+            bytes_in: self.bytes_in.load(Ordering::Relaxed),
+            streamed: self.streamed.get().cloned(),
+        }
+    }
 }
 
-/// Writes the event of a request dropped before it was answered: its
-/// client went away while qbproxy was still waiting (for a session, the
-/// upstream, the body). Status 499, as nginx logs it; `complete=false`.
-pub struct Unanswered<'a> {
-    pub trace: &'a Trace,
-    pub peer: SocketAddr,
-    pub method: Method,
-    pub uri: &'a Uri,
-}
-
-impl Drop for Unanswered<'_> {
+impl Drop for Trace {
     fn drop(&mut self) {
-        let t = self.trace;
-        if t.answered.load(Ordering::Relaxed) {
+        let Some((peer, uri)) = &self.access else {
+            return;
+        };
+        if self.answered.load(Ordering::Relaxed) {
             return;
         }
-        let who = t.who.get().cloned().unwrap_or(Who::Nobody);
-        Entry::new(
-            t,
-            self.peer,
-            t.client.get().cloned(),
-            who,
-            std::mem::replace(&mut self.method, Method::GET),
-            self.uri.path().to_owned(),
-            self.uri.clone(),
-            CLIENT_CLOSED,
-            None,
-        )
-        .write(0, false);
+        let outcome = Outcome {
+            client: self.client.get().cloned(),
+            who: self.who.get().cloned().unwrap_or(Who::Nobody),
+            path: None,
+            reason: None,
+        };
+        self.entry(*peer, uri, outcome, CLIENT_CLOSED, &http::HeaderMap::new())
+            .write(0, false);
     }
+}
+
+/// What the handler knows at the end: who, on which path, and why qbproxy
+/// answered itself, if it did.
+pub struct Outcome {
+    pub client: Option<Arc<str>>,
+    pub who: Who,
+    /// Canonical once decided on; `None`: as sent.
+    pub path: Option<String>,
+    pub reason: Option<String>,
 }
 
 /// The status an unanswered request is logged with (nginx's 499, "client
@@ -147,17 +209,19 @@ pub enum Who {
 }
 
 /// One request's access event, written when its response body is done.
-pub struct Entry {
-    pub peer: SocketAddr,
-    pub client: Option<Arc<str>>,
-    pub who: Who,
-    pub method: Method,
+struct Entry {
+    peer: SocketAddr,
+    client: Option<Arc<str>>,
+    who: Who,
+    method: Method,
     /// Canonical once decided on; as sent before that.
-    pub path: String,
+    path: String,
     /// The request's URI, kept (a reference count) for its query.
-    pub uri: Uri,
-    pub status: u16,
-    pub error: Option<HeaderValue>,
+    uri: Uri,
+    status: u16,
+    /// The `QBProxy-Error` code and the reason, when qbproxy answered.
+    error: Option<HeaderValue>,
+    reason: Option<String>,
     started: Instant,
     upstream_us: u64,
     replayed: bool,
@@ -166,37 +230,7 @@ pub struct Entry {
 }
 
 impl Entry {
-    /// An entry with what `trace` gathered.
-    #[allow(clippy::too_many_arguments)]
-    pub fn new(
-        trace: &Trace,
-        peer: SocketAddr,
-        client: Option<Arc<str>>,
-        who: Who,
-        method: Method,
-        path: String,
-        uri: Uri,
-        status: u16,
-        error: Option<HeaderValue>,
-    ) -> Entry {
-        Entry {
-            peer,
-            client,
-            who,
-            method,
-            path,
-            uri,
-            status,
-            error,
-            started: trace.started,
-            upstream_us: trace.upstream_us.load(Ordering::Relaxed),
-            replayed: trace.replayed.load(Ordering::Relaxed),
-            bytes_in: trace.bytes_in.load(Ordering::Relaxed),
-            streamed: trace.streamed.get().cloned(),
-        }
-    }
-
-    pub fn write(&self, bytes_out: u64, complete: bool) {
+    fn write(&self, bytes_out: u64, complete: bool) {
         let (identity, pool) = match &self.who {
             Who::Nobody => (None, None),
             Who::Identity(i) => (Some(i.name()), i.info().pool.as_deref()),
@@ -217,6 +251,7 @@ impl Entry {
             query = self.uri.query().map(|q| tracing::field::display(Masked(q))),
             status = self.status,
             error = self.error.as_ref().and_then(|e| e.to_str().ok()),
+            reason = self.reason.as_deref(),
             bytes_in,
             bytes_out,
             duration_ms = millis(micros(self.started.elapsed())),

@@ -41,7 +41,7 @@ use crate::net::body::{
     self, Body, BodyLimits, Budget, Buffered, ClientBody, ClientRead, Cut, CutFlag, ReadError,
     Reservation,
 };
-use crate::proxy::access_log::{Entry, Trace, Unanswered, Who};
+use crate::proxy::access_log::{Outcome, Trace, Who};
 use crate::proxy::error::ProxyError;
 use crate::quickblox::credentials::IdentityKind;
 use crate::upstream::fair::{FairSlots, Holder};
@@ -137,27 +137,20 @@ impl Proxy {
         let started = Instant::now();
         let deadline = started + live.timeout();
         let unrouted = inner.metrics.unrouted();
-        let trace = Trace::new(started);
-        // Kept for the access event's query (a few reference counts).
-        let uri = live.config.log.access.then(|| parts.uri.clone());
-        let access = uri.as_ref().map(|uri| Access {
-            peer: conn.peer(),
-            uri,
-            trace: &trace,
-        });
-        // If this future is dropped before `finish` (the client went
-        // away), the access event is written all the same.
-        let _unanswered = access.map(|a| Unanswered {
-            trace: a.trace,
-            peer: a.peer,
-            method: parts.method.clone(),
-            uri: a.uri,
-        });
+        // The request's record. With the access log on it keeps the peer
+        // and the URI (a few reference counts), and if this future is
+        // dropped before `finish` (the client went away), it writes the
+        // access event all the same.
+        let access = live
+            .config
+            .log
+            .access
+            .then(|| (conn.peer(), parts.uri.clone()));
+        let trace = Trace::new(started, parts.method.clone(), access);
         // One logging phase: every request, answered or refused at any
         // stage, ends in the one `finish` below, with the path as sent
         // until a plan exists and the canonical path after.
-        let (plan, method);
-        let (log, counted, client, result) =
+        let (path, counted, client, result) =
             match self.admit_and_decide(&live, &conn, &parts, sent_bytes, forwardable, unrouted) {
                 Err(refused) => {
                     let Refused {
@@ -165,33 +158,25 @@ impl Proxy {
                         counted,
                         client,
                     } = *refused;
-                    (Log::raw(&parts, access), counted, client, Err(error))
+                    (None, counted, client, Err(error))
                 }
-                Ok((client, decided)) => {
-                    plan = decided;
-                    method = parts.method.clone();
-                    let log = Log {
-                        method: &method,
-                        path: &plan.path,
-                        access,
-                    };
+                Ok((client, plan)) => {
                     let mut counted = counted_as(&plan.target);
                     let ctx = Ctx {
                         live: &live,
                         conn: &conn,
                         client,
                         trace: &trace,
-                        traced: access.is_some(),
                         deadline,
                         share: Share::of(client),
                     };
                     let result = self
                         .respond(&ctx, &mut parts, body, &plan, &mut counted)
                         .await;
-                    (log, counted, client, result)
+                    (Some(plan.path), counted, client, result)
                 }
             };
-        finish(&log, result, counted, client)
+        finish(&trace, parts.uri.path(), path, result, counted, client)
     }
 
     /// The gate, then every decision: the client (if keys are configured)
@@ -218,6 +203,10 @@ impl Proxy {
                 return Err(Refused::new(e.into(), Counted::nobody(unrouted), None));
             }
         };
+        // Counted and logged under the client its key named from here on.
+        if let Some(Err(e)) = client.map(ApiClient::within_rate) {
+            return Err(Refused::new(e.into(), Counted::nobody(unrouted), client));
+        }
         if let Err(e) = forwardable {
             return Err(Refused::new(e.into(), Counted::nobody(unrouted), client));
         }
@@ -249,7 +238,6 @@ impl Proxy {
             conn,
             client,
             trace,
-            traced,
             deadline,
             ..
         } = *ctx;
@@ -260,12 +248,7 @@ impl Proxy {
             idle: live.body_read_timeout(),
             deadline,
         };
-        if traced {
-            if let Some(c) = client {
-                trace.sent_by(&c.name);
-            }
-            trace.acts_as(counted.who());
-        }
+        trace.known(client.map(|c| &c.name), || counted.who());
         if let (Kind::Forward, Some(header)) = (plan.kind, client_credential(&parts.headers)) {
             // A client that made its own session (a legacy client), or
             // sends its own key, acts as the shared identity from here on:
@@ -776,33 +759,6 @@ fn content_length(headers: &HeaderMap) -> Option<u64> {
         .ok()
 }
 
-/// What a request's log lines name: its method and path (canonical once
-/// known, else as sent), and with the access log on, what its access
-/// event needs besides.
-struct Log<'a> {
-    method: &'a Method,
-    path: &'a str,
-    access: Option<Access<'a>>,
-}
-
-/// What the access event takes from the request.
-#[derive(Clone, Copy)]
-struct Access<'a> {
-    peer: std::net::SocketAddr,
-    uri: &'a Uri,
-    trace: &'a Trace,
-}
-
-impl<'a> Log<'a> {
-    fn raw(parts: &'a Parts, access: Option<Access<'a>>) -> Log<'a> {
-        Log {
-            method: &parts.method,
-            path: parts.uri.path(),
-            access,
-        }
-    }
-}
-
 /// Whose series a request is counted in, and who it acted as.
 #[derive(Clone, Copy)]
 struct Counted<'a> {
@@ -846,9 +802,12 @@ impl<'a> Counted<'a> {
 }
 
 /// Logs and counts the outcome of a request; with the access log on, its
-/// response body writes the request's event when it is done.
+/// response body writes the request's event when it is done. `sent`: the
+/// path as sent; `path`: the canonical one, once decided.
 fn finish(
-    log: &Log<'_>,
+    trace: &Trace,
+    sent: &str,
+    path: Option<String>,
     result: Result<Response<Body>, ProxyError>,
     counted: Counted<'_>,
     client: Option<&ApiClient>,
@@ -857,20 +816,28 @@ fn finish(
         metrics, identity, ..
     } = counted;
     let name = identity.map_or("", |i| i.name());
-    let client_name = client.map_or("", |c| &*c.name);
-    let resp = match result {
-        Ok(resp) => resp,
+    let method = trace.method();
+    let logged = path.as_deref().unwrap_or(sent);
+    let (resp, reason) = match result {
+        Ok(resp) => (resp, None),
         Err(e) => {
-            tracing::warn!(
-                identity = name,
-                client = client_name,
-                method = %log.method,
-                path = log.path,
-                status = e.status().as_u16(),
-                error = %e,
-                "request answered by qbproxy"
-            );
-            e.into_response()
+            // One line per refusal: the access line when the access log
+            // is on (it carries the code and this reason), else this one.
+            let reason = if trace.on() {
+                Some(e.to_string())
+            } else {
+                tracing::warn!(
+                    identity = name,
+                    client = client.map_or("", |c| &*c.name),
+                    method = %method,
+                    path = logged,
+                    status = e.status().as_u16(),
+                    error = %e,
+                    "request answered by qbproxy"
+                );
+                None
+            };
+            (e.into_response(), reason)
         }
     };
     let status = resp.status();
@@ -879,12 +846,12 @@ fn finish(
         // 422 "Forbidden. Need user."; say which identity was used.
         if status == StatusCode::UNPROCESSABLE_ENTITY
             && identity.info().kind == IdentityKind::Application
-            && !matches!(*log.method, Method::GET | Method::HEAD)
+            && !matches!(*method, Method::GET | Method::HEAD)
         {
             tracing::info!(
                 identity = name,
-                method = %log.method,
-                path = log.path,
+                method = %method,
+                path = logged,
                 "write through an application identity; QuickBlox needs a user session for it"
             );
         }
@@ -893,24 +860,12 @@ fn finish(
     if let Some(c) = client {
         c.metrics.inc(status);
     }
-    match log.access {
-        None => resp,
-        Some(a) => {
-            a.trace.answered();
-            let entry = Entry::new(
-                a.trace,
-                a.peer,
-                client.map(|c| c.name.clone()),
-                counted.who(),
-                log.method.clone(),
-                log.path.to_owned(),
-                a.uri.clone(),
-                status.as_u16(),
-                resp.headers().get(quickblox::QBPROXY_ERROR).cloned(),
-            );
-            resp.map(|body| body.on_end(move |end| entry.write(end.bytes, end.complete)))
-        }
-    }
+    trace.answer(resp, || Outcome {
+        client: client.map(|c| c.name.clone()),
+        who: counted.who(),
+        path,
+        reason,
+    })
 }
 
 /// What qbproxy does with a request, decided on its canonical form.
@@ -953,9 +908,8 @@ struct Ctx<'a> {
     conn: &'a Conn,
     /// Its API client, when keys are configured.
     client: Option<&'a ApiClient>,
-    /// What its access event will say, if the access log is on.
+    /// Its record, for the access event.
     trace: &'a Trace,
-    traced: bool,
     /// The whole request's: session wait, upstream, replay.
     deadline: Instant,
     /// Whose share of the upstream's slots it takes.

@@ -31,9 +31,7 @@ async fn written(logs: &common::Captured, what: &str, fragments: &[&str]) -> Vec
 fn events(logs: &common::Captured, fragments: &[&str]) -> Vec<String> {
     logs.text()
         .lines()
-        .filter(|l| {
-            l.contains("qbproxy::gateway::access") && fragments.iter().all(|f| l.contains(f))
-        })
+        .filter(|l| l.contains("qbproxy::access") && fragments.iter().all(|f| l.contains(f)))
         .map(str::to_owned)
         .collect()
 }
@@ -198,4 +196,82 @@ async fn a_request_whose_client_went_away_is_logged_as_499() {
     ] {
         assert!(lines[0].contains(field), "{field} in {}", lines[0]);
     }
+}
+
+/// Every answer to a known client counts under its name, refusals
+/// included (a rate-limit refusal is decided after its key named it), and
+/// a refusal is one line: the access line, with the code and the reason.
+#[tokio::test]
+async fn a_refused_request_counts_under_its_client_in_one_line() {
+    let logs = common::capture_logs();
+    let h = setup()
+        .raw_table(&format!(
+            "[[client]]\nname = \"billing\"\nkey = \"{KEY}\"\nrate = 1\nburst = 2\n\
+             deny_paths = [\"DELETE /users/*\"]\n"
+        ))
+        .start()
+        .await;
+    h.ready().await;
+    let key = [("QBProxy-Key", KEY)];
+
+    // Denied by a rule, then over the rate (a burst of 2, so the third
+    // request at the latest is refused).
+    let denied = h.send(Method::DELETE, "/users/31337.json", &key, "").await;
+    assert_eq!(denied.status, StatusCode::FORBIDDEN);
+    let mut limited = 0;
+    for _ in 0..4 {
+        let a = h.send(Method::GET, "/users/4242.json", &key, "").await;
+        if a.status == StatusCode::TOO_MANY_REQUESTS {
+            limited += 1;
+        }
+    }
+    assert!(limited >= 2, "{limited} of 4 refused for the rate");
+
+    // Counted under the client, code by code.
+    assert_eq!(
+        h.metric("qbproxy_client_requests_total{client=\"billing\",code=\"429\"}"),
+        limited
+    );
+    assert_eq!(
+        h.metric("qbproxy_client_requests_total{client=\"billing\",code=\"403\"}"),
+        1
+    );
+
+    // One access line per refusal, naming the client, the code and why.
+    let lines = written(
+        &logs,
+        "the rate refusals' events",
+        &["path=\"/users/4242.json\"", "status=429"],
+    )
+    .await;
+    assert_eq!(lines.len() as u64, limited, "{lines:?}");
+    for line in &lines {
+        for field in [
+            "client=\"billing\"",
+            "error=\"rate-limited\"",
+            "reason=\"client \\\"billing\\\" is over its rate limit",
+        ] {
+            assert!(line.contains(field), "{field} in {line}");
+        }
+    }
+    let denied = written(
+        &logs,
+        "the rule refusal's event",
+        &["path=\"/users/31337.json\""],
+    )
+    .await;
+    assert_eq!(denied.len(), 1, "{denied:?}");
+    assert!(
+        denied[0].contains("error=\"forbidden\"") && denied[0].contains("deny_paths rule"),
+        "{}",
+        denied[0]
+    );
+    // And no second line for any of them.
+    let text = logs.text();
+    let warned = text
+        .lines()
+        .filter(|l| l.contains("request answered by qbproxy"))
+        .filter(|l| l.contains("/users/4242.json") || l.contains("/users/31337.json"))
+        .count();
+    assert_eq!(warned, 0, "{text}");
 }

@@ -243,7 +243,7 @@ async fn the_binary_serves_then_drains_on_sigterm() {
     let events: Vec<serde_json::Value> = log
         .iter()
         .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("{e}: {l}")))
-        .filter(|v: &serde_json::Value| v["target"] == "qbproxy::gateway::access")
+        .filter(|v: &serde_json::Value| v["target"] == "qbproxy::access")
         .collect();
     assert_eq!(events.len(), 1, "{all}");
     let e = &events[0];
