@@ -66,7 +66,8 @@ pub fn dates(data: &[u8]) {
 /// Any bytes sent to the proxy as a client request (one proxy and one
 /// simulator for the whole fuzzing run): the proxy answers with an HTTP
 /// response or closes the connection, never panics (the hook below turns a
-/// panic in any task into an abort), and goes on serving a good request.
+/// panic on any of the proxy's threads into an abort), and goes on serving
+/// a good request.
 pub fn forwarding(data: &[u8]) {
     let proxy = *PROXY.get_or_init(start_proxy);
     if let Ok(mut conn) = TcpStream::connect(proxy) {
@@ -105,15 +106,22 @@ const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
 static PROXY: OnceLock<SocketAddr> = OnceLock::new();
 
 fn start_proxy() -> SocketAddr {
+    // A panic in a proxy task would be caught by tokio and go unseen: make
+    // it an abort the fuzzer reports. Only on the proxy's threads: the
+    // regression tests share their process with every other test.
+    const THREAD: &str = "fuzzed-proxy";
     let default_hook = std::panic::take_hook();
     std::panic::set_hook(Box::new(move |info| {
         default_hook(info);
-        std::process::abort();
+        if std::thread::current().name() == Some(THREAD) {
+            std::process::abort();
+        }
     }));
     let (tx, rx) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
+    let spawned = std::thread::Builder::new().name(THREAD.into()).spawn(move || {
         let rt = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(2)
+            .thread_name(THREAD)
             .enable_all()
             .build()
             .unwrap();
@@ -146,6 +154,7 @@ fn start_proxy() -> SocketAddr {
             std::future::pending::<()>().await;
         });
     });
+    spawned.expect("the proxy's thread started");
     rx.recv().expect("the proxy started")
 }
 

@@ -83,10 +83,55 @@ function realToken(res) {
     expect('a message in the dialog', msg._id && msg.chat_dialog_id === dialog._id);
     return `message ${msg._id}`;
   });
+  let message;
+  await step('chat.message.update', async () => {
+    const listed = await call(QB.chat.message.list.bind(QB.chat.message), { chat_dialog_id: dialog._id });
+    message = listed.items[0];
+    await call(QB.chat.message.update.bind(QB.chat.message), message._id, {
+      chat_dialog_id: dialog._id, message: 'edited through qbproxy',
+    });
+    const after = await call(QB.chat.message.list.bind(QB.chat.message), { chat_dialog_id: dialog._id });
+    expect('the edited text', after.items[0].message === 'edited through qbproxy');
+    return `message ${message._id} edited`;
+  });
+  await step('chat.message.delete', async () => {
+    await call(QB.chat.message.delete.bind(QB.chat.message), message._id, {});
+    const after = await call(QB.chat.message.list.bind(QB.chat.message), { chat_dialog_id: dialog._id });
+    expect('the message gone', !after.items.some((m) => m._id === message._id));
+    return `message ${message._id} deleted`;
+  });
+  await step('users.update', async () => {
+    const user = await call(QB.users.update.bind(QB.users), 1001, { full_name: 'Demo, via the SDK' });
+    const read = await call(QB.users.get.bind(QB.users), 1001);
+    expect('the new name, read back', user.full_name === 'Demo, via the SDK' && read.full_name === user.full_name);
+    return `user ${user.id} is now "${read.full_name}"`;
+  });
+  const notes = [];
   await step('data.create', async () => {
-    const note = await call(QB.data.create.bind(QB.data), 'Note', { title: 'via qbproxy' });
-    expect('a custom object', note._id && note.title === 'via qbproxy' && note.user_id === 1001);
-    return `Note ${note._id}`;
+    for (const rank of [1, 2, 3]) {
+      const note = await call(QB.data.create.bind(QB.data), 'Note', { title: `via qbproxy ${rank}`, rank });
+      expect('a custom object', note._id && note.title === `via qbproxy ${rank}` && note.user_id === 1001);
+      notes.push(note);
+    }
+    return `Notes ${notes.map((n) => n._id).join(', ')}`;
+  });
+  await step('data.list with a filter', async () => {
+    const res = await call(QB.data.list.bind(QB.data), 'Note', { rank: { gt: 1 }, sort_desc: 'rank' });
+    const ranks = res.items.map((n) => n.rank);
+    expect(`ranks 3, 2 (got ${ranks})`, ranks.length === 2 && ranks[0] === 3 && ranks[1] === 2);
+    return `rank > 1: ${ranks}`;
+  });
+  await step('data.update', async () => {
+    const note = await call(QB.data.update.bind(QB.data), 'Note', { _id: notes[0]._id, title: 'updated' });
+    const res = await call(QB.data.list.bind(QB.data), 'Note', { _id: notes[0]._id });
+    expect('the update, read back', note.title === 'updated' && res.items[0].title === 'updated');
+    return `Note ${note._id} updated`;
+  });
+  await step('data.delete', async () => {
+    await call(QB.data.delete.bind(QB.data), 'Note', notes[0]._id);
+    const res = await call(QB.data.list.bind(QB.data), 'Note', {});
+    expect('the note gone', res.items.length === 2 && !res.items.some((n) => n._id === notes[0]._id));
+    return `Note ${notes[0]._id} deleted, ${res.items.length} left`;
   });
   await step('content.createAndUpload', async () => {
     const data = Buffer.from('a file, through qbproxy\n');

@@ -7,7 +7,7 @@ use http::{Method, Response, StatusCode};
 use crate::protocol;
 use crate::Body;
 
-use super::resources::Call;
+use super::resources::{Call, Routed};
 use super::sessions::session_json;
 use super::*;
 
@@ -122,8 +122,21 @@ impl Sim {
         };
         self.changed();
         self.pass_gate(gate).await;
-        if let (&Method::GET, "/session.json", Some(s)) = (&parts.method, path, &session_body) {
-            return self.json(StatusCode::OK, s.clone(), Some(expires_at));
+        match (&parts.method, path.strip_suffix(".json").unwrap_or(path)) {
+            (&Method::GET, "/session") => {
+                let s = session_body.unwrap_or_default();
+                return self.json(StatusCode::OK, s, Some(expires_at));
+            }
+            // Ended, or logged out: QuickBlox answers with no body.
+            (&Method::DELETE, "/session") | (&Method::DELETE, "/login") => {
+                return self.json(StatusCode::OK, String::new(), None);
+            }
+            (&Method::POST, "/login") => {
+                let user = self.shared.config.users.iter().find(|u| u.id == user_id);
+                let body = self.state().resources.user_answer(user, self.now());
+                return self.json(StatusCode::OK, body, Some(expires_at));
+            }
+            _ => {}
         }
         self.answer(&parts, &body, user_id, Some(expires_at))
     }
@@ -190,7 +203,8 @@ impl Sim {
     }
 
     /// The answer to an accepted call: a resource in QuickBlox's shape, or
-    /// the echo; with the session's new expiry, if it has one.
+    /// a refusal of what the simulator does not implement (404, 405, 422),
+    /// each with the echo; with the session's new expiry, if it has one.
     fn answer(
         &self,
         parts: &http::request::Parts,
@@ -210,27 +224,69 @@ impl Sim {
             now,
             sim_url: &self.url(),
         };
-        let answered = self.state().resources.answer(&self.shared.config, &call);
-        let echo = echo(parts, body, user_id);
-        match answered {
-            // A body-less answer stays body-less (the SDKs read it as text).
-            Some((status, None)) => self.json(status, String::new(), expires_at),
-            Some((status, Some(mut shaped))) => {
-                if let serde_json::Value::Object(fields) = &mut shaped {
-                    fields.insert("echo".into(), echo);
-                }
-                self.json(status, shaped.to_string(), expires_at)
+        let routed = {
+            let mut guard = self.state();
+            let st = &mut *guard;
+            let routed = st
+                .resources
+                .route(&self.shared.config, &mut st.passwords, &call);
+            if !matches!(routed, Routed::Answered(_)) {
+                st.note_unimplemented(&parts.method, path);
             }
-            None => self.json(
-                StatusCode::OK,
-                serde_json::json!({ "echo": echo }).to_string(),
-                expires_at,
+            routed
+        };
+        let echo = echo(parts, body, user_id);
+        let (status, shaped) = match routed {
+            // A body-less answer stays body-less (the SDKs read it as text).
+            Routed::Answered((status, None)) => {
+                return self.json(status, String::new(), expires_at)
+            }
+            Routed::Answered((status, Some(shaped))) => (status, shaped),
+            Routed::NotFound => (
+                StatusCode::NOT_FOUND,
+                serde_json::json!({"errors": {"base": [format!(
+                    "the simulator has no endpoint {path} (see `qbproxy sim --help`)"
+                )]}}),
             ),
+            Routed::MethodNotAllowed(allowed) => {
+                let list: Vec<&str> = allowed.iter().map(Method::as_str).collect();
+                let body = serde_json::json!({"errors": {"base": [format!(
+                    "the simulator does not implement {} {path}; it takes {}",
+                    parts.method,
+                    list.join(", ")
+                )]}, "echo": echo});
+                let mut resp =
+                    self.json(StatusCode::METHOD_NOT_ALLOWED, body.to_string(), expires_at);
+                if let Ok(allow) = http::HeaderValue::from_str(&list.join(", ")) {
+                    resp.headers_mut().insert(http::header::ALLOW, allow);
+                }
+                return resp;
+            }
+            Routed::Unimplemented(what) => (
+                StatusCode::UNPROCESSABLE_ENTITY,
+                serde_json::json!({"errors": {"base": [format!("the simulator: {what}")]}}),
+            ),
+        };
+        let mut shaped = shaped;
+        if let serde_json::Value::Object(fields) = &mut shaped {
+            fields.insert("echo".into(), echo);
         }
+        self.json(status, shaped.to_string(), expires_at)
     }
 }
 
 impl State {
+    /// Counts a call the simulator refused for not implementing it, and
+    /// keeps the last few for `/_sim/stats`.
+    fn note_unimplemented(&mut self, method: &Method, path: &str) {
+        self.unimplemented += 1;
+        if self.unimplemented_calls.len() == 20 {
+            self.unimplemented_calls.pop_front();
+        }
+        self.unimplemented_calls
+            .push_back(format!("{method} {path}"));
+    }
+
     /// Records an accepted call; returns its gate, if one holds its path.
     fn admit(
         &mut self,

@@ -203,10 +203,17 @@ struct State {
     /// (500), counted in `failing_streak`.
     fail_before_success: u32,
     failing_streak: u32,
+    /// Users whose session creations fail (500) until healed: one pool
+    /// member down while the others serve.
+    failing_users: HashSet<u64>,
     attempts: u64,
     creations: u64,
     connections: u64,
     refusals: u64,
+    /// Calls refused for what the simulator does not implement (404, 405,
+    /// 422), and the last few of them.
+    unimplemented: u64,
+    unimplemented_calls: VecDeque<String>,
     requests: VecDeque<Recorded>,
     gates: Vec<(String, Arc<Semaphore>)>,
     /// Requests held at a gate right now, and the most at once.
@@ -299,7 +306,8 @@ impl Sim {
     }
 
     /// Counts for benchmarks: creations (in all and per user), attempts,
-    /// 401 refusals, peak concurrent creations, live sessions.
+    /// 401 refusals, peak concurrent creations, live sessions, and calls
+    /// refused as not implemented (with the last few).
     pub fn stats(&self) -> serde_json::Value {
         let st = self.state();
         let mut per_user: HashMap<u64, u64> = HashMap::new();
@@ -312,6 +320,8 @@ impl Sim {
             "refusals": st.refusals,
             "max_concurrent_creations": st.max_creating,
             "live_sessions": st.sessions.len(),
+            "unimplemented": st.unimplemented,
+            "unimplemented_calls": st.unimplemented_calls,
             "creations_per_user": per_user.iter().map(|(u, n)| (u.to_string(), serde_json::Value::from(*n))).collect::<serde_json::Map<String, serde_json::Value>>(),
         })
     }
@@ -343,6 +353,23 @@ impl Sim {
         st.failing_streak = 0;
     }
 
+    /// Makes every session creation for the user with `login` fail (500
+    /// Internal Server Error, after its credentials were checked) until
+    /// [`Sim::heal`]: one pool member down while the others serve. False
+    /// if no user has that login.
+    pub fn fail_user(&self, login: &str) -> bool {
+        let Some(user) = self.shared.config.users.iter().find(|u| u.login == login) else {
+            return false;
+        };
+        self.state().failing_users.insert(user.id);
+        true
+    }
+
+    /// Session creations for every user succeed again.
+    pub fn heal(&self) {
+        self.state().failing_users.clear();
+    }
+
     /// Makes every session creation take at least this long.
     pub fn set_creation_delay(&self, delay: Duration) {
         self.state().creation_delay = delay;
@@ -363,6 +390,11 @@ impl Sim {
     /// Connections that sent a request.
     pub fn connections(&self) -> u64 {
         self.state().connections
+    }
+
+    /// Calls refused for what the simulator does not implement.
+    pub fn unimplemented(&self) -> u64 {
+        self.state().unimplemented
     }
 
     /// 401 "Required session does not exist" answers given.

@@ -1,16 +1,25 @@
-//! The common endpoints, answered in QuickBlox's own shapes so that SDK
-//! helpers that read fields work: users, dialogs, messages, custom objects
-//! and files (with an upload URL on the simulator standing in for S3).
-//! Kept in memory, bounded: the oldest of each kind go first. Creations
-//! answer 200 (a file's, 201): the SDKs take 200, 201 and 202 alike.
+//! The endpoints the official SDKs' common calls use, answered in
+//! QuickBlox's own shapes and with state: users (list, get, update,
+//! delete), dialogs and messages (create, list with filters, update,
+//! delete), custom objects (create, get, list with filters, sort, skip,
+//! limit and count, update, delete) and files (with an upload URL on the
+//! simulator standing in for S3). Kept in memory, bounded: the oldest of
+//! each kind go first. Creations answer 200 (a file's, 201): the SDKs take
+//! 200, 201 and 202 alike.
+//!
+//! What it does not implement it refuses: a path it does not know gets
+//! 404, a known path with another method 405 (with `Allow`), a filter
+//! operator it does not know 422, each in QuickBlox's error shape and
+//! counted as `unimplemented` in `/_sim/stats`. It never answers 200 to
+//! what it did not do.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use http::{header, HeaderMap, Method, StatusCode};
 use serde_json::{json, Map, Value};
 
-use super::SimConfig;
+use super::{SimConfig, SimUser};
 
 /// Most items of each kind kept (the demo may run for a long time).
 const MAX_ITEMS: usize = 1_000;
@@ -22,6 +31,10 @@ pub(super) struct Resources {
     messages: VecDeque<Value>,
     objects: HashMap<String, VecDeque<Value>>,
     blobs: VecDeque<Value>,
+    /// Fields users changed (`PUT /users/{id}.json`), by user id.
+    user_fields: HashMap<u64, Map<String, Value>>,
+    /// Users deleted (`DELETE /users/{id}.json`).
+    deleted_users: HashSet<u64>,
 }
 
 /// A request as the resource handlers see it.
@@ -40,38 +53,159 @@ pub(super) struct Call<'a> {
 /// An answer: status and JSON body; `None` for a body-less answer.
 pub(super) type Answered = (StatusCode, Option<Value>);
 
+/// What the simulator makes of a call.
+pub(super) enum Routed {
+    Answered(Answered),
+    /// No such endpoint.
+    NotFound,
+    /// A known endpoint, another method: the methods it takes.
+    MethodNotAllowed(&'static [Method]),
+    /// A known endpoint, but something in the call (a filter operator) the
+    /// simulator does not implement.
+    Unimplemented(String),
+}
+
+const GET: &[Method] = &[Method::GET, Method::HEAD];
+const GET_POST: &[Method] = &[Method::GET, Method::HEAD, Method::POST];
+// Rails routes PATCH with PUT to `update`, as QuickBlox's API does.
+const PUT_DELETE: &[Method] = &[Method::PUT, Method::PATCH, Method::DELETE];
+const GET_PUT_DELETE: &[Method] = &[
+    Method::GET,
+    Method::HEAD,
+    Method::PUT,
+    Method::PATCH,
+    Method::DELETE,
+];
+const POST: &[Method] = &[Method::POST];
+const PUT: &[Method] = &[Method::PUT];
+
 impl Resources {
-    /// The answer for a known endpoint, or `None` (the caller echoes).
-    pub(super) fn answer(&mut self, config: &SimConfig, call: &Call<'_>) -> Option<Answered> {
-        let path = call.path.strip_suffix(".json")?;
+    /// Routes a call made with a session or an API key.
+    pub(super) fn route(
+        &mut self,
+        config: &SimConfig,
+        passwords: &mut HashMap<String, String>,
+        call: &Call<'_>,
+    ) -> Routed {
+        let path = call.path.strip_suffix(".json").unwrap_or(call.path);
         let segments: Vec<&str> = path.trim_start_matches('/').split('/').collect();
-        let get = call.method == Method::GET;
-        let post = call.method == Method::POST;
-        match segments.as_slice() {
-            ["users"] if get => Some(users(config, call)),
-            ["users", "by_login"] if get => {
-                let login = params(call)["login"].as_str().map(str::to_owned);
-                Some(one_user(config, call, |u| {
-                    Some(u.login.as_str()) == login.as_deref()
-                }))
-            }
-            ["users", id] if get => {
-                let id = id.parse::<u64>().ok();
-                Some(one_user(config, call, |u| Some(u.id) == id))
-            }
-            ["chat", "Dialog"] if post => Some(self.create_dialog(config, call)),
-            ["chat", "Dialog"] if get => Some(self.list_dialogs(call)),
-            ["chat", "Message"] if post => Some(self.create_message(call)),
-            ["chat", "Message"] if get => Some(self.list_messages(call)),
-            ["data", class] if post => Some(self.create_object(class, call)),
-            ["data", class] if get => Some(self.list_objects(class)),
-            ["blobs"] if post => Some(self.create_blob(config, call)),
-            ["blobs", id, "complete"] if call.method == Method::PUT => {
-                Some(self.complete_blob(id, call))
-            }
-            ["blobs", id] if get => Some(self.get_blob(id)),
-            _ => None,
+        let allowed = match segments.as_slice() {
+            ["users"] | ["users", "by_login"] | ["users", "by_email"] => GET,
+            ["users", _] => GET_PUT_DELETE,
+            ["chat", "Dialog"] | ["chat", "Message"] | ["data", _] => GET_POST,
+            ["chat", "Dialog", _] | ["chat", "Message", _] => PUT_DELETE,
+            ["data", _, _] => GET_PUT_DELETE,
+            ["blobs"] => POST,
+            ["blobs", _] => GET,
+            ["blobs", _, "complete"] => PUT,
+            _ => return Routed::NotFound,
+        };
+        if !allowed.contains(call.method) {
+            return Routed::MethodNotAllowed(allowed);
         }
+        // HEAD is GET without the body (hyper leaves the body out); PATCH
+        // is PUT where both are routed.
+        let method = match *call.method {
+            Method::HEAD => &Method::GET,
+            Method::PATCH => &Method::PUT,
+            _ => call.method,
+        };
+        let answered = match (method, segments.as_slice()) {
+            (&Method::GET, ["users"]) => self.users(config, call),
+            (&Method::GET, ["users", "by_login"]) => {
+                let login = params(call)["login"].as_str().map(str::to_owned);
+                self.one_user(config, call, |u| Some(u.login.as_str()) == login.as_deref())
+            }
+            (&Method::GET, ["users", "by_email"]) => {
+                let email = params(call)["email"].as_str().map(str::to_owned);
+                self.one_user(config, call, |u| Some(u.email.as_str()) == email.as_deref())
+            }
+            (&Method::GET, ["users", id]) => {
+                let id = id.parse::<u64>().ok();
+                self.one_user(config, call, |u| Some(u.id) == id)
+            }
+            (&Method::PUT, ["users", id]) => return self.update_user(config, passwords, id, call),
+            (&Method::DELETE, ["users", id]) => self.delete_user(config, id, call),
+            (&Method::POST, ["chat", "Dialog"]) => self.create_dialog(config, call),
+            (&Method::GET, ["chat", "Dialog"]) => {
+                let mine = self.dialogs.iter().filter(|d| is_occupant(d, call.user_id));
+                return list(
+                    mine,
+                    call,
+                    |items, total, skip, limit| json!({"total_entries": total, "skip": skip, "limit": limit, "items": items}),
+                );
+            }
+            (&Method::PUT, ["chat", "Dialog", id]) => return self.update_dialog(id, call),
+            (&Method::DELETE, ["chat", "Dialog", ids]) => {
+                let user = call.user_id;
+                delete(&mut self.dialogs, ids, "Dialog", |d| is_occupant(d, user))
+            }
+            (&Method::POST, ["chat", "Message"]) => self.create_message(call),
+            (&Method::GET, ["chat", "Message"]) => {
+                let p = params(call);
+                let Some(dialog) = p["chat_dialog_id"].as_str() else {
+                    return Routed::Answered(unprocessable("chat_dialog_id is required"));
+                };
+                let readable = self
+                    .dialogs
+                    .iter()
+                    .any(|d| d["_id"] == dialog && is_occupant(d, call.user_id));
+                if !readable {
+                    return Routed::Answered(not_found("Dialog not found"));
+                }
+                let items = self
+                    .messages
+                    .iter()
+                    .filter(|m| m["chat_dialog_id"] == dialog);
+                return list(
+                    items,
+                    call,
+                    |items, _, skip, limit| json!({"skip": skip, "limit": limit, "items": items}),
+                );
+            }
+            (&Method::PUT, ["chat", "Message", id]) => return self.update_message(id, call),
+            (&Method::DELETE, ["chat", "Message", ids]) => {
+                let user = call.user_id;
+                delete(&mut self.messages, ids, "Message", |m| {
+                    m["sender_id"] == user
+                })
+            }
+            (&Method::POST, ["data", class]) => self.create_object(class, call),
+            (&Method::GET, ["data", class]) => {
+                let class = (*class).to_owned();
+                let items = self.objects.get(&class).into_iter().flatten();
+                return list(
+                    items,
+                    call,
+                    |items, _, skip, limit| json!({"class_name": class, "skip": skip, "limit": limit, "items": items}),
+                );
+            }
+            (&Method::GET, ["data", class, ids]) => {
+                let wanted: Vec<&str> = ids.split(',').collect();
+                let items: Vec<&Value> = self
+                    .objects
+                    .get(*class)
+                    .into_iter()
+                    .flatten()
+                    .filter(|o| o["_id"].as_str().is_some_and(|id| wanted.contains(&id)))
+                    .collect();
+                (
+                    StatusCode::OK,
+                    Some(json!({"class_name": class, "skip": 0, "limit": 100, "items": items})),
+                )
+            }
+            (&Method::PUT, ["data", class, id]) => return self.update_object(class, id, call),
+            (&Method::DELETE, ["data", class, ids]) => {
+                let user = call.user_id;
+                let kept = self.objects.entry((*class).to_owned()).or_default();
+                delete(kept, ids, "Object", |o| o["user_id"] == user)
+            }
+            (&Method::POST, ["blobs"]) => self.create_blob(config, call),
+            (&Method::PUT, ["blobs", id, "complete"]) => self.complete_blob(id, call),
+            (&Method::GET, ["blobs", id]) => self.get_blob(id),
+            _ => return Routed::MethodNotAllowed(allowed),
+        };
+        Routed::Answered(answered)
     }
 
     /// `POST /_sim/upload`: the stand-in for S3's form upload.
@@ -141,22 +275,6 @@ impl Resources {
         (StatusCode::OK, Some(dialog))
     }
 
-    fn list_dialogs(&self, call: &Call<'_>) -> Answered {
-        let mine: Vec<&Value> = self
-            .dialogs
-            .iter()
-            .filter(|d| {
-                d["occupants_ids"]
-                    .as_array()
-                    .is_some_and(|ids| ids.contains(&json!(call.user_id)))
-            })
-            .collect();
-        (
-            StatusCode::OK,
-            Some(json!({"total_entries": mine.len(), "skip": 0, "limit": 100, "items": mine})),
-        )
-    }
-
     fn create_message(&mut self, call: &Call<'_>) -> Answered {
         let p = params(call);
         let dialog_id = p["chat_dialog_id"].as_str().unwrap_or("").to_owned();
@@ -192,20 +310,6 @@ impl Resources {
         (StatusCode::OK, Some(message))
     }
 
-    fn list_messages(&self, call: &Call<'_>) -> Answered {
-        let p = params(call);
-        let dialog = p["chat_dialog_id"].as_str().unwrap_or("");
-        let items: Vec<&Value> = self
-            .messages
-            .iter()
-            .filter(|m| m["chat_dialog_id"] == dialog)
-            .collect();
-        (
-            StatusCode::OK,
-            Some(json!({"skip": 0, "limit": 100, "items": items})),
-        )
-    }
-
     fn create_object(&mut self, class: &str, call: &Call<'_>) -> Answered {
         let mut object = match params(call) {
             Value::Object(fields) => fields,
@@ -220,14 +324,6 @@ impl Resources {
         let kept = self.objects.entry(class.to_owned()).or_default();
         push(kept, object.clone());
         (StatusCode::OK, Some(object))
-    }
-
-    fn list_objects(&self, class: &str) -> Answered {
-        let items: Vec<&Value> = self.objects.get(class).into_iter().flatten().collect();
-        (
-            StatusCode::OK,
-            Some(json!({"class_name": class, "skip": 0, "limit": 100, "items": items})),
-        )
     }
 
     fn create_blob(&mut self, config: &SimConfig, call: &Call<'_>) -> Answered {
@@ -306,62 +402,502 @@ impl Resources {
     }
 }
 
-fn users(config: &SimConfig, call: &Call<'_>) -> Answered {
-    let p = params(call);
-    let page = number(&p["page"]).unwrap_or(1).max(1);
-    let per_page = number(&p["per_page"]).unwrap_or(10).clamp(1, 100);
-    let items: Vec<Value> = config
-        .users
-        .iter()
-        .skip(((page - 1) * per_page) as usize)
-        .take(per_page as usize)
-        .map(|u| json!({ "user": user_json(u, call.now) }))
-        .collect();
-    (
-        StatusCode::OK,
-        Some(json!({
-            "current_page": page,
-            "per_page": per_page,
-            "total_entries": config.users.len(),
-            "items": items,
-        })),
-    )
-}
-
-fn one_user(
-    config: &SimConfig,
-    call: &Call<'_>,
-    which: impl Fn(&super::SimUser) -> bool,
-) -> Answered {
-    match config.users.iter().find(|u| which(u)) {
-        Some(u) => (
+impl Resources {
+    fn users(&self, config: &SimConfig, call: &Call<'_>) -> Answered {
+        let p = params(call);
+        let page = number(&p["page"]).unwrap_or(1).max(1);
+        let per_page = number(&p["per_page"]).unwrap_or(10).clamp(1, 100);
+        let live: Vec<&SimUser> = config
+            .users
+            .iter()
+            .filter(|u| !self.deleted_users.contains(&u.id))
+            .collect();
+        let items: Vec<Value> = live
+            .iter()
+            .skip(((page - 1) * per_page) as usize)
+            .take(per_page as usize)
+            .map(|u| json!({ "user": self.user_json(u, call.now) }))
+            .collect();
+        (
             StatusCode::OK,
-            Some(json!({ "user": user_json(u, call.now) })),
-        ),
-        None => not_found("User not found"),
+            Some(json!({
+                "current_page": page,
+                "per_page": per_page,
+                "total_entries": live.len(),
+                "items": items,
+            })),
+        )
+    }
+
+    fn one_user(
+        &self,
+        config: &SimConfig,
+        call: &Call<'_>,
+        which: impl Fn(&SimUser) -> bool,
+    ) -> Answered {
+        match config
+            .users
+            .iter()
+            .find(|u| which(u) && !self.deleted_users.contains(&u.id))
+        {
+            Some(u) => (
+                StatusCode::OK,
+                Some(json!({ "user": self.user_json(u, call.now) })),
+            ),
+            None => not_found("User not found"),
+        }
+    }
+
+    /// `PUT /users/{id}.json` with `{"user": {...}}`: a user changes their
+    /// own profile, and their password with `old_password`.
+    fn update_user(
+        &mut self,
+        config: &SimConfig,
+        passwords: &mut HashMap<String, String>,
+        id: &str,
+        call: &Call<'_>,
+    ) -> Routed {
+        let Some(user) = self.live_user(config, id) else {
+            return Routed::Answered(not_found("User not found"));
+        };
+        if user.id != call.user_id {
+            return Routed::Answered(forbidden());
+        }
+        let p = params(call);
+        let Value::Object(fields) = &p["user"] else {
+            return Routed::Answered(unprocessable("user is required"));
+        };
+        let mut changed = Map::new();
+        for (name, value) in fields {
+            match name.as_str() {
+                "full_name" | "phone" | "website" | "custom_data" | "external_user_id"
+                | "blob_id" | "facebook_id" => {
+                    changed.insert(name.clone(), value.clone());
+                }
+                "tag_list" => {
+                    changed.insert("user_tags".into(), value.clone());
+                }
+                "password" | "old_password" => {}
+                other => {
+                    return Routed::Unimplemented(format!(
+                        "changing a user's {other:?} is not implemented"
+                    ))
+                }
+            }
+        }
+        if let Some(new) = fields.get("password").and_then(Value::as_str) {
+            let current = passwords.get(&user.login).unwrap_or(&user.password);
+            if fields.get("old_password").and_then(Value::as_str) != Some(current.as_str()) {
+                return Routed::Answered(unprocessable("old_password is wrong"));
+            }
+            passwords.insert(user.login.clone(), new.to_owned());
+        }
+        let user = user.clone();
+        self.user_fields.entry(user.id).or_default().extend(changed);
+        Routed::Answered((
+            StatusCode::OK,
+            Some(json!({ "user": self.user_json(&user, call.now) })),
+        ))
+    }
+
+    /// `DELETE /users/{id}.json`: a user deletes themself; from then on
+    /// they are not found and cannot log in.
+    fn delete_user(&mut self, config: &SimConfig, id: &str, call: &Call<'_>) -> Answered {
+        let Some(user) = self.live_user(config, id) else {
+            return not_found("User not found");
+        };
+        if user.id != call.user_id {
+            return forbidden();
+        }
+        self.deleted_users.insert(user.id);
+        (StatusCode::OK, None)
+    }
+
+    fn live_user<'c>(&self, config: &'c SimConfig, id: &str) -> Option<&'c SimUser> {
+        let id: u64 = id.parse().ok()?;
+        config
+            .users
+            .iter()
+            .find(|u| u.id == id && !self.deleted_users.contains(&u.id))
+    }
+
+    /// `{"user": {...}}` for `POST /login.json`.
+    pub(super) fn user_answer(&self, user: Option<&SimUser>, now: SystemTime) -> String {
+        user.map_or(Value::Null, |u| json!({ "user": self.user_json(u, now) }))
+            .to_string()
+    }
+
+    /// The users deleted (who cannot log in any more).
+    pub(super) fn deleted_users(&self) -> HashSet<u64> {
+        self.deleted_users.clone()
+    }
+
+    fn user_json(&self, u: &SimUser, now: SystemTime) -> Value {
+        let at = rfc3339(now);
+        let mut user = json!({
+            "id": u.id,
+            "full_name": u.login,
+            "email": u.email,
+            "login": u.login,
+            "phone": null,
+            "website": null,
+            "created_at": at,
+            "updated_at": at,
+            "last_request_at": at,
+            "external_user_id": null,
+            "facebook_id": null,
+            "blob_id": null,
+            "custom_data": null,
+            "age_over16": false,
+            "parents_contacts": "",
+            "user_tags": null,
+        });
+        if let (Value::Object(fields), Some(changed)) = (&mut user, self.user_fields.get(&u.id)) {
+            fields.extend(changed.clone());
+        }
+        user
+    }
+
+    /// `PUT /chat/Dialog/{id}.json`: the name, the photo, and occupants
+    /// added (`push_all[occupants_ids][]`) or removed (`pull_all`).
+    fn update_dialog(&mut self, id: &str, call: &Call<'_>) -> Routed {
+        let p = params(call);
+        let user = call.user_id;
+        let Some(dialog) = self.dialogs.iter_mut().find(|d| d["_id"] == id) else {
+            return Routed::Answered(not_found("Dialog not found"));
+        };
+        if !is_occupant(dialog, user) {
+            return Routed::Answered(forbidden());
+        }
+        let Value::Object(fields) = &p else {
+            return Routed::Answered(unprocessable("nothing to update"));
+        };
+        for (name, value) in fields {
+            match name.as_str() {
+                "name" | "photo" | "data" => dialog[name.as_str()] = value.clone(),
+                "push_all" | "pull_all" => {
+                    let ids: Vec<u64> = match &value["occupants_ids"] {
+                        Value::Array(ids) => ids.iter().filter_map(number).collect(),
+                        other => number(other).into_iter().collect(),
+                    };
+                    if let Value::Array(occupants) = &mut dialog["occupants_ids"] {
+                        if name == "push_all" {
+                            for id in ids {
+                                if !occupants.contains(&json!(id)) {
+                                    occupants.push(json!(id));
+                                }
+                            }
+                        } else {
+                            occupants.retain(|o| !number(o).is_some_and(|o| ids.contains(&o)));
+                        }
+                    }
+                }
+                other => {
+                    return Routed::Unimplemented(format!(
+                        "updating a dialog's {other:?} is not implemented"
+                    ))
+                }
+            }
+        }
+        dialog["updated_at"] = json!(rfc3339(call.now));
+        Routed::Answered((StatusCode::OK, Some(dialog.clone())))
+    }
+
+    /// `PUT /chat/Message/{id}.json`: the sender edits the text, or an
+    /// occupant marks it read (`read=1`). QuickBlox answers with no body.
+    fn update_message(&mut self, id: &str, call: &Call<'_>) -> Routed {
+        let p = params(call);
+        let user = call.user_id;
+        let Some(message) = self.messages.iter_mut().find(|m| m["_id"] == id) else {
+            return Routed::Answered(not_found("Message not found"));
+        };
+        let Value::Object(fields) = &p else {
+            return Routed::Answered(unprocessable("nothing to update"));
+        };
+        for (name, value) in fields {
+            match name.as_str() {
+                "message" if message["sender_id"] == user => {
+                    message["message"] = value.clone();
+                }
+                "message" => return Routed::Answered(forbidden()),
+                "read" if number(value) == Some(1) => {
+                    if let Value::Array(ids) = &mut message["read_ids"] {
+                        if !ids.contains(&json!(user)) {
+                            ids.push(json!(user));
+                        }
+                    }
+                }
+                "chat_dialog_id" => {}
+                other => {
+                    return Routed::Unimplemented(format!(
+                        "updating a message's {other:?} is not implemented"
+                    ))
+                }
+            }
+        }
+        message["updated_at"] = json!(rfc3339(call.now));
+        Routed::Answered((StatusCode::OK, None))
+    }
+
+    /// `PUT /data/{class}/{id}.json`: the owner sets fields; answers the
+    /// record.
+    fn update_object(&mut self, class: &str, id: &str, call: &Call<'_>) -> Routed {
+        let p = params(call);
+        let user = call.user_id;
+        let Some(object) = self
+            .objects
+            .get_mut(class)
+            .and_then(|kept| kept.iter_mut().find(|o| o["_id"] == id))
+        else {
+            return Routed::Answered(not_found("Object not found"));
+        };
+        if object["user_id"] != user {
+            return Routed::Answered(forbidden());
+        }
+        let Value::Object(fields) = p else {
+            return Routed::Answered(unprocessable("nothing to update"));
+        };
+        for (name, value) in fields {
+            if name.starts_with('_')
+                || matches!(name.as_str(), "user_id" | "created_at" | "updated_at")
+            {
+                continue;
+            }
+            if matches!(value, Value::Object(_)) {
+                // `inc`, `push`, `pull` and the other update operators.
+                return Routed::Unimplemented(format!(
+                    "the update operator in {name:?} is not implemented"
+                ));
+            }
+            object[name.as_str()] = value;
+        }
+        object["updated_at"] = json!(unix(call.now));
+        Routed::Answered((StatusCode::OK, Some(object.clone())))
     }
 }
 
-fn user_json(u: &super::SimUser, now: SystemTime) -> Value {
-    let at = rfc3339(now);
-    json!({
-        "id": u.id,
-        "full_name": u.login,
-        "email": u.email,
-        "login": u.login,
-        "phone": null,
-        "website": null,
-        "created_at": at,
-        "updated_at": at,
-        "last_request_at": at,
-        "external_user_id": null,
-        "facebook_id": null,
-        "blob_id": null,
-        "custom_data": null,
-        "age_over16": false,
-        "parents_contacts": "",
-        "user_tags": null,
-    })
+fn is_occupant(dialog: &Value, user: u64) -> bool {
+    dialog["occupants_ids"]
+        .as_array()
+        .is_some_and(|ids| ids.contains(&json!(user)))
+}
+
+/// Deletes the records among `ids` (comma-separated) that `mine` allows.
+/// One id: 200 with no body, or 404 / 403. Several: QuickBlox's summary.
+fn delete(
+    items: &mut VecDeque<Value>,
+    ids: &str,
+    what: &str,
+    mine: impl Fn(&Value) -> bool,
+) -> Answered {
+    let ids: Vec<&str> = ids.split(',').filter(|i| !i.is_empty()).collect();
+    let (mut deleted, mut missing, mut refused) = (Vec::new(), Vec::new(), Vec::new());
+    for id in &ids {
+        match items.iter().position(|r| r["_id"] == *id) {
+            None => missing.push(*id),
+            Some(at) if !mine(&items[at]) => refused.push(*id),
+            Some(at) => {
+                items.remove(at);
+                deleted.push(*id);
+            }
+        }
+    }
+    match (ids.len(), deleted.is_empty(), refused.is_empty()) {
+        (1, false, _) => (StatusCode::OK, None),
+        (1, true, true) => not_found(&format!("{what} not found")),
+        (1, true, false) => forbidden(),
+        _ => (
+            StatusCode::OK,
+            Some(json!({
+                "SuccessfullyDeleted": { "ids": deleted },
+                "NotFound": { "ids": missing },
+                "WrongPermissions": { "ids": refused },
+            })),
+        ),
+    }
+}
+
+/// A list answer: the records that pass the call's filters, sorted,
+/// skipped and limited, or their count (`count=1`); `shape` wraps the page
+/// (`items`, the total before skip and limit, skip, limit).
+fn list<'v>(
+    records: impl Iterator<Item = &'v Value>,
+    call: &Call<'_>,
+    shape: impl FnOnce(Vec<Value>, usize, usize, usize) -> Value,
+) -> Routed {
+    let p = params(call);
+    let query = match Query::read(&p) {
+        Ok(q) => q,
+        Err(unimplemented) => return Routed::Unimplemented(unimplemented),
+    };
+    let mut kept: Vec<&Value> = records.filter(|r| query.keeps(r)).collect();
+    if query.count {
+        return Routed::Answered((StatusCode::OK, Some(json!({ "items_count": kept.len() }))));
+    }
+    if let Some((field, ascending)) = &query.sort {
+        kept.sort_by(|a, b| {
+            let order = compare(&a[field.as_str()], &b[field.as_str()]);
+            if *ascending {
+                order
+            } else {
+                order.reverse()
+            }
+        });
+    }
+    let total = kept.len();
+    let items = kept
+        .into_iter()
+        .skip(query.skip)
+        .take(query.limit)
+        .cloned()
+        .collect();
+    Routed::Answered((
+        StatusCode::OK,
+        Some(shape(items, total, query.skip, query.limit)),
+    ))
+}
+
+/// A list call's filters (`field=value`, `field[op]=value` for `gt lt gte
+/// lte ne in nin`), `sort_asc`/`sort_desc`, `skip`, `limit` (100 by
+/// default, 1,000 at most, as QuickBlox) and `count`.
+struct Query {
+    filters: Vec<(String, Op, String)>,
+    sort: Option<(String, bool)>,
+    skip: usize,
+    limit: usize,
+    count: bool,
+}
+
+#[derive(Clone, Copy)]
+enum Op {
+    Eq,
+    Gt,
+    Lt,
+    Gte,
+    Lte,
+    Ne,
+    In,
+    Nin,
+}
+
+/// Parameters of a list call that are not filters.
+const NOT_FILTERS: &[&str] = &[
+    "skip",
+    "limit",
+    "sort_asc",
+    "sort_desc",
+    "count",
+    "page",
+    "per_page",
+    "token",
+];
+
+impl Query {
+    fn read(p: &Value) -> Result<Query, String> {
+        let mut query = Query {
+            filters: Vec::new(),
+            sort: None,
+            skip: number(&p["skip"]).unwrap_or(0) as usize,
+            limit: number(&p["limit"]).unwrap_or(100).clamp(1, 1000) as usize,
+            count: number(&p["count"]) == Some(1),
+        };
+        if let Some(field) = p["sort_asc"].as_str() {
+            query.sort = Some((field.to_owned(), true));
+        }
+        if let Some(field) = p["sort_desc"].as_str() {
+            query.sort = Some((field.to_owned(), false));
+        }
+        let Value::Object(fields) = p else {
+            return Ok(query);
+        };
+        for (name, value) in fields {
+            if NOT_FILTERS.contains(&name.as_str()) {
+                continue;
+            }
+            match value {
+                Value::Object(ops) => {
+                    for (op, operand) in ops {
+                        let op = match op.as_str() {
+                            "gt" => Op::Gt,
+                            "lt" => Op::Lt,
+                            "gte" => Op::Gte,
+                            "lte" => Op::Lte,
+                            "ne" => Op::Ne,
+                            "in" => Op::In,
+                            "nin" => Op::Nin,
+                            other => {
+                                return Err(format!(
+                                    "the filter operator {other:?} (on {name:?}) is not implemented"
+                                ))
+                            }
+                        };
+                        query.filters.push((name.clone(), op, scalar(operand)));
+                    }
+                }
+                other => query.filters.push((name.clone(), Op::Eq, scalar(other))),
+            }
+        }
+        Ok(query)
+    }
+
+    fn keeps(&self, record: &Value) -> bool {
+        self.filters.iter().all(|(field, op, operand)| {
+            let value = &record[field.as_str()];
+            let listed = || {
+                operand
+                    .split(',')
+                    .any(|o| compare(value, &json!(o)).is_eq())
+            };
+            let order = || compare(value, &json!(operand));
+            match op {
+                Op::Eq => !value.is_null() && order().is_eq(),
+                Op::Ne => !order().is_eq(),
+                Op::Gt => !value.is_null() && order().is_gt(),
+                Op::Lt => !value.is_null() && order().is_lt(),
+                Op::Gte => !value.is_null() && order().is_ge(),
+                Op::Lte => !value.is_null() && order().is_le(),
+                Op::In => listed(),
+                Op::Nin => !listed(),
+            }
+        })
+    }
+}
+
+/// A parameter's text (forms send only text; JSON may send numbers).
+fn scalar(v: &Value) -> String {
+    match v {
+        Value::String(s) => s.clone(),
+        other => other.to_string(),
+    }
+}
+
+/// Compares a record's value with another: as numbers when both read as
+/// numbers, else as text.
+fn compare(a: &Value, b: &Value) -> std::cmp::Ordering {
+    let num = |v: &Value| {
+        v.as_f64()
+            .or_else(|| v.as_str()?.trim().parse::<f64>().ok())
+    };
+    match (num(a), num(b)) {
+        (Some(x), Some(y)) => x.partial_cmp(&y).unwrap_or(std::cmp::Ordering::Equal),
+        _ => scalar(a).cmp(&scalar(b)),
+    }
+}
+
+fn forbidden() -> Answered {
+    (
+        StatusCode::FORBIDDEN,
+        Some(
+            json!({ "errors": { "base": ["You don't have appropriate permissions to perform this operation"] } }),
+        ),
+    )
+}
+
+fn unprocessable(what: &str) -> Answered {
+    (
+        StatusCode::UNPROCESSABLE_ENTITY,
+        Some(json!({ "errors": { "base": [what] } })),
+    )
 }
 
 /// QuickBlox's not-found answer.

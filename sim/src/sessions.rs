@@ -120,6 +120,12 @@ impl Sim {
                 }
             },
         };
+        if self.state().failing_users.contains(&user_id) {
+            return self.error(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                r#"{"errors":["Internal Server Error"]}"#,
+            );
+        }
         let nonce = (
             get("timestamp").unwrap_or("").to_owned(),
             get("nonce").unwrap_or("").to_owned(),
@@ -169,11 +175,15 @@ impl Sim {
             return Some(0);
         }
         let password = get("user[password]");
-        let changed = self.state().passwords.clone();
+        let (changed, deleted) = {
+            let st = self.state();
+            (st.passwords.clone(), st.resources.deleted_users())
+        };
         self.shared
             .config
             .users
             .iter()
+            .filter(|u| !deleted.contains(&u.id))
             .find(|u| {
                 let current = changed.get(&u.login).unwrap_or(&u.password);
                 (login == Some(u.login.as_str()) || email == Some(u.email.as_str()))

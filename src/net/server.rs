@@ -485,7 +485,10 @@ where
                                 let stream = match tokio::time::timeout(options.header_read_timeout, accept).await {
                                     Ok(Ok(stream)) => stream,
                                     Ok(Err(e)) => {
-                                        tracing::info!(listener = name, %peer, error = %e, "TLS handshake refused");
+                                        match super::tls::handshake_hint(&e) {
+                                            Some(hint) => tracing::info!(listener = name, %peer, error = %e, hint, "TLS handshake refused"),
+                                            None => tracing::info!(listener = name, %peer, error = %e, "TLS handshake refused"),
+                                        }
                                         return;
                                     }
                                     Err(_) => {

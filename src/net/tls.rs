@@ -56,6 +56,34 @@ pub fn server_config(
     Ok(Arc::new(config))
 }
 
+/// What a failed inbound handshake most likely means, for the person
+/// reading the log: a client that does not trust qbproxy's certificate (it
+/// sent an alert saying so, or hung up mid-handshake, as Node.js does), or
+/// plain HTTP sent to a TLS listener.
+pub fn handshake_hint(e: &std::io::Error) -> Option<&'static str> {
+    use rustls::{AlertDescription as A, Error, InvalidMessage};
+    const UNTRUSTED: &str = "the client probably does not trust qbproxy's certificate: give it \
+        the CA that signed listen.tls_cert (Node.js and the official JS SDK, which then report \
+        err=null and an empty answer: NODE_EXTRA_CA_CERTS=ca.pem; curl: --cacert ca.pem); \
+        see the README, \"Using an official SDK\"";
+    const PLAIN: &str = "plain HTTP arrived on a TLS listener: the client must use https://";
+    if e.kind() == std::io::ErrorKind::UnexpectedEof {
+        return Some(UNTRUSTED);
+    }
+    match e.get_ref()?.downcast_ref::<Error>()? {
+        Error::AlertReceived(
+            A::UnknownCA
+            | A::BadCertificate
+            | A::CertificateUnknown
+            | A::UnsupportedCertificate
+            | A::CertificateExpired
+            | A::AccessDenied,
+        ) => Some(UNTRUSTED),
+        Error::InvalidMessage(InvalidMessage::InvalidContentType) => Some(PLAIN),
+        _ => None,
+    }
+}
+
 /// Roots for the upstream: the system's (for `https://` upstreams) plus
 /// `extra` (`[upstream] ca_file`).
 pub fn upstream_roots(

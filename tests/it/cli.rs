@@ -416,6 +416,23 @@ async fn demo_as_printed(tls: bool) {
     assert_eq!(s, 403);
     let (s, _) = call("DELETE", format!("{proxy}//x/../Session.json"), "").await;
     assert_eq!(s, 403);
+    // The printed line, run as printed by the real curl: without
+    // `--path-as-is` curl would tidy the path up itself and show nothing.
+    let line = printed
+        .lines()
+        .map(str::trim)
+        .find(|l| l.contains("--path-as-is"))
+        .unwrap_or_else(|| panic!("a --path-as-is line in\n{printed}"));
+    let out = tokio::process::Command::new("sh")
+        .args(["-c", line])
+        .output()
+        .await
+        .unwrap();
+    let shown = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        shown.starts_with("HTTP/") && shown.contains(" 403") && shown.contains("shared-session"),
+        "{line}: {shown}"
+    );
     let (s, b) = call("GET", format!("{proxy}/session.json"), "").await;
     assert_eq!(s, 200);
     assert!(
@@ -530,7 +547,7 @@ async fn threads_2_runs_two_proxy_workers_on_one_port() {
 
     for i in 0..24 {
         let request =
-            format!("GET /spread/{i}.json HTTP/1.1\r\nHost: q\r\nConnection: close\r\n\r\n");
+            format!("GET /data/Spread/{i}.json HTTP/1.1\r\nHost: q\r\nConnection: close\r\n\r\n");
         let answer = common::raw(proxy, request.as_bytes()).await;
         assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
     }
@@ -1322,4 +1339,32 @@ async fn socket_activation_serves_on_the_sockets_systemd_passes() {
     }
     signal(&child, "TERM");
     exits_cleanly(&mut child).await;
+}
+
+/// Every `/_sim/*` control the simulator answers is listed by
+/// `qbproxy sim --help` and in the README's "The simulator".
+#[test]
+fn sim_help_and_the_readme_list_every_simulator_control() {
+    let source = include_str!("../../sim/src/lib.rs");
+    let mut controls: Vec<&str> = source
+        .match_indices("\"/_sim/")
+        .map(|(at, _)| {
+            let rest = &source[at + 1..];
+            &rest[..rest.find('"').unwrap()]
+        })
+        .collect();
+    controls.dedup();
+    assert!(controls.len() >= 3, "{controls:?}");
+    let help = std::process::Command::new(BIN)
+        .args(["sim", "--help"])
+        .output()
+        .unwrap();
+    let help = String::from_utf8_lossy(&help.stdout);
+    let readme = include_str!("../../README.md");
+    let section = &readme[readme.find("### The simulator").unwrap()..];
+    let section = &section[..section.find("\n## ").unwrap()];
+    for control in controls {
+        assert!(help.contains(control), "{control} in sim --help:\n{help}");
+        assert!(section.contains(control), "{control} in the README");
+    }
 }

@@ -36,18 +36,23 @@ async fn host_is_rewritten_and_queries_go_byte_for_byte() {
         "/users.json?filter%5Bname%5D=a%2Cb&x=%7E~&sp=a+b%20c&u=%C3%A9&odd=!$'()*,;=:@/?&&empty=";
     let paths = [
         target,
-        "//double//slash.json?",
+        "//users//1001.json?",
         "/chat/Message.json?chat_dialog_id=5f%2F1&sort_desc=date_sent",
     ];
     for path in paths {
         let req =
             format!("GET {path} HTTP/1.1\r\nHost: client.example\r\nConnection: close\r\n\r\n");
         let resp = raw(h.proxy, req.as_bytes()).await;
-        assert!(resp.starts_with("HTTP/1.1 200"), "{resp}");
+        // The simulator's answer (it knows no such dialog: 404), not a
+        // refusal of qbproxy's.
+        assert!(
+            resp.contains("\"echo\"") && !resp.contains("qbproxy-error"),
+            "{resp}"
+        );
     }
     let reqs = h.sim.requests();
     let seen: Vec<&str> = reqs.iter().map(|r| r.path_and_query.as_str()).collect();
-    assert_eq!(seen, [paths[0], "/double/slash.json?", paths[2]]);
+    assert_eq!(seen, [paths[0], "/users/1001.json?", paths[2]]);
     let sim_authority = h.sim.addr().to_string();
     for r in &reqs {
         assert_eq!(r.headers["host"], sim_authority.as_str());

@@ -207,13 +207,13 @@ async fn a_client_over_its_rate_gets_429_with_retry_after() {
     h.ready().await;
     let key = [("QBProxy-Key", OPS_KEY)];
     assert_eq!(
-        h.send(Method::GET, "/a.json", &key, Bytes::new())
+        h.send(Method::GET, "/data/A.json", &key, Bytes::new())
             .await
             .status,
         StatusCode::OK
     );
     assert_eq!(
-        h.send(Method::GET, "/b.json", &key, Bytes::new())
+        h.send(Method::GET, "/data/B.json", &key, Bytes::new())
             .await
             .status,
         StatusCode::OK
@@ -321,8 +321,8 @@ async fn an_upstream_slower_than_the_timeout_gives_504() {
         .start()
         .await;
     h.ready().await;
-    let _gate = h.sim.gate("/slow");
-    let a = h.get("/slow.json").await;
+    let _gate = h.sim.gate("/data/Slow");
+    let a = h.get("/data/Slow.json").await;
     assert_eq!(a.status, StatusCode::GATEWAY_TIMEOUT);
     assert_eq!(a.headers["qbproxy-error"], "upstream-timeout");
     assert_eq!(
@@ -338,18 +338,27 @@ async fn connections_past_the_limit_wait_instead_of_being_starved() {
     h.ready().await;
     let mut a = TcpStream::connect(h.proxy).await.unwrap();
     let mut b = TcpStream::connect(h.proxy).await.unwrap();
-    assert_eq!(status_of(&keep_alive_get(&mut a, "/a1.json").await), 200);
-    assert_eq!(status_of(&keep_alive_get(&mut b, "/b1.json").await), 200);
+    assert_eq!(
+        status_of(&keep_alive_get(&mut a, "/data/A1.json").await),
+        200
+    );
+    assert_eq!(
+        status_of(&keep_alive_get(&mut b, "/data/B1.json").await),
+        200
+    );
     // A third connection is queued by the kernel, not served.
     let proxy = h.proxy;
     let third = tokio::spawn(async move {
         let mut c = TcpStream::connect(proxy).await.unwrap();
-        keep_alive_get(&mut c, "/c1.json").await
+        keep_alive_get(&mut c, "/data/C1.json").await
     });
     // The two accepted connections keep working meanwhile...
-    assert_eq!(status_of(&keep_alive_get(&mut a, "/a2.json").await), 200);
     assert_eq!(
-        h.sim.requests_to("/c1"),
+        status_of(&keep_alive_get(&mut a, "/data/A2.json").await),
+        200
+    );
+    assert_eq!(
+        h.sim.requests_to("/data/C1"),
         0,
         "the third connection was not served"
     );
@@ -497,15 +506,15 @@ async fn a_head_trickled_on_a_kept_alive_connection_is_cut_off_by_the_header_tim
 async fn upstream_requests_in_flight_are_capped_and_requests_over_the_cap_wait_their_turn() {
     let h = setup().set("upstream", "max_in_flight", 2).start().await;
     h.ready().await;
-    let gate = h.sim.gate("/slow");
+    let gate = h.sim.gate("/data/Slow");
     let sent: Vec<_> = (0..6)
-        .map(|i| h.spawn_send(Method::GET, format!("/slow{i}.json"), &[], ""))
+        .map(|i| h.spawn_send(Method::GET, format!("/data/Slow{i}.json"), &[], ""))
         .collect();
-    h.sim.wait_until(|s| s.requests_to("/slow") >= 2).await;
+    h.sim.wait_until(|s| s.requests_to("/data/Slow") >= 2).await;
     // One at a time: each request let through frees a slot for the next.
     for k in 3..=6 {
         gate.add_permits(1);
-        h.sim.wait_until(|s| s.requests_to("/slow") >= k).await;
+        h.sim.wait_until(|s| s.requests_to("/data/Slow") >= k).await;
     }
     gate.add_permits(2);
     for s in sent {

@@ -51,12 +51,12 @@ async fn admin_endpoints_report_health_readiness_and_metrics() {
 async fn shutdown_stops_accepting_and_lets_the_request_in_flight_finish() {
     let mut h = setup().start().await;
     h.ready().await;
-    let gate = h.sim.gate("/slow");
+    let gate = h.sim.gate("/data/Slow");
     let proxy = h.proxy;
-    let in_flight = h.spawn_send(Method::GET, "/slow.json", &[], "");
+    let in_flight = h.spawn_send(Method::GET, "/data/Slow.json", &[], "");
     bounded(
         "the request to reach QuickBlox",
-        h.sim.wait_until(|s| s.requests_to("/slow") == 1),
+        h.sim.wait_until(|s| s.requests_to("/data/Slow") == 1),
     )
     .await;
 
@@ -74,7 +74,7 @@ async fn shutdown_stops_accepting_and_lets_the_request_in_flight_finish() {
     gate.add_permits(1);
     let a = bounded("the in-flight response", in_flight).await.unwrap();
     assert_eq!(a.status, StatusCode::OK);
-    assert_eq!(a.json()["echo"]["path"], "/slow.json");
+    assert_eq!(a.json()["echo"]["path"], "/data/Slow.json");
     bounded("run() to return after the drain", run)
         .await
         .unwrap();
@@ -152,13 +152,13 @@ async fn a_shutdown_says_not_ready_first_then_drains_busy_connections() {
         .start()
         .await;
     h.ready().await;
-    let gate = h.sim.gate("/slow");
+    let gate = h.sim.gate("/data/Slow");
     let tcp = TcpStream::connect(h.proxy).await.unwrap();
     let (mut h1, h1_conn) = hyper::client::conn::http1::handshake(TokioIo::new(tcp))
         .await
         .unwrap();
     let h1_conn = tokio::spawn(h1_conn);
-    let req = Request::get(format!("http://{}/slow1.json", h.proxy))
+    let req = Request::get(format!("http://{}/data/Slow1.json", h.proxy))
         .body(Empty::<Bytes>::new())
         .unwrap();
     let h1_answer = tokio::spawn(h1.send_request(req));
@@ -166,7 +166,7 @@ async fn a_shutdown_says_not_ready_first_then_drains_busy_connections() {
     let (h2, h2_conn) = h2::client::handshake(tcp).await.unwrap();
     let h2_conn = tokio::spawn(h2_conn);
     let mut h2 = bounded("the h2 stream", h2.ready()).await.unwrap();
-    let req = Request::get(format!("http://{}/slow2.json", h.proxy))
+    let req = Request::get(format!("http://{}/data/Slow2.json", h.proxy))
         .body(())
         .unwrap();
     let (h2_answer, _) = h2.send_request(req, true).unwrap();

@@ -91,7 +91,7 @@ async fn lazy_creation_never_exceeds_create_concurrency() {
     for i in 0..50 {
         tasks.push(h.spawn_send(
             Method::GET,
-            format!("/x.json?{i}"),
+            format!("/data/X.json?{i}"),
             &[("QBProxy-Identity", "load")],
             "",
         ));
@@ -236,12 +236,12 @@ async fn max_in_flight_spreads_load_and_busy_pools_answer_503() {
 
     // Two requests held upstream at once went to different members, although
     // round robin would have allowed the same one twice after a skip.
-    let gate = h.sim.gate("/slow");
-    let first = spawn("/slow.json?1");
-    let second = spawn("/slow.json?2");
+    let gate = h.sim.gate("/data/Slow");
+    let first = spawn("/data/Slow.json?1");
+    let second = spawn("/data/Slow.json?2");
     bounded(
         "both held upstream",
-        h.sim.wait_until(|s| s.requests_to("/slow") == 2),
+        h.sim.wait_until(|s| s.requests_to("/data/Slow") == 2),
     )
     .await;
     let held: HashSet<u64> = h.sim.requests().iter().map(|r| r.user_id).collect();

@@ -63,13 +63,13 @@ async fn client_keys_allowlist_and_limits_change_at_once() {
     h.ready().await;
     let with = |key: &'static str| [("QBProxy-Key", key)];
     assert_eq!(
-        h.send(Method::GET, "/x.json", &with(KEY_A), Bytes::new())
+        h.send(Method::GET, "/data/X.json", &with(KEY_A), Bytes::new())
             .await
             .status,
         StatusCode::OK
     );
     assert_eq!(
-        h.send(Method::GET, "/x.json", &with(KEY_B), Bytes::new())
+        h.send(Method::GET, "/data/X.json", &with(KEY_B), Bytes::new())
             .await
             .status,
         StatusCode::UNAUTHORIZED
@@ -81,19 +81,19 @@ async fn client_keys_allowlist_and_limits_change_at_once() {
         .set("limits", "max_body_bytes", 100);
     h.handle.reload(config(&h, next)).await.unwrap();
     assert_eq!(
-        h.send(Method::GET, "/x.json", &with(KEY_B), Bytes::new())
+        h.send(Method::GET, "/data/X.json", &with(KEY_B), Bytes::new())
             .await
             .status,
         StatusCode::OK
     );
     assert_eq!(
-        h.send(Method::GET, "/x.json", &with(KEY_A), Bytes::new())
+        h.send(Method::GET, "/data/X.json", &with(KEY_A), Bytes::new())
             .await
             .status,
         StatusCode::UNAUTHORIZED
     );
     let big = h
-        .send(Method::POST, "/x.json", &with(KEY_B), vec![b'x'; 101])
+        .send(Method::POST, "/data/X.json", &with(KEY_B), vec![b'x'; 101])
         .await;
     assert_eq!(big.status, StatusCode::PAYLOAD_TOO_LARGE);
 
@@ -103,7 +103,7 @@ async fn client_keys_allowlist_and_limits_change_at_once() {
         .set("listen", "allow", ["10.0.0.0/8"]);
     h.handle.reload(config(&h, closed)).await.unwrap();
     assert_eq!(
-        h.send(Method::GET, "/x.json", &with(KEY_B), Bytes::new())
+        h.send(Method::GET, "/data/X.json", &with(KEY_B), Bytes::new())
             .await
             .status,
         StatusCode::FORBIDDEN
@@ -116,11 +116,11 @@ async fn client_keys_allowlist_and_limits_change_at_once() {
 async fn identities_come_and_go_and_requests_in_flight_finish() {
     let h = setup().identity(DEMO).start().await;
     h.ready().await;
-    let gate = h.sim.gate("/slow");
-    let in_flight = h.spawn_send(Method::GET, "/slow.json", &[], "");
+    let gate = h.sim.gate("/data/Slow");
+    let in_flight = h.spawn_send(Method::GET, "/data/Slow.json", &[], "");
     common::bounded(
         "the held request",
-        h.sim.wait_until(|s| s.requests_to("/slow") == 1),
+        h.sim.wait_until(|s| s.requests_to("/data/Slow") == 1),
     )
     .await;
 
@@ -181,16 +181,16 @@ async fn requests_in_flight_across_a_reload_count_against_one_upstream_cap() {
     let capped = || setup().identity(DEMO).set("upstream", "max_in_flight", 2);
     let h = capped().start().await;
     h.ready().await;
-    let gate = h.sim.gate("/slow");
+    let gate = h.sim.gate("/data/Slow");
     let mut sent: Vec<_> = (0..2)
-        .map(|i| h.spawn_send(Method::GET, format!("/slow{i}.json"), &[], ""))
+        .map(|i| h.spawn_send(Method::GET, format!("/data/Slow{i}.json"), &[], ""))
         .collect();
-    h.sim.wait_until(|s| s.requests_to("/slow") >= 2).await;
+    h.sim.wait_until(|s| s.requests_to("/data/Slow") >= 2).await;
     h.handle.reload(config(&h, capped())).await.unwrap();
     // Both slots are still held: the next request waits for one of them.
-    sent.push(h.spawn_send(Method::GET, "/slow2.json", &[], ""));
+    sent.push(h.spawn_send(Method::GET, "/data/Slow2.json", &[], ""));
     slot_waits(&h, 1).await;
-    assert_eq!(h.sim.requests_to("/slow"), 2);
+    assert_eq!(h.sim.requests_to("/data/Slow"), 2);
     gate.add_permits(3);
     for s in sent {
         assert_eq!(bounded("a request", s).await.unwrap().status, 200);
@@ -203,41 +203,41 @@ async fn a_reload_shrinks_and_grows_the_upstream_cap() {
     let capped = |n: u64| setup().identity(DEMO).set("upstream", "max_in_flight", n);
     let h = capped(3).start().await;
     h.ready().await;
-    let gate = h.sim.gate("/slow");
+    let gate = h.sim.gate("/data/Slow");
     let held: Vec<_> = (0..3)
-        .map(|i| h.spawn_send(Method::GET, format!("/slow{i}.json"), &[], ""))
+        .map(|i| h.spawn_send(Method::GET, format!("/data/Slow{i}.json"), &[], ""))
         .collect();
-    h.sim.wait_until(|s| s.requests_to("/slow") >= 3).await;
+    h.sim.wait_until(|s| s.requests_to("/data/Slow") >= 3).await;
     // Down to 1 while all 3 slots are taken: they go as their requests end.
     h.handle.reload(config(&h, capped(1))).await.unwrap();
     gate.add_permits(3);
     for s in held {
         assert_eq!(bounded("a held request", s).await.unwrap().status, 200);
     }
-    let later = h.sim.gate("/later");
+    let later = h.sim.gate("/data/Later");
     let mut sent: Vec<_> = (0..3)
-        .map(|i| h.spawn_send(Method::GET, format!("/later{i}.json"), &[], ""))
+        .map(|i| h.spawn_send(Method::GET, format!("/data/Later{i}.json"), &[], ""))
         .collect();
     // Two of them wait for a slot (with a cap above 1, fewer would), and
     // the one that has it reaches the upstream.
     slot_waits(&h, 2).await;
     bounded(
         "the one slot's request",
-        h.sim.wait_until(|s| s.requests_to("/later") >= 1),
+        h.sim.wait_until(|s| s.requests_to("/data/Later") >= 1),
     )
     .await;
-    assert_eq!(h.sim.requests_to("/later"), 1, "one slot left");
+    assert_eq!(h.sim.requests_to("/data/Later"), 1, "one slot left");
     // Up to 2: the next waiting request goes at once.
     h.handle.reload(config(&h, capped(2))).await.unwrap();
     bounded(
         "a second slot",
-        h.sim.wait_until(|s| s.requests_to("/later") >= 2),
+        h.sim.wait_until(|s| s.requests_to("/data/Later") >= 2),
     )
     .await;
     later.add_permits(1);
     bounded(
         "a freed slot",
-        h.sim.wait_until(|s| s.requests_to("/later") >= 3),
+        h.sim.wait_until(|s| s.requests_to("/data/Later") >= 3),
     )
     .await;
     later.add_permits(2);
@@ -279,11 +279,11 @@ async fn a_reload_applies_the_retry_policy_to_identities_that_stay() {
 async fn a_smaller_connection_cap_holds_once_busy_connections_finish() {
     let h = setup().set("limits", "max_connections", 4).start().await;
     h.ready().await;
-    let gate = h.sim.gate("/held");
+    let gate = h.sim.gate("/data/Held");
     let held = |proxy| {
         tokio::spawn(common::raw(
             proxy,
-            b"GET /held.json HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
+            b"GET /data/Held.json HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
         ))
     };
     let busy: Vec<_> = (0..3).map(|_| held(h.proxy)).collect();
@@ -325,11 +325,11 @@ async fn a_smaller_connection_cap_holds_once_busy_connections_finish() {
 async fn a_larger_connection_cap_applies_while_every_slot_is_busy() {
     let h = setup().set("limits", "max_connections", 1).start().await;
     h.ready().await;
-    let gate = h.sim.gate("/held");
+    let gate = h.sim.gate("/data/Held");
     let held = |proxy| {
         tokio::spawn(common::raw(
             proxy,
-            b"GET /held.json HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
+            b"GET /data/Held.json HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
         ))
     };
     let first = held(h.proxy);

@@ -138,10 +138,10 @@ async fn a_request_dropped_while_held_at_a_gate_is_counted_out() {
     use tokio::io::AsyncWriteExt;
     let h = common::setup().start().await;
     h.ready().await;
-    let _gate = h.sim.gate("/slow");
+    let _gate = h.sim.gate("/data/Slow");
     let mut s = tokio::net::TcpStream::connect(h.sim.addr()).await.unwrap();
     let request = format!(
-        "GET /slow.json HTTP/1.1\r\nHost: sim\r\nQB-Token: {}\r\n\r\n",
+        "GET /data/Slow.json HTTP/1.1\r\nHost: sim\r\nQB-Token: {}\r\n\r\n",
         h.token()
     );
     s.write_all(request.as_bytes()).await.unwrap();
@@ -361,4 +361,250 @@ async fn api_keys_are_accepted_with_the_user_they_act_as() {
     assert_eq!(a.status, StatusCode::UNPROCESSABLE_ENTITY, "no session");
     assert_eq!(sim.attempts(), 0);
     assert_eq!(sim.requests().len(), 2, "the two accepted calls");
+}
+
+/// The simulator refuses what it does not implement, in QuickBlox's
+/// error shape, and counts it: an unknown path 404, a known path with
+/// another method 405 (with `Allow`), a filter operator it does not know
+/// 422. Never 200 to something it did not do.
+#[tokio::test]
+async fn what_the_simulator_does_not_implement_is_refused_and_counted() {
+    let h = common::setup().start().await;
+    h.ready().await;
+    let unknown = h.get("/nonexistent/thing.json").await;
+    assert_eq!(unknown.status, StatusCode::NOT_FOUND);
+    assert!(unknown.json()["errors"]["base"][0]
+        .as_str()
+        .unwrap()
+        .contains("no endpoint /nonexistent/thing.json"));
+    let other_method = h.send(Method::PUT, "/data/Note.json", &[], "").await;
+    assert_eq!(other_method.status, StatusCode::METHOD_NOT_ALLOWED);
+    assert_eq!(other_method.headers["allow"], "GET, HEAD, POST");
+    let operator = h.get("/data/Note.json?rank[ctn]=3").await;
+    assert_eq!(operator.status, StatusCode::UNPROCESSABLE_ENTITY);
+    assert!(
+        operator.text().contains("\\\"ctn\\\""),
+        "{}",
+        operator.text()
+    );
+    // A user field it does not change.
+    let login = h
+        .send(
+            Method::PUT,
+            "/users/1001.json",
+            &[("Content-Type", "application/json")],
+            r#"{"user":{"login":"renamed"}}"#,
+        )
+        .await;
+    assert_eq!(login.status, StatusCode::UNPROCESSABLE_ENTITY);
+
+    assert_eq!(h.sim.unimplemented(), 4);
+    let stats = h.sim.stats();
+    assert_eq!(stats["unimplemented"], 4);
+    assert_eq!(
+        stats["unimplemented_calls"][0],
+        "GET /nonexistent/thing.json"
+    );
+    assert_eq!(stats["unimplemented_calls"][1], "PUT /data/Note.json");
+}
+
+/// Users change their own profile and password, and delete themselves;
+/// the change holds (later reads, logins), and nobody changes another.
+#[tokio::test]
+async fn users_update_and_delete_themselves_with_state() {
+    let h = common::setup().start().await;
+    h.ready().await;
+    let json = [("Content-Type", "application/json")];
+    let put = |path: &'static str, body: &'static str| h.send(Method::PUT, path, &json, body);
+
+    let updated = put(
+        "/users/1001.json",
+        r#"{"user":{"full_name":"Demo User","custom_data":"x"}}"#,
+    )
+    .await;
+    assert_eq!(updated.status, StatusCode::OK, "{}", updated.text());
+    assert_eq!(updated.json()["user"]["full_name"], "Demo User");
+    let read = h.get("/users/1001.json").await.json();
+    assert_eq!(read["user"]["full_name"], "Demo User");
+    assert_eq!(read["user"]["custom_data"], "x");
+    // Someone else's profile: 403.
+    let other = put("/users/1002.json", r#"{"user":{"full_name":"no"}}"#).await;
+    assert_eq!(other.status, StatusCode::FORBIDDEN);
+    // A password changes only with the old one.
+    let wrong = put(
+        "/users/1001.json",
+        r#"{"user":{"password":"new-pw","old_password":"nope"}}"#,
+    )
+    .await;
+    assert_eq!(wrong.status, StatusCode::UNPROCESSABLE_ENTITY);
+    let changed = put(
+        "/users/1001.json",
+        r#"{"user":{"password":"new-pw","old_password":"demo-password"}}"#,
+    )
+    .await;
+    assert_eq!(changed.status, StatusCode::OK);
+    let secret = h.sim.config().auth_secret.clone();
+    let login = |pw: &str| {
+        let p = params(&h.sim, now(), &format!("pw-{pw}"))
+            .str("user[login]", "demo")
+            .str("user[password]", pw);
+        let signed = p.clone().str("signature", signer::sign(&secret, &p));
+        create(&h.sim, signed.to_json().to_string(), "application/json")
+    };
+    assert_eq!(
+        login("demo-password").await.status,
+        StatusCode::UNAUTHORIZED
+    );
+    assert_eq!(login("new-pw").await.status, StatusCode::CREATED);
+
+    // Deleting someone else: 403; oneself: gone, and no more logins.
+    let other = h.send(Method::DELETE, "/users/1002.json", &[], "").await;
+    assert_eq!(other.status, StatusCode::FORBIDDEN);
+    let deleted = h.send(Method::DELETE, "/users/1001.json", &[], "").await;
+    assert_eq!(deleted.status, StatusCode::OK);
+    assert_eq!(
+        h.get("/users/1001.json").await.status,
+        StatusCode::NOT_FOUND
+    );
+    assert_eq!(h.get("/users.json").await.json()["total_entries"], 1);
+    assert_eq!(login("new-pw").await.status, StatusCode::UNAUTHORIZED);
+}
+
+/// Custom objects: the filter operators, sort, skip, limit and count, and
+/// updates and deletes that hold.
+#[tokio::test]
+async fn custom_objects_filter_sort_page_count_update_and_delete() {
+    let h = common::setup().start().await;
+    h.ready().await;
+    let json = [("Content-Type", "application/json")];
+    let mut ids = Vec::new();
+    for (rank, name) in [(3, "c"), (1, "a"), (5, "e"), (2, "b"), (4, "d")] {
+        let body = format!(r#"{{"rank":{rank},"name":"{name}"}}"#);
+        let created = h.send(Method::POST, "/data/Note.json", &json, body).await;
+        assert_eq!(created.status, StatusCode::OK);
+        ids.push(created.json()["_id"].as_str().unwrap().to_owned());
+    }
+    let h = &h;
+    let ranks = |query: &'static str| async move {
+        let answer = h.get(&format!("/data/Note.json?{query}")).await;
+        assert_eq!(answer.status, StatusCode::OK, "{query}: {}", answer.text());
+        answer.json()["items"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|o| o["rank"].as_u64().unwrap())
+            .collect::<Vec<_>>()
+    };
+    assert_eq!(ranks("rank[gt]=3").await, [5, 4]);
+    assert_eq!(ranks("rank[gte]=3&sort_asc=rank").await, [3, 4, 5]);
+    assert_eq!(ranks("rank[lt]=3&sort_asc=rank").await, [1, 2]);
+    assert_eq!(ranks("rank[lte]=2&sort_desc=rank").await, [2, 1]);
+    assert_eq!(ranks("rank[ne]=3&sort_asc=rank").await, [1, 2, 4, 5]);
+    assert_eq!(ranks("rank[in]=1,5&sort_asc=rank").await, [1, 5]);
+    assert_eq!(ranks("rank[nin]=1,5&sort_asc=rank").await, [2, 3, 4]);
+    assert_eq!(ranks("name=d").await, [4]);
+    assert_eq!(ranks("sort_desc=rank&skip=1&limit=2").await, [4, 3]);
+    let count = h.get("/data/Note.json?count=1&rank[gt]=1").await.json();
+    assert_eq!(count["items_count"], 4);
+
+    // Update: the record comes back changed, and stays so.
+    let path = format!("/data/Note/{}.json", ids[0]);
+    let updated = h.send(Method::PUT, &path, &json, r#"{"rank":30}"#).await;
+    assert_eq!(updated.status, StatusCode::OK);
+    assert_eq!(updated.json()["rank"], 30);
+    assert_eq!(h.get(&path).await.json()["items"][0]["rank"], 30);
+
+    // Delete one, then two at once (one of them already gone).
+    let deleted = h.send(Method::DELETE, &path, &[], "").await;
+    assert_eq!(deleted.status, StatusCode::OK);
+    assert_eq!(h.get(&path).await.json()["items"], serde_json::json!([]));
+    let both = format!("/data/Note/{},{}.json", ids[0], ids[1]);
+    let summary = h.send(Method::DELETE, &both, &[], "").await.json();
+    assert_eq!(
+        summary["SuccessfullyDeleted"]["ids"],
+        serde_json::json!([ids[1]])
+    );
+    assert_eq!(summary["NotFound"]["ids"], serde_json::json!([ids[0]]));
+    assert_eq!(ranks("sort_asc=rank").await, [2, 4, 5]);
+}
+
+/// Dialogs and messages: list with filters, update and delete, with state.
+#[tokio::test]
+async fn dialogs_and_messages_update_and_delete_with_state() {
+    let h = common::setup().start().await;
+    h.ready().await;
+    let json = [("Content-Type", "application/json")];
+    let dialog = h
+        .send(
+            Method::POST,
+            "/chat/Dialog.json",
+            &json,
+            r#"{"type":2,"name":"team","occupants_ids":[1002]}"#,
+        )
+        .await
+        .json();
+    let dialog_id = dialog["_id"].as_str().unwrap().to_owned();
+    let mut messages = Vec::new();
+    for text in ["one", "two", "three"] {
+        let body = format!(r#"{{"chat_dialog_id":"{dialog_id}","message":"{text}"}}"#);
+        let m = h
+            .send(Method::POST, "/chat/Message.json", &json, body)
+            .await
+            .json();
+        messages.push(m["_id"].as_str().unwrap().to_owned());
+    }
+    let (h, dialog_id) = (&h, &dialog_id);
+    let texts = |query: String| async move {
+        let answer = h
+            .get(&format!(
+                "/chat/Message.json?chat_dialog_id={dialog_id}&{query}"
+            ))
+            .await;
+        assert_eq!(answer.status, StatusCode::OK, "{}", answer.text());
+        answer.json()["items"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|m| m["message"].as_str().unwrap().to_owned())
+            .collect::<Vec<_>>()
+    };
+    assert_eq!(texts("limit=2".into()).await, ["one", "two"]);
+    assert_eq!(
+        texts("message[ne]=two&sort_desc=message".into()).await,
+        ["three", "one"]
+    );
+    // Without its dialog: 422, as QuickBlox.
+    assert_eq!(
+        h.get("/chat/Message.json").await.status,
+        StatusCode::UNPROCESSABLE_ENTITY
+    );
+
+    let path = format!("/chat/Message/{}.json", messages[0]);
+    let edited = h
+        .send(Method::PUT, &path, &json, r#"{"message":"uno"}"#)
+        .await;
+    assert_eq!(edited.status, StatusCode::OK);
+    assert_eq!(texts(String::new()).await, ["uno", "two", "three"]);
+    let gone = h.send(Method::DELETE, &path, &[], "").await;
+    assert_eq!(gone.status, StatusCode::OK);
+    assert_eq!(texts(String::new()).await, ["two", "three"]);
+    assert_eq!(
+        h.send(Method::DELETE, &path, &[], "").await.status,
+        StatusCode::NOT_FOUND
+    );
+
+    let path = format!("/chat/Dialog/{dialog_id}.json");
+    let renamed = h
+        .send(Method::PUT, &path, &json, r#"{"name":"renamed"}"#)
+        .await;
+    assert_eq!(renamed.json()["name"], "renamed");
+    assert_eq!(
+        h.get("/chat/Dialog.json").await.json()["items"][0]["name"],
+        "renamed"
+    );
+    assert_eq!(
+        h.send(Method::DELETE, &path, &[], "").await.status,
+        StatusCode::OK
+    );
+    assert_eq!(h.get("/chat/Dialog.json").await.json()["total_entries"], 0);
 }

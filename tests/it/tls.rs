@@ -351,3 +351,48 @@ async fn over_tls_idle_connections_are_kept_and_trickled_heads_cut_off() {
         "only the two whole requests"
     );
 }
+
+/// A client that does not trust qbproxy's certificate (the official JS SDK
+/// then reports `err=null` and nothing else), or hangs up mid-handshake as
+/// Node.js does, and plain HTTP sent to the TLS port: each gets a log line
+/// that says what to do. Clients that trust the CA go on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failed_handshake_is_logged_with_what_to_do() {
+    use tokio::io::AsyncWriteExt;
+    let logs = common::capture_logs();
+    let dir = Dir::new("hints");
+    let ca = Ca::new("test CA");
+    let h = tls_setup(&dir, &ca.leaf(key(&rcgen::PKCS_ECDSA_P256_SHA256)), None)
+        .start()
+        .await;
+    h.ready().await;
+    let url = format!("https://localhost:{}/users.json", h.proxy.port());
+
+    // Trusting another CA: rustls refuses the certificate with an alert.
+    let stranger = https_client(&Ca::new("another CA"), None);
+    assert!(https_get(&stranger, url.clone()).await.is_err());
+    const UNTRUSTED: &str = "the client probably does not trust qbproxy's certificate";
+    let wait = |fragments: &'static [&'static str]| {
+        let logs = &logs;
+        bounded("the hint", async move {
+            while !logs.has_line(fragments) {
+                tokio::task::yield_now().await;
+            }
+        })
+    };
+    wait(&["TLS handshake refused", UNTRUSTED, "NODE_EXTRA_CA_CERTS"]).await;
+    // A client that hangs up mid-handshake.
+    let mut s = tokio::net::TcpStream::connect(h.proxy).await.unwrap();
+    s.write_all(&[0x16, 0x03, 0x01, 0x00, 0x40, 0x01])
+        .await
+        .unwrap();
+    drop(s);
+    wait(&["tls handshake eof", UNTRUSTED]).await;
+    // Plain HTTP on the TLS port.
+    let plain = common::raw(h.proxy, b"GET /users.json HTTP/1.1\r\nHost: x\r\n\r\n").await;
+    assert!(!plain.starts_with("HTTP/1.1 200"), "{plain}");
+    wait(&["plain HTTP arrived on a TLS listener", "https://"]).await;
+
+    let (status, _, _) = https_get(&https_client(&ca, None), url).await.unwrap();
+    assert_eq!(status, 200);
+}

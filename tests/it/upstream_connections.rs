@@ -56,9 +56,9 @@ async fn more_http2_connections_open_when_the_servers_streams_run_out() {
     })
     .await;
     assert_eq!(h.metric(H2_OPENED), 1, "the session's connection");
-    let gate = sim.gate("/slow");
+    let gate = sim.gate("/data/Slow");
     let sent: Vec<_> = (0..10)
-        .map(|i| h.spawn_send(Method::GET, format!("/slow{i}.json"), &[], ""))
+        .map(|i| h.spawn_send(Method::GET, format!("/data/Slow{i}.json"), &[], ""))
         .collect();
     bounded(
         "ten requests held",
@@ -78,7 +78,7 @@ async fn more_http2_connections_open_when_the_servers_streams_run_out() {
     // nginx's own record: no connection carried more than four of them.
     let mut per_connection: BTreeMap<String, usize> = BTreeMap::new();
     for line in edge.access_lines() {
-        if line.contains("/slow") {
+        if line.contains("/data/Slow") {
             *per_connection
                 .entry(line.split(' ').next().unwrap().to_owned())
                 .or_default() += 1;
@@ -266,9 +266,9 @@ async fn new_connections_resume_tls_sessions() {
 async fn http1_connections_are_capped_and_kept_alive() {
     let h = setup().set("upstream", "max_connections", 2).start().await;
     h.ready().await;
-    let gate = h.sim.gate("/slow");
+    let gate = h.sim.gate("/data/Slow");
     let sent: Vec<_> = (0..6)
-        .map(|i| h.spawn_send(Method::GET, format!("/slow{i}.json"), &[], ""))
+        .map(|i| h.spawn_send(Method::GET, format!("/data/Slow{i}.json"), &[], ""))
         .collect();
     bounded(
         "two requests held",
@@ -432,10 +432,10 @@ async fn a_refused_stream_is_sent_again_and_a_reset_one_is_not() {
 async fn a_request_whose_client_went_away_is_finished_upstream_not_reset() {
     use tokio::io::AsyncWriteExt;
     let (sim, edge, h) = through_nginx(Options::default()).await;
-    let gate = sim.gate("/slow");
+    let gate = sim.gate("/data/Slow");
     let mut client = tokio::net::TcpStream::connect(h.proxy).await.unwrap();
     client
-        .write_all(b"GET /slow.json HTTP/1.1\r\nHost: x\r\n\r\n")
+        .write_all(b"GET /data/Slow.json HTTP/1.1\r\nHost: x\r\n\r\n")
         .await
         .unwrap();
     bounded(
@@ -452,7 +452,7 @@ async fn a_request_whose_client_went_away_is_finished_upstream_not_reset() {
             if let Some(l) = edge
                 .access_lines()
                 .into_iter()
-                .find(|l| l.contains("/slow"))
+                .find(|l| l.contains("/data/Slow"))
             {
                 return l;
             }

@@ -32,7 +32,7 @@ async fn every_worker_serves_its_share_of_connections() {
     let h = setup().start_workers(2).await;
     h.ready().await;
     let calls = (0..CONNECTIONS).map(|i| {
-        let path = format!("/spread/{i}.json");
+        let path = format!("/data/Spread/{i}.json");
         let h = &h;
         async move { (get_alone(h, &path).await, path) }
     });
@@ -48,7 +48,7 @@ async fn every_worker_serves_its_share_of_connections() {
     // Each reached QuickBlox with the session qbproxy holds.
     let received = h.sim.requests();
     for i in 0..CONNECTIONS {
-        let path = format!("/spread/{i}.json");
+        let path = format!("/data/Spread/{i}.json");
         let r = received
             .iter()
             .find(|r| r.path_and_query == path)
@@ -74,16 +74,16 @@ async fn a_reload_reaches_every_worker() {
         .await
         .unwrap();
     assert!(!summary.client_kept);
-    let old_seen = h.sim.requests_to("/after");
+    let old_seen = h.sim.requests_to("/data/After");
     let calls = (0..CONNECTIONS).map(|i| {
         let h = &h;
-        async move { get_alone(h, &format!("/after/{i}.json")).await }
+        async move { get_alone(h, &format!("/data/After/{i}.json")).await }
     });
     for code in futures_util::future::join_all(calls).await {
         assert_eq!(code, "200");
     }
-    assert_eq!(moved.requests_to("/after"), CONNECTIONS);
-    assert_eq!(h.sim.requests_to("/after"), old_seen);
+    assert_eq!(moved.requests_to("/data/After"), CONNECTIONS);
+    assert_eq!(h.sim.requests_to("/data/After"), old_seen);
     let after = (served_by(&h, 0) - before.0, served_by(&h, 1) - before.1);
     assert!(
         after.0 > 0 && after.1 > 0,
@@ -97,19 +97,20 @@ async fn a_reload_reaches_every_worker() {
 async fn a_shutdown_drains_every_worker() {
     let mut h = setup().start_workers(2).await;
     h.ready().await;
-    let gate = h.sim.gate("/slow");
+    let gate = h.sim.gate("/data/Slow");
     let proxy = h.proxy;
     let held: Vec<_> = (0..CONNECTIONS)
         .map(|i| {
             let request = format!(
-                "GET /slow/{i}.json HTTP/1.1\r\nHost: qbproxy\r\nConnection: close\r\n\r\n"
+                "GET /data/Slow/{i}.json HTTP/1.1\r\nHost: qbproxy\r\nConnection: close\r\n\r\n"
             );
             tokio::spawn(async move { raw(proxy, request.as_bytes()).await })
         })
         .collect();
     bounded(
         "every request to reach QuickBlox",
-        h.sim.wait_until(|s| s.requests_to("/slow") == CONNECTIONS),
+        h.sim
+            .wait_until(|s| s.requests_to("/data/Slow") == CONNECTIONS),
     )
     .await;
     assert!(served_by(&h, 0) > 0 && served_by(&h, 1) > 0);

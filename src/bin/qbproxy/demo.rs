@@ -252,7 +252,7 @@ Paste these into another terminal. None of them carries a token or a signature:
   # The shared session belongs to qbproxy: destroying it is refused with 403,
   # in any spelling, and reading it shows everything but its token.
   {curl} -s -i -X DELETE {p}/session.json
-  {curl} -s -i -X DELETE '{p}//x/../Session.json'
+  {curl} -s -i --path-as-is -X DELETE '{p}//x/../Session.json'
   {curl} -s {p}/session.json
 
   # Readiness and metrics.

@@ -93,6 +93,7 @@ enum Command {
     },
     /// Run only the QuickBlox simulator (for trying configs and for bench/).
     /// It prints its application credentials. Reads no configuration file.
+    #[command(long_about = SIM_ABOUT)]
     Sim {
         /// Simulator address.
         #[arg(long, default_value = "127.0.0.1:8081")]
@@ -106,10 +107,47 @@ enum Command {
         /// Fail this many session creations (500) before each success.
         #[arg(long, default_value_t = 0)]
         fail_before_success: u32,
+        /// Fail every session creation of this user (500), e.g.
+        /// loadtest-3: one pool member down. Repeat for more.
+        #[arg(long, value_name = "LOGIN")]
+        fail_login: Vec<String>,
         #[command(flatten)]
         runtime: RuntimeArgs,
     },
 }
+
+/// `qbproxy sim --help`: what the simulator covers, and its controls
+/// (the README's "The simulator" says the same).
+const SIM_ABOUT: &str = "\
+Run only the QuickBlox simulator (for trying configs and for bench/). It
+prints its application credentials. Reads no configuration file.
+
+It checks signatures, timestamps and nonces, keeps sessions with a sliding
+two-hour expiry, and answers 401 \"Required session does not exist\" for
+dead tokens. With a session (or an API key) it answers, in QuickBlox's
+shapes and with state:
+  /session.json            GET, DELETE      /login.json   POST, DELETE
+  /users.json              GET (page, per_page)
+  /users/{id}.json         GET, PUT/PATCH (own profile, password), DELETE (own)
+  /users/by_login.json     GET              /users/by_email.json  GET
+  /chat/Dialog.json        GET, POST        /chat/Dialog/{id}.json   PUT, DELETE
+  /chat/Message.json       GET (chat_dialog_id, filters), POST
+  /chat/Message/{id}.json  PUT, DELETE
+  /data/{class}.json       GET (filters), POST
+  /data/{class}/{ids}.json GET, PUT/PATCH, DELETE
+  /blobs.json POST, /blobs/{id}.json GET, /blobs/{id}/complete.json PUT
+List filters: field=value, field[gt|lt|gte|lte|ne|in|nin]=value,
+sort_asc, sort_desc, skip, limit (100, at most 1000), count=1.
+Anything else is refused, never answered 200: an unknown path 404, another
+method 405 (with Allow), an unknown operator or field 422; each counted as
+\"unimplemented\" in /_sim/stats. Every answer carries an \"echo\" of what it
+received (tokens shown as prefixes).
+
+Controls (no token):
+  POST /_sim/expire   end every session now
+  GET  /_sim/stats    counts: creations (per user), attempts, 401s, live
+                      sessions, unimplemented calls (the last 20)
+  POST /_sim/upload   the stand-in for S3 that /blobs.json's upload URL names";
 
 /// The configuration file when none is named.
 const DEFAULT_CONFIG: &str = "config.toml";
@@ -182,6 +220,7 @@ fn main() -> ExitCode {
             users,
             creation_delay,
             fail_before_success,
+            fail_login,
             runtime,
         }) => {
             if let Some(m) = root_only("sim") {
@@ -193,6 +232,7 @@ fn main() -> ExitCode {
                 users,
                 creation_delay.unwrap_or_default(),
                 fail_before_success,
+                fail_login,
             )
         }
         None => {
@@ -208,6 +248,7 @@ fn sim(
     users: u64,
     creation_delay: std::time::Duration,
     fail_before_success: u32,
+    fail_logins: Vec<String>,
 ) -> ExitCode {
     let result = runtime(threads).block_on(async move {
         let shutdown = shutdown_signal();
@@ -221,10 +262,16 @@ fn sim(
         let sim = qbproxy_sim::Sim::start_on(listener, config.clone()).map_err(|e| e.to_string())?;
         sim.set_creation_delay(creation_delay);
         sim.set_fail_before_success(fail_before_success);
+        for login in &fail_logins {
+            if !sim.fail_user(login) {
+                return Err(format!("--fail-login {login}: the simulator has no such user"));
+            }
+        }
         println!(
             "QuickBlox simulator on {}\napplication_id = \"{}\"\nauth_key = \"{}\"\nauth_secret = \"{}\"\n\
              users: demo/demo-password, other/other-password{}\n\
-             POST /_sim/expire expires every session; GET /_sim/stats counts.",
+             POST /_sim/expire expires every session; GET /_sim/stats counts; \
+             `qbproxy sim --help` lists what it answers.",
             sim.url(),
             config.application_id,
             config.auth_key,

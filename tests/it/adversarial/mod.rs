@@ -42,6 +42,12 @@ impl Raw {
     pub fn error_code(&self) -> &str {
         self.header("qbproxy-error").unwrap_or("")
     }
+
+    /// Answered by the simulator (its echo, no `QBProxy-Error`), whatever
+    /// the status: the request was forwarded, not refused.
+    pub fn answered_upstream(&self) -> bool {
+        self.error_code().is_empty() && self.body.contains("\"echo\"")
+    }
 }
 
 /// Sends `request` (raw bytes, which should say `Connection: close`) on a

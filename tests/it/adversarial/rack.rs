@@ -168,7 +168,7 @@ async fn every_body_rack_reads_as_another_method_is_refused_over_http1() {
         &h1_post(Some("application/json"), &[], r#"{"_method":"delete"}"#),
     )
     .await;
-    assert_eq!(a.status, 200, "{a:?}");
+    assert!(a.answered_upstream(), "{a:?}");
 }
 
 #[tokio::test]
@@ -265,7 +265,7 @@ async fn a_connection_header_cannot_remove_what_the_decision_rested_on() {
         ),
     )
     .await;
-    assert_eq!(a.status, 200, "{a:?}");
+    assert!(a.answered_upstream(), "{a:?}");
 }
 
 /// Two `Content-Type` headers: qbproxy decided on the first while a server

@@ -148,11 +148,11 @@ async fn an_http2_connection_with_requests_in_flight_is_not_idle() {
         .start()
         .await;
     h.ready().await;
-    let gate = h.sim.gate("/slow");
+    let gate = h.sim.gate("/data/Slow");
     let (mut send, conn) = h2(h.proxy, h2::client::Builder::new()).await;
     let proxy = h.proxy;
     let slow =
-        tokio::spawn(async move { h2_send(&mut send, proxy, "GET", "/slow.json", &[]).await });
+        tokio::spawn(async move { h2_send(&mut send, proxy, "GET", "/data/Slow.json", &[]).await });
     h.sim.wait_until(|s| s.held_at_gates() == 1).await;
     // Held three idle timeouts long (time must pass for the timeout to be
     // tested), then answered on the same, still open, connection.
@@ -229,7 +229,7 @@ async fn one_connection_holds_at_most_max_streams_requests() {
         .start()
         .await;
     h.ready().await;
-    let gate = h.sim.gate("/held");
+    let gate = h.sim.gate("/data/Held");
     // Four streams at once, at the frame level (a library would wait for
     // the server's limit).
     let mut s = frames::open(h.proxy).await;
@@ -244,7 +244,7 @@ async fn one_connection_holds_at_most_max_streams_requests() {
         .await
         .unwrap();
     for stream in [1, 3, 5, 7] {
-        s.write_all(&frames::request(stream, "GET", "/held.json"))
+        s.write_all(&frames::request(stream, "GET", "/data/Held.json"))
             .await
             .unwrap();
     }
@@ -266,7 +266,7 @@ async fn one_connection_holds_at_most_max_streams_requests() {
     gate.add_permits(2);
     h.sim.wait_until(|s| s.held_at_gates() == 0).await;
     assert_eq!(h.sim.max_held_at_gates(), 2);
-    assert_eq!(h.sim.requests_to("/held"), 2);
+    assert_eq!(h.sim.requests_to("/data/Held"), 2);
 }
 
 /// Closed at `header_read_timeout` (300 ms here), not at the default
@@ -312,12 +312,12 @@ fn two_clients(greedy_cap: Option<usize>) -> crate::common::Setup {
 async fn a_greedy_client_holds_only_its_share_of_the_upstream() {
     let h = two_clients(None).start().await;
     h.ready().await;
-    let gate = h.sim.gate("/slow");
+    let gate = h.sim.gate("/data/Slow");
     let greedy: Vec<_> = (0..24)
         .map(|i| {
             h.spawn_send(
                 http::Method::GET,
-                format!("/slow{i}.json"),
+                format!("/data/Slow{i}.json"),
                 &[("QBProxy-Key", GREEDY)],
                 "",
             )
@@ -339,7 +339,7 @@ async fn a_greedy_client_holds_only_its_share_of_the_upstream() {
     assert_eq!(a.status, StatusCode::OK, "{}", a.text());
     // Answered with every greedy request still held or waiting.
     assert_eq!(h.sim.held_at_gates(), 4);
-    assert_eq!(h.sim.requests_to("/slow"), 4);
+    assert_eq!(h.sim.requests_to("/data/Slow"), 4);
     gate.add_permits(24);
     for g in greedy {
         assert_eq!(
@@ -356,12 +356,12 @@ async fn a_greedy_client_holds_only_its_share_of_the_upstream() {
 async fn a_free_slot_goes_to_the_client_holding_fewer() {
     let h = two_clients(Some(8)).start().await;
     h.ready().await;
-    let gate = h.sim.gate("/slow");
+    let gate = h.sim.gate("/data/Slow");
     let greedy: Vec<_> = (0..24)
         .map(|i| {
             h.spawn_send(
                 http::Method::GET,
-                format!("/slow{i}.json"),
+                format!("/data/Slow{i}.json"),
                 &[("QBProxy-Key", GREEDY)],
                 "",
             )
@@ -397,7 +397,7 @@ async fn a_free_slot_goes_to_the_client_holding_fewer() {
     let polite_at = order.iter().position(|p| p == "/users.json").unwrap();
     let slow_before = order[..polite_at]
         .iter()
-        .filter(|p| p.starts_with("/slow"))
+        .filter(|p| p.starts_with("/data/Slow"))
         .count();
     assert_eq!(slow_before, 8, "{order:?}");
     gate.add_permits(23);
