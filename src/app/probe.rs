@@ -43,7 +43,10 @@ impl std::fmt::Display for Probed {
             }) => write!(f, "{what}: ok (API key, on behalf of user {user_id})"),
             Ok(Created { user_id: 0, .. }) => write!(f, "{what}: ok (application session)"),
             Ok(Created { user_id, .. }) => write!(f, "{what}: ok (user {user_id})"),
-            Err(e) => write!(f, "{}: FAILED: {e}", self.what),
+            Err(e) => match e.hint() {
+                Some(hint) => write!(f, "{}: FAILED: {e}; {hint}", self.what),
+                None => write!(f, "{}: FAILED: {e}", self.what),
+            },
         }
     }
 }

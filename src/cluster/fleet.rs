@@ -117,6 +117,7 @@ impl FleetSource {
                     message:
                         "Unauthorized (set aside by another replica; force a renewal to retry)"
                             .into(),
+                    hint: None,
                 }));
             }
         }

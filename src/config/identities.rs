@@ -170,18 +170,23 @@ impl Validator<'_> {
         let mut names: HashMap<String, TargetId> = HashMap::new();
         let mut prefixes: HashSet<String> = HashSet::new();
         let mut identities = Vec::with_capacity(raw_ids.len());
+        // A problem in one identity or pool is noted and the next checked:
+        // one run reports them all (the placeholders never become a Config).
         for (i, r) in raw_ids.into_iter().enumerate() {
             let at = |field: &str| format!("identity[{i}].{field}");
-            self.name(
+            self.keep(self.name(
                 &at("name"),
                 &r.name,
                 TargetId::Identity(IdentityId(i)),
                 &mut names,
-            )?;
-            let path_prefix =
-                self.prefix(&at("path_prefix"), r.path_prefix.as_deref(), &mut prefixes)?;
+            ));
+            let path_prefix = self
+                .keep(self.prefix(&at("path_prefix"), r.path_prefix.as_deref(), &mut prefixes))
+                .flatten();
             let name = r.name.clone();
-            let credentials = self.credentials(&at, r)?;
+            let credentials = self
+                .keep(self.credentials(&at, r))
+                .unwrap_or(Credentials::Application);
             identities.push(IdentityConfig {
                 name,
                 credentials,
@@ -192,19 +197,24 @@ impl Validator<'_> {
         let mut pools = Vec::with_capacity(raw_pools.len());
         for (i, r) in raw_pools.into_iter().enumerate() {
             let at = |field: &str| format!("pool[{i}].{field}");
-            self.name(&at("name"), &r.name, TargetId::Pool(PoolId(i)), &mut names)?;
-            let path_prefix =
-                self.prefix(&at("path_prefix"), r.path_prefix.as_deref(), &mut prefixes)?;
+            self.keep(self.name(&at("name"), &r.name, TargetId::Pool(PoolId(i)), &mut names));
+            let path_prefix = self
+                .keep(self.prefix(&at("path_prefix"), r.path_prefix.as_deref(), &mut prefixes))
+                .flatten();
             if r.create_concurrency == 0 {
-                return Err(self.invalid(&at("create_concurrency"), "must be at least 1"));
-            }
-            if r.max_in_flight == Some(0) {
-                return Err(self.invalid(
-                    &at("max_in_flight"),
-                    "must be at least 1 (leave it out for no limit)",
+                self.keep::<()>(Err(
+                    self.invalid(&at("create_concurrency"), "must be at least 1")
                 ));
             }
-            let members = self.pool_members(&at, &r, PoolId(i), &mut identities, &mut names)?;
+            if r.max_in_flight == Some(0) {
+                self.keep::<()>(Err(self.invalid(
+                    &at("max_in_flight"),
+                    "must be at least 1 (leave it out for no limit)",
+                )));
+            }
+            let members = self
+                .keep(self.pool_members(&at, &r, PoolId(i), &mut identities, &mut names))
+                .unwrap_or_default();
             pools.push(PoolConfig {
                 name: r.name,
                 members,

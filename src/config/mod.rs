@@ -43,6 +43,28 @@ pub enum ConfigError {
         key: String,
         problem: String,
     },
+    /// Several problems, each an `Invalid`; one line, the problems joined
+    /// with "; " ([`ConfigError::lines`] gives one each).
+    #[error("{} problems: {}", .0.len(), .0.iter().map(ToString::to_string).collect::<Vec<_>>().join("; "))]
+    Several(Vec<ConfigError>),
+}
+
+impl ConfigError {
+    /// One error for all those found: itself when there is one.
+    pub(crate) fn all(mut errors: Vec<ConfigError>) -> ConfigError {
+        match errors.len() {
+            1 => errors.remove(0),
+            _ => ConfigError::Several(errors),
+        }
+    }
+
+    /// Every problem, a line each, for `check` and the start-up report.
+    pub fn lines(&self) -> Vec<String> {
+        match self {
+            ConfigError::Several(all) => all.iter().map(ToString::to_string).collect(),
+            one => vec![one.to_string()],
+        }
+    }
 }
 
 /// The validated configuration. Cross-references are typed indices
@@ -294,6 +316,7 @@ impl Config {
         let v = Validator {
             path,
             notes: RefCell::default(),
+            errors: RefCell::default(),
         };
         let raw: RawConfig = serde_path_to_error::deserialize(toml::Deserializer::new(text))
             .map_err(|e| {

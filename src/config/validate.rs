@@ -12,13 +12,17 @@ use std::time::Duration;
 use http::uri::Scheme;
 use http::{HeaderValue, Uri};
 
-use super::raw::{RawCluster, RawConfig, RawQuickblox, RawUpstream, StringOrInt};
+use super::raw::{
+    RawAdmin, RawCluster, RawConfig, RawListen, RawProxy, RawQuickblox, RawUpstream, StringOrInt,
+};
 use super::*;
 
 pub(super) struct Validator<'a> {
     pub path: &'a Path,
     /// What validation saw that may deserve a warning.
     pub notes: RefCell<Notes>,
+    /// Every problem found so far: one run reports them all.
+    pub errors: RefCell<Vec<ConfigError>>,
 }
 
 #[derive(Default)]
@@ -95,72 +99,61 @@ impl Validator<'_> {
         Ok(file)
     }
 
+    /// Checks every section, each on its own, so that one run reports every
+    /// problem it finds (a section whose input is wrong is not checked
+    /// against it: the clients against the identities' names, say).
     pub(super) fn validate(&self, raw: RawConfig) -> Result<Config, ConfigError> {
-        let listen = ListenConfig {
-            addr: self.addr("listen.addr", &raw.listen.addr)?,
-            shutdown_grace: raw.listen.shutdown_grace,
-            shutdown_delay: raw.listen.shutdown_delay,
-            handover_socket: match raw.listen.handover_socket {
-                Some(path) => Some(self.in_existing_dir("listen.handover_socket", path)?),
-                None => None,
-            },
-            allow: self.allow(&raw.listen.allow)?,
-            tls: self.tls(
-                raw.listen.tls_cert.as_deref(),
-                raw.listen.tls_key.as_deref(),
-                raw.listen.client_ca.as_deref(),
-            )?,
+        let listen = self.keep(self.listen(raw.listen));
+        let admin = listen
+            .as_ref()
+            .and_then(|l| self.keep(self.admin(raw.admin, l.addr)));
+        let upstream = self.keep(self.upstream(&raw.upstream));
+        let proxy = self.keep(self.proxy(&raw.proxy));
+        let quickblox = self.keep(self.quickblox(raw.quickblox));
+        let cluster = self.keep(self.cluster(raw.cluster));
+        let resolved = self.keep(self.identities_and_pools(raw.identity, raw.pool));
+        let limits = upstream
+            .as_ref()
+            .and_then(|u| self.keep(self.limits(&raw.limits, u.max_in_flight)));
+        let clients = match (&resolved, &limits) {
+            (Some(r), Some(l)) => {
+                self.keep(self.clients(raw.client, &r.names, l.client_max_in_flight))
+            }
+            _ => None,
         };
-        let admin = AdminConfig {
-            addr: self.addr("admin.addr", &raw.admin.addr)?,
-            hosts: raw
-                .admin
-                .hosts
-                .iter()
-                .map(|h| match http::uri::Authority::try_from(h.as_str()) {
-                    Ok(a) if a.port().is_none() && !h.is_empty() => Ok(h.to_ascii_lowercase()),
-                    _ => Err(self.invalid(
-                        "admin.hosts",
-                        format!("{h:?} is not a host name (no port, no scheme)"),
-                    )),
-                })
-                .collect::<Result<_, _>>()?,
-            token: self.secret(
-                "admin.token",
-                raw.admin.token,
-                raw.admin.token_env,
-                raw.admin.token_file,
-            )?,
+        let state_file = self.keep(match raw.state.file {
+            Some(file) => self.in_existing_dir("state.file", file).map(Some),
+            None => Ok(None),
+        });
+        let errors = self.errors.take();
+        let (
+            true,
+            Some(listen),
+            Some(admin),
+            Some(upstream),
+            Some(proxy),
+            Some(quickblox),
+            Some(cluster),
+            Some(resolved),
+            Some(limits),
+            Some(clients),
+            Some(state_file),
+        ) = (
+            errors.is_empty(),
+            listen,
+            admin,
+            upstream,
+            proxy,
+            quickblox,
+            cluster,
+            resolved,
+            limits,
+            clients,
+            state_file,
+        )
+        else {
+            return Err(ConfigError::all(errors));
         };
-        if admin.token.as_ref().is_some_and(|t| t.expose().len() < 16) {
-            return Err(self.invalid("admin.token", "must be at least 16 characters"));
-        }
-        // Port 0 (each picks a free port, as tests do) cannot collide.
-        if admin.addr == listen.addr && listen.addr.port() != 0 {
-            return Err(self.invalid(
-                "admin.addr",
-                format!(
-                    "{} is also listen.addr; the admin endpoints need their own port",
-                    admin.addr
-                ),
-            ));
-        }
-        let upstream = self.upstream(&raw.upstream)?;
-        if raw.proxy.replay_body_limit > 64 * 1024 * 1024 {
-            return Err(self.invalid(
-                "proxy.replay_body_limit",
-                "at most 67108864 (64 MiB): every buffered body is held in memory",
-            ));
-        }
-        let proxy = ProxyConfig {
-            client_token: raw.proxy.client_token,
-            replay_body_limit: raw.proxy.replay_body_limit,
-        };
-        let quickblox = self.quickblox(raw.quickblox)?;
-        let cluster = self.cluster(raw.cluster)?;
-        let resolved = self.identities_and_pools(raw.identity, raw.pool)?;
-        let limits = self.limits(&raw.limits, upstream.max_in_flight)?;
-        let clients = self.clients(raw.client, &resolved.names, limits.client_max_in_flight)?;
         let notes = self.notes.take();
         let warnings = notes
             .secret_files
@@ -179,10 +172,7 @@ impl Validator<'_> {
                 access: raw.log.access,
             },
             cluster,
-            state_file: match raw.state.file {
-                Some(file) => Some(self.in_existing_dir("state.file", file)?),
-                None => None,
-            },
+            state_file,
             warnings,
             runs_commands: notes.commands,
             limits,
@@ -196,6 +186,74 @@ impl Validator<'_> {
             pools: resolved.pools,
             default: resolved.default,
             names: Arc::new(resolved.names),
+        })
+    }
+
+    /// The value, or `None` with its error noted for the report.
+    pub(super) fn keep<T>(&self, result: Result<T, ConfigError>) -> Option<T> {
+        result.map_err(|e| self.errors.borrow_mut().push(e)).ok()
+    }
+
+    fn listen(&self, raw: RawListen) -> Result<ListenConfig, ConfigError> {
+        Ok(ListenConfig {
+            addr: self.addr("listen.addr", &raw.addr)?,
+            shutdown_grace: raw.shutdown_grace,
+            shutdown_delay: raw.shutdown_delay,
+            handover_socket: match raw.handover_socket {
+                Some(path) => Some(self.in_existing_dir("listen.handover_socket", path)?),
+                None => None,
+            },
+            allow: self.allow(&raw.allow)?,
+            tls: self.tls(
+                raw.tls_cert.as_deref(),
+                raw.tls_key.as_deref(),
+                raw.client_ca.as_deref(),
+            )?,
+        })
+    }
+
+    fn admin(&self, raw: RawAdmin, listen: SocketAddr) -> Result<AdminConfig, ConfigError> {
+        let admin = AdminConfig {
+            addr: self.addr("admin.addr", &raw.addr)?,
+            hosts: raw
+                .hosts
+                .iter()
+                .map(|h| match http::uri::Authority::try_from(h.as_str()) {
+                    Ok(a) if a.port().is_none() && !h.is_empty() => Ok(h.to_ascii_lowercase()),
+                    _ => Err(self.invalid(
+                        "admin.hosts",
+                        format!("{h:?} is not a host name (no port, no scheme)"),
+                    )),
+                })
+                .collect::<Result<_, _>>()?,
+            token: self.secret("admin.token", raw.token, raw.token_env, raw.token_file)?,
+        };
+        if admin.token.as_ref().is_some_and(|t| t.expose().len() < 16) {
+            return Err(self.invalid("admin.token", "must be at least 16 characters"));
+        }
+        // Port 0 (each picks a free port, as tests do) cannot collide.
+        if admin.addr == listen && listen.port() != 0 {
+            return Err(self.invalid(
+                "admin.addr",
+                format!(
+                    "{} is also listen.addr; the admin endpoints need their own port",
+                    admin.addr
+                ),
+            ));
+        }
+        Ok(admin)
+    }
+
+    fn proxy(&self, raw: &RawProxy) -> Result<ProxyConfig, ConfigError> {
+        if raw.replay_body_limit > 64 * 1024 * 1024 {
+            return Err(self.invalid(
+                "proxy.replay_body_limit",
+                "at most 67108864 (64 MiB): every buffered body is held in memory",
+            ));
+        }
+        Ok(ProxyConfig {
+            client_token: raw.client_token,
+            replay_body_limit: raw.replay_body_limit,
         })
     }
 

@@ -294,6 +294,7 @@ mod tests {
                 SessionError::Refused {
                     status: 422,
                     message: "Unexpected signature".into(),
+                    hint: None,
                 },
                 503,
             ),

@@ -12,8 +12,14 @@ pub enum SessionError {
     Unreachable(String),
     #[error("QuickBlox did not answer within {0:?}")]
     Timeout(Duration),
+    /// `hint`: what to check, for the log and `check` (never a client's
+    /// answer: it names configured values).
     #[error("{message} (HTTP {status})")]
-    Refused { status: u16, message: String },
+    Refused {
+        status: u16,
+        message: String,
+        hint: Option<String>,
+    },
     #[error("unexpected answer from QuickBlox: {0}")]
     BadResponse(String),
     /// The identity's own credentials could not be read (a token command
@@ -23,6 +29,14 @@ pub enum SessionError {
 }
 
 impl SessionError {
+    /// What to check, when qbproxy can say more than QuickBlox did.
+    pub fn hint(&self) -> Option<&str> {
+        match self {
+            SessionError::Refused { hint, .. } => hint.as_deref(),
+            _ => None,
+        }
+    }
+
     /// QuickBlox refused the identity's credentials (401 Unauthorized):
     /// retrying the same ones will not help.
     pub fn credentials_refused(&self) -> bool {

@@ -402,6 +402,7 @@ fn fail(
             pool = shared.info.pool.as_deref().unwrap_or(""),
             reason = reason.as_str(),
             error = %error,
+            hint = error.hint(),
             "credentials refused; identity set aside, no retries until a forced renewal"
         );
         shared.metrics.session_up(false);
@@ -424,6 +425,7 @@ fn fail(
         identity = name,
         reason = reason.as_str(),
         error = %error,
+        hint = error.hint(),
         retry_in_ms = millis(delay),
         keeping_old_session = keep.is_some(),
         "session creation failed"

@@ -223,6 +223,7 @@ async fn failures_fail_fast_then_recover_with_backoff() {
     let refused = SessionError::Refused {
         status: 503,
         message: "down".into(),
+        hint: None,
     };
     let (id, script) = identity(vec![Err(refused.clone()), Err(refused.clone())], None);
     let start = Instant::now();
@@ -249,6 +250,7 @@ async fn requests_wait_through_transient_failures_within_retry_wait() {
     let down = SessionError::Refused {
         status: 503,
         message: "down".into(),
+        hint: None,
     };
     let patient = Policy {
         retry_wait: Duration::from_secs(10),
@@ -284,6 +286,7 @@ async fn refusals_and_retries_past_retry_wait_are_answered_at_once() {
     let signature = SessionError::Refused {
         status: 422,
         message: "Unexpected signature".into(),
+        hint: None,
     };
     let down = SessionError::Unreachable("connection refused".into());
     for failure in [signature, down] {
@@ -327,6 +330,7 @@ async fn refused_credentials_set_a_pool_member_aside_until_forced() {
     let unauthorized = SessionError::Refused {
         status: 401,
         message: "Unauthorized".into(),
+        hint: None,
     };
     let script = Arc::new(Script {
         calls: AtomicU64::new(0),

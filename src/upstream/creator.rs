@@ -196,6 +196,7 @@ impl SessionCreator {
                 return Err(SessionError::Refused {
                     status: 429,
                     message: "upstream.rate has no room for a session creation".into(),
+                    hint: None,
                 });
             }
         }
@@ -262,13 +263,36 @@ impl SessionCreator {
                     corrected = true;
                 }
                 _ => {
+                    let hint =
+                        (answer.status == StatusCode::UNAUTHORIZED).then(|| self.explain_refusal());
                     return Err(SessionError::Refused {
                         status: answer.status.as_u16(),
                         message,
-                    })
+                        hint,
+                    });
                 }
             }
         }
+    }
+
+    /// QuickBlox says only "Unauthorized", for a wrong application id, auth
+    /// key, login or password alike: name the values sent (the auth key's
+    /// first characters only) and what else to check.
+    fn explain_refusal(&self) -> String {
+        let q = &self.endpoint.quickblox;
+        let key: String = q.auth_key.chars().take(4).collect();
+        let who = match &self.credentials {
+            Credentials::Login { login, .. } => format!(" and user login {login:?}"),
+            Credentials::Email { email, .. } => format!(" and user email {email:?}"),
+            _ => String::new(),
+        };
+        format!(
+            "QuickBlox refused application_id {:?}, auth_key {key}…{who}; check \
+             quickblox.application_id, auth_key and auth_secret (the application's, from its \
+             Overview page), the user's password, and that upstream.url ({}) is the account's \
+             API host (Enterprise accounts have their own)",
+            q.application_id, self.endpoint.upstream.authority,
+        )
     }
 }
 
@@ -313,6 +337,7 @@ impl SessionCreator {
         Err(SessionError::Refused {
             status: status.as_u16(),
             message,
+            hint: None,
         })
     }
 }

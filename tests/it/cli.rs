@@ -134,6 +134,37 @@ fn check_names_the_key_and_exits_64() {
     assert!(String::from_utf8_lossy(&out.stderr).contains("cannot read"));
 }
 
+/// One run of `check` lists every problem it finds, a line each, across
+/// sections and across identities: a person fixes them all at once.
+#[test]
+fn check_lists_every_problem_it_finds() {
+    let dir = TempDir::new("several");
+    let text = GOOD
+        .replace("127.0.0.1:9090", "127.0.0.1:8080")
+        .replace("https://api.quickblox.com", "api.quickblox.com")
+        .replace("QBPROXY_CLI_TEST_SECRET", "QBPROXY_CLI_TEST_UNSET")
+        .replace("login = \"bot\"\n", "")
+        + "[[identity]]\nname = \"bot\"\nlogin = \"other\"\npassword = \"pw\"\n";
+    let out = check(&dir.file("several.toml", &text));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(64), "{stderr}");
+    let lines: Vec<&str> = stderr.trim_end().lines().collect();
+    for key in [
+        "admin.addr",
+        "upstream.url",
+        "quickblox.auth_secret_env",
+        "identity[0].password",
+        "identity[1].name",
+    ] {
+        let found = lines
+            .iter()
+            .filter(|l| l.contains(&format!(": {key}")))
+            .count();
+        assert_eq!(found, 1, "{key}, a line of its own: {stderr}");
+    }
+    assert_eq!(lines.len(), 5, "{stderr}");
+}
+
 #[test]
 fn serving_with_a_bad_config_exits_64_before_binding() {
     let dir = TempDir::new("serve-bad");
@@ -910,6 +941,14 @@ async fn check_probe_creates_one_session_per_identity_and_says_each_result() {
         .unwrap_or_else(|| panic!("a line for typo: {said}"));
     assert!(
         typo.contains("FAILED") && typo.contains("Unauthorized") && typo.contains("401"),
+        "{typo}"
+    );
+    // QuickBlox says only "Unauthorized": the line names what was sent
+    // (the auth key's first characters) and what else to check.
+    assert!(
+        typo.contains("QuickBlox refused application_id \"76730\", auth_key demo…")
+            && typo.contains("user login")
+            && typo.contains("upstream.url"),
         "{typo}"
     );
     assert!(

@@ -288,7 +288,9 @@ fn check(path: &std::path::Path, probe: bool) -> ExitCode {
     let config = match Config::load(path) {
         Ok(c) => c,
         Err(e) => {
-            eprintln!("qbproxy: {e}");
+            for line in e.lines() {
+                eprintln!("qbproxy: {line}");
+            }
             return ExitCode::from(EXIT_CONFIG);
         }
     };
@@ -353,7 +355,9 @@ fn serve(
     let config = match Config::load(path) {
         Ok(c) => c,
         Err(e) => {
-            eprintln!("qbproxy: {e}");
+            for line in e.lines() {
+                eprintln!("qbproxy: {line}");
+            }
             return ExitCode::from(EXIT_CONFIG);
         }
     };
