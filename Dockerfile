@@ -1,18 +1,22 @@
 # Build in the official Rust image, run in a small Debian image as a non-root user.
 FROM rust:1-bookworm AS build
 WORKDIR /src
+# The workspace: qbproxy (the library and the binary) and qbproxy-sim (the
+# simulator, for `qbproxy demo` and `qbproxy sim`).
 COPY Cargo.toml Cargo.lock ./
+COPY sim/Cargo.toml ./sim/
 # The dependencies first, in a layer of their own, built against empty
 # sources: a change to src/ rebuilds qbproxy alone. qbproxy's own build
 # records are removed so the real sources are compiled whatever their dates.
-RUN mkdir -p src bench \
- && echo 'fn main() {}' > src/main.rs && touch src/lib.rs \
+RUN mkdir -p src/bin/qbproxy bench sim/src \
+ && echo 'fn main() {}' > src/bin/qbproxy/main.rs && touch src/lib.rs sim/src/lib.rs \
  && for e in fast_upstream loadgen floor reload; do echo 'fn main() {}' > bench/$e.rs; done \
- && cargo build --release --locked \
- && rm -rf src bench target/release/qbproxy* target/release/deps/qbproxy-* \
-           target/release/deps/libqbproxy-* target/release/.fingerprint/qbproxy-*
+ && cargo build --release --locked -p qbproxy \
+ && rm -rf src sim/src target/release/qbproxy* target/release/deps/qbproxy* \
+           target/release/deps/libqbproxy* target/release/.fingerprint/qbproxy*
 COPY src ./src
-RUN cargo build --release --locked && strip target/release/qbproxy
+COPY sim/src ./sim/src
+RUN cargo build --release --locked -p qbproxy && strip target/release/qbproxy
 
 FROM debian:bookworm-slim
 # ca-certificates: the upstream's TLS roots. curl: the HEALTHCHECK.

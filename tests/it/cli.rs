@@ -1407,3 +1407,35 @@ fn sim_help_and_the_readme_list_every_simulator_control() {
         assert!(section.contains(control), "{control} in the README");
     }
 }
+
+/// The Dockerfile builds the whole workspace (every member's manifest and
+/// sources are copied in; every file it copies exists), and the
+/// `.dockerignore` keeps `target/` (gigabytes) out of the build context.
+#[test]
+fn the_dockerfile_copies_the_whole_workspace_and_the_context_leaves_target_out() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let docker = std::fs::read_to_string(root.join("Dockerfile")).unwrap();
+    let manifest: toml::Value = std::fs::read_to_string(root.join("Cargo.toml"))
+        .unwrap()
+        .parse()
+        .unwrap();
+    let members = manifest["workspace"]["members"].as_array().unwrap();
+    assert!(members.len() >= 2, "{members:?}");
+    for member in members {
+        let member = member.as_str().unwrap();
+        let (toml, src) = match member {
+            "." => ("COPY Cargo.toml Cargo.lock ./".to_owned(), "COPY src ./src".to_owned()),
+            m => (format!("COPY {m}/Cargo.toml ./{m}/"), format!("COPY {m}/src ./{m}/src")),
+        };
+        assert!(docker.contains(&toml), "{toml} in the Dockerfile");
+        assert!(docker.contains(&src), "{src} in the Dockerfile");
+    }
+    for line in docker.lines().filter(|l| l.starts_with("COPY ") && !l.contains("--from")) {
+        let words: Vec<&str> = line.split_whitespace().collect();
+        for source in &words[1..words.len() - 1] {
+            assert!(root.join(source).exists(), "{source} ({line})");
+        }
+    }
+    let ignore = std::fs::read_to_string(root.join(".dockerignore")).unwrap();
+    assert!(ignore.lines().any(|l| l.trim() == "target/"), "{ignore}");
+}
