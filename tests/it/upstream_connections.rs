@@ -254,8 +254,13 @@ async fn new_connections_resume_tls_sessions() {
         }
         let full = h.metric("qbproxy_upstream_tls_handshakes_total{kind=\"full\"}");
         let resumed = h.metric("qbproxy_upstream_tls_handshakes_total{kind=\"resumed\"}");
+        // A connection per request (the session's and three), and one more
+        // when a request raced nginx's GOAWAY and was sent again: however
+        // many, only the first made a full handshake.
+        let opened = h.metric("qbproxy_upstream_connections_opened_total");
+        assert!(opened >= 4, "http2 {http2}: {}", metrics(&h));
         assert_eq!(full, 1, "http2 {http2}: {}", metrics(&h));
-        assert_eq!(resumed, 3, "http2 {http2}: {}", metrics(&h));
+        assert_eq!(resumed, opened - 1, "http2 {http2}: {}", metrics(&h));
     }
 }
 
