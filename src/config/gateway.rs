@@ -192,6 +192,12 @@ pub(super) struct RawClient {
     max_in_flight: Option<usize>,
 }
 
+impl RawClient {
+    pub(super) fn resolve_paths(&mut self, at: &str, b: &mut super::raw::Beside<'_>) {
+        b.resolve(format!("{at}.key_file"), &mut self.key_file);
+    }
+}
+
 /// Largest header limit hyper's buffers are sized for.
 const MAX_HEADER_LIMIT: usize = 1024 * 1024;
 

@@ -121,6 +121,19 @@ pub(super) struct RawIdentity {
     path_prefix: Option<String>,
 }
 
+impl RawIdentity {
+    pub(super) fn resolve_paths(&mut self, at: &str, b: &mut super::raw::Beside<'_>) {
+        b.resolve(format!("{at}.password_file"), &mut self.password_file);
+        b.resolve(format!("{at}.token_file"), &mut self.token_file);
+        b.resolve(format!("{at}.secret_file"), &mut self.secret_file);
+        b.resolve(
+            format!("{at}.access_token_file"),
+            &mut self.access_token_file,
+        );
+        b.resolve(format!("{at}.api_key_file"), &mut self.api_key_file);
+    }
+}
+
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub(super) struct RawPool {
@@ -140,6 +153,12 @@ pub(super) struct RawPool {
     create_concurrency: usize,
     max_in_flight: Option<usize>,
     path_prefix: Option<String>,
+}
+
+impl RawPool {
+    pub(super) fn resolve_paths(&mut self, at: &str, b: &mut super::raw::Beside<'_>) {
+        b.resolve(format!("{at}.password_file"), &mut self.password_file);
+    }
 }
 
 fn one() -> usize {

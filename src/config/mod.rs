@@ -94,6 +94,9 @@ pub struct Config {
     pub cluster: Option<ClusterConfig>,
     /// `[state] file`: sessions kept across a restart without Redis.
     pub state_file: Option<std::path::PathBuf>,
+    /// Every file the config names, by key, resolved (relative paths are
+    /// taken from the config file's folder), for `check`.
+    pub files: Vec<(String, PathBuf)>,
     pub log: LogConfig,
     /// What is worth a warning but does not stop qbproxy (files others may
     /// read or write); logged at start and on every reload.
@@ -311,7 +314,9 @@ impl Config {
         Ok(config)
     }
 
-    /// Parses and validates TOML text; `path` only names the source in errors.
+    /// Parses and validates TOML text. `path` names the source in errors,
+    /// and files the config names by a relative path are found in its
+    /// folder.
     pub fn from_toml(text: &str, path: &Path) -> Result<Config, ConfigError> {
         let v = Validator {
             path,
@@ -345,7 +350,13 @@ impl Config {
                 };
                 v.invalid(&key, problem)
             })?;
-        v.validate(raw)
+        let mut raw = raw;
+        // Files are named as seen from the config's folder.
+        let dir = path.parent().unwrap_or(Path::new(""));
+        let files = raw.resolve_paths(&std::path::absolute(dir).unwrap_or_else(|_| dir.to_owned()));
+        let mut config = v.validate(raw)?;
+        config.files = files;
+        Ok(config)
     }
 }
 

@@ -12,6 +12,25 @@ use super::gateway::{RawClient, RawLimits};
 use super::identities::{RawIdentity, RawPool};
 use super::ClientToken;
 
+/// Where the config's files are found: relative paths are taken from `dir`
+/// (the config file's folder), not from wherever qbproxy was started.
+/// Collects every file named, resolved, for `check`.
+pub(super) struct Beside<'a> {
+    pub dir: &'a std::path::Path,
+    pub files: Vec<(String, PathBuf)>,
+}
+
+impl Beside<'_> {
+    pub(super) fn resolve(&mut self, key: impl Into<String>, path: &mut Option<PathBuf>) {
+        if let Some(p) = path {
+            if p.is_relative() {
+                *p = self.dir.join(&*p);
+            }
+            self.files.push((key.into(), p.clone()));
+        }
+    }
+}
+
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub(super) struct RawConfig {
@@ -37,6 +56,45 @@ pub(super) struct RawConfig {
     pub state: RawState,
     #[serde(default)]
     pub log: RawLog,
+}
+
+impl RawConfig {
+    /// Every file the config names, relative to the config file's folder
+    /// when written relative; returns them all, resolved.
+    pub(super) fn resolve_paths(&mut self, dir: &std::path::Path) -> Vec<(String, PathBuf)> {
+        let mut b = Beside {
+            dir,
+            files: Vec::new(),
+        };
+        let l = &mut self.listen;
+        b.resolve("listen.handover_socket", &mut l.handover_socket);
+        b.resolve("listen.tls_cert", &mut l.tls_cert);
+        b.resolve("listen.tls_key", &mut l.tls_key);
+        b.resolve("listen.client_ca", &mut l.client_ca);
+        b.resolve("admin.token_file", &mut self.admin.token_file);
+        b.resolve("upstream.ca_file", &mut self.upstream.ca_file);
+        b.resolve(
+            "quickblox.auth_secret_file",
+            &mut self.quickblox.auth_secret_file,
+        );
+        b.resolve("state.file", &mut self.state.file);
+        if let Some(c) = &mut self.cluster {
+            b.resolve("cluster.redis_url_file", &mut c.redis_url_file);
+            b.resolve("cluster.ca_file", &mut c.ca_file);
+            b.resolve("cluster.cert_file", &mut c.cert_file);
+            b.resolve("cluster.key_file", &mut c.key_file);
+        }
+        for (n, i) in self.identity.iter_mut().enumerate() {
+            i.resolve_paths(&format!("identity[{n}]"), &mut b);
+        }
+        for (n, p) in self.pool.iter_mut().enumerate() {
+            p.resolve_paths(&format!("pool[{n}]"), &mut b);
+        }
+        for (n, c) in self.client.iter_mut().enumerate() {
+            c.resolve_paths(&format!("client[{n}]"), &mut b);
+        }
+        b.files
+    }
 }
 
 #[derive(Debug, Deserialize)]

@@ -173,6 +173,7 @@ impl Validator<'_> {
             },
             cluster,
             state_file,
+            files: Vec::new(),
             warnings,
             runs_commands: notes.commands,
             limits,

@@ -78,6 +78,46 @@ fn check_accepts_a_good_config() {
     assert!(!stdout.contains("s3cr3t"));
 }
 
+/// Files a config names by a relative path are found in the config's
+/// folder, whatever the working directory; `check` prints where it found
+/// each.
+#[test]
+fn relative_paths_are_taken_from_the_configs_folder() {
+    let dir = TempDir::new("relative");
+    std::fs::create_dir_all(dir.path().join("secrets")).unwrap();
+    std::fs::create_dir_all(dir.path().join("var")).unwrap();
+    dir.file("secrets/auth_secret", "s3cr3t\n");
+    dir.file("secrets/bot", "pw\n");
+    let text =
+        GOOD.replace(
+            "auth_secret_env = \"QBPROXY_CLI_TEST_SECRET\"",
+            "auth_secret_file = \"secrets/auth_secret\"",
+        )
+        .replace(
+            "password_env = \"QBPROXY_CLI_TEST_PASSWORD\"",
+            "password_file = \"./secrets/bot\"",
+        ) + "[state]\nfile = \"var/sessions\"\n";
+    let config = dir.file("config.toml", &text);
+    let out = Command::new(BIN)
+        .args(["check", "--config"])
+        .arg(&config)
+        .current_dir("/")
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(0), "{stdout} {stderr}");
+    let folder = dir.path().canonicalize().unwrap();
+    for (key, file) in [
+        ("quickblox.auth_secret_file", "secrets/auth_secret"),
+        ("identity[0].password_file", "./secrets/bot"),
+        ("state.file", "var/sessions"),
+    ] {
+        let line = format!("  {key}: {}", folder.join(file).display());
+        assert!(stdout.contains(&line), "{line} in\n{stdout}");
+    }
+}
+
 /// The process marks itself not dumpable before it reads a secret (no core
 /// file, no reading of its memory by another process of the same user).
 #[test]
@@ -1424,13 +1464,22 @@ fn the_dockerfile_copies_the_whole_workspace_and_the_context_leaves_target_out()
     for member in members {
         let member = member.as_str().unwrap();
         let (toml, src) = match member {
-            "." => ("COPY Cargo.toml Cargo.lock ./".to_owned(), "COPY src ./src".to_owned()),
-            m => (format!("COPY {m}/Cargo.toml ./{m}/"), format!("COPY {m}/src ./{m}/src")),
+            "." => (
+                "COPY Cargo.toml Cargo.lock ./".to_owned(),
+                "COPY src ./src".to_owned(),
+            ),
+            m => (
+                format!("COPY {m}/Cargo.toml ./{m}/"),
+                format!("COPY {m}/src ./{m}/src"),
+            ),
         };
         assert!(docker.contains(&toml), "{toml} in the Dockerfile");
         assert!(docker.contains(&src), "{src} in the Dockerfile");
     }
-    for line in docker.lines().filter(|l| l.starts_with("COPY ") && !l.contains("--from")) {
+    for line in docker
+        .lines()
+        .filter(|l| l.starts_with("COPY ") && !l.contains("--from"))
+    {
         let words: Vec<&str> = line.split_whitespace().collect();
         for source in &words[1..words.len() - 1] {
             assert!(root.join(source).exists(), "{source} ({line})");

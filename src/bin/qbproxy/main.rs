@@ -304,6 +304,11 @@ fn check(path: &std::path::Path, probe: bool) -> ExitCode {
         config.upstream.authority,
         summary(&config)
     );
+    // Where each file the config names was found (relative paths are
+    // taken from the config file's folder).
+    for (key, file) in &config.files {
+        println!("  {key}: {}", file.display());
+    }
     if !probe {
         return ExitCode::SUCCESS;
     }
