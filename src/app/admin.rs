@@ -18,7 +18,7 @@ use crate::net::body::Body;
 use crate::net::server::Conn;
 use crate::proxy::error::AdminError;
 use crate::quickblox::credentials::Secret;
-use crate::session::{Reason, Status, Unavailable};
+use crate::session::{Reason, SessionState, Status, Unavailable};
 use crate::Handle;
 
 /// What the admin endpoints read.
@@ -73,15 +73,17 @@ impl Admin {
                 "text/plain; version=0.0.4; charset=utf-8",
             ),
             "/sessions" => {
-                let list: Vec<serde_json::Value> = self
+                let statuses: Vec<Status> = self
                     .handle
                     .identities()
                     .iter()
-                    .map(|i| status_json(&i.status()))
+                    .map(|i| i.status())
                     .collect();
+                let list: Vec<serde_json::Value> = statuses.iter().map(status_json).collect();
                 text(
                     StatusCode::OK,
-                    serde_json::json!({ "identities": list }).to_string(),
+                    serde_json::json!({ "identities": list, "pools": pools_json(&statuses) })
+                        .to_string(),
                     "application/json",
                 )
             }
@@ -220,6 +222,42 @@ fn rfc3339(t: SystemTime) -> String {
     time::OffsetDateTime::from(t)
         .format(&time::format_description::well_known::Rfc3339)
         .unwrap_or_default()
+}
+
+/// Each pool at a glance: its members, how many hold a session, and how
+/// many are set aside (`/readyz` stays 200 while one serves).
+fn pools_json(statuses: &[Status]) -> Vec<serde_json::Value> {
+    let mut pools: Vec<(&str, [usize; 3])> = Vec::new();
+    for s in statuses {
+        let Some(pool) = s.pool.as_deref() else {
+            continue;
+        };
+        let at = match pools.iter().position(|(name, _)| *name == pool) {
+            Some(at) => at,
+            None => {
+                pools.push((pool, [0; 3]));
+                pools.len() - 1
+            }
+        };
+        let counts = &mut pools[at].1;
+        counts[0] += 1;
+        counts[1] += usize::from(matches!(
+            s.state,
+            SessionState::Ready | SessionState::ReadyRenewalFailing
+        ));
+        counts[2] += usize::from(s.state == SessionState::SetAside);
+    }
+    pools
+        .into_iter()
+        .map(|(name, [members, ready, set_aside])| {
+            serde_json::json!({
+                "name": name,
+                "members": members,
+                "ready": ready,
+                "set_aside": set_aside,
+            })
+        })
+        .collect()
 }
 
 fn status_json(s: &Status) -> serde_json::Value {

@@ -597,6 +597,16 @@ impl Validator<'_> {
                 let password = self
                     .secret(&at("password"), r.password.clone(), r.password_env.clone(), r.password_file.clone())?
                     .ok_or_else(|| self.invalid(&at("password"), "missing: set password, password_env or password_file"))?;
+                if count > 1 && !password.expose().contains("{n}") {
+                    // Often a mistake (users made for a load test have
+                    // numbered passwords), sometimes not: warn, and the probe
+                    // tries the last member too.
+                    self.note_warning(format!(
+                        "{}: the {field} pattern {pattern:?} numbers each member but the password has no {{n}}: \
+                         all {count} members log in with the same password",
+                        at("password")
+                    ));
+                }
                 let mut members = Vec::with_capacity(count);
                 for n in r.start..r.start + count {
                     let name = format!("{}-{n}", r.name);
@@ -634,6 +644,24 @@ mod tests {
     use crate::quickblox::credentials::{Credentials, SecretSource};
 
     const APP: &str = "[quickblox]\napplication_id = 1\nauth_key = \"k\"\nauth_secret = \"s\"\n";
+
+    #[test]
+    fn a_pool_numbering_logins_but_not_passwords_is_warned_about() {
+        let numbered =
+            "[[pool]]\nname = \"load\"\nlogin = \"u-{n}\"\npassword = \"pw-{n}\"\ncount = 3\n";
+        assert!(parse(numbered).unwrap().warnings.is_empty());
+        let same = "[[pool]]\nname = \"load\"\nlogin = \"u-{n}\"\npassword = \"pw\"\ncount = 3\n";
+        let warnings = parse(same).unwrap().warnings;
+        assert_eq!(warnings.len(), 1, "{warnings:?}");
+        assert!(
+            warnings[0]
+                .starts_with("pool[0].password: the login pattern \"u-{n}\" numbers each member")
+                && warnings[0].contains("all 3 members log in with the same password")
+                && !warnings[0].contains("pw"),
+            "{}",
+            warnings[0]
+        );
+    }
 
     fn parse(extra: &str) -> Result<Config, String> {
         Config::from_toml(&format!("{APP}{extra}"), Path::new("t.toml")).map_err(|e| e.to_string())

@@ -31,6 +31,8 @@ pub(super) struct Notes {
     secret_files: Vec<(String, PathBuf)>,
     /// Some identity runs a command to get its token.
     commands: bool,
+    /// Whatever else deserves a warning.
+    warnings: Vec<String>,
 }
 
 /// Keys whose values are secrets: an error about one never shows its value.
@@ -69,6 +71,11 @@ impl Validator<'_> {
             .borrow_mut()
             .secret_files
             .push((key.to_owned(), file.to_owned()));
+    }
+
+    /// Something valid but probably not meant.
+    pub(super) fn note_warning(&self, warning: String) {
+        self.notes.borrow_mut().warnings.push(warning);
     }
 
     /// An identity runs a command for its token.
@@ -166,6 +173,7 @@ impl Validator<'_> {
                     file.display()
                 )
             })
+            .chain(notes.warnings)
             .collect();
         Ok(Config {
             log: LogConfig {

@@ -31,6 +31,7 @@ struct Inner {
     failures: IntCounterVec,
     session_up: IntGaugeVec,
     set_aside: IntGaugeVec,
+    pool_set_aside: IntGaugeVec,
     client_requests: IntCounterVec,
     upstream_latency: Histogram,
     upstream_slot_waits: IntCounter,
@@ -106,6 +107,11 @@ impl Metrics {
             "qbproxy_session_set_aside",
             "1 while a pool member is set aside because QuickBlox refused its credentials.",
             &who,
+        );
+        let pool_set_aside = gauge_vec(
+            "qbproxy_pool_members_set_aside",
+            "Members of the pool set aside now (QuickBlox refused their credentials); the pool serves with the rest, and /readyz stays 200 while one serves.",
+            &["pool"],
         );
         let client_requests = counter_vec(
             "qbproxy_client_requests_total",
@@ -197,6 +203,7 @@ impl Metrics {
             Box::new(failures.clone()),
             Box::new(session_up.clone()),
             Box::new(set_aside.clone()),
+            Box::new(pool_set_aside.clone()),
             Box::new(client_requests.clone()),
             Box::new(upstream_latency.clone()),
             Box::new(upstream_slot_waits.clone()),
@@ -229,6 +236,7 @@ impl Metrics {
                 failures,
                 session_up,
                 set_aside,
+                pool_set_aside,
                 client_requests,
                 upstream_latency,
                 upstream_slot_waits,
@@ -269,7 +277,12 @@ impl Metrics {
             failures: i.failures.clone(),
             session_up: i.session_up.clone(),
             set_aside: i.set_aside.clone(),
+            pool_set_aside: i.pool_set_aside.clone(),
         };
+        if identity.is_empty() && !pool.is_empty() {
+            // The pool's own series: its count of set-aside members, 0 at first.
+            i.pool_set_aside.with_label_values(&[pool]);
+        }
         if pool.is_empty() && !identity.is_empty() {
             for reason in Reason::ALL {
                 i.renewals
@@ -612,6 +625,7 @@ pub struct IdentityMetrics {
     failures: IntCounterVec,
     session_up: IntGaugeVec,
     set_aside: IntGaugeVec,
+    pool_set_aside: IntGaugeVec,
 }
 
 impl IdentityMetrics {
@@ -663,10 +677,16 @@ impl IdentityMetrics {
         g.set(i64::from(up));
     }
 
+    /// A member set aside or back (called on each change only).
     pub fn set_aside(&self, aside: bool) {
         self.set_aside
             .with_label_values(&self.who())
             .set(i64::from(aside));
+        if !self.labels[1].is_empty() {
+            self.pool_set_aside
+                .with_label_values(&[&self.labels[1]])
+                .add(if aside { 1 } else { -1 });
+        }
     }
 }
 

@@ -386,3 +386,63 @@ async fn when_every_member_is_failing_the_request_gets_the_failure() {
     assert_eq!(b.status, StatusCode::SERVICE_UNAVAILABLE, "{}", b.text());
     assert_eq!(h.sim.attempts(), 3);
 }
+
+/// A pool whose login is numbered but whose password is not: member 1
+/// logs in, the others are refused. `check` warns; the probe tries every
+/// member of a small pool (the first and the last of a large one) and
+/// says which fail; at run time the pool serves through member 1 while
+/// `/readyz` stays 200, and `/sessions` and a metric count the members set
+/// aside.
+#[tokio::test]
+async fn a_pool_whose_password_lacks_n_is_seen_whole() {
+    let sim = sim_with_users(5).await;
+    let setup = setup()
+        .identity(DEMO)
+        .pool_table("name = \"load\"\nlogin = \"loadtest-{n}\"\ncount = 5\npassword = \"pw-1\"\n");
+    let text = setup.config_text(&sim);
+    let config = qbproxy::Config::from_toml(&text, std::path::Path::new("pool.toml")).unwrap();
+    assert!(
+        config
+            .warnings
+            .iter()
+            .any(|w| w.contains("the password has no {n}")),
+        "{:?}",
+        config.warnings
+    );
+    let mut said = Vec::new();
+    let probed = qbproxy::process::probe(&config, |p| said.push(p.to_string()))
+        .await
+        .unwrap();
+    assert_eq!(probed.len(), 6, "demo and every member: {said:?}");
+    let failed: Vec<&String> = said.iter().filter(|l| l.contains("FAILED")).collect();
+    assert_eq!(failed.len(), 4, "{said:?}");
+    assert!(
+        said.iter()
+            .any(|l| l.starts_with("load (member load-1): ok")),
+        "{said:?}"
+    );
+    assert!(
+        said.iter()
+            .any(|l| l.starts_with("load (member load-5): FAILED")),
+        "{said:?}"
+    );
+
+    let h = setup.sim(sim).start().await;
+    h.ready().await;
+    for i in 0..20 {
+        let a = h.get_as("load", &format!("/users.json?{i}")).await;
+        assert_eq!(a.status, StatusCode::OK, "request {i}: {}", a.text());
+    }
+    // Every member tried once; the four refused ones are set aside.
+    bounded(
+        "four members set aside",
+        h.metric_becomes("qbproxy_pool_members_set_aside{pool=\"load\"}", 4),
+    )
+    .await;
+    assert_eq!(h.admin_get("/readyz").await.status, StatusCode::OK);
+    let pools = h.admin_get("/sessions").await.json()["pools"].clone();
+    assert_eq!(
+        pools,
+        serde_json::json!([{"name": "load", "members": 5, "ready": 1, "set_aside": 4}])
+    );
+}
