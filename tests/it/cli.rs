@@ -947,19 +947,19 @@ async fn check_probe_creates_one_session_per_identity_and_says_each_result() {
         "{said}"
     );
     assert!(said.contains("probe demo: ok (user 1001)"), "{said}");
-    assert!(
-        said.contains("probe load (member load-1): ok (user"),
-        "{said}"
-    );
+    for n in 1..=3 {
+        let line = format!("probe load (member load-{n}): ok (user {})", 100_000 + n);
+        assert!(said.contains(&line), "{line} in {said}");
+    }
     assert!(
         said.contains("probe svc: ok (API key, on behalf of user 1002)"),
         "{said}"
     );
-    assert!(said.contains("probe: all 4 succeeded"), "{said}");
+    assert!(said.contains("probe: all 6 succeeded"), "{said}");
     assert_eq!(
         sim.creations(),
-        3,
-        "one creation each, one for the pool, none for the API key"
+        5,
+        "one creation each, every member of the pool, none for the API key"
     );
     let read = sim.requests();
     assert_eq!(read.len(), 1, "one read for the API key");
@@ -1003,7 +1003,7 @@ async fn check_probe_creates_one_session_per_identity_and_says_each_result() {
         revoked.contains("FAILED") && revoked.contains("Unauthorized") && revoked.contains("401"),
         "{revoked}"
     );
-    assert!(said.contains("probe: 2 of 6 failed"), "{said}");
+    assert!(said.contains("probe: 2 of 8 failed"), "{said}");
     assert!(!said.contains("demo-pasword"), "no password in the output");
     assert!(!said.contains("revoked-api-key"), "no key in the output");
 }
