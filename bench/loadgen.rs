@@ -45,6 +45,10 @@ struct Args {
     /// `QB-Token` when there is no proxy in front of the upstream.
     #[arg(long = "header")]
     headers: Vec<String>,
+    /// Each connection is a client of its own: `QBProxy-Client: vu-<n>`
+    /// (a pool's `sticky` strategy keeps each on its member).
+    #[arg(long)]
+    client_per_connection: bool,
     /// POSTed to at every expiry, e.g. http://127.0.0.1:19081/_sim/expire.
     #[arg(long)]
     expire_url: Option<String>,
@@ -86,7 +90,16 @@ async fn main() {
     let headers = std::sync::Arc::new(headers);
     let mut tasks = Vec::new();
     for c in 0..args.connections {
-        let headers = headers.clone();
+        let headers = if args.client_per_connection {
+            let mut own = (*headers).clone();
+            own.push((
+                http::HeaderName::from_static("qbproxy-client"),
+                http::HeaderValue::from_str(&format!("vu-{c}")).expect("a header value"),
+            ));
+            std::sync::Arc::new(own)
+        } else {
+            headers.clone()
+        };
         let offset = interval.mul_f64(f64::from(c) / f64::from(args.connections));
         let target = args.target[c as usize % args.target.len()];
         let (post_every, connections) = (args.post_every, args.connections);

@@ -87,6 +87,10 @@ struct Inner {
     worker_requests: Vec<prometheus::IntCounter>,
 }
 
+/// Replays of one request at most: one, and with a pool one more for each
+/// member moved to whose session had lapsed too.
+const MAX_REPLAYS: usize = 3;
+
 /// A 401 body longer than this is not QuickBlox's expiry message; it is
 /// passed on without being inspected further.
 const MAX_REFUSAL_BODY: usize = 64 * 1024;
@@ -293,8 +297,14 @@ impl Proxy {
                 let (lease, session) = pool.acquire_session(sticky.as_ref(), deadline).await?;
                 let identity = lease.member_of(pool);
                 *counted = Counted::identity(identity);
+                let member = Member {
+                    pool,
+                    lease: &lease,
+                    client: sticky.as_ref(),
+                    session,
+                };
                 let answer = self
-                    .exchange(ctx, parts, plan, body, identity, Some(session))
+                    .exchange(ctx, parts, plan, body, identity, Some(member))
                     .await;
                 // Held until the exchange is over.
                 drop(lease);
@@ -491,8 +501,9 @@ impl Proxy {
 
     /// Serves a request as `identity`: answers a session read itself, or
     /// forwards with the session's token and replays once if QuickBlox says
-    /// the session does not exist. `session`: the outcome of asking for the
-    /// identity's session, if the caller already did (pools do).
+    /// the session does not exist. `member`: for a pool's member, the pool,
+    /// its lease and the session the pool found (a replay may move on to
+    /// another member); else the identity's session is asked for here.
     async fn exchange(
         &self,
         ctx: &Ctx<'_>,
@@ -500,14 +511,19 @@ impl Proxy {
         plan: &Plan<'_>,
         body: Prepared,
         identity: &Identity,
-        session: Option<Result<Arc<Session>, Unavailable>>,
+        member: Option<Member<'_>>,
     ) -> Result<Response<Body>, ProxyError> {
         let (live, trace, deadline) = (ctx.live, ctx.trace, ctx.deadline);
-        let session = match session {
-            Some(s) => s,
-            None => identity.session(deadline).await,
-        }
-        .map_err(|e| unavailable(e, live.timeout()))?;
+        let (session, member) = match member {
+            Some(Member {
+                pool,
+                lease,
+                client,
+                session,
+            }) => (session, Some((pool, lease, client))),
+            None => (identity.session(deadline).await, None),
+        };
+        let session = session.map_err(|e| unavailable(e, live.timeout()))?;
         if plan.kind == Kind::SessionRead {
             return Ok(session_answer(&parts.method, &plan.path, &session));
         }
@@ -564,49 +580,77 @@ impl Proxy {
         let sent = self
             .send_checked(ctx, req, &mut again, identity, &session)
             .await?;
-        let refusal = match sent {
+        let mut refusal = match sent {
             Checked::Answer(resp) => return Ok(resp),
             Checked::Expired(resp) => resp,
         };
-        let fresh = match identity.replacement(&session, deadline).await {
-            Ok(fresh) => fresh,
-            // Renewal failed: say why, rather than pass on a 401 the client
-            // cannot act on.
-            Err(e) => {
-                drop(refusal);
-                return Err(unavailable(e, live.timeout()));
-            }
-        };
-        identity.metrics().replay();
-        trace.replayed();
-        tracing::debug!(
-            method = %parts.method,
-            path = plan.path,
-            token = %fresh.token_prefix(),
-            "replaying with the renewed session"
-        );
-        let replay = |headers| {
-            with_token(
-                &parts.method,
-                uri.clone(),
-                headers,
-                &fresh,
-                Body::full(replayable.clone()),
-            )
-        };
-        let req = replay(replay_headers.clone());
-        let mut again = || Some(replay(replay_headers.clone()));
-        match self
-            .send_checked(ctx, req, &mut again, identity, &fresh)
-            .await?
-        {
-            Checked::Answer(resp) => Ok(resp),
-            Checked::Expired(resp) => {
-                // Refused twice in a row: report it and let the client see it.
-                identity.report_dead(&fresh);
-                Ok(resp)
+        // One replay with the renewed session. A pool's member that cannot
+        // renew while another can serve hands the replay to that other (its
+        // lease held to the end, like the first's); that member's own
+        // session may have lapsed too (every session expires at once after
+        // two idle hours), and is then renewed and replayed with in turn.
+        let mut dead = session;
+        let mut moved_to: Vec<crate::session::pool::Lease> = Vec::new();
+        for round in 1..=MAX_REPLAYS {
+            let current = moved_to.last().map_or(identity, |lease| lease.identity());
+            let (moved, fresh) = match member {
+                Some((pool, first, client)) => pool
+                    .replacement(moved_to.last().unwrap_or(first), &dead, client, deadline)
+                    .await
+                    .map_err(ProxyError::from)?,
+                None => (None, current.replacement(&dead, deadline).await),
+            };
+            let fresh = match fresh {
+                Ok(fresh) => fresh,
+                // Renewal failed: say why, rather than pass on a 401 the
+                // client cannot act on.
+                Err(e) => {
+                    drop(refusal);
+                    return Err(unavailable(e, live.timeout()));
+                }
+            };
+            let was_moved = moved.is_some();
+            moved_to.extend(moved);
+            let identity = moved_to.last().map_or(identity, |lease| lease.identity());
+            identity.metrics().replay();
+            trace.replayed();
+            tracing::debug!(
+                method = %parts.method,
+                path = plan.path,
+                token = %fresh.token_prefix(),
+                moved = was_moved,
+                "replaying with the renewed session"
+            );
+            let replay = |headers| {
+                with_token(
+                    &parts.method,
+                    uri.clone(),
+                    headers,
+                    &fresh,
+                    Body::full(replayable.clone()),
+                )
+            };
+            let req = replay(replay_headers.clone());
+            let mut again = || Some(replay(replay_headers.clone()));
+            match self
+                .send_checked(ctx, req, &mut again, identity, &fresh)
+                .await?
+            {
+                Checked::Answer(resp) => return Ok(resp),
+                // Another member's session, lapsed as well: its turn.
+                Checked::Expired(resp) if was_moved && round < MAX_REPLAYS => {
+                    refusal = resp;
+                    dead = fresh;
+                }
+                Checked::Expired(resp) => {
+                    // A renewed session refused at once: report it and let
+                    // the client see it.
+                    identity.report_dead(&fresh);
+                    return Ok(resp);
+                }
             }
         }
+        Ok(refusal)
     }
 
     /// Sends a request upstream within the deadline, in one of the
@@ -914,6 +958,16 @@ struct Ctx<'a> {
     deadline: Instant,
     /// Whose share of the upstream's slots it takes.
     share: Share,
+}
+
+/// A pool's member serving a request: the pool, the member's lease, the
+/// client's sticky key (what a replay needs to move to another member),
+/// and the session the pool found for it.
+struct Member<'a> {
+    pool: &'a Arc<Pool>,
+    lease: &'a crate::session::pool::Lease,
+    client: Option<&'a HeaderValue>,
+    session: Result<Arc<Session>, Unavailable>,
 }
 
 /// A request's client and its cap on slots in flight (`fair.rs`).

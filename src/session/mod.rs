@@ -416,7 +416,26 @@ impl Identity {
         dead: &Session,
         deadline: Instant,
     ) -> Result<Arc<Session>, Unavailable> {
-        let patience = Some(self.patience(deadline));
+        self.replacement_within(dead, deadline, true).await
+    }
+
+    /// Like [`Identity::replacement`], but answers the first failure at
+    /// once: for a pool member, when another member may serve the replay.
+    pub async fn replacement_or_first_failure(
+        &self,
+        dead: &Session,
+        deadline: Instant,
+    ) -> Result<Arc<Session>, Unavailable> {
+        self.replacement_within(dead, deadline, false).await
+    }
+
+    async fn replacement_within(
+        &self,
+        dead: &Session,
+        deadline: Instant,
+        patient: bool,
+    ) -> Result<Arc<Session>, Unavailable> {
+        let patience = patient.then(|| self.patience(deadline));
         self.wait_for(deadline, |state| match &state.session {
             Some(s) if s.generation > dead.generation && self.alive(s) => Some(Ok(s.clone())),
             Some(_) => {

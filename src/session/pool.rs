@@ -273,6 +273,35 @@ impl Pool {
         }
     }
 
+    /// The session to replay a refused request with: `lease`'s member's
+    /// replacement for `dead`, or, if that member's renewal fails while
+    /// another member may serve (or it was set aside), another member's
+    /// session and its lease. A replay, like a first try, costs no request
+    /// to a member that cannot renew while another can serve.
+    pub async fn replacement(
+        self: &Arc<Self>,
+        lease: &Lease,
+        dead: &Session,
+        client: Option<&HeaderValue>,
+        deadline: Instant,
+    ) -> Result<(Option<Lease>, Result<Arc<Session>, Unavailable>), Refusal> {
+        let identity = lease.identity();
+        let renewed = if self.another_may_serve(lease) {
+            identity.replacement_or_first_failure(dead, deadline).await
+        } else {
+            identity.replacement(dead, deadline).await
+        };
+        match renewed {
+            Err(Unavailable::Failed(_))
+                if identity.set_aside() || self.another_may_serve(lease) =>
+            {
+                let (other, session) = self.acquire_session(client, deadline).await?;
+                Ok((Some(other), session))
+            }
+            renewed => Ok((None, renewed)),
+        }
+    }
+
     /// Whether a member other than `lease`'s is neither set aside nor
     /// failing.
     fn another_may_serve(&self, lease: &Lease) -> bool {

@@ -446,3 +446,61 @@ async fn a_pool_whose_password_lacks_n_is_seen_whole() {
         serde_json::json!([{"name": "load", "members": 5, "ready": 1, "set_aside": 4}])
     );
 }
+
+/// Every session expires while one member cannot renew (its creations
+/// fail, 500): the requests refused on that member are replayed through
+/// another member, at once, not answered 503 after `retry_wait`, for
+/// round-robin and sticky clients alike.
+#[tokio::test]
+async fn a_replay_moves_to_another_member_when_its_own_cannot_renew() {
+    for strategy in ["round_robin", "sticky"] {
+        let sim = sim_with_users(4).await;
+        let h = setup()
+            .sim(sim)
+            .set("quickblox", "retry_wait", Duration::from_secs(5))
+            .pool_table(&format!(
+                "name = \"load\"\nlogin = \"loadtest-{{n}}\"\npassword = \"pw-{{n}}\"\ncount = 4\n\
+                 strategy = \"{strategy}\"\n"
+            ))
+            .start()
+            .await;
+        h.ready().await;
+        let clients: Vec<String> = (0..16).map(|i| format!("vu-{i}")).collect();
+        let (h, clients) = (&h, &clients);
+        let call = |i: usize| {
+            let vu = clients[i].as_str();
+            async move {
+                let headers = [("QBProxy-Identity", "load"), ("QBProxy-Client", vu)];
+                h.send(Method::GET, &format!("/users.json?{i}"), &headers, "")
+                    .await
+            }
+        };
+        // Every member holds a session.
+        for i in 0..16 {
+            assert_eq!(call(i).await.status, StatusCode::OK, "{strategy}");
+        }
+        assert_eq!(users(&h.sim).len(), 4, "{strategy}: every member served");
+        h.sim.fail_user("loadtest-1");
+        h.sim.expire_all();
+        let started = tokio::time::Instant::now();
+        let answers = futures_util::future::join_all((0..16).map(call)).await;
+        for (i, a) in answers.iter().enumerate() {
+            assert_eq!(a.status, StatusCode::OK, "{strategy}, request {i}: {}", a.text());
+        }
+        // Nobody waited through the failing member's retries.
+        assert!(
+            started.elapsed() < Duration::from_secs(5),
+            "{strategy}: {:?}",
+            started.elapsed()
+        );
+        let replayed_on_member_1 = h
+            .sim
+            .requests()
+            .iter()
+            .rev()
+            .take(16)
+            .filter(|r| r.user_id == 100_001)
+            .count();
+        assert_eq!(replayed_on_member_1, 0, "{strategy}");
+    }
+}

@@ -20,6 +20,12 @@ const EXPIRIES: usize = 5;
 /// TOTAL/(EXPIRIES+1) completed requests, every session is expired.
 /// Asserts that no client request failed.
 async fn run(h: &common::Harness) {
+    run_as(h, None).await
+}
+
+/// [`run`] through the pool `pool`: each worker is a client of its own
+/// (`QBProxy-Client: vu-N`), as a load test's virtual users are.
+async fn run_as(h: &common::Harness, pool: Option<&'static str>) {
     let done = Arc::new(AtomicUsize::new(0));
     let step = TOTAL / (EXPIRIES + 1);
     let mut workers = Vec::new();
@@ -41,12 +47,17 @@ async fn run(h: &common::Harness) {
                 } else {
                     (Method::GET, Bytes::new())
                 };
+                let vu = format!("vu-{w}");
+                let headers: &[(&str, &str)] = match pool {
+                    Some(pool) => &[("QBProxy-Identity", pool), ("QBProxy-Client", vu.as_str())],
+                    None => &[],
+                };
                 let a = common::send(
                     &client,
                     proxy,
                     method,
                     &format!("/data/Note.json?n={n}"),
-                    &[],
+                    headers,
                     body,
                 )
                 .await;
@@ -114,4 +125,50 @@ async fn slow_session_creation_under_load_still_fails_nothing() {
     h.sim.set_creation_delay(Duration::from_millis(200));
     run(&h).await;
     assert_eq!(h.sim.creations(), 1 + EXPIRIES as u64);
+}
+
+/// A pool under slow and failing session creation (every success preceded
+/// by two 500s, each attempt 200 ms), every session expired five times
+/// under load: no request fails, replays included. A request whose member
+/// cannot renew moves on to a member that can serve it, sticky clients
+/// too.
+async fn pool_under_failing_creation(strategy: &str) {
+    let sim = qbproxy_sim::Sim::start(
+        qbproxy_sim::SimConfig::demo().with_users("loadtest-{n}", "pw-{n}", 1..=8),
+    )
+    .await
+    .unwrap();
+    let h = setup()
+        .sim(sim)
+        .pool_table(&format!(
+            "name = \"load\"\nlogin = \"loadtest-{{n}}\"\npassword = \"pw-{{n}}\"\ncount = 8\n\
+             strategy = \"{strategy}\"\n"
+        ))
+        .start()
+        .await;
+    h.ready().await;
+    h.sim.set_creation_delay(Duration::from_millis(200));
+    h.sim.set_fail_before_success(2);
+    run_as(&h, Some("load")).await;
+    assert!(h.sim.refusals() >= EXPIRIES as u64, "the expiries were hit");
+    let members: std::collections::HashSet<u64> =
+        h.sim.requests().iter().map(|r| r.user_id).collect();
+    assert!(members.len() > 1 && !members.contains(&1001), "the pool served: {members:?}");
+    assert!(
+        h.handle
+            .metrics_text()
+            .lines()
+            .any(|l| l.starts_with("qbproxy_replays_total") && !l.ends_with(" 0")),
+        "requests were replayed"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_round_robin_pool_under_failing_creation_fails_no_request() {
+    pool_under_failing_creation("round_robin").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_sticky_pool_under_failing_creation_fails_no_request() {
+    pool_under_failing_creation("sticky").await;
 }
