@@ -32,7 +32,7 @@ use crate::quickblox::credentials::Secret;
 /// What went wrong while loading the configuration. Each message is one line.
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
-    #[error("{path}: cannot read: {source}")]
+    #[error("{path}: cannot read: {source}{}", denied_hint(source))]
     Read {
         path: PathBuf,
         source: std::io::Error,
@@ -47,6 +47,20 @@ pub enum ConfigError {
     /// with "; " ([`ConfigError::lines`] gives one each).
     #[error("{} problems: {}", .0.len(), .0.iter().map(ToString::to_string).collect::<Vec<_>>().join("; "))]
     Several(Vec<ConfigError>),
+}
+
+/// For a config qbproxy may not read: who it runs as, and the usual cause
+/// (a root-owned 0640 file, and a service under systemd's `DynamicUser`).
+fn denied_hint(e: &std::io::Error) -> String {
+    if e.kind() != std::io::ErrorKind::PermissionDenied {
+        return String::new();
+    }
+    format!(
+        "; qbproxy runs as uid {}, which may not read it: under systemd's DynamicUser \
+         (deploy/qbproxy.service) install it with mode 0644 and keep secrets out of it \
+         (LoadCredential=, *_file)",
+        rustix::process::getuid().as_raw()
+    )
 }
 
 impl ConfigError {

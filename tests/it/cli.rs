@@ -1488,3 +1488,81 @@ fn the_dockerfile_copies_the_whole_workspace_and_the_context_leaves_target_out()
     let ignore = std::fs::read_to_string(root.join(".dockerignore")).unwrap();
     assert!(ignore.lines().any(|l| l.trim() == "target/"), "{ignore}");
 }
+
+/// The systemd install lines leave a config the service's unprivileged
+/// user can read: the mode they give `config.toml`, on a root-owned file,
+/// read by `nobody` (as the unit's `DynamicUser` is), with the secret as a
+/// credential file the user owns (as systemd hands it over). The mode they
+/// used to give, 0640, shuts that user out, with a message saying why.
+/// Needs root to make files root's and run as `nobody` (CI runs as root).
+#[test]
+fn the_systemd_install_lines_give_a_config_the_service_user_can_read() {
+    use std::os::unix::fs::PermissionsExt;
+    assert_eq!(
+        rustix::process::getuid().as_raw(),
+        0,
+        "this test makes root-owned files and runs qbproxy as nobody"
+    );
+    let unit = include_str!("../../deploy/qbproxy.service");
+    let line = unit
+        .lines()
+        .find(|l| l.contains("config.toml /etc/qbproxy/config.toml"))
+        .expect("an install line for the config");
+    let mode = line
+        .split_whitespace()
+        .skip_while(|w| *w != "-m")
+        .nth(1)
+        .and_then(|m| u32::from_str_radix(m, 8).ok())
+        .unwrap_or_else(|| panic!("a mode in {line}"));
+
+    let dir = TempDir::new("systemd-modes");
+    std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+    // The credential systemd hands the service: owned by its user, 0400.
+    let secret = dir.file("auth_secret", "s3cr3t\n");
+    rustix::fs::chown(&secret, Some(rustix::fs::Uid::from_raw(65534)), None).unwrap();
+    std::fs::set_permissions(&secret, std::fs::Permissions::from_mode(0o400)).unwrap();
+    let text = GOOD
+        .replace(
+            "auth_secret_env = \"QBPROXY_CLI_TEST_SECRET\"",
+            &format!("auth_secret_file = {:?}", secret.display().to_string()),
+        )
+        .replace(
+            "password_env = \"QBPROXY_CLI_TEST_PASSWORD\"",
+            "password = \"pw\"",
+        );
+    let config = dir.file("config.toml", &text);
+    let as_nobody = || {
+        Command::new("setpriv")
+            .args([
+                "--reuid=65534",
+                "--regid=65534",
+                "--clear-groups",
+                BIN,
+                "check",
+                "--config",
+            ])
+            .arg(&config)
+            .output()
+            .expect("setpriv (util-linux)")
+    };
+
+    std::fs::set_permissions(&config, std::fs::Permissions::from_mode(mode)).unwrap();
+    let out = as_nobody();
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "mode {mode:o}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+
+    std::fs::set_permissions(&config, std::fs::Permissions::from_mode(0o640)).unwrap();
+    let out = as_nobody();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(64), "{stderr}");
+    assert!(
+        stderr.contains("Permission denied")
+            && stderr.contains("qbproxy runs as uid 65534")
+            && stderr.contains("mode 0644"),
+        "{stderr}"
+    );
+}

@@ -485,7 +485,12 @@ async fn a_replay_moves_to_another_member_when_its_own_cannot_renew() {
         let started = tokio::time::Instant::now();
         let answers = futures_util::future::join_all((0..16).map(call)).await;
         for (i, a) in answers.iter().enumerate() {
-            assert_eq!(a.status, StatusCode::OK, "{strategy}, request {i}: {}", a.text());
+            assert_eq!(
+                a.status,
+                StatusCode::OK,
+                "{strategy}, request {i}: {}",
+                a.text()
+            );
         }
         // Nobody waited through the failing member's retries.
         assert!(

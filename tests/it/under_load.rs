@@ -133,9 +133,11 @@ async fn slow_session_creation_under_load_still_fails_nothing() {
 /// cannot renew moves on to a member that can serve it, sticky clients
 /// too.
 async fn pool_under_failing_creation(strategy: &str) {
-    let sim = qbproxy_sim::Sim::start(
-        qbproxy_sim::SimConfig::demo().with_users("loadtest-{n}", "pw-{n}", 1..=8),
-    )
+    let sim = qbproxy_sim::Sim::start(qbproxy_sim::SimConfig::demo().with_users(
+        "loadtest-{n}",
+        "pw-{n}",
+        1..=8,
+    ))
     .await
     .unwrap();
     let h = setup()
@@ -153,7 +155,10 @@ async fn pool_under_failing_creation(strategy: &str) {
     assert!(h.sim.refusals() >= EXPIRIES as u64, "the expiries were hit");
     let members: std::collections::HashSet<u64> =
         h.sim.requests().iter().map(|r| r.user_id).collect();
-    assert!(members.len() > 1 && !members.contains(&1001), "the pool served: {members:?}");
+    assert!(
+        members.len() > 1 && !members.contains(&1001),
+        "the pool served: {members:?}"
+    );
     assert!(
         h.handle
             .metrics_text()
