@@ -1566,3 +1566,80 @@ fn the_systemd_install_lines_give_a_config_the_service_user_can_read() {
         "{stderr}"
     );
 }
+
+/// The README's SDK section names the three traps a new user met: the
+/// `reconnect-core` override `npm install quickblox` needs, the silent
+/// `err=null` of an untrusted certificate (and its cure), and the harmless
+/// `accountKey` warning; and the override it names is the example's.
+#[test]
+fn the_readme_sdk_section_names_the_traps_a_new_user_meets() {
+    let readme = include_str!("../../README.md");
+    let start = readme.find("## Using an official SDK").unwrap();
+    let section = &readme[start..];
+    let section = &section[..section[3..].find("\n## ").unwrap() + 3];
+    for trap in [
+        "\"overrides\": { \"reconnect-core\": \"1.3.0\" }",
+        "`err=null`",
+        "NODE_EXTRA_CA_CERTS",
+        "`Parameter \"accountKey\" is missing`",
+        "harmless",
+    ] {
+        assert!(section.contains(trap), "{trap} in the SDK section");
+    }
+    let package: serde_json::Value =
+        serde_json::from_str(include_str!("../../examples/js-sdk/package.json")).unwrap();
+    assert_eq!(package["overrides"]["reconnect-core"], "1.3.0", "{package}");
+}
+
+/// ARCHITECTURE.md's code map names every source file of the tree (the
+/// library, the binary, the simulator), and every file path the README or
+/// ARCHITECTURE.md names exists.
+#[test]
+fn the_docs_name_every_source_file_and_only_files_that_exist() {
+    fn sources(dir: &Path, out: &mut Vec<PathBuf>) {
+        for entry in std::fs::read_dir(dir).unwrap() {
+            let path = entry.unwrap().path();
+            if path.is_dir() {
+                sources(&path, out);
+            } else if path.extension().is_some_and(|e| e == "rs") {
+                out.push(path);
+            }
+        }
+    }
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let architecture = std::fs::read_to_string(root.join("ARCHITECTURE.md")).unwrap();
+    let mut files = Vec::new();
+    sources(&root.join("src"), &mut files);
+    sources(&root.join("sim/src"), &mut files);
+    for file in &files {
+        let name = file.file_name().unwrap().to_str().unwrap();
+        assert!(
+            architecture.contains(&format!("`{name}`")),
+            "{} is not in ARCHITECTURE.md's code map",
+            file.display()
+        );
+    }
+    let readme = std::fs::read_to_string(root.join("README.md")).unwrap();
+    for (doc, text) in [("README.md", &readme), ("ARCHITECTURE.md", &architecture)] {
+        for quoted in text.split('`').skip(1).step_by(2) {
+            let named = [
+                "src/",
+                "sim/",
+                "tests/",
+                "bench/",
+                "deploy/",
+                "examples/",
+                "fuzz/",
+            ]
+            .iter()
+            .any(|dir| quoted.starts_with(dir));
+            let path = quoted.trim_end_matches(['/', ':']);
+            if named && !path.contains(['*', '{', ' ', '<']) && !path.contains("::") {
+                assert!(
+                    root.join(path).exists(),
+                    "{doc} names {quoted}, which does not exist"
+                );
+            }
+        }
+    }
+}
