@@ -284,15 +284,20 @@ fn sim(
     exit(result)
 }
 
-fn check(path: &std::path::Path, probe: bool) -> ExitCode {
-    let config = match Config::load(path) {
-        Ok(c) => c,
-        Err(e) => {
-            for line in e.lines() {
-                eprintln!("qbproxy: {line}");
-            }
-            return ExitCode::from(EXIT_CONFIG);
+/// The config at `path`, or exit 64 with every problem on its own line.
+fn load(path: &std::path::Path) -> Result<Config, ExitCode> {
+    Config::load(path).map_err(|e| {
+        for line in e.lines() {
+            eprintln!("qbproxy: {line}");
         }
+        ExitCode::from(EXIT_CONFIG)
+    })
+}
+
+fn check(path: &std::path::Path, probe: bool) -> ExitCode {
+    let config = match load(path) {
+        Ok(c) => c,
+        Err(code) => return code,
     };
     for w in &config.warnings {
         eprintln!("qbproxy: warning: {w}");
@@ -357,14 +362,9 @@ fn serve(
     path: &std::path::Path,
     activated: std::io::Result<Option<Sockets>>,
 ) -> ExitCode {
-    let config = match Config::load(path) {
+    let config = match load(path) {
         Ok(c) => c,
-        Err(e) => {
-            for line in e.lines() {
-                eprintln!("qbproxy: {line}");
-            }
-            return ExitCode::from(EXIT_CONFIG);
-        }
+        Err(code) => return code,
     };
     // The main runtime is worker 0; workers 1.. start their own.
     let result = runtime(1).block_on(async move {
