@@ -302,6 +302,7 @@ impl Proxy {
                     lease: &lease,
                     client: sticky.as_ref(),
                     session,
+                    counted,
                 };
                 let answer = self
                     .exchange(ctx, parts, plan, body, identity, Some(member))
@@ -511,16 +512,17 @@ impl Proxy {
         plan: &Plan<'_>,
         body: Prepared,
         identity: &Identity,
-        member: Option<Member<'_>>,
+        member: Option<Member<'_, '_>>,
     ) -> Result<Response<Body>, ProxyError> {
         let (live, trace, deadline) = (ctx.live, ctx.trace, ctx.deadline);
-        let (session, member) = match member {
+        let (session, mut member) = match member {
             Some(Member {
                 pool,
                 lease,
                 client,
                 session,
-            }) => (session, Some((pool, lease, client))),
+                counted,
+            }) => (session, Some((pool, lease, client, counted))),
             None => (identity.session(deadline).await, None),
         };
         let session = session.map_err(|e| unavailable(e, live.timeout()))?;
@@ -593,11 +595,18 @@ impl Proxy {
         let mut moved_to: Vec<crate::session::pool::Lease> = Vec::new();
         for round in 1..=MAX_REPLAYS {
             let current = moved_to.last().map_or(identity, |lease| lease.identity());
-            let (moved, fresh) = match member {
-                Some((pool, first, client)) => pool
-                    .replacement(moved_to.last().unwrap_or(first), &dead, client, deadline)
-                    .await
-                    .map_err(ProxyError::from)?,
+            let (moved, fresh) = match &mut member {
+                Some((pool, first, client, counted)) => {
+                    let (moved, fresh) = pool
+                        .replacement(moved_to.last().unwrap_or(first), &dead, *client, deadline)
+                        .await
+                        .map_err(ProxyError::from)?;
+                    if let Some(lease) = &moved {
+                        // Counted under the member that answers.
+                        **counted = Counted::identity(lease.member_of(pool));
+                    }
+                    (moved, fresh)
+                }
                 None => (None, current.replacement(&dead, deadline).await),
             };
             let fresh = match fresh {
@@ -962,12 +971,14 @@ struct Ctx<'a> {
 
 /// A pool's member serving a request: the pool, the member's lease, the
 /// client's sticky key (what a replay needs to move to another member),
-/// and the session the pool found for it.
-struct Member<'a> {
-    pool: &'a Arc<Pool>,
+/// the session the pool found for it, and the series it counts in.
+struct Member<'a, 'l> {
+    pool: &'l Arc<Pool>,
     lease: &'a crate::session::pool::Lease,
     client: Option<&'a HeaderValue>,
     session: Result<Arc<Session>, Unavailable>,
+    /// Whose series the request counts in: the member that answered it.
+    counted: &'a mut Counted<'l>,
 }
 
 /// A request's client and its cap on slots in flight (`fair.rs`).

@@ -480,6 +480,8 @@ async fn a_replay_moves_to_another_member_when_its_own_cannot_renew() {
             assert_eq!(call(i).await.status, StatusCode::OK, "{strategy}");
         }
         assert_eq!(users(&h.sim).len(), 4, "{strategy}: every member served");
+        let served_by_1 = "qbproxy_requests_total{identity=\"load-1\",pool=\"load\"}";
+        let before = h.metric(served_by_1);
         h.sim.fail_user("loadtest-1");
         h.sim.expire_all();
         let started = tokio::time::Instant::now();
@@ -507,5 +509,7 @@ async fn a_replay_moves_to_another_member_when_its_own_cannot_renew() {
             .filter(|r| r.user_id == 100_001)
             .count();
         assert_eq!(replayed_on_member_1, 0, "{strategy}");
+        // Counted under the member that answered, not the one that failed.
+        assert_eq!(h.metric(served_by_1), before, "{strategy}");
     }
 }
