@@ -60,11 +60,16 @@ async fn more_http2_connections_open_when_the_servers_streams_run_out() {
     let sent: Vec<_> = (0..10)
         .map(|i| h.spawn_send(Method::GET, format!("/data/Slow{i}.json"), &[], ""))
         .collect();
-    bounded(
-        "ten requests held",
-        sim.wait_until(|s| s.held_at_gates() == 10),
-    )
-    .await;
+    // Bounded as every wait is; on a timeout, say where the requests are.
+    let held =
+        tokio::time::timeout(common::BOUND, sim.wait_until(|s| s.held_at_gates() == 10)).await;
+    assert!(
+        held.is_ok(),
+        "ten requests held: {} at the gate; qbproxy: {}; nginx: {}",
+        sim.held_at_gates(),
+        metrics(&h),
+        edge.log()
+    );
     assert_eq!(h.metric(H2_OPENED), 3, "{}", edge.log());
     assert_eq!(h.metric(H2_OPEN), 3);
     assert_eq!(h.metric("qbproxy_upstream_in_flight"), 10);
