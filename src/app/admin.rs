@@ -224,28 +224,21 @@ fn rfc3339(t: SystemTime) -> String {
         .unwrap_or_default()
 }
 
-/// Each pool at a glance: its members, how many hold a session, and how
-/// many are set aside (`/readyz` stays 200 while one serves).
+/// Each pool at a glance, by name: its members, how many hold a session,
+/// and how many are set aside (`/readyz` stays 200 while one serves).
 fn pools_json(statuses: &[Status]) -> Vec<serde_json::Value> {
-    let mut pools: Vec<(&str, [usize; 3])> = Vec::new();
+    // By pool: members, ready, set aside.
+    let mut pools: std::collections::BTreeMap<&str, [usize; 3]> = Default::default();
     for s in statuses {
-        let Some(pool) = s.pool.as_deref() else {
-            continue;
-        };
-        let at = match pools.iter().position(|(name, _)| *name == pool) {
-            Some(at) => at,
-            None => {
-                pools.push((pool, [0; 3]));
-                pools.len() - 1
-            }
-        };
-        let counts = &mut pools[at].1;
-        counts[0] += 1;
-        counts[1] += usize::from(matches!(
-            s.state,
-            SessionState::Ready | SessionState::ReadyRenewalFailing
-        ));
-        counts[2] += usize::from(s.state == SessionState::SetAside);
+        if let Some(pool) = s.pool.as_deref() {
+            let counts = pools.entry(pool).or_default();
+            counts[0] += 1;
+            counts[1] += usize::from(matches!(
+                s.state,
+                SessionState::Ready | SessionState::ReadyRenewalFailing
+            ));
+            counts[2] += usize::from(s.state == SessionState::SetAside);
+        }
     }
     pools
         .into_iter()

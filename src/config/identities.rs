@@ -221,15 +221,13 @@ impl Validator<'_> {
                 .keep(self.prefix(&at("path_prefix"), r.path_prefix.as_deref(), &mut prefixes))
                 .flatten();
             if r.create_concurrency == 0 {
-                self.keep::<()>(Err(
-                    self.invalid(&at("create_concurrency"), "must be at least 1")
-                ));
+                self.note_error(self.invalid(&at("create_concurrency"), "must be at least 1"));
             }
             if r.max_in_flight == Some(0) {
-                self.keep::<()>(Err(self.invalid(
+                self.note_error(self.invalid(
                     &at("max_in_flight"),
                     "must be at least 1 (leave it out for no limit)",
-                )));
+                ));
             }
             let members = self
                 .keep(self.pool_members(&at, &r, PoolId(i), &mut identities, &mut names))

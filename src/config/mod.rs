@@ -364,13 +364,7 @@ impl Config {
                 };
                 v.invalid(&key, problem)
             })?;
-        let mut raw = raw;
-        // Files are named as seen from the config's folder.
-        let dir = path.parent().unwrap_or(Path::new(""));
-        let files = raw.resolve_paths(&std::path::absolute(dir).unwrap_or_else(|_| dir.to_owned()));
-        let mut config = v.validate(raw)?;
-        config.files = files;
-        Ok(config)
+        v.validate(raw)
     }
 }
 

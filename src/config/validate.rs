@@ -109,7 +109,10 @@ impl Validator<'_> {
     /// Checks every section, each on its own, so that one run reports every
     /// problem it finds (a section whose input is wrong is not checked
     /// against it: the clients against the identities' names, say).
-    pub(super) fn validate(&self, raw: RawConfig) -> Result<Config, ConfigError> {
+    pub(super) fn validate(&self, mut raw: RawConfig) -> Result<Config, ConfigError> {
+        // Files are named as seen from the config's folder.
+        let dir = self.path.parent().unwrap_or(Path::new(""));
+        let files = raw.resolve_paths(&std::path::absolute(dir).unwrap_or_else(|_| dir.to_owned()));
         let listen = self.keep(self.listen(raw.listen));
         let admin = listen
             .as_ref()
@@ -181,7 +184,7 @@ impl Validator<'_> {
             },
             cluster,
             state_file,
-            files: Vec::new(),
+            files,
             warnings,
             runs_commands: notes.commands,
             limits,
@@ -200,7 +203,12 @@ impl Validator<'_> {
 
     /// The value, or `None` with its error noted for the report.
     pub(super) fn keep<T>(&self, result: Result<T, ConfigError>) -> Option<T> {
-        result.map_err(|e| self.errors.borrow_mut().push(e)).ok()
+        result.map_err(|e| self.note_error(e)).ok()
+    }
+
+    /// A problem for the report; checking goes on.
+    pub(super) fn note_error(&self, e: ConfigError) {
+        self.errors.borrow_mut().push(e);
     }
 
     fn listen(&self, raw: RawListen) -> Result<ListenConfig, ConfigError> {

@@ -593,8 +593,9 @@ impl Proxy {
         // two idle hours), and is then renewed and replayed with in turn.
         let mut dead = session;
         let mut moved_to: Vec<crate::session::pool::Lease> = Vec::new();
-        for round in 1..=MAX_REPLAYS {
-            let current = moved_to.last().map_or(identity, |lease| lease.identity());
+        let mut round = 0;
+        loop {
+            round += 1;
             let (moved, fresh) = match &mut member {
                 Some((pool, first, client, counted)) => {
                     let (moved, fresh) = pool
@@ -607,7 +608,7 @@ impl Proxy {
                     }
                     (moved, fresh)
                 }
-                None => (None, current.replacement(&dead, deadline).await),
+                None => (None, identity.replacement(&dead, deadline).await),
             };
             let fresh = match fresh {
                 Ok(fresh) => fresh,
@@ -659,7 +660,6 @@ impl Proxy {
                 }
             }
         }
-        Ok(refusal)
     }
 
     /// Sends a request upstream within the deadline, in one of the
