@@ -4,13 +4,13 @@
 //! shared cache when it can (counted, full or resumed), and ALPN, which
 //! says whether the connection speaks HTTP/2.
 //!
-//! An HTTP/2 connection's bytes pass through [`FrameWatch`], which counts
-//! the GOAWAY frames the upstream sends (hyper does not report them), and
-//! its writes are gathered by [`Coalesced`].
+//! An HTTP/2 connection's bytes pass through [`FrameWatch`], which reads
+//! what the upstream's SETTINGS and GOAWAY frames say (hyper reports
+//! neither when it happens), and its writes are gathered by [`Coalesced`].
 
 use std::io;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
@@ -37,28 +37,68 @@ pub enum Connected {
     Plain(TokioIo<TcpStream>),
     /// TLS, HTTP/1.1.
     Tls(TokioIo<TlsStream<TcpStream>>),
-    /// TLS, HTTP/2 by ALPN; the GOAWAY its server sends, when it does.
+    /// TLS, HTTP/2 by ALPN; what its server's frames say.
     H2(
         Coalesced<TokioIo<FrameWatch<TlsStream<TcpStream>>>>,
-        Arc<Goaway>,
+        Arc<ServerFrames>,
     ),
 }
 
-/// The last stream a server's GOAWAY lets finish: every stream it names
-/// or one below was or will be processed, none above it was.
-#[derive(Debug, Default)]
-pub struct Goaway(AtomicU32);
+/// What an HTTP/2 server's frames said, as they are read: its stream limit
+/// (SETTINGS) and the last stream its GOAWAY lets finish.
+pub struct ServerFrames {
+    /// Stream ids are 31 bits; `u32::MAX` marks "no GOAWAY yet".
+    goaway: AtomicU32,
+    /// `u64::MAX` marks "no SETTINGS yet".
+    streams: AtomicU64,
+    /// Called with the new limit when a SETTINGS frame sets it.
+    on_limit: Box<dyn Fn(usize) + Send + Sync>,
+}
 
-impl Goaway {
-    /// Stream ids are 31 bits; this marks "no GOAWAY yet".
-    const NONE: u32 = u32::MAX;
+impl ServerFrames {
+    /// `on_limit` is called, on the connection's task as it reads, each
+    /// time the server sets its stream limit.
+    pub fn new(on_limit: impl Fn(usize) + Send + Sync + 'static) -> Self {
+        ServerFrames {
+            goaway: AtomicU32::new(u32::MAX),
+            streams: AtomicU64::new(u64::MAX),
+            on_limit: Box::new(on_limit),
+        }
+    }
 
     /// How many of the streams this client opened the server processed
-    /// (client streams are 1, 3, 5...), if it sent a GOAWAY.
+    /// (client streams are 1, 3, 5...), if it sent a GOAWAY: every stream
+    /// the GOAWAY names or one below was or will be processed, none above.
     pub fn processed(&self) -> Option<u64> {
-        match self.0.load(Ordering::Relaxed) {
-            Goaway::NONE => None,
+        match self.goaway.load(Ordering::Relaxed) {
+            u32::MAX => None,
             last => Some(u64::from(last).div_ceil(2)),
+        }
+    }
+
+    /// The streams the server allows at once
+    /// (`SETTINGS_MAX_CONCURRENT_STREAMS`; `usize::MAX` if its first
+    /// SETTINGS set no limit), once its SETTINGS arrived.
+    pub fn streams(&self) -> Option<usize> {
+        match self.streams.load(Ordering::Relaxed) {
+            u64::MAX => None,
+            n => Some(usize::try_from(n).unwrap_or(usize::MAX)),
+        }
+    }
+
+    fn seen(&self, frame: Seen) {
+        match frame {
+            Seen::Goaway(last) => {
+                self.goaway.store(last, Ordering::Relaxed);
+                tracing::debug!(
+                    last_stream = last,
+                    "the upstream sent GOAWAY: no new requests go on this connection"
+                );
+            }
+            Seen::Streams(n) => {
+                self.streams.store(n.min(u64::MAX - 1), Ordering::Relaxed);
+                (self.on_limit)(usize::try_from(n).unwrap_or(usize::MAX));
+            }
         }
     }
 }
@@ -129,7 +169,11 @@ impl Connector {
 
     /// One new connection, TLS handshake done. The caller bounds the time
     /// (TCP alone is bounded by `upstream.connect_timeout` here).
-    pub async fn connect(&self) -> Result<Connected, ConnectError> {
+    /// Connects; an HTTP/2 connection's frames are read into `frames`.
+    pub async fn connect(
+        &self,
+        frames: impl FnOnce() -> ServerFrames,
+    ) -> Result<Connected, ConnectError> {
         let mut tcp = self.tcp.clone();
         let tcp = tower_service::Service::call(&mut tcp, self.target.clone())
             .await
@@ -146,9 +190,9 @@ impl Connector {
         self.metrics
             .handshake(session.handshake_kind() == Some(rustls::HandshakeKind::Resumed));
         Ok(if session.alpn_protocol() == Some(b"h2") {
-            let goaway = Arc::new(Goaway(AtomicU32::new(Goaway::NONE)));
-            let watched = FrameWatch::new(stream, self.metrics.goaways.clone(), goaway.clone());
-            Connected::H2(Coalesced::new(TokioIo::new(watched), true), goaway)
+            let frames = Arc::new(frames());
+            let watched = FrameWatch::new(stream, self.metrics.goaways.clone(), frames.clone());
+            Connected::H2(Coalesced::new(TokioIo::new(watched), true), frames)
         } else {
             Connected::Tls(TokioIo::new(stream))
         })
@@ -156,59 +200,99 @@ impl Connector {
 }
 
 /// An HTTP/2 connection's byte stream, read frame header by frame header
-/// for the GOAWAY frames the server sends: it sends one before it closes
-/// (nginx after `keepalive_requests`, at its idle timeout, on reload), and
-/// hyper only says that the connection ended. Each is counted, and the
-/// last stream it lets finish is kept (the pool learns from it how many
-/// requests the server takes on one connection).
+/// for the SETTINGS and GOAWAY frames the server sends, as h2 reads them.
+/// A SETTINGS frame says how many streams the server allows at once: the
+/// pool gives a connection no more (else h2 queues the rest on it, behind
+/// the requests it carries, while another connection could take them),
+/// and h2's own view is read only when a request is sent. A GOAWAY comes
+/// before the server closes (nginx after `keepalive_requests`, at its idle
+/// timeout, on reload), where hyper only says that the connection ended:
+/// each is counted, and the last stream it lets finish is kept (the pool
+/// learns from it how many requests the server takes on one connection).
 pub struct FrameWatch<T> {
     io: T,
     scan: FrameScan,
     goaways: IntCounter,
-    goaway: Arc<Goaway>,
+    frames: Arc<ServerFrames>,
 }
 
 impl<T> FrameWatch<T> {
-    fn new(io: T, goaways: IntCounter, goaway: Arc<Goaway>) -> Self {
+    fn new(io: T, goaways: IntCounter, frames: Arc<ServerFrames>) -> Self {
         FrameWatch {
             io,
             scan: FrameScan::default(),
             goaways,
-            goaway,
+            frames,
         }
     }
 }
 
 /// Where the reader is in the server's frames (RFC 9113 §4.1: a 9-byte
 /// header whose first three bytes are the payload's length, the fourth its
-/// type). The server's side of a connection starts with a frame. A
-/// GOAWAY's payload opens with the last stream id (31 bits, §6.8).
+/// type, the fifth its flags). The server's side of a connection starts
+/// with a frame, its SETTINGS (§3.4).
 #[derive(Default)]
 struct FrameScan {
-    /// A frame header, then a GOAWAY's last stream id, as they arrive.
+    /// A frame header, a GOAWAY's last stream id or a SETTINGS entry, as
+    /// they arrive.
     bytes: [u8; 9],
     have: usize,
-    /// Reading a GOAWAY's last stream id rather than a header.
-    in_goaway: bool,
-    /// Payload bytes still to pass over.
-    skip: usize,
+    reading: Reading,
+    /// Payload bytes of the current frame still to come.
+    left: usize,
+    /// The stream limit the SETTINGS frame being read sets, if it does.
+    max_streams: Option<u32>,
+    /// Whether a SETTINGS frame (not an ACK) was read before.
+    had_settings: bool,
 }
 
-/// The GOAWAY frame's type (RFC 9113 §6.8).
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+enum Reading {
+    #[default]
+    Header,
+    /// A GOAWAY's last stream id (31 bits, §6.8), then the rest passed over.
+    GoawayLast,
+    /// SETTINGS entries, 6 bytes each: a 16-bit id, a 32-bit value (§6.5.1).
+    SettingsEntry,
+    /// A payload passed over.
+    Skip,
+}
+
+/// What the scanner saw in a frame it completed.
+#[derive(Debug, PartialEq)]
+enum Seen {
+    /// A GOAWAY's last stream id.
+    Goaway(u32),
+    /// A SETTINGS frame's stream limit: the value it sets, or no limit if
+    /// the server's first SETTINGS sets none (§6.5.2: unlimited at first).
+    Streams(u64),
+}
+
+/// Frame types and the setting read (RFC 9113 §6.5, §6.5.2, §6.8).
+const SETTINGS: u8 = 0x4;
 const GOAWAY: u8 = 0x7;
+const SETTINGS_ACK: u8 = 0x1;
+const SETTINGS_MAX_CONCURRENT_STREAMS: u16 = 0x3;
 
 impl FrameScan {
-    /// Reads `data`, the next bytes of the stream; returns the last stream
-    /// id of every GOAWAY frame it completed.
-    fn feed(&mut self, mut data: &[u8], mut goaway: impl FnMut(u32)) {
+    /// Reads `data`, the next bytes of the stream, and tells `seen` what
+    /// each frame it completed says.
+    fn feed(&mut self, mut data: &[u8], mut seen: impl FnMut(Seen)) {
         while !data.is_empty() {
-            let want = if self.in_goaway { 4 } else { 9 };
-            if self.skip > 0 && !self.in_goaway {
-                let n = self.skip.min(data.len());
-                self.skip -= n;
-                data = &data[n..];
-                continue;
-            }
+            let want = match self.reading {
+                Reading::Skip => {
+                    let n = self.left.min(data.len());
+                    self.left -= n;
+                    data = &data[n..];
+                    if self.left == 0 {
+                        self.reading = Reading::Header;
+                    }
+                    continue;
+                }
+                Reading::Header => 9,
+                Reading::GoawayLast => 4,
+                Reading::SettingsEntry => 6,
+            };
             let n = (want - self.have).min(data.len());
             self.bytes[self.have..self.have + n].copy_from_slice(&data[..n]);
             self.have += n;
@@ -217,17 +301,60 @@ impl FrameScan {
                 continue;
             }
             self.have = 0;
-            let b = &self.bytes;
-            if self.in_goaway {
-                self.in_goaway = false;
-                self.skip -= 4;
-                goaway(u32::from_be_bytes([b[0], b[1], b[2], b[3]]) & 0x7fff_ffff);
-            } else {
-                self.skip = usize::from(b[0]) << 16 | usize::from(b[1]) << 8 | usize::from(b[2]);
-                // A GOAWAY shorter than its fixed 8 bytes is a protocol
-                // error that h2 reports; it is passed over here.
-                self.in_goaway = b[3] == GOAWAY && self.skip >= 8;
+            let b = self.bytes;
+            match self.reading {
+                Reading::Header => self.header(&b, &mut seen),
+                Reading::GoawayLast => {
+                    self.left -= 4;
+                    self.reading = Reading::Skip;
+                    seen(Seen::Goaway(
+                        u32::from_be_bytes([b[0], b[1], b[2], b[3]]) & 0x7fff_ffff,
+                    ));
+                }
+                Reading::SettingsEntry => {
+                    self.left -= 6;
+                    if u16::from_be_bytes([b[0], b[1]]) == SETTINGS_MAX_CONCURRENT_STREAMS {
+                        self.max_streams = Some(u32::from_be_bytes([b[2], b[3], b[4], b[5]]));
+                    }
+                    if self.left == 0 {
+                        self.settings_end(&mut seen);
+                    }
+                }
+                Reading::Skip => unreachable!("skipped above"),
             }
+            if self.reading == Reading::Skip && self.left == 0 {
+                self.reading = Reading::Header;
+            }
+        }
+    }
+
+    fn header(&mut self, b: &[u8; 9], seen: &mut impl FnMut(Seen)) {
+        self.left = usize::from(b[0]) << 16 | usize::from(b[1]) << 8 | usize::from(b[2]);
+        let (kind, flags) = (b[3], b[4]);
+        // Malformed frames (a GOAWAY shorter than its fixed 8 bytes, a
+        // SETTINGS not in whole entries) are protocol errors that h2
+        // reports; they are passed over here.
+        self.reading = match kind {
+            GOAWAY if self.left >= 8 => Reading::GoawayLast,
+            SETTINGS if flags & SETTINGS_ACK == 0 && self.left % 6 == 0 => {
+                self.max_streams = None;
+                if self.left == 0 {
+                    self.settings_end(seen);
+                    return;
+                }
+                Reading::SettingsEntry
+            }
+            _ => Reading::Skip,
+        };
+    }
+
+    fn settings_end(&mut self, seen: &mut impl FnMut(Seen)) {
+        self.reading = Reading::Header;
+        let first = !std::mem::replace(&mut self.had_settings, true);
+        match (self.max_streams.take(), first) {
+            (Some(n), _) => seen(Seen::Streams(u64::from(n))),
+            (None, true) => seen(Seen::Streams(u64::MAX)),
+            (None, false) => {}
         }
     }
 }
@@ -242,14 +369,12 @@ impl<T: AsyncRead + Unpin> AsyncRead for FrameWatch<T> {
         let before = buf.filled().len();
         let polled = Pin::new(&mut this.io).poll_read(cx, buf);
         if let Poll::Ready(Ok(())) = polled {
-            let (goaways, goaway) = (&this.goaways, &this.goaway);
-            this.scan.feed(&buf.filled()[before..], |last| {
-                goaways.inc();
-                goaway.0.store(last, Ordering::Relaxed);
-                tracing::debug!(
-                    last_stream = last,
-                    "the upstream sent GOAWAY: no new requests go on this connection"
-                );
+            let (goaways, frames) = (&this.goaways, &this.frames);
+            this.scan.feed(&buf.filled()[before..], |frame| {
+                if let Seen::Goaway(_) = frame {
+                    goaways.inc();
+                }
+                frames.seen(frame);
             });
         }
         polled
@@ -314,35 +439,114 @@ mod tests {
         frame(GOAWAY, &payload)
     }
 
+    fn frame_with_flags(kind: u8, flags: u8, payload: &[u8]) -> Vec<u8> {
+        let mut f = frame(kind, payload);
+        f[4] = flags;
+        f
+    }
+
+    fn settings(entries: &[(u16, u32)]) -> Vec<u8> {
+        let payload: Vec<u8> = entries
+            .iter()
+            .flat_map(|(id, value)| [id.to_be_bytes().as_slice(), &value.to_be_bytes()].concat())
+            .collect();
+        frame(SETTINGS, &payload)
+    }
+
+    /// Everything `stream` says, fed `chunk` bytes at a time.
+    fn scan(stream: &[u8], chunk: usize) -> Vec<Seen> {
+        let mut scan = FrameScan::default();
+        let mut seen = Vec::new();
+        for c in stream.chunks(chunk) {
+            scan.feed(c, |frame| seen.push(frame));
+        }
+        assert_eq!(
+            (scan.have, scan.left, scan.reading),
+            (0, 0, Reading::Header),
+            "between frames after {chunk} bytes at a time"
+        );
+        seen
+    }
+
+    const SPLITS: [usize; 9] = [1, 2, 5, 6, 9, 10, 13, 4096, usize::MAX];
+
     /// GOAWAY frames and their last stream ids are read wherever the reads
     /// split the stream, and payload bytes that look like a GOAWAY's type
     /// are not one.
     #[test]
     fn goaway_frames_are_read_across_any_split() {
         let mut stream = Vec::new();
-        stream.extend(frame(0x4, &[0x7; 18])); // SETTINGS
+        stream.extend(settings(&[(0x0707, 7), (0x0707, 7)]));
         stream.extend(frame(0x1, &[0x7; 40])); // HEADERS
         stream.extend(goaway(0x8000_0000 | 2_147_483_647, b""));
         stream.extend(frame(0x0, &vec![0x7; 70_000])); // DATA, a long one
         stream.extend(goaway(19, b"too many requests"));
-        for chunk in [1, 2, 5, 9, 10, 13, 4096, stream.len()] {
-            let mut scan = FrameScan::default();
-            let mut seen = Vec::new();
-            for c in stream.chunks(chunk) {
-                scan.feed(c, |last| seen.push(last));
-            }
-            assert_eq!(seen, [2_147_483_647, 19], "read {chunk} bytes at a time");
-            assert_eq!((scan.have, scan.skip, scan.in_goaway), (0, 0, false));
+        for chunk in SPLITS {
+            assert_eq!(
+                scan(&stream, chunk),
+                [
+                    Seen::Streams(u64::MAX),
+                    Seen::Goaway(2_147_483_647),
+                    Seen::Goaway(19)
+                ],
+                "read {chunk} bytes at a time"
+            );
+        }
+    }
+
+    /// The server's stream limit is read from its SETTINGS wherever the
+    /// reads split them: its first SETTINGS without a limit means none;
+    /// a later one without a limit changes nothing, one with a limit sets
+    /// it; ACKs and malformed SETTINGS say nothing; a SETTINGS frame's
+    /// last value for the setting counts.
+    #[test]
+    fn settings_frames_say_the_servers_stream_limit() {
+        let mut stream = Vec::new();
+        stream.extend(settings(&[(0x1, 4096), (0x3, 128), (0x4, 65_535)]));
+        stream.extend(frame_with_flags(SETTINGS, SETTINGS_ACK, &[]));
+        stream.extend(frame(0x1, &[0x4, 0, 0, 0, 0, 3, 0, 0, 0, 1])); // HEADERS
+        stream.extend(settings(&[(0x4, 1 << 20)]));
+        stream.extend(frame(SETTINGS, &[0, 3, 0, 0, 0])); // not whole entries
+        stream.extend(settings(&[(0x3, 100), (0x3, 4)]));
+        for chunk in SPLITS {
+            assert_eq!(
+                scan(&stream, chunk),
+                [Seen::Streams(128), Seen::Streams(4)],
+                "read {chunk} bytes at a time"
+            );
+        }
+        for chunk in SPLITS {
+            let unlimited = [settings(&[]), settings(&[(0x3, 8)])].concat();
+            assert_eq!(
+                scan(&unlimited, chunk),
+                [Seen::Streams(u64::MAX), Seen::Streams(8)]
+            );
         }
     }
 
     #[test]
     fn a_goaway_says_how_many_client_streams_were_processed() {
-        let g = Goaway(AtomicU32::new(Goaway::NONE));
-        assert_eq!(g.processed(), None);
-        g.0.store(19, Ordering::Relaxed);
-        assert_eq!(g.processed(), Some(10));
-        g.0.store(0, Ordering::Relaxed);
-        assert_eq!(g.processed(), Some(0));
+        let f = ServerFrames::new(|_| {});
+        assert_eq!(f.processed(), None);
+        f.seen(Seen::Goaway(19));
+        assert_eq!(f.processed(), Some(10));
+        f.seen(Seen::Goaway(0));
+        assert_eq!(f.processed(), Some(0));
+    }
+
+    #[test]
+    fn settings_set_the_stream_limit_and_call_back() {
+        let told = Arc::new(std::sync::Mutex::new(Vec::new()));
+        let t = told.clone();
+        let f = ServerFrames::new(move |n| t.lock().unwrap().push(n));
+        assert_eq!(f.streams(), None);
+        f.seen(Seen::Streams(4));
+        assert_eq!(f.streams(), Some(4));
+        f.seen(Seen::Streams(u64::MAX));
+        assert!(
+            f.streams().is_some_and(|n| n > u32::MAX as usize),
+            "no limit"
+        );
+        assert_eq!(*told.lock().unwrap(), [4, usize::MAX]);
     }
 }

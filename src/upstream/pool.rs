@@ -19,6 +19,16 @@
 //! Connections being made count as capacity to come: while one is being
 //! made for HTTP/2, up to as many requests as the last connection allowed
 //! streams wait for it instead of each opening their own.
+//!
+//! A server's stream limit is known from its SETTINGS, read as they arrive
+//! (`connect.rs`, [`ServerFrames`]), a round trip after the connection is
+//! made. Until one of the upstream's connections has said it
+//! ([`StreamLimit`], shared by every worker), a new connection carries
+//! one request, and the requests waiting for it wait for its SETTINGS
+//! too: assuming a limit (hyper assumes 100) would queue requests inside
+//! h2 past a lower one (nginx with `http2_max_concurrent_streams 4`),
+//! behind the requests it carries, while another connection could take
+//! them.
 
 use std::collections::VecDeque;
 use std::future::Future;
@@ -37,7 +47,7 @@ use hyper_util::rt::{TokioExecutor, TokioTimer};
 use tokio::sync::Notify;
 use tokio::time::{timeout_at, Instant};
 
-use super::connect::{Connected, Connector, Goaway};
+use super::connect::{Connected, Connector, ServerFrames};
 use super::ConnectError;
 use super::SendError;
 use crate::config::UpstreamConfig;
@@ -45,9 +55,10 @@ use crate::net::body::Body;
 use crate::telemetry::metrics::{Protocol, UpstreamMetrics};
 use crate::upstream::fair::Slot as Permit;
 
-/// Streams a new HTTP/2 connection is taken to allow until its server's
-/// SETTINGS say otherwise (hyper's initial value; RFC 9113 §6.5.2 advises
-/// servers to allow at least 100).
+/// Streams an HTTP/2 connection whose SETTINGS are still on their way is
+/// counted on to carry, for the requests waiting for it, while the
+/// upstream's limit is not known (RFC 9113 §6.5.2 advises servers to allow
+/// at least 100). It carries one until they arrive.
 const ASSUMED_STREAMS: usize = 100;
 
 /// Times one request is sent when the upstream did not process it: a
@@ -63,6 +74,25 @@ pub struct Settings {
     pub idle_timeout: Duration,
     pub ping_interval: Option<Duration>,
     pub ping_timeout: Duration,
+    /// Shared by the workers given clones of these settings.
+    pub streams: StreamLimit,
+}
+
+/// The upstream's HTTP/2 stream limit as the last SETTINGS of any of its
+/// connections said (`SETTINGS_MAX_CONCURRENT_STREAMS`), shared by every
+/// worker's pool: a new connection is taken to allow that many from the
+/// start. Not known (0) until a first connection's SETTINGS arrive.
+#[derive(Clone, Debug, Default)]
+pub struct StreamLimit(Arc<AtomicUsize>);
+
+impl StreamLimit {
+    fn get(&self) -> Option<usize> {
+        Some(self.0.load(Ordering::Relaxed)).filter(|n| *n > 0)
+    }
+
+    fn learn(&self, streams: usize) {
+        self.0.store(streams.max(1), Ordering::Relaxed);
+    }
 }
 
 impl Settings {
@@ -75,6 +105,7 @@ impl Settings {
             idle_timeout: cfg.pool_idle_timeout,
             ping_interval: cfg.ping_interval,
             ping_timeout: cfg.ping_timeout,
+            streams: StreamLimit::default(),
         }
     }
 }
@@ -113,9 +144,8 @@ struct State {
     /// Requests waiting for a connection being made.
     waiting: usize,
     /// Whether the last connection made spoke HTTP/2 (what the next one
-    /// will most likely speak), and the streams it allowed.
+    /// will most likely speak).
     likely_h2: bool,
-    expected_streams: usize,
     /// Requests the server takes on one HTTP/2 connection before it sends
     /// GOAWAY (nginx's `keepalive_requests`, 1000 by default), learnt from
     /// two GOAWAYs in a row that refused streams after the same count (a
@@ -135,11 +165,26 @@ struct H2Conn {
     in_flight: usize,
     /// Streams opened on it, ever.
     sent: u64,
-    goaway: Arc<Goaway>,
-    /// The server's current stream limit, kept by the connection's task.
-    max: Arc<AtomicUsize>,
+    /// What its server's SETTINGS and GOAWAY said.
+    frames: Arc<ServerFrames>,
+    /// The upstream's stream limit known when it was made, which it keeps
+    /// to until its own SETTINGS arrive.
+    known: Option<usize>,
     /// Since when nothing has been in flight.
     idle_since: Instant,
+}
+
+impl H2Conn {
+    /// The streams it takes at once: its server's limit, or until its
+    /// SETTINGS arrive the upstream's known limit, else one.
+    fn max(&self) -> usize {
+        self.frames.streams().or(self.known).unwrap_or(1)
+    }
+
+    /// Whether its stream limit is known.
+    fn settled(&self) -> bool {
+        self.frames.streams().is_some() || self.known.is_some()
+    }
 }
 
 struct Idle {
@@ -170,7 +215,6 @@ impl Client {
                 settings,
                 state: Mutex::new(State {
                     likely_h2,
-                    expected_streams: ASSUMED_STREAMS,
                     ..State::default()
                 }),
                 room: Notify::new(),
@@ -273,13 +317,17 @@ impl Client {
                 {
                     return Ok(Checkout::H1(id, send));
                 }
-                let per_connection = if st.likely_h2 {
+                let (per_connection, settling) = if st.likely_h2 {
                     let budget = st.budget.map_or(usize::MAX, |b| b as usize);
-                    st.expected_streams.min(budget)
+                    let streams = shared.settings.streams.get().unwrap_or(ASSUMED_STREAMS);
+                    let settling = st.h2.iter().filter(|c| !c.settled()).count();
+                    (streams.min(budget), settling)
                 } else {
-                    1
+                    (1, 0)
                 };
-                if st.waiting < st.connecting * per_connection {
+                // Connections being made, or whose SETTINGS are on their
+                // way, are capacity to come.
+                if st.waiting < (st.connecting + settling).saturating_mul(per_connection) {
                     st.waiting += 1;
                     Next::AwaitConnection
                 } else if st.open + st.connecting < shared.settings.max_connections {
@@ -316,7 +364,17 @@ impl Client {
             done: false,
         };
         let until = deadline.min(Instant::now() + shared.connector.timeout);
-        let io = match timeout_at(until, shared.connector.connect()).await {
+        let on_limit = {
+            let shared = Arc::downgrade(&self.shared);
+            move || {
+                ServerFrames::new(move |max| {
+                    if let Some(shared) = shared.upgrade() {
+                        shared.limit_set(max);
+                    }
+                })
+            }
+        };
+        let io = match timeout_at(until, shared.connector.connect(on_limit)).await {
             Ok(Ok(io)) => io,
             Ok(Err(e)) => {
                 shared.metrics.connect_errors.inc();
@@ -331,14 +389,14 @@ impl Client {
         };
         let handshake = async {
             Ok(match io {
-                Connected::H2(io, goaway) => {
-                    // The last connection's limit until this one's SETTINGS
-                    // say (h2 itself keeps to it until then).
-                    let expected = self.shared.lock().expected_streams;
-                    let (send, conn) = self.h2_builder(expected).handshake(io).await?;
-                    let max = Arc::new(AtomicUsize::new(expected));
-                    let id = self.register_h2(send.clone(), max.clone(), goaway);
-                    self.watch(id, Protocol::H2, Streams { conn, max });
+                Connected::H2(io, frames) => {
+                    // The upstream's known limit, else one stream, until
+                    // this connection's SETTINGS say (h2 keeps to it too).
+                    let known = shared.settings.streams.get();
+                    let initial = frames.streams().or(known).unwrap_or(1);
+                    let (send, conn) = self.h2_builder(initial).handshake(io).await?;
+                    let id = self.register_h2(send.clone(), known, frames);
+                    self.watch(id, Protocol::H2, conn);
                     Checkout::H2(id, send)
                 }
                 Connected::Tls(io) => self.h1(io).await?,
@@ -359,11 +417,11 @@ impl Client {
         Ok(checkout)
     }
 
-    fn h2_builder(&self, expected_streams: usize) -> http2::Builder<TokioExecutor> {
+    fn h2_builder(&self, initial_streams: usize) -> http2::Builder<TokioExecutor> {
         let s = &self.shared.settings;
         let mut b = http2::Builder::new(TokioExecutor::new());
         b.timer(TokioTimer::new())
-            .initial_max_send_streams(expected_streams);
+            .initial_max_send_streams(initial_streams);
         if let Some(interval) = s.ping_interval {
             b.keep_alive_interval(interval)
                 .keep_alive_timeout(s.ping_timeout)
@@ -394,8 +452,8 @@ impl Client {
     fn register_h2(
         &self,
         send: http2::SendRequest<Body>,
-        max: Arc<AtomicUsize>,
-        goaway: Arc<Goaway>,
+        known: Option<usize>,
+        frames: Arc<ServerFrames>,
     ) -> u64 {
         let mut st = self.shared.lock();
         st.connecting -= 1;
@@ -408,8 +466,8 @@ impl Client {
             send,
             in_flight: 1,
             sent: 1,
-            goaway,
-            max,
+            frames,
+            known,
             idle_since: Instant::now(),
         });
         drop(st);
@@ -514,6 +572,15 @@ impl Shared {
         self.room.notify_one();
     }
 
+    /// A server's SETTINGS set its stream limit to `max` (a connection's
+    /// first SETTINGS, or a later change), read on the connection's task:
+    /// every worker's next connection starts with it, and the requests
+    /// waiting here look again. Takes no lock.
+    fn limit_set(&self, max: usize) {
+        self.settings.streams.learn(max);
+        self.room.notify_waiters();
+    }
+
     /// An HTTP/1.1 connection's response ended: it takes the next request,
     /// unless enough are idle already.
     fn release_connection(&self, id: u64, send: http1::SendRequest<Body>) {
@@ -591,10 +658,7 @@ impl State {
         let mut best: Option<usize> = None;
         let budget = self.budget.unwrap_or(u64::MAX);
         for (i, c) in self.h2.iter().enumerate() {
-            if c.in_flight >= c.max.load(Ordering::Relaxed)
-                || c.sent >= budget
-                || c.send.is_closed()
-            {
+            if c.in_flight >= c.max() || c.sent >= budget || c.send.is_closed() {
                 continue;
             }
             if best.is_none_or(|b| c.in_flight < self.h2[b].in_flight) {
@@ -604,7 +668,6 @@ impl State {
         let c = &mut self.h2[best?];
         c.in_flight += 1;
         c.sent += 1;
-        self.expected_streams = c.max.load(Ordering::Relaxed).max(1);
         Some((c.id, c.send.clone()))
     }
 
@@ -612,7 +675,7 @@ impl State {
     /// after the same count, tell how many requests the server takes on
     /// one connection.
     fn learn_budget(&mut self, c: &H2Conn) {
-        let Some(processed) = c.goaway.processed() else {
+        let Some(processed) = c.frames.processed() else {
             return;
         };
         if c.sent <= processed {
@@ -792,25 +855,6 @@ impl Drop for Connecting<'_> {
     }
 }
 
-/// An HTTP/2 connection's task, publishing the server's stream limit each
-/// time it is polled (a SETTINGS frame can change it at any time).
-struct Streams<T: Read + Write + Unpin + Send + 'static> {
-    conn: http2::Connection<T, Body, TokioExecutor>,
-    max: Arc<AtomicUsize>,
-}
-
-impl<T: Read + Write + Unpin + Send + 'static> Future for Streams<T> {
-    type Output = hyper::Result<()>;
-
-    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
-        let this = self.get_mut();
-        let polled = Pin::new(&mut this.conn).poll(cx);
-        this.max
-            .store(this.conn.current_max_send_streams(), Ordering::Relaxed);
-        polled
-    }
-}
-
 /// Closes idle connections every quarter of the idle timeout (at least
 /// every second), until the pool is gone.
 async fn reap(shared: Weak<Shared>) {
@@ -930,10 +974,10 @@ mod tests {
         (addr, gate, received)
     }
 
-    fn client(addr: std::net::SocketAddr, upstream: &str) -> (Client, Metrics) {
+    fn client(url: &str, upstream: &str) -> (Client, Metrics) {
         let text = format!(
             "[quickblox]\napplication_id = \"1\"\nauth_key = \"k\"\nauth_secret = \"s\"\n\
-             [upstream]\nurl = \"http://{addr}\"\n{upstream}\n"
+             [upstream]\nurl = \"{url}\"\n{upstream}\n"
         );
         let config = Config::from_toml(&text, Path::new("t.toml")).unwrap();
         let metrics = Metrics::new();
@@ -954,7 +998,7 @@ mod tests {
     #[tokio::test]
     async fn past_max_connections_a_request_waits_until_its_deadline_unsent() {
         let (addr, gate, received) = gated_server().await;
-        let (client, _metrics) = client(addr, "max_connections = 1");
+        let (client, _metrics) = client(&format!("http://{addr}"), "max_connections = 1");
         let far = Instant::now() + Duration::from_secs(20);
         let first = tokio::spawn({
             let c = client.clone();
@@ -980,5 +1024,164 @@ mod tests {
             .unwrap();
         assert_eq!(resp.status(), 200);
         assert_eq!(client.shared.lock().open, 1, "one connection, kept alive");
+    }
+
+    /// An HTTP/2 server over TLS (hyper's, allowing `max_streams` at once)
+    /// whose bytes to the client, its SETTINGS first, are held until the
+    /// returned sender says `true`: a far server, whose SETTINGS come as
+    /// late as the test wants. It answers each request once a permit is
+    /// added to the semaphore, and counts the requests it received and the
+    /// connections it accepted. Returns its address and its certificate.
+    struct HeldServer {
+        addr: std::net::SocketAddr,
+        cert_pem: String,
+        release: tokio::sync::watch::Sender<bool>,
+        gate: Arc<Semaphore>,
+        received: Arc<AtomicUsize>,
+        accepted: Arc<AtomicUsize>,
+    }
+
+    async fn held_h2_server(max_streams: u32) -> HeldServer {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let key = rcgen::generate_simple_self_signed(vec!["localhost".to_owned()]).unwrap();
+        let tls = crate::net::tls::server_config(
+            vec![key.cert.der().clone()],
+            rustls::pki_types::PrivateKeyDer::Pkcs8(key.signing_key.serialize_der().into()),
+            None,
+        )
+        .unwrap();
+        let acceptor = tokio_rustls::TlsAcceptor::from(tls);
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let (release, released) = tokio::sync::watch::channel(false);
+        let server = HeldServer {
+            addr: listener.local_addr().unwrap(),
+            cert_pem: key.cert.pem(),
+            release,
+            gate: Arc::new(Semaphore::new(0)),
+            received: Arc::new(AtomicUsize::new(0)),
+            accepted: Arc::new(AtomicUsize::new(0)),
+        };
+        let (gate, received, accepted) = (
+            server.gate.clone(),
+            server.received.clone(),
+            server.accepted.clone(),
+        );
+        tokio::spawn(async move {
+            while let Ok((tcp, _)) = listener.accept().await {
+                accepted.fetch_add(1, Ordering::SeqCst);
+                let Ok(tls) = acceptor.accept(tcp).await else {
+                    continue;
+                };
+                let (ours, theirs) = tokio::io::duplex(1 << 16);
+                let (g, r) = (gate.clone(), received.clone());
+                let service = service_fn(move |_req| {
+                    let (g, r) = (g.clone(), r.clone());
+                    async move {
+                        r.fetch_add(1, Ordering::SeqCst);
+                        g.acquire().await.unwrap().forget();
+                        Ok::<_, Infallible>(http::Response::new(Body::full("ok")))
+                    }
+                });
+                tokio::spawn(
+                    hyper::server::conn::http2::Builder::new(TokioExecutor::new())
+                        .max_concurrent_streams(max_streams)
+                        .serve_connection(TokioIo::new(theirs), service),
+                );
+                let (mut tls_r, mut tls_w) = tokio::io::split(tls);
+                let (mut ours_r, mut ours_w) = tokio::io::split(ours);
+                tokio::spawn(async move { tokio::io::copy(&mut tls_r, &mut ours_w).await });
+                let mut released = released.clone();
+                tokio::spawn(async move {
+                    let _ = released.wait_for(|r| *r).await;
+                    let mut buf = vec![0u8; 1 << 14];
+                    while let Ok(n @ 1..) = ours_r.read(&mut buf).await {
+                        if tls_w.write_all(&buf[..n]).await.is_err() {
+                            break;
+                        }
+                    }
+                });
+            }
+        });
+        server
+    }
+
+    /// What `seen` reads from the pool's state once it reads something,
+    /// waiting (bounded) until then; read under one lock with the
+    /// condition, so a snapshot is never torn.
+    async fn state_when<T>(client: &Client, seen: impl Fn(&State) -> Option<T>) -> T {
+        let wait = async {
+            loop {
+                if let Some(t) = seen(&client.shared.lock()) {
+                    return t;
+                }
+                tokio::task::yield_now().await;
+            }
+        };
+        timeout_at(Instant::now() + Duration::from_secs(10), wait)
+            .await
+            .expect("the pool's state within 10 s")
+    }
+
+    /// Requests on each HTTP/2 connection, and those waiting for one.
+    fn carried(st: &State) -> (Vec<usize>, usize) {
+        (st.h2.iter().map(|c| c.in_flight).collect(), st.waiting)
+    }
+
+    /// Until a server's SETTINGS say how many streams it allows, a new
+    /// connection of a pool that knows no limit carries one request, and
+    /// the requests that wait for it wait for its SETTINGS, opening no
+    /// connection of their own. When they arrive (4), it takes three more
+    /// and the last two go on a second connection, which starts at the
+    /// learnt limit. hyper's assumed 100 would put all six on the first,
+    /// where h2 queues two behind the four the server takes.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_new_connection_takes_one_request_until_its_servers_settings_arrive() {
+        let server = held_h2_server(4).await;
+        let dir = tempfile::tempdir().unwrap();
+        let ca = dir.path().join("ca.pem");
+        std::fs::write(&ca, &server.cert_pem).unwrap();
+        let url = format!("https://localhost:{}", server.addr.port());
+        let (client, _metrics) = client(&url, &format!("ca_file = {:?}", ca.display().to_string()));
+        let far = Instant::now() + Duration::from_secs(20);
+        let sent: Vec<_> = (0..6)
+            .map(|_| {
+                let c = client.clone();
+                let req = get(server.addr);
+                tokio::spawn(async move {
+                    let (resp, lease) = c.send(req, far, &mut || None, None).await.unwrap();
+                    let body = resp.into_body().collect().await.unwrap().to_bytes();
+                    lease.complete();
+                    body
+                })
+            })
+            .collect();
+        // Each of the six is on a stream or waiting for one.
+        let placed = |st: &State| {
+            let (on, waiting) = carried(st);
+            (on.iter().sum::<usize>() + waiting == 6 && st.connecting == 0).then_some((on, waiting))
+        };
+        assert_eq!(
+            state_when(&client, placed).await,
+            (vec![1], 5),
+            "one connection, one request on it, five waiting for its SETTINGS"
+        );
+        server.release.send(true).unwrap();
+        // SETTINGS arrive: every request goes out, none past the limit.
+        let out = |st: &State| placed(st).filter(|(_, waiting)| *waiting == 0);
+        assert_eq!(state_when(&client, out).await, (vec![4, 2], 0));
+        let received = async {
+            while server.received.load(Ordering::SeqCst) < 6 {
+                tokio::task::yield_now().await;
+            }
+        };
+        timeout_at(far, received)
+            .await
+            .expect("all six at the server");
+        assert_eq!(server.accepted.load(Ordering::SeqCst), 2);
+        assert_eq!(client.shared.settings.streams.get(), Some(4));
+        server.gate.add_permits(6);
+        for s in sent {
+            assert_eq!(s.await.unwrap(), "ok");
+        }
     }
 }
