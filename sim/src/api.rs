@@ -7,7 +7,7 @@ use http::{Method, Response, StatusCode};
 use crate::protocol;
 use crate::Body;
 
-use super::resources::{Call, Routed};
+use super::resources::{Call, Routed, UploadTo};
 use super::sessions::session_json;
 use super::*;
 
@@ -214,6 +214,24 @@ impl Sim {
     ) -> Response<Body> {
         let now = self.now();
         let path = parts.uri.path();
+        // The API's own host as the call reached it (through an edge, the
+        // edge's), as QuickBlox names itself in upload URLs.
+        let origin = match parts.headers.get(http::header::HOST) {
+            Some(host) => format!(
+                "{}://{}",
+                if parts.headers.contains_key("x-edge-protocol") {
+                    "https"
+                } else {
+                    "http"
+                },
+                String::from_utf8_lossy(host.as_bytes())
+            ),
+            None => self.url(),
+        };
+        let uploads = match self.s3_url() {
+            Some(bucket) => UploadTo::S3(bucket),
+            None => UploadTo::Api(&origin),
+        };
         let call = Call {
             method: &parts.method,
             path,
@@ -222,7 +240,7 @@ impl Sim {
             body,
             user_id,
             now,
-            sim_url: &self.url(),
+            uploads,
         };
         let routed = {
             let mut guard = self.state();

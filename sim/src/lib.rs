@@ -52,6 +52,20 @@ pub struct SimConfig {
     pub provider_tokens: Vec<ProviderToken>,
     /// API keys it accepts (`Authorization: ApiKey <key>`).
     pub api_keys: Vec<String>,
+    /// Where a new file's upload URL points.
+    pub uploads: Uploads,
+}
+
+/// The two kinds of upload URL QuickBlox answers `POST /blobs.json` with.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum Uploads {
+    /// Its own API host, `/blobs/{id}/upload/`, with the session's token
+    /// (QuickBlox's current documentation).
+    #[default]
+    Api,
+    /// An S3 bucket on another host, without a token (older answers): the
+    /// simulator's stand-in listens on a port of its own.
+    S3,
 }
 
 /// A Facebook or Firebase token and the user it logs in.
@@ -97,6 +111,7 @@ impl SimConfig {
             session_lifetime: SESSION_LIFETIME,
             provider_tokens: Vec::new(),
             api_keys: vec!["demo-api-key".into()],
+            uploads: Uploads::Api,
         }
     }
 
@@ -176,6 +191,8 @@ pub struct Sim {
 
 struct Shared {
     config: SimConfig,
+    /// The S3 stand-in's URL, with [`Uploads::S3`].
+    s3_url: Option<String>,
     state: Mutex<State>,
     /// Seconds added to the real clock: the simulator's idea of "now".
     clock_offset: AtomicI64,
@@ -251,9 +268,22 @@ impl Sim {
             ..State::default()
         };
         let (stop, stopping) = watch::channel(false);
+        let s3 = match config.uploads {
+            Uploads::Api => None,
+            Uploads::S3 => {
+                let l = std::net::TcpListener::bind((addr.ip(), 0))?;
+                l.set_nonblocking(true)?;
+                Some(TcpListener::from_std(l)?)
+            }
+        };
+        let s3_url = match &s3 {
+            Some(l) => Some(format!("http://{}", l.local_addr()?)),
+            None => None,
+        };
         let sim = Sim {
             shared: Arc::new(Shared {
                 config,
+                s3_url,
                 state: Mutex::new(state),
                 clock_offset: AtomicI64::new(0),
                 changes: watch::channel(0).0,
@@ -261,9 +291,19 @@ impl Sim {
             }),
             addr,
         };
+        if let Some(s3) = s3 {
+            tokio::spawn(server::serve(
+                s3,
+                addr,
+                server::Serves::S3,
+                Arc::downgrade(&sim.shared),
+                stopping.clone(),
+            ));
+        }
         tokio::spawn(server::serve(
             listener,
             addr,
+            server::Serves::Api,
             Arc::downgrade(&sim.shared),
             stopping,
         ));
@@ -277,6 +317,11 @@ impl Sim {
     /// `http://127.0.0.1:PORT`
     pub fn url(&self) -> String {
         format!("http://{}", self.addr)
+    }
+
+    /// The S3 stand-in's URL, with [`Uploads::S3`].
+    pub fn s3_url(&self) -> Option<&str> {
+        self.shared.s3_url.as_deref()
     }
 
     pub fn config(&self) -> &SimConfig {
@@ -480,6 +525,44 @@ impl Sim {
         self.state().connections += 1;
     }
 
+    /// The S3 stand-in: a form upload to the bucket's root, without a
+    /// token, as the SDKs send files to the URL `POST /blobs.json`
+    /// answered; anything else is refused as S3 would.
+    async fn handle_s3(&self, req: Request<Incoming>) -> Response<Body> {
+        let (parts, body) = req.into_parts();
+        let xml = |status: StatusCode, text: String| {
+            let mut resp = Response::new(Body::from(text));
+            *resp.status_mut() = status;
+            resp.headers_mut().insert(
+                header::CONTENT_TYPE,
+                HeaderValue::from_static("application/xml"),
+            );
+            resp
+        };
+        if parts.uri.path() != "/" {
+            return xml(
+                StatusCode::NOT_FOUND,
+                "<Error><Code>NoSuchKey</Code></Error>".to_owned(),
+            );
+        }
+        if parts.method != Method::POST {
+            return xml(
+                StatusCode::METHOD_NOT_ALLOWED,
+                "<Error><Code>MethodNotAllowed</Code></Error>".to_owned(),
+            );
+        }
+        let Ok(body) = body.collect().await.map(|b| b.to_bytes()) else {
+            return xml(
+                StatusCode::BAD_REQUEST,
+                "<Error><Code>IncompleteBody</Code></Error>".to_owned(),
+            );
+        };
+        let query = parts.uri.query().unwrap_or("");
+        let (status, text) = self.state().resources.upload(query, &body);
+        self.changed();
+        xml(status, text)
+    }
+
     async fn handle(&self, req: Request<Incoming>) -> Response<Body> {
         let (parts, body) = req.into_parts();
         let body = match body.collect().await {
@@ -493,19 +576,6 @@ impl Sim {
             }
             (&Method::GET, "/_sim/stats") => {
                 self.json(StatusCode::OK, self.stats().to_string(), None)
-            }
-            // The stand-in for S3: files go here, without a token, as the
-            // SDKs send them to the URL `POST /blobs.json` answered.
-            (&Method::POST, "/_sim/upload") => {
-                let query = parts.uri.query().unwrap_or("");
-                let (status, xml) = self.state().resources.upload(query, &body);
-                let mut resp = Response::new(Body::from(xml));
-                *resp.status_mut() = status;
-                resp.headers_mut().insert(
-                    header::CONTENT_TYPE,
-                    HeaderValue::from_static("application/xml"),
-                );
-                resp
             }
             (&Method::POST, "/session.json") | (&Method::POST, "/session") => {
                 self.create_session(&parts.headers, &body).await

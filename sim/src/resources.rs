@@ -46,8 +46,19 @@ pub(super) struct Call<'a> {
     pub body: &'a [u8],
     pub user_id: u64,
     pub now: SystemTime,
-    /// Where uploads go (the simulator's own URL).
-    pub sim_url: &'a str,
+    /// Where a new file's upload goes.
+    pub uploads: UploadTo<'a>,
+}
+
+/// Where the upload URL of a new file points, as QuickBlox's answers do.
+#[derive(Clone, Copy)]
+pub(super) enum UploadTo<'a> {
+    /// The API's own host, as the call reached it (`scheme://host`):
+    /// `/blobs/{id}/upload/`, with the session's token.
+    Api(&'a str),
+    /// An S3 bucket on another host (the simulator's stand-in): a form
+    /// POST to its root, without a token.
+    S3(&'a str),
 }
 
 /// An answer: status and JSON body; `None` for a body-less answer.
@@ -98,6 +109,7 @@ impl Resources {
             ["blobs"] => POST,
             ["blobs", _] => GET,
             ["blobs", _, "complete"] => PUT,
+            ["blobs", _, "upload"] | ["blobs", _, "upload", ""] => POST,
             _ => return Routed::NotFound,
         };
         if !allowed.contains(call.method) {
@@ -203,12 +215,34 @@ impl Resources {
             (&Method::POST, ["blobs"]) => self.create_blob(config, call),
             (&Method::PUT, ["blobs", id, "complete"]) => self.complete_blob(id, call),
             (&Method::GET, ["blobs", id]) => self.get_blob(id),
+            (&Method::POST, ["blobs", id, "upload", ..]) => self.upload_on_api(id, call),
             _ => return Routed::MethodNotAllowed(allowed),
         };
         Routed::Answered(answered)
     }
 
-    /// `POST /_sim/upload`: the stand-in for S3's form upload.
+    /// `POST /blobs/{id}/upload/` on the API's host: the file, as a form
+    /// whose `key` field names the blob (the SDKs copy the upload URL's
+    /// query into fields), made with a session whose user may write.
+    /// Recorded on the blob: its size and who uploaded it.
+    fn upload_on_api(&mut self, id: &str, call: &Call<'_>) -> Answered {
+        let key = form_field(call.body, "key");
+        let user = call.user_id;
+        let Some(blob) = self.blob(id) else {
+            return not_found("Blob not found");
+        };
+        if key.as_deref() != blob["uid"].as_str() {
+            return (
+                StatusCode::FORBIDDEN,
+                Some(json!({"errors": {"base": ["The upload's key is not this file's"]}})),
+            );
+        }
+        blob["uploaded_bytes"] = json!(form_file_len(call.body).unwrap_or(call.body.len()));
+        blob["uploaded_by"] = json!(user);
+        (StatusCode::CREATED, None)
+    }
+
+    /// `POST /` on the S3 stand-in: S3's form upload, no token.
     /// The blob's key comes as S3 takes it: a field of the multipart form
     /// (the SDKs copy the URL's query into fields), or in the query.
     pub(super) fn upload(&mut self, query: &str, body: &[u8]) -> (StatusCode, String) {
@@ -220,7 +254,7 @@ impl Resources {
         let found = self.blobs.iter_mut().find(|b| b["uid"] == key.as_str());
         match found {
             Some(blob) => {
-                blob["uploaded_bytes"] = json!(body.len());
+                blob["uploaded_bytes"] = json!(form_file_len(body).unwrap_or(body.len()));
                 (
                     StatusCode::CREATED,
                     format!(
@@ -339,12 +373,22 @@ impl Resources {
         let content_type = b["content_type"]
             .as_str()
             .unwrap_or("application/octet-stream");
-        let upload = format!(
-            "{}/_sim/upload?Content-Type={}&Expires={}&acl=authenticated-read&key={uid}&success_action_status=201",
-            call.sim_url,
-            percent_encoding::utf8_percent_encode(content_type, percent_encoding::NON_ALPHANUMERIC),
-            unix(call.now) + 3600,
-        );
+        let content_type_q =
+            percent_encoding::utf8_percent_encode(content_type, percent_encoding::NON_ALPHANUMERIC);
+        let expires = unix(call.now) + 3600;
+        // The query becomes the upload form's fields (the SDKs copy it).
+        let upload = match call.uploads {
+            UploadTo::Api(origin) => format!(
+                "{origin}/blobs/{id}/upload/?Content-Type={content_type_q}&Expires={expires}\
+                 &acl=authenticated-read&key={uid}&policy=c2lt&success_action_status=201\
+                 &x-amz-algorithm=AWS4-HMAC-SHA256&x-amz-credential=sim%2F20261201%2Fus-east-1%2Fs3%2Faws4_request\
+                 &x-amz-date=20261201T000000Z&x-amz-signature=00"
+            ),
+            UploadTo::S3(bucket) => format!(
+                "{bucket}/?Content-Type={content_type_q}&Expires={expires}\
+                 &acl=authenticated-read&key={uid}&success_action_status=201"
+            ),
+        };
         let blob = json!({
             "id": id,
             "uid": uid,
@@ -972,6 +1016,20 @@ fn form_field(body: &[u8], name: &str) -> Option<String> {
     let value = &rest[start..];
     let end = value.windows(2).position(|w| w == b"\r\n")?;
     String::from_utf8(value[..end].to_vec()).ok()
+}
+
+/// The length of a multipart form's file: the part with a `filename`,
+/// up to the boundary that ends it.
+fn form_file_len(body: &[u8]) -> Option<usize> {
+    let boundary_end = body.windows(2).position(|w| w == b"\r\n")?;
+    let boundary = [b"\r\n", &body[..boundary_end]].concat();
+    let at = body.windows(10).position(|w| w == b"filename=\"")?;
+    let rest = &body[at..];
+    let start = rest.windows(4).position(|w| w == b"\r\n\r\n")? + 4;
+    let content = &rest[start..];
+    content
+        .windows(boundary.len())
+        .position(|w| w == boundary.as_slice())
 }
 
 /// A number, sent as one or as a string (forms send only strings).

@@ -17,11 +17,21 @@ use tokio::sync::watch;
 
 use crate::{Body, Shared, Sim};
 
+/// What a listener serves.
+#[derive(Clone, Copy)]
+pub(crate) enum Serves {
+    /// QuickBlox's API and the `/_sim/*` controls.
+    Api,
+    /// The S3 stand-in.
+    S3,
+}
+
 /// Serves until every [`Sim`] handle is gone (`stopping` then closes);
 /// open connections are then shut down gracefully.
 pub(crate) async fn serve(
     listener: TcpListener,
     addr: SocketAddr,
+    serves: Serves,
     shared: Weak<Shared>,
     mut stopping: watch::Receiver<bool>,
 ) {
@@ -64,10 +74,15 @@ pub(crate) async fn serve(
                         *gone.status_mut() = StatusCode::SERVICE_UNAVAILABLE;
                         return Ok::<_, Infallible>(gone);
                     };
-                    if first {
-                        sim.connected();
-                    }
-                    Ok(sim.handle(req).await)
+                    Ok(match serves {
+                        Serves::Api => {
+                            if first {
+                                sim.connected();
+                            }
+                            sim.handle(req).await
+                        }
+                        Serves::S3 => sim.handle_s3(req).await,
+                    })
                 }
             });
             let conn = builder.serve_connection(TokioIo::new(stream), service);

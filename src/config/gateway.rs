@@ -42,6 +42,11 @@ pub struct LimitsConfig {
     pub max_header_bytes: usize,
     /// Request body. Over it: 413.
     pub max_body_bytes: u64,
+    /// A file upload's body (`POST /blobs/{id}/upload`), streamed, never
+    /// held for a replay. Over it: 413.
+    pub max_upload_bytes: u64,
+    /// The longest a file upload may take, body and answer.
+    pub upload_timeout: Duration,
     /// Open client connections; past it, new ones wait in the kernel's
     /// accept queue.
     pub max_connections: usize,
@@ -142,6 +147,9 @@ pub struct ClientConfig {
 pub(super) struct RawLimits {
     max_header_bytes: usize,
     max_body_bytes: u64,
+    max_upload_bytes: u64,
+    #[serde(with = "humantime_serde")]
+    upload_timeout: Duration,
     max_connections: usize,
     #[serde(with = "humantime_serde")]
     header_read_timeout: Duration,
@@ -161,6 +169,11 @@ impl Default for RawLimits {
         RawLimits {
             max_header_bytes: 16 * 1024,
             max_body_bytes: 10 * 1024 * 1024,
+            // QuickBlox's largest plan below Enterprise (Growth, HIPAA):
+            // 50 MB per file.
+            max_upload_bytes: 50 * 1024 * 1024,
+            // 50 MiB at 2 Mbit/s takes 210 s.
+            upload_timeout: Duration::from_secs(300),
             max_connections: 4096,
             header_read_timeout: Duration::from_secs(10),
             // nginx's: longer than common clients' pool idle timeouts, so
@@ -299,6 +312,9 @@ impl Validator<'_> {
         if raw.max_body_bytes == 0 {
             return Err(self.invalid("limits.max_body_bytes", "must be greater than zero"));
         }
+        if raw.max_upload_bytes == 0 {
+            return Err(self.invalid("limits.max_upload_bytes", "must be greater than zero"));
+        }
         if raw.max_connections == 0 {
             return Err(self.invalid("limits.max_connections", "must be greater than zero"));
         }
@@ -311,6 +327,8 @@ impl Validator<'_> {
         Ok(LimitsConfig {
             max_header_bytes: raw.max_header_bytes,
             max_body_bytes: raw.max_body_bytes,
+            max_upload_bytes: raw.max_upload_bytes,
+            upload_timeout: self.positive("limits.upload_timeout", raw.upload_timeout)?,
             max_connections: raw.max_connections,
             header_read_timeout: self
                 .positive("limits.header_read_timeout", raw.header_read_timeout)?,

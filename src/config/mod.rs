@@ -135,6 +135,10 @@ pub struct ListenConfig {
     pub allow: Vec<ipnet::IpNet>,
     /// Serve HTTPS (and require client certificates with a client CA).
     pub tls: Option<TlsConfig>,
+    /// Where clients reach qbproxy (`scheme://host[:port][/prefix]`, no
+    /// trailing slash): an upload URL on the upstream's host is rewritten
+    /// to it. Unset: the scheme of this listener and the request's `Host`.
+    pub public_url: Option<String>,
 }
 
 #[derive(Debug, Clone)]

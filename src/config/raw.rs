@@ -156,6 +156,7 @@ pub(super) struct RawListen {
     pub tls_cert: Option<PathBuf>,
     pub tls_key: Option<PathBuf>,
     pub client_ca: Option<PathBuf>,
+    pub public_url: Option<String>,
 }
 
 impl Default for RawListen {
@@ -169,6 +170,7 @@ impl Default for RawListen {
             shutdown_delay: Duration::from_secs(5),
             handover_socket: None,
             allow: Vec::new(),
+            public_url: None,
             tls_cert: None,
             tls_key: None,
             client_ca: None,

@@ -226,7 +226,31 @@ impl Validator<'_> {
                 raw.tls_key.as_deref(),
                 raw.client_ca.as_deref(),
             )?,
+            public_url: match raw.public_url {
+                Some(url) => Some(self.public_url(&url)?),
+                None => None,
+            },
         })
+    }
+
+    /// `listen.public_url`: an `http://` or `https://` URL with a host,
+    /// maybe a path prefix, no query; kept without a trailing slash.
+    fn public_url(&self, url: &str) -> Result<String, ConfigError> {
+        let bad = |why: &str| self.invalid("listen.public_url", format!("{why}: {url:?}"));
+        let uri: http::Uri = url.parse().map_err(|_| bad("not a URL"))?;
+        if !matches!(uri.scheme_str(), Some("http" | "https")) {
+            return Err(bad("must start with http:// or https://"));
+        }
+        if uri.authority().is_none_or(|a| a.host().is_empty()) {
+            return Err(bad("must name a host"));
+        }
+        if uri.query().is_some() || url.contains('#') {
+            return Err(bad("must have no query or fragment"));
+        }
+        if uri.authority().is_some_and(|a| a.as_str().contains('@')) {
+            return Err(bad("must have no user or password"));
+        }
+        Ok(url.trim_end_matches('/').to_owned())
     }
 
     fn admin(&self, raw: RawAdmin, listen: SocketAddr) -> Result<AdminConfig, ConfigError> {

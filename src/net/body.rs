@@ -132,8 +132,9 @@ impl Body {
 /// never gets the rest, so never a complete request.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Cut {
-    /// More than `limits.max_body_bytes`.
-    TooLarge,
+    /// More than its limit (`limits.max_body_bytes`, or for a file
+    /// `limits.max_upload_bytes`), which it carries.
+    TooLarge(u64),
     /// No bytes for `limits.body_read_timeout`, or the request's deadline
     /// passed.
     TimedOut,
@@ -218,7 +219,7 @@ impl ClientBody {
         let cut = Arc::new(CutFlag::default());
         let head_len: u64 = head.iter().map(|h| h.len() as u64).sum();
         if head_len > limits.max_bytes {
-            cut.set(Cut::TooLarge);
+            cut.set(Cut::TooLarge(limits.max_bytes));
         }
         let mut head: Vec<Bytes> = head.into_iter().filter(|h| !h.is_empty()).collect();
         head.reverse();
@@ -253,7 +254,7 @@ impl ClientBody {
                 if let Some(data) = frame.data_ref() {
                     let len = data.len() as u64;
                     if len > self.left {
-                        return self.cut_off(Cut::TooLarge);
+                        return self.cut_off(Cut::TooLarge(self.limits.max_bytes));
                     }
                     self.left -= len;
                     // Scanned before it is passed on: the chunk that holds

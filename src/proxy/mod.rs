@@ -20,6 +20,7 @@
 
 pub(crate) mod access_log;
 pub(crate) mod error;
+pub(crate) mod files;
 pub(crate) mod headers;
 
 use std::sync::Arc;
@@ -43,6 +44,7 @@ use crate::net::body::{
 };
 use crate::proxy::access_log::{Outcome, Trace, Who};
 use crate::proxy::error::ProxyError;
+use crate::proxy::files::FileCall;
 use crate::quickblox::credentials::IdentityKind;
 use crate::upstream::fair::{FairSlots, Holder};
 
@@ -166,6 +168,10 @@ impl Proxy {
                 }
                 Ok((client, plan)) => {
                     let mut counted = counted_as(&plan.target);
+                    let deadline = match plan.file {
+                        Some(FileCall::Upload) => started + live.config.limits.upload_timeout,
+                        _ => deadline,
+                    };
                     let ctx = Ctx {
                         live: &live,
                         conn: &conn,
@@ -174,9 +180,20 @@ impl Proxy {
                         deadline,
                         share: Share::of(client),
                     };
+                    // Where this client reaches qbproxy, for the upload URL
+                    // of a file it creates.
+                    let public = (plan.file == Some(FileCall::Create))
+                        .then(|| files::public_base(&live.config.listen, &parts, &plan.prefix))
+                        .flatten();
                     let result = self
                         .respond(&ctx, &mut parts, body, &plan, &mut counted)
                         .await;
+                    let result = match (public, result) {
+                        (Some(public), Ok(resp)) => {
+                            files::rewrite_answer(resp, &public, live.upstream(), deadline).await
+                        }
+                        (_, result) => result,
+                    };
                     (Some(plan.path), counted, client, result)
                 }
             };
@@ -247,8 +264,13 @@ impl Proxy {
         } = *ctx;
         // Decided on; now nothing spelt with '_' goes any further.
         headers::strip_underscored(&mut parts.headers);
+        let upload = plan.file == Some(FileCall::Upload);
         let limits = BodyLimits {
-            max_bytes: live.gate.max_body_bytes,
+            max_bytes: if upload {
+                live.config.limits.max_upload_bytes
+            } else {
+                live.gate.max_body_bytes
+            },
             idle: live.body_read_timeout(),
             deadline,
         };
@@ -280,6 +302,13 @@ impl Proxy {
         // pool member and no upstream slot meanwhile.
         let body = match plan.kind {
             Kind::SessionRead => Prepared::Whole(Bytes::new(), None),
+            // A file's bytes stream, never held for a replay: if the
+            // session expired under it, the client gets the 401.
+            _ if upload => {
+                let scanner = overrides::body_scanner(&parts.method, &parts.headers);
+                let (body, cut) = ClientBody::stream(Vec::new(), body, limits, scanner, None);
+                Prepared::Stream(body, cut)
+            }
             _ => self.read_body(live, parts, body, limits).await?,
         };
         match &body {
@@ -324,7 +353,7 @@ impl Proxy {
         parts: &Parts,
         client: Option<&ApiClient>,
     ) -> Result<Plan<'a>, (ProxyError, Option<Target<'a>>)> {
-        let (id, rest, query) = self.route(live, parts, client).map_err(|e| (e, None))?;
+        let (id, prefix, rest, query) = self.route(live, parts, client).map_err(|e| (e, None))?;
         let target = live.target(id);
         let refuse = |e: ProxyError| (e, Some(target));
         if let Some(c) = client {
@@ -366,10 +395,12 @@ impl Proxy {
             .uri_for(&rest, query)
             .map_err(|e| refuse(ProxyError::Unforwardable(e)))?;
         Ok(Plan {
+            file: FileCall::of(method, &rest),
             target,
             path: rest,
             uri,
             kind,
+            prefix,
         })
     }
 
@@ -393,13 +424,14 @@ impl Proxy {
 
     /// The request's canonical path and who it acts as: checks the method
     /// and overrides, canonicalises the path, and routes it. Returns the
-    /// target, the path without a matched prefix, and the query as sent.
+    /// target, the matched prefix, the path without it, and the query as
+    /// sent.
     fn route<'p>(
         &self,
         live: &Live,
         parts: &'p Parts,
         client: Option<&ApiClient>,
-    ) -> Result<(TargetId, String, Option<&'p str>), ProxyError> {
+    ) -> Result<(TargetId, String, String, Option<&'p str>), ProxyError> {
         let method = &parts.method;
         if !canonical::method_allowed(method) {
             return Err(ProxyError::MethodNotAllowed(method.clone()));
@@ -414,9 +446,6 @@ impl Proxy {
             return Err(ProxyError::MethodOverride(Override::Query));
         }
         let path = canonical::path(parts.uri.path()).map_err(ProxyError::BadPath)?;
-        if content_length(&parts.headers).is_some_and(|n| n > live.gate.max_body_bytes) {
-            return Err(ProxyError::BodyTooLarge(live.gate.max_body_bytes));
-        }
         let named = parts.headers.get(route::IDENTITY_HEADER);
         let (mut target, rest) =
             live.router
@@ -426,6 +455,13 @@ impl Proxy {
                     valid: client.and_then(|c| c.allowed_names()).unwrap_or(e.valid),
                     name: e.name,
                 })?;
+        let max_bytes = match FileCall::of(method, rest) {
+            Some(FileCall::Upload) => live.config.limits.max_upload_bytes,
+            _ => live.gate.max_body_bytes,
+        };
+        if content_length(&parts.headers).is_some_and(|n| n > max_bytes) {
+            return Err(ProxyError::BodyTooLarge(max_bytes));
+        }
         let prefixed = rest.len() != path.len();
         // A client limited to some identities acts as its first one unless
         // the request names another.
@@ -433,7 +469,8 @@ impl Proxy {
         {
             target = own;
         }
-        Ok((target, rest.to_owned(), query))
+        let prefix = path[..path.len() - rest.len()].to_owned();
+        Ok((target, prefix, rest.to_owned(), query))
     }
 
     /// Reads a body to forward: whole for a replay when it fits, else its
@@ -781,7 +818,7 @@ impl Proxy {
 fn cut_off(e: ProxyError, cut: &CutFlag, live: &Live) -> ProxyError {
     match cut.get() {
         None => e,
-        Some(Cut::TooLarge) => ProxyError::BodyTooLarge(live.gate.max_body_bytes),
+        Some(Cut::TooLarge(limit)) => ProxyError::BodyTooLarge(limit),
         Some(Cut::TimedOut) => ProxyError::BodyTimeout(live.body_read_timeout()),
         Some(Cut::Override(found)) => override_error(found),
     }
@@ -1021,6 +1058,10 @@ struct Plan<'a> {
     /// The upstream URI: its base, `path`, and the query as sent.
     uri: Uri,
     kind: Kind,
+    /// The identity prefix the path began with (empty without one).
+    prefix: String,
+    /// A file's creation or upload.
+    file: Option<FileCall>,
 }
 
 /// A request body ready to send.

@@ -12,6 +12,7 @@ mod adversarial;
 mod api_keys;
 mod cli;
 mod faults;
+mod files;
 mod fleet;
 mod forwarding;
 mod fuzz_regressions;

@@ -265,8 +265,9 @@ async fn common_endpoints_answer_in_quickblox_shapes() {
     assert_eq!(notes["class_name"], "Note");
     assert_eq!(notes["items"][0]["_id"], note["_id"]);
 
-    // A file: the record, the upload to the URL it names (S3's stand-in,
-    // without a token), completion, then its info.
+    // A file: the record, the upload to the URL it names (on the API's
+    // host, so through qbproxy, which named itself), completion, then its
+    // info.
     let created = h
         .send(
             Method::POST,
@@ -281,24 +282,21 @@ async fn common_endpoints_answer_in_quickblox_shapes() {
         .as_str()
         .unwrap()
         .to_owned();
-    assert!(
-        upload.starts_with(&format!("{}/_sim/upload?", h.sim.url())),
-        "{upload}"
-    );
+    let on_proxy = format!("http://{}/blobs/{}/upload/?", h.proxy, blob["id"]);
+    assert!(upload.starts_with(&on_proxy), "{upload}");
     let key = blob["uid"].as_str().unwrap();
     let multipart = format!(
         "--b\r\nContent-Disposition: form-data; name=\"key\"\r\n\r\n{key}\r\n\
          --b\r\nContent-Disposition: form-data; name=\"file\"; filename=\"a.txt\"\r\n\r\nhello\r\n--b--\r\n"
     );
-    let uploaded = common::send(
-        &common::client(),
-        h.sim.addr(),
-        Method::POST,
-        "/_sim/upload",
-        &[("Content-Type", "multipart/form-data; boundary=b")],
-        Bytes::from(multipart),
-    )
-    .await;
+    let uploaded = h
+        .send(
+            Method::POST,
+            &format!("/blobs/{}/upload/", blob["id"]),
+            &[("Content-Type", "multipart/form-data; boundary=b")],
+            multipart,
+        )
+        .await;
     assert_eq!(uploaded.status, StatusCode::CREATED, "{}", uploaded.text());
     let path = format!("/blobs/{}/complete.json", blob["id"]);
     let done = h.send(Method::PUT, &path, &form, "size=5").await;
