@@ -139,7 +139,13 @@ function realToken(res) {
       name: 'hello.txt', file: data, type: 'text/plain', size: data.length, public: false,
     });
     expect('a blob', blob.id && blob.uid);
-    return `blob ${blob.id}`;
+    // The upload URL named qbproxy, so the file went through it with the
+    // session's token: the simulator recorded its size and its uploader.
+    const info = await call(QB.content.getInfo.bind(QB.content), blob.id);
+    expect(`the file at the simulator, uploaded as user 1001 (got ${JSON.stringify(info.blob)})`,
+      info.blob.uploaded_bytes === data.length && info.blob.uploaded_by === 1001
+      && info.blob.blob_status === 'complete');
+    return `blob ${blob.id}, ${info.blob.uploaded_bytes} bytes uploaded through qbproxy`;
   });
   await step('an expired session, unseen', async () => {
     expect('QB_SIM, the simulator to expire', sim);

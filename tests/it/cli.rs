@@ -479,6 +479,29 @@ async fn demo_as_printed(tls: bool) {
     )
     .await;
     assert_eq!(s, 200);
+    // The printed file line, run by the real curl: the new file's upload
+    // URL names qbproxy where the demo said.
+    let uploads = printed_url("uploads");
+    assert_eq!(uploads, proxy, "{printed}");
+    let line = printed
+        .lines()
+        .map(str::trim)
+        .find(|l| l.contains("/blobs.json"))
+        .unwrap_or_else(|| panic!("a /blobs.json line in\n{printed}"));
+    let out = tokio::process::Command::new("sh")
+        .args(["-c", line])
+        .output()
+        .await
+        .unwrap();
+    let blob: serde_json::Value = serde_json::from_slice(&out.stdout)
+        .unwrap_or_else(|e| panic!("{line}: {e}: {}", String::from_utf8_lossy(&out.stdout)));
+    let url = blob["blob"]["blob_object_access"]["params"]
+        .as_str()
+        .unwrap_or("");
+    assert!(
+        url.starts_with(&format!("{uploads}/blobs/")),
+        "{line}: {url}"
+    );
     let (s, b) = call("POST", format!("{sim}/_sim/expire"), "").await;
     assert_eq!((s, b.as_str()), (200, r#"{"expired":1}"#));
     let (s, _) = call("GET", format!("{proxy}/users.json?page=1&per_page=10"), "").await;
@@ -1433,7 +1456,7 @@ fn sim_help_and_the_readme_list_every_simulator_control() {
         })
         .collect();
     controls.dedup();
-    assert!(controls.len() >= 3, "{controls:?}");
+    assert!(controls.len() >= 2, "{controls:?}");
     let help = std::process::Command::new(BIN)
         .args(["sim", "--help"])
         .output()
@@ -1445,6 +1468,11 @@ fn sim_help_and_the_readme_list_every_simulator_control() {
     for control in controls {
         assert!(help.contains(control), "{control} in sim --help:\n{help}");
         assert!(section.contains(control), "{control} in the README");
+    }
+    // Both kinds of upload URL, and the path that takes uploads.
+    for said in ["--s3-uploads", "/blobs/{id}/upload/"] {
+        assert!(help.contains(said), "{said} in sim --help:\n{help}");
+        assert!(section.contains(said), "{said} in the README");
     }
 }
 

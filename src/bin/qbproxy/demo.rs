@@ -109,6 +109,7 @@ pub fn config(
     let app = sim.config();
     let user = &app.users[0];
     let path = |p: PathBuf| toml::Value::String(p.display().to_string()).to_string();
+    let scheme = if tls.is_some() { "https" } else { "http" };
     let tls = tls.map_or(String::new(), |ca| {
         format!(
             "tls_cert = {}\ntls_key = {}\n",
@@ -123,6 +124,8 @@ addr = "{listen}"
 shutdown_grace = "2s"
 # Ctrl-C stops the demo at once; a deployment keeps /readyz at 503 first.
 shutdown_delay = "0s"
+# A new file's upload URL names qbproxy here, so the upload goes through it.
+public_url = "{scheme}://{listen}"
 {tls}
 [admin]
 addr = "{admin}"
@@ -235,6 +238,7 @@ qbproxy demo is ready.
   proxy      {p}
   admin      {a}   (/healthz /readyz /metrics)
   simulator  {sim}   (a QuickBlox stand-in; user "demo")
+  uploads    {p}   (a new file's upload URL names qbproxy: listen.public_url)
 {trust}
 Paste these into another terminal. None of them carries a token or a signature:
 
@@ -243,6 +247,10 @@ Paste these into another terminal. None of them carries a token or a signature:
 
   # A POST with a JSON body.
   {curl} -s -X POST {p}/chat/Dialog.json -H 'Content-Type: application/json' -d '{{"type":2,"name":"demo"}}'
+
+  # A file: its upload URL (blob_object_access.params) names qbproxy, so the
+  # upload goes through it with the session's token.
+  {curl} -s -X POST {p}/blobs.json -d 'blob[name]=a.txt&blob[content_type]=text/plain'
 
   # Expire every session in the simulator, then GET again: qbproxy renews once
   # and replays the refused request, so you still get 200.

@@ -111,6 +111,11 @@ enum Command {
         /// loadtest-3: one pool member down. Repeat for more.
         #[arg(long, value_name = "LOGIN")]
         fail_login: Vec<String>,
+        /// Name an S3 stand-in (a port of its own, no token) as new files'
+        /// upload URL, as QuickBlox's older answers did, rather than the
+        /// API's own host.
+        #[arg(long)]
+        s3_uploads: bool,
         #[command(flatten)]
         runtime: RuntimeArgs,
     },
@@ -136,6 +141,10 @@ shapes and with state:
   /data/{class}.json       GET (filters), POST
   /data/{class}/{ids}.json GET, PUT/PATCH, DELETE
   /blobs.json POST, /blobs/{id}.json GET, /blobs/{id}/complete.json PUT
+  /blobs/{id}/upload/      POST (the file, as a form with the URL's fields)
+A new file's upload URL names the API's own host, /blobs/{id}/upload/
+(QuickBlox's current answers); with --s3-uploads, an S3 stand-in on a port
+of its own that takes the form at / without a token (older answers).
 List filters: field=value, field[gt|lt|gte|lte|ne|in|nin]=value,
 sort_asc, sort_desc, skip, limit (100, at most 1000), count=1.
 Anything else is refused, never answered 200: an unknown path 404, another
@@ -146,8 +155,7 @@ received (tokens shown as prefixes).
 Controls (no token):
   POST /_sim/expire   end every session now
   GET  /_sim/stats    counts: creations (per user), attempts, 401s, live
-                      sessions, unimplemented calls (the last 20)
-  POST /_sim/upload   the stand-in for S3 that /blobs.json's upload URL names";
+                      sessions, unimplemented calls (the last 20)";
 
 /// The configuration file when none is named.
 const DEFAULT_CONFIG: &str = "config.toml";
@@ -221,6 +229,7 @@ fn main() -> ExitCode {
             creation_delay,
             fail_before_success,
             fail_login,
+            s3_uploads,
             runtime,
         }) => {
             if let Some(m) = root_only("sim") {
@@ -233,6 +242,7 @@ fn main() -> ExitCode {
                 creation_delay.unwrap_or_default(),
                 fail_before_success,
                 fail_login,
+                s3_uploads,
             )
         }
         None => {
@@ -249,6 +259,7 @@ fn sim(
     creation_delay: std::time::Duration,
     fail_before_success: u32,
     fail_logins: Vec<String>,
+    s3_uploads: bool,
 ) -> ExitCode {
     let result = runtime(threads).block_on(async move {
         let shutdown = shutdown_signal();
@@ -258,6 +269,9 @@ fn sim(
         let mut config = qbproxy_sim::SimConfig::demo();
         if users > 0 {
             config = config.with_users("loadtest-{n}", "pw-{n}", 1..=users);
+        }
+        if s3_uploads {
+            config.uploads = qbproxy_sim::Uploads::S3;
         }
         let sim = qbproxy_sim::Sim::start_on(listener, config.clone()).map_err(|e| e.to_string())?;
         sim.set_creation_delay(creation_delay);
