@@ -27,12 +27,15 @@ use tokio::net::TcpListener;
 use tokio::sync::{watch, Semaphore};
 
 mod api;
+mod chat;
 mod params;
 mod protocol;
 mod resources;
 mod server;
 mod sessions;
+mod xml;
 
+pub use chat::{ChatLogin, ChatMessage, Credential};
 pub use protocol::SESSION_LIFETIME;
 
 /// Every answer is whole before it is sent.
@@ -193,6 +196,8 @@ struct Shared {
     config: SimConfig,
     /// The S3 stand-in's URL, with [`Uploads::S3`].
     s3_url: Option<String>,
+    /// The chat server's address (XMPP over WebSocket).
+    chat_addr: SocketAddr,
     state: Mutex<State>,
     /// Seconds added to the real clock: the simulator's idea of "now".
     clock_offset: AtomicI64,
@@ -239,6 +244,8 @@ struct State {
     next_id: u64,
     /// Dialogs, messages, custom objects and files, in QuickBlox's shapes.
     resources: resources::Resources,
+    /// Chat: who is online, logins, messages.
+    chat: chat::Chat,
 }
 
 struct SimSession {
@@ -276,6 +283,12 @@ impl Sim {
                 Some(TcpListener::from_std(l)?)
             }
         };
+        let chat = {
+            let l = std::net::TcpListener::bind((addr.ip(), 0))?;
+            l.set_nonblocking(true)?;
+            TcpListener::from_std(l)?
+        };
+        let chat_addr = chat.local_addr()?;
         let s3_url = match &s3 {
             Some(l) => Some(format!("http://{}", l.local_addr()?)),
             None => None,
@@ -284,6 +297,7 @@ impl Sim {
             shared: Arc::new(Shared {
                 config,
                 s3_url,
+                chat_addr,
                 state: Mutex::new(state),
                 clock_offset: AtomicI64::new(0),
                 changes: watch::channel(0).0,
@@ -291,6 +305,11 @@ impl Sim {
             }),
             addr,
         };
+        tokio::spawn(chat::serve(
+            chat,
+            Arc::downgrade(&sim.shared),
+            stopping.clone(),
+        ));
         if let Some(s3) = s3 {
             tokio::spawn(server::serve(
                 s3,
@@ -317,6 +336,32 @@ impl Sim {
     /// `http://127.0.0.1:PORT`
     pub fn url(&self) -> String {
         format!("http://{}", self.addr)
+    }
+
+    /// The chat server: XMPP over WebSocket, `ws://127.0.0.1:PORT`.
+    pub fn chat_url(&self) -> String {
+        format!("ws://{}", self.shared.chat_addr)
+    }
+
+    /// Every chat login so far.
+    pub fn chat_logins(&self) -> Vec<ChatLogin> {
+        self.state().chat.logins.clone()
+    }
+
+    /// Every one-to-one chat message so far.
+    pub fn chat_messages(&self) -> Vec<ChatMessage> {
+        self.state().chat.messages.clone()
+    }
+
+    /// Resources of `user` connected to chat now.
+    pub fn chat_online(&self, user: u64) -> usize {
+        self.state().chat.online.get(&user).map_or(0, Vec::len)
+    }
+
+    /// IQs the chat server does not implement, answered
+    /// `feature-not-implemented`.
+    pub fn chat_unimplemented(&self) -> u64 {
+        self.state().chat.unimplemented
     }
 
     /// The S3 stand-in's URL, with [`Uploads::S3`].

@@ -606,3 +606,82 @@ async fn dialogs_and_messages_update_and_delete_with_state() {
     );
     assert_eq!(h.get("/chat/Dialog.json").await.json()["total_entries"], 0);
 }
+
+/// The simulator's chat (XMPP over WebSocket): SASL PLAIN with a live
+/// session token (or the user's password), never with a dead or another
+/// user's token ("Password not verified"); bind, session, presence; a
+/// one-to-one message routed between two connected users; a ping; an IQ
+/// it does not implement refused and counted.
+#[tokio::test]
+async fn chat_logs_in_with_a_session_token_and_routes_messages() {
+    use crate::common::xmpp::Xmpp;
+    let h = common::setup().start().await;
+    h.ready().await;
+    let chat = h.sim.chat_url();
+    let token = h.token();
+    let (mut demo, demo_jid) = Xmpp::login(&chat, "chat.example", "1001-76730", &token, "a")
+        .await
+        .expect("a token logs in");
+    assert_eq!(demo_jid, "1001-76730@chat.example/a");
+    let (mut other, other_jid) =
+        Xmpp::login(&chat, "chat.example", "1002-76730", "other-password", "b")
+            .await
+            .expect("a password logs in");
+    assert_eq!(h.sim.chat_online(1001), 1);
+
+    demo.send(r#"<message to="1002-76730@chat.example" type="chat" id="m1"><body>hi &amp; bye</body></message>"#)
+        .await;
+    let got = other.recv().await.unwrap();
+    assert!(got.contains(&format!(r#"from="{demo_jid}""#)), "{got}");
+    assert!(got.contains("<body>hi &amp; bye</body>"), "{got}");
+    let sent = h.sim.chat_messages();
+    assert_eq!(sent.len(), 1);
+    assert_eq!(
+        (sent[0].from, sent[0].to, sent[0].delivered),
+        (1001, 1002, true)
+    );
+    assert_eq!(sent[0].body, "hi & bye");
+
+    other
+        .send(r#"<iq type="get" id="p1" xmlns="jabber:client"><ping xmlns="urn:xmpp:ping"/></iq>"#)
+        .await;
+    let pong = other.recv().await.unwrap();
+    assert!(
+        pong.contains(r#"type="result""#) && pong.contains(r#"id="p1""#),
+        "{pong}"
+    );
+    other
+        .send(r#"<iq type="get" id="v1" xmlns="jabber:client"><vCard xmlns="vcard-temp"/></iq>"#)
+        .await;
+    let refused = other.recv().await.unwrap();
+    assert!(refused.contains("feature-not-implemented"), "{refused}");
+    assert_eq!(h.sim.chat_unimplemented(), 1);
+    let _ = other_jid;
+
+    // Someone else's token, then a dead one: refused as QuickBlox does.
+    let wrong = Xmpp::login(&chat, "chat.example", "1002-76730", &token, "c").await;
+    assert!(wrong.err().unwrap().contains("Password not verified"));
+    h.sim.expire_all();
+    let dead = Xmpp::login(&chat, "chat.example", "1001-76730", &token, "d").await;
+    assert!(dead.err().unwrap().contains("not-authorized"));
+    let logins: Vec<_> = h
+        .sim
+        .chat_logins()
+        .iter()
+        .map(|l| (l.user_id, l.with))
+        .collect();
+    use qbproxy_sim::Credential::*;
+    assert_eq!(
+        logins,
+        [
+            (1001, Token),
+            (1002, Password),
+            (1002, Refused),
+            (1001, Refused)
+        ]
+    );
+    demo.send(r#"<close xmlns="urn:ietf:params:xml:ns:xmpp-framing"/>"#)
+        .await;
+    assert!(demo.recv().await.unwrap().starts_with("<close"));
+    assert_eq!(demo.recv().await, None, "closed");
+}

@@ -145,6 +145,13 @@ shapes and with state:
 A new file's upload URL names the API's own host, /blobs/{id}/upload/
 (QuickBlox's current answers); with --s3-uploads, an S3 stand-in on a port
 of its own that takes the form at / without a token (older answers).
+
+Chat: XMPP over WebSocket (RFC 7395, subprotocol xmpp) on a port of its own
+(printed): stream open and close; SASL PLAIN as {user_id}-{application_id}
+with a live session token of that user or the user's password (else
+not-authorized, \"Password not verified\"); resource bind and session;
+presence; one-to-one <message> routing between connected users; pings and
+an empty roster. Any other IQ gets feature-not-implemented.
 List filters: field=value, field[gt|lt|gte|lte|ne|in|nin]=value,
 sort_asc, sort_desc, skip, limit (100, at most 1000), count=1.
 Anything else is refused, never answered 200: an unknown path 404, another
@@ -283,6 +290,7 @@ fn sim(
         }
         println!(
             "QuickBlox simulator on {}\napplication_id = \"{}\"\nauth_key = \"{}\"\nauth_secret = \"{}\"\n\
+             chat (XMPP over WebSocket): {}\n\
              users: demo/demo-password, other/other-password{}\n\
              POST /_sim/expire expires every session; GET /_sim/stats counts; \
              `qbproxy sim --help` lists what it answers.",
@@ -290,6 +298,7 @@ fn sim(
             config.application_id,
             config.auth_key,
             config.auth_secret,
+            sim.chat_url(),
             if users > 0 { format!(", loadtest-1..{users}/pw-1..{users}") } else { String::new() },
         );
         shutdown.await;

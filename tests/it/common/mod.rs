@@ -27,6 +27,7 @@ pub mod edge;
 pub mod fleet;
 pub mod redis_server;
 pub mod relay;
+pub mod xmpp;
 
 /// Every wait in a test is bounded by this, so a broken build fails
 /// instead of hanging. It is not a measure of speed.
