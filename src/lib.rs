@@ -15,6 +15,7 @@
 // the tests (`tests/it/`), the fuzz targets and the benches use, nothing
 // more.
 mod app;
+mod chat;
 mod cluster;
 mod config;
 mod gateway;

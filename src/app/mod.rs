@@ -58,6 +58,11 @@ pub enum StartError {
     Cluster(#[source] redis::RedisError),
     #[error("cannot set up TLS to the upstream: {0}")]
     Tls(std::io::Error),
+    #[error("cannot listen on {addr} (chat.websocket_addr): {source}")]
+    ChatListen {
+        addr: std::net::SocketAddr,
+        source: std::io::Error,
+    },
 }
 
 /// Why the default target cannot serve now: what `/readyz` answers 503 with.
@@ -77,6 +82,8 @@ pub enum NotReady {
 /// A configured proxy, not yet serving.
 pub struct App {
     handle: Handle,
+    /// `[chat]`: what its connections share, and its listener, bound.
+    chat: Option<(Arc<crate::chat::Chat>, std::net::TcpListener)>,
 }
 
 /// A cheap-to-clone handle on a (running) [`App`]: readiness, identities,
@@ -98,6 +105,8 @@ struct Shared {
     running: AtomicBool,
     /// The reloader task's queue, started with the first reload.
     reloader: OnceLock<mpsc::Sender<Request>>,
+    /// Where `[chat]`'s WebSocket listener listens, once bound.
+    chat_addr: Option<std::net::SocketAddr>,
 }
 
 /// A reload asked of the reloader task.
@@ -169,6 +178,22 @@ impl App {
         let built = reload::build(Arc::new(config), &ctx, None)?;
         let live = Arc::new(ArcSwap::from_pointee(built.live));
         let proxy = Proxy::new(live.clone(), ctx.metrics.clone(), ctx.held.clone(), workers);
+        let chat_config = live.load().config.chat.clone();
+        let chat = match chat_config {
+            Some(cfg) => {
+                let chat = crate::chat::Chat::new(live.clone(), ctx.metrics.clone(), &cfg)
+                    .map_err(StartError::Tls)?;
+                let addr = cfg
+                    .websocket_addr
+                    .unwrap_or_else(|| unreachable!("validated"));
+                let listener = std::net::TcpListener::bind(addr)
+                    .and_then(|l| l.set_nonblocking(true).map(|()| l))
+                    .map_err(|source| StartError::ChatListen { addr, source })?;
+                Some((Arc::new(chat), listener))
+            }
+            None => None,
+        };
+        let chat_addr = chat.as_ref().and_then(|(_, l)| l.local_addr().ok());
         Ok(App {
             handle: Handle {
                 shared: Arc::new(Shared {
@@ -178,8 +203,10 @@ impl App {
                     connections: ResizableLimit::new(max_connections),
                     running: AtomicBool::new(false),
                     reloader: OnceLock::new(),
+                    chat_addr,
                 }),
             },
+            chat,
         })
     }
 
@@ -215,6 +242,22 @@ impl App {
         // (`handover.rs`); then this one drains.
         let (handed, handed_over) = tokio::sync::oneshot::channel::<()>();
         let proxy_server = serve_proxy(shared, listeners.proxy, &lame_duck, stopping.clone());
+        if let Some((chat, listener)) = self.chat {
+            match tokio::net::TcpListener::from_std(listener) {
+                Ok(listener) => {
+                    tracing::info!(
+                        addr = %listener.local_addr().map_or(String::new(), |a| a.to_string()),
+                        "chat (XMPP over WebSocket) listening"
+                    );
+                    tokio::spawn(crate::chat::serve_websocket(
+                        chat,
+                        listener,
+                        stopping.clone(),
+                    ));
+                }
+                Err(e) => tracing::error!(error = %e, "chat listener unusable; chat is off"),
+            }
+        }
         let workers = spawn_workers(shared, listeners.workers, &lame_duck, &stopping);
         if let Some(offer) = listeners.handover {
             let handle = self.handle.clone();
@@ -474,6 +517,14 @@ async fn reload_once(shared: &Shared, source: Source) -> Result<Summary, ReloadE
     if new.cluster != old.cluster {
         tracing::warn!("[cluster] changed; restart qbproxy to join, leave or move the fleet");
     }
+    let chat_listener = |c: &Config| {
+        c.chat
+            .as_ref()
+            .map(|c| (c.websocket_addr, c.max_connections))
+    };
+    if chat_listener(new) != chat_listener(old) {
+        tracing::warn!("[chat] added, removed, or its websocket_addr or max_connections changed; restart qbproxy to apply that (the rest of [chat] applies to new chat connections)");
+    }
     if new.admin.addr != old.admin.addr {
         tracing::warn!(old = %old.admin.addr, new = %new.admin.addr, "admin.addr changed; restart qbproxy to move the admin listener");
     }
@@ -508,6 +559,12 @@ async fn reload_once(shared: &Shared, source: Source) -> Result<Summary, ReloadE
 }
 
 impl Handle {
+    /// Where `[chat]`'s WebSocket listener listens (XMPP over
+    /// WebSocket), if chat is configured.
+    pub fn chat_addr(&self) -> Option<std::net::SocketAddr> {
+        self.shared.chat_addr
+    }
+
     /// Applies a new, already validated configuration. Reloads run one at a
     /// time; this resolves when this one is in force (or was refused, and
     /// the running configuration stays). Requests in flight finish with

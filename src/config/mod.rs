@@ -17,6 +17,7 @@ use http::uri::{Authority, PathAndQuery, Scheme};
 use http::{HeaderValue, Uri};
 use serde::Deserialize;
 
+mod chat;
 mod gateway;
 mod identities;
 mod raw;
@@ -25,6 +26,7 @@ mod validate;
 use self::raw::RawConfig;
 use self::validate::{is_secret_key, mode, Validator, OTHERS_WRITE};
 
+pub use self::chat::{ChatConfig, UnknownUsers};
 pub use self::gateway::{ClientConfig, LimitsConfig, PathRule, TlsConfig};
 pub use self::identities::{IdentityConfig, IdentityId, PoolConfig, PoolId, Strategy, TargetId};
 use crate::quickblox::credentials::Secret;
@@ -106,6 +108,8 @@ pub struct Config {
     pub clients: Vec<ClientConfig>,
     /// Replicas share sessions and the upstream rate through Redis.
     pub cluster: Option<ClusterConfig>,
+    /// `[chat]`: chat listeners and the chat server.
+    pub chat: Option<ChatConfig>,
     /// `[state] file`: sessions kept across a restart without Redis.
     pub state_file: Option<std::path::PathBuf>,
     /// Every file the config names, by key, resolved (relative paths are

@@ -52,6 +52,7 @@ pub(super) struct RawConfig {
     #[serde(default)]
     pub client: Vec<RawClient>,
     pub cluster: Option<RawCluster>,
+    pub chat: Option<super::chat::RawChat>,
     #[serde(default)]
     pub state: RawState,
     #[serde(default)]

@@ -121,6 +121,7 @@ impl Validator<'_> {
         let proxy = self.keep(self.proxy(&raw.proxy));
         let quickblox = self.keep(self.quickblox(raw.quickblox));
         let cluster = self.keep(self.cluster(raw.cluster));
+        let chat = self.keep(self.chat(raw.chat));
         let resolved = self.keep(self.identities_and_pools(raw.identity, raw.pool));
         let limits = upstream
             .as_ref()
@@ -144,6 +145,7 @@ impl Validator<'_> {
             Some(proxy),
             Some(quickblox),
             Some(cluster),
+            Some(chat),
             Some(resolved),
             Some(limits),
             Some(clients),
@@ -156,6 +158,7 @@ impl Validator<'_> {
             proxy,
             quickblox,
             cluster,
+            chat,
             resolved,
             limits,
             clients,
@@ -183,6 +186,7 @@ impl Validator<'_> {
                 access: raw.log.access,
             },
             cluster,
+            chat,
             state_file,
             files,
             warnings,

@@ -92,16 +92,38 @@ impl Gate {
         let Some(key) = headers.get(KEY_HEADER) else {
             return Err(Refusal::NoKey { misspelt });
         };
-        let digest: [u8; 20] = Sha1::digest(key.as_bytes()).into();
-        // Every client is compared, so the time taken does not say which
-        // (or whether one) matched.
+        self.client_for(key.as_bytes())
+            .map(Some)
+            .ok_or(Refusal::BadKey { misspelt })
+    }
+
+    /// A chat login's source and key: with `[[client]]` keys configured,
+    /// the SASL password must be one (a WebSocket from a browser cannot
+    /// send headers); its client's rules then apply.
+    pub fn admit_chat(&self, peer: IpAddr, password: &[u8]) -> Result<Option<&ApiClient>, Refusal> {
+        let peer = peer.to_canonical();
+        if !self.allow.is_empty() && !self.allow.iter().any(|net| net.contains(&peer)) {
+            return Err(Refusal::SourceNotAllowed(peer));
+        }
+        if self.clients.is_empty() {
+            return Ok(None);
+        }
+        self.client_for(password)
+            .map(Some)
+            .ok_or(Refusal::BadKey { misspelt: false })
+    }
+
+    /// The client whose key this is. Every client is compared, so the time
+    /// taken does not say which (or whether one) matched.
+    fn client_for(&self, key: &[u8]) -> Option<&ApiClient> {
+        let digest: [u8; 20] = Sha1::digest(key).into();
         let mut found = None;
         for client in &self.clients {
             if bool::from(client.digest.ct_eq(&digest)) {
                 found = Some(client);
             }
         }
-        found.map(Some).ok_or(Refusal::BadKey { misspelt })
+        found
     }
 }
 

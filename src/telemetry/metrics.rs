@@ -46,6 +46,7 @@ struct Inner {
     client_tokens_replaced: IntCounterVec,
     worker_requests: IntCounterVec,
     upstream: UpstreamMetrics,
+    chat: ChatMetrics,
     /// Brought up to `logging::dropped_lines()` at each render, under the
     /// lock so two renders do not both add the difference.
     log_lines_dropped: std::sync::Mutex<IntCounter>,
@@ -188,6 +189,7 @@ impl Metrics {
         );
         let events = Events::default();
         let upstream = UpstreamMetrics::new(events.clone());
+        let chat = ChatMetrics::new();
         let log_lines_dropped = IntCounter::new(
             "qbproxy_log_lines_dropped_total",
             "Log lines (access events included) dropped because the log writer fell behind stderr.",
@@ -221,6 +223,7 @@ impl Metrics {
         ]
         .into_iter()
         .chain(upstream.collectors())
+        .chain(chat.collectors())
         {
             names.extend(c.desc().iter().map(|d| d.fq_name.clone()));
             registry
@@ -251,6 +254,7 @@ impl Metrics {
                 client_tokens_replaced,
                 worker_requests,
                 upstream,
+                chat,
                 log_lines_dropped: std::sync::Mutex::new(log_lines_dropped),
                 names,
                 events,
@@ -326,6 +330,10 @@ impl Metrics {
     /// The upstream connections' series, shared by every worker's pool.
     pub fn upstream(&self) -> &UpstreamMetrics {
         &self.inner.upstream
+    }
+
+    pub fn chat(&self) -> &ChatMetrics {
+        &self.inner.chat
     }
 
     pub fn upstream_latency(&self, d: Duration) {
@@ -446,6 +454,74 @@ impl Protocol {
             Protocol::H1 => "http/1.1",
             Protocol::H2 => "h2",
         }
+    }
+}
+
+/// Chat's series (`chat/`).
+#[derive(Clone)]
+pub struct ChatMetrics {
+    connections: IntGaugeVec,
+    logins: IntCounterVec,
+    stanzas: IntCounterVec,
+}
+
+impl ChatMetrics {
+    fn new() -> ChatMetrics {
+        ChatMetrics {
+            connections: gauge_vec(
+                "qbproxy_chat_connections",
+                "Chat connections open, by transport (websocket, tcp).",
+                &["transport"],
+            ),
+            logins: counter_vec(
+                "qbproxy_chat_logins_total",
+                "Chat logins, by identity, pool and outcome (ok; renewed: ok after one renewal; passed: a user qbproxy does not hold, with the client's own credentials; refused: by qbproxy or the chat server; failed: the chat server unreachable or misbehaving).",
+                &["identity", "pool", "outcome"],
+            ),
+            stanzas: counter_vec(
+                "qbproxy_chat_stanzas_total",
+                "XMPP elements relayed after login, by direction (in: from clients, out: to clients).",
+                &["direction"],
+            ),
+        }
+    }
+
+    fn collectors(&self) -> Vec<Box<dyn prometheus::core::Collector>> {
+        vec![
+            Box::new(self.connections.clone()),
+            Box::new(self.logins.clone()),
+            Box::new(self.stanzas.clone()),
+        ]
+    }
+
+    /// A connection on `transport`, counted open until the guard drops.
+    pub fn open(&self, transport: &str) -> ChatConnection {
+        let gauge = self.connections.with_label_values(&[transport]);
+        gauge.inc();
+        ChatConnection(gauge)
+    }
+
+    pub fn login(&self, identity: &str, pool: &str, outcome: &str) {
+        self.logins
+            .with_label_values(&[identity, pool, outcome])
+            .inc();
+    }
+
+    /// The counters for elements from clients and to clients.
+    pub fn stanzas(&self) -> (IntCounter, IntCounter) {
+        (
+            self.stanzas.with_label_values(&["in"]),
+            self.stanzas.with_label_values(&["out"]),
+        )
+    }
+}
+
+/// An open chat connection, counted in `qbproxy_chat_connections`.
+pub struct ChatConnection(IntGauge);
+
+impl Drop for ChatConnection {
+    fn drop(&mut self) {
+        self.0.dec();
     }
 }
 

@@ -10,6 +10,7 @@ mod common;
 mod access_log;
 mod adversarial;
 mod api_keys;
+mod chat;
 mod cli;
 mod faults;
 mod files;

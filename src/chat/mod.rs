@@ -1,0 +1,594 @@
+//! Chat through qbproxy: XMPP over WebSocket (RFC 7395), logged in with
+//! the session qbproxy holds.
+//!
+//! A client (an official SDK) connects to `[chat] websocket_addr` (TLS
+//! with `[listen]`'s certificate when it has one) and opens a stream;
+//! qbproxy answers it itself and offers SASL PLAIN. The client logs in as
+//! `{user_id}-{application_id}` with any password (with `[[client]]` keys
+//! configured: its key). When qbproxy holds a session for that user (an
+//! identity or a pool member whose session is that user's) and the client
+//! may act as it (its `[[client]]` rules, for `POST /chat/xmpp`), qbproxy
+//! connects to the chat server and logs in there with the session's token;
+//! refused as not authorized (the token died), it renews the session once
+//! and tries again. The client gets `<success/>`, never the token; from its
+//! stream's restart on, every element passes through unread, both ways,
+//! under the element size limit and the idle timeout.
+//!
+//! A user qbproxy holds no session for is refused, or with
+//! `chat.unknown_users = "pass"` logs in with its own credentials.
+
+pub(crate) mod sasl;
+pub(crate) mod upstream;
+pub(crate) mod xml;
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use arc_swap::ArcSwap;
+use futures_util::{SinkExt, StreamExt};
+use http::Method;
+use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{watch, Semaphore};
+use tokio::time::{sleep_until, timeout_at, Instant};
+use tokio_tungstenite::tungstenite::handshake::server::{ErrorResponse, Request, Response};
+use tokio_tungstenite::tungstenite::http::{HeaderValue, StatusCode};
+use tokio_tungstenite::tungstenite::Message;
+use tokio_tungstenite::WebSocketStream;
+
+use self::sasl::Plain;
+use self::upstream::{ChatUpstreamError, Login, Ws};
+use self::xml::Element;
+use crate::app::live::Live;
+use crate::config::{ChatConfig, UnknownUsers};
+use crate::session::{Identity, Scheme};
+use crate::telemetry::metrics::Metrics;
+
+/// A byte stream either side of a chat connection runs on.
+pub(crate) trait Io: AsyncRead + AsyncWrite + Unpin + Send {}
+impl<T: AsyncRead + AsyncWrite + Unpin + Send> Io for T {}
+
+/// XMPP's namespaces qbproxy speaks before the login.
+pub(crate) mod ns {
+    pub const FRAMING: &str = "urn:ietf:params:xml:ns:xmpp-framing";
+    pub const SASL: &str = "urn:ietf:params:xml:ns:xmpp-sasl";
+    pub const STREAMS: &str = "http://etherx.jabber.org/streams";
+    pub const STREAM_ERRORS: &str = "urn:ietf:params:xml:ns:xmpp-streams";
+}
+
+/// What every chat connection shares.
+pub(crate) struct Chat {
+    live: Arc<ArcSwap<Live>>,
+    metrics: Metrics,
+    /// TLS to a `wss://` chat server: the system's roots and
+    /// `upstream.ca_file`, ALPN `http/1.1`.
+    upstream_tls: Arc<rustls::ClientConfig>,
+    /// `chat.max_connections`.
+    slots: Arc<Semaphore>,
+}
+
+impl Chat {
+    pub fn new(
+        live: Arc<ArcSwap<Live>>,
+        metrics: Metrics,
+        cfg: &ChatConfig,
+    ) -> Result<Chat, std::io::Error> {
+        let upstream = live.load().config.upstream.clone();
+        let secure = cfg.upstream.scheme_str() == Some("wss");
+        let roots = crate::net::tls::upstream_roots(secure, upstream.ca.as_deref().unwrap_or(&[]))?;
+        let mut tls = crate::net::tls::client_config(roots)?;
+        tls.alpn_protocols = vec![b"http/1.1".to_vec()];
+        Ok(Chat {
+            live,
+            metrics,
+            upstream_tls: Arc::new(tls),
+            slots: Arc::new(Semaphore::new(cfg.max_connections)),
+        })
+    }
+}
+
+/// Serves XMPP over WebSocket on `listener` until `stopping`.
+pub(crate) async fn serve_websocket(
+    chat: Arc<Chat>,
+    listener: TcpListener,
+    mut stopping: watch::Receiver<bool>,
+) {
+    loop {
+        let (tcp, peer) = tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok(a) => a,
+                Err(e) => {
+                    tracing::warn!(error = %e, "chat listener: accept failed");
+                    tokio::time::sleep(Duration::from_millis(10)).await;
+                    continue;
+                }
+            },
+            _ = stopping.changed() => return,
+        };
+        let Ok(slot) = chat.slots.clone().try_acquire_owned() else {
+            tracing::warn!(
+                peer = %peer,
+                "chat.max_connections chat connections are open; closing a new one"
+            );
+            continue;
+        };
+        let chat = chat.clone();
+        let stopping = stopping.clone();
+        tokio::spawn(async move {
+            let _slot = slot;
+            connection(&chat, tcp, peer, stopping).await;
+        });
+    }
+}
+
+/// One connection's record, logged when it ends.
+#[derive(Default)]
+struct Record {
+    client: Option<Arc<str>>,
+    identity: Option<String>,
+    user: Option<u64>,
+    stanzas_in: u64,
+    stanzas_out: u64,
+    reason: &'static str,
+}
+
+async fn connection(
+    chat: &Chat,
+    tcp: TcpStream,
+    peer: SocketAddr,
+    stopping: watch::Receiver<bool>,
+) {
+    let _open = chat.metrics.chat().open("websocket");
+    let started = Instant::now();
+    let live = chat.live.load_full();
+    let Some(cfg) = live.config.chat.clone() else {
+        return;
+    };
+    let _ = tcp.set_nodelay(true);
+    let deadline = started + cfg.login_timeout;
+    let io: Box<dyn Io> = match &live.tls {
+        Some(tls) => {
+            let accept = tokio_rustls::TlsAcceptor::from(tls.clone()).accept(tcp);
+            match timeout_at(deadline, accept).await {
+                Ok(Ok(s)) => Box::new(s),
+                Ok(Err(e)) => {
+                    tracing::info!(
+                        peer = %peer,
+                        error = %e,
+                        hint = crate::net::tls::handshake_hint(&e).unwrap_or(""),
+                        "chat: TLS handshake failed"
+                    );
+                    return;
+                }
+                Err(_) => return,
+            }
+        }
+        None => Box::new(tcp),
+    };
+    let accept = tokio_tungstenite::accept_hdr_async_with_config(
+        io,
+        subprotocol,
+        Some(upstream::ws_config(&cfg)),
+    );
+    let mut client = match timeout_at(deadline, accept).await {
+        Ok(Ok(ws)) => ws,
+        Ok(Err(e)) => {
+            tracing::info!(peer = %peer, error = %e, "chat: not a WebSocket for XMPP");
+            return;
+        }
+        Err(_) => return,
+    };
+    let mut record = Record::default();
+    let login = timeout_at(
+        deadline,
+        log_in(chat, &live, &cfg, &mut client, peer, &mut record),
+    )
+    .await;
+    match login {
+        Ok(Ok(up)) => relay(chat, &cfg, client, up, &mut record, stopping).await,
+        Ok(Err(reason)) => {
+            record.reason = reason;
+            let _ = client.close(None).await;
+        }
+        Err(_) => {
+            record.reason = "login timeout";
+            let _ = send(&mut client, &stream_error("connection-timeout")).await;
+            let _ = client.close(None).await;
+        }
+    }
+    let duration = started.elapsed();
+    if live.config.log.access {
+        tracing::info!(
+            target: "qbproxy::access",
+            kind = "chat",
+            peer = %peer,
+            client = record.client.as_deref().unwrap_or(""),
+            identity = record.identity.as_deref().unwrap_or(""),
+            user = record.user.unwrap_or(0),
+            duration_ms = duration.as_millis() as u64,
+            stanzas_in = record.stanzas_in,
+            stanzas_out = record.stanzas_out,
+            reason = record.reason,
+            "chat"
+        );
+    }
+}
+
+/// The WebSocket handshake's check: the client must offer the `xmpp`
+/// subprotocol (RFC 7395 §3.2), which the answer names.
+// The error type is tungstenite's, for its handshake callback.
+#[allow(clippy::result_large_err)]
+fn subprotocol(req: &Request, mut resp: Response) -> Result<Response, ErrorResponse> {
+    let offered = req
+        .headers()
+        .get_all("sec-websocket-protocol")
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .any(|p| p.trim().eq_ignore_ascii_case("xmpp"));
+    if !offered {
+        let mut refused = ErrorResponse::new(Some(
+            "qbproxy's chat listener speaks XMPP over WebSocket: offer the subprotocol xmpp".into(),
+        ));
+        *refused.status_mut() = StatusCode::BAD_REQUEST;
+        return Err(refused);
+    }
+    resp.headers_mut()
+        .insert("sec-websocket-protocol", HeaderValue::from_static("xmpp"));
+    Ok(resp)
+}
+
+type Client = WebSocketStream<Box<dyn Io>>;
+
+async fn send(ws: &mut Client, el: &Element) -> Result<(), ()> {
+    ws.send(Message::text(el.to_string())).await.map_err(|_| ())
+}
+
+/// The client's next element before the login; `None` if it closed or
+/// sent something that is not one.
+async fn next(ws: &mut Client) -> Option<Element> {
+    loop {
+        match ws.next().await? {
+            Ok(Message::Text(t)) => return Element::parse(t.as_str()),
+            Ok(Message::Ping(_) | Message::Pong(_)) => continue,
+            _ => return None,
+        }
+    }
+}
+
+fn stream_error(condition: &str) -> Element {
+    Element::new("stream:error")
+        .with("xmlns:stream", ns::STREAMS)
+        .child(Element::new(condition).with("xmlns", ns::STREAM_ERRORS))
+}
+
+fn failure(condition: &str, text: &str) -> Element {
+    Element::new("failure")
+        .with("xmlns", ns::SASL)
+        .child(Element::new(condition))
+        .child(Element::new("text").with("xml:lang", "en").text(text))
+}
+
+/// The client's stream open and SASL exchange, answered by qbproxy, and
+/// the login on the chat server; the chat server's stream, logged in, or
+/// why not (the client was told).
+async fn log_in(
+    chat: &Chat,
+    live: &Live,
+    cfg: &ChatConfig,
+    client: &mut Client,
+    peer: SocketAddr,
+    record: &mut Record,
+) -> Result<Ws, &'static str> {
+    let open = next(client).await.ok_or("no stream opened")?;
+    if open.local() != "open" || open.ns() != Some(ns::FRAMING) {
+        let _ = send(client, &stream_error("invalid-namespace")).await;
+        return Err("no stream opened");
+    }
+    let Some(domain) = open.attr("to").map(str::to_owned) else {
+        let _ = send(client, &stream_error("host-unknown")).await;
+        return Err("no domain");
+    };
+    let opened = Element::new("open")
+        .with("xmlns", ns::FRAMING)
+        .with("from", &domain)
+        .with("id", &format!("{:016x}", rand::random::<u64>()))
+        .with("version", "1.0")
+        .with("xml:lang", "en");
+    let features = Element::new("stream:features")
+        .with("xmlns:stream", ns::STREAMS)
+        .child(
+            Element::new("mechanisms")
+                .with("xmlns", ns::SASL)
+                .child(Element::new("mechanism").text("PLAIN")),
+        );
+    send(client, &opened).await.map_err(|_| "client gone")?;
+    send(client, &features).await.map_err(|_| "client gone")?;
+
+    let auth = next(client).await.ok_or("no login")?;
+    if auth.local() != "auth" {
+        let _ = send(client, &stream_error("not-authorized")).await;
+        return Err("no login");
+    }
+    if auth.attr("mechanism") != Some("PLAIN") {
+        let _ = send(
+            client,
+            &failure("invalid-mechanism", "qbproxy offers PLAIN"),
+        )
+        .await;
+        return Err("refused");
+    }
+    let Some(plain) = Plain::decode(&auth.text) else {
+        let _ = send(client, &failure("malformed-request", "not a PLAIN message")).await;
+        return Err("refused");
+    };
+    let local = plain.local().to_owned();
+    let app = &live.config.quickblox.application_id;
+    let user = local
+        .strip_suffix(&format!("-{app}"))
+        .and_then(|id| id.parse::<u64>().ok());
+    record.user = user;
+    let refuse = |text: String| failure("not-authorized", &text);
+    let client_key = match live.gate.admit_chat(peer.ip(), plain.password.as_bytes()) {
+        Ok(c) => c,
+        Err(e) => {
+            tracing::warn!(peer = %peer, error = %e, "chat login refused");
+            chat.metrics.chat().login("", "", "refused");
+            let _ = send(client, &refuse(format!("qbproxy: {e}"))).await;
+            return Err("refused");
+        }
+    };
+    record.client = client_key.map(|c| c.name.clone());
+    let Some(user) = user else {
+        let text =
+            format!("qbproxy: log in as {{user_id}}-{app}, the JID's local part (got {local:?})");
+        chat.metrics.chat().login("", "", "refused");
+        let _ = send(client, &refuse(text)).await;
+        return Err("refused");
+    };
+    let Some(identity) = holding(live, user) else {
+        return match cfg.unknown_users {
+            UnknownUsers::Refuse => {
+                tracing::info!(
+                    peer = %peer,
+                    user,
+                    "chat login refused: qbproxy holds no session for this user (chat.unknown_users = \"refuse\")"
+                );
+                chat.metrics.chat().login("", "", "refused");
+                let text = format!("qbproxy holds no session for user {user}");
+                let _ = send(client, &refuse(text)).await;
+                Err("unknown user")
+            }
+            UnknownUsers::Pass => pass(chat, cfg, client, &domain, &auth).await,
+        };
+    };
+    let name = identity.name().to_owned();
+    let pool = identity.info().pool.clone().unwrap_or_default();
+    record.identity = Some(name.clone());
+    if let Some(c) = client_key {
+        let target_name = if pool.is_empty() { &name } else { &pool };
+        let target = live.config.names.get(target_name).copied();
+        let permitted = target.map(|t| c.permit(t, target_name, &Method::POST, "/chat/xmpp"));
+        if let Some(Err(e)) = permitted {
+            tracing::warn!(peer = %peer, error = %e, "chat login refused");
+            chat.metrics.chat().login(&name, &pool, "refused");
+            let _ = send(client, &refuse(format!("qbproxy: {e}"))).await;
+            return Err("refused");
+        }
+    }
+    let deadline = Instant::now() + cfg.login_timeout;
+    let login = as_identity(chat, cfg, identity, &domain, &local, deadline).await;
+    match login {
+        Ok((up, outcome)) => {
+            chat.metrics.chat().login(&name, &pool, outcome);
+            send(client, &Element::new("success").with("xmlns", ns::SASL))
+                .await
+                .map_err(|_| "client gone")?;
+            Ok(up)
+        }
+        Err(LoginError::Refused(answer)) => {
+            chat.metrics.chat().login(&name, &pool, "refused");
+            tracing::warn!(
+                identity = name,
+                user,
+                "the chat server refused the login with a renewed session token"
+            );
+            let answer = Element::parse(&answer).unwrap_or_else(|| refuse(String::new()));
+            let _ = send(client, &answer).await;
+            Err("refused upstream")
+        }
+        Err(LoginError::Upstream(e)) => {
+            chat.metrics.chat().login(&name, &pool, "failed");
+            tracing::warn!(identity = name, error = %e, "chat login failed");
+            let text = format!("qbproxy: {e}");
+            let _ = send(client, &failure("temporary-auth-failure", &text)).await;
+            Err("chat server failed")
+        }
+        Err(LoginError::NoSession(e)) => {
+            chat.metrics.chat().login(&name, &pool, "failed");
+            let text = format!("qbproxy: {e}");
+            let _ = send(client, &failure("temporary-auth-failure", &text)).await;
+            Err("no session")
+        }
+    }
+}
+
+/// The identity (standalone or a pool member) whose session is user
+/// `user`'s.
+fn holding(live: &Live, user: u64) -> Option<&Identity> {
+    live.identities
+        .iter()
+        .find(|i| i.current().is_some_and(|s| s.user_id() == user))
+}
+
+/// Why no session could be had, for the client's failure text.
+fn no_session(e: crate::session::Unavailable) -> LoginError {
+    LoginError::NoSession(match e {
+        crate::session::Unavailable::Failed(e) => format!("no session for this user: {e}"),
+        crate::session::Unavailable::TimedOut => {
+            "no session for this user within chat.login_timeout".to_owned()
+        }
+    })
+}
+
+enum LoginError {
+    /// The chat server's `<failure>`, with a renewed token too.
+    Refused(String),
+    Upstream(ChatUpstreamError),
+    NoSession(String),
+}
+
+/// Logs in on the chat server with `identity`'s token; refused as not
+/// authorized, with a renewed one (once). The outcome for the metric.
+async fn as_identity(
+    chat: &Chat,
+    cfg: &ChatConfig,
+    identity: &Identity,
+    domain: &str,
+    local: &str,
+    deadline: Instant,
+) -> Result<(Ws, &'static str), LoginError> {
+    let mut session = identity.session(deadline).await.map_err(no_session)?;
+    let mut renewed = false;
+    loop {
+        if session.scheme() != Scheme::QbToken {
+            return Err(LoginError::NoSession(
+                "this user's identity has an API key, not a session token to log in to chat with"
+                    .into(),
+            ));
+        }
+        let token = session.token().to_str().unwrap_or_default().to_owned();
+        let mut up = upstream::connect(cfg, &chat.upstream_tls, deadline)
+            .await
+            .map_err(LoginError::Upstream)?;
+        let login = upstream::login(&mut up, domain, local, &token, deadline)
+            .await
+            .map_err(LoginError::Upstream)?;
+        match login {
+            Login::Success => return Ok((up, if renewed { "renewed" } else { "ok" })),
+            refused if refused.not_authorized() && !renewed => {
+                let _ = up.close(None).await;
+                tracing::info!(
+                    identity = identity.name(),
+                    token = %session.token_prefix(),
+                    "the chat server refused the session's token; renewing it once"
+                );
+                identity.report_dead(&session);
+                session = identity
+                    .replacement(&session, deadline)
+                    .await
+                    .map_err(no_session)?;
+                renewed = true;
+            }
+            Login::Failure(answer) => return Err(LoginError::Refused(answer)),
+        }
+    }
+}
+
+/// A user qbproxy does not hold, `chat.unknown_users = "pass"`: the
+/// client's own `<auth>` goes to the chat server, and its answer back.
+async fn pass(
+    chat: &Chat,
+    cfg: &ChatConfig,
+    client: &mut Client,
+    domain: &str,
+    auth: &Element,
+) -> Result<Ws, &'static str> {
+    let deadline = Instant::now() + cfg.login_timeout;
+    let attempt = async {
+        let mut up = upstream::connect(cfg, &chat.upstream_tls, deadline).await?;
+        let login = upstream::login_as_sent(&mut up, domain, auth, deadline).await?;
+        Ok::<_, ChatUpstreamError>((up, login))
+    };
+    match attempt.await {
+        Ok((up, Login::Success)) => {
+            chat.metrics.chat().login("", "", "passed");
+            send(client, &Element::new("success").with("xmlns", ns::SASL))
+                .await
+                .map_err(|_| "client gone")?;
+            Ok(up)
+        }
+        Ok((_, Login::Failure(answer))) => {
+            chat.metrics.chat().login("", "", "refused");
+            if let Some(answer) = Element::parse(&answer) {
+                let _ = send(client, &answer).await;
+            }
+            Err("refused upstream")
+        }
+        Err(e) => {
+            chat.metrics.chat().login("", "", "failed");
+            let text = format!("qbproxy: {e}");
+            let _ = send(client, &failure("temporary-auth-failure", &text)).await;
+            Err("chat server failed")
+        }
+    }
+}
+
+/// Both ways, element by element, until either side closes, nothing
+/// moves for `chat.idle_timeout`, or qbproxy stops.
+async fn relay(
+    chat: &Chat,
+    cfg: &ChatConfig,
+    mut client: Client,
+    mut up: Ws,
+    record: &mut Record,
+    mut stopping: watch::Receiver<bool>,
+) {
+    let (stanzas_in, stanzas_out) = chat.metrics.chat().stanzas();
+    let mut idle_until = Instant::now() + cfg.idle_timeout;
+    record.reason = loop {
+        tokio::select! {
+            from_client = client.next() => match from_client {
+                Some(Ok(Message::Text(t))) => {
+                    stanzas_in.inc();
+                    record.stanzas_in += 1;
+                    idle_until = Instant::now() + cfg.idle_timeout;
+                    if up.send(Message::Text(t)).await.is_err() {
+                        break "chat server closed";
+                    }
+                }
+                Some(Ok(Message::Ping(_) | Message::Pong(_) | Message::Frame(_))) => {}
+                Some(Ok(Message::Binary(_))) => {
+                    let _ = send(&mut client, &stream_error("unsupported-encoding")).await;
+                    break "binary message";
+                }
+                Some(Ok(Message::Close(_))) | None => break "client closed",
+                Some(Err(e)) => {
+                    tracing::debug!(error = %e, "chat: the client's side failed");
+                    break if matches!(e, tokio_tungstenite::tungstenite::Error::Capacity(_)) {
+                        "element too large"
+                    } else {
+                        "client failed"
+                    };
+                }
+            },
+            from_up = up.next() => match from_up {
+                Some(Ok(Message::Text(t))) => {
+                    stanzas_out.inc();
+                    record.stanzas_out += 1;
+                    idle_until = Instant::now() + cfg.idle_timeout;
+                    if client.send(Message::Text(t)).await.is_err() {
+                        break "client closed";
+                    }
+                }
+                Some(Ok(Message::Ping(_) | Message::Pong(_) | Message::Frame(_))) => {}
+                Some(Ok(Message::Binary(_))) | Some(Ok(Message::Close(_))) | None | Some(Err(_)) => {
+                    break "chat server closed";
+                }
+            },
+            () = sleep_until(idle_until) => {
+                let _ = send(&mut client, &stream_error("connection-timeout")).await;
+                break "idle";
+            }
+            _ = stopping.changed() => {
+                let _ = send(&mut client, &stream_error("system-shutdown")).await;
+                break "shutdown";
+            }
+        }
+    };
+    let close = Element::new("close").with("xmlns", ns::FRAMING);
+    let _ = up.send(Message::text(close.to_string())).await;
+    let _ = up.close(None).await;
+    let _ = client.close(None).await;
+}

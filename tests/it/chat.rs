@@ -1,0 +1,231 @@
+//! Chat through qbproxy (`chat/`): XMPP over WebSocket, logged in on the
+//! chat server (the simulator's) with the session qbproxy holds. Each test
+//! asserts what the chat server saw (`Sim::chat_logins`, messages routed),
+//! not only what the client was told.
+
+use qbproxy_sim::Credential::{Password, Refused, Token};
+use qbproxy_sim::Sim;
+
+use crate::common::xmpp::{Xmpp, FRAMING, SASL};
+use crate::common::{demo_sim, setup, Harness, Setup};
+
+const DEMO: &str = "name = \"demo\"\nlogin = \"demo\"\npassword = \"demo-password\"\n";
+const OTHER: &str = "name = \"other\"\nlogin = \"other\"\npassword = \"other-password\"\n";
+const DOMAIN: &str = "chat.example";
+/// A password the chat server would refuse: qbproxy never sends it.
+const PLACEHOLDER: &str = "any-placeholder";
+
+fn with_chat(sim: &Sim, extra: &str) -> Setup {
+    setup().sim(sim.clone()).raw_table(&format!(
+        "[chat]\nwebsocket_addr = \"127.0.0.1:0\"\nupstream = \"{}\"\n{extra}",
+        sim.chat_url()
+    ))
+}
+
+fn chat_url(h: &Harness) -> String {
+    format!("ws://{}", h.handle.chat_addr().expect("a chat listener"))
+}
+
+async fn both(extra: &str) -> Harness {
+    let sim = demo_sim().await;
+    let h = with_chat(&sim, extra)
+        .identity(DEMO)
+        .identity(OTHER)
+        .start()
+        .await;
+    h.ready().await;
+    // Each identity's session, made (with a key, if keys are configured).
+    let a = h
+        .send(
+            http::Method::GET,
+            "/users.json",
+            &[
+                ("QBProxy-Identity", "other"),
+                ("QBProxy-Key", "app-key-0123456789abcdef"),
+            ],
+            bytes::Bytes::new(),
+        )
+        .await;
+    assert_eq!(a.status, 200, "{}", a.text());
+    h
+}
+
+fn logins(sim: &Sim) -> Vec<(u64, qbproxy_sim::Credential)> {
+    sim.chat_logins()
+        .iter()
+        .map(|l| (l.user_id, l.with))
+        .collect()
+}
+
+/// Two SDK users log in to chat through qbproxy with a placeholder
+/// password; the chat server sees each log in with its live session token
+/// (it would refuse the placeholder), the client never sees the token,
+/// and a message from one reaches the other through qbproxy.
+#[tokio::test]
+async fn two_users_chat_through_qbproxy_with_the_sessions_it_holds() {
+    let h = both("").await;
+    let url = chat_url(&h);
+    // The login, by hand: everything the client is sent before it binds.
+    let mut seen = Vec::new();
+    let mut demo = Xmpp::connect(&url).await;
+    let (open, features) = demo.open(DOMAIN).await;
+    assert!(open.contains(&format!(r#"from="{DOMAIN}""#)), "{open}");
+    assert!(
+        features.contains("<mechanism>PLAIN</mechanism>"),
+        "{features}"
+    );
+    let success = demo.auth("1001-76730", PLACEHOLDER).await;
+    assert!(success.starts_with("<success"), "{success}");
+    seen.extend([open, features, success]);
+    let (open, features) = demo.open(DOMAIN).await;
+    assert!(features.contains("bind"), "{features}");
+    seen.extend([open, features]);
+    assert_eq!(logins(&h.sim), [(1001, Token)]);
+    let token = h.token();
+    assert!(
+        seen.iter().all(|m| !m.contains(&token)),
+        "the token never reaches the client"
+    );
+    demo.send(r#"<iq type="set" id="b1" xmlns="jabber:client"><bind xmlns="urn:ietf:params:xml:ns:xmpp-bind"><resource>web</resource></bind></iq>"#)
+        .await;
+    let bound = demo.recv().await.unwrap();
+    assert!(
+        bound.contains("<jid>1001-76730@chat.example/web</jid>"),
+        "{bound}"
+    );
+
+    let (mut other, _) = Xmpp::login(&url, DOMAIN, "1002-76730", PLACEHOLDER, "phone")
+        .await
+        .expect("other logs in");
+    assert_eq!(logins(&h.sim), [(1001, Token), (1002, Token)]);
+    demo.send(r#"<message to="1002-76730@chat.example" type="chat" id="m1" xmlns="jabber:client"><body>through qbproxy</body></message>"#)
+        .await;
+    let got = other.recv().await.unwrap();
+    assert!(got.contains("<body>through qbproxy</body>"), "{got}");
+    assert!(
+        got.contains(r#"from="1001-76730@chat.example/web""#),
+        "{got}"
+    );
+    let routed = h.sim.chat_messages();
+    assert_eq!(
+        (routed[0].from, routed[0].to, routed[0].delivered),
+        (1001, 1002, true)
+    );
+
+    assert_eq!(
+        h.metric("qbproxy_chat_connections{transport=\"websocket\"}"),
+        2
+    );
+    assert_eq!(
+        h.metric("qbproxy_chat_logins_total{identity=\"demo\",pool=\"\",outcome=\"ok\"}"),
+        1
+    );
+    assert!(h.metric("qbproxy_chat_stanzas_total{direction=\"in\"}") >= 2);
+    demo.send(&format!(r#"<close xmlns="{FRAMING}"/>"#)).await;
+    assert!(demo.recv().await.unwrap().starts_with("<close"));
+}
+
+/// The session died at the chat server (two idle hours): its login with
+/// the held token is refused, qbproxy renews the session once (one
+/// creation) and logs in with the new token; the client sees a success.
+#[tokio::test]
+async fn a_token_refused_at_chat_login_is_renewed_once() {
+    let h = both("").await;
+    let before = h.sim.creations_for(1001);
+    h.sim.expire_all();
+    let (_demo, jid) = Xmpp::login(&chat_url(&h), DOMAIN, "1001-76730", PLACEHOLDER, "a")
+        .await
+        .expect("logged in after one renewal");
+    assert_eq!(jid, "1001-76730@chat.example/a");
+    assert_eq!(logins(&h.sim), [(1001, Refused), (1001, Token)]);
+    assert_eq!(h.sim.creations_for(1001), before + 1, "one renewal");
+    assert_eq!(
+        h.metric("qbproxy_chat_logins_total{identity=\"demo\",pool=\"\",outcome=\"renewed\"}"),
+        1
+    );
+    // REST goes on with the renewed session, with no second renewal.
+    assert_eq!(h.get("/users.json").await.status, 200);
+    assert_eq!(h.sim.creations_for(1001), before + 1);
+}
+
+/// A user qbproxy holds no session for is refused by default, without a
+/// word to the chat server; with `unknown_users = "pass"` the client's own
+/// credentials go to the chat server, which decides.
+#[tokio::test]
+async fn a_user_qbproxy_does_not_hold_is_refused_or_passed() {
+    let sim = demo_sim().await;
+    let h = with_chat(&sim, "").identity(DEMO).start().await;
+    h.ready().await;
+    let refused = Xmpp::login(&chat_url(&h), DOMAIN, "1002-76730", "other-password", "a").await;
+    let refused = refused.err().expect("refused");
+    assert!(refused.contains("not-authorized"), "{refused}");
+    assert!(
+        refused.contains("qbproxy holds no session for user 1002"),
+        "{refused}"
+    );
+    assert!(logins(&sim).is_empty(), "the chat server saw nothing");
+
+    let sim = demo_sim().await;
+    let h = with_chat(&sim, "unknown_users = \"pass\"\n")
+        .identity(DEMO)
+        .start()
+        .await;
+    h.ready().await;
+    let url = chat_url(&h);
+    Xmpp::login(&url, DOMAIN, "1002-76730", "other-password", "a")
+        .await
+        .expect("its own password, passed on");
+    let wrong = Xmpp::login(&url, DOMAIN, "1002-76730", "not-it", "b").await;
+    assert!(wrong.err().unwrap().contains("Password not verified"));
+    assert_eq!(logins(&sim), [(1002, Password), (1002, Refused)]);
+}
+
+/// With `[[client]]` keys, the SASL password must be a client's key (a
+/// browser's WebSocket cannot send headers), and its rules hold: a client
+/// limited to the identity "other" cannot chat as demo's user.
+#[tokio::test]
+async fn client_keys_and_their_rules_hold_for_chat() {
+    let clients = "[[client]]\nname = \"app\"\nkey = \"app-key-0123456789abcdef\"\n\
+                   [[client]]\nname = \"narrow\"\nkey = \"narrow-key-0123456789abcd\"\nidentities = [\"other\"]\n";
+    let h = both(clients).await;
+    let url = chat_url(&h);
+    let no_key = Xmpp::login(&url, DOMAIN, "1001-76730", PLACEHOLDER, "a").await;
+    assert!(no_key.err().unwrap().contains("not-authorized"));
+    let narrow = Xmpp::login(&url, DOMAIN, "1001-76730", "narrow-key-0123456789abcd", "a").await;
+    let narrow = narrow.err().unwrap();
+    assert!(narrow.contains("narrow"), "{narrow}");
+    assert!(logins(&h.sim).is_empty(), "the chat server saw nothing");
+    Xmpp::login(&url, DOMAIN, "1002-76730", "narrow-key-0123456789abcd", "a")
+        .await
+        .expect("its own identity");
+    Xmpp::login(&url, DOMAIN, "1001-76730", "app-key-0123456789abcdef", "a")
+        .await
+        .expect("any identity");
+    assert_eq!(logins(&h.sim), [(1002, Token), (1001, Token)]);
+}
+
+/// An element over `chat.max_stanza_bytes` ends that connection; another
+/// connection is served on.
+#[tokio::test]
+async fn an_element_over_the_limit_ends_only_its_connection() {
+    let h = both("max_stanza_bytes = 4096\n").await;
+    let url = chat_url(&h);
+    let (mut big, _) = Xmpp::login(&url, DOMAIN, "1001-76730", PLACEHOLDER, "a")
+        .await
+        .unwrap();
+    let (mut other, _) = Xmpp::login(&url, DOMAIN, "1002-76730", PLACEHOLDER, "b")
+        .await
+        .unwrap();
+    let body = "x".repeat(8192);
+    big.send(&format!(
+        r#"<message to="1002-76730@chat.example" type="chat"><body>{body}</body></message>"#
+    ))
+    .await;
+    assert_eq!(big.recv().await, None, "closed");
+    assert!(h.sim.chat_messages().is_empty(), "never relayed");
+    other
+        .send(r#"<iq type="get" id="p" xmlns="jabber:client"><ping xmlns="urn:xmpp:ping"/></iq>"#)
+        .await;
+    assert!(other.recv().await.unwrap().contains(r#"id="p""#));
+    let _ = SASL;
+}
