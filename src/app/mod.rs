@@ -58,8 +58,9 @@ pub enum StartError {
     Cluster(#[source] redis::RedisError),
     #[error("cannot set up TLS to the upstream: {0}")]
     Tls(std::io::Error),
-    #[error("cannot listen on {addr} (chat.websocket_addr): {source}")]
+    #[error("cannot listen on {addr} ({key}): {source}")]
     ChatListen {
+        key: &'static str,
         addr: std::net::SocketAddr,
         source: std::io::Error,
     },
@@ -79,11 +80,14 @@ pub enum NotReady {
     PoolSetAside(String),
 }
 
+/// `[chat]`'s listeners, bound, by transport.
+type ChatListeners = Vec<(crate::chat::Kind, std::net::TcpListener)>;
+
 /// A configured proxy, not yet serving.
 pub struct App {
     handle: Handle,
-    /// `[chat]`: what its connections share, and its listener, bound.
-    chat: Option<(Arc<crate::chat::Chat>, std::net::TcpListener)>,
+    /// `[chat]`: what its connections share, and its listeners, bound.
+    chat: Option<(Arc<crate::chat::Chat>, ChatListeners)>,
 }
 
 /// A cheap-to-clone handle on a (running) [`App`]: readiness, identities,
@@ -105,8 +109,8 @@ struct Shared {
     running: AtomicBool,
     /// The reloader task's queue, started with the first reload.
     reloader: OnceLock<mpsc::Sender<Request>>,
-    /// Where `[chat]`'s WebSocket listener listens, once bound.
-    chat_addr: Option<std::net::SocketAddr>,
+    /// Where `[chat]`'s listeners listen, once bound.
+    chat_addrs: Vec<(crate::chat::Kind, std::net::SocketAddr)>,
 }
 
 /// A reload asked of the reloader task.
@@ -183,17 +187,28 @@ impl App {
             Some(cfg) => {
                 let chat = crate::chat::Chat::new(live.clone(), ctx.metrics.clone(), &cfg)
                     .map_err(StartError::Tls)?;
-                let addr = cfg
-                    .websocket_addr
-                    .unwrap_or_else(|| unreachable!("validated"));
-                let listener = std::net::TcpListener::bind(addr)
-                    .and_then(|l| l.set_nonblocking(true).map(|()| l))
-                    .map_err(|source| StartError::ChatListen { addr, source })?;
-                Some((Arc::new(chat), listener))
+                use crate::chat::Kind;
+                let wanted = [
+                    (Kind::WebSocket, "chat.websocket_addr", cfg.websocket_addr),
+                    (Kind::Tcp, "chat.tcp_addr", cfg.tcp_addr),
+                ];
+                let mut listeners = Vec::new();
+                for (kind, key, addr) in wanted {
+                    let Some(addr) = addr else { continue };
+                    let listener = std::net::TcpListener::bind(addr)
+                        .and_then(|l| l.set_nonblocking(true).map(|()| l))
+                        .map_err(|source| StartError::ChatListen { key, addr, source })?;
+                    listeners.push((kind, listener));
+                }
+                Some((Arc::new(chat), listeners))
             }
             None => None,
         };
-        let chat_addr = chat.as_ref().and_then(|(_, l)| l.local_addr().ok());
+        let chat_addrs = chat
+            .iter()
+            .flat_map(|(_, ls)| ls.iter())
+            .filter_map(|(kind, l)| Some((*kind, l.local_addr().ok()?)))
+            .collect();
         Ok(App {
             handle: Handle {
                 shared: Arc::new(Shared {
@@ -203,7 +218,7 @@ impl App {
                     connections: ResizableLimit::new(max_connections),
                     running: AtomicBool::new(false),
                     reloader: OnceLock::new(),
-                    chat_addr,
+                    chat_addrs,
                 }),
             },
             chat,
@@ -242,20 +257,20 @@ impl App {
         // (`handover.rs`); then this one drains.
         let (handed, handed_over) = tokio::sync::oneshot::channel::<()>();
         let proxy_server = serve_proxy(shared, listeners.proxy, &lame_duck, stopping.clone());
-        if let Some((chat, listener)) = self.chat {
-            match tokio::net::TcpListener::from_std(listener) {
-                Ok(listener) => {
-                    tracing::info!(
-                        addr = %listener.local_addr().map_or(String::new(), |a| a.to_string()),
-                        "chat (XMPP over WebSocket) listening"
-                    );
-                    tokio::spawn(crate::chat::serve_websocket(
-                        chat,
-                        listener,
-                        stopping.clone(),
-                    ));
+        if let Some((chat, listeners)) = self.chat {
+            for (kind, listener) in listeners {
+                match tokio::net::TcpListener::from_std(listener) {
+                    Ok(listener) => {
+                        tracing::info!(
+                            addr = %listener.local_addr().map_or(String::new(), |a| a.to_string()),
+                            transport = ?kind,
+                            "chat listening"
+                        );
+                        let chat = chat.clone();
+                        tokio::spawn(crate::chat::serve(chat, kind, listener, stopping.clone()));
+                    }
+                    Err(e) => tracing::error!(error = %e, "a chat listener is unusable"),
                 }
-                Err(e) => tracing::error!(error = %e, "chat listener unusable; chat is off"),
             }
         }
         let workers = spawn_workers(shared, listeners.workers, &lame_duck, &stopping);
@@ -520,10 +535,10 @@ async fn reload_once(shared: &Shared, source: Source) -> Result<Summary, ReloadE
     let chat_listener = |c: &Config| {
         c.chat
             .as_ref()
-            .map(|c| (c.websocket_addr, c.max_connections))
+            .map(|c| (c.websocket_addr, c.tcp_addr, c.max_connections))
     };
     if chat_listener(new) != chat_listener(old) {
-        tracing::warn!("[chat] added, removed, or its websocket_addr or max_connections changed; restart qbproxy to apply that (the rest of [chat] applies to new chat connections)");
+        tracing::warn!("[chat] added, removed, or its websocket_addr, tcp_addr or max_connections changed; restart qbproxy to apply that (the rest of [chat] applies to new chat connections)");
     }
     if new.admin.addr != old.admin.addr {
         tracing::warn!(old = %old.admin.addr, new = %new.admin.addr, "admin.addr changed; restart qbproxy to move the admin listener");
@@ -559,10 +574,22 @@ async fn reload_once(shared: &Shared, source: Source) -> Result<Summary, ReloadE
 }
 
 impl Handle {
-    /// Where `[chat]`'s WebSocket listener listens (XMPP over
-    /// WebSocket), if chat is configured.
+    /// Where `[chat]`'s XMPP over WebSocket listener listens, if any.
     pub fn chat_addr(&self) -> Option<std::net::SocketAddr> {
-        self.shared.chat_addr
+        self.chat_listener(crate::chat::Kind::WebSocket)
+    }
+
+    /// Where `[chat]`'s XMPP over TCP listener listens, if any.
+    pub fn chat_tcp_addr(&self) -> Option<std::net::SocketAddr> {
+        self.chat_listener(crate::chat::Kind::Tcp)
+    }
+
+    fn chat_listener(&self, kind: crate::chat::Kind) -> Option<std::net::SocketAddr> {
+        self.shared
+            .chat_addrs
+            .iter()
+            .find(|(k, _)| *k == kind)
+            .map(|(_, a)| *a)
     }
 
     /// Applies a new, already validated configuration. Reloads run one at a

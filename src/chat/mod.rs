@@ -17,7 +17,9 @@
 //! A user qbproxy holds no session for is refused, or with
 //! `chat.unknown_users = "pass"` logs in with its own credentials.
 
+pub(crate) mod client;
 pub(crate) mod sasl;
+pub(crate) mod split;
 pub(crate) mod upstream;
 pub(crate) mod xml;
 
@@ -35,8 +37,8 @@ use tokio::time::{sleep_until, timeout_at, Instant};
 use tokio_tungstenite::tungstenite::handshake::server::{ErrorResponse, Request, Response};
 use tokio_tungstenite::tungstenite::http::{HeaderValue, StatusCode};
 use tokio_tungstenite::tungstenite::Message;
-use tokio_tungstenite::WebSocketStream;
 
+use self::client::{ClientSide, Ended, Incoming, Transport};
 use self::sasl::Plain;
 use self::upstream::{ChatUpstreamError, Login, Ws};
 use self::xml::Element;
@@ -55,6 +57,7 @@ pub(crate) mod ns {
     pub const SASL: &str = "urn:ietf:params:xml:ns:xmpp-sasl";
     pub const STREAMS: &str = "http://etherx.jabber.org/streams";
     pub const STREAM_ERRORS: &str = "urn:ietf:params:xml:ns:xmpp-streams";
+    pub const TLS: &str = "urn:ietf:params:xml:ns:xmpp-tls";
 }
 
 /// What every chat connection shares.
@@ -88,9 +91,19 @@ impl Chat {
     }
 }
 
-/// Serves XMPP over WebSocket on `listener` until `stopping`.
-pub(crate) async fn serve_websocket(
+/// A chat listener's transport.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Kind {
+    /// XMPP over WebSocket (browsers), TLS first when configured.
+    WebSocket,
+    /// XMPP over TCP (Node, iOS, Android), STARTTLS when configured.
+    Tcp,
+}
+
+/// Serves chat connections of `kind` on `listener` until `stopping`.
+pub(crate) async fn serve(
     chat: Arc<Chat>,
+    kind: Kind,
     listener: TcpListener,
     mut stopping: watch::Receiver<bool>,
 ) {
@@ -117,7 +130,7 @@ pub(crate) async fn serve_websocket(
         let stopping = stopping.clone();
         tokio::spawn(async move {
             let _slot = slot;
-            connection(&chat, tcp, peer, stopping).await;
+            connection(&chat, kind, tcp, peer, stopping).await;
         });
     }
 }
@@ -135,11 +148,16 @@ struct Record {
 
 async fn connection(
     chat: &Chat,
+    kind: Kind,
     tcp: TcpStream,
     peer: SocketAddr,
     stopping: watch::Receiver<bool>,
 ) {
-    let _open = chat.metrics.chat().open("websocket");
+    let transport = match kind {
+        Kind::WebSocket => "websocket",
+        Kind::Tcp => "tcp",
+    };
+    let _open = chat.metrics.chat().open(transport);
     let started = Instant::now();
     let live = chat.live.load_full();
     let Some(cfg) = live.config.chat.clone() else {
@@ -147,54 +165,35 @@ async fn connection(
     };
     let _ = tcp.set_nodelay(true);
     let deadline = started + cfg.login_timeout;
-    let io: Box<dyn Io> = match &live.tls {
-        Some(tls) => {
-            let accept = tokio_rustls::TlsAcceptor::from(tls.clone()).accept(tcp);
-            match timeout_at(deadline, accept).await {
-                Ok(Ok(s)) => Box::new(s),
-                Ok(Err(e)) => {
-                    tracing::info!(
-                        peer = %peer,
-                        error = %e,
-                        hint = crate::net::tls::handshake_hint(&e).unwrap_or(""),
-                        "chat: TLS handshake failed"
-                    );
-                    return;
-                }
-                Err(_) => return,
-            }
-        }
-        None => Box::new(tcp),
-    };
-    let accept = tokio_tungstenite::accept_hdr_async_with_config(
-        io,
-        subprotocol,
-        Some(upstream::ws_config(&cfg)),
-    );
-    let mut client = match timeout_at(deadline, accept).await {
-        Ok(Ok(ws)) => ws,
-        Ok(Err(e)) => {
-            tracing::info!(peer = %peer, error = %e, "chat: not a WebSocket for XMPP");
-            return;
-        }
-        Err(_) => return,
-    };
     let mut record = Record::default();
+    let connected = match kind {
+        Kind::WebSocket => timeout_at(deadline, websocket(&live, &cfg, tcp, peer)).await,
+        Kind::Tcp => Ok(Some(ClientSide {
+            transport: Transport::Tcp(Box::new(client::TcpStream::new(
+                Box::new(tcp),
+                cfg.max_stanza_bytes,
+            ))),
+        })),
+    };
+    let Ok(Some(mut client)) = connected else {
+        return;
+    };
     let login = timeout_at(
         deadline,
         log_in(chat, &live, &cfg, &mut client, peer, &mut record),
     )
     .await;
     match login {
-        Ok(Ok(up)) => relay(chat, &cfg, client, up, &mut record, stopping).await,
+        Ok(Ok((up, domain))) => {
+            relay(chat, &cfg, &mut client, up, &domain, &mut record, stopping).await
+        }
         Ok(Err(reason)) => {
             record.reason = reason;
-            let _ = client.close(None).await;
+            client.close().await;
         }
         Err(_) => {
             record.reason = "login timeout";
-            let _ = send(&mut client, &stream_error("connection-timeout")).await;
-            let _ = client.close(None).await;
+            client.stream_error("connection-timeout").await;
         }
     }
     let duration = started.elapsed();
@@ -202,6 +201,7 @@ async fn connection(
         tracing::info!(
             target: "qbproxy::access",
             kind = "chat",
+            transport,
             peer = %peer,
             client = record.client.as_deref().unwrap_or(""),
             identity = record.identity.as_deref().unwrap_or(""),
@@ -213,6 +213,52 @@ async fn connection(
             "chat"
         );
     }
+}
+
+/// TLS (with `[listen]`'s certificate, if it has one) and the WebSocket
+/// handshake.
+async fn websocket(
+    live: &Live,
+    cfg: &ChatConfig,
+    tcp: TcpStream,
+    peer: SocketAddr,
+) -> Option<ClientSide> {
+    let io: Box<dyn Io> = match &live.tls {
+        Some(tls) => match tokio_rustls::TlsAcceptor::from(tls.clone())
+            .accept(tcp)
+            .await
+        {
+            Ok(s) => Box::new(s),
+            Err(e) => {
+                tls_failed(peer, &e);
+                return None;
+            }
+        },
+        None => Box::new(tcp),
+    };
+    let accept = tokio_tungstenite::accept_hdr_async_with_config(
+        io,
+        subprotocol,
+        Some(upstream::ws_config(cfg)),
+    );
+    match accept.await {
+        Ok(ws) => Some(ClientSide {
+            transport: Transport::WebSocket(Box::new(ws)),
+        }),
+        Err(e) => {
+            tracing::info!(peer = %peer, error = %e, "chat: not a WebSocket for XMPP");
+            None
+        }
+    }
+}
+
+fn tls_failed(peer: SocketAddr, e: &std::io::Error) {
+    tracing::info!(
+        peer = %peer,
+        error = %e,
+        hint = crate::net::tls::handshake_hint(e).unwrap_or(""),
+        "chat: TLS handshake failed"
+    );
 }
 
 /// The WebSocket handshake's check: the client must offer the `xmpp`
@@ -239,30 +285,6 @@ fn subprotocol(req: &Request, mut resp: Response) -> Result<Response, ErrorRespo
     Ok(resp)
 }
 
-type Client = WebSocketStream<Box<dyn Io>>;
-
-async fn send(ws: &mut Client, el: &Element) -> Result<(), ()> {
-    ws.send(Message::text(el.to_string())).await.map_err(|_| ())
-}
-
-/// The client's next element before the login; `None` if it closed or
-/// sent something that is not one.
-async fn next(ws: &mut Client) -> Option<Element> {
-    loop {
-        match ws.next().await? {
-            Ok(Message::Text(t)) => return Element::parse(t.as_str()),
-            Ok(Message::Ping(_) | Message::Pong(_)) => continue,
-            _ => return None,
-        }
-    }
-}
-
-fn stream_error(condition: &str) -> Element {
-    Element::new("stream:error")
-        .with("xmlns:stream", ns::STREAMS)
-        .child(Element::new(condition).with("xmlns", ns::STREAM_ERRORS))
-}
-
 fn failure(condition: &str, text: &str) -> Element {
     Element::new("failure")
         .with("xmlns", ns::SASL)
@@ -270,57 +292,105 @@ fn failure(condition: &str, text: &str) -> Element {
         .child(Element::new("text").with("xml:lang", "en").text(text))
 }
 
+/// The client's stream (re)opened: its domain, the stream answered. Over
+/// TCP with a certificate, STARTTLS first (required), then the stream
+/// again over TLS.
+async fn negotiate(live: &Live, client: &mut ClientSide) -> Result<String, &'static str> {
+    let domain = opened(client).await?;
+    if let (Transport::Tcp(_), Some(tls)) = (&client.transport, &live.tls) {
+        let starttls = Element::new("stream:features").child(
+            Element::new("starttls")
+                .with("xmlns", ns::TLS)
+                .child(Element::new("required")),
+        );
+        client
+            .send_element(&starttls)
+            .await
+            .map_err(|_| "client gone")?;
+        let asked = client.next_element().await.map_err(|e| e.reason())?;
+        if asked.local() != "starttls" {
+            client.stream_error("policy-violation").await;
+            return Err("no STARTTLS");
+        }
+        client
+            .send_element(&Element::new("proceed").with("xmlns", ns::TLS))
+            .await
+            .map_err(|_| "client gone")?;
+        let Transport::Tcp(tcp) = &mut client.transport else {
+            unreachable!("matched above");
+        };
+        let plain = std::mem::replace(
+            &mut tcp.io,
+            Box::new(tokio::io::join(tokio::io::empty(), tokio::io::sink())),
+        );
+        let tls = tokio_rustls::TlsAcceptor::from(tls.clone())
+            .accept(plain)
+            .await
+            .map_err(|_| "TLS failed")?;
+        tcp.restart(Box::new(tls));
+        let again = opened(client).await?;
+        if again != domain {
+            client.stream_error("host-unknown").await;
+            return Err("another domain");
+        }
+    }
+    let features = Element::new("stream:features").child(
+        Element::new("mechanisms")
+            .with("xmlns", ns::SASL)
+            .child(Element::new("mechanism").text("PLAIN")),
+    );
+    client
+        .send_element(&features)
+        .await
+        .map_err(|_| "client gone")?;
+    Ok(domain)
+}
+
+/// Reads the client's stream open and answers it; its domain.
+async fn opened(client: &mut ClientSide) -> Result<String, &'static str> {
+    let domain = match client.next().await.map_err(|e| e.reason())? {
+        Incoming::Open(Some(domain)) => domain,
+        Incoming::Open(None) => {
+            client.stream_error("host-unknown").await;
+            return Err("no domain");
+        }
+        Incoming::Element(_) | Incoming::Close => {
+            client.stream_error("not-authorized").await;
+            return Err("no stream opened");
+        }
+    };
+    let id = format!("{:016x}", rand::random::<u64>());
+    client.open(&domain, &id).await.map_err(|_| "client gone")?;
+    Ok(domain)
+}
+
 /// The client's stream open and SASL exchange, answered by qbproxy, and
-/// the login on the chat server; the chat server's stream, logged in, or
-/// why not (the client was told).
+/// the login on the chat server; the chat server's stream, logged in, and
+/// the domain, or why not (the client was told).
 async fn log_in(
     chat: &Chat,
     live: &Live,
     cfg: &ChatConfig,
-    client: &mut Client,
+    client: &mut ClientSide,
     peer: SocketAddr,
     record: &mut Record,
-) -> Result<Ws, &'static str> {
-    let open = next(client).await.ok_or("no stream opened")?;
-    if open.local() != "open" || open.ns() != Some(ns::FRAMING) {
-        let _ = send(client, &stream_error("invalid-namespace")).await;
-        return Err("no stream opened");
-    }
-    let Some(domain) = open.attr("to").map(str::to_owned) else {
-        let _ = send(client, &stream_error("host-unknown")).await;
-        return Err("no domain");
-    };
-    let opened = Element::new("open")
-        .with("xmlns", ns::FRAMING)
-        .with("from", &domain)
-        .with("id", &format!("{:016x}", rand::random::<u64>()))
-        .with("version", "1.0")
-        .with("xml:lang", "en");
-    let features = Element::new("stream:features")
-        .with("xmlns:stream", ns::STREAMS)
-        .child(
-            Element::new("mechanisms")
-                .with("xmlns", ns::SASL)
-                .child(Element::new("mechanism").text("PLAIN")),
-        );
-    send(client, &opened).await.map_err(|_| "client gone")?;
-    send(client, &features).await.map_err(|_| "client gone")?;
-
-    let auth = next(client).await.ok_or("no login")?;
+) -> Result<(Ws, String), &'static str> {
+    let domain = negotiate(live, client).await?;
+    let auth = client.next_element().await.map_err(|e| e.reason())?;
     if auth.local() != "auth" {
-        let _ = send(client, &stream_error("not-authorized")).await;
+        client.stream_error("not-authorized").await;
         return Err("no login");
     }
     if auth.attr("mechanism") != Some("PLAIN") {
-        let _ = send(
-            client,
-            &failure("invalid-mechanism", "qbproxy offers PLAIN"),
-        )
-        .await;
+        let _ = client
+            .send_element(&failure("invalid-mechanism", "qbproxy offers PLAIN"))
+            .await;
         return Err("refused");
     }
     let Some(plain) = Plain::decode(&auth.text) else {
-        let _ = send(client, &failure("malformed-request", "not a PLAIN message")).await;
+        let _ = client
+            .send_element(&failure("malformed-request", "not a PLAIN message"))
+            .await;
         return Err("refused");
     };
     let local = plain.local().to_owned();
@@ -335,7 +405,7 @@ async fn log_in(
         Err(e) => {
             tracing::warn!(peer = %peer, error = %e, "chat login refused");
             chat.metrics.chat().login("", "", "refused");
-            let _ = send(client, &refuse(format!("qbproxy: {e}"))).await;
+            let _ = client.send_element(&refuse(format!("qbproxy: {e}"))).await;
             return Err("refused");
         }
     };
@@ -344,7 +414,7 @@ async fn log_in(
         let text =
             format!("qbproxy: log in as {{user_id}}-{app}, the JID's local part (got {local:?})");
         chat.metrics.chat().login("", "", "refused");
-        let _ = send(client, &refuse(text)).await;
+        let _ = client.send_element(&refuse(text)).await;
         return Err("refused");
     };
     let Some(identity) = holding(live, user) else {
@@ -357,10 +427,12 @@ async fn log_in(
                 );
                 chat.metrics.chat().login("", "", "refused");
                 let text = format!("qbproxy holds no session for user {user}");
-                let _ = send(client, &refuse(text)).await;
+                let _ = client.send_element(&refuse(text)).await;
                 Err("unknown user")
             }
-            UnknownUsers::Pass => pass(chat, cfg, client, &domain, &auth).await,
+            UnknownUsers::Pass => pass(chat, cfg, client, &domain, &auth)
+                .await
+                .map(|up| (up, domain)),
         };
     };
     let name = identity.name().to_owned();
@@ -373,7 +445,7 @@ async fn log_in(
         if let Some(Err(e)) = permitted {
             tracing::warn!(peer = %peer, error = %e, "chat login refused");
             chat.metrics.chat().login(&name, &pool, "refused");
-            let _ = send(client, &refuse(format!("qbproxy: {e}"))).await;
+            let _ = client.send_element(&refuse(format!("qbproxy: {e}"))).await;
             return Err("refused");
         }
     }
@@ -382,10 +454,12 @@ async fn log_in(
     match login {
         Ok((up, outcome)) => {
             chat.metrics.chat().login(&name, &pool, outcome);
-            send(client, &Element::new("success").with("xmlns", ns::SASL))
+            client
+                .send_element(&Element::new("success").with("xmlns", ns::SASL))
                 .await
                 .map_err(|_| "client gone")?;
-            Ok(up)
+            client.restarting();
+            Ok((up, domain))
         }
         Err(LoginError::Refused(answer)) => {
             chat.metrics.chat().login(&name, &pool, "refused");
@@ -395,20 +469,24 @@ async fn log_in(
                 "the chat server refused the login with a renewed session token"
             );
             let answer = Element::parse(&answer).unwrap_or_else(|| refuse(String::new()));
-            let _ = send(client, &answer).await;
+            let _ = client.send_element(&answer).await;
             Err("refused upstream")
         }
         Err(LoginError::Upstream(e)) => {
             chat.metrics.chat().login(&name, &pool, "failed");
             tracing::warn!(identity = name, error = %e, "chat login failed");
             let text = format!("qbproxy: {e}");
-            let _ = send(client, &failure("temporary-auth-failure", &text)).await;
+            let _ = client
+                .send_element(&failure("temporary-auth-failure", &text))
+                .await;
             Err("chat server failed")
         }
         Err(LoginError::NoSession(e)) => {
             chat.metrics.chat().login(&name, &pool, "failed");
             let text = format!("qbproxy: {e}");
-            let _ = send(client, &failure("temporary-auth-failure", &text)).await;
+            let _ = client
+                .send_element(&failure("temporary-auth-failure", &text))
+                .await;
             Err("no session")
         }
     }
@@ -491,7 +569,7 @@ async fn as_identity(
 async fn pass(
     chat: &Chat,
     cfg: &ChatConfig,
-    client: &mut Client,
+    client: &mut ClientSide,
     domain: &str,
     auth: &Element,
 ) -> Result<Ws, &'static str> {
@@ -504,63 +582,90 @@ async fn pass(
     match attempt.await {
         Ok((up, Login::Success)) => {
             chat.metrics.chat().login("", "", "passed");
-            send(client, &Element::new("success").with("xmlns", ns::SASL))
+            client
+                .send_element(&Element::new("success").with("xmlns", ns::SASL))
                 .await
                 .map_err(|_| "client gone")?;
+            client.restarting();
             Ok(up)
         }
         Ok((_, Login::Failure(answer))) => {
             chat.metrics.chat().login("", "", "refused");
             if let Some(answer) = Element::parse(&answer) {
-                let _ = send(client, &answer).await;
+                let _ = client.send_element(&answer).await;
             }
             Err("refused upstream")
         }
         Err(e) => {
             chat.metrics.chat().login("", "", "failed");
             let text = format!("qbproxy: {e}");
-            let _ = send(client, &failure("temporary-auth-failure", &text)).await;
+            let _ = client
+                .send_element(&failure("temporary-auth-failure", &text))
+                .await;
             Err("chat server failed")
         }
     }
 }
+
+/// How long the chat server has to answer a client's close.
+const CLOSING: Duration = Duration::from_secs(5);
 
 /// Both ways, element by element, until either side closes, nothing
 /// moves for `chat.idle_timeout`, or qbproxy stops.
 async fn relay(
     chat: &Chat,
     cfg: &ChatConfig,
-    mut client: Client,
+    client: &mut ClientSide,
     mut up: Ws,
+    domain: &str,
     record: &mut Record,
     mut stopping: watch::Receiver<bool>,
 ) {
     let (stanzas_in, stanzas_out) = chat.metrics.chat().stanzas();
     let mut idle_until = Instant::now() + cfg.idle_timeout;
+    let restart = Element::new("open")
+        .with("xmlns", ns::FRAMING)
+        .with("to", domain)
+        .with("version", "1.0")
+        .to_string();
+    let close = Element::new("close").with("xmlns", ns::FRAMING).to_string();
+    // The client closed its stream: the server's answer (its own close)
+    // is still passed on, for a few seconds at most.
+    let mut closing = false;
     record.reason = loop {
         tokio::select! {
-            from_client = client.next() => match from_client {
-                Some(Ok(Message::Text(t))) => {
-                    stanzas_in.inc();
-                    record.stanzas_in += 1;
-                    idle_until = Instant::now() + cfg.idle_timeout;
-                    if up.send(Message::Text(t)).await.is_err() {
-                        break "chat server closed";
+            from_client = client.next(), if !closing => {
+                idle_until = Instant::now() + cfg.idle_timeout;
+                let text = match from_client {
+                    // The stream's restart after the login, or a later one.
+                    Ok(Incoming::Open(_)) => restart.clone(),
+                    Ok(Incoming::Element(e)) => {
+                        stanzas_in.inc();
+                        record.stanzas_in += 1;
+                        client::framed_for_websocket(&e)
                     }
-                }
-                Some(Ok(Message::Ping(_) | Message::Pong(_) | Message::Frame(_))) => {}
-                Some(Ok(Message::Binary(_))) => {
-                    let _ = send(&mut client, &stream_error("unsupported-encoding")).await;
-                    break "binary message";
-                }
-                Some(Ok(Message::Close(_))) | None => break "client closed",
-                Some(Err(e)) => {
-                    tracing::debug!(error = %e, "chat: the client's side failed");
-                    break if matches!(e, tokio_tungstenite::tungstenite::Error::Capacity(_)) {
-                        "element too large"
-                    } else {
-                        "client failed"
-                    };
+                    Ok(Incoming::Close) => {
+                        closing = true;
+                        idle_until = Instant::now() + CLOSING;
+                        close.clone()
+                    }
+                    Err(ended) => {
+                        if let Ended::Failed(e) = &ended {
+                            tracing::debug!(error = %e, "chat: the client's side failed");
+                        }
+                        if !matches!(ended, Ended::Closed) {
+                            tracing::info!(reason = ended.reason(), "chat: ending a client's connection");
+                            client.stream_error(match ended {
+                                Ended::TooLarge => "policy-violation",
+                                _ => "not-well-formed",
+                            }).await;
+                        }
+                        break ended.reason();
+                    }
+                };
+                if up.send(Message::text(text)).await.is_err() {
+                    client.stream_error("remote-connection-failed").await;
+                    break "chat server closed";
                 }
             },
             from_up = up.next() => match from_up {
@@ -568,27 +673,38 @@ async fn relay(
                     stanzas_out.inc();
                     record.stanzas_out += 1;
                     idle_until = Instant::now() + cfg.idle_timeout;
-                    if client.send(Message::Text(t)).await.is_err() {
-                        break "client closed";
+                    if let Err(ended) = client.relay_from_server(t.as_str()).await {
+                        break match ended {
+                            Ended::Closed if closing => "client closed",
+                            Ended::Closed => "chat server closed",
+                            other => other.reason(),
+                        };
                     }
                 }
                 Some(Ok(Message::Ping(_) | Message::Pong(_) | Message::Frame(_))) => {}
-                Some(Ok(Message::Binary(_))) | Some(Ok(Message::Close(_))) | None | Some(Err(_)) => {
+                Some(Ok(Message::Binary(_) | Message::Close(_))) | None | Some(Err(_)) => {
+                    if closing {
+                        client.close().await;
+                        break "client closed";
+                    }
+                    client.stream_error("remote-connection-failed").await;
                     break "chat server closed";
                 }
             },
             () = sleep_until(idle_until) => {
-                let _ = send(&mut client, &stream_error("connection-timeout")).await;
+                if closing {
+                    client.close().await;
+                    break "client closed";
+                }
+                client.stream_error("connection-timeout").await;
                 break "idle";
             }
             _ = stopping.changed() => {
-                let _ = send(&mut client, &stream_error("system-shutdown")).await;
+                client.stream_error("system-shutdown").await;
                 break "shutdown";
             }
         }
     };
-    let close = Element::new("close").with("xmlns", ns::FRAMING);
-    let _ = up.send(Message::text(close.to_string())).await;
+    let _ = up.send(Message::text(close)).await;
     let _ = up.close(None).await;
-    let _ = client.close(None).await;
 }

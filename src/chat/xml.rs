@@ -63,11 +63,6 @@ impl Element {
         self.name.rsplit(':').next().unwrap_or(&self.name)
     }
 
-    /// The element's namespace as declared on it (`xmlns`).
-    pub fn ns(&self) -> Option<&str> {
-        self.attr("xmlns")
-    }
-
     /// Reads one element; `None` if `text` is not exactly one
     /// well-formed element (whitespace around it aside).
     pub fn parse(text: &str) -> Option<Element> {

@@ -14,6 +14,9 @@ pub struct ChatConfig {
     /// XMPP over WebSocket (RFC 7395), for browsers: TLS with `[listen]`'s
     /// certificate when it has one, else plain (loopback and tests).
     pub websocket_addr: Option<SocketAddr>,
+    /// XMPP over TCP (RFC 6120), for Node, iOS and Android: STARTTLS
+    /// (required) with `[listen]`'s certificate when it has one.
+    pub tcp_addr: Option<SocketAddr>,
     /// The chat server, XMPP over WebSocket: `wss://` (QuickBlox's, port
     /// 5291) or `ws://` (the simulator).
     pub upstream: http::Uri,
@@ -43,6 +46,7 @@ pub enum UnknownUsers {
 #[serde(deny_unknown_fields, default)]
 pub(super) struct RawChat {
     websocket_addr: Option<String>,
+    tcp_addr: Option<String>,
     upstream: String,
     unknown_users: UnknownUsers,
     max_connections: usize,
@@ -57,6 +61,7 @@ impl Default for RawChat {
     fn default() -> Self {
         RawChat {
             websocket_addr: None,
+            tcp_addr: None,
             upstream: "wss://chat.quickblox.com:5291".into(),
             unknown_users: UnknownUsers::Refuse,
             max_connections: 4096,
@@ -78,10 +83,15 @@ impl Validator<'_> {
             Some(a) => Some(self.addr("chat.websocket_addr", a)?),
             None => None,
         };
-        if websocket_addr.is_none() {
+        let tcp_addr = match &raw.tcp_addr {
+            Some(a) => Some(self.addr("chat.tcp_addr", a)?),
+            None => None,
+        };
+        if websocket_addr.is_none() && tcp_addr.is_none() {
             return Err(self.invalid(
-                "chat.websocket_addr",
-                "[chat] needs a listener: websocket_addr = \"127.0.0.1:5291\"",
+                "chat",
+                "[chat] needs a listener: websocket_addr = \"127.0.0.1:5291\" (browsers) \
+                 and/or tcp_addr = \"127.0.0.1:5222\" (Node, iOS, Android)",
             ));
         }
         let upstream: http::Uri = raw.upstream.parse().map_err(|_| {
@@ -104,6 +114,7 @@ impl Validator<'_> {
         }
         Ok(Some(ChatConfig {
             websocket_addr,
+            tcp_addr,
             upstream,
             unknown_users: raw.unknown_users,
             max_connections: raw.max_connections,

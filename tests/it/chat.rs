@@ -6,7 +6,7 @@
 use qbproxy_sim::Credential::{Password, Refused, Token};
 use qbproxy_sim::Sim;
 
-use crate::common::xmpp::{Xmpp, FRAMING, SASL};
+use crate::common::xmpp::{Xmpp, XmppTcp, FRAMING, SASL};
 use crate::common::{demo_sim, setup, Harness, Setup};
 
 const DEMO: &str = "name = \"demo\"\nlogin = \"demo\"\npassword = \"demo-password\"\n";
@@ -221,6 +221,9 @@ async fn an_element_over_the_limit_ends_only_its_connection() {
         r#"<message to="1002-76730@chat.example" type="chat"><body>{body}</body></message>"#
     ))
     .await;
+    let error = big.recv().await.unwrap();
+    assert!(error.contains("policy-violation"), "{error}");
+    assert!(big.recv().await.unwrap().starts_with("<close"));
     assert_eq!(big.recv().await, None, "closed");
     assert!(h.sim.chat_messages().is_empty(), "never relayed");
     other
@@ -228,4 +231,67 @@ async fn an_element_over_the_limit_ends_only_its_connection() {
         .await;
     assert!(other.recv().await.unwrap().contains(r#"id="p""#));
     let _ = SASL;
+}
+
+/// XMPP over TCP (as Node's, iOS's and Android's SDKs speak it): one XML
+/// stream, stanzas without their namespace; through qbproxy a TCP client
+/// and a WebSocket client chat with each other, and the TCP stream closes
+/// as XMPP closes it.
+#[tokio::test]
+async fn a_client_over_tcp_chats_with_one_over_websocket() {
+    let h = both("tcp_addr = \"127.0.0.1:0\"\n").await;
+    let tcp_addr = h.handle.chat_tcp_addr().expect("a TCP chat listener");
+    let mut node = XmppTcp::login(tcp_addr, "1001-76730", PLACEHOLDER, "node", None).await;
+    let (mut web, _) = Xmpp::login(&chat_url(&h), DOMAIN, "1002-76730", PLACEHOLDER, "web")
+        .await
+        .unwrap();
+    assert_eq!(logins(&h.sim), [(1001, Token), (1002, Token)]);
+    assert_eq!(h.metric("qbproxy_chat_connections{transport=\"tcp\"}"), 1);
+
+    node.send("<message to='1002-76730@chat.example' type='chat' id='t1'><body>from node</body></message>")
+        .await;
+    let got = web.recv().await.unwrap();
+    assert!(got.contains("<body>from node</body>"), "{got}");
+    assert!(
+        got.contains("from=\"1001-76730@chat.example/node\""),
+        "{got}"
+    );
+    web.send(r#"<message to="1001-76730@chat.example" type="chat" xmlns="jabber:client"><body>from the web</body></message>"#)
+        .await;
+    let got = node.expect("</message>").await;
+    assert!(got.contains("<body>from the web</body>"), "{got}");
+    assert_eq!(h.sim.chat_messages().len(), 2);
+
+    node.send("</stream:stream>").await;
+    node.expect("</stream:stream>").await;
+}
+
+/// Over TCP with a certificate (`[listen] tls_cert`), STARTTLS is required
+/// before the login: a client that skips it is refused and the chat
+/// server sees nothing; one that starts TLS logs in.
+#[tokio::test]
+async fn over_tcp_starttls_comes_first() {
+    use crate::common::certs::{Ca, Dir};
+    let dir = Dir::new("chat-tls");
+    let ca = Ca::new("chat CA");
+    let cert = ca.ecdsa_leaf();
+    let sim = demo_sim().await;
+    let h = with_chat(&sim, "tcp_addr = \"127.0.0.1:0\"\n")
+        .set("listen", "tls_cert", dir.write("server.crt", &cert.0))
+        .set("listen", "tls_key", dir.write("server.key", &cert.1))
+        .start()
+        .await;
+    h.ready().await;
+    let addr = h.handle.chat_tcp_addr().unwrap();
+    let mut skips = XmppTcp::connect(addr).await;
+    skips.send(crate::common::xmpp::HEADER).await;
+    skips.expect("<required/>").await;
+    let plain = "<auth xmlns='urn:ietf:params:xml:ns:xmpp-sasl' mechanism='PLAIN'>AHgAeQ==</auth>";
+    skips.send(plain).await;
+    skips.expect("policy-violation").await;
+    skips.expect("</stream:stream>").await;
+    assert!(logins(&sim).is_empty());
+
+    XmppTcp::login(addr, "1001-76730", PLACEHOLDER, "secure", Some(ca.der())).await;
+    assert_eq!(logins(&sim), [(1001, Token)]);
 }

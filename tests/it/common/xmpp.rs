@@ -115,3 +115,116 @@ impl Xmpp {
         Ok((c, jid))
     }
 }
+
+/// A bare XMPP-over-TCP client (RFC 6120) for the chat tests: one XML
+/// stream each way, read as text until what a test expects arrives.
+pub struct XmppTcp {
+    io: Box<dyn Stream>,
+    read: String,
+}
+
+pub trait Stream: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send {}
+impl<T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send> Stream for T {}
+
+pub const HEADER: &str = "<?xml version='1.0'?><stream:stream to='chat.example' xmlns='jabber:client' xmlns:stream='http://etherx.jabber.org/streams' version='1.0'>";
+
+impl XmppTcp {
+    pub async fn connect(addr: std::net::SocketAddr) -> XmppTcp {
+        XmppTcp {
+            io: Box::new(TcpStream::connect(addr).await.unwrap()),
+            read: String::new(),
+        }
+    }
+
+    pub async fn send(&mut self, text: &str) {
+        use tokio::io::AsyncWriteExt;
+        self.io.write_all(text.as_bytes()).await.unwrap();
+    }
+
+    /// Reads until `needle` arrived; returns what came up to its end, and
+    /// keeps the rest. Panics (bounded) if the stream ends first.
+    pub async fn expect(&mut self, needle: &str) -> String {
+        use tokio::io::AsyncReadExt;
+        bounded(needle, async {
+            loop {
+                if let Some(at) = self.read.find(needle) {
+                    let rest = self.read.split_off(at + needle.len());
+                    return std::mem::replace(&mut self.read, rest);
+                }
+                let mut buf = [0u8; 4096];
+                let n = self.io.read(&mut buf).await.unwrap();
+                assert!(n > 0, "the stream ended before {needle:?}: {}", self.read);
+                self.read.push_str(std::str::from_utf8(&buf[..n]).unwrap());
+            }
+        })
+        .await
+    }
+
+    /// STARTTLS on this stream, trusting `ca` for `localhost`.
+    pub async fn starttls(&mut self, ca: rustls::pki_types::CertificateDer<'static>) {
+        self.send("<starttls xmlns='urn:ietf:params:xml:ns:xmpp-tls'/>")
+            .await;
+        self.expect("<proceed").await;
+        self.expect("/>").await;
+        let mut roots = rustls::RootCertStore::empty();
+        roots.add(ca).unwrap();
+        let config = rustls::ClientConfig::builder_with_provider(std::sync::Arc::new(
+            rustls::crypto::ring::default_provider(),
+        ))
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+        let connector = tokio_rustls::TlsConnector::from(std::sync::Arc::new(config));
+        let plain = std::mem::replace(
+            &mut self.io,
+            Box::new(tokio::io::join(tokio::io::empty(), tokio::io::sink())),
+        );
+        let name = rustls::pki_types::ServerName::try_from("localhost").unwrap();
+        self.io = Box::new(
+            bounded("a TLS handshake", connector.connect(name, plain))
+                .await
+                .unwrap(),
+        );
+        self.read.clear();
+    }
+
+    /// The stream opened, SASL PLAIN, reopened, bound to `resource`; the
+    /// JID. `tls`: STARTTLS first, trusting this CA.
+    pub async fn login(
+        addr: std::net::SocketAddr,
+        local: &str,
+        password: &str,
+        resource: &str,
+        tls: Option<rustls::pki_types::CertificateDer<'static>>,
+    ) -> XmppTcp {
+        let mut c = XmppTcp::connect(addr).await;
+        c.send(HEADER).await;
+        if let Some(ca) = tls {
+            c.expect("<starttls").await;
+            c.expect("</stream:features>").await;
+            c.starttls(ca).await;
+            c.send(HEADER).await;
+        }
+        c.expect("<mechanism>PLAIN</mechanism>").await;
+        c.expect("</stream:features>").await;
+        let plain =
+            base64::engine::general_purpose::STANDARD.encode(format!("\0{local}\0{password}"));
+        c.send(&format!(
+            "<auth xmlns='urn:ietf:params:xml:ns:xmpp-sasl' mechanism='PLAIN'>{plain}</auth>"
+        ))
+        .await;
+        c.expect("<success").await;
+        c.send(HEADER).await;
+        c.expect("bind").await;
+        c.expect("</stream:features>").await;
+        c.send(&format!(
+            "<iq type='set' id='b1'><bind xmlns='urn:ietf:params:xml:ns:xmpp-bind'><resource>{resource}</resource></bind></iq>"
+        ))
+        .await;
+        c.expect(&format!("/{resource}</jid>")).await;
+        c.expect("</iq>").await;
+        c.send("<presence/>").await;
+        c
+    }
+}
