@@ -158,6 +158,67 @@ function realToken(res) {
     expect(`a new session (${before} then ${after})`, before !== after);
     return `${expired.expired} session(s) expired; the call succeeded on a new one`;
   });
+  // Chat: two users log in through qbproxy (XMPP over TCP with STARTTLS,
+  // as the SDK speaks it in Node) with a placeholder password; qbproxy
+  // logs them in with the sessions it holds. One sends, the other hears.
+  const chatTcp = process.env.QB_CHAT_TCP; // host:port of qbproxy's chat-tcp
+  const users = [];
+  // An SDK instance logged in to chat as `userId`.
+  const chatUser = async (userId) => {
+    const qb = new QB.QuickBlox();
+    qb.init(PLACEHOLDER, appId, null, {
+      endpoints: { api, chat: 'localhost' },
+      debug: { mode: 0 },
+    });
+    // Node's XMPP client connects to the JID's domain; point it at
+    // qbproxy's port.
+    qb.chat.Client.options.host = 'localhost';
+    qb.chat.Client.options.port = Number(chatTcp.split(':')[1]);
+    await call(qb.chat.connect.bind(qb.chat), { userId, password: PLACEHOLDER });
+    return qb;
+  };
+  await step('chat.connect (two users)', async () => {
+    expect('QB_CHAT_TCP, qbproxy\'s XMPP over TCP address', chatTcp);
+    for (const userId of [1001, 1002]) {
+      users.push(await chatUser(userId));
+    }
+    return 'users 1001 and 1002 logged in with sessions qbproxy holds';
+  });
+  const hear = (qb) => new Promise((resolve, reject) => {
+    const timer = setTimeout(() => reject(new Error('no message within 10 s')), 10000);
+    qb.chat.onMessageListener = (userId, message) => {
+      clearTimeout(timer);
+      resolve({ userId, message });
+    };
+  });
+  const say = (from, to, text) => {
+    const heard = hear(users[1]);
+    from.chat.send(from.chat.helpers.getUserJid(to, appId), {
+      type: 'chat', body: text, extension: { save_to_history: 1 },
+    });
+    return heard;
+  };
+  await step('chat.send, heard by the other user', async () => {
+    expect('two users connected', users.length === 2);
+    const { userId, message } = await say(users[0], 1002, 'hello through qbproxy');
+    expect(`the message from 1001 (got ${userId}: ${message.body})`,
+      userId === 1001 && message.body === 'hello through qbproxy');
+    return `1002 heard 1001: "${message.body}"`;
+  });
+  await step('chat after every session expired', async () => {
+    expect('two users connected', users.length === 2);
+    const expired = await (await fetch(`${sim}/_sim/expire`, { method: 'POST' })).json();
+    expect('sessions expired', expired.expired >= 1);
+    // The sender logs in again (a new SDK instance, as an app restarted):
+    // its held token is dead, qbproxy renews it once and logs in with the
+    // new one.
+    users[0].chat.disconnect();
+    users[0] = await chatUser(1001);
+    const { message } = await say(users[0], 1002, 'again, on a renewed session');
+    expect('the second message', message.body === 'again, on a renewed session');
+    return `${expired.expired} session(s) expired; logged in again and heard`;
+  });
+  for (const qb of users) qb.chat.disconnect();
   console.log(`js-sdk: ${passed} passed, ${failed} failed`);
   process.exit(failed === 0 ? 0 : 1);
 })();

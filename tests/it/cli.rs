@@ -368,7 +368,17 @@ async fn the_tls_demo_works_as_printed_with_the_ca_it_prints() {
 
 async fn demo_as_printed(tls: bool) {
     use tokio::io::AsyncReadExt;
-    let mut args = vec!["demo", "--listen", "127.0.0.1:0", "--admin", "127.0.0.1:0"];
+    let mut args = vec![
+        "demo",
+        "--listen",
+        "127.0.0.1:0",
+        "--admin",
+        "127.0.0.1:0",
+        "--chat",
+        "127.0.0.1:0",
+        "--chat-tcp",
+        "127.0.0.1:0",
+    ];
     if tls {
         args.push("--tls");
     }
@@ -503,7 +513,8 @@ async fn demo_as_printed(tls: bool) {
         "{line}: {url}"
     );
     let (s, b) = call("POST", format!("{sim}/_sim/expire"), "").await;
-    assert_eq!((s, b.as_str()), (200, r#"{"expired":1}"#));
+    // The demo holds two users (demo and other), so that two may chat.
+    assert_eq!((s, b.as_str()), (200, r#"{"expired":2}"#));
     let (s, _) = call("GET", format!("{proxy}/users.json?page=1&per_page=10"), "").await;
     assert_eq!(s, 200, "renewed and replayed");
     let (s, _) = call("DELETE", format!("{proxy}/session.json"), "").await;
@@ -1606,7 +1617,8 @@ fn the_readme_sdk_section_names_the_traps_a_new_user_meets() {
     let section = &readme[start..];
     let section = &section[..section[3..].find("\n## ").unwrap() + 3];
     for trap in [
-        "\"overrides\": { \"reconnect-core\": \"1.3.0\" }",
+        "\"overrides\": { \"reconnect-core\": \"$reconnect-core\" }",
+        "\"reconnect-core\": \"file:vendor/reconnect-core\"",
         "`err=null`",
         "NODE_EXTRA_CA_CERTS",
         "`Parameter \"accountKey\" is missing`",
@@ -1616,7 +1628,21 @@ fn the_readme_sdk_section_names_the_traps_a_new_user_meets() {
     }
     let package: serde_json::Value =
         serde_json::from_str(include_str!("../../examples/js-sdk/package.json")).unwrap();
-    assert_eq!(package["overrides"]["reconnect-core"], "1.3.0", "{package}");
+    assert_eq!(
+        package["overrides"]["reconnect-core"], "$reconnect-core",
+        "{package}"
+    );
+    assert_eq!(
+        package["dependencies"]["reconnect-core"], "file:vendor/reconnect-core",
+        "{package}"
+    );
+    // The vendored copy is what node-xmpp-core asks for: dodo's fork, whose
+    // reconnect hands the connection itself out as the emitter.
+    let vendored = include_str!("../../examples/js-sdk/vendor/reconnect-core/index.js");
+    assert!(
+        vendored.contains("opts.emitter"),
+        "the fork's emitter injection"
+    );
 }
 
 /// ARCHITECTURE.md's code map names every source file of the tree (the

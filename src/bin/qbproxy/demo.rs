@@ -36,6 +36,9 @@ pub enum DemoError {
 pub struct DemoArgs {
     pub listen: SocketAddr,
     pub admin: SocketAddr,
+    /// Chat: XMPP over WebSocket, and over TCP.
+    pub chat: SocketAddr,
+    pub chat_tcp: SocketAddr,
     /// Serve HTTPS with a throw-away CA's certificate.
     pub tls: bool,
 }
@@ -104,6 +107,7 @@ pub fn config(
     sim: &Sim,
     listen: SocketAddr,
     admin: SocketAddr,
+    chat: (SocketAddr, SocketAddr),
     tls: Option<&DemoCa>,
 ) -> Result<Config, ConfigError> {
     let app = sim.config();
@@ -142,7 +146,24 @@ auth_secret = "{secret}"
 name = "demo"
 login = "{login}"
 password = "{password}"
+
+# A second user, so that two may chat.
+[[identity]]
+name = "other"
+login = "{other_login}"
+password = "{other_password}"
+
+# Chat through qbproxy, logged in with the sessions it holds.
+[chat]
+websocket_addr = "{chat_ws}"
+tcp_addr = "{chat_tcp}"
+upstream = "{chat_upstream}"
 "#,
+        other_login = app.users[1].login,
+        other_password = app.users[1].password,
+        chat_ws = chat.0,
+        chat_tcp = chat.1,
+        chat_upstream = sim.chat_url(),
         url = sim.url(),
         app_id = app.application_id,
         auth_key = app.auth_key,
@@ -155,7 +176,13 @@ password = "{password}"
 
 /// Runs the demo until `shutdown` resolves.
 pub async fn run(args: DemoArgs, shutdown: impl Future<Output = ()>) -> Result<(), DemoError> {
-    let DemoArgs { listen, admin, tls } = args;
+    let DemoArgs {
+        listen,
+        admin,
+        chat,
+        chat_tcp,
+        tls,
+    } = args;
     let proxy_listener = TcpListener::bind(listen)
         .await
         .map_err(|source| DemoError::Bind {
@@ -176,16 +203,20 @@ pub async fn run(args: DemoArgs, shutdown: impl Future<Output = ()>) -> Result<(
         .await
         .map_err(DemoError::Sim)?;
     let ca = tls.then(|| DemoCa::new(listen)).transpose()?;
-    let app = App::new(config(&sim, listen, admin, ca.as_ref())?)?;
+    let app = App::new(config(&sim, listen, admin, (chat, chat_tcp), ca.as_ref())?)?;
     let handle = app.handle();
     let sim_url = sim.url();
     let ca_path = ca.as_ref().map(DemoCa::ca);
     let app_id = sim.config().application_id.clone();
     tokio::spawn(async move {
         handle.ready().await;
+        let chat = (
+            handle.chat_addr().unwrap_or(chat),
+            handle.chat_tcp_addr().unwrap_or(chat_tcp),
+        );
         println!(
             "{}",
-            instructions(&sim_url, &app_id, listen, admin, ca_path.as_deref())
+            instructions(&sim_url, &app_id, listen, admin, chat, ca_path.as_deref())
         );
     });
     app.run(
@@ -208,8 +239,11 @@ fn instructions(
     app_id: &str,
     listen: SocketAddr,
     admin: SocketAddr,
+    (chat, chat_tcp): (SocketAddr, SocketAddr),
     ca: Option<&Path>,
 ) -> String {
+    let ws = if ca.is_some() { "wss" } else { "ws" };
+    let starttls = if ca.is_some() { ", STARTTLS" } else { "" };
     let (p, curl, trust) = match ca {
         None => (format!("http://{listen}"), "curl".to_owned(), String::new()),
         Some(ca) => {
@@ -239,6 +273,8 @@ qbproxy demo is ready.
   admin      {a}   (/healthz /readyz /metrics)
   simulator  {sim}   (a QuickBlox stand-in; user "demo")
   uploads    {p}   (a new file's upload URL names qbproxy: listen.public_url)
+  chat       {ws}://{chat}   (XMPP over WebSocket; users demo 1001 and other 1002)
+  chat-tcp   {chat_tcp}   (XMPP over TCP{starttls}; log in as {{user_id}}-{app_id}, any password)
 {trust}
 Paste these into another terminal. None of them carries a token or a signature:
 

@@ -84,6 +84,12 @@ enum Command {
         /// Admin address (/healthz, /readyz, /metrics).
         #[arg(long, default_value = "127.0.0.1:9090")]
         admin: SocketAddr,
+        /// Chat address, XMPP over WebSocket (browsers).
+        #[arg(long, default_value = "127.0.0.1:5291")]
+        chat: SocketAddr,
+        /// Chat address, XMPP over TCP (Node, iOS, Android).
+        #[arg(long, default_value = "127.0.0.1:5222")]
+        chat_tcp: SocketAddr,
         /// Serve HTTPS, with a certificate from a throw-away CA made at
         /// start (the official SDKs speak HTTPS only). Prints how to trust it.
         #[arg(long)]
@@ -219,6 +225,8 @@ fn main() -> ExitCode {
         Some(Command::Demo {
             listen,
             admin,
+            chat,
+            chat_tcp,
             tls,
             runtime,
         }) => {
@@ -226,7 +234,14 @@ fn main() -> ExitCode {
                 return usage(m);
             }
             let result = self::runtime(runtime.threads()).block_on(async move {
-                demo::run(demo::DemoArgs { listen, admin, tls }, shutdown_signal()).await
+                let args = demo::DemoArgs {
+                    listen,
+                    admin,
+                    chat,
+                    chat_tcp,
+                    tls,
+                };
+                demo::run(args, shutdown_signal()).await
             });
             exit(result)
         }
