@@ -6,7 +6,7 @@
 use qbproxy_sim::Credential::{Password, Refused, Token};
 use qbproxy_sim::Sim;
 
-use crate::common::xmpp::{Xmpp, XmppTcp, FRAMING, SASL};
+use crate::common::xmpp::{is_result, Xmpp, XmppTcp, FRAMING, SASL};
 use crate::common::{demo_sim, setup, Harness, Setup};
 
 const DEMO: &str = "name = \"demo\"\nlogin = \"demo\"\npassword = \"demo-password\"\n";
@@ -294,4 +294,66 @@ async fn over_tcp_starttls_comes_first() {
 
     XmppTcp::login(addr, "1001-76730", PLACEHOLDER, "secure", Some(ca.der())).await;
     assert_eq!(logins(&sim), [(1001, Token)]);
+}
+
+/// Prosody (Debian's), a real XMPP server, as the chat server: the
+/// account's password is the session token qbproxy holds, as QuickBlox
+/// checks it. Offered SCRAM-SHA-1 only, then PLAIN too, qbproxy logs in
+/// with the token; the client binds and pings through qbproxy, Prosody
+/// answering. A token Prosody refuses is renewed once, and when the new
+/// one is refused as well the client is told so.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_real_xmpp_server_takes_the_login_with_scram_or_plain() {
+    use crate::common::prosody::Prosody;
+    for scram_only in [true, false] {
+        let prosody = Prosody::start(scram_only).await;
+        let sim = demo_sim().await;
+        let h = setup()
+            .sim(sim.clone())
+            .raw_table(&format!(
+                "[chat]\nwebsocket_addr = \"127.0.0.1:0\"\nupstream = \"{}\"\n",
+                prosody.ws_url()
+            ))
+            .identity(DEMO)
+            .start()
+            .await;
+        h.ready().await;
+        prosody.register("1001-76730", &h.token()).await;
+        let url = chat_url(&h);
+        let (mut c, jid) = Xmpp::login(&url, "localhost", "1001-76730", PLACEHOLDER, "a")
+            .await
+            .unwrap_or_else(|e| panic!("scram_only={scram_only}: {e}\n{}", prosody.log()));
+        assert_eq!(jid, "1001-76730@localhost/a");
+        c.send(r#"<iq type="get" id="p1" to="localhost" xmlns="jabber:client"><ping xmlns="urn:xmpp:ping"/></iq>"#)
+            .await;
+        // Prosody sends our own presence back first: skip to the answer.
+        let pong = loop {
+            let m = c.recv().await.expect("the ping's answer");
+            if m.contains("p1") {
+                break m;
+            }
+        };
+        assert!(is_result(&pong), "{pong}");
+        // Prosody's own word (with PLAIN disabled, SCRAM-SHA-1 it was).
+        assert!(
+            prosody
+                .log()
+                .contains("Authenticated as 1001-76730@localhost"),
+            "scram_only={scram_only}: {}",
+            prosody.log()
+        );
+
+        // The account keeps a password that is no session's: refused,
+        // one renewal, refused again, and the client is told.
+        prosody.register("1001-76730", "not-a-token").await;
+        let before = sim.creations_for(1001);
+        let refused = Xmpp::login(&url, "localhost", "1001-76730", PLACEHOLDER, "b").await;
+        assert!(refused.err().unwrap().contains("not-authorized"));
+        assert_eq!(sim.creations_for(1001), before + 1, "one renewal");
+        assert_eq!(
+            h.metric("qbproxy_chat_logins_total{identity=\"demo\",pool=\"\",outcome=\"refused\"}"),
+            1
+        );
+        prosody.stop().await;
+    }
 }

@@ -162,7 +162,7 @@ impl Edge {
 }
 
 /// A loopback port nobody listens on right now.
-fn free_port() -> u16 {
+pub fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")
         .unwrap()
         .local_addr()
@@ -172,7 +172,7 @@ fn free_port() -> u16 {
 
 /// Resolves true once the port accepts connections, false if the process
 /// exits first (e.g. the port was taken).
-async fn listening(child: &mut Child, port: u16) -> bool {
+pub async fn listening(child: &mut Child, port: u16) -> bool {
     bounded("the edge server to listen", async {
         loop {
             if let Ok(Some(_)) = child.try_wait() {

@@ -25,6 +25,7 @@ use tokio::task::JoinHandle;
 pub mod certs;
 pub mod edge;
 pub mod fleet;
+pub mod prosody;
 pub mod redis_server;
 pub mod relay;
 pub mod xmpp;

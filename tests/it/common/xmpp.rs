@@ -13,6 +13,11 @@ use super::bounded;
 pub const FRAMING: &str = "urn:ietf:params:xml:ns:xmpp-framing";
 pub const SASL: &str = "urn:ietf:params:xml:ns:xmpp-sasl";
 
+/// An IQ result, in either quoting (Prosody writes single quotes).
+pub fn is_result(iq: &str) -> bool {
+    iq.contains(r#"type="result""#) || iq.contains("type='result'")
+}
+
 pub struct Xmpp {
     ws: WebSocketStream<TcpStream>,
 }
@@ -110,7 +115,7 @@ impl Xmpp {
         c.send(r#"<iq type="set" id="s1" xmlns="jabber:client"><session xmlns="urn:ietf:params:xml:ns:xmpp-session"/></iq>"#)
             .await;
         let session = c.recv().await.expect("a session result");
-        assert!(session.contains(r#"type="result""#), "{session}");
+        assert!(is_result(&session), "{session}");
         c.send(r#"<presence xmlns="jabber:client"/>"#).await;
         Ok((c, jid))
     }
