@@ -237,6 +237,12 @@ impl ClientSide {
     }
 }
 
+/// Whether a message of XMPP over WebSocket is an element (a stanza, the
+/// features, SASL, …) rather than the stream's `<open/>` or `<close/>`.
+pub(crate) fn is_element(text: &str) -> bool {
+    matches!(from_framed(text), Incoming::Element(_))
+}
+
 /// A framed message read as the part it is.
 fn from_framed(text: &str) -> Incoming {
     let t = text.trim_start();

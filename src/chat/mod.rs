@@ -670,8 +670,10 @@ async fn relay(
             },
             from_up = up.next() => match from_up {
                 Some(Ok(Message::Text(t))) => {
-                    stanzas_out.inc();
-                    record.stanzas_out += 1;
+                    if client::is_element(t.as_str()) {
+                        stanzas_out.inc();
+                        record.stanzas_out += 1;
+                    }
                     idle_until = Instant::now() + cfg.idle_timeout;
                     if let Err(ended) = client.relay_from_server(t.as_str()).await {
                         break match ended {

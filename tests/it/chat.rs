@@ -357,3 +357,65 @@ async fn a_real_xmpp_server_takes_the_login_with_scram_or_plain() {
         prosody.stop().await;
     }
 }
+
+/// One access line per chat connection when it ends: transport, client,
+/// identity, user, elements each way and why it ended; a refused login
+/// gets its line too. No token in any of them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn each_chat_connection_ends_in_one_access_line() {
+    let logs = crate::common::capture_logs();
+    let h = both("").await;
+    let url = chat_url(&h);
+    let peer_line = |fragments: Vec<String>| {
+        let logs = logs.clone();
+        async move {
+            crate::common::bounded("the chat access line", async {
+                loop {
+                    let found: Vec<String> = logs
+                        .text()
+                        .lines()
+                        .filter(|l| {
+                            l.contains("qbproxy::access")
+                                && l.contains("kind=\"chat\"")
+                                && fragments.iter().all(|f| l.contains(f.as_str()))
+                        })
+                        .map(str::to_owned)
+                        .collect();
+                    if !found.is_empty() {
+                        return found;
+                    }
+                    tokio::task::yield_now().await;
+                }
+            })
+            .await
+        }
+    };
+    let (mut demo, _) = Xmpp::login(&url, DOMAIN, "1001-76730", PLACEHOLDER, "logged")
+        .await
+        .unwrap();
+    demo.send(r#"<iq type="get" id="p" xmlns="jabber:client"><ping xmlns="urn:xmpp:ping"/></iq>"#)
+        .await;
+    demo.recv().await.unwrap();
+    demo.send(&format!(r#"<close xmlns="{FRAMING}"/>"#)).await;
+    assert!(demo.recv().await.unwrap().starts_with("<close"));
+    let lines = peer_line(vec![
+        "identity=\"demo\"".into(),
+        "user=1001".into(),
+        "reason=\"client closed\"".into(),
+    ])
+    .await;
+    assert_eq!(lines.len(), 1, "{lines:?}");
+    let line = &lines[0];
+    assert!(line.contains("transport=\"websocket\""), "{line}");
+    // In: bind, session, presence, ping. Out: the features after the
+    // restart, and the three answers. (Stream opens and closes are not
+    // elements.)
+    assert!(line.contains("stanzas_in=4"), "{line}");
+    assert!(line.contains("stanzas_out=4"), "{line}");
+    assert!(!line.contains(&h.token()[..12]), "{line}");
+
+    let refused = Xmpp::login(&url, DOMAIN, "9999-76730", PLACEHOLDER, "x").await;
+    assert!(refused.is_err());
+    let lines = peer_line(vec!["user=9999".into(), "reason=\"unknown user\"".into()]).await;
+    assert_eq!(lines.len(), 1, "{lines:?}");
+}
