@@ -224,7 +224,7 @@ async fn websocket(
     peer: SocketAddr,
 ) -> Option<ClientSide> {
     let io: Box<dyn Io> = match &live.tls {
-        Some(tls) => match tokio_rustls::TlsAcceptor::from(tls.clone())
+        Some(tls) => match tokio_rustls::TlsAcceptor::from(with_alpn(tls, &[b"http/1.1"]))
             .accept(tcp)
             .await
         {
@@ -250,6 +250,15 @@ async fn websocket(
             None
         }
     }
+}
+
+/// `[listen]`'s TLS with other ALPN protocols: a WebSocket is HTTP/1.1
+/// (offered `h2`, a browser would try RFC 8441's WebSocket over HTTP/2),
+/// and XMPP's STARTTLS names none.
+fn with_alpn(tls: &Arc<rustls::ServerConfig>, protocols: &[&[u8]]) -> Arc<rustls::ServerConfig> {
+    let mut config = (**tls).clone();
+    config.alpn_protocols = protocols.iter().map(|p| p.to_vec()).collect();
+    Arc::new(config)
 }
 
 fn tls_failed(peer: SocketAddr, e: &std::io::Error) {
@@ -298,11 +307,13 @@ fn failure(condition: &str, text: &str) -> Element {
 async fn negotiate(live: &Live, client: &mut ClientSide) -> Result<String, &'static str> {
     let domain = opened(client).await?;
     if let (Transport::Tcp(_), Some(tls)) = (&client.transport, &live.tls) {
-        let starttls = Element::new("stream:features").child(
-            Element::new("starttls")
-                .with("xmlns", ns::TLS)
-                .child(Element::new("required")),
-        );
+        let starttls = Element::new("stream:features")
+            .with("xmlns:stream", ns::STREAMS)
+            .child(
+                Element::new("starttls")
+                    .with("xmlns", ns::TLS)
+                    .child(Element::new("required")),
+            );
         client
             .send_element(&starttls)
             .await
@@ -323,7 +334,7 @@ async fn negotiate(live: &Live, client: &mut ClientSide) -> Result<String, &'sta
             &mut tcp.io,
             Box::new(tokio::io::join(tokio::io::empty(), tokio::io::sink())),
         );
-        let tls = tokio_rustls::TlsAcceptor::from(tls.clone())
+        let tls = tokio_rustls::TlsAcceptor::from(with_alpn(tls, &[]))
             .accept(plain)
             .await
             .map_err(|_| "TLS failed")?;
@@ -334,11 +345,13 @@ async fn negotiate(live: &Live, client: &mut ClientSide) -> Result<String, &'sta
             return Err("another domain");
         }
     }
-    let features = Element::new("stream:features").child(
-        Element::new("mechanisms")
-            .with("xmlns", ns::SASL)
-            .child(Element::new("mechanism").text("PLAIN")),
-    );
+    let features = Element::new("stream:features")
+        .with("xmlns:stream", ns::STREAMS)
+        .child(
+            Element::new("mechanisms")
+                .with("xmlns", ns::SASL)
+                .child(Element::new("mechanism").text("PLAIN")),
+        );
     client
         .send_element(&features)
         .await

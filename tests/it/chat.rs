@@ -74,6 +74,10 @@ async fn two_users_chat_through_qbproxy_with_the_sessions_it_holds() {
         features.contains("<mechanism>PLAIN</mechanism>"),
         "{features}"
     );
+    // Each WebSocket message stands alone: its prefix is declared in it
+    // (a browser's DOMParser finds no mechanisms otherwise).
+    let declared = "<stream:features xmlns:stream=\"http://etherx.jabber.org/streams\"";
+    assert!(features.starts_with(declared), "{features}");
     let success = demo.auth("1001-76730", PLACEHOLDER).await;
     assert!(success.starts_with("<success"), "{success}");
     seen.extend([open, features, success]);
