@@ -423,3 +423,70 @@ async fn each_chat_connection_ends_in_one_access_line() {
     let lines = peer_line(vec!["user=9999".into(), "reason=\"unknown user\"".into()]).await;
     assert_eq!(lines.len(), 1, "{lines:?}");
 }
+
+/// A pool member's user chats with the member's session once it has one
+/// (members make theirs on first use); counted under the member and its
+/// pool.
+#[tokio::test]
+async fn a_pool_members_user_chats_with_the_members_session() {
+    let sim = qbproxy_sim::Sim::start(
+        qbproxy_sim::SimConfig::demo().with_users("loadtest-{n}", "pw-{n}", 1..=2),
+    )
+    .await
+    .unwrap();
+    let h = with_chat(&sim, "")
+        .identity(DEMO)
+        .pool_table("name = \"load\"\nlogin = \"loadtest-{n}\"\ncount = 2\npassword = \"pw-{n}\"\npath_prefix = \"/load\"\n")
+        .start()
+        .await;
+    h.ready().await;
+    let url = chat_url(&h);
+    // Before any use, the member holds no session: refused, as unknown.
+    let early = Xmpp::login(&url, DOMAIN, "100002-76730", PLACEHOLDER, "a").await;
+    assert!(early.err().unwrap().contains("holds no session for user 100002"));
+    // Round robin: two calls, both members' sessions.
+    for _ in 0..2 {
+        assert_eq!(h.get("/load/users.json").await.status, 200);
+    }
+    Xmpp::login(&url, DOMAIN, "100002-76730", PLACEHOLDER, "a")
+        .await
+        .expect("the member's session");
+    assert_eq!(logins(&sim), [(100_002, Token)]);
+    assert_eq!(
+        h.metric("qbproxy_chat_logins_total{identity=\"load-2\",pool=\"load\",outcome=\"ok\"}"),
+        1,
+        "{}",
+        h.handle.metrics_text()
+    );
+}
+
+/// `chat.max_connections` holds: past it a new connection is closed at
+/// once, and a slot freed serves the next. `chat.idle_timeout` ends a
+/// connection nothing moves on, with `connection-timeout`.
+#[tokio::test]
+async fn chat_connections_are_capped_and_idle_ones_closed() {
+    let h = both("max_connections = 1\nidle_timeout = \"300ms\"\n").await;
+    let url = chat_url(&h);
+    let (mut first, _) = Xmpp::login(&url, DOMAIN, "1001-76730", PLACEHOLDER, "a")
+        .await
+        .unwrap();
+    // Refused before the WebSocket handshake: the connection just closes.
+    let host = url.trim_start_matches("ws://").to_owned();
+    let mut second = tokio::net::TcpStream::connect(&host).await.unwrap();
+    let mut buf = [0u8; 16];
+    let read = crate::common::bounded(
+        "the refused connection to close",
+        tokio::io::AsyncReadExt::read(&mut second, &mut buf),
+    )
+    .await;
+    assert!(matches!(read, Ok(0) | Err(_)), "closed, not served: {read:?}");
+    // Idle: the first is closed with a stream error.
+    let error = first.recv().await.expect("a stream error");
+    assert!(error.contains("connection-timeout"), "{error}");
+    assert!(first.recv().await.unwrap().starts_with("<close"));
+    h.metric_becomes("qbproxy_chat_connections{transport=\"websocket\"}", 0)
+        .await;
+    Xmpp::login(&url, DOMAIN, "1002-76730", PLACEHOLDER, "b")
+        .await
+        .expect("the freed slot serves the next");
+}
