@@ -429,9 +429,11 @@ async fn each_chat_connection_ends_in_one_access_line() {
 /// pool.
 #[tokio::test]
 async fn a_pool_members_user_chats_with_the_members_session() {
-    let sim = qbproxy_sim::Sim::start(
-        qbproxy_sim::SimConfig::demo().with_users("loadtest-{n}", "pw-{n}", 1..=2),
-    )
+    let sim = qbproxy_sim::Sim::start(qbproxy_sim::SimConfig::demo().with_users(
+        "loadtest-{n}",
+        "pw-{n}",
+        1..=2,
+    ))
     .await
     .unwrap();
     let h = with_chat(&sim, "")
@@ -443,7 +445,10 @@ async fn a_pool_members_user_chats_with_the_members_session() {
     let url = chat_url(&h);
     // Before any use, the member holds no session: refused, as unknown.
     let early = Xmpp::login(&url, DOMAIN, "100002-76730", PLACEHOLDER, "a").await;
-    assert!(early.err().unwrap().contains("holds no session for user 100002"));
+    assert!(early
+        .err()
+        .unwrap()
+        .contains("holds no session for user 100002"));
     // Round robin: two calls, both members' sessions.
     for _ in 0..2 {
         assert_eq!(h.get("/load/users.json").await.status, 200);
@@ -479,7 +484,10 @@ async fn chat_connections_are_capped_and_idle_ones_closed() {
         tokio::io::AsyncReadExt::read(&mut second, &mut buf),
     )
     .await;
-    assert!(matches!(read, Ok(0) | Err(_)), "closed, not served: {read:?}");
+    assert!(
+        matches!(read, Ok(0) | Err(_)),
+        "closed, not served: {read:?}"
+    );
     // Idle: the first is closed with a stream error.
     let error = first.recv().await.expect("a stream error");
     assert!(error.contains("connection-timeout"), "{error}");
@@ -489,4 +497,47 @@ async fn chat_connections_are_capped_and_idle_ones_closed() {
     Xmpp::login(&url, DOMAIN, "1002-76730", PLACEHOLDER, "b")
         .await
         .expect("the freed slot serves the next");
+}
+
+/// The chat server over TLS (`wss://`, as QuickBlox's on 5291): qbproxy
+/// verifies its certificate against `upstream.ca_file` and logs in; a
+/// server whose certificate no trusted CA signed is refused (the TLS
+/// handshake fails before any login), with a failure that says so.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_chat_server_is_reached_over_tls_and_its_certificate_checked() {
+    use crate::common::certs::{Ca, Dir};
+    use crate::common::prosody::Prosody;
+    let ca = Ca::new("chat server CA");
+    let prosody = Prosody::start_tls(&ca.ecdsa_leaf()).await;
+    let dir = Dir::new("chat-upstream-ca");
+    let sim = demo_sim().await;
+    let trusting = |ca_pem: &str| {
+        setup()
+            .sim(sim.clone())
+            .set("upstream", "ca_file", dir.write("ca.pem", ca_pem))
+            .raw_table(&format!(
+                "[chat]\nwebsocket_addr = \"127.0.0.1:0\"\nupstream = \"{}\"\n",
+                prosody.ws_url()
+            ))
+            .identity(DEMO)
+    };
+    let h = trusting(&ca.pem).start().await;
+    h.ready().await;
+    prosody.register("1001-76730", &h.token()).await;
+    let (_c, jid) = Xmpp::login(&chat_url(&h), "localhost", "1001-76730", PLACEHOLDER, "t")
+        .await
+        .unwrap_or_else(|e| panic!("{e}\n{}", prosody.log()));
+    assert_eq!(jid, "1001-76730@localhost/t");
+
+    let stranger = Ca::new("not the chat server's CA");
+    let h = trusting(&stranger.pem).start().await;
+    h.ready().await;
+    let refused = Xmpp::login(&chat_url(&h), "localhost", "1001-76730", PLACEHOLDER, "u").await;
+    let refused = refused.err().unwrap();
+    assert!(refused.contains("temporary-auth-failure"), "{refused}");
+    assert!(refused.contains("TLS"), "{refused}");
+    assert_eq!(
+        h.metric("qbproxy_chat_logins_total{identity=\"demo\",pool=\"\",outcome=\"failed\"}"),
+        1
+    );
 }

@@ -15,13 +15,41 @@ pub struct Prosody {
     config: String,
     child: Child,
     pub http_port: u16,
+    tls: bool,
 }
 
 impl Prosody {
     /// Starts Prosody for the domain `localhost`. `scram_only`: PLAIN is
     /// not offered, so a client must log in with SCRAM-SHA-1.
     pub async fn start(scram_only: bool) -> Prosody {
+        Prosody::start_with(scram_only, None).await
+    }
+
+    /// Prosody serving its WebSocket over TLS (`wss://`) with `cert`
+    /// (certificate and key PEM, for `localhost`).
+    pub async fn start_tls(cert: &(String, String)) -> Prosody {
+        Prosody::start_with(false, Some(cert)).await
+    }
+
+    async fn start_with(scram_only: bool, cert: Option<&(String, String)>) -> Prosody {
         let dir = Dir::new("prosody");
+        if let Some((cert, key)) = cert {
+            // Prosody looks for a service's certificate by its name.
+            for name in ["https", "localhost"] {
+                dir.write(&format!("{name}.crt"), cert);
+                dir.write(&format!("{name}.key"), key);
+            }
+        }
+        let http_ports = if cert.is_some() {
+            "https_ports"
+        } else {
+            "http_ports"
+        };
+        let other_ports = if cert.is_some() {
+            "http_ports"
+        } else {
+            "https_ports"
+        };
         std::fs::create_dir_all(dir.path().join("data")).unwrap();
         let disabled = if scram_only {
             "disable_sasl_mechanisms = { \"PLAIN\" }\n"
@@ -45,7 +73,8 @@ impl Prosody {
                      certificates = \"{d}\"\n\
                      log = {{ {{ levels = {{ min = \"info\" }}, to = \"file\", filename = \"{d}/prosody.log\" }} }}\n\
                      interfaces = {{ \"127.0.0.1\" }}\nc2s_ports = {{ {c2s} }}\n\
-                     http_ports = {{ {http} }}\nhttp_interfaces = {{ \"127.0.0.1\" }}\nhttps_ports = {{}}\n\
+                     {http_ports} = {{ {http} }}\nhttp_interfaces = {{ \"127.0.0.1\" }}\n\
+                     https_interfaces = {{ \"127.0.0.1\" }}\n{other_ports} = {{}}\n\
                      s2s_ports = {{}}\nmodules_enabled = {{ \"roster\", \"saslauth\", \"disco\", \"ping\", \"websocket\", \"http\", \"posix\" }}\n\
                      modules_disabled = {{ \"s2s\" }}\nauthentication = \"internal_plain\"\n\
                      c2s_require_encryption = false\nallow_unencrypted_plain_auth = true\n\
@@ -88,6 +117,7 @@ impl Prosody {
                     config,
                     child,
                     http_port: http,
+                    tls: cert.is_some(),
                 };
             }
             let _ = child.kill().await;
@@ -98,9 +128,13 @@ impl Prosody {
         );
     }
 
-    /// `ws://127.0.0.1:PORT/xmpp-websocket`, for `chat.upstream`.
+    /// `ws://127.0.0.1:PORT/xmpp-websocket` (`wss://localhost:…` with
+    /// TLS), for `chat.upstream`.
     pub fn ws_url(&self) -> String {
-        format!("ws://127.0.0.1:{}/xmpp-websocket", self.http_port)
+        match self.tls {
+            true => format!("wss://localhost:{}/xmpp-websocket", self.http_port),
+            false => format!("ws://127.0.0.1:{}/xmpp-websocket", self.http_port),
+        }
     }
 
     /// Makes (or changes) the account `user@localhost`.
