@@ -489,6 +489,21 @@ async fn demo_as_printed(tls: bool) {
     )
     .await;
     assert_eq!(s, 200);
+    // Chat, printed beside proxy (and ca): XMPP over WebSocket (wss with
+    // --tls) and over TCP; an XMPP client logs in there as the held users.
+    let chat = printed_url("chat");
+    let chat_tcp = printed_url("chat-tcp");
+    let ws_scheme = if tls { "wss://" } else { "ws://" };
+    assert!(chat.starts_with(ws_scheme), "{printed}");
+    let chat_tcp: std::net::SocketAddr = chat_tcp.parse().expect("chat-tcp host:port");
+    if !tls {
+        let (_c, jid) =
+            crate::common::xmpp::Xmpp::login(&chat, "localhost", "1002-76730", "any", "cli")
+                .await
+                .expect("the demo's second user chats through qbproxy");
+        assert_eq!(jid, "1002-76730@localhost/cli");
+        crate::common::xmpp::XmppTcp::login(chat_tcp, "1001-76730", "any", "cli", None).await;
+    }
     // The printed file line, run by the real curl: the new file's upload
     // URL names qbproxy where the demo said.
     let uploads = printed_url("uploads");
