@@ -368,8 +368,12 @@ async fn a_real_xmpp_server_takes_the_login_with_scram_or_plain() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn each_chat_connection_ends_in_one_access_line() {
     let logs = crate::common::capture_logs();
-    let h = both("").await;
+    // The log is the whole test binary's: this test's lines are the ones
+    // naming its client.
+    let h =
+        both("[[client]]\nname = \"access-line-test\"\nkey = \"app-key-0123456789abcdef\"\n").await;
     let url = chat_url(&h);
+    let key = "app-key-0123456789abcdef";
     let peer_line = |fragments: Vec<String>| {
         let logs = logs.clone();
         async move {
@@ -394,7 +398,7 @@ async fn each_chat_connection_ends_in_one_access_line() {
             .await
         }
     };
-    let (mut demo, _) = Xmpp::login(&url, DOMAIN, "1001-76730", PLACEHOLDER, "logged")
+    let (mut demo, _) = Xmpp::login(&url, DOMAIN, "1001-76730", key, "logged")
         .await
         .unwrap();
     demo.send(r#"<iq type="get" id="p" xmlns="jabber:client"><ping xmlns="urn:xmpp:ping"/></iq>"#)
@@ -403,6 +407,7 @@ async fn each_chat_connection_ends_in_one_access_line() {
     demo.send(&format!(r#"<close xmlns="{FRAMING}"/>"#)).await;
     assert!(demo.recv().await.unwrap().starts_with("<close"));
     let lines = peer_line(vec![
+        "client=\"access-line-test\"".into(),
         "identity=\"demo\"".into(),
         "user=1001".into(),
         "reason=\"client closed\"".into(),
@@ -418,9 +423,14 @@ async fn each_chat_connection_ends_in_one_access_line() {
     assert!(line.contains("stanzas_out=4"), "{line}");
     assert!(!line.contains(&h.token()[..12]), "{line}");
 
-    let refused = Xmpp::login(&url, DOMAIN, "9999-76730", PLACEHOLDER, "x").await;
+    let refused = Xmpp::login(&url, DOMAIN, "9999-76730", key, "x").await;
     assert!(refused.is_err());
-    let lines = peer_line(vec!["user=9999".into(), "reason=\"unknown user\"".into()]).await;
+    let lines = peer_line(vec![
+        "client=\"access-line-test\"".into(),
+        "user=9999".into(),
+        "reason=\"unknown user\"".into(),
+    ])
+    .await;
     assert_eq!(lines.len(), 1, "{lines:?}");
 }
 
