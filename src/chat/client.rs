@@ -180,11 +180,15 @@ impl ClientSide {
                 .send(Message::text(text))
                 .await
                 .map_err(|e| e.to_string()),
-            Transport::Tcp(tcp) => tcp
-                .io
-                .write_all(text.as_bytes())
-                .await
-                .map_err(|e| e.to_string()),
+            Transport::Tcp(tcp) => {
+                // Through TLS, so flushed: the element goes now.
+                let io = &mut tcp.io;
+                let written = async {
+                    io.write_all(text.as_bytes()).await?;
+                    io.flush().await
+                };
+                written.await.map_err(|e| e.to_string())
+            }
         };
         sent.map_err(Ended::Failed)
     }
