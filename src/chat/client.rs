@@ -83,6 +83,10 @@ impl TcpStream {
 
 pub(crate) struct ClientSide {
     pub transport: Transport,
+    /// The longest a write to the client may wait for it to read
+    /// (`limits.send_timeout`): a client that stops reading does not hold
+    /// its connection, and the chat server's, for ever.
+    pub send_timeout: std::time::Duration,
 }
 
 impl ClientSide {
@@ -173,8 +177,19 @@ impl ClientSide {
         }
     }
 
-    /// Sends one element (or, over TCP, any stream text) as it is.
+    /// Sends one element (or, over TCP, any stream text) as it is, within
+    /// the send timeout.
     pub async fn send(&mut self, text: &str) -> Result<(), Ended> {
+        let limit = self.send_timeout;
+        match tokio::time::timeout(limit, self.write(text)).await {
+            Ok(sent) => sent,
+            Err(_) => Err(Ended::Failed(format!(
+                "the client read nothing for {limit:?} (limits.send_timeout)"
+            ))),
+        }
+    }
+
+    async fn write(&mut self, text: &str) -> Result<(), Ended> {
         let sent = match &mut self.transport {
             Transport::WebSocket(ws) => ws
                 .send(Message::text(text))
@@ -199,17 +214,20 @@ impl ClientSide {
 
     /// Closes the stream and the connection.
     pub async fn close(&mut self) {
-        match &mut self.transport {
-            Transport::WebSocket(ws) => {
-                let close = Element::new("close").with("xmlns", ns::FRAMING);
-                let _ = ws.send(Message::text(close.to_string())).await;
-                let _ = (**ws).close(None).await;
+        let closing = async {
+            match &mut self.transport {
+                Transport::WebSocket(ws) => {
+                    let close = Element::new("close").with("xmlns", ns::FRAMING);
+                    let _ = ws.send(Message::text(close.to_string())).await;
+                    let _ = (**ws).close(None).await;
+                }
+                Transport::Tcp(tcp) => {
+                    let _ = tcp.io.write_all(b"</stream:stream>").await;
+                    let _ = tcp.io.shutdown().await;
+                }
             }
-            Transport::Tcp(tcp) => {
-                let _ = tcp.io.write_all(b"</stream:stream>").await;
-                let _ = tcp.io.shutdown().await;
-            }
-        }
+        };
+        let _ = tokio::time::timeout(self.send_timeout, closing).await;
     }
 
     /// A stream error, then the stream's end (RFC 6120 §4.9).

@@ -173,6 +173,7 @@ async fn connection(
                 Box::new(tcp),
                 cfg.max_stanza_bytes,
             ))),
+            send_timeout: live.config.limits.send_timeout,
         })),
     };
     let Ok(Some(mut client)) = connected else {
@@ -244,6 +245,7 @@ async fn websocket(
     match accept.await {
         Ok(ws) => Some(ClientSide {
             transport: Transport::WebSocket(Box::new(ws)),
+            send_timeout: live.config.limits.send_timeout,
         }),
         Err(e) => {
             tracing::info!(peer = %peer, error = %e, "chat: not a WebSocket for XMPP");
@@ -676,7 +678,9 @@ async fn relay(
                         break ended.reason();
                     }
                 };
-                if up.send(Message::text(text)).await.is_err() {
+                // The chat server reads within the same bound as clients.
+                let sent = tokio::time::timeout(client.send_timeout, up.send(Message::text(text)));
+                if !matches!(sent.await, Ok(Ok(()))) {
                     client.stream_error("remote-connection-failed").await;
                     break "chat server closed";
                 }
@@ -720,6 +724,9 @@ async fn relay(
             }
         }
     };
-    let _ = up.send(Message::text(close)).await;
-    let _ = up.close(None).await;
+    let closing = async {
+        let _ = up.send(Message::text(close)).await;
+        let _ = up.close(None).await;
+    };
+    let _ = tokio::time::timeout(CLOSING, closing).await;
 }

@@ -189,7 +189,7 @@ impl Metrics {
         );
         let events = Events::default();
         let upstream = UpstreamMetrics::new(events.clone());
-        let chat = ChatMetrics::new();
+        let chat = ChatMetrics::new(events.clone());
         let log_lines_dropped = IntCounter::new(
             "qbproxy_log_lines_dropped_total",
             "Log lines (access events included) dropped because the log writer fell behind stderr.",
@@ -387,8 +387,8 @@ impl Metrics {
     }
 
     /// Changes with every slot wait, every unbuffered body, every change
-    /// of the `qbproxy_cluster_*` gauges and of the upstream connections
-    /// open.
+    /// of the `qbproxy_cluster_*` gauges, of the upstream connections open
+    /// and of the chat connections open.
     pub fn events(&self) -> tokio::sync::watch::Receiver<u64> {
         self.inner.events.0.subscribe()
     }
@@ -463,11 +463,13 @@ pub struct ChatMetrics {
     connections: IntGaugeVec,
     logins: IntCounterVec,
     stanzas: IntCounterVec,
+    events: Events,
 }
 
 impl ChatMetrics {
-    fn new() -> ChatMetrics {
+    fn new(events: Events) -> ChatMetrics {
         ChatMetrics {
+            events,
             connections: gauge_vec(
                 "qbproxy_chat_connections",
                 "Chat connections open, by transport (websocket, tcp).",
@@ -498,7 +500,8 @@ impl ChatMetrics {
     pub fn open(&self, transport: &str) -> ChatConnection {
         let gauge = self.connections.with_label_values(&[transport]);
         gauge.inc();
-        ChatConnection(gauge)
+        self.events.bump();
+        ChatConnection(gauge, self.events.clone())
     }
 
     pub fn login(&self, identity: &str, pool: &str, outcome: &str) {
@@ -517,11 +520,12 @@ impl ChatMetrics {
 }
 
 /// An open chat connection, counted in `qbproxy_chat_connections`.
-pub struct ChatConnection(IntGauge);
+pub struct ChatConnection(IntGauge, Events);
 
 impl Drop for ChatConnection {
     fn drop(&mut self) {
         self.0.dec();
+        self.1.bump();
     }
 }
 

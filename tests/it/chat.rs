@@ -551,3 +551,42 @@ async fn the_chat_server_is_reached_over_tls_and_its_certificate_checked() {
         1
     );
 }
+
+/// A client that stops reading does not hold its connection (and the chat
+/// server's) for ever: once a write to it waits `limits.send_timeout`,
+/// qbproxy closes it, while the sender is served on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_that_stops_reading_is_closed_after_the_send_timeout() {
+    let sim = demo_sim().await;
+    let h = with_chat(&sim, "tcp_addr = \"127.0.0.1:0\"\n")
+        .set("limits", "send_timeout", "300ms")
+        .identity(DEMO)
+        .identity(OTHER)
+        .start()
+        .await;
+    h.ready().await;
+    assert_eq!(h.get_as("other", "/users.json").await.status, 200);
+    let tcp_addr = h.handle.chat_tcp_addr().unwrap();
+    // Logged in, then never reads again.
+    let _deaf = XmppTcp::login(tcp_addr, "1001-76730", PLACEHOLDER, "deaf", None).await;
+    let (mut sender, _) = Xmpp::login(&chat_url(&h), DOMAIN, "1002-76730", PLACEHOLDER, "s")
+        .await
+        .unwrap();
+    let body = "y".repeat(60_000);
+    let message = format!(
+        r#"<message to="1001-76730@chat.example" type="chat" xmlns="jabber:client"><body>{body}</body></message>"#
+    );
+    // Far more than the kernel buffers between qbproxy and the deaf client.
+    for _ in 0..300 {
+        sender.send(&message).await;
+    }
+    h.metric_becomes("qbproxy_chat_connections{transport=\"tcp\"}", 0)
+        .await;
+    // The sender is served on.
+    sender
+        .send(
+            r#"<iq type="get" id="still" xmlns="jabber:client"><ping xmlns="urn:xmpp:ping"/></iq>"#,
+        )
+        .await;
+    assert!(sender.recv().await.unwrap().contains("still"));
+}
