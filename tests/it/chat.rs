@@ -476,11 +476,10 @@ async fn a_pool_members_user_chats_with_the_members_session() {
 }
 
 /// `chat.max_connections` holds: past it a new connection is closed at
-/// once, and a slot freed serves the next. `chat.idle_timeout` ends a
-/// connection nothing moves on, with `connection-timeout`.
+/// once, and a slot freed serves the next.
 #[tokio::test]
-async fn chat_connections_are_capped_and_idle_ones_closed() {
-    let h = both("max_connections = 1\nidle_timeout = \"300ms\"\n").await;
+async fn chat_connections_are_capped() {
+    let h = both("max_connections = 1\n").await;
     let url = chat_url(&h);
     let (mut first, _) = Xmpp::login(&url, DOMAIN, "1001-76730", PLACEHOLDER, "a")
         .await
@@ -498,15 +497,28 @@ async fn chat_connections_are_capped_and_idle_ones_closed() {
         matches!(read, Ok(0) | Err(_)),
         "closed, not served: {read:?}"
     );
-    // Idle: the first is closed with a stream error.
-    let error = first.recv().await.expect("a stream error");
-    assert!(error.contains("connection-timeout"), "{error}");
+    first.send(&format!(r#"<close xmlns="{FRAMING}"/>"#)).await;
     assert!(first.recv().await.unwrap().starts_with("<close"));
     h.metric_becomes("qbproxy_chat_connections{transport=\"websocket\"}", 0)
         .await;
     Xmpp::login(&url, DOMAIN, "1002-76730", PLACEHOLDER, "b")
         .await
         .expect("the freed slot serves the next");
+}
+
+/// `chat.idle_timeout` ends a logged-in connection nothing moves on, with
+/// `connection-timeout`, and its slot is freed.
+#[tokio::test]
+async fn an_idle_chat_connection_is_closed() {
+    let h = both("idle_timeout = \"300ms\"\n").await;
+    let (mut idle, _) = Xmpp::login(&chat_url(&h), DOMAIN, "1001-76730", PLACEHOLDER, "a")
+        .await
+        .unwrap();
+    let error = idle.recv().await.expect("a stream error");
+    assert!(error.contains("connection-timeout"), "{error}");
+    assert!(idle.recv().await.unwrap().starts_with("<close"));
+    h.metric_becomes("qbproxy_chat_connections{transport=\"websocket\"}", 0)
+        .await;
 }
 
 /// The chat server over TLS (`wss://`, as QuickBlox's on 5291): qbproxy
