@@ -90,7 +90,8 @@ struct Inner {
 }
 
 /// Replays of one request at most: one, and with a pool one more for each
-/// member moved to whose session had lapsed too.
+/// member moved to whose session had lapsed too. The last waits for its
+/// member's own renewal rather than move again (`Pool::replacement`).
 const MAX_REPLAYS: usize = 3;
 
 /// A 401 body longer than this is not QuickBlox's expiry message; it is
@@ -636,7 +637,13 @@ impl Proxy {
             let (moved, fresh) = match &mut member {
                 Some((pool, first, client, counted)) => {
                     let (moved, fresh) = pool
-                        .replacement(moved_to.last().unwrap_or(first), &dead, *client, deadline)
+                        .replacement(
+                            moved_to.last().unwrap_or(first),
+                            &dead,
+                            *client,
+                            deadline,
+                            round < MAX_REPLAYS,
+                        )
                         .await
                         .map_err(ProxyError::from)?;
                     if let Some(lease) = &moved {

@@ -277,23 +277,28 @@ impl Pool {
     /// replacement for `dead`, or, if that member's renewal fails while
     /// another member may serve (or it was set aside), another member's
     /// session and its lease. A replay, like a first try, costs no request
-    /// to a member that cannot renew while another can serve.
+    /// to a member that cannot renew while another can serve. With
+    /// `may_move` false (the last replay a request may make) the member
+    /// waits through its own renewal's failures instead, unless set aside:
+    /// after every session expired at once, the others' sessions may be as
+    /// dead as this one's, and moving on would only meet them.
     pub async fn replacement(
         self: &Arc<Self>,
         lease: &Lease,
         dead: &Session,
         client: Option<&HeaderValue>,
         deadline: Instant,
+        may_move: bool,
     ) -> Result<(Option<Lease>, Result<Arc<Session>, Unavailable>), Refusal> {
         let identity = lease.identity();
-        let renewed = if self.another_may_serve(lease) {
+        let renewed = if may_move && self.another_may_serve(lease) {
             identity.replacement_or_first_failure(dead, deadline).await
         } else {
             identity.replacement(dead, deadline).await
         };
         match renewed {
             Err(Unavailable::Failed(_))
-                if identity.set_aside() || self.another_may_serve(lease) =>
+                if identity.set_aside() || (may_move && self.another_may_serve(lease)) =>
             {
                 let (other, session) = self.acquire_session(client, deadline).await?;
                 Ok((Some(other), session))

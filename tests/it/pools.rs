@@ -513,3 +513,45 @@ async fn a_replay_moves_to_another_member_when_its_own_cannot_renew() {
         assert_eq!(h.metric(served_by_1), before, "{strategy}");
     }
 }
+
+/// Every session expired at once, and three session creations fail before
+/// each success: a request's member cannot renew at first, so its replay
+/// moves on, and the members it moves to had lapsed too and cannot renew
+/// at first either. Its last replay waits
+/// for its member's renewal rather than move into another lapsed session,
+/// so the request is answered, not refused with QuickBlox's 401.
+#[tokio::test]
+async fn a_last_replay_waits_for_a_renewal_rather_than_meet_another_lapsed_session() {
+    let sim = sim_with_users(6).await;
+    let h = setup()
+        .sim(sim)
+        .pool_table(
+            "name = \"load\"\nlogin = \"loadtest-{n}\"\npassword = \"pw-{n}\"\ncount = 6\n\
+             strategy = \"round_robin\"\n",
+        )
+        .start()
+        .await;
+    h.ready().await;
+    let headers = [("QBProxy-Identity", "load")];
+    for i in 0..6 {
+        let a = h
+            .send(Method::GET, &format!("/users.json?{i}"), &headers, "")
+            .await;
+        assert_eq!(a.status, StatusCode::OK);
+    }
+    assert_eq!(users(&h.sim).len(), 6, "every member holds a session");
+    h.sim.expire_all();
+    h.sim.set_fail_before_success(3);
+    let a = h.send(Method::GET, "/users.json?after", &headers, "").await;
+    assert_eq!(a.status, StatusCode::OK, "{}", a.text());
+    // It was replayed as often as a request may be, the last time on a
+    // renewed session.
+    let replays: u64 = h
+        .handle
+        .metrics_text()
+        .lines()
+        .filter(|l| l.starts_with("qbproxy_replays_total"))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<u64>().ok())
+        .sum();
+    assert_eq!(replays, 3, "{}", h.handle.metrics_text());
+}
