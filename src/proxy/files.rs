@@ -35,7 +35,15 @@ impl FileCall {
     /// What `method` on the canonical `path` (an identity prefix removed)
     /// is, if it is one of these.
     pub fn of(method: &Method, path: &str) -> Option<FileCall> {
-        if method != Method::POST {
+        // Every POST asks: most are answered without decoding the path. A
+        // canonical path has its unreserved letters decoded already, so
+        // only a first segment that reads "blobs" in some case can be one.
+        let first = path.trim_start_matches('/').as_bytes();
+        if method != Method::POST
+            || !first
+                .get(..5)
+                .is_some_and(|s| s.eq_ignore_ascii_case(b"blobs"))
+        {
             return None;
         }
         let key = canonical::route_key(path);
@@ -278,6 +286,7 @@ mod tests {
             "/blobs.xml",
             "/Blobs/",
             "//blobs.json",
+            "/%62LOBS.json",
         ] {
             let path = canonical::path(create).unwrap();
             assert_eq!(

@@ -354,7 +354,13 @@ impl Proxy {
         parts: &Parts,
         client: Option<&ApiClient>,
     ) -> Result<Plan<'a>, (ProxyError, Option<Target<'a>>)> {
-        let (id, prefix, rest, query) = self.route(live, parts, client).map_err(|e| (e, None))?;
+        let Routed {
+            target: id,
+            prefix,
+            rest,
+            query,
+            file,
+        } = self.route(live, parts, client).map_err(|e| (e, None))?;
         let target = live.target(id);
         let refuse = |e: ProxyError| (e, Some(target));
         if let Some(c) = client {
@@ -396,7 +402,7 @@ impl Proxy {
             .uri_for(&rest, query)
             .map_err(|e| refuse(ProxyError::Unforwardable(e)))?;
         Ok(Plan {
-            file: FileCall::of(method, &rest),
+            file,
             target,
             path: rest,
             uri,
@@ -424,15 +430,13 @@ impl Proxy {
     }
 
     /// The request's canonical path and who it acts as: checks the method
-    /// and overrides, canonicalises the path, and routes it. Returns the
-    /// target, the matched prefix, the path without it, and the query as
-    /// sent.
+    /// and overrides, canonicalises the path, and routes it.
     fn route<'p>(
         &self,
         live: &Live,
         parts: &'p Parts,
         client: Option<&ApiClient>,
-    ) -> Result<(TargetId, String, String, Option<&'p str>), ProxyError> {
+    ) -> Result<Routed<'p>, ProxyError> {
         let method = &parts.method;
         if !canonical::method_allowed(method) {
             return Err(ProxyError::MethodNotAllowed(method.clone()));
@@ -456,7 +460,8 @@ impl Proxy {
                     valid: client.and_then(|c| c.allowed_names()).unwrap_or(e.valid),
                     name: e.name,
                 })?;
-        let max_bytes = match FileCall::of(method, rest) {
+        let file = FileCall::of(method, rest);
+        let max_bytes = match file {
             Some(FileCall::Upload) => live.config.limits.max_upload_bytes,
             _ => live.gate.max_body_bytes,
         };
@@ -470,8 +475,13 @@ impl Proxy {
         {
             target = own;
         }
-        let prefix = path[..path.len() - rest.len()].to_owned();
-        Ok((target, prefix, rest.to_owned(), query))
+        Ok(Routed {
+            target,
+            prefix: path[..path.len() - rest.len()].to_owned(),
+            rest: rest.to_owned(),
+            query,
+            file,
+        })
     }
 
     /// Reads a body to forward: whole for a replay when it fits, else its
@@ -1068,6 +1078,17 @@ struct Plan<'a> {
     /// The identity prefix the path began with (empty without one).
     prefix: String,
     /// A file's creation or upload.
+    file: Option<FileCall>,
+}
+
+/// A routed request: who it acts as, the identity prefix its canonical
+/// path began with, the path without it, the query as sent, and whether it
+/// is a file's creation or upload.
+struct Routed<'p> {
+    target: TargetId,
+    prefix: String,
+    rest: String,
+    query: Option<&'p str>,
     file: Option<FileCall>,
 }
 
