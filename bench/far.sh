@@ -37,9 +37,11 @@ command -v haproxy >/dev/null || need+=(haproxy)
 if ((${#need[@]})); then
     apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${need[@]}"
 fi
-cargo build --release --quiet --bin qbproxy
+# QBPROXY_BIN=path runs that binary instead of building this tree's (to
+# compare two builds far away: run the script once with each).
+if [[ -z ${QBPROXY_BIN:-} ]]; then cargo build --release --quiet --bin qbproxy; fi
 [[ " $TARGETS " == *" floor "* ]] && cargo build --release --quiet --example floor
-BIN=target/release/qbproxy
+BIN=${QBPROXY_BIN:-target/release/qbproxy}
 # 2,500 clients, as many upstream connections, and the proxies' own.
 ulimit -n "$(ulimit -Hn)"
 

@@ -16,6 +16,12 @@ use tokio::net::TcpListener;
 
 mod demo;
 
+/// jemalloc rather than glibc's malloc: far from QuickBlox thousands of
+/// requests are alive at once, and glibc spent a fifth of qbproxy's CPU
+/// merging free chunks (bench/PROFILE.md, "Issue 22: the allocator").
+#[global_allocator]
+static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
+
 /// EX_USAGE from sysexits.h: the configuration is wrong.
 const EXIT_CONFIG: u8 = 64;
 /// Arguments that do not go together (clap's own code for usage errors).
