@@ -22,12 +22,18 @@ def far_section(results):
 
 
 def replace_section(path, results):
-    """Puts the far section at the end of `path`, replacing the old one."""
+    """Replaces the far section of `path` (up to the next `## ` heading, so
+    the sections after it stay), or adds it at the end."""
     with open(path) as f:
         text = f.read()
-    head = text.split("\n" + SECTION, 1)[0].rstrip("\n")
+    head, found, rest = text.partition("\n" + SECTION)
+    tail = ""
+    if found:
+        after = rest.find("\n## ")
+        if after != -1:
+            tail = "\n" + rest[after + 1 :]
     with open(path, "w") as f:
-        f.write(f"{head}\n\n{far_section(results)}")
+        f.write(f"{head.rstrip(chr(10))}\n\n{far_section(results)}{tail}")
 
 
 def main():
