@@ -168,12 +168,20 @@ def main():
           f"after the idle reading): {int(c1000) / 1024:.1f} MiB")
     print(f"- before / after {reqs} more requests (`wrk -c50`): {int(before) / 1024:.1f} MiB / {int(after) / 1024:.1f} MiB")
 
-    # bench/far.sh's table, kept when this file is written anew.
+    # bench/far.sh's table, kept when this file is written anew, and the
+    # sections written by hand after it (before/after comparisons).
     far = os.path.join(os.path.dirname(__file__), "FAR-RESULTS.md")
     if os.path.exists(far):
         from far_report import far_section
         print()
         print(far_section(open(far).read()), end="")
+    results = os.path.join(os.path.dirname(__file__), "RESULTS.md")
+    if os.path.exists(results):
+        from far_report import SECTION
+        for section in open(results).read().split("\n## ")[1:]:
+            if not ("## " + section).startswith(SECTION):
+                print()
+                print("## " + section.rstrip("\n"))
 
 
 if __name__ == "__main__":

@@ -134,5 +134,7 @@ done
 
 python3 bench/report.py "$OUT/runs.tsv" \
     --rss "$RSS_IDLE" "$RSS_1000" "$RSS_BEFORE_MILLION" "$RSS_AFTER" "$MILLION_REQS" \
-    --duration "$DURATION" --rounds "$ROUNDS" > bench/RESULTS.md
+    --duration "$DURATION" --rounds "$ROUNDS" > "$OUT/RESULTS.md"
+# Written aside first: report.py keeps the sections of the old file after its own.
+mv "$OUT/RESULTS.md" bench/RESULTS.md
 cat bench/RESULTS.md
