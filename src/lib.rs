@@ -38,6 +38,18 @@ pub mod process {
     pub use crate::app::hardening::not_dumpable;
     pub use crate::app::probe::{probe, Created, Probed};
     pub use crate::app::worker::bind;
+    pub use crate::chat::Kind as ChatTransport;
+
+    /// `[chat]`'s listening sockets as `config` asks for them: those of
+    /// `given` (an upgrade's, systemd's) at its addresses, the others bound;
+    /// the rest of `given` closed. For the handover to offer what will be
+    /// served, and [`crate::App::with_sockets`] to serve it.
+    pub fn chat_sockets(
+        config: &crate::Config,
+        given: Vec<(ChatTransport, std::net::TcpListener)>,
+    ) -> Result<Vec<(ChatTransport, std::net::TcpListener)>, crate::StartError> {
+        Ok(crate::chat::sockets(config.chat.as_ref(), given)?)
+    }
     pub use crate::net::handover::{from_systemd, take_over, Offer, Predecessor, Sockets};
     pub use crate::telemetry::logging::{init as init_logging, Format as LogFormat};
 }

@@ -66,6 +66,16 @@ pub enum StartError {
     },
 }
 
+impl From<crate::chat::BindError> for StartError {
+    fn from(e: crate::chat::BindError) -> StartError {
+        StartError::ChatListen {
+            key: e.key,
+            addr: e.addr,
+            source: e.source,
+        }
+    }
+}
+
 /// Why the default target cannot serve now: what `/readyz` answers 503 with.
 #[derive(Debug, thiserror::Error)]
 pub enum NotReady {
@@ -81,7 +91,7 @@ pub enum NotReady {
 }
 
 /// `[chat]`'s listeners, bound, by transport.
-type ChatListeners = Vec<(crate::chat::Kind, std::net::TcpListener)>;
+type ChatListeners = crate::chat::Sockets;
 
 /// A configured proxy, not yet serving.
 pub struct App {
@@ -143,6 +153,17 @@ impl App {
     /// An app served by `workers` proxy workers (`worker.rs`): give
     /// [`App::run`] as many proxy listeners.
     pub fn with_workers(config: Config, workers: usize) -> Result<App, StartError> {
+        App::with_sockets(config, workers, Vec::new())
+    }
+
+    /// An app served by `workers` runtimes, on `[chat]`'s listening sockets
+    /// from `chat` where it has them (an upgrade's, systemd's; see
+    /// [`crate::process::chat_sockets`]), binding the others.
+    pub fn with_sockets(
+        config: Config,
+        workers: usize,
+        chat_sockets: ChatListeners,
+    ) -> Result<App, StartError> {
         let workers = workers.max(1);
         let metrics = Metrics::new();
         let cluster = match &config.cluster {
@@ -187,22 +208,14 @@ impl App {
             Some(cfg) => {
                 let chat = crate::chat::Chat::new(live.clone(), ctx.metrics.clone(), &cfg)
                     .map_err(StartError::Tls)?;
-                use crate::chat::Kind;
-                let wanted = [
-                    (Kind::WebSocket, "chat.websocket_addr", cfg.websocket_addr),
-                    (Kind::Tcp, "chat.tcp_addr", cfg.tcp_addr),
-                ];
-                let mut listeners = Vec::new();
-                for (kind, key, addr) in wanted {
-                    let Some(addr) = addr else { continue };
-                    let listener = std::net::TcpListener::bind(addr)
-                        .and_then(|l| l.set_nonblocking(true).map(|()| l))
-                        .map_err(|source| StartError::ChatListen { key, addr, source })?;
-                    listeners.push((kind, listener));
-                }
+                let listeners = crate::chat::sockets(Some(&cfg), chat_sockets)?;
                 Some((Arc::new(chat), listeners))
             }
-            None => None,
+            None => {
+                // Closes (and says so) any passed while [chat] is off.
+                crate::chat::sockets(None, chat_sockets)?;
+                None
+            }
         };
         let chat_addrs = chat
             .iter()

@@ -91,13 +91,91 @@ impl Chat {
     }
 }
 
-/// A chat listener's transport.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub(crate) enum Kind {
-    /// XMPP over WebSocket (browsers), TLS first when configured.
+/// A chat listener's transport (`qbproxy::process::ChatTransport`: its
+/// sockets are handed over in an upgrade, and passed by systemd).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Kind {
+    /// XMPP over WebSocket (browsers), TLS first when configured:
+    /// `chat.websocket_addr`.
     WebSocket,
-    /// XMPP over TCP (Node, iOS, Android), STARTTLS when configured.
+    /// XMPP over TCP (Node, iOS, Android), STARTTLS when configured:
+    /// `chat.tcp_addr`.
     Tcp,
+}
+
+impl Kind {
+    /// The name of its socket in a systemd socket unit
+    /// (`FileDescriptorName=`).
+    pub const fn socket_name(self) -> &'static str {
+        match self {
+            Kind::WebSocket => "chat-websocket",
+            Kind::Tcp => "chat-tcp",
+        }
+    }
+
+    /// The config key of its address.
+    pub const fn config_key(self) -> &'static str {
+        match self {
+            Kind::WebSocket => "chat.websocket_addr",
+            Kind::Tcp => "chat.tcp_addr",
+        }
+    }
+}
+
+/// `[chat]`'s listening sockets, by transport.
+pub type Sockets = Vec<(Kind, std::net::TcpListener)>;
+
+/// The listening sockets `chat` asks for: of `given` (handed over by the
+/// process this one takes over from, or passed by systemd), each whose
+/// transport `chat` listens on, at its address (any port when the config
+/// says port 0), in non-blocking mode; the addresses none of them has,
+/// bound. The rest of `given` is closed, with a log line. Taking what is
+/// given is what lets an upgrade keep `[chat]`'s ports: the process being
+/// replaced still holds them.
+pub(crate) fn sockets(chat: Option<&ChatConfig>, mut given: Sockets) -> Result<Sockets, BindError> {
+    let mut sockets = Vec::new();
+    for kind in [Kind::WebSocket, Kind::Tcp] {
+        let wanted = chat.and_then(|c| match kind {
+            Kind::WebSocket => c.websocket_addr,
+            Kind::Tcp => c.tcp_addr,
+        });
+        let Some(addr) = wanted else { continue };
+        let serves = |at: SocketAddr| at == addr || (addr.port() == 0 && at.ip() == addr.ip());
+        let listener = match given
+            .iter()
+            .position(|(k, l)| *k == kind && l.local_addr().is_ok_and(serves))
+        {
+            Some(i) => given.swap_remove(i).1,
+            None => std::net::TcpListener::bind(addr).map_err(|source| BindError {
+                key: kind.config_key(),
+                addr,
+                source,
+            })?,
+        };
+        listener.set_nonblocking(true).map_err(|source| BindError {
+            key: kind.config_key(),
+            addr,
+            source,
+        })?;
+        sockets.push((kind, listener));
+    }
+    for (kind, unused) in given {
+        tracing::info!(
+            transport = kind.socket_name(),
+            addr = %unused.local_addr().map_or(String::new(), |a| a.to_string()),
+            "a chat socket passed to this process is not one [chat] listens on; closing it"
+        );
+    }
+    Ok(sockets)
+}
+
+/// A chat listener that could not be bound.
+#[derive(Debug)]
+pub(crate) struct BindError {
+    pub key: &'static str,
+    pub addr: SocketAddr,
+    pub source: std::io::Error,
 }
 
 /// Serves chat connections of `kind` on `listener` until `stopping`.
@@ -729,4 +807,90 @@ async fn relay(
         let _ = up.close(None).await;
     };
     let _ = tokio::time::timeout(CLOSING, closing).await;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn config(websocket: &str, tcp: Option<&str>) -> ChatConfig {
+        ChatConfig {
+            websocket_addr: Some(websocket.parse().unwrap()),
+            tcp_addr: tcp.map(|t| t.parse().unwrap()),
+            upstream: "ws://127.0.0.1:1".parse().unwrap(),
+            unknown_users: UnknownUsers::Refuse,
+            max_connections: 1,
+            max_stanza_bytes: 1024,
+            idle_timeout: Duration::from_secs(1),
+            login_timeout: Duration::from_secs(1),
+        }
+    }
+
+    fn bound(addr: &str) -> std::net::TcpListener {
+        std::net::TcpListener::bind(addr).unwrap()
+    }
+
+    /// A socket given for a transport the config listens on, at its
+    /// address, is the one served (port 0 takes any port); a transport
+    /// given none is bound; a given socket the config does not want (the
+    /// wrong address, or a transport it does not listen on) is closed.
+    #[test]
+    fn given_sockets_are_served_where_the_config_listens_and_the_rest_closed() {
+        let ws = bound("127.0.0.1:0");
+        let ws_at = ws.local_addr().unwrap();
+        let elsewhere = bound("127.0.0.1:0");
+        let elsewhere_at = elsewhere.local_addr().unwrap();
+        let given = vec![(Kind::Tcp, elsewhere), (Kind::WebSocket, ws)];
+
+        let cfg = config("127.0.0.1:0", Some("127.0.0.1:0"));
+        let served = sockets(Some(&cfg), given).unwrap();
+        let at = |kind| {
+            served
+                .iter()
+                .find(|(k, _)| *k == kind)
+                .map(|(_, l)| l.local_addr().unwrap())
+        };
+        assert_eq!(at(Kind::WebSocket), Some(ws_at), "the given one");
+        // Port 0 takes any port on its IP: the given TCP one too.
+        assert_eq!(at(Kind::Tcp), Some(elsewhere_at));
+
+        // A fixed address: a given socket elsewhere is closed, and the
+        // configured address bound.
+        let other = bound("127.0.0.1:0");
+        let other_at = other.local_addr().unwrap();
+        let free = bound("127.0.0.1:0").local_addr().unwrap();
+        let cfg = config(&free.to_string(), None);
+        let served = super::sockets(
+            Some(&cfg),
+            vec![(Kind::WebSocket, other), (Kind::Tcp, bound("127.0.0.1:0"))],
+        )
+        .unwrap();
+        assert_eq!(served.len(), 1, "no TCP listener wanted");
+        assert_eq!(served[0].1.local_addr().unwrap(), free);
+        assert!(
+            std::net::TcpStream::connect(other_at).is_err(),
+            "the socket not wanted is closed"
+        );
+
+        // [chat] off: everything given is closed.
+        let given = bound("127.0.0.1:0");
+        let given_at = given.local_addr().unwrap();
+        assert!(super::sockets(None, vec![(Kind::Tcp, given)])
+            .unwrap()
+            .is_empty());
+        assert!(std::net::TcpStream::connect(given_at).is_err());
+    }
+
+    /// A configured address that cannot be bound names its key.
+    #[test]
+    fn an_address_taken_is_refused_with_its_key() {
+        let taken = bound("127.0.0.1:0");
+        let cfg = config(
+            "127.0.0.1:0",
+            Some(&taken.local_addr().unwrap().to_string()),
+        );
+        let e = sockets(Some(&cfg), Vec::new()).unwrap_err();
+        assert_eq!(e.key, "chat.tcp_addr");
+        assert_eq!(e.addr, taken.local_addr().unwrap());
+    }
 }

@@ -6,7 +6,8 @@
 //!   systemd's (`deploy/qbproxy.socket`), passed as `LISTEN_FDS`; across a
 //!   restart the kernel queues connections on them until the new process
 //!   accepts. A descriptor named `admin` (`FileDescriptorName=admin`) is the
-//!   admin listener; every other one is a proxy listener.
+//!   admin listener, `chat-websocket` and `chat-tcp` are `[chat]`'s; every
+//!   other one is a proxy listener.
 //! - **the in-place upgrade** ([`take_over`], [`Offer`]): a new qbproxy
 //!   started with the same `listen.handover_socket` asks the running one
 //!   for its listening sockets over that Unix socket (`SCM_RIGHTS`, as
@@ -19,7 +20,8 @@
 //!
 //! ```text
 //! new → old   QBPROXY-HANDOVER 1\n
-//! old → new   {"pid":…,"proxy":N,"admin":true}\n   + N+1 sockets (SCM_RIGHTS)
+//! old → new   {"pid":…,"proxy":N,"admin":true,"chat":["websocket",…]}\n
+//!             + N proxy sockets, the admin one, then the chat ones (SCM_RIGHTS)
 //!             or {"refused":"…"}\n                  (no sockets)
 //! new → old   READY\n          once it serves with its first sessions
 //! ```
@@ -45,6 +47,8 @@ use rustix::net::{
 };
 use tokio::sync::watch;
 
+use crate::chat::Kind as ChatTransport;
+
 const HELLO: &[u8] = b"QBPROXY-HANDOVER 1\n";
 const READY: &[u8] = b"READY\n";
 /// More sockets than any machine has cores (one per proxy worker), and
@@ -58,10 +62,11 @@ const ANSWER_WITHIN: Duration = Duration::from_secs(30);
 const READY_WITHIN: Duration = Duration::from_secs(600);
 
 /// Listening sockets: the proxy's (one per worker, or one shared) and,
-/// optionally, the admin listener's.
+/// optionally, the admin listener's and `[chat]`'s.
 pub struct Sockets {
     pub proxy: Vec<TcpListener>,
     pub admin: Option<TcpListener>,
+    pub chat: Vec<(ChatTransport, TcpListener)>,
 }
 
 impl Sockets {
@@ -78,6 +83,11 @@ impl Sockets {
                 .as_ref()
                 .map(TcpListener::try_clone)
                 .transpose()?,
+            chat: self
+                .chat
+                .iter()
+                .map(|(kind, l)| Ok((*kind, l.try_clone()?)))
+                .collect::<io::Result<_>>()?,
         })
     }
 }
@@ -97,6 +107,7 @@ pub fn from_systemd() -> io::Result<Option<Sockets>> {
     let mut sockets = Sockets {
         proxy: Vec::new(),
         admin: None,
+        chat: Vec::new(),
     };
     for i in 0..fds.len() {
         let name = names.get(i).map(String::as_str).unwrap_or("");
@@ -113,12 +124,22 @@ pub fn from_systemd() -> io::Result<Option<Sockets>> {
             .ok_or_else(|| not_tcp("was already taken".into()))?;
         // systemd passes them inheritable; no command qbproxy runs needs them.
         rustix::io::fcntl_setfd(&listener, rustix::io::FdFlags::CLOEXEC)?;
+        let chat = [ChatTransport::WebSocket, ChatTransport::Tcp]
+            .into_iter()
+            .find(|kind| kind.socket_name() == name);
         if name == "admin" {
             if sockets.admin.replace(listener).is_some() {
                 return Err(io::Error::other(
                     "socket activation: two descriptors are named \"admin\"",
                 ));
             }
+        } else if let Some(kind) = chat {
+            if sockets.chat.iter().any(|(k, _)| *k == kind) {
+                return Err(io::Error::other(format!(
+                    "socket activation: two descriptors are named {name:?}"
+                )));
+            }
+            sockets.chat.push((kind, listener));
         } else {
             sockets.proxy.push(listener);
         }
@@ -142,8 +163,18 @@ pub struct Predecessor {
 #[derive(serde::Serialize, serde::Deserialize)]
 #[serde(untagged)]
 enum Answer {
-    Sockets { pid: u32, proxy: usize, admin: bool },
-    Refused { refused: String },
+    Sockets {
+        pid: u32,
+        proxy: usize,
+        admin: bool,
+        /// `[chat]`'s sockets, after the admin one. Absent from the answers
+        /// of releases before chat: none.
+        #[serde(default)]
+        chat: Vec<ChatTransport>,
+    },
+    Refused {
+        refused: String,
+    },
 }
 
 /// Asks the qbproxy serving `path` for its listening sockets. `None` when
@@ -192,25 +223,36 @@ pub fn take_over(path: &Path) -> io::Result<Option<(Sockets, Predecessor)>> {
             String::from_utf8_lossy(text)
         ))
     })?;
-    let (pid, proxy, admin) = match answer {
-        Answer::Sockets { pid, proxy, admin } => (pid, proxy, admin),
+    let (pid, proxy, admin, chat) = match answer {
+        Answer::Sockets {
+            pid,
+            proxy,
+            admin,
+            chat,
+        } => (pid, proxy, admin, chat),
         Answer::Refused { refused } => {
             return Err(io::Error::other(format!(
                 "the running qbproxy refused the handover: {refused}"
             )))
         }
     };
-    if proxy == 0 || fds.len() != proxy + usize::from(admin) {
+    if proxy == 0 || fds.len() != proxy + usize::from(admin) + chat.len() {
         return Err(io::Error::other(format!(
-            "the running qbproxy (pid {pid}) announced {proxy} proxy sockets{} but sent {}",
-            if admin { " and an admin one" } else { "" },
+            "the running qbproxy (pid {pid}) announced {proxy} proxy sockets{}{} but sent {}",
+            if admin { ", an admin one" } else { "" },
+            if chat.is_empty() {
+                String::new()
+            } else {
+                format!(" and {} chat ones", chat.len())
+            },
             fds.len()
         )));
     }
     let mut listeners = fds.into_iter().map(TcpListener::from);
     let sockets = Sockets {
         proxy: listeners.by_ref().take(proxy).collect(),
-        admin: listeners.next(),
+        admin: if admin { listeners.next() } else { None },
+        chat: chat.into_iter().zip(listeners).collect(),
     };
     Ok(Some((sockets, Predecessor { stream, pid })))
 }
@@ -402,12 +444,14 @@ fn exchange(mut stream: UnixStream, sockets: &Sockets, save: &dyn Fn()) -> io::R
         pid: std::process::id(),
         proxy: sockets.proxy.len(),
         admin: sockets.admin.is_some(),
+        chat: sockets.chat.iter().map(|(kind, _)| *kind).collect(),
     })
     .map_err(io::Error::other)?;
     let fds: Vec<BorrowedFd<'_>> = sockets
         .proxy
         .iter()
         .chain(&sockets.admin)
+        .chain(sockets.chat.iter().map(|(_, l)| l))
         .map(AsFd::as_fd)
         .collect();
     if fds.len() > MAX_SOCKETS {

@@ -1313,6 +1313,90 @@ async fn an_upgrade_takes_the_sockets_over_and_loses_no_request() {
     assert!(!socket.exists(), "removed by its last owner");
 }
 
+/// `[chat]`'s listeners go with the upgrade too: the new process takes the
+/// WebSocket and TCP chat sockets over with the proxy's (the old one still
+/// holds those ports, so binding them again would fail or, on port 0,
+/// move), and once the old one has drained users log in to chat on the
+/// same addresses, served by the new process.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_upgrade_takes_the_chat_listeners_over_too() {
+    let sim = Sim::start(SimConfig::demo()).await.unwrap();
+    let dir = TempDir::new("chat-upgrade");
+    let socket = dir.path().join("handover.sock");
+    let base = on_port_0(&sim).replacen(
+        "[listen]\n",
+        &format!(
+            "[listen]\nhandover_socket = {:?}\n",
+            socket.display().to_string()
+        ),
+        1,
+    );
+    let cfg = dir.file(
+        "config.toml",
+        &format!(
+            "{base}[[identity]]\nname = \"demo\"\nlogin = \"demo\"\npassword = \"demo-password\"\n\
+             [chat]\nwebsocket_addr = \"127.0.0.1:0\"\ntcp_addr = \"127.0.0.1:0\"\nupstream = \"{}\"\n",
+            sim.chat_url()
+        ),
+    );
+    let (mut old, mut old_log) = serve(&cfg, &["--threads", "1"], &[]);
+    let chat = chat_listening(&mut old_log).await;
+    wait_for_all(
+        &mut old_log,
+        &["session created", "takes over from this one"],
+    )
+    .await;
+
+    let (mut new, mut new_log) = serve(&cfg, &["--threads", "1"], &[]);
+    let took = wait_for(&mut new_log, "taking over the listening sockets").await;
+    assert!(took.contains("chat=2"), "{took}");
+    assert_eq!(chat_listening(&mut new_log).await, chat, "the same sockets");
+    wait_for(&mut new_log, "ready: the process taken over from").await;
+    wait_for(&mut old_log, "handed over").await;
+    exits_cleanly(&mut old).await;
+
+    // Only the new process is left to answer.
+    let (ws, tcp) = chat;
+    let (_c, jid) = crate::common::xmpp::Xmpp::login(
+        &format!("ws://{ws}"),
+        "chat.example",
+        "1001-76730",
+        "any",
+        "ws",
+    )
+    .await
+    .expect("a chat login over WebSocket after the upgrade");
+    assert!(jid.starts_with("1001-76730@"), "{jid}");
+    let _t = crate::common::xmpp::XmppTcp::login(tcp, "1001-76730", "any", "tcp", None).await;
+    assert_eq!(
+        sim.chat_logins().len(),
+        2,
+        "the chat server saw both logins"
+    );
+    signal(&new, "TERM");
+    exits_cleanly(&mut new).await;
+}
+
+/// Reads log lines until both chat listeners said where they listen:
+/// (WebSocket, TCP).
+async fn chat_listening(lines: &mut LogLines) -> (std::net::SocketAddr, std::net::SocketAddr) {
+    let (mut ws, mut tcp) = (None, None);
+    while ws.is_none() || tcp.is_none() {
+        let line = wait_for(lines, "chat listening").await;
+        let addr = line
+            .split("addr=")
+            .nth(1)
+            .and_then(|a| a.split_whitespace().next())
+            .map(|a| a.trim_matches('"').parse().expect("an address"));
+        if line.contains("WebSocket") {
+            ws = addr;
+        } else {
+            tcp = addr;
+        }
+    }
+    (ws.unwrap(), tcp.unwrap())
+}
+
 /// A handover that does not complete changes nothing: a peer that sends
 /// something else is refused, and one that takes the sockets but goes away
 /// before `READY` leaves the old process serving (and offering) as before.
@@ -1465,6 +1549,84 @@ async fn socket_activation_serves_on_the_sockets_systemd_passes() {
             workers.push(line);
         }
     }
+    signal(&child, "TERM");
+    exits_cleanly(&mut child).await;
+}
+
+/// `[chat]`'s listener under socket activation: systemd holds it beside the
+/// proxy's and the admin's (named `chat-websocket`), a chat client that
+/// connects before qbproxy runs waits in the kernel's queue, and logs in
+/// once qbproxy serves on that socket (binding its address again would
+/// fail: systemd holds it).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn socket_activation_passes_the_chat_listener_too() {
+    let sim = Sim::start(SimConfig::demo()).await.unwrap();
+    let dir = TempDir::new("activation-chat");
+    let (mut child, mut lines, chat) = 'bound: {
+        for _ in 0..5 {
+            let (p, a) = free_ports();
+            let (c, _) = free_ports();
+            let cfg = dir.file(
+                "config.toml",
+                &format!(
+                    "{}[[identity]]\nname = \"demo\"\nlogin = \"demo\"\npassword = \"demo-password\"\n\
+                     [chat]\nwebsocket_addr = \"127.0.0.1:{c}\"\nupstream = \"{}\"\n",
+                    on_port_0(&sim),
+                    sim.chat_url()
+                ),
+            );
+            let mut child = tokio::process::Command::new("systemd-socket-activate")
+                .args(["-l", &format!("127.0.0.1:{p}")])
+                .args(["-l", &format!("127.0.0.1:{a}")])
+                .args(["-l", &format!("127.0.0.1:{c}")])
+                .args([
+                    "--fdname=proxy:admin:chat-websocket",
+                    "-E",
+                    "RUST_LOG=info",
+                    BIN,
+                ])
+                .args(["--threads", "1", "--config"])
+                .arg(&cfg)
+                .stderr(Stdio::piped())
+                .kill_on_drop(true)
+                .spawn()
+                .expect("systemd-socket-activate (Debian package systemd; .ci/run installs it)");
+            let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
+            let all = tokio::time::timeout(Duration::from_secs(20), async {
+                while let Some(line) = lines.next_line().await.unwrap() {
+                    if line.contains(&format!(":{c} as 5.")) {
+                        return true;
+                    }
+                }
+                false
+            })
+            .await
+            .expect("systemd-socket-activate said nothing for 20 s");
+            if all {
+                let chat: std::net::SocketAddr = format!("127.0.0.1:{c}").parse().unwrap();
+                break 'bound (child, lines, chat);
+            }
+            let _ = child.wait().await;
+        }
+        panic!("no three free ports in five tries");
+    };
+    // qbproxy does not run yet: the chat client's connection starts it.
+    let (_c, jid) = crate::common::xmpp::Xmpp::login(
+        &format!("ws://{chat}"),
+        "chat.example",
+        "1001-76730",
+        "any",
+        "ws",
+    )
+    .await
+    .expect("a chat login on the socket systemd passed");
+    assert!(jid.starts_with("1001-76730@"), "{jid}");
+    let passed = wait_for(&mut lines, "socket activation").await;
+    assert!(
+        passed.contains("proxy=1") && passed.contains("chat=1"),
+        "{passed}"
+    );
+    assert_eq!(sim.chat_logins().len(), 1);
     signal(&child, "TERM");
     exits_cleanly(&mut child).await;
 }

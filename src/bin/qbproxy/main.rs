@@ -436,8 +436,8 @@ fn serve(
             None => None,
         };
         let workers = sockets.proxy.len();
-        let listeners = listeners(sockets)?;
-        let app = qbproxy::App::with_workers(config, workers).map_err(|e| e.to_string())?;
+        let (listeners, chat) = listeners(sockets)?;
+        let app = qbproxy::App::with_sockets(config, workers, chat).map_err(|e| e.to_string())?;
         tokio::spawn(reload_on_sighup(path.to_owned(), app.handle()));
         app.run(
             Listeners {
@@ -474,6 +474,7 @@ fn sockets(
         tracing::info!(
             proxy = sockets.proxy.len(),
             admin = sockets.admin.is_some(),
+            chat = sockets.chat.len(),
             "serving on the sockets systemd passed (socket activation); listen.addr is not bound"
         );
         (sockets, None)
@@ -481,6 +482,7 @@ fn sockets(
         tracing::info!(
             pid = predecessor.pid,
             proxy = sockets.proxy.len(),
+            chat = sockets.chat.len(),
             "taking over the listening sockets of the running qbproxy (an upgrade): \
              it drains once this one is ready"
         );
@@ -497,7 +499,15 @@ fn sockets(
             .map_err(|e| format!("cannot listen on {addr} (listen.addr): {e}"))?;
         let first = first.into_std().map_err(|e| e.to_string())?;
         let proxy = std::iter::once(first).chain(more).collect();
-        (Sockets { proxy, admin: None }, None)
+        let chat = Vec::new();
+        (
+            Sockets {
+                proxy,
+                admin: None,
+                chat,
+            },
+            None,
+        )
     };
     if sockets.admin.is_none() {
         let addr = config.admin.addr;
@@ -505,6 +515,10 @@ fn sockets(
             .map_err(|e| format!("cannot listen on {addr} (admin.addr): {e}"))?;
         sockets.admin = Some(admin);
     }
+    // [chat]'s: those passed or handed over where the config listens, the
+    // others bound here, so that the handover offers what is served.
+    let given = std::mem::take(&mut sockets.chat);
+    sockets.chat = qbproxy::process::chat_sockets(config, given).map_err(|e| e.to_string())?;
     if sockets.proxy.len() == 1 && threads > 1 {
         for _ in 1..threads {
             let copy = sockets.proxy[0].try_clone().map_err(|e| e.to_string())?;
@@ -514,8 +528,9 @@ fn sockets(
     Ok((sockets, predecessor))
 }
 
-/// The listeners to serve, registered with this runtime.
-fn listeners(sockets: Sockets) -> Result<Listeners, String> {
+/// The listeners to serve, registered with this runtime, and `[chat]`'s.
+type ChatSockets = Vec<(qbproxy::process::ChatTransport, std::net::TcpListener)>;
+fn listeners(sockets: Sockets) -> Result<(Listeners, ChatSockets), String> {
     let tokio_listener = |l: std::net::TcpListener| {
         l.set_nonblocking(true)?;
         TcpListener::from_std(l)
@@ -528,12 +543,13 @@ fn listeners(sockets: Sockets) -> Result<Listeners, String> {
         .map(|l| l.set_nonblocking(true).map(|()| l))
         .collect::<std::io::Result<_>>()
         .map_err(|e| e.to_string())?;
-    Ok(Listeners {
+    let listeners = Listeners {
         proxy: tokio_listener(first).map_err(|e| e.to_string())?,
         admin,
         workers,
         handover: None,
-    })
+    };
+    Ok((listeners, sockets.chat))
 }
 
 /// One thread: a current-thread runtime, where accepting, proxying and
