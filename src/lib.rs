@@ -39,6 +39,8 @@ pub mod process {
     pub use crate::app::probe::{probe, Created, Probed};
     pub use crate::app::worker::bind;
     pub use crate::chat::Kind as ChatTransport;
+    pub use crate::net::handover::{from_systemd, take_over, Offer, Predecessor, Sockets};
+    pub use crate::telemetry::logging::{init as init_logging, Format as LogFormat};
 
     /// `[chat]`'s listening sockets as `config` asks for them: those of
     /// `given` (an upgrade's, systemd's) at its addresses, the others bound;
@@ -50,8 +52,6 @@ pub mod process {
     ) -> Result<Vec<(ChatTransport, std::net::TcpListener)>, crate::StartError> {
         Ok(crate::chat::sockets(config.chat.as_ref(), given)?)
     }
-    pub use crate::net::handover::{from_systemd, take_over, Offer, Predecessor, Sockets};
-    pub use crate::telemetry::logging::{init as init_logging, Format as LogFormat};
 }
 
 /// QuickBlox's protocol, pure functions the tests and fuzz targets check

@@ -499,15 +499,12 @@ fn sockets(
             .map_err(|e| format!("cannot listen on {addr} (listen.addr): {e}"))?;
         let first = first.into_std().map_err(|e| e.to_string())?;
         let proxy = std::iter::once(first).chain(more).collect();
-        let chat = Vec::new();
-        (
-            Sockets {
-                proxy,
-                admin: None,
-                chat,
-            },
-            None,
-        )
+        let sockets = Sockets {
+            proxy,
+            admin: None,
+            chat: Vec::new(),
+        };
+        (sockets, None)
     };
     if sockets.admin.is_none() {
         let addr = config.admin.addr;
