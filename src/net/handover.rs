@@ -527,3 +527,32 @@ impl Drop for Published {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The answer names `[chat]`'s sockets by transport, and an answer from
+    /// a release before chat (no `chat`) reads as one without chat sockets,
+    /// so an upgrade from it still takes the proxy's and admin's over.
+    #[test]
+    fn the_answer_lists_chat_sockets_and_reads_without_them() {
+        let answer = Answer::Sockets {
+            pid: 7,
+            proxy: 2,
+            admin: true,
+            chat: vec![ChatTransport::WebSocket, ChatTransport::Tcp],
+        };
+        assert_eq!(
+            serde_json::to_string(&answer).unwrap(),
+            r#"{"pid":7,"proxy":2,"admin":true,"chat":["websocket","tcp"]}"#
+        );
+        let old: Answer = serde_json::from_str(r#"{"pid":7,"proxy":1,"admin":true}"#).unwrap();
+        assert!(matches!(
+            old,
+            Answer::Sockets { proxy: 1, admin: true, ref chat, .. } if chat.is_empty()
+        ));
+        let refused: Answer = serde_json::from_str(r#"{"refused":"not the same user"}"#).unwrap();
+        assert!(matches!(refused, Answer::Refused { .. }));
+    }
+}
