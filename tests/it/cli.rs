@@ -1323,14 +1323,7 @@ async fn an_upgrade_takes_the_chat_listeners_over_too() {
     let sim = Sim::start(SimConfig::demo()).await.unwrap();
     let dir = TempDir::new("chat-upgrade");
     let socket = dir.path().join("handover.sock");
-    let base = on_port_0(&sim).replacen(
-        "[listen]\n",
-        &format!(
-            "[listen]\nhandover_socket = {:?}\n",
-            socket.display().to_string()
-        ),
-        1,
-    );
+    let base = with_handover(&sim, &socket);
     let cfg = dir.file(
         "config.toml",
         &format!(
@@ -1357,16 +1350,7 @@ async fn an_upgrade_takes_the_chat_listeners_over_too() {
 
     // Only the new process is left to answer.
     let (ws, tcp) = chat;
-    let (_c, jid) = crate::common::xmpp::Xmpp::login(
-        &format!("ws://{ws}"),
-        "chat.example",
-        "1001-76730",
-        "any",
-        "ws",
-    )
-    .await
-    .expect("a chat login over WebSocket after the upgrade");
-    assert!(jid.starts_with("1001-76730@"), "{jid}");
+    let _c = demo_chats(ws, "after the upgrade").await;
     let _t = crate::common::xmpp::XmppTcp::login(tcp, "1001-76730", "any", "tcp", None).await;
     assert_eq!(
         sim.chat_logins().len(),
@@ -1375,6 +1359,22 @@ async fn an_upgrade_takes_the_chat_listeners_over_too() {
     );
     signal(&new, "TERM");
     exits_cleanly(&mut new).await;
+}
+
+/// The simulator's user 1001 logs in to chat over WebSocket at `addr`
+/// (its session held by the config's identity `demo`), bound as `ws`.
+async fn demo_chats(addr: std::net::SocketAddr, when: &str) -> crate::common::xmpp::Xmpp {
+    let (c, jid) = crate::common::xmpp::Xmpp::login(
+        &format!("ws://{addr}"),
+        "chat.example",
+        "1001-76730",
+        "any",
+        "ws",
+    )
+    .await
+    .unwrap_or_else(|e| panic!("a chat login {when}: {e}"));
+    assert!(jid.starts_with("1001-76730@"), "{jid}");
+    c
 }
 
 /// Reads log lines until both chat listeners said where they listen:
@@ -1406,14 +1406,7 @@ async fn a_handover_not_completed_leaves_the_old_process_serving() {
     let sim = Sim::start(SimConfig::demo()).await.unwrap();
     let dir = TempDir::new("half-handover");
     let socket = dir.path().join("handover.sock");
-    let base = on_port_0(&sim).replacen(
-        "[listen]\n",
-        &format!(
-            "[listen]\nhandover_socket = {:?}\n",
-            socket.display().to_string()
-        ),
-        1,
-    );
+    let base = with_handover(&sim, &socket);
     let cfg = dir.file("config.toml", &base);
     let (mut child, mut lines) = serve(&cfg, &["--threads", "1"], &[]);
     let (proxy, _) = listening(&mut lines).await;
@@ -1451,6 +1444,18 @@ async fn a_handover_not_completed_leaves_the_old_process_serving() {
     exits_cleanly(&mut child).await;
 }
 
+/// `on_port_0`'s config with `listen.handover_socket` at `socket`.
+fn with_handover(sim: &Sim, socket: &Path) -> String {
+    on_port_0(sim).replacen(
+        "[listen]\n",
+        &format!(
+            "[listen]\nhandover_socket = {:?}\n",
+            socket.display().to_string()
+        ),
+        1,
+    )
+}
+
 /// Two free loopback ports, for a program that cannot bind port 0 and
 /// say which it got (`systemd-socket-activate`).
 fn free_ports() -> (u16, u16) {
@@ -1460,6 +1465,48 @@ fn free_ports() -> (u16, u16) {
         a.local_addr().unwrap().port(),
         b.local_addr().unwrap().port(),
     )
+}
+
+/// Starts qbproxy under `systemd-socket-activate` holding a loopback
+/// socket on each of `ports`, named by `fdnames` (`proxy:admin:...`), with
+/// `--threads threads`; once every socket is bound (it says "Listening on
+/// ADDR as N." for each), its log lines. `None` when a port was taken
+/// meanwhile (it exits when a bind fails): try others.
+async fn socket_activated(
+    ports: &[u16],
+    fdnames: &str,
+    threads: &str,
+    cfg: &Path,
+) -> Option<(tokio::process::Child, LogLines)> {
+    let mut command = tokio::process::Command::new("systemd-socket-activate");
+    for port in ports {
+        command.args(["-l", &format!("127.0.0.1:{port}")]);
+    }
+    let mut child = command
+        .args([&format!("--fdname={fdnames}"), "-E", "RUST_LOG=info", BIN])
+        .args(["--threads", threads, "--config"])
+        .arg(cfg)
+        .stderr(Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("systemd-socket-activate (Debian package systemd; .ci/run installs it)");
+    let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
+    let last = format!(":{} as {}.", ports[ports.len() - 1], 2 + ports.len());
+    let all = tokio::time::timeout(Duration::from_secs(20), async {
+        while let Some(line) = lines.next_line().await.unwrap() {
+            if line.contains(&last) {
+                return true;
+            }
+        }
+        false
+    })
+    .await
+    .expect("systemd-socket-activate said nothing for 20 s");
+    if all {
+        return Some((child, lines));
+    }
+    let _ = child.wait().await;
+    None
 }
 
 /// systemd socket activation, with systemd's own `systemd-socket-activate`:
@@ -1477,41 +1524,8 @@ async fn socket_activation_serves_on_the_sockets_systemd_passes() {
     let (mut child, mut lines, proxy, admin) = 'bound: {
         for _ in 0..5 {
             let (p, a) = free_ports();
-            let mut child = tokio::process::Command::new("systemd-socket-activate")
-                .args([
-                    "-l",
-                    &format!("127.0.0.1:{p}"),
-                    "-l",
-                    &format!("127.0.0.1:{a}"),
-                ])
-                .args([
-                    "--fdname=proxy:admin",
-                    "-E",
-                    "RUST_LOG=info",
-                    BIN,
-                    "--threads",
-                    "2",
-                    "--config",
-                ])
-                .arg(&cfg)
-                .stderr(Stdio::piped())
-                .kill_on_drop(true)
-                .spawn()
-                .expect("systemd-socket-activate (Debian package systemd; .ci/run installs it)");
-            let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
-            // It says "Listening on ADDR as 4." once both are bound, and
-            // exits when a bind fails.
-            let both = tokio::time::timeout(Duration::from_secs(20), async {
-                while let Some(line) = lines.next_line().await.unwrap() {
-                    if line.contains(&format!(":{a} as 4.")) {
-                        return true;
-                    }
-                }
-                false
-            })
-            .await
-            .expect("systemd-socket-activate said nothing for 20 s");
-            if both {
+            if let Some((child, lines)) = socket_activated(&[p, a], "proxy:admin", "2", &cfg).await
+            {
                 break 'bound (
                     child,
                     lines,
@@ -1519,7 +1533,6 @@ async fn socket_activation_serves_on_the_sockets_systemd_passes() {
                     format!("127.0.0.1:{a}"),
                 );
             }
-            let _ = child.wait().await;
         }
         panic!("no two free ports in five tries");
     };
@@ -1575,52 +1588,16 @@ async fn socket_activation_passes_the_chat_listener_too() {
                     sim.chat_url()
                 ),
             );
-            let mut child = tokio::process::Command::new("systemd-socket-activate")
-                .args(["-l", &format!("127.0.0.1:{p}")])
-                .args(["-l", &format!("127.0.0.1:{a}")])
-                .args(["-l", &format!("127.0.0.1:{c}")])
-                .args([
-                    "--fdname=proxy:admin:chat-websocket",
-                    "-E",
-                    "RUST_LOG=info",
-                    BIN,
-                ])
-                .args(["--threads", "1", "--config"])
-                .arg(&cfg)
-                .stderr(Stdio::piped())
-                .kill_on_drop(true)
-                .spawn()
-                .expect("systemd-socket-activate (Debian package systemd; .ci/run installs it)");
-            let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
-            let all = tokio::time::timeout(Duration::from_secs(20), async {
-                while let Some(line) = lines.next_line().await.unwrap() {
-                    if line.contains(&format!(":{c} as 5.")) {
-                        return true;
-                    }
-                }
-                false
-            })
-            .await
-            .expect("systemd-socket-activate said nothing for 20 s");
-            if all {
+            let names = "proxy:admin:chat-websocket";
+            if let Some((child, lines)) = socket_activated(&[p, a, c], names, "1", &cfg).await {
                 let chat: std::net::SocketAddr = format!("127.0.0.1:{c}").parse().unwrap();
                 break 'bound (child, lines, chat);
             }
-            let _ = child.wait().await;
         }
         panic!("no three free ports in five tries");
     };
     // qbproxy does not run yet: the chat client's connection starts it.
-    let (_c, jid) = crate::common::xmpp::Xmpp::login(
-        &format!("ws://{chat}"),
-        "chat.example",
-        "1001-76730",
-        "any",
-        "ws",
-    )
-    .await
-    .expect("a chat login on the socket systemd passed");
-    assert!(jid.starts_with("1001-76730@"), "{jid}");
+    let _c = demo_chats(chat, "on the socket systemd passed").await;
     let passed = wait_for(&mut lines, "socket activation").await;
     assert!(
         passed.contains("proxy=1") && passed.contains("chat=1"),
