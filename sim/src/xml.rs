@@ -1,6 +1,10 @@
 //! One XML element read whole (a WebSocket message of XMPP, RFC 7395
 //! §3.3.3: each message is one complete element), with quick-xml, and
 //! written back.
+//!
+//! qbproxy's `chat/xml.rs` reads elements the same way, with its own copy:
+//! the simulator shares no code with the proxy it stands in front of
+//! (Cargo.toml), so a bug in qbproxy's reading cannot be mirrored here.
 
 use quick_xml::escape::{escape, resolve_predefined_entity};
 use quick_xml::events::Event;

@@ -944,6 +944,17 @@ mod tests {
     use crate::config::Config;
     use crate::telemetry::metrics::Metrics;
 
+    /// A test server's answer: counted in `received`, sent once `gate`
+    /// lets it through (a permit each).
+    async fn gated(
+        gate: Arc<Semaphore>,
+        received: Arc<AtomicUsize>,
+    ) -> Result<http::Response<Body>, Infallible> {
+        received.fetch_add(1, Ordering::SeqCst);
+        gate.acquire().await.unwrap().forget();
+        Ok(http::Response::new(Body::full("ok")))
+    }
+
     /// An HTTP/1.1 server on loopback that answers each request once a
     /// permit is added to the returned semaphore, and counts the requests
     /// it received.
@@ -957,14 +968,7 @@ mod tests {
             while let Ok((tcp, _)) = listener.accept().await {
                 let (g, r) = (g.clone(), r.clone());
                 tokio::spawn(async move {
-                    let service = service_fn(move |_req| {
-                        let (g, r) = (g.clone(), r.clone());
-                        async move {
-                            r.fetch_add(1, Ordering::SeqCst);
-                            g.acquire().await.unwrap().forget();
-                            Ok::<_, Infallible>(http::Response::new(Body::full("ok")))
-                        }
-                    });
+                    let service = service_fn(move |_req| gated(g.clone(), r.clone()));
                     let _ = hyper::server::conn::http1::Builder::new()
                         .serve_connection(TokioIo::new(tcp), service)
                         .await;
@@ -1074,14 +1078,7 @@ mod tests {
                 };
                 let (ours, theirs) = tokio::io::duplex(1 << 16);
                 let (g, r) = (gate.clone(), received.clone());
-                let service = service_fn(move |_req| {
-                    let (g, r) = (g.clone(), r.clone());
-                    async move {
-                        r.fetch_add(1, Ordering::SeqCst);
-                        g.acquire().await.unwrap().forget();
-                        Ok::<_, Infallible>(http::Response::new(Body::full("ok")))
-                    }
-                });
+                let service = service_fn(move |_req| gated(g.clone(), r.clone()));
                 tokio::spawn(
                     hyper::server::conn::http2::Builder::new(TokioExecutor::new())
                         .max_concurrent_streams(max_streams)

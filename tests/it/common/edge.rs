@@ -96,19 +96,8 @@ impl Edge {
                     c
                 }
             };
-            let log = std::fs::File::create(dir.path().join("stderr.log")).unwrap();
-            let mut child = command
-                .stdin(Stdio::null())
-                .stdout(log.try_clone().unwrap())
-                .stderr(log)
-                .kill_on_drop(true)
-                .spawn()
-                .unwrap_or_else(|e| {
-                    panic!(
-                        "starting {server:?} ({e}): install Debian's nginx-light, \
-                         and haproxy (.ci/run does)"
-                    )
-                });
+            let install = "Debian's nginx-light and haproxy (.ci/run installs them)";
+            let mut child = spawn_logged(&mut command, dir.path(), install);
             if listening(&mut child, port).await {
                 return Edge {
                     server,
@@ -168,6 +157,20 @@ pub fn free_port() -> u16 {
         .local_addr()
         .unwrap()
         .port()
+}
+
+/// Starts a real server the tests drive, its output in `dir`'s
+/// `stderr.log` (read when a test fails), killed when dropped; a server
+/// that cannot start panics naming `install`, what provides it.
+pub fn spawn_logged(command: &mut Command, dir: &std::path::Path, install: &str) -> Child {
+    let log = std::fs::File::create(dir.join("stderr.log")).unwrap();
+    command
+        .stdin(Stdio::null())
+        .stdout(log.try_clone().unwrap())
+        .stderr(log)
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap_or_else(|e| panic!("starting {command:?} ({e}): install {install}"))
 }
 
 /// Resolves true once the port accepts connections, false if the process

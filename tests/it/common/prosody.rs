@@ -3,12 +3,10 @@
 //! (`internal_plain`) made with `prosodyctl register`. The simulator's chat
 //! is ours; Prosody is the oracle for what qbproxy sends a real server.
 
-use std::process::Stdio;
-
 use tokio::process::{Child, Command};
 
 use super::certs::Dir;
-use super::edge::{free_port, listening};
+use super::edge::{free_port, listening, spawn_logged};
 
 pub struct Prosody {
     dir: Dir,
@@ -81,19 +79,10 @@ impl Prosody {
                      consider_websocket_secure = true\n{disabled}VirtualHost \"localhost\"\n"
                 ),
             );
-            let log = std::fs::File::create(dir.path().join("stderr.log")).unwrap();
-            let mut child = Command::new("prosody")
-                .arg("--config")
-                .arg(&config)
-                .arg("-F")
-                .stdin(Stdio::null())
-                .stdout(log.try_clone().unwrap())
-                .stderr(log)
-                .kill_on_drop(true)
-                .spawn()
-                .unwrap_or_else(|e| {
-                    panic!("starting prosody ({e}): install Debian's prosody (.ci/run does)")
-                });
+            let mut command = Command::new("prosody");
+            command.arg("--config").arg(&config).arg("-F");
+            let install = "Debian's prosody (.ci/run installs it)";
+            let mut child = spawn_logged(&mut command, dir.path(), install);
             if listening(&mut child, http).await {
                 // The port opens before the WebSocket path is served.
                 let log = dir.path().join("prosody.log");
