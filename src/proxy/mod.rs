@@ -267,11 +267,7 @@ impl Proxy {
         headers::strip_underscored(&mut parts.headers);
         let upload = plan.file == Some(FileCall::Upload);
         let limits = BodyLimits {
-            max_bytes: if upload {
-                live.config.limits.max_upload_bytes
-            } else {
-                live.gate.max_body_bytes
-            },
+            max_bytes: max_body_bytes(live, plan.file),
             idle: live.body_read_timeout(),
             deadline,
         };
@@ -461,10 +457,7 @@ impl Proxy {
                     name: e.name,
                 })?;
         let file = FileCall::of(method, rest);
-        let max_bytes = match file {
-            Some(FileCall::Upload) => live.config.limits.max_upload_bytes,
-            _ => live.gate.max_body_bytes,
-        };
+        let max_bytes = max_body_bytes(live, file);
         if content_length(&parts.headers).is_some_and(|n| n > max_bytes) {
             return Err(ProxyError::BodyTooLarge(max_bytes));
         }
@@ -477,7 +470,12 @@ impl Proxy {
         }
         Ok(Routed {
             target,
-            prefix: path[..path.len() - rest.len()].to_owned(),
+            // Kept only for a file's creation (its upload URL keeps it): no
+            // allocation for every other request.
+            prefix: match file {
+                Some(FileCall::Create) => path[..path.len() - rest.len()].to_owned(),
+                _ => String::new(),
+            },
             rest: rest.to_owned(),
             query,
             file,
@@ -1058,6 +1056,15 @@ impl Share {
     }
 }
 
+/// A request body's limit: a file's upload has `limits.max_upload_bytes`,
+/// every other request `limits.max_body_bytes`.
+fn max_body_bytes(live: &Live, file: Option<FileCall>) -> u64 {
+    match file {
+        Some(FileCall::Upload) => live.config.limits.max_upload_bytes,
+        _ => live.gate.max_body_bytes,
+    }
+}
+
 /// The series a request for `target` is counted in, and who it acts as.
 fn counted_as<'a>(target: &Target<'a>) -> Counted<'a> {
     match *target {
@@ -1075,15 +1082,16 @@ struct Plan<'a> {
     /// The upstream URI: its base, `path`, and the query as sent.
     uri: Uri,
     kind: Kind,
-    /// The identity prefix the path began with (empty without one).
+    /// For a file's creation, the identity prefix the path began with
+    /// (empty without one, and for every other request).
     prefix: String,
     /// A file's creation or upload.
     file: Option<FileCall>,
 }
 
 /// A routed request: who it acts as, the identity prefix its canonical
-/// path began with, the path without it, the query as sent, and whether it
-/// is a file's creation or upload.
+/// path began with (for a file's creation), the path without it, the query
+/// as sent, and whether it is a file's creation or upload.
 struct Routed<'p> {
     target: TargetId,
     prefix: String,
