@@ -632,6 +632,11 @@ impl Proxy {
             Checked::Answer(resp) => return Ok(resp),
             Checked::Expired(resp) => resp,
         };
+        // The newest session the refusing identity held when the refusal
+        // came: a "fresh" session no newer was not made after it, and what
+        // ended this request's session (every session expiring at once) may
+        // have ended that one too.
+        let mut held_then = identity.current().map_or(0, |s| s.generation());
         // One replay with the renewed session. A pool's member that cannot
         // renew while another can serve hands the replay to that other (its
         // lease held to the end, like the first's); that member's own
@@ -699,14 +704,19 @@ impl Proxy {
                 .await?
             {
                 Checked::Answer(resp) => return Ok(resp),
-                // Another member's session, lapsed as well: its turn.
-                Checked::Expired(resp) if was_moved && round < MAX_REPLAYS => {
+                // Another member's session, lapsed as well, or a session
+                // made before the refusal and ended with the refused one:
+                // its turn.
+                Checked::Expired(resp)
+                    if round < MAX_REPLAYS && (was_moved || fresh.generation() <= held_then) =>
+                {
+                    held_then = identity.current().map_or(0, |s| s.generation());
                     refusal = resp;
                     dead = fresh;
                 }
                 Checked::Expired(resp) => {
-                    // A renewed session refused at once: report it and let
-                    // the client see it.
+                    // A session renewed after the refusal, refused at once:
+                    // report it and let the client see it.
                     identity.report_dead(&fresh);
                     return Ok(resp);
                 }

@@ -377,3 +377,42 @@ async fn a_token_known_dead_is_not_injected_again() {
     assert_eq!(h.sim.creations(), 2);
     assert_eq!(h.sim.refusals(), 1, "only the first met the dead token");
 }
+
+/// Every session expiring at once can end a session made just before the
+/// refusal came, with the refused one. A request that took the session S1
+/// and waited for an upstream slot while a renewal made S2 current, then
+/// every session ended: S1 is refused, and S2, the identity's newer
+/// session but no newer than the refusal, is refused too. That is not "a
+/// renewed session refused at once": the request renews again (S3) and is
+/// answered, where it got the 401 before.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_newer_session_ended_with_the_refused_one_is_renewed_again() {
+    let h = setup().set("upstream", "max_in_flight", 1).start().await;
+    h.ready().await;
+    // The one upstream slot, held at the simulator.
+    let gate = h.sim.gate("/data/Hold");
+    let hold = h.spawn_send(Method::GET, "/data/Hold.json", &[], "");
+    h.sim.wait_until(|s| s.held_at_gates() == 1).await;
+    // Takes S1 and waits for the slot.
+    let late = h.spawn_send(Method::GET, "/data/Note.json", &[], "");
+    h.metric_reaches("qbproxy_upstream_slot_waits_total", 1)
+        .await;
+    let renew = common::send(
+        &common::client(),
+        h.admin,
+        Method::POST,
+        "/sessions/demo/renew",
+        &[],
+        bytes::Bytes::new(),
+    )
+    .await;
+    assert_eq!(renew.status, StatusCode::OK, "{}", renew.text());
+    assert_eq!(h.sim.creations(), 2, "S2 is current");
+    h.sim.expire_all();
+    gate.add_permits(1);
+    assert_eq!(bounded("the held request", hold).await.unwrap().status, 200);
+    let answer = bounded("the late request", late).await.unwrap();
+    assert_eq!(answer.status, StatusCode::OK, "{}", answer.text());
+    assert_eq!(h.sim.refusals(), 2, "S1, then S2");
+    assert_eq!(h.sim.creations(), 3, "S3, made after both refusals");
+}
